@@ -1,0 +1,250 @@
+"""Typed interface of the Rust extension ``ringcast._core``.
+
+Everything here is implemented in ``rust/ringcast-py`` on top of ``rust/ringcast-core``.
+The public names are re-exported (and documented for users) by ``ringcast/__init__.py``.
+"""
+
+from collections.abc import Awaitable, Buffer
+from typing import Final, final
+
+LAYOUT_VERSION: Final[int]
+"""Version of the shared-memory layout this build reads and writes."""
+
+MAX_PROCESSES: Final[int]
+"""How many processes may hold readers or notifiers on one segment at once."""
+
+class RingcastError(Exception):
+    """Base class of every error raised by ringcast."""
+
+class SegmentError(RingcastError):
+    """The segment file is missing, not a ringcast segment, of another layout, or corrupt."""
+
+class SessionNotFound(RingcastError, KeyError):
+    """No live session has this conversation id (for this owner)."""
+
+class SessionEnded(RingcastError):
+    """The session a handle pointed at is gone: cancelled, replaced or evicted.
+
+    ``reason`` is one of ``"cancelled"``, ``"replaced"``, ``"evicted"``, ``"failed"``.
+    """
+
+    reason: str
+
+class OffsetLost(RingcastError):
+    """The requested offset was dropped from the front of the ring.
+
+    ``first_available`` is the lowest offset that can still be read.
+    """
+
+    first_available: int
+    requested: int
+
+class InvalidArgument(RingcastError, ValueError):
+    """A bad argument: an over-long or empty conversation id, a zero size, and so on."""
+
+class RegistryFull(RingcastError):
+    """Every session slot is in use; evict something first."""
+
+@final
+class SessionInfo:
+    """A consistent snapshot of one session's registry entry."""
+
+    conversation_id: str
+    owner: str
+    state: str
+    """``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``."""
+    total_bytes: int
+    """Every byte ever appended (dropped prefix plus buffered bytes)."""
+    first_available: int
+    """Lowest readable offset: the size of the dropped prefix."""
+    started_at: float
+    """Unix time (seconds) the session was created."""
+    completed_at: float
+    """Unix time the session was finalized; 0.0 while running."""
+    last_write_at: float
+    """Unix time of the last append (or creation)."""
+    producer_pid: int
+    producer_alive: bool
+    """Whether the producer process (pid plus start time) still exists."""
+    readers: int
+    """Readers attached right now, across every live process."""
+    generation: int
+    slot: int
+    @property
+    def is_done(self) -> bool:
+        """True once the session is finalized (done, cancelled or failed)."""
+
+@final
+class SegmentStats:
+    max_sessions: int
+    session_bytes: int
+    max_id_len: int
+    epoch: int
+    sessions_used: int
+    bytes_buffered: int
+    """Sum over live sessions of the bytes held in their rings."""
+    file_bytes: int
+    """Apparent size of the segment file (it is sparse)."""
+    resident_bytes: int
+    """Bytes the file really occupies in memory (allocated blocks)."""
+
+@final
+class Segment:
+    """A mapped ringcast segment: session registry plus one ring per session."""
+
+    @staticmethod
+    def create(
+        path: str,
+        *,
+        max_sessions: int = 1024,
+        session_bytes: int = 4 * 1024 * 1024,
+        max_id_len: int = 256,
+    ) -> Segment:
+        """Create a new segment file (``O_EXCL``, mode 0600). Fails if ``path`` exists."""
+    @staticmethod
+    def open(path: str) -> Segment:
+        """Map an existing segment; ``SegmentError`` if it is not a segment of this layout."""
+    @staticmethod
+    def open_or_create(
+        path: str,
+        *,
+        max_sessions: int = 1024,
+        session_bytes: int = 4 * 1024 * 1024,
+        max_id_len: int = 256,
+    ) -> Segment:
+        """Open ``path`` if it is a segment with exactly these sizes, else create it.
+
+        A file that exists but is not a compatible segment raises ``SegmentError``; it is
+        never silently replaced.
+        """
+    @property
+    def path(self) -> str: ...
+    @property
+    def epoch(self) -> int:
+        """Random identity chosen when the segment was created."""
+    @property
+    def max_sessions(self) -> int: ...
+    @property
+    def session_bytes(self) -> int: ...
+    @property
+    def max_id_len(self) -> int: ...
+    def stats(self) -> SegmentStats: ...
+    def create_or_replace(self, conversation_id: str, owner: str = "") -> Writer:
+        """Install a new running session; a live session with the same (owner, id) is
+        cancelled with reason ``"replaced"`` and its readers end. The caller becomes producer.
+
+        Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``.
+        """
+    def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
+        """Become the producer of a running session created elsewhere (e.g. by the HTTP
+        process that accepted the request). ``generation`` must match, so a handle never
+        adopts a newer session with the same id. Raises ``SessionNotFound`` or
+        ``SessionEnded``.
+        """
+    def take_over_dead(self, conversation_id: str, owner: str = "") -> Writer | None:
+        """If the session's producer process is dead, become its producer (bytes of an
+        append that was cut short are discarded) and return a Writer; else ``None``."""
+    def get(self, conversation_id: str, owner: str = "") -> SessionInfo | None: ...
+    def list(self, owner: str | None = None) -> list[SessionInfo]:
+        """Every live session, or only ``owner``'s."""
+    def lookup_prefix(self, conversation_id: str, owner: str = "") -> list[SessionInfo]:
+        """The session with exactly this id plus every session whose id starts with
+        ``conversation_id + "::"`` (llama-server's lookup rule)."""
+    def evict(self, conversation_id: str, owner: str = "") -> bool:
+        """Remove the session (its readers end with reason ``"evicted"``). True if it existed."""
+    def evict_and_cancel(self, conversation_id: str, owner: str = "") -> bool:
+        """Cancel the producer and remove the session (readers end with ``"cancelled"``)."""
+    def evict_slot(self, slot: int, generation: int, reason: str = "evicted") -> bool:
+        """Remove exactly this session if it is still that generation (manager GC)."""
+    def reader(self, conversation_id: str, offset: int = 0, owner: str = "") -> Reader:
+        """Attach a reader at an absolute byte offset.
+
+        Raises ``SessionNotFound``, or ``OffsetLost`` when ``offset`` was already dropped.
+        An offset beyond the current end is allowed: the reader waits until it is reached.
+        """
+    def notifier(self) -> Notifier:
+        """This process's notifier (one per process, created on first use)."""
+    def close(self) -> None:
+        """Unmap. Handles that still use the segment raise ``SegmentError`` afterwards."""
+    def unlink(self) -> None:
+        """Remove the segment file (mapped processes keep their mapping)."""
+
+@final
+class Writer:
+    """The producer handle of one session: the only one that appends."""
+
+    @property
+    def conversation_id(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def cancelled(self) -> bool:
+        """True once the session was cancelled, replaced or evicted (cheap atomic load)."""
+    def write(self, data: Buffer) -> bool:
+        """Append bytes; False (and nothing written) once the session is finalized or gone."""
+    def finalize(self, state: str = "done") -> bool:
+        """End the stream as ``"done"`` or ``"failed"``; idempotent. False if already ended."""
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block (GIL released) until the session is cancelled or the timeout passes."""
+
+@final
+class Reader:
+    """A cursor into one session, at an absolute byte offset."""
+
+    @property
+    def conversation_id(self) -> str: ...
+    @property
+    def offset(self) -> int:
+        """Next offset this reader will return."""
+    @property
+    def slot(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    def read(self, max_bytes: int = 1 << 20, timeout: float | None = None) -> bytes:
+        """Bytes available from ``offset`` (waiting up to ``timeout``; ``None`` = forever).
+
+        Returns ``b""`` at the end of a finished stream *and* when the timeout passes with no
+        data: check ``at_end`` to tell which. Raises ``OffsetLost`` if the reader fell behind
+        the ring and ``SessionEnded`` if the session was cancelled, replaced or evicted.
+        """
+    def read_nowait(self, max_bytes: int = 1 << 20) -> bytes | None:
+        """Bytes available now, ``b""`` at the end, ``None`` if it would have to wait."""
+    def aread(self, max_bytes: int = 1 << 20) -> Awaitable[bytes]:
+        """Awaitable ``read``: waits through this process's ``Notifier`` without blocking the
+        event loop or holding a thread. Returns ``b""`` only at the end of a finished stream.
+        """
+    def read_into(self, buffer: Buffer, timeout: float | None = None) -> int:
+        """Like ``read`` but fills a writable buffer; returns the byte count."""
+    @property
+    def at_end(self) -> bool:
+        """True when the session is finalized and this reader has every byte."""
+    def ready(self) -> bool:
+        """True if ``read_nowait`` would not return ``None``."""
+    def state(self) -> str:
+        """The session's state, or the end reason if it is gone."""
+    def close(self) -> None:
+        """Detach (the reader no longer counts in ``SessionInfo.readers``)."""
+
+@final
+class Notifier:
+    """One per process: turns session wake-ups into one readable file descriptor.
+
+    A background thread sleeps on this process's doorbell in the segment; producers ring it
+    only for sessions this process subscribed to, and only if the thread sleeps. An event
+    loop watches ``fileno()`` and calls ``drain()`` to learn which sessions advanced.
+    """
+
+    def fileno(self) -> int: ...
+    def subscribe(self, slot: int, generation: int) -> None:
+        """Ask to be told when this session advances (reference counted)."""
+    def unsubscribe(self, slot: int, generation: int) -> None: ...
+    def drain(self) -> list[int]:
+        """Clear the fd and return the slots that advanced (or ended) since the last drain."""
