@@ -1,0 +1,242 @@
+"""Bodies of the child processes used by the core tests.
+
+Each function runs in a process started with ``multiprocess``'s spawn context, so it opens the
+segment itself: nothing mapped by the parent is inherited. Results go back through queues as
+plain tuples; an unexpected exception is reported as ``("error", repr)`` rather than lost.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from typing import Any
+
+import ringcast
+from _core_support import PATTERN, PERIOD, pattern_at
+
+# Largest read whose expected bytes are one slice of the doubled pattern.
+READ_CHUNK = 512 * 1024
+# Slicing a memoryview does not copy; comparing it with bytes compares contents.
+PATTERN_VIEW = memoryview(PATTERN)
+
+
+def _report_errors(q: Any, tag: Any) -> Any:
+    """Decorator-free helper: call inside ``except BaseException`` to ship the traceback."""
+    q.put(("error", tag, traceback.format_exc()))
+
+
+# --- fan-out ------------------------------------------------------------------------------
+
+
+def fanout_producer(
+    path: str, conv: str, total: int, seed: int, created: Any, start: Any, out: Any
+) -> None:
+    try:
+        seg = ringcast.Segment.open(path)
+        w = seg.create_or_replace(conv, "fan")
+        created.set()
+        start.wait()
+        rng = random.Random(seed)
+        off = 0
+        while off < total:
+            n = min(total - off, rng.choice((1, 7, 200, 4096, 65536, 300_000)))
+            if not w.write(pattern_at(off, n)):
+                out.put(("error", "producer", f"write refused at {off}"))
+                return
+            off += n
+        w.finalize()
+        out.put(("producer", off, w.total_bytes))
+    except BaseException:
+        _report_errors(out, "producer")
+
+
+def fanout_reader(
+    path: str, conv: str, idx: int, offset: int, allow_loss: bool, start: Any, out: Any
+) -> None:
+    """Read from ``offset`` to the end, checking every byte against the pattern.
+
+    With ``allow_loss``, an ``OffsetLost`` moves the reader to ``first_available`` (and counts
+    the skipped bytes); otherwise it is a failure.
+    """
+    try:
+        seg = ringcast.Segment.open(path)
+        reader = seg.reader(conv, offset, "fan")
+        out.put(("attached", idx, reader.offset))
+        start.wait()
+        got = 0
+        lost = 0
+        losses = 0
+        chunks = 0
+        while True:
+            try:
+                data = reader.read(READ_CHUNK, timeout=None)
+            except ringcast.OffsetLost as exc:
+                if not allow_loss:
+                    raise
+                if exc.first_available <= exc.requested or exc.requested != reader.offset:
+                    out.put(("error", idx, f"bad OffsetLost {exc.requested=} "
+                             f"{exc.first_available=} offset={reader.offset}"))
+                    return
+                losses += 1
+                lost += exc.first_available - exc.requested
+                reader.close()
+                reader = _attach_at_or_after(seg, conv, exc.first_available)
+                lost += reader.offset - exc.first_available
+                continue
+            if not data:
+                if reader.at_end:
+                    break
+                out.put(("error", idx, f"empty read without timeout at {reader.offset}"))
+                return
+            start_off = reader.offset - len(data)
+            s = start_off % PERIOD
+            if data != PATTERN_VIEW[s : s + len(data)]:
+                out.put(("error", idx, f"content mismatch in [{start_off}, {reader.offset})"))
+                return
+            got += len(data)
+            chunks += 1
+        out.put(("reader", idx, offset, got, reader.offset, lost, losses, chunks))
+    except BaseException:
+        _report_errors(out, idx)
+
+
+
+
+def _attach_at_or_after(seg: ringcast.Segment, conv: str, offset: int) -> ringcast.Reader:
+    """Attach at ``offset``, or at the first available offset if that moved on meanwhile."""
+    while True:
+        try:
+            return seg.reader(conv, offset, "fan")
+        except ringcast.OffsetLost as exc:
+            offset = exc.first_available
+
+
+# --- concurrent replacement -----------------------------------------------------------------
+
+
+def replace_racer(
+    path: str, conv: str, idx: int, barrier: Any, check: Any, release: Any, out: Any
+) -> None:
+    try:
+        seg = ringcast.Segment.open(path)
+        barrier.wait()
+        w = seg.create_or_replace(conv, "race")
+        out.put(("created", idx, w.slot, w.generation))
+        check.wait()
+        out.put(("cancelled", idx, w.cancelled, w.write(b"x")))
+        release.wait()
+    except BaseException:
+        _report_errors(out, idx)
+
+
+# --- cancellation and ends ----------------------------------------------------------------
+
+
+def wait_cancelled_child(path: str, conv: str, owner: str, out: Any) -> None:
+    """Become producer of ``conv``, then block in ``wait_cancelled`` with no timeout."""
+    try:
+        seg = ringcast.Segment.open(path)
+        w = seg.create_or_replace(conv, owner)
+        w.write(b"data: before\n\n")
+        out.put(("created", w.slot, w.generation))
+        woke = w.wait_cancelled(None)
+        out.put(("woke", woke, w.cancelled, w.write(b"after")))
+    except BaseException:
+        _report_errors(out, "waiter")
+
+
+def blocked_reader_child(path: str, conv: str, owner: str, out: Any) -> None:
+    """Attach at the current end and block in ``read`` until something happens."""
+    try:
+        seg = ringcast.Segment.open(path)
+        info = seg.get(conv, owner)
+        assert info is not None
+        reader = seg.reader(conv, info.total_bytes, owner)
+        out.put(("attached", reader.offset))
+        try:
+            data = reader.read(1024, timeout=None)
+        except ringcast.SessionEnded as exc:
+            out.put(("ended", exc.reason, reader.state()))
+            return
+        out.put(("data", data, reader.at_end))
+    except BaseException:
+        _report_errors(out, "reader")
+
+
+def hold_readers_child(path: str, conv: str, owner: str, n: int, ready: Any, release: Any) -> None:
+    seg = ringcast.Segment.open(path)
+    readers = [seg.reader(conv, 0, owner) for _ in range(n)]
+    ready.set()
+    release.wait()
+    for r in readers:
+        r.close()
+
+
+# --- kill -9 loops: each signals ``ready`` once mapped, then loops until killed ---------------
+
+
+def loop_append(path: str, conv: str, ready: Any) -> None:
+    seg = ringcast.Segment.open(path)
+    w = seg.create_or_replace(conv, "crash")
+    rng = random.Random()
+    ready.set()
+    while True:
+        off = w.total_bytes
+        n = rng.choice((1, 13, 200, 1000, 5000, 40_000))
+        if not w.write(pattern_at(off, n)):
+            return
+
+
+def loop_create_or_replace(path: str, ready: Any) -> None:
+    seg = ringcast.Segment.open(path)
+    rng = random.Random()
+    ready.set()
+    k = 0
+    while True:
+        w = seg.create_or_replace(f"crash-cor-{rng.randrange(4)}", "crash")
+        w.write(pattern_at(0, rng.randrange(1, 3000)))
+        if k % 3 == 0:
+            w.finalize()
+        k += 1
+
+
+def loop_evict(path: str, ready: Any) -> None:
+    seg = ringcast.Segment.open(path)
+    rng = random.Random()
+    ready.set()
+    k = 0
+    while True:
+        conv = f"crash-ev-{rng.randrange(4)}"
+        w = seg.create_or_replace(conv, "crash")
+        w.write(pattern_at(0, rng.randrange(1, 3000)))
+        mode = k % 3
+        if mode == 0:
+            seg.evict(conv, "crash")
+        elif mode == 1:
+            seg.evict_and_cancel(conv, "crash")
+        else:
+            seg.evict_slot(w.slot, w.generation)
+        k += 1
+
+
+def loop_read(path: str, conv: str, ready: Any) -> None:
+    seg = ringcast.Segment.open(path)
+    rng = random.Random()
+    ready.set()
+    while True:
+        info = seg.get(conv, "crash")
+        if info is None:
+            return
+        try:
+            r = seg.reader(conv, rng.randrange(info.first_available, info.total_bytes + 1), "crash")
+        except ringcast.OffsetLost:
+            continue
+        while True:
+            try:
+                data = r.read(rng.choice((1, 100, 65536)), timeout=0.002)
+            except ringcast.OffsetLost:
+                break
+            if not data:
+                break
+        if rng.random() < 0.5:
+            r.close()

@@ -1,0 +1,223 @@
+"""``Reader.aread`` on asyncio and uvloop: wake-ups, ends, cancellation, and ten thousand waiting
+readers in one process on a bounded number of threads.
+
+Every test runs on both loops (the ``loop_kind`` fixture) and fails if the loop reports an
+unhandled exception (see ``_core_support.run_async``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+import ringcast
+from _core_support import TESTS_DIR, pattern_at, run_async, scaled, thread_count
+
+pytest_plugins = ["_core_fixtures"]
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _read_to_end(r: ringcast.Reader, max_bytes: int = 1 << 20) -> bytes:
+    out = bytearray()
+    while True:
+        data = await r.aread(max_bytes)
+        if not data:
+            assert r.at_end
+            return bytes(out)
+        out += data
+
+
+def test_aread_returns_buffered_bytes_then_waits(seg: ringcast.Segment, loop_kind: str) -> None:
+    w = seg.create_or_replace("c")
+    w.write(b"data: one\n\n")
+    r = seg.reader("c")
+
+    async def main() -> None:
+        assert await r.aread() == b"data: one\n\n"
+        task = asyncio.create_task(r.aread())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not task.done()
+        w.write(b"data: two\n\n")
+        assert await asyncio.wait_for(task, 30) == b"data: two\n\n"
+        w.write(b"abc")
+        assert await r.aread(2) == b"ab"
+        task = asyncio.create_task(_read_to_end(r))
+        await asyncio.sleep(0)
+        w.write(b"def")
+        w.finalize()
+        assert await asyncio.wait_for(task, 30) == b"cdef"
+        assert await r.aread() == b""
+
+    run_async(loop_kind, main)
+
+
+def test_aread_is_woken_by_a_producer_in_another_process(seg_path: str, loop_kind: str) -> None:
+    total = scaled(2_000_000, 100_000)
+    # The ring holds the whole stream, so no reader can fall behind it.
+    seg = ringcast.Segment.create(seg_path, max_sessions=4, session_bytes=4 * 1024 * 1024)
+    w = seg.create_or_replace("c")
+    readers = [seg.reader("c", off) for off in (0, 0, 1, total // 2, total)]
+    code = f"""
+import sys, ringcast
+from _core_support import pattern_at
+seg = ringcast.Segment.open(sys.argv[1])
+w = seg.adopt("c", "", {w.generation})
+sys.stdin.readline()
+off = 0
+for n in [1, 10, 100, 1000, 10000] * 1000:
+    n = min(n, {total} - off)
+    if n <= 0:
+        break
+    w.write(pattern_at(off, n))
+    off += n
+w.finalize()
+"""
+    env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    producer = subprocess.Popen(
+        [sys.executable, "-c", code, seg.path], stdin=subprocess.PIPE, env=env, text=True
+    )
+
+    async def main() -> list[bytes]:
+        tasks = [asyncio.create_task(_read_to_end(r, 1 << 16)) for r in readers]
+        await asyncio.sleep(0)
+        assert producer.stdin is not None
+        producer.stdin.write("go\n")
+        producer.stdin.flush()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 100)
+
+    try:
+        results = run_async(loop_kind, main)
+    finally:
+        assert producer.wait(60) == 0
+    for r, got in zip(readers, results, strict=True):
+        start = r.offset - len(got)
+        assert r.offset == total
+        assert got == pattern_at(start, len(got))
+
+
+@pytest.mark.parametrize("how", ["replaced", "evicted", "cancelled"])
+def test_aread_raises_session_ended(seg: ringcast.Segment, loop_kind: str, how: str) -> None:
+    seg.create_or_replace("c", "o")
+    r = seg.reader("c", 0, "o")
+
+    async def main() -> None:
+        task = asyncio.create_task(r.aread())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if how == "replaced":
+            seg.create_or_replace("c", "o")
+        elif how == "evicted":
+            seg.evict("c", "o")
+        else:
+            seg.evict_and_cancel("c", "o")
+        with pytest.raises(ringcast.SessionEnded) as ei:
+            await asyncio.wait_for(task, 30)
+        assert ei.value.reason == how
+
+    run_async(loop_kind, main)
+
+
+def test_aread_raises_offset_lost(seg: ringcast.Segment, loop_kind: str) -> None:
+    cap = seg.session_bytes
+    w = seg.create_or_replace("c")
+    r = seg.reader("c")
+    w.write(pattern_at(0, cap + 5))
+
+    async def main() -> None:
+        with pytest.raises(ringcast.OffsetLost) as ei:
+            await r.aread()
+        assert (ei.value.requested, ei.value.first_available) == (0, 5)
+
+    run_async(loop_kind, main)
+
+
+def test_cancelled_aread_leaves_the_reader_usable(seg: ringcast.Segment, loop_kind: str) -> None:
+    w = seg.create_or_replace("c")
+    r = seg.reader("c")
+    other = seg.reader("c")
+
+    async def main() -> None:
+        t1 = asyncio.create_task(r.aread())
+        t2 = asyncio.create_task(other.aread())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        t1.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t1
+        w.write(b"after cancel")
+        assert await asyncio.wait_for(t2, 30) == b"after cancel"
+        assert await asyncio.wait_for(r.aread(), 30) == b"after cancel"
+        t3 = asyncio.create_task(r.aread())
+        await asyncio.sleep(0)
+        w.write(b"!")
+        assert await asyncio.wait_for(t3, 30) == b"!"
+
+    run_async(loop_kind, main)
+
+
+_MANY_PRODUCER = """
+import sys, ringcast
+seg = ringcast.Segment.open(sys.argv[1])
+sessions, events = int(sys.argv[2]), int(sys.argv[3])
+writers = [seg.create_or_replace(f"s{i}", "many") for i in range(sessions)]
+print("ready", flush=True)
+sys.stdin.readline()
+for k in range(events):
+    for i, w in enumerate(writers):
+        w.write(f"data: s{i} e{k}\\n\\n".encode())
+for w in writers:
+    w.finalize()
+print("done", flush=True)
+"""
+
+
+def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: str) -> None:
+    """1,000 sessions x 10 readers, all waiting in one process before the first byte; each
+    reader gets exactly its own session's bytes, and the process does not grow a thread per
+    reader (one notifier thread, plus whatever the loop had)."""
+    sessions, per_session, events = scaled(1000, 50), 10, 5
+    seg = ringcast.Segment.create(seg_path, max_sessions=sessions, session_bytes=64 * 1024)
+    env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    producer = subprocess.Popen(
+        [sys.executable, "-c", _MANY_PRODUCER, seg_path, str(sessions), str(events)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    assert producer.stdin is not None and producer.stdout is not None
+    try:
+        assert producer.stdout.readline() == "ready\n"
+        threads_before = thread_count()
+        readers = [
+            (i, seg.reader(f"s{i}", 0, "many")) for i in range(sessions) for _ in range(per_session)
+        ]
+        waiting_threads: list[int] = []
+
+        async def main() -> list[tuple[int, bytes]]:
+            async def one(i: int, r: ringcast.Reader) -> tuple[int, bytes]:
+                return i, await _read_to_end(r)
+
+            tasks = [asyncio.create_task(one(i, r)) for i, r in readers]
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not any(t.done() for t in tasks)
+            waiting_threads.append(thread_count())
+            assert producer.stdin is not None
+            producer.stdin.write("go\n")
+            producer.stdin.flush()
+            return await asyncio.wait_for(asyncio.gather(*tasks), 100)
+
+        results = run_async(loop_kind, main)
+        assert producer.stdout.readline() == "done\n"
+    finally:
+        producer.kill()
+        producer.wait(30)
+    assert waiting_threads[0] <= threads_before + 4, (threads_before, waiting_threads)
+    assert thread_count() <= threads_before + 4
+    assert len(results) == sessions * per_session
+    for i, got in results:
+        assert got == b"".join(f"data: s{i} e{k}\n\n".encode() for k in range(events)), i
+    info = seg.get("s0", "many")
+    assert info is not None and info.readers == per_session
