@@ -1,0 +1,971 @@
+"""The HTTP processes of ``ringcast serve``: uvloop, one shared port, readers of the segment.
+
+Each process (``python -m ringcast.server CONFIG INDEX``, spawned by the manager) listens on
+the same port with ``SO_REUSEPORT`` and speaks HTTP/1.1 through a small hand-written
+``asyncio.Protocol``:
+
+- keep-alive and pipelining (one request at a time per connection; later requests wait in
+  the buffer, and reading pauses when that buffer grows);
+- ``Content-Length`` bodies up to ``--max-body`` (413 beyond, 100-continue honoured);
+  chunked request bodies are refused with 411, since no OpenAI client sends them;
+- responses that stream the ring's bytes unchanged in chunked encoding, so a client that
+  counts body bytes resumes with ``from=<count>``.
+
+Flow control: the transport's write buffer has a high-water mark; a relay that reaches it
+waits for ``resume_writing`` before reading more from the ring. The producer never waits for
+a reader: a client that stops reading only falls behind in the ring, and if it falls past the
+dropped prefix it gets an in-band ``offset_lost`` event (the bytes it missed are gone).
+
+A streaming POST creates the session here (so DELETE works before the first token), attaches
+this process's reader at offset 0, and hands the job to a worker over a Unix socket; the
+worker adopts the session and becomes its producer. If the worker connection breaks before
+adoption, this process still holds the producer role and finalizes the session ``failed``
+with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, unquote_plus
+
+import msgspec
+
+from ringcast._core import (
+    InvalidArgument,
+    OffsetLost,
+    Reader,
+    RegistryFull,
+    Segment,
+    SessionEnded,
+    SessionInfo,
+    SessionNotFound,
+    Writer,
+)
+from ringcast.manager import (
+    ANON_OWNER,
+    HttpCounter,
+    ManagerCounter,
+    ServeConfig,
+    SharedCounters,
+    WorkerCounter,
+    counter_rows,
+    die_with_parent,
+    evict_lru,
+    http_row,
+    load_config,
+    worker_row,
+)
+from ringcast.protocol import (
+    JOB_ACK_ADOPTED,
+    JOB_ACK_GONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    Completion,
+    CompletionChoice,
+    Health,
+    Job,
+    ModelCard,
+    ModelList,
+    StreamInfo,
+    Usage,
+    chat_request_decoder,
+    chunk_decoder,
+    completion_request_decoder,
+    error_event,
+    error_json,
+    frame_event,
+    iter_sse_data,
+    job_encoder,
+    json_encoder,
+    lookup_request_decoder,
+)
+
+log = logging.getLogger("ringcast.server")
+
+MAX_HEAD = 16 * 1024
+PIPELINE_BUFFER = 64 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+RELAY_READ = 256 * 1024
+HANDOFF_TIMEOUT = 30.0
+
+REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    404: "Not Found", 405: "Method Not Allowed", 410: "Gone", 411: "Length Required",
+    413: "Payload Too Large", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "invalid_request_error", 410: "offset_lost", 411: "invalid_request_error",
+    413: "invalid_request_error", 431: "invalid_request_error", 500: "server_error",
+    503: "unavailable_error", 505: "invalid_request_error",
+}
+
+# Terminal events for readers whose session ended without finishing: (code, message).
+END_EVENTS = {
+    "cancelled": (410, "the stream was cancelled"),
+    "replaced": (409, "the stream was replaced by a newer request with the same conversation id"),
+    "evicted": (410, "the stream was evicted (expired, idle or memory full)"),
+    "failed": (500, "the stream failed"),
+}
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DECIMAL = re.compile(r"^[0-9]{1,19}$")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, type_: str | None = None,
+                 close: bool = False, first_available: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error")
+        self.close = close
+        self.first_available = first_available
+
+
+class Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "version")
+
+    def __init__(self, method: str, path: str, query: str, version: bytes,
+                 headers: dict[str, str]) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        conn = headers.get("connection", "").lower()
+        if version == b"HTTP/1.1":
+            self.keep_alive = "close" not in conn
+        else:
+            self.keep_alive = "keep-alive" in conn
+
+    def query_params(self) -> dict[str, str]:
+        """First value of each parameter, percent- and plus-decoded; 400 on bad UTF-8."""
+        out: dict[str, str] = {}
+        if not self.query:
+            return out
+        for part in self.query.split("&"):
+            if not part:
+                continue
+            name, _, value = part.partition("=")
+            try:
+                name = unquote_plus(name, errors="strict")
+                value = unquote_plus(value, errors="strict")
+            except UnicodeDecodeError:
+                raise HttpError(400, "query string is not valid UTF-8") from None
+            out.setdefault(name, value)
+        return out
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request line and headers (without the final blank line)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, "malformed request line", close=True)
+    method_b, target_b, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+    if not _TOKEN.match(method_b) or not target_b.startswith(b"/"):
+        raise HttpError(400, "malformed request line", close=True)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name_b, sep, value_b = line.partition(b":")
+        if not sep or not _TOKEN.match(name_b):
+            raise HttpError(400, "malformed header line", close=True)
+        name = name_b.decode("ascii").lower()
+        value = value_b.strip(b" \t").decode("latin-1")
+        if any(c in value for c in "\r\n\x00"):
+            raise HttpError(400, "malformed header value", close=True)
+        if name in headers:
+            if name == "content-length" and headers[name] != value:
+                raise HttpError(400, "conflicting Content-Length headers", close=True)
+            if name != "content-length":
+                headers[name] = headers[name] + ", " + value
+        else:
+            headers[name] = value
+    target = target_b.decode("latin-1")
+    path, _, query = target.partition("?")
+    return Request(method_b.decode("ascii"), path, query, version, headers)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parser state, response writing and flow control."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: Request | None = None
+        self.need = 0
+        self.busy = False
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.reading_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.keep_alive = True
+        self.chunked = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.app.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.busy:
+            if len(self.buf) > PIPELINE_BUFFER and not self.reading_paused:
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._parse()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes is treated as gone: that is how disconnects show up.
+        self._lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- internals
+
+    def _lost(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.app.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client went away"))
+
+    def _arm_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = asyncio.get_running_loop().call_later(
+            self.app.cfg.keepalive_timeout, self._idle_close)
+
+    def _idle_close(self) -> None:
+        if not self.busy and self.transport is not None:
+            self.transport.close()
+
+    def _parse(self) -> None:
+        while not self.busy and not self.closed:
+            if self.pending is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        self._reject(HttpError(431, "request head too large", close=True))
+                    return
+                if end > MAX_HEAD:
+                    self._reject(HttpError(431, "request head too large", close=True))
+                    return
+                head = bytes(self.buf[:end])
+                del self.buf[:end + 4]
+                try:
+                    req = parse_head(head)
+                    self.need = self._body_length(req)
+                except HttpError as e:
+                    self._reject(e)
+                    return
+                self.pending = req
+                if self.need and req.headers.get("expect", "").lower() == "100-continue":
+                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if len(self.buf) < self.need:
+                return
+            req = self.pending
+            req.body = bytes(self.buf[:self.need])
+            del self.buf[:self.need]
+            self.pending = None
+            self.need = 0
+            self.busy = True
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+            self.task = asyncio.get_running_loop().create_task(self._run(req))
+
+    def _body_length(self, req: Request) -> int:
+        if "transfer-encoding" in req.headers:
+            raise HttpError(411, "chunked request bodies are not supported; send "
+                                 "Content-Length", close=True)
+        cl = req.headers.get("content-length")
+        if cl is None:
+            return 0
+        if not _DECIMAL.match(cl):
+            raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
+        n = int(cl)
+        if n > self.app.cfg.max_body:
+            raise HttpError(413, f"request body of {n} bytes exceeds the limit of "
+                                 f"{self.app.cfg.max_body} bytes", close=True)
+        return n
+
+    def _reject(self, e: HttpError) -> None:
+        self.keep_alive = False
+        self.app.count_status(e.status)
+        self.send(e.status, error_json(e.status, e.message, e.type), close=True)
+        self.busy = True  # nothing more is parsed on this connection
+
+    async def _run(self, req: Request) -> None:
+        self.keep_alive = req.keep_alive
+        self.chunked = False
+        try:
+            await self.app.dispatch(req, self)
+        except HttpError as e:
+            self.app.count_status(e.status)
+            if e.close:
+                self.keep_alive = False
+            self.send(e.status, error_json(e.status, e.message, e.type, e.first_available))
+        except asyncio.CancelledError:
+            return
+        except ConnectionError:
+            return
+        except Exception:
+            log.exception("unhandled error in %s %s", req.method, req.path.split("/")[1:3])
+            self.app.count_status(500)
+            if not self.closed:
+                self.keep_alive = False
+                self.send(500, error_json(500, "internal server error", "server_error"))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if not self.keep_alive:
+            self.transport.close()
+            return
+        self.busy = False
+        self.task = None
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self._arm_idle()
+        if self.buf:
+            self._parse()
+
+    # -- writing
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        lines.append("Connection: keep-alive" if self.keep_alive else "Connection: close")
+        lines.append(f"X-Ringcast-Process: {self.app.index}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send(self, status: int, body: bytes, content_type: str = "application/json",
+             headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
+        if close:
+            self.keep_alive = False
+        hs = list(headers or [])
+        if status != 204:
+            hs.append(("Content-Type", content_type))
+            hs.append(("Content-Length", str(len(body))))
+        self._write(self._head(status, hs) + body)
+        if close and self.transport is not None:
+            self.transport.close()
+
+    def start_stream(self, headers: list[tuple[str, str]], version: bytes) -> None:
+        """Send a 200 ``text/event-stream`` head; the body is chunked on HTTP/1.1 and
+        delimited by closing the connection on HTTP/1.0."""
+        hs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+              ("X-Accel-Buffering", "no"), *headers]
+        if version == b"HTTP/1.1":
+            self.chunked = True
+            hs.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.keep_alive = False
+        self._write(self._head(200, hs))
+
+    def write_body(self, data: bytes) -> None:
+        if not data or self.transport is None or self.closed:
+            return
+        if self.chunked:
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+        self.app.counters.inc(HttpCounter.BYTES_SENT, len(data))
+
+    def end_stream(self) -> None:
+        if self.chunked:
+            self._write(b"0\r\n\r\n")
+            self.chunked = False
+
+    async def drain(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        if self.drain_waiter is None:
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+        await self.drain_waiter
+
+
+Handler = Callable[[Request, Connection], Coroutine[Any, Any, None]]
+
+
+class App:
+    """Routes and the state of one HTTP process."""
+
+    def __init__(self, cfg: ServeConfig, index: int, seg: Segment,
+                 counters: SharedCounters) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.seg = seg
+        self.counters = counters
+        self.connections: set[Connection] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self.next_worker = index
+        self.key_owners = {d: d[:16] for d in cfg.key_digests}
+        self.created = int(time.time())
+
+    # -- helpers
+
+    def count_status(self, status: int) -> None:
+        if 400 <= status < 500:
+            self.counters.inc(HttpCounter.ERRORS_4XX)
+        elif status >= 500:
+            self.counters.inc(HttpCounter.ERRORS_5XX)
+
+    def owner(self, req: Request) -> str:
+        """The caller's owner namespace; 401 if keys are configured and none matches."""
+        if not self.key_owners:
+            return ""
+        key = req.headers.get("x-api-key", "")
+        auth = req.headers.get("authorization", "")
+        if not key and auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+        if key:
+            owner = self.key_owners.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
+            if owner is not None:
+                return owner
+        raise HttpError(401, "missing or invalid API key: send 'Authorization: Bearer <key>' "
+                             "or 'X-Api-Key: <key>'")
+
+    def check_conv_id(self, raw: str) -> str:
+        """Validate a conversation id: bounded, no control characters; anything else
+        printable (``/``, ``:``, spaces, non-ASCII) is accepted."""
+        if len(raw.encode("utf-8", "surrogatepass")) > self.cfg.max_id_len:
+            raise HttpError(400, f"conversation id is longer than {self.cfg.max_id_len} bytes")
+        for c in raw:
+            o = ord(c)
+            if o < 0x20 or 0x7F <= o < 0xA0 or 0xD800 <= o < 0xE000:
+                raise HttpError(400, f"conversation id contains a control character "
+                                     f"(U+{o:04X})")
+        return raw
+
+    def header_conv_id(self, req: Request) -> str | None:
+        raw = req.headers.get("x-conversation-id", "")
+        if not raw:
+            return None
+        try:
+            value = raw.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "X-Conversation-Id is not valid UTF-8") from None
+        return self.check_conv_id(value)
+
+    def stream_id(self, req: Request, prefix: str) -> str:
+        """The id from ``/v1/stream/{id}`` (may contain ``/``) or ``?conv_id=``."""
+        if req.path.startswith(prefix + "/") and len(req.path) > len(prefix) + 1:
+            try:
+                raw = unquote(req.path[len(prefix) + 1:], errors="strict")
+            except UnicodeDecodeError:
+                raise HttpError(400, "conversation id is not valid UTF-8") from None
+        else:
+            raw = req.query_params().get("conv_id", "")
+        if not raw:
+            raise HttpError(400, "missing conversation id: use ?conv_id=ID or /v1/stream/ID")
+        return self.check_conv_id(raw)
+
+    @staticmethod
+    def parse_offset(value: str, what: str) -> int:
+        if value == "":
+            return 0
+        if not _DECIMAL.match(value):
+            raise HttpError(400, f"invalid {what} {value[:32]!r}: expected a non-negative "
+                                 "decimal byte offset")
+        return int(value)
+
+    def stream_info(self, i: SessionInfo) -> StreamInfo:
+        return StreamInfo(
+            conversation_id=i.conversation_id, is_done=i.is_done, total_bytes=i.total_bytes,
+            started_at=int(i.started_at), completed_at=int(i.completed_at), state=i.state,
+            first_available=i.first_available, epoch=self.seg.epoch, readers=i.readers)
+
+    def send_json(self, conn: Connection, obj: object, status: int = 200) -> None:
+        conn.send(status, json_encoder.encode(obj))
+
+    # -- dispatch
+
+    async def dispatch(self, req: Request, conn: Connection) -> None:
+        self.counters.inc(HttpCounter.REQUESTS)
+        path, method = req.path, req.method
+        if path == "/v1/chat/completions":
+            self.allow(method, "POST")
+            return await self.post_completion(req, conn, "chat")
+        if path == "/v1/completions":
+            self.allow(method, "POST")
+            return await self.post_completion(req, conn, "completions")
+        if path == "/v1/stream" or path.startswith("/v1/stream/"):
+            if method == "DELETE":
+                return self.delete_stream(req, conn)
+            self.allow(method, "GET")
+            return await self.get_stream(req, conn)
+        if path == "/v1/streams/lookup":
+            self.allow(method, "POST")
+            return self.lookup(req, conn)
+        if path == "/v1/streams":
+            self.allow(method, "GET")
+            return self.list_streams(req, conn)
+        if path == "/health":
+            self.allow(method, "GET")
+            return self.send_json(conn, Health("ok", self.index, self.seg.epoch))
+        if path == "/v1/models":
+            self.allow(method, "GET")
+            self.owner(req)
+            return self.send_json(conn, ModelList([ModelCard(self.cfg.model_name,
+                                                             self.created)]))
+        if path == "/metrics":
+            self.allow(method, "GET")
+            return conn.send(200, self.metrics(), "text/plain; version=0.0.4")
+        raise HttpError(404, "File Not Found")
+
+    @staticmethod
+    def allow(method: str, expected: str) -> None:
+        if method != expected:
+            raise HttpError(405, f"method {method} not allowed here; use {expected}")
+
+    # -- completions
+
+    def create_session(self, conv: str, owner: str) -> Writer:
+        try:
+            try:
+                return self.seg.create_or_replace(conv, owner)
+            except RegistryFull:
+                n = evict_lru(self.seg, 1, self.cfg.evict_running)
+                self.counters.inc(HttpCounter.EVICTIONS_LRU, n)
+                return self.seg.create_or_replace(conv, owner)
+        except RegistryFull:
+            raise HttpError(503, "every session slot holds a running stream; retry later",
+                            "unavailable_error") from None
+        except InvalidArgument as e:
+            raise HttpError(400, str(e)) from None
+
+    async def post_completion(self, req: Request, conn: Connection, route: str) -> None:
+        owner = self.owner(req)
+        stream = self.validate_body(req.body, route)
+        conv = self.header_conv_id(req)
+        anonymous = conv is None
+        if conv is None:
+            conv, owner = "anon-" + secrets.token_hex(12), ANON_OWNER
+        writer = self.create_session(conv, owner)
+        reader = self.seg.reader(conv, 0, owner)
+        self.counters.inc(HttpCounter.STREAMS_STARTED)
+        job = Job(conv, owner, writer.generation, route, req.body)
+        task = asyncio.get_running_loop().create_task(self.handoff(job, writer))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        finished = False
+        try:
+            if stream:
+                conn.start_stream(self.resume_headers(reader, owner, 0), req.version)
+                finished = await self.relay(conn, reader)
+            else:
+                finished = await self.aggregate(conn, reader, route)
+        finally:
+            if anonymous:
+                # The plain OpenAI contract: the generation dies with the connection.
+                if finished:
+                    self.seg.evict(conv, owner)
+                else:
+                    self.seg.evict_and_cancel(conv, owner)
+
+    def validate_body(self, body: bytes, route: str) -> bool:
+        try:
+            if route == "chat":
+                c = chat_request_decoder.decode(body)
+                mt = c.max_tokens if c.max_tokens is not None else c.max_completion_tokens
+                stream, n = c.stream, c.n
+            else:
+                p = completion_request_decoder.decode(body)
+                mt, stream, n = p.max_tokens, p.stream, p.n
+        except msgspec.ValidationError as e:
+            raise HttpError(400, f"invalid request body: {e}") from None
+        except msgspec.DecodeError as e:
+            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+        if mt is not None and mt < 0:
+            raise HttpError(400, "max_tokens must be >= 0")
+        if n != 1:
+            raise HttpError(400, "only n=1 is supported")
+        return stream
+
+    async def handoff(self, job: Job, writer: Writer) -> None:
+        """Give the job to a worker; on failure before adoption, fail the session here."""
+        payload = job_encoder.encode(job)
+        frame = struct.pack("!I", len(payload)) + payload
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        n = self.cfg.workers
+        reason = "no inference worker is available"
+        while loop.time() < deadline:
+            if writer.cancelled:
+                return
+            for _ in range(n):
+                w = self.next_worker % n
+                self.next_worker += 1
+                path = os.path.join(self.cfg.run_dir, f"worker-{w}.sock")
+                try:
+                    r, wr = await asyncio.open_unix_connection(path)
+                except OSError:
+                    continue
+                try:
+                    wr.write(frame)
+                    ack = await asyncio.wait_for(r.read(1), HANDOFF_TIMEOUT)
+                except (OSError, TimeoutError):
+                    ack = b""
+                finally:
+                    wr.close()
+                if ack in (JOB_ACK_ADOPTED, JOB_ACK_GONE):
+                    return
+                reason = "the inference worker failed before starting the stream"
+                break
+            else:
+                await asyncio.sleep(0.1)  # every worker is restarting
+                continue
+            break
+        # Still the producer (adoption never happened): end the stream visibly.
+        self.counters.inc(HttpCounter.HANDOFF_FAILED)
+        if writer.write(frame_event(writer.total_bytes,
+                                    error_event(503, reason, "worker_unavailable"))):
+            writer.finalize("failed")
+
+    def resume_headers(self, reader: Reader, owner: str, offset: int) -> list[tuple[str, str]]:
+        """Epoch, served-from offset and first available offset of a stream response."""
+        info = self.seg.get(reader.conversation_id, owner)
+        first = info.first_available if info is not None else 0
+        return [("X-Ringcast-Epoch", str(reader.epoch)), ("X-Ringcast-Offset", str(offset)),
+                ("X-Ringcast-First-Available", str(first))]
+
+    async def relay(self, conn: Connection, reader: Reader) -> bool:
+        """Copy ring bytes to the client until the stream ends; True if it finished."""
+        self.counters.inc(HttpCounter.READERS_ACTIVE)
+        finished = False
+        try:
+            while True:
+                try:
+                    data = await reader.aread(RELAY_READ)
+                except OffsetLost as e:
+                    self.counters.inc(HttpCounter.OFFSETS_LOST)
+                    self.counters.inc(HttpCounter.FELL_BEHIND)
+                    conn.write_body(error_event(
+                        410, f"this reader fell behind: bytes before offset "
+                             f"{e.first_available} were dropped; resume from there",
+                        "offset_lost", e.first_available))
+                    break
+                except SessionEnded as e:
+                    code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
+                    conn.write_body(error_event(code, message, e.reason))
+                    break
+                if not data:
+                    finished = True
+                    break
+                conn.write_body(data)
+                if conn.write_paused:
+                    await conn.drain()
+            conn.end_stream()
+        finally:
+            reader.close()
+            self.counters.inc(HttpCounter.READERS_ACTIVE, -1)
+        return finished
+
+    async def aggregate(self, conn: Connection, reader: Reader, route: str) -> bool:
+        """Non-streaming: read the whole session and answer one JSON completion."""
+        body = bytearray()
+        try:
+            while True:
+                data = await reader.aread(RELAY_READ)
+                if not data:
+                    break
+                body += data
+        except SessionEnded as e:
+            code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
+            raise HttpError(code if code != 409 else 410, message, e.reason) from None
+        except OffsetLost:
+            raise HttpError(500, "response larger than the session buffer",
+                            "server_error") from None
+        finally:
+            reader.close()
+        text: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        cid, model, created = "", self.cfg.model_name, int(time.time())
+        for data in iter_sse_data(bytes(body)):
+            if data == b"[DONE]":
+                break
+            try:
+                chunk = chunk_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if chunk.error is not None:
+                code = chunk.error.code if 400 <= chunk.error.code < 600 else 500
+                raise HttpError(code, chunk.error.message, chunk.error.type)
+            cid, model, created = chunk.id or cid, chunk.model or model, chunk.created or created
+            usage = chunk.usage or usage
+            for ch in chunk.choices:
+                if ch.index != 0:
+                    continue
+                piece = ch.delta.content if ch.delta is not None else ch.text
+                if piece:
+                    text.append(piece)
+                finish = ch.finish_reason or finish
+        content = "".join(text)
+        result: ChatCompletion | Completion
+        if route == "chat":
+            result = ChatCompletion(cid or "chatcmpl-" + secrets.token_hex(12), created, model,
+                                    [ChatChoice(0, AssistantMessage("assistant", content),
+                                                finish)], usage=usage)
+        else:
+            result = Completion(cid or "cmpl-" + secrets.token_hex(12), created, model,
+                                [CompletionChoice(0, content, finish)], usage=usage)
+        self.send_json(conn, result)
+        return True
+
+    # -- resumable stream routes
+
+    async def get_stream(self, req: Request, conn: Connection) -> None:
+        owner = self.owner(req)
+        conv = self.stream_id(req, "/v1/stream")
+        last_id = req.headers.get("last-event-id")
+        if last_id is not None and last_id != "":
+            offset = self.parse_offset(last_id, "Last-Event-ID")
+        else:
+            offset = self.parse_offset(req.query_params().get("from", ""), "'from'")
+        try:
+            reader = self.seg.reader(conv, offset, owner)
+        except SessionNotFound:
+            raise HttpError(404, "Stream not found or expired") from None
+        except OffsetLost as e:
+            self.counters.inc(HttpCounter.OFFSETS_LOST)
+            raise HttpError(410, f"offset {offset} was dropped from the stream; the first "
+                                 f"available offset is {e.first_available}",
+                            "offset_lost", first_available=e.first_available) from None
+        except InvalidArgument as e:
+            raise HttpError(400, str(e)) from None
+        if offset > 0:
+            self.counters.inc(HttpCounter.RESUMES)
+        conn.start_stream(self.resume_headers(reader, owner, offset), req.version)
+        await self.relay(conn, reader)
+
+    def delete_stream(self, req: Request, conn: Connection) -> None:
+        owner = self.owner(req)
+        conv = self.stream_id(req, "/v1/stream")
+        with contextlib.suppress(InvalidArgument):
+            self.seg.evict_and_cancel(conv, owner)
+        conn.send(204, b"")
+
+    def lookup(self, req: Request, conn: Connection) -> None:
+        owner = self.owner(req)
+        try:
+            body = lookup_request_decoder.decode(req.body) if req.body.strip() else None
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise HttpError(400, f"invalid body: {e}") from None
+        out: list[StreamInfo] = []
+        seen: set[tuple[int, int]] = set()
+        for cid in (body.conversation_ids or []) if body is not None else []:
+            if not cid:
+                continue
+            try:
+                infos = self.seg.lookup_prefix(cid, owner)
+            except InvalidArgument:
+                continue
+            for i in infos:
+                if (i.slot, i.generation) not in seen:
+                    seen.add((i.slot, i.generation))
+                    out.append(self.stream_info(i))
+        self.send_json(conn, out)
+
+    def list_streams(self, req: Request, conn: Connection) -> None:
+        owner = self.owner(req)
+        conv = req.query_params().get("conversation_id")
+        if conv:
+            try:
+                infos = self.seg.lookup_prefix(self.check_conv_id(conv), owner)
+            except InvalidArgument:
+                infos = []
+        else:
+            infos = self.seg.list(owner)
+        self.send_json(conn, [self.stream_info(i) for i in infos])
+
+    # -- metrics
+
+    def metrics(self) -> bytes:
+        cfg = self.cfg
+        infos = self.seg.list()
+        stats = self.seg.stats()
+        by_state = {"running": 0, "done": 0, "cancelled": 0, "failed": 0}
+        readers = 0
+        for i in infos:
+            by_state[i.state] = by_state.get(i.state, 0) + 1
+            readers += i.readers
+        http = [self.counters.read_row(http_row(i)) for i in range(cfg.http_procs)]
+        workers = [self.counters.read_row(worker_row(cfg, i)) for i in range(cfg.workers)]
+        mgr = self.counters.read_row(0)
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str,
+                   samples: list[tuple[str, int | float]]) -> None:
+            out.append(f"# HELP ringcast_{name} {help_}")
+            out.append(f"# TYPE ringcast_{name} {kind}")
+            out.extend(f"ringcast_{name}{labels} {value}" for labels, value in samples)
+
+        def total(rows: list[tuple[int, ...]], idx: int) -> int:
+            return sum(r[idx] for r in rows)
+
+        metric("sessions", "gauge", "Sessions in the segment by state.",
+               [(f'{{state="{s}"}}', n) for s, n in sorted(by_state.items())])
+        metric("session_slots", "gauge", "Size of the session table.",
+               [("", stats.max_sessions)])
+        metric("bytes_buffered", "gauge", "Bytes held in live sessions' rings.",
+               [("", stats.bytes_buffered)])
+        metric("segment_resident_bytes", "gauge", "Memory the segment file really uses.",
+               [("", stats.resident_bytes)])
+        metric("readers", "gauge", "Readers attached across all processes.", [("", readers)])
+        metric("resumes_total", "counter", "Stream reads from an offset above 0.",
+               [("", total(http, HttpCounter.RESUMES))])
+        metric("offsets_lost_total", "counter",
+               "Reads refused (410) or ended because the offset was dropped.",
+               [("", total(http, HttpCounter.OFFSETS_LOST))])
+        metric("evictions_total", "counter", "Sessions evicted, by reason.",
+               [('{reason="ttl"}', mgr[ManagerCounter.EVICTIONS_TTL]),
+                ('{reason="idle"}', mgr[ManagerCounter.EVICTIONS_IDLE]),
+                ('{reason="lru"}', mgr[ManagerCounter.EVICTIONS_LRU]
+                 + total(http, HttpCounter.EVICTIONS_LRU))])
+        metric("dead_producers_total", "counter",
+               "Sessions failed because their producer process died.",
+               [("", mgr[ManagerCounter.DEAD_PRODUCERS])])
+        metric("restarts_total", "counter", "Child processes restarted by the manager.",
+               [('{role="http"}', mgr[ManagerCounter.RESTARTS_HTTP]),
+                ('{role="worker"}', mgr[ManagerCounter.RESTARTS_WORKER])])
+        metric("http_requests_total", "counter", "Requests per HTTP process.",
+               [(f'{{process="{i}"}}', r[HttpCounter.REQUESTS]) for i, r in enumerate(http)])
+        metric("http_errors_total", "counter", "Error responses per HTTP process and class.",
+               [(f'{{process="{i}",class="{c}"}}', r[idx]) for i, r in enumerate(http)
+                for c, idx in (("4xx", HttpCounter.ERRORS_4XX),
+                               ("5xx", HttpCounter.ERRORS_5XX))])
+        metric("http_streams_started_total", "counter", "Completion requests accepted.",
+               [(f'{{process="{i}"}}', r[HttpCounter.STREAMS_STARTED])
+                for i, r in enumerate(http)])
+        metric("http_bytes_sent_total", "counter", "Stream body bytes sent.",
+               [(f'{{process="{i}"}}', r[HttpCounter.BYTES_SENT]) for i, r in enumerate(http)])
+        metric("http_readers_active", "gauge", "Streaming responses in progress.",
+               [(f'{{process="{i}"}}', r[HttpCounter.READERS_ACTIVE])
+                for i, r in enumerate(http)])
+        metric("handoff_failures_total", "counter", "Jobs no worker adopted.",
+               [("", total(http, HttpCounter.HANDOFF_FAILED))])
+        metric("worker_jobs_total", "counter", "Jobs per worker and outcome.",
+               [(f'{{worker="{i}",outcome="{o}"}}', r[idx]) for i, r in enumerate(workers)
+                for o, idx in (("started", WorkerCounter.JOBS_STARTED),
+                               ("done", WorkerCounter.JOBS_DONE),
+                               ("failed", WorkerCounter.JOBS_FAILED),
+                               ("cancelled", WorkerCounter.JOBS_CANCELLED))])
+        metric("worker_jobs_active", "gauge", "Jobs generating right now.",
+               [(f'{{worker="{i}"}}', r[WorkerCounter.ACTIVE]) for i, r in enumerate(workers)])
+        metric("worker_tokens_total", "counter", "Tokens (events) produced.",
+               [("", total(workers, WorkerCounter.TOKENS))])
+        return ("\n".join(out) + "\n").encode()
+
+
+def _listen(cfg: ServeConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((cfg.host, cfg.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(cfg: ServeConfig, index: int) -> None:
+    seg = Segment.open(cfg.segment)
+    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
+    counters.bind_row(http_row(index))
+    counters.set(HttpCounter.READERS_ACTIVE, 0)
+    app = App(cfg, index, seg, counters)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(app), sock=_listen(cfg))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    Path(cfg.run_dir, f"ready-http-{index}").write_text(str(os.getpid()))
+    log.debug("HTTP process %d listening", index)
+    await stop.wait()
+    # Stop accepting, close idle keep-alive connections, let streams end as workers
+    # finalize their sessions, then close whatever is left.
+    server.close()
+    for c in list(app.connections):
+        if not c.busy and c.transport is not None:
+            c.transport.close()
+    deadline = loop.time() + 5.0
+    while any(c.busy for c in app.connections) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for c in list(app.connections):
+        if c.transport is not None:
+            c.transport.abort()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvloop
+
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
+    die_with_parent()
+    cfg = load_config(args[0])
+    logging.basicConfig(level=cfg.log_level,
+                        format=f"%(asctime)s ringcast.http[{args[1]}] %(message)s")
+    uvloop.run(serve_http(cfg, int(args[1])))
+
+
+if __name__ == "__main__":
+    main()

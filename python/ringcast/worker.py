@@ -1,0 +1,493 @@
+"""Inference workers of ``ringcast serve``: the producers that append SSE bytes to sessions.
+
+A worker (``python -m ringcast.worker CONFIG INDEX``, spawned by the manager) listens on a
+Unix socket for jobs from the HTTP processes, adopts each job's session
+(``Segment.adopt``), answers ``A`` and then generates on its own: the HTTP process and its
+client may go away, the generation continues until it ends or the session is cancelled.
+Cancellation (DELETE, replacement, eviction, an anonymous client's disconnect) is seen by
+polling ``Writer.cancelled`` — an atomic load — every 20 ms for every active job, so it
+stops a job also while it waits for its first token or for an upstream server.
+
+Three sources of tokens:
+
+- the **synthetic model** (default): deterministic text derived from the prompt, paced at
+  ``--tokens-per-s`` after an optional ``--prefill-s``, honouring ``max_tokens``;
+- the **upstream proxy** (``--upstream URL``): forwards the request (forced to
+  ``stream: true``) to any OpenAI-compatible server and appends each SSE event as it arrives,
+  unchanged except for ringcast's own ``id:`` line; cancelling closes the upstream connection,
+  which is how llama-server and vLLM learn to stop;
+- a **plug-in** (``--generator module:function``), an async generator function::
+
+      # mypkg/model.py
+      from ringcast.worker import JobContext
+
+      async def generate(ctx: JobContext):
+          prompt = ctx.prompt_text()          # messages or prompt, flattened
+          for word in prompt.split():
+              yield word + " "                # str: wrapped into a chunk for you
+          ctx.finish_reason = "stop"
+
+  Each ``str`` becomes one ``chat.completion.chunk`` (or ``text_completion``) event;
+  ``bytes`` are appended as one raw SSE event (e.g. ``b"data: {...}\\n\\n"``). ringcast writes
+  the role chunk first and the final chunk (``finish_reason`` and ``usage``) plus
+  ``data: [DONE]`` last. If the session is cancelled the generator is closed
+  (``GeneratorExit`` at its ``yield``, or ``CancelledError`` at its ``await``). Raising an
+  exception ends the stream with an SSE error event and state ``failed``.
+
+Every event is framed ``id: <offset after it>\\n...`` (see ``ringcast.protocol.frame_event``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import random
+import secrets
+import signal
+import struct
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+
+from ringcast._core import Segment, SessionEnded, SessionNotFound, Writer
+from ringcast.manager import (
+    ServeConfig,
+    SharedCounters,
+    WorkerCounter,
+    counter_rows,
+    die_with_parent,
+    load_config,
+    worker_row,
+)
+from ringcast.protocol import (
+    DONE_EVENT,
+    JOB_ACK_ADOPTED,
+    JOB_ACK_GONE,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    Delta,
+    Job,
+    Usage,
+    chat_request_decoder,
+    completion_request_decoder,
+    error_event,
+    frame_event,
+    job_decoder,
+    json_encoder,
+    strip_id_lines,
+)
+
+log = logging.getLogger("ringcast.worker")
+
+CANCEL_POLL = 0.02
+
+
+class Gone(Exception):
+    """The session ended under the producer (cancelled, replaced or evicted)."""
+
+
+class JobContext:
+    """What a generator gets: the request, and a way to see cancellation.
+
+    ``request`` is the decoded body (``ChatCompletionRequest`` or ``CompletionRequest``),
+    ``body`` the raw JSON bytes (unknown fields included). Set ``finish_reason`` before
+    returning to override ``"stop"``.
+    """
+
+    def __init__(self, route: str, body: bytes,
+                 request: ChatCompletionRequest | CompletionRequest, writer: Writer) -> None:
+        self.route = route
+        self.body = body
+        self.request = request
+        self.finish_reason = "stop"
+        self._writer = writer
+
+    @property
+    def cancelled(self) -> bool:
+        return self._writer.cancelled
+
+    @property
+    def max_tokens(self) -> int | None:
+        r = self.request
+        if isinstance(r, ChatCompletionRequest) and r.max_tokens is None:
+            return r.max_completion_tokens
+        return r.max_tokens
+
+    def prompt_text(self) -> str:
+        r = self.request
+        if isinstance(r, CompletionRequest):
+            return r.prompt if isinstance(r.prompt, str) else "\n".join(r.prompt)
+        parts: list[str] = []
+        for m in r.messages:
+            if isinstance(m.content, str):
+                parts.append(m.content)
+            elif m.content:
+                parts.extend(str(p.get("text", "")) for p in m.content)
+        return "\n".join(parts)
+
+
+GenerateFn = Callable[[JobContext], AsyncIterator[str | bytes]]
+
+
+class Emitter:
+    """Frames and appends events for one session; raises ``Gone`` once writes are refused."""
+
+    def __init__(self, writer: Writer, route: str, model: str, counters: SharedCounters,
+                 chunk_id: str | None = None) -> None:
+        self.writer = writer
+        self.route = route
+        self.model = model
+        self.counters = counters
+        self.id = chunk_id or (("chatcmpl-" if route == "chat" else "cmpl-")
+                               + secrets.token_hex(12))
+        self.created = int(time.time())
+        self.tokens = 0
+
+    def raw(self, event: bytes) -> None:
+        w = self.writer
+        if not w.write(frame_event(w.total_bytes, event)):
+            raise Gone
+
+    def _chunk(self, content: str | None, role: str | None = None,
+               finish: str | None = None, usage: Usage | None = None) -> bytes:
+        obj: ChatCompletionChunk | CompletionChunk
+        if self.route == "chat":
+            obj = ChatCompletionChunk(self.id, self.created, self.model,
+                                      [ChatChunkChoice(0, Delta(role, content), finish)],
+                                      usage=usage)
+        else:
+            obj = CompletionChunk(self.id, self.created, self.model,
+                                  [CompletionChoice(0, content or "", finish)], usage=usage)
+        return b"data: " + json_encoder.encode(obj) + b"\n\n"
+
+    def start(self) -> None:
+        if self.route == "chat":
+            self.raw(self._chunk("", role="assistant"))
+
+    def text(self, piece: str) -> None:
+        self.raw(self._chunk(piece))
+        self.tokens += 1
+
+    def finish(self, reason: str, prompt_tokens: int) -> None:
+        usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
+        self.raw(self._chunk(None, finish=reason, usage=usage))
+        self.raw(DONE_EVENT)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic model
+
+VOCAB = (
+    "the a ring of bytes keeps every token so readers can come back later and resume "
+    "from an offset while the producer never waits for anyone slow lighthouse keeper "
+    "watched ships pass through fog at night sea wind stone lamp shore quiet bright old "
+    "small story once upon time stream resumes cleanly across processes shared memory"
+).split()
+
+
+def synthetic_tokens(prompt: str, n: int) -> list[str]:
+    """Deterministic text for a prompt: the same prompt always gives the same tokens."""
+    rng = random.Random(zlib.crc32(prompt.encode("utf-8", "surrogatepass")))
+    return [(" " if i else "") + rng.choice(VOCAB) for i in range(n)]
+
+
+def synthetic_model(cfg: ServeConfig) -> GenerateFn:
+    async def generate(ctx: JobContext) -> AsyncIterator[str | bytes]:
+        mt = ctx.max_tokens
+        n = cfg.default_max_tokens if mt is None else mt
+        loop = asyncio.get_running_loop()
+        if cfg.prefill_s > 0:
+            await asyncio.sleep(cfg.prefill_s)
+        t0 = loop.time()
+        tps = cfg.tokens_per_s
+        for i, tok in enumerate(synthetic_tokens(ctx.prompt_text(), n)):
+            if tps > 0:
+                delay = t0 + i / tps - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif i % 32 == 31:
+                await asyncio.sleep(0)
+            yield tok
+        ctx.finish_reason = "length"
+
+    return generate
+
+
+def load_generator(spec: str) -> GenerateFn:
+    """Import ``module:function`` (the ``--generator`` flag)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"--generator {spec!r}: expected 'module:function'")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise ValueError(f"--generator {spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream proxy
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _read_body(reader: asyncio.StreamReader,
+                     headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """Yield response body bytes as they arrive (chunked, Content-Length or until close)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise UpstreamError(502, "upstream closed the connection mid-response")
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise UpstreamError(502, "upstream sent a malformed chunk") from None
+            if size == 0:
+                while (await reader.readline()).strip():
+                    pass
+                return
+            while size:
+                data = await reader.read(min(size, 65536))
+                if not data:
+                    raise UpstreamError(502, "upstream closed the connection mid-response")
+                size -= len(data)
+                yield data
+            await reader.readexactly(2)
+    elif "content-length" in headers:
+        left = int(headers["content-length"])
+        while left > 0:
+            data = await reader.read(min(left, 65536))
+            if not data:
+                raise UpstreamError(502, "upstream closed the connection mid-response")
+            left -= len(data)
+            yield data
+    else:
+        while data := await reader.read(65536):
+            yield data
+
+
+async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
+    """Forward ``job`` to ``cfg.upstream`` and append its SSE events as they arrive."""
+    url = urlsplit(cfg.upstream)
+    if url.scheme != "http" or not url.hostname:
+        raise UpstreamError(500, f"unsupported upstream URL {cfg.upstream!r} (http:// only)")
+    base = url.path.rstrip("/")
+    route = "/chat/completions" if job.route == "chat" else "/completions"
+    path = (base if base.endswith("/v1") else base + "/v1") + route
+    body = msgspec.json.decode(job.body)
+    if isinstance(body, dict):
+        body["stream"] = True
+    payload = msgspec.json.encode(body)
+    host = url.hostname
+    port = url.port or 80
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as e:
+        raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
+    try:
+        auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
+        writer.write((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                      f"Content-Length: {len(payload)}\r\n{auth}Connection: close\r\n\r\n")
+                     .encode("latin-1") + payload)
+        status_line = await reader.readline()
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise UpstreamError(502, "upstream sent a malformed status line")
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status != 200:
+            raw = bytearray()
+            async for data in _read_body(reader, headers):
+                raw += data
+                if len(raw) > 4096:
+                    break
+            message = raw.decode("utf-8", "replace")[:1000]
+            try:
+                err = msgspec.json.decode(bytes(raw))
+                message = str(err["error"]["message"])
+            except Exception:
+                pass
+            raise UpstreamError(status, f"upstream answered {status}: {message}")
+        buf = b""
+        async for data in _read_body(reader, headers):
+            buf += data
+            if b"\r" in buf and not buf.endswith(b"\r"):
+                buf = buf.replace(b"\r\n", b"\n")
+            while (end := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[:end + 2], buf[end + 2:]
+                event = strip_id_lines(event)
+                if event.strip():
+                    emitter.raw(event)
+                    emitter.counters.inc(WorkerCounter.TOKENS)
+        if buf.strip():
+            emitter.raw(strip_id_lines(buf.rstrip(b"\n") + b"\n\n"))
+    finally:
+        # On cancellation this is what tells the upstream to stop generating.
+        writer.transport.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# The worker process
+
+
+class WorkerApp:
+    def __init__(self, cfg: ServeConfig, seg: Segment, counters: SharedCounters,
+                 generate: GenerateFn | None) -> None:
+        self.cfg = cfg
+        self.seg = seg
+        self.counters = counters
+        self.generate = generate
+        self.active: dict[asyncio.Task[None], Writer] = {}
+        self.shutting_down = False
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            (n,) = struct.unpack("!I", await r.readexactly(4))
+            job = job_decoder.decode(await r.readexactly(n))
+        except (asyncio.IncompleteReadError, msgspec.DecodeError, struct.error):
+            w.close()
+            return
+        if self.shutting_down:
+            w.close()  # the HTTP process fails the session itself
+            return
+        try:
+            writer = self.seg.adopt(job.conversation_id, job.owner, job.generation)
+        except (SessionNotFound, SessionEnded):
+            w.write(JOB_ACK_GONE)
+            w.close()
+            return
+        task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
+        self.active[task] = writer
+        self.counters.inc(WorkerCounter.ACTIVE)
+        task.add_done_callback(self._job_done)
+        w.write(JOB_ACK_ADOPTED)
+        with contextlib.suppress(OSError):
+            await w.drain()
+        w.close()
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self.active.pop(task, None)
+        self.counters.inc(WorkerCounter.ACTIVE, -1)
+
+    async def run_job(self, job: Job, writer: Writer) -> None:
+        self.counters.inc(WorkerCounter.JOBS_STARTED)
+        emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters)
+        try:
+            if self.generate is None and self.cfg.upstream:
+                await proxy_upstream(self.cfg, job, emitter)
+            else:
+                await self.run_generator(job, writer, emitter)
+            writer.finalize("done")
+            self.counters.inc(WorkerCounter.JOBS_DONE)
+        except (Gone, asyncio.CancelledError):
+            if self.shutting_down and not writer.cancelled:
+                self._fail(writer, 503, "the server is shutting down", "server_shutdown")
+            else:
+                self.counters.inc(WorkerCounter.JOBS_CANCELLED)
+        except UpstreamError as e:
+            self._fail(writer, e.code, str(e), "upstream_error")
+        except Exception as e:
+            log.exception("generator failed")
+            self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}",
+                       "server_error")
+
+    def _fail(self, writer: Writer, code: int, message: str, type_: str) -> None:
+        self.counters.inc(WorkerCounter.JOBS_FAILED)
+        if writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
+            writer.finalize("failed")
+
+    async def run_generator(self, job: Job, writer: Writer, emitter: Emitter) -> None:
+        request: ChatCompletionRequest | CompletionRequest
+        if job.route == "chat":
+            request = chat_request_decoder.decode(job.body)
+        else:
+            request = completion_request_decoder.decode(job.body)
+        ctx = JobContext(job.route, job.body, request, writer)
+        gen_fn = self.generate or synthetic_model(self.cfg)
+        emitter.start()
+        gen = gen_fn(ctx)
+        try:
+            async for piece in gen:
+                if isinstance(piece, str):
+                    emitter.text(piece)
+                else:
+                    emitter.raw(piece)
+                self.counters.inc(WorkerCounter.TOKENS)
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+
+    async def watch_cancel(self) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL)
+            for task, writer in list(self.active.items()):
+                if writer.cancelled and not task.done():
+                    task.cancel()
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        for task in list(self.active):
+            task.cancel()
+        if self.active:
+            await asyncio.wait(list(self.active), timeout=3.0)
+
+
+async def serve_worker(cfg: ServeConfig, index: int) -> None:
+    seg = Segment.open(cfg.segment)
+    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
+    counters.bind_row(worker_row(cfg, index))
+    counters.set(WorkerCounter.ACTIVE, 0)
+    generate = load_generator(cfg.generator) if cfg.generator else None
+    app = WorkerApp(cfg, seg, counters, generate)
+    path = os.path.join(cfg.run_dir, f"worker-{index}.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(app.handle, path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    watcher = loop.create_task(app.watch_cancel())
+    Path(cfg.run_dir, f"ready-worker-{index}").write_text(str(os.getpid()))
+    await stop.wait()
+    server.close()
+    await app.shutdown()
+    watcher.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvloop
+
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
+    die_with_parent()
+    cfg = load_config(args[0])
+    logging.basicConfig(level=cfg.log_level,
+                        format=f"%(asctime)s ringcast.worker[{args[1]}] %(message)s")
+    uvloop.run(serve_worker(cfg, int(args[1])))
+
+
+if __name__ == "__main__":
+    main()
