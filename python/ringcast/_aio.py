@@ -54,6 +54,7 @@ class _LoopHub:
         try:
             await fut
         finally:
+            # Cancelled while waiting: forget the future (a woken one was already removed).
             if not fut.done() or fut.cancelled():
                 self._wake_one(slot, generation, fut)
 
@@ -78,22 +79,27 @@ class _LoopHub:
         self._loop.remove_reader(self._notifier.fileno())
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHub] = (
+# Per event loop, one hub per notifier fd (one fd per segment handle in this process).
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _LoopHub]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _hub_for(reader: Reader, notifier: Notifier) -> _LoopHub:
+def _hub_for(notifier: Notifier) -> _LoopHub:
     loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None or hub._notifier is not notifier:
-        hub = _hubs[loop] = _LoopHub(loop, notifier)
+    by_fd = _hubs.get(loop)
+    if by_fd is None:
+        by_fd = _hubs[loop] = {}
+    fd = notifier.fileno()
+    hub = by_fd.get(fd)
+    if hub is None:
+        hub = by_fd[fd] = _LoopHub(loop, notifier)
     return hub
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:
     """Implementation of ``Reader.aread``: read now, else wait for the notifier, repeat."""
-    hub = _hub_for(reader, notifier)
+    hub = _hub_for(notifier)
     while True:
         data = reader.read_nowait(max_bytes)
         if data is not None:

@@ -1,0 +1,104 @@
+//! Error types, one per family of operation, each message saying what was wrong and what to do.
+
+use std::fmt;
+use std::io;
+
+/// Why a session handle stopped being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Cancelled,
+    Replaced,
+    Evicted,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Cancelled => "cancelled",
+            EndReason::Replaced => "replaced",
+            EndReason::Evicted => "evicted",
+        }
+    }
+}
+
+/// Errors of opening, creating or validating a segment.
+#[derive(Debug)]
+pub enum SegmentError {
+    Io {
+        path: String,
+        op: &'static str,
+        source: io::Error,
+    },
+    Invalid {
+        path: String,
+        why: String,
+    },
+    Closed,
+}
+
+impl fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SegmentError::Io { path, op, source } => {
+                write!(f, "cannot {op} segment {path:?}: {source}")
+            }
+            SegmentError::Invalid { path, why } => write!(f, "segment {path:?}: {why}"),
+            SegmentError::Closed => write!(f, "the segment was closed; open it again"),
+        }
+    }
+}
+impl std::error::Error for SegmentError {}
+
+/// Errors of registry and stream operations.
+#[derive(Debug)]
+pub enum Error {
+    Segment(SegmentError),
+    InvalidArgument(String),
+    NotFound {
+        conversation_id: String,
+    },
+    Ended(EndReason),
+    OffsetLost {
+        requested: u64,
+        first_available: u64,
+    },
+    RegistryFull {
+        max_sessions: u32,
+    },
+    TooManyProcesses,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Segment(e) => e.fmt(f),
+            Error::InvalidArgument(s) => f.write_str(s),
+            Error::NotFound { conversation_id } => {
+                write!(f, "no live session with conversation id {conversation_id:?}")
+            }
+            Error::Ended(r) => write!(f, "the session was {}", r.as_str()),
+            Error::OffsetLost { requested, first_available } => write!(
+                f,
+                "offset {requested} was dropped from the ring; the first available offset is {first_available}"
+            ),
+            Error::RegistryFull { max_sessions } => write!(
+                f,
+                "all {max_sessions} session slots are in use; evict finished sessions or create the segment with a larger max_sessions"
+            ),
+            Error::TooManyProcesses => write!(
+                f,
+                "more than {} processes hold readers on this segment at once",
+                crate::layout::MAX_PROCESSES
+            ),
+        }
+    }
+}
+impl std::error::Error for Error {}
+
+impl From<SegmentError> for Error {
+    fn from(e: SegmentError) -> Error {
+        Error::Segment(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,239 @@
+//! The segment's on-file layout: `#[repr(C)]` structs that hold offsets and atomics, never
+//! pointers, with compile-time size and alignment checks.
+//!
+//! ```text
+//! 0                 header (constants, robust registry lock)          1 page
+//! procs_offset      ProcEntry × MAX_PROCESSES (doorbells)             128 B each
+//! counts_offset     reader counts: AtomicU64 × MAX_PROCESSES × slots  row per process
+//! slots_offset      SlotMeta + id bytes + owner bytes, × slots         slot_stride each
+//! rings_offset      ring bytes, × slots                                ring_stride each (pages)
+//! ```
+//! Only the header's constants are read without atomics, once, at open; they are copied into a
+//! [`Geometry`] that is validated (every region inside the file, no overflow) before any other
+//! offset is computed from it.
+
+use crate::sync::{AtomicU32, AtomicU64};
+use crate::sys::robust_mutex::MUTEX_BYTES;
+
+pub const MAGIC: [u8; 8] = *b"RINGCAST";
+/// Bumped on every incompatible change of anything in this file.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
+pub const MAX_PROCESSES: usize = 64;
+/// Longest owner (tenant) tag, in bytes.
+pub const MAX_OWNER_LEN: usize = 128;
+/// Bounds accepted at creation.
+pub const MIN_ID_LEN: u32 = 256;
+pub const MAX_ID_LEN: u32 = 64 * 1024;
+pub const MAX_SESSIONS: u32 = 1 << 20;
+
+/// Session states as stored in `SlotMeta::state`.
+pub mod state {
+    pub const FREE: u32 = 0;
+    /// Being set up under the registry lock; freed by recovery if its creator died.
+    pub const INIT: u32 = 1;
+    pub const RUNNING: u32 = 2;
+    pub const DONE: u32 = 3;
+    pub const CANCELLED: u32 = 4;
+    pub const FAILED: u32 = 5;
+}
+
+/// Why a session left its slot, as stored in `SlotMeta::last_end` (low 8 bits).
+pub mod end_reason {
+    pub const CANCELLED: u8 = 1;
+    pub const REPLACED: u8 = 2;
+    pub const EVICTED: u8 = 3;
+}
+
+/// The fixed part of the header; the robust mutex follows at `LOCK_OFFSET`.
+#[repr(C)]
+pub struct HeaderConsts {
+    pub magic: [u8; 8],
+    pub layout_version: u32,
+    pub max_sessions: u32,
+    pub max_id_len: u32,
+    pub page_size: u32,
+    pub session_bytes: u64,
+    pub slot_stride: u64,
+    pub ring_stride: u64,
+    pub procs_offset: u64,
+    pub counts_offset: u64,
+    pub slots_offset: u64,
+    pub rings_offset: u64,
+    pub file_bytes: u64,
+    pub epoch: u64,
+    pub created_at_ns: u64,
+    /// Written last at creation: a segment whose creator died mid-way is never opened.
+    pub ready: AtomicU32,
+    pub _reserved: u32,
+}
+const _: () = assert!(std::mem::size_of::<HeaderConsts>() <= LOCK_OFFSET);
+pub const LOCK_OFFSET: usize = 256;
+/// Allocation hint for the next free slot (spreads sessions, avoids rescanning).
+pub const HINT_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
+pub const HEADER_BYTES: usize = 4096;
+
+/// One process's doorbell: producers bump `doorbell` after publishing to a session this
+/// process subscribed to, and make a wake syscall only if `sleeping` is set.
+#[repr(C, align(128))]
+pub struct ProcEntry {
+    /// Owner pid; 0 = free.
+    pub pid: AtomicU32,
+    pub doorbell: AtomicU32,
+    pub sleeping: AtomicU32,
+    pub _pad0: u32,
+    pub start_time: AtomicU64,
+}
+const _: () = assert!(std::mem::size_of::<ProcEntry>() == 128);
+
+/// One session slot's metadata. Three 128-byte lines: what the producer writes on every append,
+/// what readers write, and what the registry writes under its lock. The id and owner bytes
+/// follow the struct inside the slot's stride.
+#[repr(C, align(128))]
+pub struct SlotMeta {
+    // --- line 0: producer-hot ---
+    /// Published end of the stream (every byte ever appended and complete).
+    pub cursor: AtomicU64,
+    /// End of the bytes being written; see `ring`.
+    pub head: AtomicU64,
+    pub last_write_ns: AtomicU64,
+    /// Producer lock of a single append: `pid | start_time_low32 << 32`, 0 = idle.
+    pub busy: AtomicU64,
+    /// Futex word: bumped after every publish and state change.
+    pub seq: AtomicU32,
+    pub _pad0: [u32; 23],
+    // --- line 1: reader-written ---
+    /// Threads blocked in `futex_wait` on `seq`.
+    pub waiters: AtomicU32,
+    pub _pad1: u32,
+    /// Bit `i`: process entry `i` has a notifier subscription to this slot.
+    pub subscribers: AtomicU64,
+    pub last_access_ns: AtomicU64,
+    pub _pad1b: [u64; 13],
+    // --- line 2: registry, written under the lock ---
+    pub state: AtomicU32,
+    pub cancel: AtomicU32,
+    /// Bumped when a session is installed and again when it leaves.
+    pub generation: AtomicU64,
+    /// `generation << 8 | reason` of the last session that left this slot.
+    pub last_end: AtomicU64,
+    pub id_hash: AtomicU64,
+    pub id_len: AtomicU32,
+    pub owner_len: AtomicU32,
+    pub producer_pid: AtomicU32,
+    pub _pad2: u32,
+    pub producer_start: AtomicU64,
+    pub started_at_ns: AtomicU64,
+    pub completed_at_ns: AtomicU64,
+    pub _pad2b: [u64; 6],
+}
+const _: () = assert!(std::mem::size_of::<SlotMeta>() == 384);
+const _: () = assert!(std::mem::align_of::<SlotMeta>() == 128);
+
+/// Validated sizes and offsets of one segment, copied out of the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub max_sessions: u32,
+    pub max_id_len: u32,
+    pub page_size: u32,
+    pub session_bytes: u64,
+    pub slot_stride: u64,
+    pub ring_stride: u64,
+    pub procs_offset: u64,
+    pub counts_offset: u64,
+    pub slots_offset: u64,
+    pub rings_offset: u64,
+    pub file_bytes: u64,
+}
+
+fn round_up(v: u64, to: u64) -> Option<u64> {
+    v.checked_add(to - 1).map(|x| x / to * to)
+}
+
+impl Geometry {
+    /// Computes the layout for new parameters; `None` on overflow.
+    pub fn compute(
+        max_sessions: u32,
+        session_bytes: u64,
+        max_id_len: u32,
+        page: u32,
+    ) -> Option<Geometry> {
+        let page64 = page as u64;
+        let n = max_sessions as u64;
+        let procs_offset = HEADER_BYTES as u64;
+        let counts_offset = procs_offset + (MAX_PROCESSES * 128) as u64;
+        let counts_bytes = n.checked_mul(MAX_PROCESSES as u64 * 8)?;
+        let slots_offset = round_up(counts_offset.checked_add(counts_bytes)?, 128)?;
+        let slot_stride = round_up(
+            std::mem::size_of::<SlotMeta>() as u64 + max_id_len as u64 + MAX_OWNER_LEN as u64,
+            128,
+        )?;
+        let rings_offset = round_up(
+            slots_offset.checked_add(slot_stride.checked_mul(n)?)?,
+            page64,
+        )?;
+        let ring_stride = round_up(session_bytes, page64)?;
+        let file_bytes = rings_offset.checked_add(ring_stride.checked_mul(n)?)?;
+        if file_bytes > isize::MAX as u64 {
+            return None;
+        }
+        Some(Geometry {
+            max_sessions,
+            max_id_len,
+            page_size: page,
+            session_bytes,
+            slot_stride,
+            ring_stride,
+            procs_offset,
+            counts_offset,
+            slots_offset,
+            rings_offset,
+            file_bytes,
+        })
+    }
+
+    /// Reads and validates the header constants; the error says what is wrong.
+    pub fn from_header(h: &HeaderConsts, file_len: u64) -> Result<Geometry, String> {
+        if h.magic != MAGIC {
+            return Err("not a ringcast segment (bad magic)".into());
+        }
+        if h.layout_version != LAYOUT_VERSION {
+            return Err(format!(
+                "segment layout version {} but this build reads version {LAYOUT_VERSION}; \
+                 stop the processes using it and create a new segment",
+                h.layout_version
+            ));
+        }
+        if !(MIN_ID_LEN..=MAX_ID_LEN).contains(&h.max_id_len)
+            || h.max_sessions == 0
+            || h.max_sessions > MAX_SESSIONS
+            || h.session_bytes == 0
+            || !h.page_size.is_power_of_two()
+            || h.page_size < 4096
+        {
+            return Err("segment header holds impossible sizes (corrupt?)".into());
+        }
+        let g = Geometry::compute(h.max_sessions, h.session_bytes, h.max_id_len, h.page_size)
+            .ok_or("segment header sizes overflow (corrupt?)")?;
+        let stored = Geometry {
+            slot_stride: h.slot_stride,
+            ring_stride: h.ring_stride,
+            procs_offset: h.procs_offset,
+            counts_offset: h.counts_offset,
+            slots_offset: h.slots_offset,
+            rings_offset: h.rings_offset,
+            file_bytes: h.file_bytes,
+            ..g
+        };
+        if stored != g {
+            return Err("segment header offsets disagree with its sizes (corrupt?)".into());
+        }
+        if file_len < g.file_bytes {
+            return Err(format!(
+                "segment file is {file_len} bytes but its header needs {} (truncated?)",
+                g.file_bytes
+            ));
+        }
+        Ok(g)
+    }
+}

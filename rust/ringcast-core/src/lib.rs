@@ -1,0 +1,47 @@
+//! ringcast-core: per-session byte rings in one shared-memory segment.
+//!
+//! A [`Segment`] is a file (normally under `/dev/shm`) mapped by every process that uses it.
+//! It holds a registry of session slots keyed by (owner, conversation id), one ring per slot,
+//! and a table of processes for cross-process wake-ups. One [`Writer`] per session appends;
+//! any number of [`Reader`]s, in any process, copy from any absolute byte offset without
+//! locks. See `docs/ARCHITECTURE.md` for the protocol.
+//!
+//! ```no_run
+//! use ringcast_core::{Segment, SegmentConfig, SessionState};
+//! let seg = Segment::create("/dev/shm/ringcast-doc", SegmentConfig::default()).unwrap();
+//! let w = seg.create_or_replace("conv-1", "").unwrap();
+//! w.write(b"data: hi\n\n");
+//! w.finalize(SessionState::Done).unwrap();
+//! let mut r = seg.reader("conv-1", "", 0).unwrap();
+//! let mut buf = [0u8; 64];
+//! r.read_into(&mut buf, None).unwrap();
+//! ```
+
+pub mod ring;
+pub(crate) mod sync;
+
+#[cfg(not(loom))]
+mod error;
+#[cfg(not(loom))]
+pub mod layout;
+#[cfg(not(loom))]
+mod notify;
+#[cfg(not(loom))]
+mod segment;
+#[cfg(not(loom))]
+mod stream;
+#[cfg(not(loom))]
+mod sys;
+
+#[cfg(not(loom))]
+pub use error::{EndReason, Error, Result, SegmentError};
+#[cfg(not(loom))]
+pub use layout::{LAYOUT_VERSION, MAX_PROCESSES};
+#[cfg(not(loom))]
+pub use notify::Notifier;
+#[cfg(not(loom))]
+pub use segment::{Segment, SegmentConfig, SegmentStats, SessionInfo, SessionState};
+#[cfg(not(loom))]
+pub use stream::{Poll, Reader, Writer};
+#[cfg(not(loom))]
+pub use sys::process::ProcessId;

@@ -1,0 +1,376 @@
+//! Session handles: the producer's [`Writer`] and a [`Reader`] at an absolute byte offset.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{EndReason, Error, Result};
+use crate::layout::state;
+use crate::notify;
+use crate::ring::{self, ReadOutcome};
+use crate::segment::{busy_holder_alive, Inner, SessionState};
+use crate::sync::Ordering;
+use crate::sys::futex::{self, WaitOutcome};
+use crate::sys::process::{self, ProcessId};
+
+/// The producer of one session.
+pub struct Writer {
+    inner: Arc<Inner>,
+    slot: u32,
+    generation: u64,
+    me: ProcessId,
+    busy_tag: u64,
+    conversation_id: String,
+    owner: String,
+}
+
+/// Outcome of a non-blocking read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poll {
+    /// This many bytes were copied.
+    Data(usize),
+    /// The session is finished and the reader has every byte.
+    End,
+    /// Nothing yet; the session is still running.
+    Pending,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        slot: u32,
+        generation: u64,
+        me: ProcessId,
+        id: &str,
+        owner: &str,
+    ) -> Writer {
+        let busy_tag = me.pid as u64 | (me.start_time & 0xffff_ffff) << 32;
+        Writer {
+            inner,
+            slot,
+            generation,
+            me,
+            busy_tag,
+            conversation_id: id.to_string(),
+            owner: owner.to_string(),
+        }
+    }
+
+    pub fn conversation_id(&self) -> &str {
+        &self.conversation_id
+    }
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.slot(self.slot).cursor.load(Ordering::Acquire)
+    }
+
+    /// True once the session was cancelled, replaced or evicted.
+    pub fn cancelled(&self) -> bool {
+        let m = self.inner.slot(self.slot);
+        m.generation.load(Ordering::Acquire) != self.generation
+            || m.cancel.load(Ordering::Acquire) != 0
+    }
+
+    /// Runs `f` holding the slot's append lock, if this writer is still the producer of a
+    /// running session. `None` otherwise.
+    fn with_append_lock<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let m = self.inner.slot(self.slot);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut spins = 0u32;
+        loop {
+            // SeqCst: pairs with the allocator's SeqCst load of `busy` after freeing (see
+            // `Registry::alloc`): either it sees us busy, or we see the new generation below.
+            match m
+                .busy
+                .compare_exchange(0, self.busy_tag, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(holder) => {
+                    if !self.is_producer() || self.gone() {
+                        return None;
+                    }
+                    if spins > 64 && !busy_holder_alive(holder) {
+                        let _ =
+                            m.busy
+                                .compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    spins += 1;
+                    if spins < 16 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        let ok =
+            !self.gone() && self.is_producer() && m.state.load(Ordering::SeqCst) == state::RUNNING;
+        let out = if ok { Some(f()) } else { None };
+        m.busy.store(0, Ordering::Release);
+        out
+    }
+
+    fn gone(&self) -> bool {
+        self.inner.slot(self.slot).generation.load(Ordering::SeqCst) != self.generation
+    }
+
+    fn is_producer(&self) -> bool {
+        let m = self.inner.slot(self.slot);
+        m.producer_pid.load(Ordering::Acquire) == self.me.pid
+            && m.producer_start.load(Ordering::Acquire) == self.me.start_time
+    }
+
+    /// Appends bytes; false (nothing written) once the session ended or another producer took
+    /// over.
+    pub fn write(&self, data: &[u8]) -> bool {
+        let inner = &*self.inner;
+        let done = self.with_append_lock(|| {
+            ring::append(&inner.cursors(self.slot), &inner.ring(self.slot), data);
+            inner
+                .slot(self.slot)
+                .last_write_ns
+                .store(process::unix_nanos(), Ordering::Relaxed);
+        });
+        if done.is_some() {
+            notify::publish(inner.map.as_ptr(), &inner.geo, inner.slot(self.slot));
+        }
+        done.is_some()
+    }
+
+    /// Ends the stream with `end` (done, failed or cancelled). False if it had already ended.
+    pub fn finalize(&self, end: SessionState) -> Result<bool> {
+        if end == SessionState::Running {
+            return Err(Error::InvalidArgument(
+                "finalize takes \"done\", \"failed\" or \"cancelled\", not \"running\"".into(),
+            ));
+        }
+        let inner = &*self.inner;
+        let m = inner.slot(self.slot);
+        let done = self.with_append_lock(|| {
+            m.completed_at_ns
+                .store(process::unix_nanos(), Ordering::Relaxed);
+            // Release: a reader that sees the final state sees the final cursor too.
+            m.state.store(end.raw(), Ordering::Release);
+        });
+        if done.is_some() {
+            notify::publish(inner.map.as_ptr(), &inner.geo, m);
+        }
+        Ok(done.is_some())
+    }
+
+    /// Blocks until the session is cancelled (true) or `timeout` passes (false).
+    pub fn wait_cancelled(&self, timeout: Option<Duration>) -> bool {
+        let m = self.inner.slot(self.slot);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let seen = m.seq.load(Ordering::SeqCst);
+            if self.cancelled() {
+                return true;
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return false,
+                },
+                None => None,
+            };
+            m.waiters.fetch_add(1, Ordering::SeqCst);
+            if m.seq.load(Ordering::SeqCst) == seen && !self.cancelled() {
+                futex::wait(&m.seq, seen, left);
+            }
+            m.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A cursor into one session.
+pub struct Reader {
+    inner: Arc<Inner>,
+    slot: u32,
+    generation: u64,
+    offset: u64,
+    conversation_id: String,
+    attached: bool,
+}
+
+impl Reader {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        slot: u32,
+        generation: u64,
+        offset: u64,
+        id: &str,
+    ) -> Reader {
+        Reader {
+            inner,
+            slot,
+            generation,
+            offset,
+            conversation_id: id.to_string(),
+            attached: true,
+        }
+    }
+
+    pub fn conversation_id(&self) -> &str {
+        &self.conversation_id
+    }
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    fn ended(&self) -> Error {
+        Error::Ended(self.inner.end_reason(self.slot, self.generation))
+    }
+
+    /// The session's state, or why it is gone.
+    pub fn state(&self) -> std::result::Result<SessionState, EndReason> {
+        let m = self.inner.slot(self.slot);
+        let s = m.state.load(Ordering::Acquire);
+        if m.generation.load(Ordering::Acquire) != self.generation {
+            return Err(self.inner.end_reason(self.slot, self.generation));
+        }
+        SessionState::from_raw(s).ok_or(EndReason::Evicted)
+    }
+
+    /// Copies what is available now into `dst` without waiting.
+    pub fn poll_into(&mut self, dst: &mut [u8]) -> Result<Poll> {
+        let inner = &*self.inner;
+        let m = inner.slot(self.slot);
+        if m.generation.load(Ordering::Acquire) != self.generation {
+            return Err(self.ended());
+        }
+        // Acquire: pairs with the Release store of a final state in `finalize`, which follows
+        // the last publish; so a final state implies the cursor read below is final too.
+        let st = m.state.load(Ordering::Acquire);
+        let out = ring::read(
+            &inner.cursors(self.slot),
+            &inner.ring(self.slot),
+            self.offset,
+            dst,
+        );
+        if m.generation.load(Ordering::Acquire) != self.generation {
+            return Err(self.ended());
+        }
+        match out {
+            ReadOutcome::Copied(n) => {
+                self.offset += n as u64;
+                Ok(Poll::Data(n))
+            }
+            ReadOutcome::Empty { .. } => {
+                let finished = matches!(st, state::DONE | state::FAILED | state::CANCELLED);
+                Ok(if finished { Poll::End } else { Poll::Pending })
+            }
+            ReadOutcome::Lost { first_available } => Err(Error::OffsetLost {
+                requested: self.offset,
+                first_available,
+            }),
+        }
+    }
+
+    /// True if `poll_into` would not return `Pending`.
+    pub fn ready(&self) -> bool {
+        let m = self.inner.slot(self.slot);
+        let st = m.state.load(Ordering::Acquire);
+        m.generation.load(Ordering::Acquire) != self.generation
+            || st != state::RUNNING
+            || m.cursor.load(Ordering::Acquire) > self.offset
+    }
+
+    /// True when the session is finished and this reader has every byte.
+    pub fn at_end(&self) -> bool {
+        let m = self.inner.slot(self.slot);
+        let st = m.state.load(Ordering::Acquire);
+        m.generation.load(Ordering::Acquire) == self.generation
+            && matches!(st, state::DONE | state::FAILED | state::CANCELLED)
+            && m.cursor.load(Ordering::Acquire) <= self.offset
+    }
+
+    /// Waits up to `timeout` (None = forever) for data, then copies it. `Pending` means the
+    /// timeout passed.
+    pub fn read_into(&mut self, dst: &mut [u8], timeout: Option<Duration>) -> Result<Poll> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let inner = self.inner.clone();
+        loop {
+            let m = inner.slot(self.slot);
+            let seen = m.seq.load(Ordering::SeqCst);
+            match self.poll_into(dst)? {
+                Poll::Pending => {}
+                other => return Ok(other),
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return Ok(Poll::Pending),
+                },
+                None => None,
+            };
+            // SeqCst: pairs with `notify::publish` (bump seq, then load waiters).
+            m.waiters.fetch_add(1, Ordering::SeqCst);
+            let outcome = if m.seq.load(Ordering::SeqCst) == seen {
+                futex::wait(&m.seq, seen, left)
+            } else {
+                WaitOutcome::Woken
+            };
+            m.waiters.fetch_sub(1, Ordering::SeqCst);
+            if outcome == WaitOutcome::TimedOut && deadline.is_some() {
+                // Loop once more: a final poll reports data that raced the timeout.
+                if let Poll::Data(n) = self.poll_into(dst)? {
+                    return Ok(Poll::Data(n));
+                }
+                return Ok(if self.at_end() {
+                    Poll::End
+                } else {
+                    Poll::Pending
+                });
+            }
+        }
+    }
+
+    /// Detaches: stops counting in `SessionInfo::readers`.
+    pub fn close(&mut self) {
+        if self.attached {
+            self.attached = false;
+            let _ = self.inner.count_reader(self.slot, self.generation, false);
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Reader {
+    /// A handle on the segment this reader reads (for its notifier).
+    pub fn segment(&self) -> crate::segment::Segment {
+        crate::segment::Segment {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Bytes that could be returned right now from the reader's offset (0 if none or gone).
+    pub fn available(&self) -> u64 {
+        let m = self.inner.slot(self.slot);
+        m.cursor.load(Ordering::Acquire).saturating_sub(self.offset)
+    }
+}

@@ -1,0 +1,204 @@
+//! The only place that maps memory: the segment file, created exclusively with mode 0600,
+//! sized once (sparse), mapped `MAP_SHARED`, and given back page by page with hole punching.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::ptr::NonNull;
+
+/// A shared, read-write mapping of a whole file. Unmapped and closed on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: RawFd,
+}
+
+// SAFETY: the mapping is plain shared memory; all concurrent access to it goes through
+// atomics or the seqlock-validated byte copies of `ring`, which tolerate concurrent writers.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only hands out raw pointers, never `&mut` into the mapping.
+unsafe impl Sync for Mapping {}
+
+fn cpath(path: &str) -> io::Result<CString> {
+    CString::new(path)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+}
+
+impl Mapping {
+    /// Creates `path` (failing if it exists), sizes it to `len` bytes without allocating them,
+    /// and maps it.
+    pub fn create(path: &str, len: usize) -> io::Result<Mapping> {
+        let c = cpath(path)?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The umask may have narrowed the mode; it can never widen it, but be explicit.
+        // SAFETY: `fd` is the descriptor just opened.
+        let rc = unsafe { libc::fchmod(fd, 0o600) };
+        // SAFETY: `fd` is ours; ftruncate only changes the file length (sparse on tmpfs).
+        let rc2 = if rc == 0 {
+            unsafe { libc::ftruncate(fd, len as libc::off_t) }
+        } else {
+            rc
+        };
+        if rc2 != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: close the descriptor we own and remove the half-made file.
+            unsafe {
+                libc::close(fd);
+                libc::unlink(c.as_ptr());
+            }
+            return Err(e);
+        }
+        Self::map(fd, len).inspect_err(|_| {
+            // SAFETY: the file is ours, just created; remove it again.
+            unsafe { libc::unlink(c.as_ptr()) };
+        })
+    }
+
+    /// Opens and maps an existing file of at least `min_len` bytes; the mapping spans the whole
+    /// file. Returns the mapping; the caller validates the contents.
+    pub fn open(path: &str) -> io::Result<Mapping> {
+        let c = cpath(path)?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = match file_size(fd) {
+            Ok(l) => l,
+            Err(e) => {
+                // SAFETY: closing the descriptor we own.
+                unsafe { libc::close(fd) };
+                return Err(e);
+            }
+        };
+        if len == 0 {
+            // SAFETY: closing the descriptor we own.
+            unsafe { libc::close(fd) };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the file is empty",
+            ));
+        }
+        Self::map(fd, len)
+    }
+
+    fn map(fd: RawFd, len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh shared mapping of `len` bytes of a file we hold open; the kernel picks
+        // the address. The result is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing the descriptor we own.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        let ptr = NonNull::new(p as *mut u8).expect("mmap returned null without MAP_FAILED");
+        Ok(Mapping { ptr, len, fd })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Current size of the file (another process may have truncated it).
+    pub fn file_len(&self) -> io::Result<usize> {
+        file_size(self.fd)
+    }
+
+    /// Bytes of the file really backed by memory (allocated blocks).
+    pub fn resident_bytes(&self) -> u64 {
+        // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(self.fd, &mut st) == 0 {
+                st.st_blocks as u64 * 512
+            } else {
+                0
+            }
+        }
+    }
+
+    /// Gives the pages of `[offset, offset + len)` back to the OS; they read as zeros after.
+    /// Best effort: a file system without hole punching just keeps the pages.
+    pub fn punch_hole(&self, offset: usize, len: usize) {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return;
+        }
+        // SAFETY: the range lies inside the file (checked above); punching only drops pages,
+        // other processes' mappings then see zeros, which the ring's validation tolerates.
+        unsafe {
+            libc::fallocate(
+                self.fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
+        }
+    }
+}
+
+fn file_size(fd: RawFd) -> io::Result<usize> {
+    // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_size as usize)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned, unmapped once, here; `fd` is ours.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// Removes a file by path.
+pub fn unlink(path: &str) -> io::Result<()> {
+    let c = cpath(path)?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    if unsafe { libc::unlink(c.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Page size of this machine.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
