@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import itertools
@@ -44,6 +45,7 @@ __all__ = [
     "TraceHeader",
     "load_trace",
     "record",
+    "register",
     "split_events",
     "synthesize",
     "write_trace",
@@ -581,21 +583,22 @@ def _parse_header_arg(values: list[str]) -> dict[str, str]:
     return out
 
 
-def main_record(argv: list[str]) -> int:
-    """``ringcast record``: capture streams from an OpenAI-compatible server into a trace."""
-    import argparse
+_RECORD_DESCRIPTION = (
+    "Send each request of a JSON Lines file (one chat/completions body a line; 'stream' is "
+    "forced to true) to an OpenAI-compatible server and store every SSE event's exact bytes "
+    "with its arrival time in a trace (format: docs/REPLAY.md). Replay it with "
+    "'ringcast serve --replay' or 'ringcast replay'."
+)
+_SYNTH_DESCRIPTION = (
+    "Write a trace of chat.completion.chunk streams shaped like llama-server's, with "
+    "lognormal time to first token and inter-token gaps (defaults measured on a real "
+    "llama-server capture: ~80 ms TTFT, ~20 ms between tokens, 40-150 tokens). For machines "
+    "with no model."
+)
 
-    ap = argparse.ArgumentParser(
-        prog="ringcast record",
-        description=(
-            "Send each request of a JSON Lines file (one chat/completions body a line; "
-            "'stream' is forced to true) to an OpenAI-compatible server and store every SSE "
-            "event's exact bytes with its arrival time in a trace (format: docs/REPLAY.md). "
-            "Replay it with 'ringcast serve --replay' or 'ringcast replay'."
-        ),
-        epilog="example: ringcast record --upstream http://127.0.0.1:8080/v1 "
-        "--requests prompts.jsonl --out trace.jsonl",
-    )
+
+def configure_record(ap: argparse.ArgumentParser) -> None:
+    """Arguments of ``ringcast record``."""
     ap.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
     ap.add_argument("--requests", required=True, help="JSON Lines file of request bodies")
     ap.add_argument("--out", required=True, help="trace file to write")
@@ -613,11 +616,14 @@ def main_record(argv: list[str]) -> int:
     )
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    args = ap.parse_args(argv)
-    headers = _parse_header_arg(args.header)
-    if args.api_key:
-        headers.setdefault("Authorization", f"Bearer {args.api_key}")
+
+
+def run_record(args: argparse.Namespace) -> int:
+    """``ringcast record``: capture streams from an OpenAI-compatible server into a trace."""
     try:
+        headers = _parse_header_arg(args.header)
+        if args.api_key:
+            headers.setdefault("Authorization", f"Bearer {args.api_key}")
         requests = read_requests(args.requests)
         _http.parse_url(args.upstream)
     except (TraceError, ValueError) as exc:
@@ -646,73 +652,76 @@ def main_record(argv: list[str]) -> int:
     return 1 if len(failed) == len(trace.streams) else 0
 
 
-def main_trace(argv: list[str]) -> int:
-    """``ringcast trace synth|info``: make synthetic traces, summarize any trace."""
-    import argparse
-
+def configure_trace(ap: argparse.ArgumentParser) -> None:
+    """Arguments of ``ringcast trace synth|info``."""
     d = SynthParams()
-    ap = argparse.ArgumentParser(
-        prog="ringcast trace",
-        description="Make and inspect stream traces (format: docs/REPLAY.md).",
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="trace_cmd", required=True, metavar="<synth|info>")
     sp = sub.add_parser(
         "synth",
         help="write a synthetic trace with realistic timing",
-        description=(
-            "Write a trace of chat.completion.chunk streams shaped like llama-server's, with "
-            "lognormal time to first token and inter-token gaps (defaults measured on a real "
-            "llama-server capture: ~80 ms TTFT, ~20 ms between tokens, 40-150 tokens). For "
-            "machines with no model."
-        ),
+        description=_SYNTH_DESCRIPTION,
         epilog="example: ringcast trace synth --streams 100 --out trace.jsonl",
     )
     sp.add_argument("--streams", type=int, required=True, help="number of streams")
     sp.add_argument("--out", required=True, help="trace file to write")
-    sp.add_argument("--ttft-ms", type=float, default=d.ttft_ms, help="median TTFT (ms)")
-    sp.add_argument("--ttft-sigma", type=float, default=d.ttft_sigma, help="log-sd of TTFT")
-    sp.add_argument("--itl-ms", type=float, default=d.itl_ms, help="median inter-token gap (ms)")
-    sp.add_argument("--itl-sigma", type=float, default=d.itl_sigma, help="log-sd of the gap")
+    sp.add_argument(
+        "--ttft-ms", type=float, default=d.ttft_ms, help="median TTFT, ms (%(default)s)"
+    )
+    sp.add_argument(
+        "--ttft-sigma", type=float, default=d.ttft_sigma, help="log-sd of TTFT (%(default)s)"
+    )
+    sp.add_argument(
+        "--itl-ms", type=float, default=d.itl_ms, help="median inter-token gap, ms (%(default)s)"
+    )
+    sp.add_argument(
+        "--itl-sigma", type=float, default=d.itl_sigma, help="log-sd of the gap (%(default)s)"
+    )
     sp.add_argument("--tokens-min", type=int, default=d.tokens_min, help="fewest tokens")
     sp.add_argument("--tokens-max", type=int, default=d.tokens_max, help="most tokens")
     sp.add_argument("--model", default=d.model, help="model name in the chunks")
     sp.add_argument("--usage", action="store_true", help="add a usage chunk before [DONE]")
-    sp.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    sp.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+    sp.set_defaults(func=run_trace_synth)
     ip = sub.add_parser(
         "info",
         help="check a trace and print its summary",
         description="Validate a trace file and print counts and median timings as JSON.",
     )
     ip.add_argument("trace", help="trace file")
-    args = ap.parse_args(argv)
-    if args.cmd == "info":
-        try:
-            tr = load_trace(args.trace, require_events=False)
-        except TraceError as exc:
-            print(f"ringcast trace info: {exc}", file=sys.stderr)
-            return 2
-        info: dict[str, Any] = {
-            "format": tr.header.format,
-            "version": tr.header.version,
-            "source": tr.header.source,
-            **stream_summary(tr.streams),
-            "failed": sum(1 for s in tr.streams if s.error or s.status != 200),
-        }
-        print(msgspec.json.encode(info).decode())
-        return 0
-    params = SynthParams(
-        streams=args.streams,
-        ttft_ms=args.ttft_ms,
-        ttft_sigma=args.ttft_sigma,
-        itl_ms=args.itl_ms,
-        itl_sigma=args.itl_sigma,
-        tokens_min=args.tokens_min,
-        tokens_max=args.tokens_max,
-        model=args.model,
-        usage=args.usage,
-        seed=args.seed,
-    )
+    ip.set_defaults(func=run_trace_info)
+
+
+def run_trace_info(args: argparse.Namespace) -> int:
     try:
+        tr = load_trace(args.trace, require_events=False)
+    except TraceError as exc:
+        print(f"ringcast trace info: {exc}", file=sys.stderr)
+        return 2
+    info: dict[str, Any] = {
+        "format": tr.header.format,
+        "version": tr.header.version,
+        "source": tr.header.source,
+        **stream_summary(tr.streams),
+        "failed": sum(1 for s in tr.streams if s.error or s.status != 200),
+    }
+    print(msgspec.json.encode(info).decode())
+    return 0
+
+
+def run_trace_synth(args: argparse.Namespace) -> int:
+    try:
+        params = SynthParams(
+            streams=args.streams,
+            ttft_ms=args.ttft_ms,
+            ttft_sigma=args.ttft_sigma,
+            itl_ms=args.itl_ms,
+            itl_sigma=args.itl_sigma,
+            tokens_min=args.tokens_min,
+            tokens_max=args.tokens_max,
+            model=args.model,
+            usage=args.usage,
+            seed=args.seed,
+        )
         trace = synthesize(params)
     except ValueError as exc:
         print(f"ringcast trace synth: {exc}", file=sys.stderr)
@@ -724,3 +733,22 @@ def main_trace(argv: list[str]) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``record`` and ``trace`` to the ``ringcast`` command line (see ``ringcast.cli``)."""
+    p = subparsers.add_parser(
+        "record",
+        help="record streams from an OpenAI-compatible server into a trace",
+        description=_RECORD_DESCRIPTION,
+        epilog="example: ringcast record --upstream http://127.0.0.1:8080/v1 "
+        "--requests prompts.jsonl --out trace.jsonl",
+    )
+    configure_record(p)
+    p.set_defaults(func=run_record)
+    t = subparsers.add_parser(
+        "trace",
+        help="make a synthetic trace, or check one",
+        description="Make and inspect stream traces (format: docs/REPLAY.md).",
+    )
+    configure_trace(t)
