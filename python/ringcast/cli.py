@@ -13,6 +13,8 @@ import sys
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ringcast.manager",  # serve
+    "ringcast.trace",  # record, trace synth|info
+    "ringcast.replay",  # replay
 )
 
 

@@ -98,6 +98,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     upstream: str = ""
     upstream_api_key: str = ""
     generator: str = ""
+    replay: str = ""
+    replay_speed: float = 1.0  # 0 = as fast as possible
     max_body: int = 1 << 20
     keepalive_timeout: float = 75.0
     run_dir: str = ""
@@ -454,6 +456,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         default_max_tokens=args.default_max_tokens, upstream=args.upstream or "",
         upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
         generator=args.generator or "", max_body=args.max_body, log_level=args.log_level,
+        replay=os.path.abspath(args.replay) if args.replay else "", replay_speed=args.speed,
     )
 
 
@@ -574,6 +577,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="Bearer key sent upstream (or $RINGCAST_UPSTREAM_KEY)")
     model.add_argument("--generator", metavar="MODULE:FUNC",
                        help="your async generator of text pieces; see ringcast.worker")
+    from ringcast.replay import speed_arg
+    model.add_argument("--replay", metavar="TRACE",
+                       help="answer requests by replaying a recorded trace (ringcast record, "
+                            "ringcast trace synth) at recorded pace; see docs/REPLAY.md")
+    model.add_argument("--speed", type=speed_arg, default=1.0, metavar="X|max",
+                       help="with --replay: X times the recorded pace, or max (%(default)s)")
     model.add_argument("--model-name", default="ringcast-synthetic",
                        help="model id reported by /v1/models (%(default)s)")
     model.add_argument("--tokens-per-s", type=float, default=50.0,
@@ -615,6 +624,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers == 0:
         print("ringcast serve: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.replay:
+        from ringcast.replay import check_trace
+        if (problem := check_trace(args.replay)) is not None:
+            print(f"ringcast serve: --replay: {problem}", file=sys.stderr)
+            return 2
     try:
         cfg = config_from_args(args)
     except OSError as e:

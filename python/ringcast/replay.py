@@ -157,12 +157,33 @@ class ReplaySource:
             yield data
 
 
+def speed_arg(text: str) -> float:
+    """argparse type of ``ringcast serve --speed``: a positive factor, or 0.0 for ``max``
+    (JSON has no infinity, and the value travels to the workers in the config)."""
+    try:
+        v = parse_speed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return 0.0 if math.isinf(v) else v
+
+
+def check_trace(path: str) -> str | None:
+    """Load a trace once up front (``ringcast serve --replay``): the error message, or None."""
+    try:
+        load_trace(path)
+    except TraceError as exc:
+        return str(exc)
+    return None
+
+
 def replay_generator(trace: str | os.PathLike[str], speed: float | str = 1.0) -> Any:
     """A generator for ``ringcast serve``'s plug-in API (``ringcast.worker``) that answers
     every request with a recorded stream. It yields whole recorded SSE events (``bytes``), and
     is marked ``ringcast_raw_stream`` so the worker adds no role chunk, final chunk or
     ``[DONE]`` of its own: readers get exactly the recorded events, each framed with its
     ``id:`` line."""
+    if speed == 0:
+        speed = math.inf
     source = ReplaySource(trace, speed)
 
     async def generate(ctx: Any) -> AsyncIterator[bytes]:

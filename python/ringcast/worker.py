@@ -427,7 +427,11 @@ class WorkerApp:
             request = completion_request_decoder.decode(job.body)
         ctx = JobContext(job.route, job.body, request, writer)
         gen_fn = self.generate or synthetic_model(self.cfg)
-        emitter.start()
+        # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
+        # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
+        raw = getattr(gen_fn, "ringcast_raw_stream", False)
+        if not raw:
+            emitter.start()
         gen = gen_fn(ctx)
         try:
             async for piece in gen:
@@ -438,7 +442,8 @@ class WorkerApp:
                 self.counters.inc(WorkerCounter.TOKENS)
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-        emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+        if not raw:
+            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
 
     async def watch_cancel(self) -> None:
         while True:
@@ -461,6 +466,9 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
     counters.bind_row(worker_row(cfg, index))
     counters.set(WorkerCounter.ACTIVE, 0)
     generate = load_generator(cfg.generator) if cfg.generator else None
+    if cfg.replay:
+        from ringcast.replay import replay_generator
+        generate = replay_generator(cfg.replay, cfg.replay_speed)
     app = WorkerApp(cfg, seg, counters, generate)
     path = os.path.join(cfg.run_dir, f"worker-{index}.sock")
     with contextlib.suppress(FileNotFoundError):
