@@ -44,8 +44,8 @@ impl Mapping {
         // The umask may have narrowed the mode; it can never widen it, but be explicit.
         // SAFETY: `fd` is the descriptor just opened.
         let rc = unsafe { libc::fchmod(fd, 0o600) };
-        // SAFETY: `fd` is ours; ftruncate only changes the file length (sparse on tmpfs).
         let rc2 = if rc == 0 {
+            // SAFETY: `fd` is ours; ftruncate only changes the file length (sparse on tmpfs).
             unsafe { libc::ftruncate(fd, len as libc::off_t) }
         } else {
             rc

@@ -1,0 +1,217 @@
+//! Segment-level tests: registry semantics, validation of foreign files, and a many-thread
+//! stress of one producer against readers started on a barrier.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use ringcast_core::{EndReason, Error, Poll, Segment, SegmentConfig, SessionState};
+
+struct TempSeg(String);
+impl TempSeg {
+    fn new(tag: &str) -> TempSeg {
+        let p = format!("/dev/shm/ringcast-test-{}-{}-{tag}", std::process::id(), rand_suffix());
+        let _ = std::fs::remove_file(&p);
+        TempSeg(p)
+    }
+}
+impl Drop for TempSeg {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn cfg(n: u32, bytes: u64) -> SegmentConfig {
+    SegmentConfig { max_sessions: n, session_bytes: bytes, max_id_len: 256 }
+}
+
+/// Deterministic stream content: byte at offset `o`.
+fn byte_at(o: u64) -> u8 {
+    (o.wrapping_mul(2_654_435_761) >> 7) as u8
+}
+
+#[test]
+fn one_producer_many_readers_on_a_barrier() {
+    let t = TempSeg::new("stress");
+    let seg = Segment::create(&t.0, cfg(4, 1 << 16)).unwrap();
+    let total: u64 = if cfg!(debug_assertions) { 4 << 20 } else { 32 << 20 };
+    let readers = 6;
+    let barrier = Arc::new(Barrier::new(readers + 1));
+    let w = seg.create_or_replace("stress", "").unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..readers {
+        let seg = seg.clone();
+        let barrier = barrier.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut r = seg.reader("stress", "", 0).unwrap();
+            barrier.wait();
+            let mut buf = vec![0u8; 4096];
+            let mut lost = 0u64;
+            loop {
+                match r.read_into(&mut buf, Some(Duration::from_secs(10))) {
+                    Ok(Poll::Data(n)) => {
+                        let start = r.offset() - n as u64;
+                        for (i, b) in buf[..n].iter().enumerate() {
+                            assert_eq!(*b, byte_at(start + i as u64), "wrong byte at {}", start + i as u64);
+                        }
+                    }
+                    Ok(Poll::End) => return (r.offset(), lost),
+                    Ok(Poll::Pending) => panic!("stalled at {}", r.offset()),
+                    Err(Error::OffsetLost { first_available, .. }) => {
+                        // A slow reader skips ahead; what it then reads must still be right.
+                        lost += 1;
+                        r = seg.reader("stress", "", first_available + 1024).unwrap_or_else(|e| panic!("{e}"));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    barrier.wait();
+    let mut o = 0u64;
+    let mut chunk = vec![0u8; 0];
+    while o < total {
+        let n = 1 + (o % 700) as usize;
+        chunk.clear();
+        chunk.extend((0..n as u64).map(|i| byte_at(o + i)));
+        assert!(w.write(&chunk));
+        o += n as u64;
+    }
+    assert!(w.finalize(SessionState::Done).unwrap());
+    for h in handles {
+        let (end, _lost) = h.join().unwrap();
+        assert_eq!(end, o, "every reader reaches the end");
+    }
+}
+
+#[test]
+fn replace_cancels_the_old_session_and_its_readers() {
+    let t = TempSeg::new("replace");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let w1 = seg.create_or_replace("c", "").unwrap();
+    w1.write(b"one");
+    let mut r1 = seg.reader("c", "", 0).unwrap();
+    let w2 = seg.create_or_replace("c", "").unwrap();
+    assert!(w1.cancelled());
+    assert!(!w1.write(b"more"), "a replaced producer cannot append");
+    assert!(!w2.cancelled());
+    let mut buf = [0u8; 16];
+    match r1.poll_into(&mut buf) {
+        Err(Error::Ended(EndReason::Replaced)) => {}
+        other => panic!("expected Replaced, got {other:?}"),
+    }
+    assert_eq!(seg.list(None).len(), 1);
+    assert_eq!(seg.get("c", "").unwrap().generation, w2.generation());
+}
+
+#[test]
+fn owners_are_separate_namespaces() {
+    let t = TempSeg::new("owners");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let a = seg.create_or_replace("same", "alice").unwrap();
+    let b = seg.create_or_replace("same", "bob").unwrap();
+    assert!(!a.cancelled() && !b.cancelled());
+    assert!(seg.get("same", "").is_none());
+    assert_eq!(seg.list(Some("alice")).len(), 1);
+    assert!(seg.evict("same", "alice", EndReason::Evicted).unwrap());
+    assert!(!seg.evict("same", "alice", EndReason::Evicted).unwrap(), "evict is idempotent");
+    assert!(seg.get("same", "bob").is_some());
+}
+
+#[test]
+fn registry_full_then_freed() {
+    let t = TempSeg::new("full");
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    let _a = seg.create_or_replace("a", "").unwrap();
+    let _b = seg.create_or_replace("b", "").unwrap();
+    assert!(matches!(seg.create_or_replace("c", ""), Err(Error::RegistryFull { max_sessions: 2 })));
+    // Replacing an existing id needs a free slot too (the new session is built first).
+    seg.evict("a", "", EndReason::Evicted).unwrap();
+    assert!(seg.create_or_replace("c", "").is_ok());
+}
+
+#[test]
+fn lookup_prefix_follows_llama_server() {
+    let t = TempSeg::new("prefix");
+    let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
+    for id in ["conv-1", "conv-1::ggml-org/tinygemma3-GGUF:Q8_0", "conv-10", "conv-1:x"] {
+        seg.create_or_replace(id, "").unwrap();
+    }
+    let mut got: Vec<String> = seg.lookup_prefix("conv-1", "").into_iter().map(|i| i.conversation_id).collect();
+    got.sort();
+    assert_eq!(got, vec!["conv-1", "conv-1::ggml-org/tinygemma3-GGUF:Q8_0"]);
+}
+
+#[test]
+fn foreign_and_corrupt_files_are_refused() {
+    let t = TempSeg::new("corrupt");
+    std::fs::write(&t.0, b"not a segment at all").unwrap();
+    assert!(matches!(Segment::open(&t.0), Err(Error::Segment(_))));
+    std::fs::remove_file(&t.0).unwrap();
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    drop(seg);
+    let mut bytes = std::fs::read(&t.0).unwrap();
+    bytes[8] ^= 0xff; // layout version
+    std::fs::write(&t.0, &bytes).unwrap();
+    let e = Segment::open(&t.0).err().expect("must refuse another layout");
+    assert!(e.to_string().contains("layout version"), "{e}");
+    bytes[8] ^= 0xff;
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&t.0, &bytes).unwrap();
+    let e = Segment::open(&t.0).err().expect("must refuse a truncated file");
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[test]
+fn scribbled_slot_metadata_never_escapes_bounds() {
+    let t = TempSeg::new("scribble");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let w = seg.create_or_replace("victim", "").unwrap();
+    w.write(b"data: x\n\n");
+    let g = seg.geometry();
+    // Overwrite the registry area of every slot with 0xff: absurd lengths, states, cursors.
+    let f = std::fs::OpenOptions::new().write(true).open(&t.0).unwrap();
+    use std::os::unix::fs::FileExt;
+    let garbage = vec![0xffu8; (g.slot_stride * g.max_sessions as u64) as usize];
+    f.write_all_at(&garbage, g.slots_offset).unwrap();
+    // Every entry point must answer without crashing.
+    let _ = seg.list(None);
+    let _ = seg.get("victim", "");
+    let _ = seg.reader("victim", "", 0);
+    let _ = seg.stats();
+    let _ = w.write(b"more");
+    let _ = w.finalize(SessionState::Done);
+}
+
+#[test]
+fn memory_follows_the_bytes() {
+    let t = TempSeg::new("sparse");
+    let seg = Segment::create(&t.0, cfg(1000, 4 << 20)).unwrap();
+    let before = seg.stats().resident_bytes;
+    assert!(seg.stats().file_bytes > 4_000_000_000, "apparent size covers every ring");
+    let w = seg.create_or_replace("big", "").unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..4 {
+        w.write(&chunk);
+    }
+    let full = seg.stats().resident_bytes;
+    assert!(full >= before + (4 << 20) - 4096, "writing 4 MiB makes 4 MiB resident");
+    seg.evict("big", "", EndReason::Evicted).unwrap();
+    let after = seg.stats().resident_bytes;
+    assert!(after < full - (3 << 20), "evicting gives the ring's pages back ({after} vs {full})");
+    assert!(after < 16 << 20, "1000 idle 4 MiB slots must not cost 4 GB ({after} bytes resident)");
+}
+
+#[test]
+fn cancel_wakes_a_waiting_producer() {
+    let t = TempSeg::new("cancel");
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    let w = seg.create_or_replace("c", "").unwrap();
+    let s2 = seg.clone();
+    let h = std::thread::spawn(move || w.wait_cancelled(Some(Duration::from_secs(30))));
+    std::thread::sleep(Duration::from_millis(50));
+    s2.evict("c", "", EndReason::Cancelled).unwrap();
+    assert!(h.join().unwrap(), "wait_cancelled must return true on cancel, not time out");
+}
