@@ -4,8 +4,11 @@ Everything here is implemented in ``rust/ringcast-py`` on top of ``rust/ringcast
 The public names are re-exported (and documented for users) by ``ringcast/__init__.py``.
 """
 
-from collections.abc import Awaitable, Buffer
+import builtins
+from collections.abc import Awaitable
 from typing import Final, final
+
+from typing_extensions import Buffer
 
 LAYOUT_VERSION: Final[int]
 """Version of the shared-memory layout this build reads and writes."""
@@ -70,6 +73,8 @@ class SessionInfo:
     """Readers attached right now, across every live process."""
     generation: int
     slot: int
+    last_access_at: float
+    """Unix time a reader last attached (used to evict least recently used sessions)."""
     @property
     def is_done(self) -> bool:
         """True once the session is finalized (done, cancelled or failed)."""
@@ -145,9 +150,9 @@ class Segment:
         """If the session's producer process is dead, become its producer (bytes of an
         append that was cut short are discarded) and return a Writer; else ``None``."""
     def get(self, conversation_id: str, owner: str = "") -> SessionInfo | None: ...
-    def list(self, owner: str | None = None) -> list[SessionInfo]:
+    def list(self, owner: str | None = None) -> builtins.list[SessionInfo]:
         """Every live session, or only ``owner``'s."""
-    def lookup_prefix(self, conversation_id: str, owner: str = "") -> list[SessionInfo]:
+    def lookup_prefix(self, conversation_id: str, owner: str = "") -> builtins.list[SessionInfo]:
         """The session with exactly this id plus every session whose id starts with
         ``conversation_id + "::"`` (llama-server's lookup rule)."""
     def evict(self, conversation_id: str, owner: str = "") -> bool:
@@ -165,7 +170,8 @@ class Segment:
     def notifier(self) -> Notifier:
         """This process's notifier (one per process, created on first use)."""
     def close(self) -> None:
-        """Unmap. Handles that still use the segment raise ``SegmentError`` afterwards."""
+        """Release this handle. The mapping itself goes away with the last handle, reader or
+        writer that uses it, so readers still attached keep working."""
     def unlink(self) -> None:
         """Remove the segment file (mapped processes keep their mapping)."""
 

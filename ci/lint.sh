@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Static checks: rustfmt, clippy (warnings denied, incl. undocumented unsafe blocks), ruff,
+# mypy (strict) and mypy.stubtest of the hand-written _core.pyi against the built extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. .venv/bin/activate
+echo "== cargo fmt --check"; cargo fmt --all -- --check
+echo "== cargo clippy"; cargo clippy --all-targets --quiet -- -D warnings
+echo "== ruff"; ruff check python tests bench
+echo "== ruff format --check"; ruff format --check python tests bench
+echo "== mypy"; mypy
+echo "== stubtest"; python -m mypy.stubtest ringcast._core --allowlist ci/stubtest-allowlist.txt
