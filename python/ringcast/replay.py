@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -622,70 +623,89 @@ def ringcast_serve_command(
     ]
 
 
+_LISTENING = re.compile(r"listening on (http://[\w.\-\[\]:]+)")
+
+
+async def _wait_listening(
+    name: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> str:
+    """The URL a server announces on its output (it is started with ``--port 0``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        m = _LISTENING.search(text)
+        if m:
+            return m.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name} server exited with status {proc.returncode}; its output:\n" + text[-2000:]
+            )
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{name} server did not announce its port within {timeout:g}s")
+
+
 async def _start_server(name: str, opts: ReplayOptions, workdir: str) -> _Server:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = Path(workdir) / f"{name}.log"
     speed = "max" if math.isinf(opts.speed) else repr(opts.speed)
     procs: list[subprocess.Popen[bytes]] = []
+    tmp = None
     if name == "ringcast":
-        shm = tempfile.mkdtemp(prefix="ringcast-replay-", dir="/dev/shm")
+        tmp = tempfile.mkdtemp(
+            prefix="ringcast-replay-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
         cmd = ringcast_serve_command(
             opts.trace,
             opts.speed,
-            port,
+            0,
             opts.http_procs,
-            ["--segment", os.path.join(shm, "segment"), *opts.server_args],
+            [
+                "--segment",
+                os.path.join(tmp, "segment"),
+                "--log-level",
+                "WARNING",
+                *opts.server_args,
+            ],
         )
-        procs.append(_spawn(cmd, log))
-        server = _Server(name, url, procs, log, tmp=shm)
-    elif name == "asyncio":
-        cmd = [sys.executable, "-m", "ringcast.baselines", "asyncio"]
-        cmd += ["--port", str(port), "--replay", opts.trace, "--speed", speed]
-        procs.append(_spawn(cmd, log))
-        server = _Server(name, url, procs, log)
-    elif name == "redis":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("--compare redis needs redis-server on PATH (apt install redis)")
-        rport = _free_port()
-        rdir = tempfile.mkdtemp(prefix="ringcast-redis-")
-        procs.append(
-            _spawn(
-                [
-                    exe,
-                    "--port",
-                    str(rport),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    rdir,
-                    "--maxclients",
-                    "20000",
-                ],
-                log,
-            )
-        )
-        await _wait_reachable(f"http://127.0.0.1:{rport}", 10.0)
-        cmd = [sys.executable, "-m", "ringcast.baselines", "redis"]
-        cmd += ["--port", str(port), "--replay", opts.trace, "--speed", speed]
-        cmd += ["--redis-url", f"redis://127.0.0.1:{rport}/0"]
-        procs.append(_spawn(cmd, log))
-        server = _Server(name, url, procs, log, tmp=rdir)
+    elif name in ("asyncio", "redis"):
+        cmd = [sys.executable, "-m", "ringcast.baselines", name]
+        cmd += ["--port", "0", "--replay", opts.trace, "--speed", speed]
+        if name == "redis":
+            exe = shutil.which("redis-server")
+            if exe is None:
+                raise RuntimeError("--compare redis needs redis-server on PATH (apt install redis)")
+            rport = _free_port()
+            tmp = tempfile.mkdtemp(prefix="ringcast-redis-")
+            rcmd = [
+                exe,
+                "--port",
+                str(rport),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+                "--maxclients",
+                "20000",
+            ]
+            procs.append(_spawn(rcmd, Path(workdir) / "redis-server.log"))
+            try:
+                await _wait_reachable(f"http://127.0.0.1:{rport}", 10.0)
+            except ConnectionError:
+                _Server(name, "", procs, log, tmp).stop()
+                raise
+            cmd += ["--redis-url", f"redis://127.0.0.1:{rport}/0"]
     else:
         raise ValueError(f"unknown server {name!r}: choose from ringcast, asyncio, redis")
+    procs.append(_spawn(cmd, log))
+    server = _Server(name, "", procs, log, tmp)
     try:
-        await _wait_reachable(url, 30.0)
-    except ConnectionError:
+        server.url = await _wait_listening(name, procs[-1], log, 60.0)
+    except RuntimeError:
         server.stop()
-        tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{name} server did not start; its log ends with:\n{tail}") from None
-    # Readiness: the port accepts before every HTTP process is up; give the others a moment.
-    await asyncio.sleep(0.3)
+        raise
     return server
 
 
