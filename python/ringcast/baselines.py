@@ -4,9 +4,10 @@ replay uses), built the way one would without ringcast.
 - ``asyncio``: one process, sessions are ``bytearray``s in a dict, readers wait on an
   ``asyncio.Condition``-like future per session. The simplest correct design; bound to one core.
 - ``redis``: one HTTP process, sessions are Redis Streams (one entry per SSE event, carrying
-  its start offset), readers ``XRANGE`` to their offset and then ``XREAD BLOCK`` for live
-  entries, each on its own connection. The usual way to make streams resumable across
-  processes and machines.
+  its start offset): the producer ``XADD``s each event; for each session that has readers in
+  the process, one ``XREAD BLOCK`` loop mirrors the stream into memory and wakes the local
+  readers (one Redis round trip per event per process, not per reader). The usual way to make
+  streams resumable across processes and machines.
 
 Both frame events exactly like ringcast (``id: <offset>`` lines, :func:`ringcast.protocol.
 frame_event`), so a reader receives the same bytes from all three and the replay can check them.
@@ -61,6 +62,19 @@ class _MemSession:
         await self.waiter
 
 
+async def _tail(s: _MemSession, pos: int) -> AsyncIterator[bytes]:
+    """Every byte of ``s`` from ``pos`` on, as it arrives, until the session is done."""
+    while True:
+        if pos < len(s.buf):
+            chunk = bytes(s.buf[pos:])
+            pos += len(chunk)
+            yield chunk
+        elif s.done:
+            return
+        else:
+            await s.wait()
+
+
 class MemoryStore:
     """Every session's bytes in this process's memory."""
 
@@ -87,18 +101,7 @@ class MemoryStore:
         s = self.sessions.get(conv)
         if s is None:
             raise NotFound(conv)
-        return self._tail(s, offset)
-
-    async def _tail(self, s: _MemSession, pos: int) -> AsyncIterator[bytes]:
-        while True:
-            if pos < len(s.buf):
-                chunk = bytes(s.buf[pos:])
-                pos += len(chunk)
-                yield chunk
-            elif s.done:
-                return
-            else:
-                await s.wait()
+        return _tail(s, offset)
 
 
 class RedisStore:
@@ -112,6 +115,7 @@ class RedisStore:
         self.redis = aioredis.Redis(connection_pool=self.pool)
         self.ttl = ttl
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.mirrors: dict[str, _MemSession] = {}
 
     @staticmethod
     def _key(conv: str) -> str:
@@ -121,6 +125,9 @@ class RedisStore:
         old = self.tasks.pop(conv, None)
         if old is not None:
             old.cancel()
+        stale = self.mirrors.pop(conv, None)
+        if stale is not None and stale.task is not None:
+            stale.task.cancel()
         key = self._key(conv)
         async with self.redis.pipeline(transaction=True) as p:
             p.delete(key)
@@ -145,39 +152,41 @@ class RedisStore:
 
     async def read(self, conv: str, offset: int) -> AsyncIterator[bytes]:
         key = self._key(conv)
-        if not await self.redis.exists(key):
-            raise NotFound(conv)
-        return self._tail(key, offset)
+        mirror = self.mirrors.get(conv)
+        if mirror is None:
+            if not await self.redis.exists(key):
+                raise NotFound(conv)
+            mirror = self.mirrors[conv] = _MemSession()
+            mirror.task = asyncio.ensure_future(self._mirror(conv, key, mirror))
+        return _tail(mirror, offset)
 
-    async def _tail(self, key: str, pos: int) -> AsyncIterator[bytes]:
+    async def _mirror(self, conv: str, key: str, m: _MemSession) -> None:
+        """Copy the stream into this process as it grows: one XREAD BLOCK loop per session,
+        however many local readers it has."""
         last = "0-0"
-        while True:
-            # Catch up with XREAD (no BLOCK) in pages, then block for live entries.
-            # redis-py's reply types are a union over protocol versions; this is RESP2.
-            got: Any = await self.redis.xread({key: last}, count=512, block=None)
-            if not got:
-                got = await self.redis.xread({key: last}, count=512, block=15000)
+        try:
+            while True:
+                # redis-py's reply types are a union over protocol versions; this is RESP2.
+                got: Any = await self.redis.xread({key: last}, count=1024, block=15000)
                 if not got:
                     if not await self.redis.exists(key):
                         return
                     continue
-            out = bytearray()
-            for entry_id, fields in got[0][1]:
-                last = entry_id
-                if b"end" in fields:
-                    if out:
-                        yield bytes(out)
-                    return
-                d = fields.get(b"d")
-                if d is None:
-                    continue
-                start = int(fields[b"o"])
-                if start + len(d) <= pos:
-                    continue
-                out += d[pos - start :] if pos > start else d
-                pos = start + len(d)
-            if out:
-                yield bytes(out)
+                for entry_id, fields in got[0][1]:
+                    last = entry_id
+                    if b"end" in fields:
+                        return
+                    d = fields.get(b"d")
+                    if d is not None:
+                        m.buf += d
+                m.wake()
+        finally:
+            m.done = True
+            m.task = None
+            m.wake()
+            # A finished mirror stays for later readers until the session is replaced.
+            if self.mirrors.get(conv) is not m:
+                m.buf.clear()
 
 
 Store = MemoryStore | RedisStore
