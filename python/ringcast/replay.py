@@ -912,12 +912,15 @@ def plot(report: dict[str, Any], path: str) -> None:
         c = colors.get(t["name"])
         cdf = t["latency_cdf_ms"]
         if cdf:
-            xs = [max(x, 1e-3) for x, _ in cdf]
+            # The server's timers may fire a little early (libuv rounds to 1 ms), so a few
+            # latencies are ~0: clip at 0.1 ms for the log axis.
+            xs = [max(x, 0.1) for x, _ in cdf]
             ax1.plot(xs, [y for _, y in cdf], label=t["name"], color=c, lw=2)
         tl = t["timeline"]
         xs2 = [i * tl["bin_s"] for i in range(len(tl["events"]))]
         ax2.plot(xs2, [e / tl["bin_s"] for e in tl["events"]], label=t["name"], color=c, lw=1.5)
     ax1.set_xscale("log")
+    ax1.set_xlim(left=0.1)
     ax1.set_xlabel("latency: recorded emit time → reader receipt (ms, log)")
     ax1.set_ylabel("fraction of events")
     ax1.set_ylim(0, 1.01)

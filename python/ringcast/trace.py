@@ -685,7 +685,9 @@ def configure_trace(ap: argparse.ArgumentParser) -> None:
     ip = sub.add_parser(
         "info",
         help="check a trace and print its summary",
-        description="Validate a trace file and print counts and median timings as JSON.",
+        description="Validate a trace file and print counts and median timings as JSON. A "
+        "missing, truncated, corrupt or wrong-version file exits with status 2 and names "
+        "the line.",
     )
     ip.add_argument("trace", help="trace file")
     ip.set_defaults(func=run_trace_info)
