@@ -170,8 +170,9 @@ class Segment:
     def notifier(self) -> Notifier:
         """This process's notifier (one per process, created on first use)."""
     def close(self) -> None:
-        """Release this handle. The mapping itself goes away with the last handle, reader or
-        writer that uses it, so readers still attached keep working."""
+        """Invalidate the segment: this handle and every Writer, Reader and Notifier made from
+        it raise ``SegmentError`` afterwards. The memory is unmapped once the last of them is
+        garbage-collected."""
     def unlink(self) -> None:
         """Remove the segment file (mapped processes keep their mapping)."""
 

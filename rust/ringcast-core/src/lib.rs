@@ -10,7 +10,7 @@
 //! use ringcast_core::{Segment, SegmentConfig, SessionState};
 //! let seg = Segment::create("/dev/shm/ringcast-doc", SegmentConfig::default()).unwrap();
 //! let w = seg.create_or_replace("conv-1", "").unwrap();
-//! w.write(b"data: hi\n\n");
+//! w.write(b"data: hi\n\n").unwrap();
 //! w.finalize(SessionState::Done).unwrap();
 //! let mut r = seg.reader("conv-1", "", 0).unwrap();
 //! let mut buf = [0u8; 64];

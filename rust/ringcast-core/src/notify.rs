@@ -84,12 +84,16 @@ impl Notifier {
         let thread = {
             let (map, efd, shared) = (map.clone(), efd.clone(), shared.clone());
             let base = Base(map.as_ptr());
+            // Read before the thread starts: a ring between now and its first sleep must count.
+            let first = proc_entry(map.as_ptr(), &geo, index)
+                .doorbell
+                .load(Ordering::SeqCst);
             std::thread::Builder::new()
                 .name("ringcast-notifier".into())
                 .spawn(move || {
                     let base = base;
                     let _keep = map;
-                    run(proc_entry(base.0, &geo, index), &efd, &shared)
+                    run(proc_entry(base.0, &geo, index), first, &efd, &shared)
                 })
                 .map_err(|e| {
                     Error::InvalidArgument(format!("cannot start the notifier thread: {e}"))
@@ -179,8 +183,7 @@ impl Notifier {
     }
 }
 
-fn run(entry: &crate::layout::ProcEntry, efd: &EventFd, shared: &Shared) {
-    let mut last = entry.doorbell.load(Ordering::SeqCst);
+fn run(entry: &crate::layout::ProcEntry, mut last: u32, efd: &EventFd, shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
         // SeqCst: pairs with the producer's SeqCst bump of `doorbell` then load of `sleeping`.
         entry.sleeping.store(1, Ordering::SeqCst);

@@ -119,6 +119,8 @@ pub(crate) struct Inner {
     pub(crate) geo: Geometry,
     pub(crate) path: String,
     pub(crate) epoch: u64,
+    /// Set by `close`: every handle of this mapping refuses further use.
+    closed: std::sync::atomic::AtomicBool,
     local: Mutex<Local>,
 }
 
@@ -315,6 +317,7 @@ impl Segment {
                 geo,
                 path: path.to_string(),
                 epoch,
+                closed: std::sync::atomic::AtomicBool::new(false),
                 local: Mutex::new(Local::default()),
             }),
         }
@@ -322,6 +325,19 @@ impl Segment {
 
     pub fn path(&self) -> &str {
         &self.inner.path
+    }
+
+    /// Invalidates this mapping for every handle made from it: later calls fail with
+    /// `SegmentError::Closed`. The memory is unmapped when the last handle is dropped.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let mut local = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.notifier = None;
+    }
+
+    /// Fails if the segment was closed.
+    pub fn check_open(&self) -> Result<()> {
+        self.inner.check_open()
     }
     pub fn epoch(&self) -> u64 {
         self.inner.epoch
@@ -527,6 +543,7 @@ impl Segment {
 
     /// This handle's notifier (created on first use; one thread per handle).
     pub fn notifier(&self) -> Result<Arc<Notifier>> {
+        self.inner.check_open()?;
         let mut local = self.inner.local()?;
         if let Some(n) = &local.notifier {
             return Ok(n.clone());
@@ -652,6 +669,7 @@ impl Inner {
     }
 
     pub(crate) fn lock(&self) -> Result<Registry<'_>> {
+        self.check_open()?;
         // SAFETY: the mutex was initialised at creation (`ready` was 1 when we opened).
         let how = unsafe { robust_mutex::lock(self.lock_ptr()) }
             .map_err(|e| seg_err(&self.path, "lock the registry of", e))?;
@@ -714,7 +732,15 @@ impl Inner {
             .punch_hole(off as usize, self.geo.ring_stride as usize);
     }
 
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Segment(SegmentError::Closed));
+        }
+        Ok(())
+    }
+
     fn check_key(&self, id: &str, owner: &str) -> Result<()> {
+        self.check_open()?;
         if id.is_empty() {
             return Err(Error::InvalidArgument(
                 "conversation id must not be empty".into(),

@@ -132,8 +132,9 @@ impl Writer {
 
     /// Appends bytes; false (nothing written) once the session ended or another producer took
     /// over.
-    pub fn write(&self, data: &[u8]) -> bool {
+    pub fn write(&self, data: &[u8]) -> Result<bool> {
         let inner = &*self.inner;
+        inner.check_open()?;
         let done = self.with_append_lock(|| {
             ring::append(&inner.cursors(self.slot), &inner.ring(self.slot), data);
             inner
@@ -144,7 +145,7 @@ impl Writer {
         if done.is_some() {
             notify::publish(inner.map.as_ptr(), &inner.geo, inner.slot(self.slot));
         }
-        done.is_some()
+        Ok(done.is_some())
     }
 
     /// Ends the stream with `end` (done, failed or cancelled). False if it had already ended.
@@ -155,6 +156,7 @@ impl Writer {
             ));
         }
         let inner = &*self.inner;
+        inner.check_open()?;
         let m = inner.slot(self.slot);
         let done = self.with_append_lock(|| {
             m.completed_at_ns
@@ -254,6 +256,7 @@ impl Reader {
     /// Copies what is available now into `dst` without waiting.
     pub fn poll_into(&mut self, dst: &mut [u8]) -> Result<Poll> {
         let inner = &*self.inner;
+        inner.check_open()?;
         let m = inner.slot(self.slot);
         if m.generation.load(Ordering::Acquire) != self.generation {
             return Err(self.ended());

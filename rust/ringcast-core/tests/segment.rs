@@ -9,7 +9,11 @@ use ringcast_core::{EndReason, Error, Poll, Segment, SegmentConfig, SessionState
 struct TempSeg(String);
 impl TempSeg {
     fn new(tag: &str) -> TempSeg {
-        let p = format!("/dev/shm/ringcast-test-{}-{}-{tag}", std::process::id(), rand_suffix());
+        let p = format!(
+            "/dev/shm/ringcast-test-{}-{}-{tag}",
+            std::process::id(),
+            rand_suffix()
+        );
         let _ = std::fs::remove_file(&p);
         TempSeg(p)
     }
@@ -20,11 +24,18 @@ impl Drop for TempSeg {
     }
 }
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn cfg(n: u32, bytes: u64) -> SegmentConfig {
-    SegmentConfig { max_sessions: n, session_bytes: bytes, max_id_len: 256 }
+    SegmentConfig {
+        max_sessions: n,
+        session_bytes: bytes,
+        max_id_len: 256,
+    }
 }
 
 /// Deterministic stream content: byte at offset `o`.
@@ -36,7 +47,11 @@ fn byte_at(o: u64) -> u8 {
 fn one_producer_many_readers_on_a_barrier() {
     let t = TempSeg::new("stress");
     let seg = Segment::create(&t.0, cfg(4, 1 << 16)).unwrap();
-    let total: u64 = if cfg!(debug_assertions) { 4 << 20 } else { 32 << 20 };
+    let total: u64 = if cfg!(debug_assertions) {
+        4 << 20
+    } else {
+        32 << 20
+    };
     let readers = 6;
     let barrier = Arc::new(Barrier::new(readers + 1));
     let w = seg.create_or_replace("stress", "").unwrap();
@@ -54,15 +69,24 @@ fn one_producer_many_readers_on_a_barrier() {
                     Ok(Poll::Data(n)) => {
                         let start = r.offset() - n as u64;
                         for (i, b) in buf[..n].iter().enumerate() {
-                            assert_eq!(*b, byte_at(start + i as u64), "wrong byte at {}", start + i as u64);
+                            assert_eq!(
+                                *b,
+                                byte_at(start + i as u64),
+                                "wrong byte at {}",
+                                start + i as u64
+                            );
                         }
                     }
                     Ok(Poll::End) => return (r.offset(), lost),
                     Ok(Poll::Pending) => panic!("stalled at {}", r.offset()),
-                    Err(Error::OffsetLost { first_available, .. }) => {
+                    Err(Error::OffsetLost {
+                        first_available, ..
+                    }) => {
                         // A slow reader skips ahead; what it then reads must still be right.
                         lost += 1;
-                        r = seg.reader("stress", "", first_available + 1024).unwrap_or_else(|e| panic!("{e}"));
+                        r = seg
+                            .reader("stress", "", first_available + 1024)
+                            .unwrap_or_else(|e| panic!("{e}"));
                     }
                     Err(e) => panic!("{e}"),
                 }
@@ -76,7 +100,7 @@ fn one_producer_many_readers_on_a_barrier() {
         let n = 1 + (o % 700) as usize;
         chunk.clear();
         chunk.extend((0..n as u64).map(|i| byte_at(o + i)));
-        assert!(w.write(&chunk));
+        assert!(w.write(&chunk).unwrap());
         o += n as u64;
     }
     assert!(w.finalize(SessionState::Done).unwrap());
@@ -91,11 +115,14 @@ fn replace_cancels_the_old_session_and_its_readers() {
     let t = TempSeg::new("replace");
     let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
     let w1 = seg.create_or_replace("c", "").unwrap();
-    w1.write(b"one");
+    w1.write(b"one").unwrap();
     let mut r1 = seg.reader("c", "", 0).unwrap();
     let w2 = seg.create_or_replace("c", "").unwrap();
     assert!(w1.cancelled());
-    assert!(!w1.write(b"more"), "a replaced producer cannot append");
+    assert!(
+        !w1.write(b"more").unwrap(),
+        "a replaced producer cannot append"
+    );
     assert!(!w2.cancelled());
     let mut buf = [0u8; 16];
     match r1.poll_into(&mut buf) {
@@ -116,7 +143,10 @@ fn owners_are_separate_namespaces() {
     assert!(seg.get("same", "").is_none());
     assert_eq!(seg.list(Some("alice")).len(), 1);
     assert!(seg.evict("same", "alice", EndReason::Evicted).unwrap());
-    assert!(!seg.evict("same", "alice", EndReason::Evicted).unwrap(), "evict is idempotent");
+    assert!(
+        !seg.evict("same", "alice", EndReason::Evicted).unwrap(),
+        "evict is idempotent"
+    );
     assert!(seg.get("same", "bob").is_some());
 }
 
@@ -126,7 +156,10 @@ fn registry_full_then_freed() {
     let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
     let _a = seg.create_or_replace("a", "").unwrap();
     let _b = seg.create_or_replace("b", "").unwrap();
-    assert!(matches!(seg.create_or_replace("c", ""), Err(Error::RegistryFull { max_sessions: 2 })));
+    assert!(matches!(
+        seg.create_or_replace("c", ""),
+        Err(Error::RegistryFull { max_sessions: 2 })
+    ));
     // Replacing an existing id needs a free slot too (the new session is built first).
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(seg.create_or_replace("c", "").is_ok());
@@ -136,10 +169,19 @@ fn registry_full_then_freed() {
 fn lookup_prefix_follows_llama_server() {
     let t = TempSeg::new("prefix");
     let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
-    for id in ["conv-1", "conv-1::ggml-org/tinygemma3-GGUF:Q8_0", "conv-10", "conv-1:x"] {
+    for id in [
+        "conv-1",
+        "conv-1::ggml-org/tinygemma3-GGUF:Q8_0",
+        "conv-10",
+        "conv-1:x",
+    ] {
         seg.create_or_replace(id, "").unwrap();
     }
-    let mut got: Vec<String> = seg.lookup_prefix("conv-1", "").into_iter().map(|i| i.conversation_id).collect();
+    let mut got: Vec<String> = seg
+        .lookup_prefix("conv-1", "")
+        .into_iter()
+        .map(|i| i.conversation_id)
+        .collect();
     got.sort();
     assert_eq!(got, vec!["conv-1", "conv-1::ggml-org/tinygemma3-GGUF:Q8_0"]);
 }
@@ -155,12 +197,16 @@ fn foreign_and_corrupt_files_are_refused() {
     let mut bytes = std::fs::read(&t.0).unwrap();
     bytes[8] ^= 0xff; // layout version
     std::fs::write(&t.0, &bytes).unwrap();
-    let e = Segment::open(&t.0).err().expect("must refuse another layout");
+    let e = Segment::open(&t.0)
+        .err()
+        .expect("must refuse another layout");
     assert!(e.to_string().contains("layout version"), "{e}");
     bytes[8] ^= 0xff;
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&t.0, &bytes).unwrap();
-    let e = Segment::open(&t.0).err().expect("must refuse a truncated file");
+    let e = Segment::open(&t.0)
+        .err()
+        .expect("must refuse a truncated file");
     assert!(e.to_string().contains("truncated"), "{e}");
 }
 
@@ -169,7 +215,7 @@ fn scribbled_slot_metadata_never_escapes_bounds() {
     let t = TempSeg::new("scribble");
     let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
     let w = seg.create_or_replace("victim", "").unwrap();
-    w.write(b"data: x\n\n");
+    w.write(b"data: x\n\n").unwrap();
     let g = seg.geometry();
     // Overwrite the registry area of every slot with 0xff: absurd lengths, states, cursors.
     let f = std::fs::OpenOptions::new().write(true).open(&t.0).unwrap();
@@ -190,18 +236,30 @@ fn memory_follows_the_bytes() {
     let t = TempSeg::new("sparse");
     let seg = Segment::create(&t.0, cfg(1000, 4 << 20)).unwrap();
     let before = seg.stats().resident_bytes;
-    assert!(seg.stats().file_bytes > 4_000_000_000, "apparent size covers every ring");
+    assert!(
+        seg.stats().file_bytes > 4_000_000_000,
+        "apparent size covers every ring"
+    );
     let w = seg.create_or_replace("big", "").unwrap();
     let chunk = vec![b'x'; 1 << 20];
     for _ in 0..4 {
-        w.write(&chunk);
+        w.write(&chunk).unwrap();
     }
     let full = seg.stats().resident_bytes;
-    assert!(full >= before + (4 << 20) - 4096, "writing 4 MiB makes 4 MiB resident");
+    assert!(
+        full >= before + (4 << 20) - 4096,
+        "writing 4 MiB makes 4 MiB resident"
+    );
     seg.evict("big", "", EndReason::Evicted).unwrap();
     let after = seg.stats().resident_bytes;
-    assert!(after < full - (3 << 20), "evicting gives the ring's pages back ({after} vs {full})");
-    assert!(after < 16 << 20, "1000 idle 4 MiB slots must not cost 4 GB ({after} bytes resident)");
+    assert!(
+        after < full - (3 << 20),
+        "evicting gives the ring's pages back ({after} vs {full})"
+    );
+    assert!(
+        after < 16 << 20,
+        "1000 idle 4 MiB slots must not cost 4 GB ({after} bytes resident)"
+    );
 }
 
 #[test]
@@ -213,5 +271,49 @@ fn cancel_wakes_a_waiting_producer() {
     let h = std::thread::spawn(move || w.wait_cancelled(Some(Duration::from_secs(30))));
     std::thread::sleep(Duration::from_millis(50));
     s2.evict("c", "", EndReason::Cancelled).unwrap();
-    assert!(h.join().unwrap(), "wait_cancelled must return true on cancel, not time out");
+    assert!(
+        h.join().unwrap(),
+        "wait_cancelled must return true on cancel, not time out"
+    );
+}
+
+fn fd_readable(fd: i32, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) == 1 }
+}
+
+#[test]
+fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
+    let t = TempSeg::new("notify");
+    let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
+    let a = seg.create_or_replace("a", "").unwrap();
+    let b = seg.create_or_replace("b", "").unwrap();
+    let n = seg.notifier().unwrap();
+    // Subscribe and append at once, before the notifier thread can have slept: no lost ring.
+    n.subscribe(a.slot(), a.generation()).unwrap();
+    a.write(b"x").unwrap();
+    assert!(
+        fd_readable(n.fd(), 10_000),
+        "a subscribed append makes the fd readable"
+    );
+    assert_eq!(n.drain(), vec![a.slot()]);
+    // An unsubscribed session rings nobody.
+    b.write(b"y").unwrap();
+    assert!(!fd_readable(n.fd(), 100));
+    assert!(n.drain().is_empty());
+    // A burst while the loop has not drained yet is reported once.
+    for _ in 0..100 {
+        a.write(b"z").unwrap();
+    }
+    assert!(fd_readable(n.fd(), 10_000));
+    assert_eq!(n.drain(), vec![a.slot()]);
+    // Ending the session (evict) wakes its subscribers too.
+    seg.evict("a", "", EndReason::Evicted).unwrap();
+    assert!(fd_readable(n.fd(), 10_000));
+    assert_eq!(n.drain(), vec![a.slot()]);
 }

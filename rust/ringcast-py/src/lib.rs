@@ -323,9 +323,10 @@ impl Segment {
         self.seg.geometry().max_id_len
     }
 
-    fn stats(&self, py: Python<'_>) -> SegmentStats {
+    fn stats(&self, py: Python<'_>) -> PyResult<SegmentStats> {
+        self.seg.check_open().py_err(py)?;
         let s = py.detach(|| self.seg.stats());
-        SegmentStats {
+        Ok(SegmentStats {
             max_sessions: s.max_sessions,
             session_bytes: s.session_bytes,
             max_id_len: s.max_id_len,
@@ -334,7 +335,7 @@ impl Segment {
             bytes_buffered: s.bytes_buffered,
             file_bytes: s.file_bytes,
             resident_bytes: s.resident_bytes,
-        }
+        })
     }
 
     #[pyo3(signature = (conversation_id, owner=""))]
@@ -377,17 +378,26 @@ impl Segment {
     }
 
     #[pyo3(signature = (conversation_id, owner=""))]
-    fn get(&self, py: Python<'_>, conversation_id: &str, owner: &str) -> Option<SessionInfo> {
-        py.detach(|| self.seg.get(conversation_id, owner))
-            .map(Into::into)
+    fn get(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<Option<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        Ok(py
+            .detach(|| self.seg.get(conversation_id, owner))
+            .map(Into::into))
     }
 
     #[pyo3(signature = (owner=None))]
-    fn list(&self, py: Python<'_>, owner: Option<&str>) -> Vec<SessionInfo> {
-        py.detach(|| self.seg.list(owner))
+    fn list(&self, py: Python<'_>, owner: Option<&str>) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        Ok(py
+            .detach(|| self.seg.list(owner))
             .into_iter()
             .map(Into::into)
-            .collect()
+            .collect())
     }
 
     #[pyo3(signature = (conversation_id, owner=""))]
@@ -396,11 +406,10 @@ impl Segment {
         py: Python<'_>,
         conversation_id: &str,
         owner: &str,
-    ) -> Vec<SessionInfo> {
-        py.detach(|| self.seg.lookup_prefix(conversation_id, owner))
-            .into_iter()
-            .map(Into::into)
-            .collect()
+    ) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        let found = py.detach(|| self.seg.lookup_prefix(conversation_id, owner));
+        Ok(found.into_iter().map(Into::into).collect())
     }
 
     #[pyo3(signature = (conversation_id, owner=""))]
@@ -459,8 +468,10 @@ impl Segment {
         })
     }
 
-    /// Releases this handle; the mapping goes away with the last reader or writer.
-    fn close(&self) {}
+    /// Invalidates the segment for every handle made from it.
+    fn close(&self) {
+        self.seg.close()
+    }
 
     fn unlink(&self, py: Python<'_>) -> PyResult<()> {
         self.seg.unlink().py_err(py)
@@ -511,9 +522,9 @@ impl Writer {
         if let Ok(b) = data.cast::<PyBytes>() {
             let bytes = b.as_bytes();
             if (bytes.len() as u64) < DETACH_COPY_BYTES {
-                return Ok(self.w.write(bytes));
+                return self.w.write(bytes).py_err(py);
             }
-            return Ok(py.detach(|| self.w.write(bytes)));
+            return py.detach(|| self.w.write(bytes)).py_err(py);
         }
         let buf = PyBuffer::<u8>::get(data)?;
         if !buf.is_c_contiguous() {
@@ -526,7 +537,7 @@ impl Writer {
         // SAFETY: the PyBuffer export keeps the memory alive and its size fixed until `buf` is
         // dropped (after this call); the buffer is contiguous and `len` bytes long.
         let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-        Ok(py.detach(|| self.w.write(bytes)))
+        py.detach(|| self.w.write(bytes)).py_err(py)
     }
 
     #[pyo3(signature = (state="done"))]
