@@ -90,10 +90,11 @@ class ChatChunkChoice(msgspec.Struct):
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     id: str
+    object: str
+    """Always ``"chat.completion.chunk"`` (a required field, so ``omit_defaults`` keeps it)."""
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    object: str = "chat.completion.chunk"
     usage: Usage | None = None
 
 
@@ -106,10 +107,11 @@ class CompletionChoice(msgspec.Struct):
 
 class CompletionChunk(msgspec.Struct, omit_defaults=True):
     id: str
+    object: str
+    """Always ``"text_completion"`` (a required field, so ``omit_defaults`` keeps it)."""
     created: int
     model: str
     choices: list[CompletionChoice]
-    object: str = "text_completion"
     usage: Usage | None = None
 
 
@@ -131,19 +133,21 @@ class ChatChoice(msgspec.Struct):
 
 class ChatCompletion(msgspec.Struct, omit_defaults=True):
     id: str
+    object: str
+    """Always ``"chat.completion"`` (a required field, so ``omit_defaults`` keeps it)."""
     created: int
     model: str
     choices: list[ChatChoice]
-    object: str = "chat.completion"
     usage: Usage | None = None
 
 
 class Completion(msgspec.Struct, omit_defaults=True):
     id: str
+    object: str
+    """Always ``"text_completion"`` (a required field, so ``omit_defaults`` keeps it)."""
     created: int
     model: str
     choices: list[CompletionChoice]
-    object: str = "text_completion"
     usage: Usage | None = None
 
 

@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, unquote_plus
 
 import msgspec
@@ -230,9 +230,9 @@ class Connection(asyncio.Protocol):
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -763,11 +763,13 @@ class App:
         content = "".join(text)
         result: ChatCompletion | Completion
         if route == "chat":
-            result = ChatCompletion(cid or "chatcmpl-" + secrets.token_hex(12), created, model,
+            result = ChatCompletion(cid or "chatcmpl-" + secrets.token_hex(12), "chat.completion",
+                                    created, model,
                                     [ChatChoice(0, AssistantMessage("assistant", content),
                                                 finish)], usage=usage)
         else:
-            result = Completion(cid or "cmpl-" + secrets.token_hex(12), created, model,
+            result = Completion(cid or "cmpl-" + secrets.token_hex(12), "text_completion", created,
+                                model,
                                 [CompletionChoice(0, content, finish)], usage=usage)
         self.send_json(conn, result)
         return True

@@ -164,11 +164,11 @@ class Emitter:
                finish: str | None = None, usage: Usage | None = None) -> bytes:
         obj: ChatCompletionChunk | CompletionChunk
         if self.route == "chat":
-            obj = ChatCompletionChunk(self.id, self.created, self.model,
+            obj = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
                                       [ChatChunkChoice(0, Delta(role, content), finish)],
                                       usage=usage)
         else:
-            obj = CompletionChunk(self.id, self.created, self.model,
+            obj = CompletionChunk(self.id, "text_completion", self.created, self.model,
                                   [CompletionChoice(0, content or "", finish)], usage=usage)
         return b"data: " + json_encoder.encode(obj) + b"\n\n"
 

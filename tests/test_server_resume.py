@@ -1,0 +1,176 @@
+"""Byte-exact resume over raw sockets: disconnect mid-stream, resume from the byte count."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from server_harness import (
+    Response,
+    Server,
+    check_ids,
+    data_of,
+    error_of,
+    open_request,
+    post_chat,
+    request,
+    server,
+    sse_events,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with server(tmp_path_factory.mktemp("resume"), "--tokens-per-s", "200",
+                "--http-procs", "2") as s:
+        yield s
+
+
+def test_disconnect_and_resume_is_byte_identical(srv: Server) -> None:
+    r = post_chat(srv.port, "resume-1", max_tokens=120)
+    assert r.status == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    first = r.read_at_least(700)
+    r.close()  # the client goes away mid-stream; the generation goes on
+    assert not first.endswith(b"data: [DONE]\n\n")
+    g = open_request(srv.port, "GET", f"/v1/stream?conv_id=resume-1&from={len(first)}")
+    assert g.status == 200
+    assert g.headers["x-ringcast-offset"] == str(len(first))
+    assert g.headers["x-ringcast-first-available"] == "0"
+    rest = g.read_all_and_close()
+    status, headers, whole = request(srv.port, "GET", "/v1/stream/resume-1?from=0")
+    assert status == 200
+    assert headers["x-ringcast-epoch"] == g.headers["x-ringcast-epoch"]
+    assert first + rest == whole
+    assert whole.endswith(b"data: [DONE]\n\n")
+    check_ids(whole)
+    chunks = [json.loads(data_of(e)) for e in sse_events(whole)[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] == 120
+
+
+def test_resume_mid_event_joins_exactly(srv: Server) -> None:
+    post_chat(srv.port, "resume-2", max_tokens=10).read_all_and_close()
+    _, _, whole = request(srv.port, "GET", "/v1/stream?conv_id=resume-2")
+    for cut in (1, 7, len(whole) // 2, len(whole) - 1, len(whole)):
+        _, _, tail = request(srv.port, "GET", f"/v1/stream?conv_id=resume-2&from={cut}")
+        assert whole[:cut] + tail == whole
+
+
+def test_last_event_id_resumes_like_from(srv: Server) -> None:
+    body = post_chat(srv.port, "resume-3", max_tokens=10).read_all_and_close()
+    events = sse_events(body)
+    third = int(events[2][4:events[2].index(b"\n")])
+    _, _, tail = request(srv.port, "GET", "/v1/stream?conv_id=resume-3&from=0",
+                         headers={"Last-Event-ID": str(third)})
+    assert body[third:] == tail
+    assert tail.startswith(events[3])
+
+
+def test_resume_through_another_http_process(srv: Server) -> None:
+    r = post_chat(srv.port, "resume-4", max_tokens=150)
+    post_proc = r.headers["x-ringcast-process"]
+    first = r.read_at_least(500)
+    r.close()
+
+    def other_process() -> tuple[str, bytes] | None:
+        g = open_request(srv.port, "GET", f"/v1/stream?conv_id=resume-4&from={len(first)}")
+        if g.headers["x-ringcast-process"] == post_proc:
+            g.close()
+            return None
+        return g.headers["x-ringcast-process"], g.read_all_and_close()
+
+    proc, rest = wait_for(other_process, "a connection landing on the other HTTP process")
+    assert proc != post_proc
+    _, _, whole = request(srv.port, "GET", "/v1/stream?conv_id=resume-4")
+    assert first + rest == whole
+    assert whole.endswith(b"data: [DONE]\n\n")
+
+
+def test_many_readers_get_the_same_bytes(srv: Server) -> None:
+    r = post_chat(srv.port, "fan-1", max_tokens=60)
+    readers = [open_request(srv.port, "GET", "/v1/stream?conv_id=fan-1") for _ in range(8)]
+    own = r.read_all_and_close()
+    assert all(g.read_all_and_close() == own for g in readers)
+
+
+def test_from_at_or_beyond_the_end(srv: Server) -> None:
+    body = post_chat(srv.port, "end-1", max_tokens=3).read_all_and_close()
+    status, _, tail = request(srv.port, "GET", f"/v1/stream?conv_id=end-1&from={len(body)}")
+    assert (status, tail) == (200, b"")
+    # Beyond the end of a running stream: held until the stream gets there.
+    r = post_chat(srv.port, "end-2", max_tokens=80)
+    head = r.read_at_least(100)
+    g = open_request(srv.port, "GET", f"/v1/stream?conv_id=end-2&from={len(head) + 2000}")
+    assert g.status == 200
+    tail = g.read_all_and_close()
+    whole = head + r.read_all_and_close()
+    assert whole[len(head) + 2000:] == tail
+
+
+def test_keep_alive_and_pipelining(srv: Server) -> None:
+    r = open_request(srv.port, "GET", "/health")
+    assert r.status == 200
+    assert json.loads(r.read_all())["status"] == "ok"
+    r.sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    r2 = Response(r.sock, r.buf)
+    assert r2.status == 200
+    assert json.loads(r2.read_all())["object"] == "list"
+    r3 = Response(r.sock, r2.buf)
+    assert r3.headers["connection"] == "close"
+    assert json.loads(r3.read_all())["status"] == "ok"
+    assert r.sock.recv(1) == b""  # closed as asked
+    r.close()
+
+
+def lookup(port: int, conv: str) -> dict[str, object]:
+    _, _, info = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]})
+    found: list[dict[str, object]] = json.loads(info)
+    return found[0] if found else {}
+
+
+def test_offset_lost_is_410_and_in_band(tmp_path: Path) -> None:
+    # --prefill-s: the slow reader below attaches during the simulated prompt processing.
+    with server(tmp_path, "--tokens-per-s", "0", "--session-bytes", "8192",
+                "--http-procs", "1", "--prefill-s", "1") as s:
+        post_chat(s.port, "small", max_tokens=400).close()
+        wait_for(lambda: lookup(s.port, "small").get("is_done"), "the stream to finish")
+        status, _, err = request(s.port, "GET", "/v1/stream?conv_id=small&from=0")
+        assert status == 410
+        detail = json.loads(err)["error"]
+        first = detail["first_available"]
+        assert detail["type"] == "offset_lost"
+        assert first == lookup(s.port, "small")["first_available"]
+        assert first > 0
+        _, _, tail = request(s.port, "GET", f"/v1/stream?conv_id=small&from={first}")
+        assert len(tail) == lookup(s.port, "small")["total_bytes"] - first
+        assert tail.endswith(b"data: [DONE]\n\n")
+        # A reader that stops reading never slows the producer; when it reads again it is
+        # told in-band that it fell behind, with the first available offset.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        post_chat(s.port, "small-2", max_tokens=30000).close()
+        sock.sendall(b"GET /v1/stream?conv_id=small-2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: lookup(s.port, "small-2").get("is_done"), "the stream to finish", 60)
+        tail = Response(sock).read_all_and_close()
+        last = sse_events(tail)[-1]
+        assert error_of(last)["type"] == "offset_lost"
+        assert error_of(last)["first_available"] > 0
+
+
+def test_ids_and_error_framing_helpers() -> None:
+    from ringcast.protocol import frame_event
+
+    total = 0
+    for n in (0, 1, 80, 90, 94, 95, 96, 990, 9990):
+        ev = frame_event(total, b"data: " + b"x" * n + b"\n\n")
+        total += len(ev)
+        assert int(ev[4:ev.index(b"\n")]) == total
