@@ -27,7 +27,7 @@ def test_create_sets_sizes_mode_and_a_fresh_epoch(seg_path: str) -> None:
         seg_path, 8, 64 * KiB, 300)
     st = s.stats()
     assert (st.max_sessions, st.session_bytes, st.max_id_len, st.epoch) == (
-        8, 64 * KiB, 64, s.epoch)
+        8, 64 * KiB, 300, s.epoch)
     assert st.sessions_used == 0
     assert st.bytes_buffered == 0
     assert st.file_bytes == os.stat(seg_path).st_size

@@ -108,7 +108,8 @@ for i in range(6):
     writers.append(w)
     if i % 2:
         w.finalize()
-readers = [seg.reader(f"conv-{i}", 0, "o") for i in range(6)]
+readers = [seg.reader(f"conv-{i}", seg.get(f"conv-{i}", "o").first_available, "o")
+           for i in range(6)]
 with open(path, "rb") as f:
     head = f.read(4096)
 slots_offset, rings_offset = struct.unpack_from("<QQ", head, 64)

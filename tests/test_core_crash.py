@@ -52,8 +52,9 @@ def _read_all_checked(seg: ringcast.Segment, conv: str, owner: str) -> int:
         if not data:
             break
         assert data == pattern_at(start, len(data)), f"wrong bytes in [{start}, {r.offset})"
+    end = r.offset
     r.close()
-    return r.offset
+    return end
 
 
 _USABLE_SCRIPT = """
