@@ -154,6 +154,7 @@ class Emitter:
                                + secrets.token_hex(12))
         self.created = int(time.time())
         self.tokens = 0
+        self.started = False
 
     def raw(self, event: bytes) -> None:
         w = self.writer
@@ -173,14 +174,20 @@ class Emitter:
         return b"data: " + json_encoder.encode(obj) + b"\n\n"
 
     def start(self) -> None:
-        if self.route == "chat":
-            self.raw(self._chunk("", role="assistant"))
+        """The role chunk, written with the first token (as llama-server does), so nothing
+        is appended while the prompt is processed."""
+        if not self.started:
+            self.started = True
+            if self.route == "chat":
+                self.raw(self._chunk("", role="assistant"))
 
     def text(self, piece: str) -> None:
+        self.start()
         self.raw(self._chunk(piece))
         self.tokens += 1
 
     def finish(self, reason: str, prompt_tokens: int) -> None:
+        self.start()
         usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
         self.raw(self._chunk(None, finish=reason, usage=usage))
         self.raw(DONE_EVENT)
@@ -430,14 +437,14 @@ class WorkerApp:
         # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
         # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
         raw = getattr(gen_fn, "ringcast_raw_stream", False)
-        if not raw:
-            emitter.start()
         gen = gen_fn(ctx)
         try:
             async for piece in gen:
                 if isinstance(piece, str):
                     emitter.text(piece)
                 else:
+                    if not raw:
+                        emitter.start()
                     emitter.raw(piece)
                 self.counters.inc(WorkerCounter.TOKENS)
         finally:

@@ -1,0 +1,172 @@
+"""Session lifecycle through ``ringcast serve``: cancel, replace, TTL, eviction, keys, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from server_harness import (
+    Server,
+    error_of,
+    open_request,
+    post_chat,
+    request,
+    server,
+    sse_events,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def lookup(port: int, conv: str, headers: dict[str, str] | None = None) -> list[dict[str, object]]:
+    _, _, body = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]},
+                         headers=headers)
+    found: list[dict[str, object]] = json.loads(body)
+    return found
+
+
+def test_delete_before_the_first_token(tmp_path: Path) -> None:
+    # A prefill that never ends: the only way out is the DELETE.
+    with server(tmp_path, "--prefill-s", "3600") as s:
+        r = post_chat(s.port, "slow-start")
+        assert r.status == 200
+        g = open_request(s.port, "GET", "/v1/stream?conv_id=slow-start")
+        assert g.status == 200
+        wait_for(lambda: s.metric("worker_jobs_active") == 1, "the worker to adopt the job")
+        assert lookup(s.port, "slow-start")[0]["total_bytes"] == 0
+        assert request(s.port, "DELETE", "/v1/stream?conv_id=slow-start")[0] == 204
+        for resp in (r, g):
+            events = sse_events(resp.read_all_and_close())
+            assert error_of(events[-1])["type"] == "cancelled"
+        assert request(s.port, "GET", "/v1/stream?conv_id=slow-start")[0] == 404
+        assert lookup(s.port, "slow-start") == []
+        # The worker stopped the job (it was waiting for its first token).
+        wait_for(lambda: s.metric("worker_jobs_active") == 0, "the job to stop")
+        assert s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1
+        assert request(s.port, "DELETE", "/v1/stream/slow-start")[0] == 204  # idempotent
+
+
+def test_replace_ends_old_readers_with_replaced(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "20") as s:
+        old = post_chat(s.port, "same", max_tokens=1000)
+        old.read_at_least(300)
+        new = post_chat(s.port, "same", max_tokens=3, prompt="other")
+        assert error_of(sse_events(old.read_all_and_close())[-1])["type"] == "replaced"
+        body = new.read_all_and_close()
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert request(s.port, "GET", "/v1/stream?conv_id=same")[2] == body
+        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+                 "the replaced job to stop")
+
+
+def test_anonymous_stream_stops_when_the_client_leaves(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "20") as s:
+        r = post_chat(s.port, None, max_tokens=1000)
+        r.read_at_least(300)
+        assert request(s.port, "GET", "/v1/streams")[2] == b"[]"  # never listed
+        r.close()
+        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+                 "the generation to stop")
+        wait_for(lambda: s.metric("sessions") == 0, "the session to go away")
+
+
+def test_ttl_collects_completed_sessions(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "0", "--ttl", "0.5") as s:
+        post_chat(s.port, "short-lived", max_tokens=2).read_all_and_close()
+        wait_for(lambda: request(s.port, "GET", "/v1/stream?conv_id=short-lived")[0] == 404,
+                 "the TTL to expire the session")
+        assert s.metric('evictions_total{reason="ttl"}') == 1
+
+
+def test_lru_eviction_of_completed_sessions_only(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "5", "--max-sessions", "16") as s:
+        running = post_chat(s.port, "running", max_tokens=1000)
+        running.read_at_least(100)
+        for i in range(20):
+            post_chat(s.port, f"done-{i}", max_tokens=1, prompt=str(i)).read_all_and_close()
+        # The newest completed sessions and the running one survive; the oldest went first.
+        assert request(s.port, "GET", "/v1/stream?conv_id=done-19")[0] == 200
+        assert request(s.port, "GET", "/v1/stream?conv_id=done-0")[0] == 404
+        assert lookup(s.port, "running")[0]["state"] == "running"
+        assert s.metric('evictions_total{reason="lru"}') >= 5
+        running.close()
+
+
+def test_full_table_of_running_sessions_is_503(tmp_path: Path) -> None:
+    with server(tmp_path, "--prefill-s", "3600", "--max-sessions", "8") as s:
+        held = [post_chat(s.port, f"r-{i}") for i in range(8)]
+        assert all(r.status == 200 for r in held)
+        r = post_chat(s.port, "one-too-many")
+        assert r.status == 503
+        assert json.loads(r.read_all_and_close())["error"]["type"] == "unavailable_error"
+        for r in held:
+            r.close()
+
+
+def test_evict_running_when_asked(tmp_path: Path) -> None:
+    with server(tmp_path, "--prefill-s", "3600", "--max-sessions", "8",
+                "--evict-running") as s:
+        held = [post_chat(s.port, f"r-{i}") for i in range(8)]
+        r = post_chat(s.port, "one-more")
+        assert r.status == 200
+        assert error_of(sse_events(held[0].read_all_and_close())[-1])["type"] == "evicted"
+        for h in [*held[1:], r]:
+            h.close()
+
+
+def test_per_key_isolation(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# two tenants\nkey-a\nkey-b\n")
+    with server(tmp_path, "--tokens-per-s", "0", "--api-key-file", str(keys)) as s:
+        a = {"Authorization": "Bearer key-a"}
+        b = {"X-Api-Key": "key-b"}
+        body = post_chat(s.port, "shared-name", max_tokens=3, headers=a).read_all_and_close()
+        assert post_chat(s.port, "shared-name", max_tokens=5, headers=b,
+                         prompt="b").read_all_and_close() != body
+        # Same id, two tenants: each sees only its own session.
+        assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=a)[2] == body
+        only_a = post_chat(s.port, "only-a", max_tokens=3, headers=a).read_all_and_close()
+        assert only_a
+        assert request(s.port, "GET", "/v1/stream?conv_id=only-a", headers=b)[0] == 404
+        assert lookup(s.port, "only-a", b) == []
+        listed_b = json.loads(request(s.port, "GET", "/v1/streams", headers=b)[2])
+        assert [i["conversation_id"] for i in listed_b] == ["shared-name"]
+        listed_a = json.loads(request(s.port, "GET", "/v1/streams?conversation_id=only-a",
+                                      headers=a)[2])
+        assert [i["conversation_id"] for i in listed_a] == ["only-a"]
+        assert request(s.port, "DELETE", "/v1/stream?conv_id=only-a", headers=b)[0] == 204
+        assert request(s.port, "GET", "/v1/stream?conv_id=only-a", headers=a)[0] == 200
+        for h in ({}, {"Authorization": "Bearer nope"}):
+            status, _, err = request(s.port, "GET", "/v1/streams", headers=h)
+            assert status == 401
+            assert json.loads(err)["error"]["type"] == "authentication_error"
+        assert request(s.port, "GET", "/health")[0] == 200
+
+
+def test_sigterm_finalizes_running_sessions_and_removes_the_segment(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--tokens-per-s", "20")
+    r = post_chat(s.port, "running", max_tokens=1000)
+    r.read_at_least(300)
+    assert s.segment.exists()
+    s.proc.send_signal(signal.SIGTERM)
+    events = sse_events(r.read_all_and_close())
+    assert error_of(events[-1])["type"] == "server_shutdown"
+    assert s.stop() == 0
+    assert not s.segment.exists()
+
+
+def test_keep_segment_and_reattach(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--tokens-per-s", "0", "--keep-segment")
+    body = post_chat(s.port, "survivor", max_tokens=4).read_all_and_close()
+    assert s.stop() == 0
+    assert s.segment.exists()
+    s2 = Server(tmp_path, "--tokens-per-s", "0")
+    try:
+        assert request(s2.port, "GET", "/v1/stream?conv_id=survivor")[2] == body
+    finally:
+        s2.stop()
+    assert not os.path.exists(s.segment)
