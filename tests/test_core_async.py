@@ -89,9 +89,10 @@ w.finalize()
         producer.stdin.flush()
         return await asyncio.wait_for(asyncio.gather(*tasks), 100)
 
-    try:
+    with producer:
         results = run_async(loop_kind, main)
-    finally:
+        assert producer.stdin is not None
+        producer.stdin.close()
         assert producer.wait(60) == 0
     for r, got in zip(readers, results, strict=True):
         start = r.offset - len(got)
@@ -187,7 +188,7 @@ def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: s
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
     )
     assert producer.stdin is not None and producer.stdout is not None
-    try:
+    with producer:
         assert producer.stdout.readline() == "ready\n"
         threads_before = thread_count()
         readers = [
@@ -211,9 +212,8 @@ def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: s
 
         results = run_async(loop_kind, main)
         assert producer.stdout.readline() == "done\n"
-    finally:
-        producer.kill()
-        producer.wait(30)
+        producer.stdin.close()
+        assert producer.wait(30) == 0
     assert waiting_threads[0] <= threads_before + 4, (threads_before, waiting_threads)
     assert thread_count() <= threads_before + 4
     assert len(results) == sessions * per_session
