@@ -224,6 +224,8 @@ class ModelList(msgspec.Struct):
 class Health(msgspec.Struct):
     status: str
     process: int
+    """Index of the HTTP process that answered (also in the ``X-Ringcast-Process`` header)."""
+    pid: int
     epoch: int
 
 

@@ -561,7 +561,7 @@ class App:
             return self.list_streams(req, conn)
         if path == "/health":
             self.allow(method, "GET")
-            return self.send_json(conn, Health("ok", self.index, self.seg.epoch))
+            return self.send_json(conn, Health("ok", self.index, os.getpid(), self.seg.epoch))
         if path == "/v1/models":
             self.allow(method, "GET")
             self.owner(req)

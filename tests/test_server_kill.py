@@ -1,0 +1,117 @@
+"""kill -9 of each kind of process of ``ringcast serve``, with the outcome each should have."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from server_harness import (
+    Server,
+    error_of,
+    kill,
+    open_request,
+    post_chat,
+    request,
+    sse_events,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def state(port: int, conv: str) -> str:
+    _, _, body = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]})
+    found = json.loads(body)
+    return str(found[0]["state"]) if found else "gone"
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_kill_worker_fails_its_streams_and_is_restarted(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--tokens-per-s", "20")
+    try:
+        r = post_chat(s.port, "victim", max_tokens=1000)
+        r.read_at_least(500)
+        (worker,) = s.children("worker")
+        kill(worker)
+        # The reader gets an in-band error event, then the end of the stream.
+        events = sse_events(r.read_all_and_close())
+        err = error_of(events[-1])
+        assert err["type"] == "producer_died"
+        assert events[-1].startswith(b"id: ")  # part of the ring: replays end the same way
+        assert state(s.port, "victim") == "failed"
+        _, _, replay = request(s.port, "GET", "/v1/stream?conv_id=victim")
+        assert replay.endswith(events[-1])
+        assert s.metric("dead_producers_total") == 1
+        new = wait_for(lambda: [p for p in s.children("worker") if p != worker],
+                       "the worker to be restarted")
+        assert new
+        body = post_chat(s.port, "after", max_tokens=3).read_all_and_close()
+        assert body.endswith(b"data: [DONE]\n\n")
+    finally:
+        s.stop()
+
+
+def _pid_of_process(port: int, index: str) -> int:
+    def probe() -> int | None:
+        _, headers, body = request(port, "GET", "/health")
+        return int(json.loads(body)["pid"]) if headers["x-ringcast-process"] == index else None
+
+    pid: int = wait_for(probe, f"a connection to HTTP process {index}")
+    return pid
+
+
+def test_kill_http_process_streams_go_on_and_resume_elsewhere(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--tokens-per-s", "50", http_procs=2)
+    try:
+        r = post_chat(s.port, "survives", max_tokens=150)
+        index = r.headers["x-ringcast-process"]
+        got = r.read_at_least(400)
+        pid = _pid_of_process(s.port, index)
+        kill(pid)
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := r.read_some():
+                got += data
+        r.close()
+        # The generation did not depend on that process: resume from the byte count.
+        g = open_request(s.port, "GET", f"/v1/stream?conv_id=survives&from={len(got)}")
+        rest = g.read_all_and_close()
+        _, _, whole = request(s.port, "GET", "/v1/stream?conv_id=survives")
+        assert got + rest == whole
+        assert whole.endswith(b"data: [DONE]\n\n")
+        wait_for(lambda: len(s.children("http")) == 2 and pid not in s.children("http"),
+                 "the HTTP process to be restarted")
+        assert s.metric('restarts_total{role="http"}') == 1
+    finally:
+        s.stop()
+
+
+def test_kill_manager_children_exit_and_a_new_manager_reattaches(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--tokens-per-s", "20")
+    children = s.children("http") + s.children("worker")
+    done = post_chat(s.port, "finished", max_tokens=3).read_all_and_close()
+    r = post_chat(s.port, "interrupted", max_tokens=1000)
+    r.read_at_least(300)
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait()
+    # The children notice (PR_SET_PDEATHSIG) and shut down; the worker ends its stream.
+    assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "server_shutdown"
+    wait_for(lambda: all(gone(p) for p in children), "the children to exit")
+    assert s.segment.exists()  # nobody removed it
+    s.stop()
+    s2 = Server(tmp_path, "--tokens-per-s", "20")
+    try:
+        assert request(s2.port, "GET", "/v1/stream?conv_id=finished")[2] == done
+        assert state(s2.port, "interrupted") == "failed"
+    finally:
+        s2.stop()
