@@ -730,6 +730,7 @@ class _ProcSampler:
         self.last_cpu: dict[int, float] = {}
         self.rss_max: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self._next_discover = 0.0
 
     def _discover(self) -> None:
         ps = self._psutil
@@ -753,7 +754,12 @@ class _ProcSampler:
                     self.names[p.pid] = "?"
 
     def sample(self) -> None:
-        self._discover()
+        # Listing children scans /proc, which stalls this (load-generating) loop for a few ms:
+        # the server's processes all exist before it says it listens, so look again rarely.
+        now = time.monotonic()
+        if now >= self._next_discover:
+            self._next_discover = now + 5.0
+            self._discover()
         ps = self._psutil
         for pid, p in list(self.procs.items()):
             try:
@@ -789,15 +795,16 @@ def _role(cmd: list[str], is_self: bool) -> str:
     if is_self:
         return "load generator"
     text = " ".join(cmd)
-    if "redis-server" in text:
-        return "redis-server"
-    if "ringcast.baselines" in text:
-        return "baseline " + ("redis" if " redis" in text else "asyncio")
-    for word in ("http", "worker", "manager"):
-        if word in text.lower():
-            return f"ringcast {word}"
-    if "serve" in text:
-        return "ringcast serve"
+    for needle, role in (
+        ("redis-server", "redis-server"),
+        ("ringcast.baselines redis", "baseline redis"),
+        ("ringcast.baselines asyncio", "baseline asyncio"),
+        ("ringcast.server", "ringcast http"),
+        ("ringcast.worker", "ringcast worker"),
+        ("serve", "ringcast manager"),
+    ):
+        if needle in text:
+            return role
     return os.path.basename(cmd[0]) if cmd else "?"
 
 
@@ -1155,6 +1162,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"ringcast replay: {exc}", file=sys.stderr)
         return 1
     print(format_table(report))
+    for t in report["targets"]:
+        procs = ", ".join(
+            f"{p['role']} {p['cpu_s']:.1f}s/{p['rss_max_mb']:.0f}MB" for p in t["processes"]
+        )
+        print(f"  {t['name']}: CPU s / max RSS per process: {procs}")
     bad = any(t["errors"] or t["mismatches"] for t in report["targets"])
     return 1 if bad else 0
 
