@@ -1,0 +1,194 @@
+"""``ringcast serve --upstream`` against a fake upstream that replays real llama-server bytes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_harness import (
+    Server,
+    check_ids,
+    error_of,
+    open_request,
+    post_chat,
+    request,
+    server,
+    shared_dir,
+    sse_events,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+SHARED = shared_dir()
+if SHARED is None:
+    pytest.skip("shared/data/llama-server not found beside the repository",
+                allow_module_level=True)
+RECORDINGS: list[dict[str, Any]] = [
+    json.loads(line)
+    for line in (SHARED / "data" / "llama-server" / "llama-server-chat-streams.jsonl")
+    .read_text().splitlines() if line.strip()
+]
+
+
+def recorded_body(rec: dict[str, Any]) -> bytes:
+    return "".join(e["data"] for e in rec["events"]).encode()
+
+
+class FakeUpstream(socketserver.ThreadingTCPServer):
+    """Answers a chat request with the recording whose messages match, at recorded pace."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.pace = 0.0  # multiplier of the recorded timing; 0 = no waits
+        self.requests: list[dict[str, Any]] = []
+        self.aborted = 0
+        self.completed = 0
+        self.status = 200
+
+
+class Handler(socketserver.StreamRequestHandler):
+    server: FakeUpstream
+
+    def handle(self) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return
+            head += line
+        length = 0
+        for line in head.decode().split("\r\n"):
+            if line.lower().startswith("content-length:"):
+                length = int(line.split(":")[1])
+        body = json.loads(self.rfile.read(length))
+        self.server.requests.append(body)
+        if self.server.status != 200:
+            err = b'{"error":{"code":500,"message":"model exploded","type":"server_error"}}'
+            self.wfile.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(err), err))
+            return
+        rec = next(r for r in RECORDINGS if r["request"]["messages"] == body["messages"])
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        start = time.monotonic()
+        try:
+            for ev in rec["events"]:
+                delay = start + ev["t"] * self.server.pace - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                data = ev["data"].encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            self.server.completed += 1
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.aborted += 1
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    up = FakeUpstream()
+    t = threading.Thread(target=up.serve_forever, daemon=True)
+    t.start()
+    yield up
+    up.shutdown()
+    up.server_close()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> Iterator[Server]:
+    url = f"http://127.0.0.1:{upstream.server_address[1]}"
+    with server(tmp_path_factory.mktemp("upstream"), "--upstream", url) as s:
+        yield s
+
+
+def strip_ids(body: bytes) -> bytes:
+    return b"".join(ev.split(b"\n", 1)[1] if ev.startswith(b"id: ") else ev
+                    for ev in sse_events(body))
+
+
+@pytest.mark.parametrize("line", range(len(RECORDINGS)))
+def test_proxied_bytes_are_the_upstream_bytes(srv: Server, upstream: FakeUpstream,
+                                              line: int) -> None:
+    upstream.pace = 0.0
+    rec = RECORDINGS[line]
+    body = json.dumps(rec["request"]).encode()
+    r = open_request(srv.port, "POST", "/v1/chat/completions", body,
+                     {"X-Conversation-Id": f"proxy-{line}"})
+    got = r.read_all_and_close()
+    check_ids(got)
+    # Byte for byte what llama-server sent, plus ringcast's id line on every event.
+    assert strip_ids(got) == recorded_body(rec)
+    assert upstream.requests[-1]["stream"] is True
+    _, _, replay = request(srv.port, "GET", f"/v1/stream?conv_id=proxy-{line}")
+    assert replay == got
+
+
+def test_non_streaming_through_the_proxy(srv: Server, upstream: FakeUpstream) -> None:
+    upstream.pace = 0.0
+    rec = RECORDINGS[3]  # asks for include_usage
+    req = dict(rec["request"], stream=False)
+    status, _, body = request(srv.port, "POST", "/v1/chat/completions", req)
+    assert status == 200
+    out = json.loads(body)
+    text = ""
+    for ev in rec["events"]:
+        data = ev["data"][6:].strip()
+        if data != "[DONE]":
+            for ch in json.loads(data)["choices"]:
+                text += ch["delta"].get("content") or ""
+    assert out["choices"][0]["message"]["content"] == text
+    assert out["usage"]["completion_tokens"] == rec["request"]["max_tokens"]
+
+
+def test_delete_closes_the_upstream_request(srv: Server, upstream: FakeUpstream) -> None:
+    upstream.pace = 1.0
+    rec = max(RECORDINGS, key=lambda r: r["events"][-1]["t"])
+    aborted = upstream.aborted
+    r = open_request(srv.port, "POST", "/v1/chat/completions",
+                     json.dumps(rec["request"]).encode(), {"X-Conversation-Id": "proxy-cancel"})
+    r.read_at_least(1000)
+    assert request(srv.port, "DELETE", "/v1/stream?conv_id=proxy-cancel")[0] == 204
+    assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "cancelled"
+    wait_for(lambda: upstream.aborted > aborted, "the upstream to see the disconnect")
+
+
+def test_upstream_failure_modes(tmp_path: Path, upstream: FakeUpstream) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    with server(tmp_path, "--upstream", f"http://127.0.0.1:{dead_port}") as s:
+        body = post_chat(s.port, "no-upstream").read_all_and_close()
+        err = error_of(sse_events(body)[-1])
+        assert (err["code"], err["type"]) == (502, "upstream_error")
+        status, _, out = request(s.port, "POST", "/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": "x"}]})
+        assert status == 502
+    upstream.status = 500
+    try:
+        url = f"http://127.0.0.1:{upstream.server_address[1]}"
+        (tmp_path / "b").mkdir()
+        with server(tmp_path / "b", "--upstream", url) as s:
+            body = post_chat(s.port, "bad-upstream").read_all_and_close()
+            err = error_of(sse_events(body)[-1])
+            assert err["code"] == 500
+            assert "model exploded" in str(err["message"])
+            _, _, info = request(s.port, "POST", "/v1/streams/lookup",
+                                 {"conversation_ids": ["bad-upstream"]})
+            assert json.loads(info)[0]["state"] == "failed"
+    finally:
+        upstream.status = 200
