@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -97,6 +98,29 @@ def fake_upstream(
     return spawn_listening(
         [sys.executable, str(Path(__file__).resolve()), "upstream", str(capture)]
     )
+
+
+def request(
+    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One blocking HTTP/1.1 exchange on loopback: status, headers, whole (de-chunked) body."""
+    from ringcast import _http
+
+    data = json.dumps(body).encode() if body is not None else None
+    target = _http.parse_url(f"http://127.0.0.1:{port}")
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    parser = _http.ResponseParser()
+    out = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(_http.build_request(method, target, path, hdrs, data))
+        while not parser.done:
+            chunk = sock.recv(65536)
+            if not chunk:
+                parser.eof()
+                break
+            for piece in parser.feed(chunk):
+                out += piece
+    return parser.status, {k.lower(): v for k, v in parser.headers}, bytes(out)
 
 
 def strip_ids(body: bytes) -> bytes:

@@ -8,9 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _replay_support import capture_path, fake_upstream, load_capture, ringcast, spawn_listening
+from _replay_support import (
+    capture_path,
+    fake_upstream,
+    load_capture,
+    request,
+    ringcast,
+    spawn_listening,
+)
 from _replay_support import strip_ids as strip
-from server_harness import request
 
 pytestmark = pytest.mark.timeout(120)
 
