@@ -1019,6 +1019,7 @@ async def _run_target(
             progress.show(name, load)
         wall = task.result()
         sampler.sample()
+        progress.show(name, load)
         progress.end()
         emitted = sum(len(exps[j].ends) for j in order)
         return _target_report(name, url, load, wall, sampler.report(wall), emitted)
