@@ -65,7 +65,7 @@ def test_bad_conversation_id_header_is_400(srv: Server) -> None:
     error(400, r.read_all_and_close())
     raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: a\x01b\r\n"
            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
-    status, _, body = request(srv.port, "POST", "", raw=raw)
+    status, _, _body = request(srv.port, "POST", "", raw=raw)
     assert status == 400
 
 
@@ -100,7 +100,7 @@ def test_missing_id_is_400(srv: Server) -> None:
 
 def test_body_limits_and_encodings(srv: Server) -> None:
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()
-    status, headers, body = request(srv.port, "POST", "/v1/chat/completions", big)
+    status, _headers, body = request(srv.port, "POST", "/v1/chat/completions", big)
     assert status == 413
     error(413, body)
     raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"

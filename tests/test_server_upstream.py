@@ -175,7 +175,7 @@ def test_upstream_failure_modes(tmp_path: Path, upstream: FakeUpstream) -> None:
         body = post_chat(s.port, "no-upstream").read_all_and_close()
         err = error_of(sse_events(body)[-1])
         assert (err["code"], err["type"]) == (502, "upstream_error")
-        status, _, out = request(s.port, "POST", "/v1/chat/completions",
+        status, _, _out = request(s.port, "POST", "/v1/chat/completions",
                                  {"messages": [{"role": "user", "content": "x"}]})
         assert status == 502
     upstream.status = 500
