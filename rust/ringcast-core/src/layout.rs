@@ -71,6 +71,11 @@ const _: () = assert!(std::mem::size_of::<HeaderConsts>() <= LOCK_OFFSET);
 pub const LOCK_OFFSET: usize = 256;
 /// Allocation hint for the next free slot (spreads sessions, avoids rescanning).
 pub const HINT_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
+/// Source of generations (u64, bumped under the registry lock): a generation names one
+/// session in the whole segment, not just within its slot.
+pub const GENERATION_OFFSET: usize = HINT_OFFSET + 8;
+/// Set in a slot's `generation` when its session has left (the slot is free).
+pub const ENDED_BIT: u64 = 1 << 63;
 pub const HEADER_BYTES: usize = 4096;
 
 /// One process's doorbell: producers bump `doorbell` after publishing to a session this
@@ -113,7 +118,7 @@ pub struct SlotMeta {
     // --- line 2: registry, written under the lock ---
     pub state: AtomicU32,
     pub cancel: AtomicU32,
-    /// Bumped when a session is installed and again when it leaves.
+    /// The installed session's segment-wide generation; `| ENDED_BIT` once it left.
     pub generation: AtomicU64,
     /// `generation << 8 | reason` of the last session that left this slot.
     pub last_end: AtomicU64,

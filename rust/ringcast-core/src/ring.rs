@@ -55,7 +55,10 @@ pub fn append<M: RingBytes>(c: &Cursors<'_>, mem: &M, data: &[u8]) -> u64 {
     let keep = len.min(cap) as usize;
     let tail = &data[data.len() - keep..];
     let first = end - keep as u64;
-    c.head.store(end, Ordering::Relaxed);
+    // `head` never moves back: after a producer died mid-append and another took over, the
+    // torn range it had reserved stays counted as overwritten.
+    let head = c.head.load(Ordering::Relaxed).max(end);
+    c.head.store(head, Ordering::Relaxed);
     // Pairs with the reader's acquire fence after its copy: a reader that saw any byte stored
     // below also sees `head == end` and rejects the overwritten range.
     fence(Ordering::Release);
@@ -73,7 +76,11 @@ pub fn read<M: RingBytes>(c: &Cursors<'_>, mem: &M, offset: u64, dst: &mut [u8])
     if offset >= published {
         return ReadOutcome::Empty { published };
     }
-    let first = published.saturating_sub(cap);
+    let first = c
+        .head
+        .load(Ordering::Acquire)
+        .max(published)
+        .saturating_sub(cap);
     if offset < first {
         return ReadOutcome::Lost {
             first_available: first,
@@ -95,7 +102,11 @@ pub fn read<M: RingBytes>(c: &Cursors<'_>, mem: &M, offset: u64, dst: &mut [u8])
 
 /// Lowest offset readable right now.
 pub fn first_available(c: &Cursors<'_>, cap: u64) -> u64 {
-    c.cursor.load(Ordering::Acquire).saturating_sub(cap)
+    let published = c.cursor.load(Ordering::Acquire);
+    c.head
+        .load(Ordering::Acquire)
+        .max(published)
+        .saturating_sub(cap)
 }
 
 fn copy_in<M: RingBytes>(mem: &M, offset: u64, src: &[u8]) {

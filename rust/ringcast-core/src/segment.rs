@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{EndReason, Error, Result, SegmentError};
 use crate::layout::{
-    end_reason, state, Geometry, HeaderConsts, ProcEntry, SlotMeta, HINT_OFFSET, LAYOUT_VERSION,
-    LOCK_OFFSET, MAGIC, MAX_ID_LEN, MAX_OWNER_LEN, MAX_PROCESSES, MAX_SESSIONS, MIN_ID_LEN,
+    end_reason, state, Geometry, HeaderConsts, ProcEntry, SlotMeta, ENDED_BIT, GENERATION_OFFSET,
+    HINT_OFFSET, LAYOUT_VERSION, LOCK_OFFSET, MAGIC, MAX_ID_LEN, MAX_OWNER_LEN, MAX_PROCESSES,
+    MAX_SESSIONS, MIN_ID_LEN,
 };
 use crate::notify::{self, Notifier};
 use crate::ring::{self, Cursors, RingBytes};
@@ -379,8 +380,18 @@ impl Segment {
         self.inner.check_key(id, owner)?;
         let me = ProcessId::current();
         let reg = self.inner.lock()?;
-        let existing = self.inner.find(id, owner);
-        let slot = reg.alloc()?;
+        let mut existing = self.inner.find(id, owner);
+        let slot = match reg.alloc() {
+            Ok(slot) => slot,
+            Err(Error::RegistryFull { .. }) if existing.is_some() => {
+                // Full, but the session being replaced frees a slot: end it first. (A crash
+                // right here loses the old session, which the caller was replacing anyway.)
+                let (old, old_gen) = existing.take().expect("checked above");
+                reg.end(old, old_gen, end_reason::REPLACED);
+                reg.alloc_waiting()?
+            }
+            Err(e) => return Err(e),
+        };
         let gen = self.inner.install(slot, id, owner, me);
         if let Some((old, old_gen)) = existing {
             reg.end(old, old_gen, end_reason::REPLACED);
@@ -437,9 +448,8 @@ impl Segment {
         }
         let busy = m.busy.load(Ordering::SeqCst);
         if busy != 0 && !busy_holder_alive(busy) {
-            // The dead producer was mid-append: forget the bytes it had only reserved.
-            let published = m.cursor.load(Ordering::Acquire);
-            m.head.store(published, Ordering::Release);
+            // The dead producer was mid-append. Its torn bytes past `cursor` were never
+            // published; `head` keeps counting the range they overwrote as lost.
             m.busy.store(0, Ordering::SeqCst);
         } else if busy != 0 {
             return Ok(None);
@@ -616,6 +626,19 @@ impl Registry<'_> {
         Err(Error::RegistryFull { max_sessions: n })
     }
 
+    /// Like `alloc`, but waits (briefly) for an append still in flight on a freed slot.
+    fn alloc_waiting(&self) -> Result<u32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match self.alloc() {
+                Err(Error::RegistryFull { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Ends the session in `slot` if it is still `gen`: readers and the producer see it gone.
     fn end(&self, slot: u32, gen: u64, reason: u8) -> bool {
         let inner = self.inner;
@@ -628,7 +651,7 @@ impl Registry<'_> {
             m.cancel.store(1, Ordering::SeqCst);
         }
         m.last_end.store(gen << 8 | reason as u64, Ordering::SeqCst);
-        m.generation.store(gen.wrapping_add(1), Ordering::SeqCst);
+        m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
         m.state.store(state::FREE, Ordering::SeqCst);
         notify::publish(inner.map.as_ptr(), &inner.geo, m);
         inner.release_pages(slot);
@@ -645,7 +668,7 @@ impl Registry<'_> {
                     let gen = m.generation.load(Ordering::Acquire);
                     m.last_end
                         .store(gen << 8 | end_reason::EVICTED as u64, Ordering::SeqCst);
-                    m.generation.store(gen.wrapping_add(1), Ordering::SeqCst);
+                    m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
                     m.state.store(state::FREE, Ordering::SeqCst);
                     inner.release_pages(slot);
                 }
@@ -666,6 +689,12 @@ impl Inner {
         // SAFETY: HINT_OFFSET is inside the header page, 4-byte aligned; an AtomicU32 is valid
         // for any bit pattern.
         unsafe { &*(self.map.as_ptr().add(HINT_OFFSET) as *const AtomicU32) }
+    }
+
+    fn generation_counter(&self) -> &AtomicU64 {
+        // SAFETY: GENERATION_OFFSET is inside the header page and 8-byte aligned; an AtomicU64
+        // is valid for any bit pattern.
+        unsafe { &*(self.map.as_ptr().add(GENERATION_OFFSET) as *const AtomicU64) }
     }
 
     pub(crate) fn lock(&self) -> Result<Registry<'_>> {
@@ -788,7 +817,10 @@ impl Inner {
     /// Writes a new session's metadata into an INIT slot; returns its generation.
     fn install(&self, slot: u32, id: &str, owner: &str, me: ProcessId) -> u64 {
         let m = self.slot(slot);
-        let gen = m.generation.load(Ordering::Acquire).wrapping_add(1);
+        // Under the registry lock, so a plain load/store pair is a unique increment.
+        let counter = self.generation_counter();
+        let gen = (counter.load(Ordering::Acquire) + 1) & !ENDED_BIT;
+        counter.store(gen, Ordering::Release);
         m.generation.store(gen, Ordering::SeqCst);
         // Pairs with the acquire loads of readers: anyone who sees the reset cursors below
         // also sees the new generation and discards what it copied.
@@ -919,7 +951,10 @@ impl Inner {
             owner: String::from_utf8_lossy(&owner).into_owned(),
             state: st,
             total_bytes: total,
-            first_available: total.saturating_sub(self.geo.session_bytes),
+            first_available: crate::ring::first_available(
+                &self.cursors(slot),
+                self.geo.session_bytes,
+            ),
             started_at_ns: m.started_at_ns.load(Ordering::Relaxed),
             completed_at_ns: m.completed_at_ns.load(Ordering::Relaxed),
             last_write_ns: m.last_write_ns.load(Ordering::Relaxed),
