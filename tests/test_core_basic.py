@@ -558,3 +558,27 @@ def test_memory_follows_the_bytes_written(seg_path: str) -> None:
     after = s.stats().resident_bytes
     assert after <= full - 3 * MiB, (full, after)
     assert _allocated(seg_path) <= full - 3 * MiB
+
+
+def test_handles_of_a_reused_slot_never_touch_the_new_session(seg_path: str) -> None:
+    s = ringcast.Segment.create(seg_path, max_sessions=1, session_bytes=64 * KiB)
+    wa = s.create_or_replace("a")
+    wa.write(b"aaa")
+    ra = s.reader("a", 1)
+    assert s.evict("a")
+    wb = s.create_or_replace("b")  # the only slot, reused
+    assert wb.slot == wa.slot
+    wb.write(b"bbbbbb")
+    assert not wa.write(b"stale writer")
+    assert not wa.finalize()
+    with pytest.raises(ringcast.SessionEnded) as ei:
+        ra.read_nowait()
+    assert ei.value.reason == "evicted"
+    with pytest.raises(ringcast.SessionEnded):
+        ra.read_into(bytearray(10), timeout=0)
+    info = s.get("b")
+    assert info is not None
+    assert (info.total_bytes, info.state, info.readers) == (6, "running", 0)
+    assert s.reader("b").read_nowait() == b"bbbbbb"
+    assert not s.evict_slot(wa.slot, wa.generation)
+    assert s.get("b") is not None
