@@ -240,3 +240,16 @@ def loop_read(path: str, conv: str, ready: Any) -> None:
                 break
         if rng.random() < 0.5:
             r.close()
+
+
+def take_over_racer(path: str, conv: str, idx: int, barrier: Any, out: Any) -> None:
+    try:
+        seg = ringcast.Segment.open(path)
+        barrier.wait()
+        w = seg.take_over_dead(conv, "crash")
+        wrote = w.write(f"<{idx}>".encode()) if w is not None else None
+        out.put(("took", idx, w is not None, wrote))
+        # Stay alive until the parent has looked, so the winner still counts as a live producer.
+        barrier.wait()
+    except BaseException:
+        _report_errors(out, idx)

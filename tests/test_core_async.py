@@ -221,3 +221,52 @@ def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: s
         assert got == b"".join(f"data: s{i} e{k}\n\n".encode() for k in range(events)), i
     info = seg.get("s0", "many")
     assert info is not None and info.readers == per_session
+
+
+def test_aread_on_two_segments_in_one_loop(seg_path: str, loop_kind: str) -> None:
+    """Each segment handle has its own notifier fd; readers of both wake in the same loop."""
+    a = ringcast.Segment.create(seg_path, max_sessions=4, session_bytes=64 * 1024)
+    b_path = seg_path + "-b"
+    b = ringcast.Segment.create(b_path, max_sessions=4, session_bytes=64 * 1024)
+    try:
+        wa, wb = a.create_or_replace("c"), b.create_or_replace("c")
+        ra, rb = a.reader("c"), b.reader("c")
+
+        async def main() -> None:
+            ta, tb = asyncio.create_task(ra.aread()), asyncio.create_task(rb.aread())
+            for _ in range(5):
+                await asyncio.sleep(0)
+            wb.write(b"from b")
+            assert await asyncio.wait_for(tb, 30) == b"from b"
+            wa.write(b"from a")
+            assert await asyncio.wait_for(ta, 30) == b"from a"
+
+        run_async(loop_kind, main)
+    finally:
+        os.unlink(b_path)
+
+
+def test_aread_after_closing_a_segment_in_the_same_loop(seg_path: str, loop_kind: str) -> None:
+    """A closed segment's notifier must not capture the wake-ups of a segment opened later."""
+    paths = [seg_path, seg_path + "-2", seg_path + "-3"]
+    try:
+
+        async def main() -> None:
+            for path in paths:
+                s = ringcast.Segment.create(path, max_sessions=4, session_bytes=64 * 1024)
+                w = s.create_or_replace("c")
+                r = s.reader("c")
+                task = asyncio.create_task(r.aread())
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                w.write(path.encode())
+                assert await asyncio.wait_for(task, 30) == path.encode()
+                s.close()
+                with pytest.raises(ringcast.SegmentError):
+                    await r.aread()
+
+        run_async(loop_kind, main)
+    finally:
+        for path in paths[1:]:
+            if os.path.exists(path):
+                os.unlink(path)

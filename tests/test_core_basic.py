@@ -582,3 +582,79 @@ def test_handles_of_a_reused_slot_never_touch_the_new_session(seg_path: str) -> 
     assert s.reader("b").read_nowait() == b"bbbbbb"
     assert not s.evict_slot(wa.slot, wa.generation)
     assert s.get("b") is not None
+
+
+def test_ring_keeps_exactly_session_bytes_even_off_page(seg_path: str) -> None:
+    s = ringcast.Segment.create(seg_path, max_sessions=2, session_bytes=1000)
+    assert s.session_bytes == 1000
+    w = s.create_or_replace("c")
+    w.write(pattern_at(0, 1500))
+    info = s.get("c")
+    assert info is not None
+    assert (info.total_bytes, info.first_available) == (1500, 500)
+    assert s.stats().bytes_buffered == 1000
+    with pytest.raises(ringcast.OffsetLost) as ei:
+        s.reader("c", 499)
+    assert ei.value.first_available == 500
+    assert s.reader("c", 500).read_nowait() == pattern_at(500, 1000)
+
+
+def test_unicode_ids_and_owners_round_trip(seg: ringcast.Segment) -> None:
+    conv, owner = "конв-1::модель/Q8_0", "ключ-🔑"
+    w = seg.create_or_replace(conv, owner)
+    w.write(b"x")
+    assert [(i.conversation_id, i.owner) for i in seg.lookup_prefix("конв-1", owner)] == [
+        (conv, owner)]
+    # Limits count UTF-8 bytes: 2 bytes per character here.
+    with pytest.raises(ringcast.InvalidArgument):
+        seg.create_or_replace("é" * (seg.max_id_len // 2 + 1))
+    seg.create_or_replace("é" * (seg.max_id_len // 2))
+
+
+def test_owner_length_is_bounded(seg: ringcast.Segment) -> None:
+    with pytest.raises(ringcast.InvalidArgument):
+        seg.create_or_replace("c", "o" * 10_000)
+    assert seg.list() == []
+
+
+def test_zero_max_bytes_is_refused_not_an_empty_read(seg: ringcast.Segment) -> None:
+    seg.create_or_replace("c").write(b"abc")
+    r = seg.reader("c")
+    for call in (lambda: r.read(0), lambda: r.read_nowait(0)):
+        with pytest.raises(ValueError):
+            call()
+    assert r.offset == 0
+
+
+def test_reader_beyond_the_end_of_a_finished_stream_is_at_end(seg: ringcast.Segment) -> None:
+    w = seg.create_or_replace("c")
+    w.write(b"0123456789")
+    w.finalize()
+    r = seg.reader("c", 50)
+    assert r.read_nowait() == b""
+    assert r.at_end
+    assert r.read(timeout=None) == b""
+    assert r.epoch == seg.epoch
+
+
+def test_notifier_reports_the_slots_that_advanced(seg: ringcast.Segment) -> None:
+    import select
+
+    w1, w2 = seg.create_or_replace("a"), seg.create_or_replace("b")
+    n = seg.notifier()
+    assert seg.notifier().fileno() == n.fileno()  # one per segment handle
+    with pytest.raises(ringcast.InvalidArgument):
+        n.subscribe(seg.max_sessions + 5, 1)
+    n.subscribe(w1.slot, w1.generation)
+    n.subscribe(w2.slot, w2.generation)
+    w2.write(b"x")
+    readable, _, _ = select.select([n.fileno()], [], [], 30)
+    assert readable
+    assert n.drain() == [w2.slot]
+    assert n.drain() == []
+    seg.evict("a")  # an end is an advance too
+    readable, _, _ = select.select([n.fileno()], [], [], 30)
+    assert readable
+    assert n.drain() == [w1.slot]
+    n.unsubscribe(w1.slot, w1.generation)
+    n.unsubscribe(w2.slot, w2.generation)

@@ -221,3 +221,42 @@ def test_producer_dying_mid_copy_never_exposes_torn_bytes(seg_path: str) -> None
     # After the take-over, the first available offset must not point into bytes the dead
     # producer half overwrote.
     assert _read_all_checked(seg, "torn", "crash") == 3 * cap + 10
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_take_over_has_exactly_one_winner(seg_path: str) -> None:
+    seg = ringcast.Segment.create(seg_path, max_sessions=4, session_bytes=64 * KiB)
+    n = 8
+    for round_ in range(scaled(3)):
+        conv = f"orphan-{round_}"
+        proc = run_python(
+            "import sys, ringcast\n"
+            "w = ringcast.Segment.open(sys.argv[1]).create_or_replace(sys.argv[2], 'crash')\n"
+            "w.write(b'left behind')\n",
+            60, seg_path, conv,
+        )
+        assert proc.returncode == 0, proc.stderr
+        barrier, out = CTX.Barrier(n), CTX.Queue()
+        procs = [
+            CTX.Process(target=children.take_over_racer, args=(seg_path, conv, i, barrier, out))
+            for i in range(n)
+        ]
+        for p in procs:
+            p.start()
+        results = []
+        for _ in range(n):
+            msg = out.get(timeout=60)
+            if msg[0] == "error":
+                pytest.fail(f"child {msg[1]} failed:\n{msg[2]}")
+            results.append(msg)
+        winners = [m for m in results if m[2]]
+        assert len(winners) == 1, results
+        assert winners[0][3] is True
+        info = seg.get(conv, "crash")
+        assert info is not None and info.producer_alive
+        r = seg.reader(conv, 0, "crash")
+        assert r.read_nowait() == b"left behind" + f"<{winners[0][1]}>".encode()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * n
+        seg.evict(conv, "crash")

@@ -51,6 +51,8 @@ def _join_all(procs: list[Any], timeout: float = 60) -> None:
     [
         pytest.param(scaled(50 * MiB, 4 * MiB), 64 * MiB, False, id="50MB-ring-holds-all"),
         pytest.param(scaled(20 * MiB, 4 * MiB), 256 * 1024, True, id="20MB-small-ring"),
+        # A ring of one page: nearly every read races an overwrite of the bytes it copies.
+        pytest.param(scaled(8 * MiB, 2 * MiB), 4096, True, id="8MB-one-page-ring"),
     ],
 )
 def test_fanout_16_reader_processes(seg_path: str, total: int, ring: int, allow_loss: bool) -> None:
