@@ -1,0 +1,426 @@
+"""HTTP fan-out: S streams x R readers over real HTTP connections, three servers compared.
+
+- ``ringcast``: ``ringcast serve`` (``--http-procs`` HTTP processes, one worker), the events
+  produced by a plug-in generator defined in this file (``--generator http_fanout:timestamped``);
+- ``memory``: a single-process asyncio server on uvloop written by hand below: sessions are
+  ``bytearray``s, readers wait on futures woken by the producer;
+- ``redis``: the same server with sessions in Redis Streams (redis-py + hiredis, Redis at
+  127.0.0.1:6379): the producer ``XADD``s every event through a pipeline flushed by a
+  background task (no round trip per event); one ``XREAD BLOCK`` loop per session mirrors the
+  stream into memory for the local readers;
+- ``redis-per-reader`` (not in the default set): every reader tails with its own
+  ``XREAD BLOCK`` — the naive design, for reference.
+
+Every event is a ``chat.completion.chunk`` framed with ``id: <offset>`` whose content is the
+producer's ``time.time_ns()``; the client (one uvloop process) parses each event as it arrives
+and records producer-to-client latency. For each stream, the POST's own response is one
+reader and ``R - 1`` more attach with ``GET /v1/stream``; the producers wait ``--prefill``
+seconds before the first token so every reader is attached.
+
+    python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
+    python bench/http_fanout.py --tokens-per-s 0          # unpaced: throughput
+
+Loopback only; every loop is bounded by --tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ringcast.protocol import frame_event
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CONTENT = re.compile(rb'"content":"(\d+)"')
+
+
+# --------------------------------------------------------------------------------------------
+# The event source, shared by all three servers
+
+
+def _pace() -> tuple[float, float]:
+    return (float(os.environ.get("BENCH_TPS", "50")), float(os.environ.get("BENCH_PREFILL",
+                                                                           "1.0")))
+
+
+async def timestamps(n: int) -> AsyncIterator[str]:
+    tps, prefill = _pace()
+    await asyncio.sleep(prefill)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i in range(n):
+        if tps > 0:
+            delay = t0 + i / tps - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif i % 16 == 15:
+            await asyncio.sleep(0)
+        yield str(time.time_ns())
+
+
+async def timestamped(ctx: Any) -> AsyncIterator[str]:
+    """``ringcast serve --generator http_fanout:timestamped`` plug-in."""
+    async for piece in timestamps(ctx.max_tokens or 16):
+        yield piece
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline servers (memory, redis)
+
+
+class Session:
+    __slots__ = ("buf", "done", "waiters")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = False
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chunk_bytes(total: int, content: str) -> bytes:
+    ev = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
+          b'"model":"bench","choices":[{"index":0,"delta":{"content":"%s"},'
+          b'"finish_reason":null,"logprobs":null}]}\n\n' % content.encode())
+    return frame_event(total, ev)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    async def produce(self, conv: str, n: int) -> None:
+        s = self.sessions[conv] = Session()
+        async for piece in timestamps(n):
+            s.buf += chunk_bytes(len(s.buf), piece)
+            s.wake()
+        s.buf += frame_event(len(s.buf), DONE)
+        s.done = True
+        s.wake()
+
+    async def read(self, conv: str) -> AsyncIterator[bytes]:
+        async for data in self.tail(self.sessions[conv]):
+            yield data
+
+    @staticmethod
+    async def tail(s: Session) -> AsyncIterator[bytes]:
+        pos = 0
+        while True:
+            if pos < len(s.buf):
+                data = bytes(s.buf[pos:])
+                pos += len(data)
+                yield data
+                continue
+            if s.done:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            s.waiters.append(fut)
+            await fut
+
+
+class RedisStore:
+    def __init__(self, per_reader: bool) -> None:
+        import redis.asyncio as aioredis
+
+        self.per_reader = per_reader
+        self.mirrors: dict[str, Session] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.r = aioredis.Redis(host="127.0.0.1", port=6379, max_connections=4096)
+        self.pending: list[tuple[str, bytes]] = []
+        self.flushing: asyncio.Event = asyncio.Event()
+        self.started: set[str] = set()
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def flush_loop(self) -> None:
+        while True:
+            await self.flushing.wait()
+            self.flushing.clear()
+            batch, self.pending = self.pending, []
+            pipe = self.r.pipeline(transaction=False)
+            for key, data in batch:
+                pipe.xadd(key, {b"d": data})
+            await pipe.execute()
+
+    def append(self, key: str, data: bytes) -> None:
+        self.pending.append((key, data))
+        self.flushing.set()
+
+    async def produce(self, conv: str, n: int) -> None:
+        if self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self.flush_loop())
+        key = "bench:" + conv
+        await self.r.delete(key)
+        self.started.add(conv)
+        total = 0
+        async for piece in timestamps(n):
+            ev = chunk_bytes(total, piece)
+            total += len(ev)
+            self.append(key, ev)
+        self.append(key, frame_event(total, DONE))
+
+    async def read(self, conv: str) -> AsyncIterator[bytes]:
+        if self.per_reader:
+            async for data in self._xread(conv):
+                yield data
+            return
+        # One XREAD loop per session in this process mirrors the stream into memory and
+        # wakes the local readers: one Redis round trip per batch, not per reader.
+        mirror = self.mirrors.get(conv)
+        if mirror is None:
+            mirror = self.mirrors[conv] = Session()
+            t = asyncio.get_running_loop().create_task(self._mirror(conv, mirror))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+        async for data in MemoryStore.tail(mirror):
+            yield data
+
+    async def _mirror(self, conv: str, s: Session) -> None:
+        async for data in self._xread(conv):
+            s.buf += data
+            s.wake()
+        s.done = True
+        s.wake()
+
+    async def _xread(self, conv: str) -> AsyncIterator[bytes]:
+        key = "bench:" + conv
+        last = b"0-0"
+        while True:
+            res = await self.r.xread({key: last}, block=0, count=1000)
+            for _, entries in res:
+                out = bytearray()
+                for eid, fields in entries:
+                    last = eid
+                    out += fields[b"d"]
+                yield bytes(out)
+                if out.endswith(DONE):
+                    return
+
+
+async def baseline_server(kind: str, port: int) -> None:
+    store: MemoryStore | RedisStore = (MemoryStore() if kind == "memory"
+                                       else RedisStore(per_reader=kind == "redis-per-reader"))
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target = lines[0].split(" ")[:2]
+            hs = {k.strip().lower(): v.strip() for k, _, v in
+                  (ln.partition(":") for ln in lines[1:] if ln)}
+            body = await r.readexactly(int(hs.get("content-length", "0")))
+            if method == "POST":
+                conv = hs["x-conversation-id"]
+                n = json.loads(body)["max_tokens"]
+                t = asyncio.get_running_loop().create_task(store.produce(conv, n))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                await asyncio.sleep(0)  # the session exists before the reader starts
+            else:
+                conv = target.split("conv_id=")[1].split("&")[0]
+                while isinstance(store, RedisStore) and conv not in store.started:
+                    await asyncio.sleep(0.001)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            async for data in store.read(conv):
+                w.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await w.drain()
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# --------------------------------------------------------------------------------------------
+# Client
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.events = 0
+        self.bytes = 0
+        self.first = float("inf")
+        self.last = 0.0
+
+
+async def consume(port: int, req: bytes, stats: Stats, ready: asyncio.Event | None) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    w.write(req)
+    await r.readuntil(b"\r\n\r\n")
+    if ready is not None:
+        ready.set()
+    buf = b""
+    while True:
+        line = await r.readline()
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            break
+        data = await r.readexactly(size + 2)
+        now = time.time_ns()
+        buf += data[:-2]
+        stats.bytes += size
+        if b"\n\n" not in buf:
+            continue
+        complete, _, buf = buf.rpartition(b"\n\n")
+        for m in CONTENT.finditer(complete):
+            stats.latencies.append((now - int(m.group(1))) / 1e6)
+            stats.events += 1
+        t = time.monotonic()
+        stats.first = min(stats.first, t)
+        stats.last = max(stats.last, t)
+    w.close()
+
+
+async def run_clients(port: int, streams: int, readers: int, tokens: int) -> Stats:
+    stats = Stats()
+    body = json.dumps({"model": "m", "stream": True, "max_tokens": tokens,
+                       "messages": [{"role": "user", "content": "bench"}]}).encode()
+    jobs = []
+    run = f"{os.getpid()}-{time.monotonic_ns()}"
+    for s in range(streams):
+        conv = f"bench-{run}-{s}"
+        post = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: {conv}"
+                f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode() + body
+        ready = asyncio.Event()
+        jobs.append(asyncio.ensure_future(consume(port, post, stats, ready)))
+        await ready.wait()
+        get = (f"GET /v1/stream?conv_id={conv}&from=0 HTTP/1.1\r\nHost: x\r\n"
+               f"Connection: close\r\n\r\n").encode()
+        jobs += [asyncio.ensure_future(consume(port, get, stats, None))
+                 for _ in range(readers - 1)]
+    await asyncio.gather(*jobs)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ, BENCH_TPS=str(args.tokens_per_s), BENCH_PREFILL=str(args.prefill),
+               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    if system == "ringcast":
+        cmd = [sys.executable, "-m", "ringcast.cli", "serve", "--port", "0",
+               "--http-procs", str(args.http_procs), "--workers", "1",
+               "--segment", os.path.join(tmp, "bench.seg"), "--log-level", "WARNING",
+               "--generator", "http_fanout:timestamped",
+               "--max-sessions", str(max(64, args.streams * 4))]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        m = re.search(r":(\d+) \(", line)
+        if not m:
+            raise SystemExit(f"ringcast serve did not start: {line!r}")
+        return p, int(m.group(1))
+    port = free_port()
+    p = subprocess.Popen([sys.executable, __file__, "--baseline", system, "--port", str(port)],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        raise SystemExit(f"{system} baseline did not start")
+    return p, port
+
+
+def measure(system: str, args: argparse.Namespace, tmp: str) -> dict[str, float]:
+    proc, port = start(system, args, tmp)
+    try:
+        import uvloop
+
+        stats = uvloop.run(run_clients(port, args.streams, args.readers, args.tokens))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    expected = args.streams * args.readers * args.tokens
+    if stats.events != expected:
+        raise SystemExit(f"{system}: received {stats.events} events, expected {expected}")
+    lat = sorted(stats.latencies)
+    span = max(stats.last - stats.first, 1e-9)
+    return {"events_per_s": stats.events / span, "p50_ms": statistics.median(lat),
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "events": stats.events}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--readers", type=int, default=16, help="readers per stream (incl. POST)")
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--tokens-per-s", type=float, default=50.0, help="0 = unpaced")
+    ap.add_argument("--prefill", type=float, default=1.0)
+    ap.add_argument("--http-procs", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per system; the median counts")
+    ap.add_argument("--systems", default="ringcast,memory,redis")
+    ap.add_argument("--baseline", choices=["memory", "redis", "redis-per-reader"],
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline:
+        import uvloop
+
+        uvloop.run(baseline_server(args.baseline, args.port))
+        return
+    import tempfile
+
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.systems.split(",")}
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as t:
+        for _ in range(args.repeat):  # interleaved, so background load hits every system
+            for system in runs:
+                runs[system].append(measure(system, args, t))
+    # The run with the median throughput stands for each system.
+    results = {name: sorted(rs, key=lambda r: r["events_per_s"])[len(rs) // 2]
+               for name, rs in runs.items()}
+    print(f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
+          f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs}, "
+          f"median of {args.repeat} run(s), load average {os.getloadavg()[0]:.1f}")
+    print(f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+    if "ringcast" in results:
+        rc = results["ringcast"]
+        for name, r in results.items():
+            if name != "ringcast":
+                print(f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
+                      f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
+                      f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
