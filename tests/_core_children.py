@@ -253,3 +253,32 @@ def take_over_racer(path: str, conv: str, idx: int, barrier: Any, out: Any) -> N
         barrier.wait()
     except BaseException:
         _report_errors(out, idx)
+
+
+def record(writer: int, seq: int, size: int) -> bytes:
+    """A self-checking record: writer id, sequence, length, then bytes derived from them."""
+    body = bytes((writer * 31 + seq * 7 + i) & 0xFF for i in range(size))
+    return bytes([writer]) + seq.to_bytes(4, "little") + size.to_bytes(4, "little") + body
+
+
+def concurrent_writer(
+    path: str, conv: str, writer: int, generation: int | None, n: int, barrier: Any, out: Any
+) -> None:
+    """Writer 0 creates the session, the others adopt it; all append ``n`` records at once."""
+    try:
+        seg = ringcast.Segment.open(path)
+        if generation is None:
+            w = seg.create_or_replace(conv, "dual")
+            out.put(("created", writer, w.generation))
+        else:
+            w = seg.adopt(conv, "dual", generation)
+        barrier.wait()
+        rng = random.Random(writer)
+        accepted = 0
+        for seq in range(n):
+            if w.write(record(writer, seq, rng.choice((0, 1, 50, 700, 5000)))):
+                accepted += 1
+        out.put(("wrote", writer, accepted))
+        barrier.wait()
+    except BaseException:
+        _report_errors(out, writer)

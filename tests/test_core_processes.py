@@ -276,3 +276,42 @@ def test_process_entries_of_dead_processes_are_reused(seg_path: str) -> None:
     r = seg.reader("c", 0, "o")
     seg.notifier().subscribe(r.slot, r.generation)
     assert r.read_nowait() == b"x"
+
+
+@pytest.mark.timeout(120)
+def test_two_writers_after_adopt_never_tear_records(seg_path: str) -> None:
+    """The creator keeps its Writer while another process adopts the session. Whatever the
+    core decides about the old handle (refuse its appends, or serialize both), the stream must
+    be a sequence of whole records: no interleaved bytes, no lost or duplicated record."""
+    seg = ringcast.Segment.create(seg_path, max_sessions=4, session_bytes=64 * MiB)
+    n = scaled(3000, 300)
+    barrier, out = CTX.Barrier(2), CTX.Queue()
+    first = CTX.Process(
+        target=children.concurrent_writer, args=(seg_path, "dual", 0, None, n, barrier, out)
+    )
+    first.start()
+    generation = _collect(out, 1, "created")[0][2]
+    second = CTX.Process(
+        target=children.concurrent_writer,
+        args=(seg_path, "dual", 1, generation, n, barrier, out),
+    )
+    second.start()
+    accepted = {m[1]: m[2] for m in _collect(out, 2, "wrote")}
+    _join_all([first, second])
+    info = seg.get("dual", "dual")
+    assert info is not None
+    data = seg.reader("dual", 0, "dual").read_nowait(info.total_bytes + 1) or b""
+    assert len(data) == info.total_bytes
+    seen = {0: 0, 1: 0}
+    at = 0
+    while at < len(data):
+        writer = data[at]
+        assert writer in seen, f"garbage writer id {writer} at {at}"
+        seq = int.from_bytes(data[at + 1 : at + 5], "little")
+        size = int.from_bytes(data[at + 5 : at + 9], "little")
+        rec = children.record(writer, seq, size)
+        assert data[at : at + len(rec)] == rec, f"torn record at {at}"
+        assert seq == seen[writer], f"writer {writer}: record {seq} after {seen[writer]}"
+        seen[writer] += 1
+        at += len(rec)
+    assert seen == accepted
