@@ -478,7 +478,8 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("MemTotal"):
                 mem = int(line.split()[1]) * 1024
     return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_bytes": mem,
-            "kernel": platform.release(), "python": platform.python_version()}
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg()}
 
 
 def _fmt_rate(x: float) -> str:
@@ -590,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in ratios(results, reader_counts):
         print(line)
-    print(f"# total {time.monotonic() - started:.0f}s")
+    load = os.getloadavg()
+    print(f"# total {time.monotonic() - started:.0f}s; load average at start "
+          f"{facts['loadavg_at_start'][0]:.1f}, at end {load[0]:.1f} (other work on the machine "
+          "skews the figures)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -25,7 +25,7 @@ pytest_plugins = ["_core_fixtures"]
 
 KiB = 1024
 CTX = multiprocess.get_context("spawn")
-ROUNDS = scaled(8, 2)
+ROUNDS = scaled(12, 2)
 
 
 def _kill_at_random(target: Any, args: tuple[Any, ...], rng: random.Random) -> None:
