@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from server_harness import (
     Server,
+    check_ids,
     error_of,
     open_request,
     post_chat,
@@ -79,7 +80,7 @@ def test_ttl_collects_completed_sessions(tmp_path: Path) -> None:
         post_chat(s.port, "short-lived", max_tokens=2).read_all_and_close()
         wait_for(lambda: request(s.port, "GET", "/v1/stream?conv_id=short-lived")[0] == 404,
                  "the TTL to expire the session")
-        assert s.metric('evictions_total{reason="ttl"}') == 1
+        wait_for(lambda: s.metric('evictions_total{reason="ttl"}') == 1, "the TTL count")
 
 
 def test_lru_eviction_of_completed_sessions_only(tmp_path: Path) -> None:
@@ -170,3 +171,43 @@ def test_keep_segment_and_reattach(tmp_path: Path) -> None:
     finally:
         s2.stop()
     assert not os.path.exists(s.segment)
+
+
+def test_idle_running_session_is_evicted(tmp_path: Path) -> None:
+    with server(tmp_path, "--prefill-s", "3600", "--idle-timeout", "0.5") as s:
+        r = post_chat(s.port, "stuck")
+        assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "evicted"
+        wait_for(lambda: s.metric('evictions_total{reason="idle"}') == 1, "the idle count")
+        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+                 "the stuck job to stop")
+
+
+def test_memory_cap_evicts_completed_sessions_oldest_first(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "0", "--max-memory", "20000") as s:
+        sizes = [len(post_chat(s.port, f"m-{i}", max_tokens=20, prompt=str(i))
+                     .read_all_and_close()) for i in range(8)]
+        assert sum(sizes) > 20000
+        wait_for(lambda: request(s.port, "GET", "/v1/stream?conv_id=m-0")[0] == 404,
+                 "the oldest session to be evicted")
+        assert request(s.port, "GET", "/v1/stream?conv_id=m-7")[0] == 200
+        wait_for(lambda: s.metric("bytes_buffered") <= 20000, "memory below the cap")
+
+
+def test_pings_during_a_slow_prefill_and_cors(tmp_path: Path) -> None:
+    page = "http://page.example"
+    with server(tmp_path, "--prefill-s", "0.6", "--sse-ping-interval", "0.1",
+                "--cors-origin", page) as s:
+        r = post_chat(s.port, "pinged", max_tokens=3, headers={"Origin": page})
+        assert r.headers["access-control-allow-origin"] == page
+        assert "X-Ringcast-Offset" in r.headers["access-control-expose-headers"]
+        body = r.read_all_and_close()
+        events = sse_events(body)
+        assert events[0] == b": ping\n\n"  # the prefill was not silent
+        assert body.endswith(b"data: [DONE]\n\n")
+        check_ids(body)  # the pings are counted by the next event's id
+        status, headers, _ = request(s.port, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": page})
+        assert status == 204
+        assert "X-Conversation-Id" in headers["access-control-allow-headers"]
+        _, headers, _ = request(s.port, "GET", "/health", headers={"Origin": "http://evil"})
+        assert "access-control-allow-origin" not in headers

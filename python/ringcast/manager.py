@@ -102,6 +102,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     replay_speed: float = 1.0  # 0 = as fast as possible
     max_body: int = 1 << 20
     keepalive_timeout: float = 75.0
+    sse_ping_interval: float = 30.0
+    cors_origins: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""
     log_level: str = "INFO"
 
@@ -456,6 +458,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         default_max_tokens=args.default_max_tokens, upstream=args.upstream or "",
         upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
         generator=args.generator or "", max_body=args.max_body, log_level=args.log_level,
+        sse_ping_interval=args.sse_ping_interval, cors_origins=args.cors_origin or [],
         replay=os.path.abspath(args.replay) if args.replay else "", replay_speed=args.speed,
     )
 
@@ -561,6 +564,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "CPU core)")
     net.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                      help="largest request body accepted; larger gets 413 (%(default)s)")
+    net.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="allow browser pages from this origin (or '*') to call the API; "
+                          "repeatable. Default: no CORS headers")
     auth = parser.add_argument_group("authentication")
     auth.add_argument("--api-key", action="append", metavar="KEY",
                       help="accept this key (Bearer or X-Api-Key); repeatable. Sessions are "
@@ -589,6 +595,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="synthetic model speed; 0 = as fast as possible (%(default)s)")
     model.add_argument("--prefill-s", type=float, default=0.0,
                        help="synthetic prompt-processing delay before the first token")
+    model.add_argument("--sse-ping-interval", type=float, default=30.0, metavar="S",
+                       help="append ': ping' to a running stream silent for this long, so slow "
+                            "prefills do not look dead; 0 = never (%(default)s)")
     model.add_argument("--default-max-tokens", type=int, default=64,
                        help="synthetic tokens when the request sets no max_tokens")
     store = parser.add_argument_group("sessions and memory")

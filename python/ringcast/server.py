@@ -126,6 +126,9 @@ END_EVENTS = {
     "failed": (500, "the stream failed"),
 }
 
+EXPOSED_HEADERS = ("X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, "
+                   "X-Ringcast-Process")
+
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _DECIMAL = re.compile(r"^[0-9]{1,19}$")
 
@@ -226,6 +229,7 @@ class Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.keep_alive = True
         self.chunked = False
+        self.cors_origin = ""
 
     # -- asyncio callbacks
 
@@ -350,6 +354,7 @@ class Connection(asyncio.Protocol):
     async def _run(self, req: Request) -> None:
         self.keep_alive = req.keep_alive
         self.chunked = False
+        self.cors_origin = self.app.cors_origin(req)
         try:
             await self.app.dispatch(req, self)
         except HttpError as e:
@@ -395,6 +400,10 @@ class Connection(asyncio.Protocol):
         lines += [f"{k}: {v}" for k, v in headers]
         lines.append("Connection: keep-alive" if self.keep_alive else "Connection: close")
         lines.append(f"X-Ringcast-Process: {self.app.index}")
+        if self.cors_origin:
+            lines.append(f"Access-Control-Allow-Origin: {self.cors_origin}")
+            lines.append("Access-Control-Expose-Headers: " + EXPOSED_HEADERS)
+            lines.append("Vary: Origin")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def send(self, status: int, body: bytes, content_type: str = "application/json",
@@ -539,9 +548,26 @@ class App:
 
     # -- dispatch
 
+    def cors_origin(self, req: Request) -> str:
+        """The ``Access-Control-Allow-Origin`` value for this request, or ``""``."""
+        allowed = self.cfg.cors_origins
+        if not allowed:
+            return ""
+        if "*" in allowed:
+            return "*"
+        origin = req.headers.get("origin", "")
+        return origin if origin in allowed else ""
+
     async def dispatch(self, req: Request, conn: Connection) -> None:
         self.counters.inc(HttpCounter.REQUESTS)
         path, method = req.path, req.method
+        if method == "OPTIONS" and self.cfg.cors_origins:
+            # CORS preflight (a browser page on another origin sending keys or a conv id).
+            return conn.send(204, b"", headers=[
+                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Api-Key, "
+                                                 "X-Conversation-Id, Last-Event-ID"),
+                ("Access-Control-Max-Age", "600")])
         if path == "/v1/chat/completions":
             self.allow(method, "POST")
             return await self.post_completion(req, conn, "chat")

@@ -92,6 +92,7 @@ from ringcast.protocol import (
 log = logging.getLogger("ringcast.worker")
 
 CANCEL_POLL = 0.02
+PING_EVENT = b": ping\n\n"
 
 
 class Gone(Exception):
@@ -453,11 +454,29 @@ class WorkerApp:
             emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
 
     async def watch_cancel(self) -> None:
+        """Cancel jobs whose session was cancelled; ping streams that stay silent."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.sse_ping_interval
+        progress: dict[asyncio.Task[None], tuple[int, float]] = {}
         while True:
             await asyncio.sleep(CANCEL_POLL)
+            now = loop.time()
             for task, writer in list(self.active.items()):
-                if writer.cancelled and not task.done():
-                    task.cancel()
+                if writer.cancelled:
+                    if not task.done():
+                        task.cancel()
+                    continue
+                if interval <= 0:
+                    continue
+                total = writer.total_bytes
+                last = progress.get(task)
+                if last is None or last[0] != total:
+                    progress[task] = (total, now)
+                elif now - last[1] >= interval and writer.write(PING_EVENT):
+                    # A comment, not an event: no id line, the next event's id counts it.
+                    progress[task] = (writer.total_bytes, now)
+            for task in [t for t in progress if t not in self.active]:
+                del progress[task]
 
     async def shutdown(self) -> None:
         self.shutting_down = True
