@@ -51,8 +51,7 @@ CONTENT = re.compile(rb'"content":"(\d+)"')
 
 
 def _pace() -> tuple[float, float]:
-    return (float(os.environ.get("BENCH_TPS", "50")), float(os.environ.get("BENCH_PREFILL",
-                                                                           "1.0")))
+    return (float(os.environ.get("BENCH_TPS", "50")), float(os.environ.get("BENCH_PREFILL", "1.0")))
 
 
 async def timestamps(n: int) -> AsyncIterator[str]:
@@ -99,9 +98,11 @@ DONE = b"data: [DONE]\n\n"
 
 
 def chunk_bytes(total: int, content: str) -> bytes:
-    ev = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
-          b'"model":"bench","choices":[{"index":0,"delta":{"content":"%s"},'
-          b'"finish_reason":null,"logprobs":null}]}\n\n' % content.encode())
+    ev = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
+        b'"model":"bench","choices":[{"index":0,"delta":{"content":"%s"},'
+        b'"finish_reason":null,"logprobs":null}]}\n\n' % content.encode()
+    )
     return frame_event(total, ev)
 
 
@@ -217,8 +218,9 @@ class RedisStore:
 
 
 async def baseline_server(kind: str, port: int) -> None:
-    store: MemoryStore | RedisStore = (MemoryStore() if kind == "memory"
-                                       else RedisStore(per_reader=kind == "redis-per-reader"))
+    store: MemoryStore | RedisStore = (
+        MemoryStore() if kind == "memory" else RedisStore(per_reader=kind == "redis-per-reader")
+    )
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -226,8 +228,10 @@ async def baseline_server(kind: str, port: int) -> None:
             head = await r.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             method, target = lines[0].split(" ")[:2]
-            hs = {k.strip().lower(): v.strip() for k, _, v in
-                  (ln.partition(":") for ln in lines[1:] if ln)}
+            hs = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+            }
             body = await r.readexactly(int(hs.get("content-length", "0")))
             if method == "POST":
                 conv = hs["x-conversation-id"]
@@ -240,8 +244,10 @@ async def baseline_server(kind: str, port: int) -> None:
                 conv = target.split("conv_id=")[1].split("&")[0]
                 while isinstance(store, RedisStore) and conv not in store.started:
                     await asyncio.sleep(0.001)
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            w.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )
             async for data in store.read(conv):
                 w.write(b"%x\r\n%s\r\n" % (len(data), data))
                 await w.drain()
@@ -301,22 +307,30 @@ async def consume(port: int, req: bytes, stats: Stats, ready: asyncio.Event | No
 
 async def run_clients(port: int, streams: int, readers: int, tokens: int) -> Stats:
     stats = Stats()
-    body = json.dumps({"model": "m", "stream": True, "max_tokens": tokens,
-                       "messages": [{"role": "user", "content": "bench"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "stream": True,
+            "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "bench"}],
+        }
+    ).encode()
     jobs = []
     run = f"{os.getpid()}-{time.monotonic_ns()}"
     for s in range(streams):
         conv = f"bench-{run}-{s}"
-        post = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: {conv}"
-                f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n").encode() + body
+        post = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: {conv}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n"
+        ).encode() + body
         ready = asyncio.Event()
         jobs.append(asyncio.ensure_future(consume(port, post, stats, ready)))
         await ready.wait()
-        get = (f"GET /v1/stream?conv_id={conv}&from=0 HTTP/1.1\r\nHost: x\r\n"
-               f"Connection: close\r\n\r\n").encode()
-        jobs += [asyncio.ensure_future(consume(port, get, stats, None))
-                 for _ in range(readers - 1)]
+        get = (
+            f"GET /v1/stream?conv_id={conv}&from=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ).encode()
+        jobs += [asyncio.ensure_future(consume(port, get, stats, None)) for _ in range(readers - 1)]
     await asyncio.gather(*jobs)
     return stats
 
@@ -334,14 +348,33 @@ def free_port() -> int:
 
 
 def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.Popen[str], int]:
-    env = dict(os.environ, BENCH_TPS=str(args.tokens_per_s), BENCH_PREFILL=str(args.prefill),
-               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        BENCH_TPS=str(args.tokens_per_s),
+        BENCH_PREFILL=str(args.prefill),
+        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
     if system == "ringcast":
-        cmd = [sys.executable, "-m", "ringcast.cli", "serve", "--port", "0",
-               "--http-procs", str(args.http_procs), "--workers", "1",
-               "--segment", os.path.join(tmp, "bench.seg"), "--log-level", "WARNING",
-               "--generator", "http_fanout:timestamped",
-               "--max-sessions", str(max(64, args.streams * 4))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringcast.cli",
+            "serve",
+            "--port",
+            "0",
+            "--http-procs",
+            str(args.http_procs),
+            "--workers",
+            "1",
+            "--segment",
+            os.path.join(tmp, "bench.seg"),
+            "--log-level",
+            "WARNING",
+            "--generator",
+            "http_fanout:timestamped",
+            "--max-sessions",
+            str(max(64, args.streams * 4)),
+        ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout is not None
         line = p.stdout.readline()
@@ -350,8 +383,12 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
             raise SystemExit(f"ringcast serve did not start: {line!r}")
         return p, int(m.group(1))
     port = free_port()
-    p = subprocess.Popen([sys.executable, __file__, "--baseline", system, "--port", str(port)],
-                         stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--baseline", system, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert p.stdout is not None
     if p.stdout.readline().strip() != "ready":
         raise SystemExit(f"{system} baseline did not start")
@@ -374,8 +411,12 @@ def measure(system: str, args: argparse.Namespace, tmp: str) -> dict[str, float]
         raise SystemExit(f"{system}: received {stats.events} events, expected {expected}")
     lat = sorted(stats.latencies)
     span = max(stats.last - stats.first, 1e-9)
-    return {"events_per_s": stats.events / span, "p50_ms": statistics.median(lat),
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "events": stats.events}
+    return {
+        "events_per_s": stats.events / span,
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "events": stats.events,
+    }
 
 
 def main() -> None:
@@ -388,8 +429,9 @@ def main() -> None:
     ap.add_argument("--http-procs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="runs per system; the median counts")
     ap.add_argument("--systems", default="ringcast,memory,redis")
-    ap.add_argument("--baseline", choices=["memory", "redis", "redis-per-reader"],
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baseline", choices=["memory", "redis", "redis-per-reader"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:
@@ -405,11 +447,14 @@ def main() -> None:
             for system in runs:
                 runs[system].append(measure(system, args, t))
     # The run with the median throughput stands for each system.
-    results = {name: sorted(rs, key=lambda r: r["events_per_s"])[len(rs) // 2]
-               for name, rs in runs.items()}
-    print(f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
-          f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs}, "
-          f"median of {args.repeat} run(s), load average {os.getloadavg()[0]:.1f}")
+    results = {
+        name: sorted(rs, key=lambda r: r["events_per_s"])[len(rs) // 2] for name, rs in runs.items()
+    }
+    print(
+        f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
+        f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs}, "
+        f"median of {args.repeat} run(s), load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for name, r in results.items():
         print(f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
@@ -417,9 +462,11 @@ def main() -> None:
         rc = results["ringcast"]
         for name, r in results.items():
             if name != "ringcast":
-                print(f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
-                      f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
-                      f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}")
+                print(
+                    f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
+                    f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
+                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}"
+                )
 
 
 if __name__ == "__main__":

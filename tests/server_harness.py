@@ -33,14 +33,33 @@ def shared_dir() -> Path | None:
 class Server:
     """A ``ringcast serve`` process tree on a free port."""
 
-    def __init__(self, tmp: Path, *args: str, http_procs: int = 2, workers: int = 1,
-                 segment: Path | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        http_procs: int = 2,
+        workers: int = 1,
+        segment: Path | None = None,
+    ) -> None:
         self.segment = segment or tmp / "seg"
-        cmd = [sys.executable, "-m", "ringcast.cli", "serve", "--port", "0",
-               "--http-procs", str(http_procs), "--workers", str(workers),
-               "--segment", str(self.segment), "--log-level", "WARNING", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                     cwd=str(tmp))
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringcast.cli",
+            "serve",
+            "--port",
+            "0",
+            "--http-procs",
+            str(http_procs),
+            "--workers",
+            str(workers),
+            "--segment",
+            str(self.segment),
+            "--log-level",
+            "WARNING",
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(tmp))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         m = re.search(r"listening on http://([^:]+):(\d+)", line)
@@ -99,8 +118,13 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
 # Raw HTTP
 
 
-def _head(method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
-          version: str = "HTTP/1.1") -> bytes:
+def _head(
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str] | None,
+    version: str = "HTTP/1.1",
+) -> bytes:
     hs = {"Host": "127.0.0.1", **(headers or {})}
     if body is not None:
         hs.setdefault("Content-Type", "application/json")
@@ -118,14 +142,12 @@ class Response:
         while b"\r\n\r\n" not in self.buf:
             data = sock.recv(65536)
             if not data:
-                raise ConnectionError(f"connection closed before the response head: "
-                                      f"{self.buf!r}")
+                raise ConnectionError(f"connection closed before the response head: {self.buf!r}")
             self.buf += data
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split(" ")[1])
-        self.headers = {k.lower(): v.strip() for k, _, v in
-                        (ln.partition(":") for ln in lines[1:])}
+        self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
         self.left = int(self.headers.get("content-length", "-1"))
         self.chunk_left = 0
@@ -145,8 +167,8 @@ class Response:
                 if not self.buf and not self._fill():
                     self.done = True
                     return b""
-                data = self.buf if self.left < 0 else self.buf[:self.left]
-                self.buf = self.buf[len(data):]
+                data = self.buf if self.left < 0 else self.buf[: self.left]
+                self.buf = self.buf[len(data) :]
                 if self.left >= 0:
                     self.left -= len(data)
                     self.done = self.left == 0
@@ -168,9 +190,9 @@ class Response:
                 raise ConnectionError("connection closed inside a chunk")
             before = self.chunk_left
             take = self.buf[:before]
-            self.buf = self.buf[len(take):]
+            self.buf = self.buf[len(take) :]
             self.chunk_left -= len(take)
-            data = take[:max(0, before - 2)]  # the chunk's trailing CRLF is not body
+            data = take[: max(0, before - 2)]  # the chunk's trailing CRLF is not body
             if data:
                 return data
         return b""
@@ -200,21 +222,31 @@ class Response:
             self.close()
 
 
-def open_request(port: int, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, version: str = "HTTP/1.1",
-                 raw: bytes | None = None) -> Response:
+def open_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    version: str = "HTTP/1.1",
+    raw: bytes | None = None,
+) -> Response:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.sendall(raw if raw is not None else _head(method, path, body, headers, version))
     return Response(sock)
 
 
-def request(port: int, method: str, path: str, body: bytes | dict[str, Any] | list[Any] |
-            None = None, headers: dict[str, str] | None = None,
-            raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     if isinstance(body, dict | list):
         body = json.dumps(body).encode()
-    r = open_request(port, method, path, body, {"Connection": "close", **(headers or {})},
-                     raw=raw)
+    r = open_request(port, method, path, body, {"Connection": "close", **(headers or {})}, raw=raw)
     try:
         return r.status, r.headers, r.read_all()
     finally:
@@ -222,17 +254,29 @@ def request(port: int, method: str, path: str, body: bytes | dict[str, Any] | li
 
 
 def chat_body(max_tokens: int = 16, stream: bool = True, prompt: str = "hello") -> bytes:
-    return json.dumps({"model": "m", "stream": stream, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    return json.dumps(
+        {
+            "model": "m",
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+    ).encode()
 
 
-def post_chat(port: int, conv: str | None, max_tokens: int = 16,
-              headers: dict[str, str] | None = None, prompt: str = "hello") -> Response:
+def post_chat(
+    port: int,
+    conv: str | None,
+    max_tokens: int = 16,
+    headers: dict[str, str] | None = None,
+    prompt: str = "hello",
+) -> Response:
     hs = dict(headers or {})
     if conv is not None:
         hs["X-Conversation-Id"] = conv
-    return open_request(port, "POST", "/v1/chat/completions",
-                        chat_body(max_tokens, prompt=prompt), hs)
+    return open_request(
+        port, "POST", "/v1/chat/completions", chat_body(max_tokens, prompt=prompt), hs
+    )
 
 
 def sse_events(body: bytes) -> list[bytes]:
@@ -249,7 +293,7 @@ def check_ids(body: bytes, start: int = 0) -> None:
     for ev in sse_events(body):
         pos += len(ev)
         if ev.startswith(b"id: "):
-            assert int(ev[4:ev.index(b"\n")]) == pos, ev[:80]
+            assert int(ev[4 : ev.index(b"\n")]) == pos, ev[:80]
 
 
 def error_of(event: bytes) -> dict[str, Any]:

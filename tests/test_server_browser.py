@@ -24,8 +24,9 @@ from server_harness import Server, data_of, post_chat, request, server, sse_even
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(CHROMIUM is None,
-                       reason="chromium is not installed (Debian: apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"
+    ),
 ]
 
 PAGE = b"""<!doctype html><meta charset="utf-8"><title>ringcast</title><script>
@@ -70,11 +71,14 @@ class FrontHandler(socketserver.BaseRequestHandler):
         head, rest = buf.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
         path = lines[0].split(" ")[1]
-        headers = {k.strip().lower(): v.strip()
-                   for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])
+        }
         if path == "/":
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (len(PAGE), PAGE))
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(PAGE), PAGE)
+            )
         elif path == "/report":
             need = int(headers.get("content-length", "0"))
             while len(rest) < need:
@@ -85,8 +89,9 @@ class FrontHandler(socketserver.BaseRequestHandler):
         elif path.startswith("/v1/stream"):
             self.relay(sock, lines, headers)
         else:
-            sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
-                         b"Connection: close\r\n\r\n")
+            sock.sendall(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
 
     def relay(self, sock: socket.socket, lines: list[str], headers: dict[str, str]) -> None:
         first = not self.server.stream_requests
@@ -98,7 +103,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
         try:
             while data := back.recv(65536):
                 if first and sent + len(data) > self.server.cut_after:
-                    sock.sendall(data[:self.server.cut_after - sent])
+                    sock.sendall(data[: self.server.cut_after - sent])
                     sock.shutdown(socket.SHUT_RDWR)  # the network fails mid-stream
                     return
                 sock.sendall(data)
@@ -121,10 +126,20 @@ def test_eventsource_resumes_by_last_event_id(srv: Server, tmp_path: Path) -> No
     front = Front(srv.port)
     threading.Thread(target=front.serve_forever, daemon=True).start()
     browser = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-dev-shm-usage", "--disable-extensions", f"--user-data-dir={tmp_path}/chr",
-         f"http://127.0.0.1:{front.server_address[1]}/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--disable-extensions",
+            f"--user-data-dir={tmp_path}/chr",
+            f"http://127.0.0.1:{front.server_address[1]}/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert front.reported.wait(90), "the page never saw [DONE]"
     finally:

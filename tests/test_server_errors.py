@@ -13,8 +13,9 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with server(tmp_path_factory.mktemp("errors"), "--tokens-per-s", "0", "--max-body",
-                "4096", http_procs=1) as s:
+    with server(
+        tmp_path_factory.mktemp("errors"), "--tokens-per-s", "0", "--max-body", "4096", http_procs=1
+    ) as s:
         post_chat(s.port, "known", max_tokens=3).read_all_and_close()
         yield s
 
@@ -27,8 +28,9 @@ def error(status: int, body: bytes) -> dict[str, object]:
     return err
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "12x", " 1", "1.5", "0x10", "١٢",
-                                   "99999999999999999999999"])
+@pytest.mark.parametrize(
+    "value", ["abc", "-1", "12x", " 1", "1.5", "0x10", "١٢", "99999999999999999999999"]
+)
 def test_bad_from_is_400(srv: Server, value: str) -> None:
     from urllib.parse import quote
 
@@ -38,8 +40,9 @@ def test_bad_from_is_400(srv: Server, value: str) -> None:
 
 
 def test_bad_last_event_id_is_400(srv: Server) -> None:
-    status, _, body = request(srv.port, "GET", "/v1/stream?conv_id=known",
-                              headers={"Last-Event-ID": "x1"})
+    status, _, body = request(
+        srv.port, "GET", "/v1/stream?conv_id=known", headers={"Last-Event-ID": "x1"}
+    )
     assert status == 400
     error(400, body)
 
@@ -50,8 +53,9 @@ def test_empty_from_means_zero(srv: Server) -> None:
     assert (status, body) == (200, whole)
 
 
-@pytest.mark.parametrize("conv", ["a%00b", "tab%09here", "nl%0A", "del%7F", "c1%C2%85",
-                                  "x" * 257, "%FF%FE"])
+@pytest.mark.parametrize(
+    "conv", ["a%00b", "tab%09here", "nl%0A", "del%7F", "c1%C2%85", "x" * 257, "%FF%FE"]
+)
 def test_bad_conversation_id_is_400(srv: Server, conv: str) -> None:
     for path in (f"/v1/stream?conv_id={conv}", f"/v1/stream/{conv}"):
         status, _, body = request(srv.port, "GET", path)
@@ -63,14 +67,17 @@ def test_bad_conversation_id_header_is_400(srv: Server) -> None:
     r = post_chat(srv.port, "y" * 257)
     assert r.status == 400
     error(400, r.read_all_and_close())
-    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: a\x01b\r\n"
-           b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: a\x01b\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
     status, _, _body = request(srv.port, "POST", "", raw=raw)
     assert status == 400
 
 
-@pytest.mark.parametrize("conv", ["conv-1::ggml-org/tinygemma3-GGUF:Q8_0", "a b", "ünï/cødé",
-                                  "x" * 256, "?&=#%"])
+@pytest.mark.parametrize(
+    "conv", ["conv-1::ggml-org/tinygemma3-GGUF:Q8_0", "a b", "ünï/cødé", "x" * 256, "?&=#%"]
+)
 def test_printable_ids_are_accepted_in_every_form(srv: Server, conv: str) -> None:
     from urllib.parse import quote
 
@@ -103,8 +110,10 @@ def test_body_limits_and_encodings(srv: Server) -> None:
     status, _headers, body = request(srv.port, "POST", "/v1/chat/completions", big)
     assert status == 413
     error(413, body)
-    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-           b"\r\n2\r\n{}\r\n0\r\n\r\n")
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
     status, _, body = request(srv.port, "POST", "", raw=raw)
     assert status == 411
     error(411, body)
@@ -118,10 +127,16 @@ def test_body_limits_and_encodings(srv: Server) -> None:
 
 def test_100_continue(srv: Server) -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-    r = open_request(srv.port, "POST", "/v1/chat/completions",
-                     raw=(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                          f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n"
-                          f"Connection: close\r\n\r\n").encode())
+    r = open_request(
+        srv.port,
+        "POST",
+        "/v1/chat/completions",
+        raw=(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n"
+        ).encode(),
+    )
     assert r.status == 100
     r.sock.sendall(body.encode())
     from server_harness import Response
@@ -131,9 +146,16 @@ def test_100_continue(srv: Server) -> None:
     assert json.loads(final.read_all_and_close())["object"] == "chat.completion"
 
 
-@pytest.mark.parametrize("body", [b"not json", b"{}", b'{"messages": "x"}',
-                                  b'{"messages": [], "max_tokens": -1}',
-                                  b'{"messages": [], "n": 2}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b'{"messages": "x"}',
+        b'{"messages": [], "max_tokens": -1}',
+        b'{"messages": [], "n": 2}',
+    ],
+)
 def test_bad_completion_body_is_400(srv: Server, body: bytes) -> None:
     status, _, resp = request(srv.port, "POST", "/v1/chat/completions", body)
     assert status == 400
@@ -157,12 +179,14 @@ def test_lookup_inputs(srv: Server) -> None:
     error(400, body)
     assert request(srv.port, "POST", "/v1/streams/lookup", b"{}")[2] == b"[]"
     assert request(srv.port, "POST", "/v1/streams/lookup", b"")[2] == b"[]"
-    assert request(srv.port, "POST", "/v1/streams/lookup",
-                   {"conversation_ids": []})[2] == b"[]"
-    assert request(srv.port, "POST", "/v1/streams/lookup",
-                   {"conversation_ids": ["nope", "", "z" * 500]})[2] == b"[]"
-    status, _, body = request(srv.port, "POST", "/v1/streams/lookup",
-                              {"conversation_ids": "known"})
+    assert request(srv.port, "POST", "/v1/streams/lookup", {"conversation_ids": []})[2] == b"[]"
+    assert (
+        request(
+            srv.port, "POST", "/v1/streams/lookup", {"conversation_ids": ["nope", "", "z" * 500]}
+        )[2]
+        == b"[]"
+    )
+    status, _, body = request(srv.port, "POST", "/v1/streams/lookup", {"conversation_ids": "known"})
     assert status == 400
 
 
@@ -180,8 +204,14 @@ def test_health_models_metrics(srv: Server) -> None:
     status, headers, body = request(srv.port, "GET", "/metrics")
     assert headers["content-type"].startswith("text/plain")
     text = body.decode()
-    for name in ("ringcast_sessions{state=\"done\"}", "ringcast_bytes_buffered",
-                 "ringcast_readers", "ringcast_resumes_total", "ringcast_offsets_lost_total",
-                 "ringcast_evictions_total", "ringcast_http_requests_total{process=\"0\"}"):
+    for name in (
+        'ringcast_sessions{state="done"}',
+        "ringcast_bytes_buffered",
+        "ringcast_readers",
+        "ringcast_resumes_total",
+        "ringcast_offsets_lost_total",
+        "ringcast_evictions_total",
+        'ringcast_http_requests_total{process="0"}',
+    ):
         assert name in text
     assert "known" not in text  # no conversation ids in metrics

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def lookup(port: int, conv: str, headers: dict[str, str] | None = None) -> list[dict[str, object]]:
-    _, _, body = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]},
-                         headers=headers)
+    _, _, body = request(
+        port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]}, headers=headers
+    )
     found: list[dict[str, object]] = json.loads(body)
     return found
 
@@ -60,8 +61,10 @@ def test_replace_ends_old_readers_with_replaced(tmp_path: Path) -> None:
         body = new.read_all_and_close()
         assert body.endswith(b"data: [DONE]\n\n")
         assert request(s.port, "GET", "/v1/stream?conv_id=same")[2] == body
-        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
-                 "the replaced job to stop")
+        wait_for(
+            lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+            "the replaced job to stop",
+        )
 
 
 def test_anonymous_stream_stops_when_the_client_leaves(tmp_path: Path) -> None:
@@ -70,16 +73,20 @@ def test_anonymous_stream_stops_when_the_client_leaves(tmp_path: Path) -> None:
         r.read_at_least(300)
         assert request(s.port, "GET", "/v1/streams")[2] == b"[]"  # never listed
         r.close()
-        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
-                 "the generation to stop")
+        wait_for(
+            lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+            "the generation to stop",
+        )
         wait_for(lambda: s.metric("sessions") == 0, "the session to go away")
 
 
 def test_ttl_collects_completed_sessions(tmp_path: Path) -> None:
     with server(tmp_path, "--tokens-per-s", "0", "--ttl", "0.5") as s:
         post_chat(s.port, "short-lived", max_tokens=2).read_all_and_close()
-        wait_for(lambda: request(s.port, "GET", "/v1/stream?conv_id=short-lived")[0] == 404,
-                 "the TTL to expire the session")
+        wait_for(
+            lambda: request(s.port, "GET", "/v1/stream?conv_id=short-lived")[0] == 404,
+            "the TTL to expire the session",
+        )
         wait_for(lambda: s.metric('evictions_total{reason="ttl"}') == 1, "the TTL count")
 
 
@@ -109,8 +116,7 @@ def test_full_table_of_running_sessions_is_503(tmp_path: Path) -> None:
 
 
 def test_evict_running_when_asked(tmp_path: Path) -> None:
-    with server(tmp_path, "--prefill-s", "3600", "--max-sessions", "8",
-                "--evict-running") as s:
+    with server(tmp_path, "--prefill-s", "3600", "--max-sessions", "8", "--evict-running") as s:
         held = [post_chat(s.port, f"r-{i}") for i in range(8)]
         r = post_chat(s.port, "one-more")
         assert r.status == 200
@@ -126,8 +132,12 @@ def test_per_key_isolation(tmp_path: Path) -> None:
         a = {"Authorization": "Bearer key-a"}
         b = {"X-Api-Key": "key-b"}
         body = post_chat(s.port, "shared-name", max_tokens=3, headers=a).read_all_and_close()
-        assert post_chat(s.port, "shared-name", max_tokens=5, headers=b,
-                         prompt="b").read_all_and_close() != body
+        assert (
+            post_chat(
+                s.port, "shared-name", max_tokens=5, headers=b, prompt="b"
+            ).read_all_and_close()
+            != body
+        )
         # Same id, two tenants: each sees only its own session.
         assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=a)[2] == body
         only_a = post_chat(s.port, "only-a", max_tokens=3, headers=a).read_all_and_close()
@@ -136,8 +146,9 @@ def test_per_key_isolation(tmp_path: Path) -> None:
         assert lookup(s.port, "only-a", b) == []
         listed_b = json.loads(request(s.port, "GET", "/v1/streams", headers=b)[2])
         assert [i["conversation_id"] for i in listed_b] == ["shared-name"]
-        listed_a = json.loads(request(s.port, "GET", "/v1/streams?conversation_id=only-a",
-                                      headers=a)[2])
+        listed_a = json.loads(
+            request(s.port, "GET", "/v1/streams?conversation_id=only-a", headers=a)[2]
+        )
         assert [i["conversation_id"] for i in listed_a] == ["only-a"]
         assert request(s.port, "DELETE", "/v1/stream?conv_id=only-a", headers=b)[0] == 204
         assert request(s.port, "GET", "/v1/stream?conv_id=only-a", headers=a)[0] == 200
@@ -178,25 +189,32 @@ def test_idle_running_session_is_evicted(tmp_path: Path) -> None:
         r = post_chat(s.port, "stuck")
         assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "evicted"
         wait_for(lambda: s.metric('evictions_total{reason="idle"}') == 1, "the idle count")
-        wait_for(lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
-                 "the stuck job to stop")
+        wait_for(
+            lambda: s.metric('worker_jobs_total{worker="0",outcome="cancelled"}') == 1,
+            "the stuck job to stop",
+        )
 
 
 def test_memory_cap_evicts_completed_sessions_oldest_first(tmp_path: Path) -> None:
     with server(tmp_path, "--tokens-per-s", "0", "--max-memory", "20000") as s:
-        sizes = [len(post_chat(s.port, f"m-{i}", max_tokens=20, prompt=str(i))
-                     .read_all_and_close()) for i in range(8)]
+        sizes = [
+            len(post_chat(s.port, f"m-{i}", max_tokens=20, prompt=str(i)).read_all_and_close())
+            for i in range(8)
+        ]
         assert sum(sizes) > 20000
-        wait_for(lambda: request(s.port, "GET", "/v1/stream?conv_id=m-0")[0] == 404,
-                 "the oldest session to be evicted")
+        wait_for(
+            lambda: request(s.port, "GET", "/v1/stream?conv_id=m-0")[0] == 404,
+            "the oldest session to be evicted",
+        )
         assert request(s.port, "GET", "/v1/stream?conv_id=m-7")[0] == 200
         wait_for(lambda: s.metric("bytes_buffered") <= 20000, "memory below the cap")
 
 
 def test_pings_during_a_slow_prefill_and_cors(tmp_path: Path) -> None:
     page = "http://page.example"
-    with server(tmp_path, "--prefill-s", "0.6", "--sse-ping-interval", "0.1",
-                "--cors-origin", page) as s:
+    with server(
+        tmp_path, "--prefill-s", "0.6", "--sse-ping-interval", "0.1", "--cors-origin", page
+    ) as s:
         r = post_chat(s.port, "pinged", max_tokens=3, headers={"Origin": page})
         assert r.headers["access-control-allow-origin"] == page
         assert "X-Ringcast-Offset" in r.headers["access-control-expose-headers"]
@@ -205,8 +223,9 @@ def test_pings_during_a_slow_prefill_and_cors(tmp_path: Path) -> None:
         assert events[0] == b": ping\n\n"  # the prefill was not silent
         assert body.endswith(b"data: [DONE]\n\n")
         check_ids(body)  # the pings are counted by the next event's id
-        status, headers, _ = request(s.port, "OPTIONS", "/v1/chat/completions",
-                                     headers={"Origin": page})
+        status, headers, _ = request(
+            s.port, "OPTIONS", "/v1/chat/completions", headers={"Origin": page}
+        )
         assert status == 204
         assert "X-Conversation-Id" in headers["access-control-allow-headers"]
         _, headers, _ = request(s.port, "GET", "/health", headers={"Origin": "http://evil"})

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with server(tmp_path_factory.mktemp("openai"), "--tokens-per-s", "0",
-                "--api-key", "sk-test") as s:
+    with server(
+        tmp_path_factory.mktemp("openai"), "--tokens-per-s", "0", "--api-key", "sk-test"
+    ) as s:
         yield s
 
 
@@ -48,22 +49,33 @@ def test_chat_streaming_matches_non_streaming(srv: Server) -> None:
 def test_chat_streaming_with_conversation_id_is_replayable(srv: Server) -> None:
     c = client(srv)
     stream = c.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
-        extra_headers={"X-Conversation-Id": "conv-1::ggml-org/tinygemma3-GGUF:Q8_0"})
+        model="m",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=5,
+        stream=True,
+        extra_headers={"X-Conversation-Id": "conv-1::ggml-org/tinygemma3-GGUF:Q8_0"},
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert len(text.split()) == 5
-    status, _, body = request(srv.port, "GET",
-                              "/v1/stream?conv_id=conv-1%3A%3Aggml-org%2Ftinygemma3-GGUF%3AQ8_0",
-                              headers={"Authorization": "Bearer sk-test"})
+    status, _, body = request(
+        srv.port,
+        "GET",
+        "/v1/stream?conv_id=conv-1%3A%3Aggml-org%2Ftinygemma3-GGUF%3AQ8_0",
+        headers={"Authorization": "Bearer sk-test"},
+    )
     assert status == 200
     assert body.endswith(b"data: [DONE]\n\n")
 
 
 def test_completions_streaming_and_not(srv: Server) -> None:
     c = client(srv)
-    text = "".join(ch.choices[0].text for ch in
-                   c.completions.create(model="m", prompt="Once upon a time", max_tokens=7,
-                                        stream=True) if ch.choices)
+    text = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model="m", prompt="Once upon a time", max_tokens=7, stream=True
+        )
+        if ch.choices
+    )
     whole = c.completions.create(model="m", prompt="Once upon a time", max_tokens=7)
     assert whole.choices[0].text == text
     assert whole.choices[0].finish_reason == "length"
@@ -79,8 +91,12 @@ def test_cancelled_stream_raises_api_error(tmp_path: Path) -> None:
     with server(tmp_path, "--tokens-per-s", "20", "--prefill-s", "0") as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
         stream = c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "x"}], max_tokens=1000,
-            stream=True, extra_headers={"X-Conversation-Id": "to-cancel"})
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=1000,
+            stream=True,
+            extra_headers={"X-Conversation-Id": "to-cancel"},
+        )
         with pytest.raises(openai.APIError, match="cancelled"):
             for i, _ in enumerate(stream):
                 if i == 2:

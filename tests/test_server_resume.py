@@ -27,8 +27,9 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with server(tmp_path_factory.mktemp("resume"), "--tokens-per-s", "200",
-                "--http-procs", "2") as s:
+    with server(
+        tmp_path_factory.mktemp("resume"), "--tokens-per-s", "200", "--http-procs", "2"
+    ) as s:
         yield s
 
 
@@ -66,9 +67,10 @@ def test_resume_mid_event_joins_exactly(srv: Server) -> None:
 def test_last_event_id_resumes_like_from(srv: Server) -> None:
     body = post_chat(srv.port, "resume-3", max_tokens=10).read_all_and_close()
     events = sse_events(body)
-    third = int(events[2][4:events[2].index(b"\n")])
-    _, _, tail = request(srv.port, "GET", "/v1/stream?conv_id=resume-3&from=0",
-                         headers={"Last-Event-ID": str(third)})
+    third = int(events[2][4 : events[2].index(b"\n")])
+    _, _, tail = request(
+        srv.port, "GET", "/v1/stream?conv_id=resume-3&from=0", headers={"Last-Event-ID": str(third)}
+    )
     assert body[third:] == tail
     assert tail.startswith(events[3])
 
@@ -111,15 +113,17 @@ def test_from_at_or_beyond_the_end(srv: Server) -> None:
     assert g.status == 200
     tail = g.read_all_and_close()
     whole = head + r.read_all_and_close()
-    assert whole[len(head) + 2000:] == tail
+    assert whole[len(head) + 2000 :] == tail
 
 
 def test_keep_alive_and_pipelining(srv: Server) -> None:
     r = open_request(srv.port, "GET", "/health")
     assert r.status == 200
     assert json.loads(r.read_all())["status"] == "ok"
-    r.sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
-                   b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    r.sock.sendall(
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     r2 = Response(r.sock, r.buf)
     assert r2.status == 200
     assert json.loads(r2.read_all())["object"] == "list"
@@ -138,8 +142,17 @@ def lookup(port: int, conv: str) -> dict[str, object]:
 
 def test_offset_lost_is_410_and_in_band(tmp_path: Path) -> None:
     # --prefill-s: the slow reader below attaches during the simulated prompt processing.
-    with server(tmp_path, "--tokens-per-s", "0", "--session-bytes", "8192",
-                "--http-procs", "1", "--prefill-s", "1") as s:
+    with server(
+        tmp_path,
+        "--tokens-per-s",
+        "0",
+        "--session-bytes",
+        "8192",
+        "--http-procs",
+        "1",
+        "--prefill-s",
+        "1",
+    ) as s:
         post_chat(s.port, "small", max_tokens=400).close()
         wait_for(lambda: lookup(s.port, "small").get("is_done"), "the stream to finish")
         status, _, err = request(s.port, "GET", "/v1/stream?conv_id=small&from=0")
@@ -173,4 +186,4 @@ def test_ids_and_error_framing_helpers() -> None:
     for n in (0, 1, 80, 90, 94, 95, 96, 990, 9990):
         ev = frame_event(total, b"data: " + b"x" * n + b"\n\n")
         total += len(ev)
-        assert int(ev[4:ev.index(b"\n")]) == total
+        assert int(ev[4 : ev.index(b"\n")]) == total

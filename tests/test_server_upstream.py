@@ -29,12 +29,13 @@ pytestmark = pytest.mark.timeout(90)
 
 SHARED = shared_dir()
 if SHARED is None:
-    pytest.skip("shared/data/llama-server not found beside the repository",
-                allow_module_level=True)
+    pytest.skip("shared/data/llama-server not found beside the repository", allow_module_level=True)
 RECORDINGS: list[dict[str, Any]] = [
     json.loads(line)
     for line in (SHARED / "data" / "llama-server" / "llama-server-chat-streams.jsonl")
-    .read_text().splitlines() if line.strip()
+    .read_text()
+    .splitlines()
+    if line.strip()
 ]
 
 
@@ -75,13 +76,16 @@ class Handler(socketserver.StreamRequestHandler):
         self.server.requests.append(body)
         if self.server.status != 200:
             err = b'{"error":{"code":500,"message":"model exploded","type":"server_error"}}'
-            self.wfile.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
-                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(err), err))
+            self.wfile.write(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(err), err)
+            )
             return
         rec = next(r for r in RECORDINGS if r["request"]["messages"] == body["messages"])
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
         start = time.monotonic()
         try:
             for ev in rec["events"]:
@@ -116,18 +120,21 @@ def srv(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> Ite
 
 
 def strip_ids(body: bytes) -> bytes:
-    return b"".join(ev.split(b"\n", 1)[1] if ev.startswith(b"id: ") else ev
-                    for ev in sse_events(body))
+    return b"".join(
+        ev.split(b"\n", 1)[1] if ev.startswith(b"id: ") else ev for ev in sse_events(body)
+    )
 
 
 @pytest.mark.parametrize("line", range(len(RECORDINGS)))
-def test_proxied_bytes_are_the_upstream_bytes(srv: Server, upstream: FakeUpstream,
-                                              line: int) -> None:
+def test_proxied_bytes_are_the_upstream_bytes(
+    srv: Server, upstream: FakeUpstream, line: int
+) -> None:
     upstream.pace = 0.0
     rec = RECORDINGS[line]
     body = json.dumps(rec["request"]).encode()
-    r = open_request(srv.port, "POST", "/v1/chat/completions", body,
-                     {"X-Conversation-Id": f"proxy-{line}"})
+    r = open_request(
+        srv.port, "POST", "/v1/chat/completions", body, {"X-Conversation-Id": f"proxy-{line}"}
+    )
     got = r.read_all_and_close()
     check_ids(got)
     # Byte for byte what llama-server sent, plus ringcast's id line on every event.
@@ -158,8 +165,13 @@ def test_delete_closes_the_upstream_request(srv: Server, upstream: FakeUpstream)
     upstream.pace = 1.0
     rec = max(RECORDINGS, key=lambda r: r["events"][-1]["t"])
     aborted = upstream.aborted
-    r = open_request(srv.port, "POST", "/v1/chat/completions",
-                     json.dumps(rec["request"]).encode(), {"X-Conversation-Id": "proxy-cancel"})
+    r = open_request(
+        srv.port,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(rec["request"]).encode(),
+        {"X-Conversation-Id": "proxy-cancel"},
+    )
     r.read_at_least(1000)
     assert request(srv.port, "DELETE", "/v1/stream?conv_id=proxy-cancel")[0] == 204
     assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "cancelled"
@@ -175,8 +187,9 @@ def test_upstream_failure_modes(tmp_path: Path, upstream: FakeUpstream) -> None:
         body = post_chat(s.port, "no-upstream").read_all_and_close()
         err = error_of(sse_events(body)[-1])
         assert (err["code"], err["type"]) == (502, "upstream_error")
-        status, _, _out = request(s.port, "POST", "/v1/chat/completions",
-                                 {"messages": [{"role": "user", "content": "x"}]})
+        status, _, _out = request(
+            s.port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}
+        )
         assert status == 502
     upstream.status = 500
     try:
@@ -187,8 +200,9 @@ def test_upstream_failure_modes(tmp_path: Path, upstream: FakeUpstream) -> None:
             err = error_of(sse_events(body)[-1])
             assert err["code"] == 500
             assert "model exploded" in str(err["message"])
-            _, _, info = request(s.port, "POST", "/v1/streams/lookup",
-                                 {"conversation_ids": ["bad-upstream"]})
+            _, _, info = request(
+                s.port, "POST", "/v1/streams/lookup", {"conversation_ids": ["bad-upstream"]}
+            )
             assert json.loads(info)[0]["state"] == "failed"
     finally:
         upstream.status = 200

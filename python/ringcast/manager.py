@@ -287,8 +287,9 @@ class Child:
 
 
 class Manager:
-    def __init__(self, cfg: ServeConfig, config_path: str, seg: Segment,
-                 counters: SharedCounters) -> None:
+    def __init__(
+        self, cfg: ServeConfig, config_path: str, seg: Segment, counters: SharedCounters
+    ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.seg = seg
@@ -307,7 +308,8 @@ class Manager:
             ready.unlink()
         child.proc = subprocess.Popen(
             [sys.executable, "-m", module, self.config_path, str(child.index)],
-            env=env, stdin=subprocess.DEVNULL,
+            env=env,
+            stdin=subprocess.DEVNULL,
         )
         child.started = time.monotonic()
         log.debug("started %s %d pid %d", child.role, child.index, child.proc.pid)
@@ -315,14 +317,21 @@ class Manager:
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            missing = [c for c in self.children
-                       if not Path(self.cfg.run_dir, f"ready-{c.role}-{c.index}").exists()]
+            missing = [
+                c
+                for c in self.children
+                if not Path(self.cfg.run_dir, f"ready-{c.role}-{c.index}").exists()
+            ]
             if not missing:
                 return True
             for c in missing:
                 if c.proc is not None and c.proc.poll() is not None:
-                    log.error("%s process %d exited with %s during start-up",
-                              c.role, c.index, c.proc.returncode)
+                    log.error(
+                        "%s process %d exited with %s during start-up",
+                        c.role,
+                        c.index,
+                        c.proc.returncode,
+                    )
                     return False
             time.sleep(0.02)
         return False
@@ -336,10 +345,12 @@ class Manager:
             rc = c.proc.poll()
             if rc is None:
                 continue
-            log.warning("%s process %d (pid %d) exited with %s; restarting",
-                        c.role, c.index, c.proc.pid, rc)
-            self.counters.inc(ManagerCounter.RESTARTS_HTTP if c.role == "http"
-                              else ManagerCounter.RESTARTS_WORKER)
+            log.warning(
+                "%s process %d (pid %d) exited with %s; restarting", c.role, c.index, c.proc.pid, rc
+            )
+            self.counters.inc(
+                ManagerCounter.RESTARTS_HTTP if c.role == "http" else ManagerCounter.RESTARTS_WORKER
+            )
             lived = now - c.started
             c.backoff = 0.1 if lived > 5.0 else min(c.backoff * 2, 5.0)
             c.proc = None
@@ -362,10 +373,14 @@ class Manager:
         for info in self.seg.list():
             if info.is_done:
                 if now - info.completed_at >= cfg.ttl and self.seg.evict_slot(
-                        info.slot, info.generation, "evicted"):
+                    info.slot, info.generation, "evicted"
+                ):
                     self.counters.inc(ManagerCounter.EVICTIONS_TTL)
-            elif (cfg.idle_timeout > 0 and now - info.last_write_at >= cfg.idle_timeout
-                  and self.seg.evict_slot(info.slot, info.generation, "evicted")):
+            elif (
+                cfg.idle_timeout > 0
+                and now - info.last_write_at >= cfg.idle_timeout
+                and self.seg.evict_slot(info.slot, info.generation, "evicted")
+            ):
                 log.info("evicted a running session idle for %.0f s", cfg.idle_timeout)
                 self.counters.inc(ManagerCounter.EVICTIONS_IDLE)
         stats = self.seg.stats()
@@ -447,19 +462,33 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
-        host=args.host, port=args.port,
-        http_procs=args.http_procs or (os.cpu_count() or 1), workers=args.workers,
-        segment=args.segment or "", max_sessions=args.max_sessions,
-        session_bytes=args.session_bytes, max_id_len=args.max_id_len, ttl=args.ttl,
-        idle_timeout=args.idle_timeout, max_memory=args.max_memory,
-        evict_running=args.evict_running, keep_segment=args.keep_segment,
+        host=args.host,
+        port=args.port,
+        http_procs=args.http_procs or (os.cpu_count() or 1),
+        workers=args.workers,
+        segment=args.segment or "",
+        max_sessions=args.max_sessions,
+        session_bytes=args.session_bytes,
+        max_id_len=args.max_id_len,
+        ttl=args.ttl,
+        idle_timeout=args.idle_timeout,
+        max_memory=args.max_memory,
+        evict_running=args.evict_running,
+        keep_segment=args.keep_segment,
         key_digests=[key_digest(k) for k in _read_keys(args)],
-        model_name=args.model_name, tokens_per_s=args.tokens_per_s, prefill_s=args.prefill_s,
-        default_max_tokens=args.default_max_tokens, upstream=args.upstream or "",
+        model_name=args.model_name,
+        tokens_per_s=args.tokens_per_s,
+        prefill_s=args.prefill_s,
+        default_max_tokens=args.default_max_tokens,
+        upstream=args.upstream or "",
         upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
-        generator=args.generator or "", max_body=args.max_body, log_level=args.log_level,
-        sse_ping_interval=args.sse_ping_interval, cors_origins=args.cors_origin or [],
-        replay=os.path.abspath(args.replay) if args.replay else "", replay_speed=args.speed,
+        generator=args.generator or "",
+        max_body=args.max_body,
+        log_level=args.log_level,
+        sse_ping_interval=args.sse_ping_interval,
+        cors_origins=args.cors_origin or [],
+        replay=os.path.abspath(args.replay) if args.replay else "",
+        replay_speed=args.speed,
     )
 
 
@@ -468,16 +497,21 @@ def serve(cfg: ServeConfig) -> int:
     try:
         reservation = _reserve_port(cfg.host, cfg.port)
     except OSError as e:
-        print(f"ringcast serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}; "
-              "pick another --port", file=sys.stderr)
+        print(
+            f"ringcast serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}; pick another --port",
+            file=sys.stderr,
+        )
         return 2
     cfg.port = reservation.getsockname()[1]
     cfg.segment = cfg.segment or _default_segment(cfg.port)
     try:
         existed = os.path.exists(cfg.segment)
-        seg = Segment.open_or_create(cfg.segment, max_sessions=cfg.max_sessions,
-                                     session_bytes=cfg.session_bytes,
-                                     max_id_len=cfg.max_id_len)
+        seg = Segment.open_or_create(
+            cfg.segment,
+            max_sessions=cfg.max_sessions,
+            session_bytes=cfg.session_bytes,
+            max_id_len=cfg.max_id_len,
+        )
     except (SegmentError, OSError, ValueError) as e:
         print(f"ringcast serve: cannot use segment {cfg.segment}: {e}", file=sys.stderr)
         return 2
@@ -486,8 +520,7 @@ def serve(cfg: ServeConfig) -> int:
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(msgspec.json.encode(cfg))
-    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg),
-                              create=True)
+    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg), create=True)
     counters.bind_row(0)
     mgr = Manager(cfg, config_path, seg, counters)
 
@@ -506,10 +539,12 @@ def serve(cfg: ServeConfig) -> int:
             print("ringcast serve: children failed to start", file=sys.stderr)
             mgr.stopping = True
         else:
-            print(f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
-                  f"({cfg.http_procs} HTTP processes, {cfg.workers} workers, "
-                  f"segment {cfg.segment}, {'re-attached' if existed else 'created'})",
-                  flush=True)
+            print(
+                f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
+                f"({cfg.http_procs} HTTP processes, {cfg.workers} workers, "
+                f"segment {cfg.segment}, {'re-attached' if existed else 'created'})",
+                flush=True,
+            )
             mgr.run()
     finally:
         mgr.shutdown()
@@ -557,72 +592,162 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ringcast serve``."""
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    net.add_argument("--port", type=int, default=8000,
-                     help="TCP port, shared by all HTTP processes (0 = pick a free one)")
-    net.add_argument("--http-procs", type=int, default=0, metavar="N",
-                     help="HTTP processes sharing the port via SO_REUSEPORT (default: one per "
-                          "CPU core)")
-    net.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
-                     help="largest request body accepted; larger gets 413 (%(default)s)")
-    net.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                     help="allow browser pages from this origin (or '*') to call the API; "
-                          "repeatable. Default: no CORS headers")
+    net.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="TCP port, shared by all HTTP processes (0 = pick a free one)",
+    )
+    net.add_argument(
+        "--http-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="HTTP processes sharing the port via SO_REUSEPORT (default: one per CPU core)",
+    )
+    net.add_argument(
+        "--max-body",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="largest request body accepted; larger gets 413 (%(default)s)",
+    )
+    net.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browser pages from this origin (or '*') to call the API; "
+        "repeatable. Default: no CORS headers",
+    )
     auth = parser.add_argument_group("authentication")
-    auth.add_argument("--api-key", action="append", metavar="KEY",
-                      help="accept this key (Bearer or X-Api-Key); repeatable. Sessions are "
-                           "namespaced per key. Also read from $RINGCAST_API_KEY")
-    auth.add_argument("--api-key-file", metavar="PATH",
-                      help="file with one key per line (# comments allowed)")
+    auth.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accept this key (Bearer or X-Api-Key); repeatable. Sessions are "
+        "namespaced per key. Also read from $RINGCAST_API_KEY",
+    )
+    auth.add_argument(
+        "--api-key-file", metavar="PATH", help="file with one key per line (# comments allowed)"
+    )
     model = parser.add_argument_group("generation")
-    model.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="inference worker processes (%(default)s)")
-    model.add_argument("--upstream", metavar="URL",
-                       help="proxy to this OpenAI-compatible server (e.g. llama-server) "
-                            "instead of the synthetic model")
-    model.add_argument("--upstream-api-key", metavar="KEY",
-                       help="Bearer key sent upstream (or $RINGCAST_UPSTREAM_KEY)")
-    model.add_argument("--generator", metavar="MODULE:FUNC",
-                       help="your async generator of text pieces; see ringcast.worker")
+    model.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="inference worker processes (%(default)s)",
+    )
+    model.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="proxy to this OpenAI-compatible server (e.g. llama-server) "
+        "instead of the synthetic model",
+    )
+    model.add_argument(
+        "--upstream-api-key",
+        metavar="KEY",
+        help="Bearer key sent upstream (or $RINGCAST_UPSTREAM_KEY)",
+    )
+    model.add_argument(
+        "--generator",
+        metavar="MODULE:FUNC",
+        help="your async generator of text pieces; see ringcast.worker",
+    )
     from ringcast.replay import speed_arg
-    model.add_argument("--replay", metavar="TRACE",
-                       help="answer requests by replaying a recorded trace (ringcast record, "
-                            "ringcast trace synth) at recorded pace; see docs/REPLAY.md")
-    model.add_argument("--speed", type=speed_arg, default=1.0, metavar="X|max",
-                       help="with --replay: X times the recorded pace, or max (%(default)s)")
-    model.add_argument("--model-name", default="ringcast-synthetic",
-                       help="model id reported by /v1/models (%(default)s)")
-    model.add_argument("--tokens-per-s", type=float, default=50.0,
-                       help="synthetic model speed; 0 = as fast as possible (%(default)s)")
-    model.add_argument("--prefill-s", type=float, default=0.0,
-                       help="synthetic prompt-processing delay before the first token")
-    model.add_argument("--sse-ping-interval", type=float, default=30.0, metavar="S",
-                       help="append ': ping' to a running stream silent for this long, so slow "
-                            "prefills do not look dead; 0 = never (%(default)s)")
-    model.add_argument("--default-max-tokens", type=int, default=64,
-                       help="synthetic tokens when the request sets no max_tokens")
+
+    model.add_argument(
+        "--replay",
+        metavar="TRACE",
+        help="answer requests by replaying a recorded trace (ringcast record, "
+        "ringcast trace synth) at recorded pace; see docs/REPLAY.md",
+    )
+    model.add_argument(
+        "--speed",
+        type=speed_arg,
+        default=1.0,
+        metavar="X|max",
+        help="with --replay: X times the recorded pace, or max (%(default)s)",
+    )
+    model.add_argument(
+        "--model-name",
+        default="ringcast-synthetic",
+        help="model id reported by /v1/models (%(default)s)",
+    )
+    model.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=50.0,
+        help="synthetic model speed; 0 = as fast as possible (%(default)s)",
+    )
+    model.add_argument(
+        "--prefill-s",
+        type=float,
+        default=0.0,
+        help="synthetic prompt-processing delay before the first token",
+    )
+    model.add_argument(
+        "--sse-ping-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="append ': ping' to a running stream silent for this long, so slow "
+        "prefills do not look dead; 0 = never (%(default)s)",
+    )
+    model.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=64,
+        help="synthetic tokens when the request sets no max_tokens",
+    )
     store = parser.add_argument_group("sessions and memory")
-    store.add_argument("--segment", metavar="PATH",
-                       help="segment file (default /dev/shm/ringcast-<port>.seg); an existing "
-                            "segment with the same sizes is re-attached")
-    store.add_argument("--max-sessions", type=int, default=1024,
-                       help="session table slots (%(default)s)")
-    store.add_argument("--session-bytes", type=int, default=4 * 1024 * 1024,
-                       help="ring size per session; older bytes are dropped (%(default)s)")
-    store.add_argument("--max-id-len", type=int, default=256,
-                       help="longest conversation id in bytes (%(default)s)")
-    store.add_argument("--ttl", type=float, default=300.0,
-                       help="seconds a completed session is kept (%(default)s)")
-    store.add_argument("--idle-timeout", type=float, default=600.0,
-                       help="evict a running session without progress for this long; 0 = "
-                            "never (%(default)s)")
-    store.add_argument("--max-memory", type=int, default=0, metavar="BYTES",
-                       help="evict completed sessions (LRU) above this many buffered bytes")
-    store.add_argument("--evict-running", action="store_true",
-                       help="when full, evict running sessions too (after completed ones)")
-    store.add_argument("--keep-segment", action="store_true",
-                       help="keep the segment file at shutdown, so a restart re-attaches")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    store.add_argument(
+        "--segment",
+        metavar="PATH",
+        help="segment file (default /dev/shm/ringcast-<port>.seg); an existing "
+        "segment with the same sizes is re-attached",
+    )
+    store.add_argument(
+        "--max-sessions", type=int, default=1024, help="session table slots (%(default)s)"
+    )
+    store.add_argument(
+        "--session-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="ring size per session; older bytes are dropped (%(default)s)",
+    )
+    store.add_argument(
+        "--max-id-len", type=int, default=256, help="longest conversation id in bytes (%(default)s)"
+    )
+    store.add_argument(
+        "--ttl", type=float, default=300.0, help="seconds a completed session is kept (%(default)s)"
+    )
+    store.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        help="evict a running session without progress for this long; 0 = never (%(default)s)",
+    )
+    store.add_argument(
+        "--max-memory",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="evict completed sessions (LRU) above this many buffered bytes",
+    )
+    store.add_argument(
+        "--evict-running",
+        action="store_true",
+        help="when full, evict running sessions too (after completed ones)",
+    )
+    store.add_argument(
+        "--keep-segment",
+        action="store_true",
+        help="keep the segment file at shutdown, so a restart re-attaches",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -635,6 +760,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.replay:
         from ringcast.replay import check_trace
+
         if (problem := check_trace(args.replay)) is not None:
             print(f"ringcast serve: --replay: {problem}", file=sys.stderr)
             return 2
@@ -649,12 +775,22 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``serve`` to the ``ringcast`` command line (see ``ringcast.cli``)."""
     p = subparsers.add_parser(
-        "serve", help="run the resumable streaming server",
-        description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "serve",
+        help="run the resumable streaming server",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     configure(p)
     p.set_defaults(func=_run)
 
 
-__all__ = ["ANON_OWNER", "ServeConfig", "SharedCounters", "evict_lru", "owner_for_key",
-           "register", "serve"]
+__all__ = [
+    "ANON_OWNER",
+    "ServeConfig",
+    "SharedCounters",
+    "evict_lru",
+    "owner_for_key",
+    "register",
+    "serve",
+]

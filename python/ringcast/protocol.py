@@ -306,8 +306,9 @@ def iter_sse_data(body: bytes) -> list[bytes]:
     """The ``data:`` payloads of each complete event in ``body`` (multi-line data joined)."""
     out: list[bytes] = []
     for raw in body.split(b"\n\n"):
-        lines = [ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None
-                 for ln in raw.split(b"\n")]
+        lines = [
+            ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None for ln in raw.split(b"\n")
+        ]
         data = [ln for ln in lines if ln is not None]
         if data:
             out.append(b"\n".join(data))

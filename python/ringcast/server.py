@@ -105,17 +105,33 @@ RELAY_READ = 256 * 1024
 HANDOFF_TIMEOUT = 30.0
 
 REASONS = {
-    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-    404: "Not Found", 405: "Method Not Allowed", 410: "Gone", 411: "Length Required",
-    413: "Payload Too Large", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 503: "Service Unavailable",
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    410: "Gone",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "invalid_request_error", 410: "offset_lost", 411: "invalid_request_error",
-    413: "invalid_request_error", 431: "invalid_request_error", 500: "server_error",
-    503: "unavailable_error", 505: "invalid_request_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    410: "offset_lost",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
+    500: "server_error",
+    503: "unavailable_error",
+    505: "invalid_request_error",
 }
 
 # Terminal events for readers whose session ended without finishing: (code, message).
@@ -126,16 +142,23 @@ END_EVENTS = {
     "failed": (500, "the stream failed"),
 }
 
-EXPOSED_HEADERS = ("X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, "
-                   "X-Ringcast-Process")
+EXPOSED_HEADERS = (
+    "X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, X-Ringcast-Process"
+)
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _DECIMAL = re.compile(r"^[0-9]{1,19}$")
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None,
-                 close: bool = False, first_available: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str | None = None,
+        close: bool = False,
+        first_available: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -147,8 +170,9 @@ class HttpError(Exception):
 class Request:
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "version")
 
-    def __init__(self, method: str, path: str, query: str, version: bytes,
-                 headers: dict[str, str]) -> None:
+    def __init__(
+        self, method: str, path: str, query: str, version: bytes, headers: dict[str, str]
+    ) -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -290,7 +314,8 @@ class Connection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         self.idle_timer = asyncio.get_running_loop().call_later(
-            self.app.cfg.keepalive_timeout, self._idle_close)
+            self.app.cfg.keepalive_timeout, self._idle_close
+        )
 
     def _idle_close(self) -> None:
         if not self.busy and self.transport is not None:
@@ -308,7 +333,7 @@ class Connection(asyncio.Protocol):
                     self._reject(HttpError(431, "request head too large", close=True))
                     return
                 head = bytes(self.buf[:end])
-                del self.buf[:end + 4]
+                del self.buf[: end + 4]
                 try:
                     req = parse_head(head)
                     self.need = self._body_length(req)
@@ -321,8 +346,8 @@ class Connection(asyncio.Protocol):
             if len(self.buf) < self.need:
                 return
             req = self.pending
-            req.body = bytes(self.buf[:self.need])
-            del self.buf[:self.need]
+            req.body = bytes(self.buf[: self.need])
+            del self.buf[: self.need]
             self.pending = None
             self.need = 0
             self.busy = True
@@ -332,8 +357,9 @@ class Connection(asyncio.Protocol):
 
     def _body_length(self, req: Request) -> int:
         if "transfer-encoding" in req.headers:
-            raise HttpError(411, "chunked request bodies are not supported; send "
-                                 "Content-Length", close=True)
+            raise HttpError(
+                411, "chunked request bodies are not supported; send Content-Length", close=True
+            )
         cl = req.headers.get("content-length")
         if cl is None:
             return 0
@@ -341,8 +367,11 @@ class Connection(asyncio.Protocol):
             raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
         n = int(cl)
         if n > self.app.cfg.max_body:
-            raise HttpError(413, f"request body of {n} bytes exceeds the limit of "
-                                 f"{self.app.cfg.max_body} bytes", close=True)
+            raise HttpError(
+                413,
+                f"request body of {n} bytes exceeds the limit of {self.app.cfg.max_body} bytes",
+                close=True,
+            )
         return n
 
     def _reject(self, e: HttpError) -> None:
@@ -406,8 +435,14 @@ class Connection(asyncio.Protocol):
             lines.append("Vary: Origin")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def send(self, status: int, body: bytes, content_type: str = "application/json",
-             headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+        close: bool = False,
+    ) -> None:
         if close:
             self.keep_alive = False
         hs = list(headers or [])
@@ -421,8 +456,12 @@ class Connection(asyncio.Protocol):
     def start_stream(self, headers: list[tuple[str, str]], version: bytes) -> None:
         """Send a 200 ``text/event-stream`` head; the body is chunked on HTTP/1.1 and
         delimited by closing the connection on HTTP/1.0."""
-        hs = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-              ("X-Accel-Buffering", "no"), *headers]
+        hs = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            *headers,
+        ]
         if version == b"HTTP/1.1":
             self.chunked = True
             hs.append(("Transfer-Encoding", "chunked"))
@@ -458,8 +497,9 @@ Handler = Callable[[Request, Connection], Coroutine[Any, Any, None]]
 class App:
     """Routes and the state of one HTTP process."""
 
-    def __init__(self, cfg: ServeConfig, index: int, seg: Segment,
-                 counters: SharedCounters) -> None:
+    def __init__(
+        self, cfg: ServeConfig, index: int, seg: Segment, counters: SharedCounters
+    ) -> None:
         self.cfg = cfg
         self.index = index
         self.seg = seg
@@ -490,8 +530,10 @@ class App:
             owner = self.key_owners.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
             if owner is not None:
                 return owner
-        raise HttpError(401, "missing or invalid API key: send 'Authorization: Bearer <key>' "
-                             "or 'X-Api-Key: <key>'")
+        raise HttpError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+        )
 
     def check_conv_id(self, raw: str) -> str:
         """Validate a conversation id: bounded, no control characters; anything else
@@ -501,8 +543,7 @@ class App:
         for c in raw:
             o = ord(c)
             if o < 0x20 or 0x7F <= o < 0xA0 or 0xD800 <= o < 0xE000:
-                raise HttpError(400, f"conversation id contains a control character "
-                                     f"(U+{o:04X})")
+                raise HttpError(400, f"conversation id contains a control character (U+{o:04X})")
         return raw
 
     def header_conv_id(self, req: Request) -> str | None:
@@ -519,7 +560,7 @@ class App:
         """The id from ``/v1/stream/{id}`` (may contain ``/``) or ``?conv_id=``."""
         if req.path.startswith(prefix + "/") and len(req.path) > len(prefix) + 1:
             try:
-                raw = unquote(req.path[len(prefix) + 1:], errors="strict")
+                raw = unquote(req.path[len(prefix) + 1 :], errors="strict")
             except UnicodeDecodeError:
                 raise HttpError(400, "conversation id is not valid UTF-8") from None
         else:
@@ -533,15 +574,23 @@ class App:
         if value == "":
             return 0
         if not _DECIMAL.match(value):
-            raise HttpError(400, f"invalid {what} {value[:32]!r}: expected a non-negative "
-                                 "decimal byte offset")
+            raise HttpError(
+                400, f"invalid {what} {value[:32]!r}: expected a non-negative decimal byte offset"
+            )
         return int(value)
 
     def stream_info(self, i: SessionInfo) -> StreamInfo:
         return StreamInfo(
-            conversation_id=i.conversation_id, is_done=i.is_done, total_bytes=i.total_bytes,
-            started_at=int(i.started_at), completed_at=int(i.completed_at), state=i.state,
-            first_available=i.first_available, epoch=self.seg.epoch, readers=i.readers)
+            conversation_id=i.conversation_id,
+            is_done=i.is_done,
+            total_bytes=i.total_bytes,
+            started_at=int(i.started_at),
+            completed_at=int(i.completed_at),
+            state=i.state,
+            first_available=i.first_available,
+            epoch=self.seg.epoch,
+            readers=i.readers,
+        )
 
     def send_json(self, conn: Connection, obj: object, status: int = 200) -> None:
         conn.send(status, json_encoder.encode(obj))
@@ -563,11 +612,18 @@ class App:
         path, method = req.path, req.method
         if method == "OPTIONS" and self.cfg.cors_origins:
             # CORS preflight (a browser page on another origin sending keys or a conv id).
-            return conn.send(204, b"", headers=[
-                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                ("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Api-Key, "
-                                                 "X-Conversation-Id, Last-Event-ID"),
-                ("Access-Control-Max-Age", "600")])
+            return conn.send(
+                204,
+                b"",
+                headers=[
+                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                    (
+                        "Access-Control-Allow-Headers",
+                        "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID",
+                    ),
+                    ("Access-Control-Max-Age", "600"),
+                ],
+            )
         if path == "/v1/chat/completions":
             self.allow(method, "POST")
             return await self.post_completion(req, conn, "chat")
@@ -591,8 +647,7 @@ class App:
         if path == "/v1/models":
             self.allow(method, "GET")
             self.owner(req)
-            return self.send_json(conn, ModelList([ModelCard(self.cfg.model_name,
-                                                             self.created)]))
+            return self.send_json(conn, ModelList([ModelCard(self.cfg.model_name, self.created)]))
         if path == "/metrics":
             self.allow(method, "GET")
             return conn.send(200, self.metrics(), "text/plain; version=0.0.4")
@@ -614,8 +669,9 @@ class App:
                 self.counters.inc(HttpCounter.EVICTIONS_LRU, n)
                 return self.seg.create_or_replace(conv, owner)
         except RegistryFull:
-            raise HttpError(503, "every session slot holds a running stream; retry later",
-                            "unavailable_error") from None
+            raise HttpError(
+                503, "every session slot holds a running stream; retry later", "unavailable_error"
+            ) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
 
@@ -703,16 +759,20 @@ class App:
             break
         # Still the producer (adoption never happened): end the stream visibly.
         self.counters.inc(HttpCounter.HANDOFF_FAILED)
-        if writer.write(frame_event(writer.total_bytes,
-                                    error_event(503, reason, "worker_unavailable"))):
+        if writer.write(
+            frame_event(writer.total_bytes, error_event(503, reason, "worker_unavailable"))
+        ):
             writer.finalize("failed")
 
     def resume_headers(self, reader: Reader, owner: str, offset: int) -> list[tuple[str, str]]:
         """Epoch, served-from offset and first available offset of a stream response."""
         info = self.seg.get(reader.conversation_id, owner)
         first = info.first_available if info is not None else 0
-        return [("X-Ringcast-Epoch", str(reader.epoch)), ("X-Ringcast-Offset", str(offset)),
-                ("X-Ringcast-First-Available", str(first))]
+        return [
+            ("X-Ringcast-Epoch", str(reader.epoch)),
+            ("X-Ringcast-Offset", str(offset)),
+            ("X-Ringcast-First-Available", str(first)),
+        ]
 
     async def relay(self, conn: Connection, reader: Reader) -> bool:
         """Copy ring bytes to the client until the stream ends; True if it finished."""
@@ -725,10 +785,15 @@ class App:
                 except OffsetLost as e:
                     self.counters.inc(HttpCounter.OFFSETS_LOST)
                     self.counters.inc(HttpCounter.FELL_BEHIND)
-                    conn.write_body(error_event(
-                        410, f"this reader fell behind: bytes before offset "
-                             f"{e.first_available} were dropped; resume from there",
-                        "offset_lost", e.first_available))
+                    conn.write_body(
+                        error_event(
+                            410,
+                            f"this reader fell behind: bytes before offset "
+                            f"{e.first_available} were dropped; resume from there",
+                            "offset_lost",
+                            e.first_available,
+                        )
+                    )
                     break
                 except SessionEnded as e:
                     code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
@@ -759,8 +824,9 @@ class App:
             code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
             raise HttpError(code if code != 409 else 410, message, e.reason) from None
         except OffsetLost:
-            raise HttpError(500, "response larger than the session buffer",
-                            "server_error") from None
+            raise HttpError(
+                500, "response larger than the session buffer", "server_error"
+            ) from None
         finally:
             reader.close()
         text: list[str] = []
@@ -789,14 +855,23 @@ class App:
         content = "".join(text)
         result: ChatCompletion | Completion
         if route == "chat":
-            result = ChatCompletion(cid or "chatcmpl-" + secrets.token_hex(12), "chat.completion",
-                                    created, model,
-                                    [ChatChoice(0, AssistantMessage("assistant", content),
-                                                finish)], usage=usage)
+            result = ChatCompletion(
+                cid or "chatcmpl-" + secrets.token_hex(12),
+                "chat.completion",
+                created,
+                model,
+                [ChatChoice(0, AssistantMessage("assistant", content), finish)],
+                usage=usage,
+            )
         else:
-            result = Completion(cid or "cmpl-" + secrets.token_hex(12), "text_completion", created,
-                                model,
-                                [CompletionChoice(0, content, finish)], usage=usage)
+            result = Completion(
+                cid or "cmpl-" + secrets.token_hex(12),
+                "text_completion",
+                created,
+                model,
+                [CompletionChoice(0, content, finish)],
+                usage=usage,
+            )
         self.send_json(conn, result)
         return True
 
@@ -816,9 +891,13 @@ class App:
             raise HttpError(404, "Stream not found or expired") from None
         except OffsetLost as e:
             self.counters.inc(HttpCounter.OFFSETS_LOST)
-            raise HttpError(410, f"offset {offset} was dropped from the stream; the first "
-                                 f"available offset is {e.first_available}",
-                            "offset_lost", first_available=e.first_available) from None
+            raise HttpError(
+                410,
+                f"offset {offset} was dropped from the stream; the first "
+                f"available offset is {e.first_available}",
+                "offset_lost",
+                first_available=e.first_available,
+            ) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
         if offset > 0:
@@ -882,8 +961,9 @@ class App:
         mgr = self.counters.read_row(0)
         out: list[str] = []
 
-        def metric(name: str, kind: str, help_: str,
-                   samples: list[tuple[str, int | float]]) -> None:
+        def metric(
+            name: str, kind: str, help_: str, samples: list[tuple[str, int | float]]
+        ) -> None:
             out.append(f"# HELP ringcast_{name} {help_}")
             out.append(f"# TYPE ringcast_{name} {kind}")
             out.extend(f"ringcast_{name}{labels} {value}" for labels, value in samples)
@@ -891,57 +971,133 @@ class App:
         def total(rows: list[tuple[int, ...]], idx: int) -> int:
             return sum(r[idx] for r in rows)
 
-        metric("sessions", "gauge", "Sessions in the segment by state.",
-               [(f'{{state="{s}"}}', n) for s, n in sorted(by_state.items())])
-        metric("session_slots", "gauge", "Size of the session table.",
-               [("", stats.max_sessions)])
-        metric("bytes_buffered", "gauge", "Bytes held in live sessions' rings.",
-               [("", stats.bytes_buffered)])
-        metric("segment_resident_bytes", "gauge", "Memory the segment file really uses.",
-               [("", stats.resident_bytes)])
+        metric(
+            "sessions",
+            "gauge",
+            "Sessions in the segment by state.",
+            [(f'{{state="{s}"}}', n) for s, n in sorted(by_state.items())],
+        )
+        metric("session_slots", "gauge", "Size of the session table.", [("", stats.max_sessions)])
+        metric(
+            "bytes_buffered",
+            "gauge",
+            "Bytes held in live sessions' rings.",
+            [("", stats.bytes_buffered)],
+        )
+        metric(
+            "segment_resident_bytes",
+            "gauge",
+            "Memory the segment file really uses.",
+            [("", stats.resident_bytes)],
+        )
         metric("readers", "gauge", "Readers attached across all processes.", [("", readers)])
-        metric("resumes_total", "counter", "Stream reads from an offset above 0.",
-               [("", total(http, HttpCounter.RESUMES))])
-        metric("offsets_lost_total", "counter",
-               "Reads refused (410) or ended because the offset was dropped.",
-               [("", total(http, HttpCounter.OFFSETS_LOST))])
-        metric("evictions_total", "counter", "Sessions evicted, by reason.",
-               [('{reason="ttl"}', mgr[ManagerCounter.EVICTIONS_TTL]),
+        metric(
+            "resumes_total",
+            "counter",
+            "Stream reads from an offset above 0.",
+            [("", total(http, HttpCounter.RESUMES))],
+        )
+        metric(
+            "offsets_lost_total",
+            "counter",
+            "Reads refused (410) or ended because the offset was dropped.",
+            [("", total(http, HttpCounter.OFFSETS_LOST))],
+        )
+        metric(
+            "evictions_total",
+            "counter",
+            "Sessions evicted, by reason.",
+            [
+                ('{reason="ttl"}', mgr[ManagerCounter.EVICTIONS_TTL]),
                 ('{reason="idle"}', mgr[ManagerCounter.EVICTIONS_IDLE]),
-                ('{reason="lru"}', mgr[ManagerCounter.EVICTIONS_LRU]
-                 + total(http, HttpCounter.EVICTIONS_LRU))])
-        metric("dead_producers_total", "counter",
-               "Sessions failed because their producer process died.",
-               [("", mgr[ManagerCounter.DEAD_PRODUCERS])])
-        metric("restarts_total", "counter", "Child processes restarted by the manager.",
-               [('{role="http"}', mgr[ManagerCounter.RESTARTS_HTTP]),
-                ('{role="worker"}', mgr[ManagerCounter.RESTARTS_WORKER])])
-        metric("http_requests_total", "counter", "Requests per HTTP process.",
-               [(f'{{process="{i}"}}', r[HttpCounter.REQUESTS]) for i, r in enumerate(http)])
-        metric("http_errors_total", "counter", "Error responses per HTTP process and class.",
-               [(f'{{process="{i}",class="{c}"}}', r[idx]) for i, r in enumerate(http)
-                for c, idx in (("4xx", HttpCounter.ERRORS_4XX),
-                               ("5xx", HttpCounter.ERRORS_5XX))])
-        metric("http_streams_started_total", "counter", "Completion requests accepted.",
-               [(f'{{process="{i}"}}', r[HttpCounter.STREAMS_STARTED])
-                for i, r in enumerate(http)])
-        metric("http_bytes_sent_total", "counter", "Stream body bytes sent.",
-               [(f'{{process="{i}"}}', r[HttpCounter.BYTES_SENT]) for i, r in enumerate(http)])
-        metric("http_readers_active", "gauge", "Streaming responses in progress.",
-               [(f'{{process="{i}"}}', r[HttpCounter.READERS_ACTIVE])
-                for i, r in enumerate(http)])
-        metric("handoff_failures_total", "counter", "Jobs no worker adopted.",
-               [("", total(http, HttpCounter.HANDOFF_FAILED))])
-        metric("worker_jobs_total", "counter", "Jobs per worker and outcome.",
-               [(f'{{worker="{i}",outcome="{o}"}}', r[idx]) for i, r in enumerate(workers)
-                for o, idx in (("started", WorkerCounter.JOBS_STARTED),
-                               ("done", WorkerCounter.JOBS_DONE),
-                               ("failed", WorkerCounter.JOBS_FAILED),
-                               ("cancelled", WorkerCounter.JOBS_CANCELLED))])
-        metric("worker_jobs_active", "gauge", "Jobs generating right now.",
-               [(f'{{worker="{i}"}}', r[WorkerCounter.ACTIVE]) for i, r in enumerate(workers)])
-        metric("worker_tokens_total", "counter", "Tokens (events) produced.",
-               [("", total(workers, WorkerCounter.TOKENS))])
+                (
+                    '{reason="lru"}',
+                    mgr[ManagerCounter.EVICTIONS_LRU] + total(http, HttpCounter.EVICTIONS_LRU),
+                ),
+            ],
+        )
+        metric(
+            "dead_producers_total",
+            "counter",
+            "Sessions failed because their producer process died.",
+            [("", mgr[ManagerCounter.DEAD_PRODUCERS])],
+        )
+        metric(
+            "restarts_total",
+            "counter",
+            "Child processes restarted by the manager.",
+            [
+                ('{role="http"}', mgr[ManagerCounter.RESTARTS_HTTP]),
+                ('{role="worker"}', mgr[ManagerCounter.RESTARTS_WORKER]),
+            ],
+        )
+        metric(
+            "http_requests_total",
+            "counter",
+            "Requests per HTTP process.",
+            [(f'{{process="{i}"}}', r[HttpCounter.REQUESTS]) for i, r in enumerate(http)],
+        )
+        metric(
+            "http_errors_total",
+            "counter",
+            "Error responses per HTTP process and class.",
+            [
+                (f'{{process="{i}",class="{c}"}}', r[idx])
+                for i, r in enumerate(http)
+                for c, idx in (("4xx", HttpCounter.ERRORS_4XX), ("5xx", HttpCounter.ERRORS_5XX))
+            ],
+        )
+        metric(
+            "http_streams_started_total",
+            "counter",
+            "Completion requests accepted.",
+            [(f'{{process="{i}"}}', r[HttpCounter.STREAMS_STARTED]) for i, r in enumerate(http)],
+        )
+        metric(
+            "http_bytes_sent_total",
+            "counter",
+            "Stream body bytes sent.",
+            [(f'{{process="{i}"}}', r[HttpCounter.BYTES_SENT]) for i, r in enumerate(http)],
+        )
+        metric(
+            "http_readers_active",
+            "gauge",
+            "Streaming responses in progress.",
+            [(f'{{process="{i}"}}', r[HttpCounter.READERS_ACTIVE]) for i, r in enumerate(http)],
+        )
+        metric(
+            "handoff_failures_total",
+            "counter",
+            "Jobs no worker adopted.",
+            [("", total(http, HttpCounter.HANDOFF_FAILED))],
+        )
+        metric(
+            "worker_jobs_total",
+            "counter",
+            "Jobs per worker and outcome.",
+            [
+                (f'{{worker="{i}",outcome="{o}"}}', r[idx])
+                for i, r in enumerate(workers)
+                for o, idx in (
+                    ("started", WorkerCounter.JOBS_STARTED),
+                    ("done", WorkerCounter.JOBS_DONE),
+                    ("failed", WorkerCounter.JOBS_FAILED),
+                    ("cancelled", WorkerCounter.JOBS_CANCELLED),
+                )
+            ],
+        )
+        metric(
+            "worker_jobs_active",
+            "gauge",
+            "Jobs generating right now.",
+            [(f'{{worker="{i}"}}', r[WorkerCounter.ACTIVE]) for i, r in enumerate(workers)],
+        )
+        metric(
+            "worker_tokens_total",
+            "counter",
+            "Tokens (events) produced.",
+            [("", total(workers, WorkerCounter.TOKENS))],
+        )
         return ("\n".join(out) + "\n").encode()
 
 
@@ -990,8 +1146,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
     die_with_parent()
     cfg = load_config(args[0])
-    logging.basicConfig(level=cfg.log_level,
-                        format=f"%(asctime)s ringcast.http[{args[1]}] %(message)s")
+    logging.basicConfig(
+        level=cfg.log_level, format=f"%(asctime)s ringcast.http[{args[1]}] %(message)s"
+    )
     uvloop.run(serve_http(cfg, int(args[1])))
 
 

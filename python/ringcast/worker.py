@@ -107,8 +107,13 @@ class JobContext:
     returning to override ``"stop"``.
     """
 
-    def __init__(self, route: str, body: bytes,
-                 request: ChatCompletionRequest | CompletionRequest, writer: Writer) -> None:
+    def __init__(
+        self,
+        route: str,
+        body: bytes,
+        request: ChatCompletionRequest | CompletionRequest,
+        writer: Writer,
+    ) -> None:
         self.route = route
         self.body = body
         self.request = request
@@ -145,14 +150,21 @@ GenerateFn = Callable[[JobContext], AsyncIterator[str | bytes]]
 class Emitter:
     """Frames and appends events for one session; raises ``Gone`` once writes are refused."""
 
-    def __init__(self, writer: Writer, route: str, model: str, counters: SharedCounters,
-                 chunk_id: str | None = None) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        route: str,
+        model: str,
+        counters: SharedCounters,
+        chunk_id: str | None = None,
+    ) -> None:
         self.writer = writer
         self.route = route
         self.model = model
         self.counters = counters
-        self.id = chunk_id or (("chatcmpl-" if route == "chat" else "cmpl-")
-                               + secrets.token_hex(12))
+        self.id = chunk_id or (
+            ("chatcmpl-" if route == "chat" else "cmpl-") + secrets.token_hex(12)
+        )
         self.created = int(time.time())
         self.tokens = 0
         self.started = False
@@ -162,16 +174,32 @@ class Emitter:
         if not w.write(frame_event(w.total_bytes, event)):
             raise Gone
 
-    def _chunk(self, content: str | None, role: str | None = None,
-               finish: str | None = None, usage: Usage | None = None) -> bytes:
+    def _chunk(
+        self,
+        content: str | None,
+        role: str | None = None,
+        finish: str | None = None,
+        usage: Usage | None = None,
+    ) -> bytes:
         obj: ChatCompletionChunk | CompletionChunk
         if self.route == "chat":
-            obj = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.model,
-                                      [ChatChunkChoice(0, Delta(role, content), finish)],
-                                      usage=usage)
+            obj = ChatCompletionChunk(
+                self.id,
+                "chat.completion.chunk",
+                self.created,
+                self.model,
+                [ChatChunkChoice(0, Delta(role, content), finish)],
+                usage=usage,
+            )
         else:
-            obj = CompletionChunk(self.id, "text_completion", self.created, self.model,
-                                  [CompletionChoice(0, content or "", finish)], usage=usage)
+            obj = CompletionChunk(
+                self.id,
+                "text_completion",
+                self.created,
+                self.model,
+                [CompletionChoice(0, content or "", finish)],
+                usage=usage,
+            )
         return b"data: " + json_encoder.encode(obj) + b"\n\n"
 
     def start(self) -> None:
@@ -254,8 +282,7 @@ class UpstreamError(Exception):
         self.code = code
 
 
-async def _read_body(reader: asyncio.StreamReader,
-                     headers: dict[str, str]) -> AsyncIterator[bytes]:
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
     """Yield response body bytes as they arrive (chunked, Content-Length or until close)."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
@@ -310,10 +337,14 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
         raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
     try:
         auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
-        writer.write((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                      f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                      f"Content-Length: {len(payload)}\r\n{auth}Connection: close\r\n\r\n")
-                     .encode("latin-1") + payload)
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                f"Content-Length: {len(payload)}\r\n{auth}Connection: close\r\n\r\n"
+            ).encode("latin-1")
+            + payload
+        )
         status_line = await reader.readline()
         parts = status_line.split(b" ", 2)
         if len(parts) < 2 or not parts[1].isdigit():
@@ -345,7 +376,7 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
             if b"\r" in buf and not buf.endswith(b"\r"):
                 buf = buf.replace(b"\r\n", b"\n")
             while (end := buf.find(b"\n\n")) >= 0:
-                event, buf = buf[:end + 2], buf[end + 2:]
+                event, buf = buf[: end + 2], buf[end + 2 :]
                 event = strip_id_lines(event)
                 if event.strip():
                     emitter.raw(event)
@@ -362,8 +393,9 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
 
 
 class WorkerApp:
-    def __init__(self, cfg: ServeConfig, seg: Segment, counters: SharedCounters,
-                 generate: GenerateFn | None) -> None:
+    def __init__(
+        self, cfg: ServeConfig, seg: Segment, counters: SharedCounters, generate: GenerateFn | None
+    ) -> None:
         self.cfg = cfg
         self.seg = seg
         self.counters = counters
@@ -419,8 +451,7 @@ class WorkerApp:
             self._fail(writer, e.code, str(e), "upstream_error")
         except Exception as e:
             log.exception("generator failed")
-            self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}",
-                       "server_error")
+            self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
     def _fail(self, writer: Writer, code: int, message: str, type_: str) -> None:
         self.counters.inc(WorkerCounter.JOBS_FAILED)
@@ -494,6 +525,7 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
     generate = load_generator(cfg.generator) if cfg.generator else None
     if cfg.replay:
         from ringcast.replay import replay_generator
+
         generate = replay_generator(cfg.replay, cfg.replay_speed)
     app = WorkerApp(cfg, seg, counters, generate)
     path = os.path.join(cfg.run_dir, f"worker-{index}.sock")
@@ -518,8 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
     die_with_parent()
     cfg = load_config(args[0])
-    logging.basicConfig(level=cfg.log_level,
-                        format=f"%(asctime)s ringcast.worker[{args[1]}] %(message)s")
+    logging.basicConfig(
+        level=cfg.log_level, format=f"%(asctime)s ringcast.worker[{args[1]}] %(message)s"
+    )
     uvloop.run(serve_worker(cfg, int(args[1])))
 
 
