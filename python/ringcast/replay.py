@@ -827,6 +827,7 @@ def _target_report(
     # A compact CDF for the figure: 200 quantiles.
     cdf = [[_percentile(lat, q / 200) * 1000, q / 200] for q in range(1, 201)] if lat else []
     readers = load.readers_total
+    server_cpu = sum(p["cpu_s"] for p in procs if p["role"] != "load generator")
     return {
         "name": name,
         "url": url,
@@ -854,6 +855,9 @@ def _target_report(
         "mismatches": s.mismatches,
         "error_samples": s.error_samples,
         "processes": procs,
+        "server_cpu_s": round(server_cpu, 3),
+        # Server CPU per delivered event: less sensitive to a busy machine than latency.
+        "server_cpu_us_per_event": round(1e6 * server_cpu / s.events, 2) if s.events else 0.0,
         "timeline": {"bin_s": s.bin_s, "events": s.bin_events, "bytes": s.bin_bytes},
         "latency_cdf_ms": cdf,
     }
@@ -874,8 +878,9 @@ def format_table(report: dict[str, Any]) -> str:
         ("resumes", "{resumes}"),
         ("off.lost", "{offsets_lost}"),
         ("errors", "{errors}"),
-        ("CPU s", "{cpu:.1f}"),
-        ("RSS MB", "{rss:.0f}"),
+        ("srv CPU s", "{cpu:.1f}"),
+        ("CPU us/event", "{cpu_us:.1f}"),
+        ("srv RSS MB", "{rss:.0f}"),
     ]
     rows = []
     for t in report["targets"]:
@@ -887,6 +892,7 @@ def format_table(report: dict[str, Any]) -> str:
             p99=t["latency_ms"]["p99"],
             p999=t["latency_ms"]["p99.9"],
             cpu=sum(p["cpu_s"] for p in server_procs),
+            cpu_us=t["server_cpu_us_per_event"],
             rss=sum(p["rss_max_mb"] for p in server_procs),
         )
         rows.append([fmt.format(**vals) for _, fmt in cols])
