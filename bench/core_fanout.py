@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import shutil
 import socket
 import struct
@@ -425,25 +426,42 @@ def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace
     if transport == "pipe":
         for fd in cfg["read_fds"] + cfg["write_fds"]:
             os.close(fd)
-    for _ in range(readers):
-        ready.get(timeout=120)
-    # Readers are attached (ringcast) or connected (redis); give blocking reads a moment to
-    # start waiting so the first events measure a wake, not process start-up.
-    time.sleep(0.2)
-    go.set()
-    t0 = t_end = t_prod = 0
+    t0 = t_prod = 0
     got: list[dict[str, Any]] = []
-    for _ in range(readers + 1):
-        msg = out.get(timeout=args.timeout)
-        if msg[0] == "producer":
-            t0, t_prod = msg[1], msg[2]
-        else:
-            got.append(msg[1])
+    timed_out = False
+    try:
+        for _ in range(readers):
+            ready.get(timeout=120)
+        # Readers are attached (ringcast) or connected (redis); give blocking reads a moment to
+        # start waiting so the first events measure a wake, not process start-up.
+        time.sleep(0.2)
+        go.set()
+        deadline = time.monotonic() + args.timeout
+        for _ in range(readers + 1):
+            msg = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            if msg[0] == "producer":
+                t0, t_prod = msg[1], msg[2]
+            else:
+                got.append(msg[1])
+    except queue.Empty:
+        timed_out = True
     for p in [producer, *procs]:
-        p.join(30)
+        p.join(0 if timed_out else 30)
+        if p.is_alive():
+            p.kill()
+            p.join()
     for fn in cleanup:
         with contextlib.suppress(Exception):
             fn()
+    if timed_out or not got or not t0:
+        return Result(
+            transport=transport, readers=readers,
+            phase="paced" if phase.pace_ns else "throughput", events=phase.events,
+            event_bytes=args.event_bytes, delivered_events=sum(r["events"] for r in got),
+            seconds=float("nan"), events_per_s=float("nan"), bytes_per_s=float("nan"),
+            lat_p50_us=float("nan"), lat_p99_us=float("nan"), producer_events_per_s=float("nan"),
+            errors=[f"timed out after {args.timeout:.0f}s ({len(got)}/{readers} readers done)"],
+        )
     t_end = max(r["t_last"] for r in got)
     delivered = sum(r["events"] for r in got)
     seconds = (t_end - t0) / 1e9
