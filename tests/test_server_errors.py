@@ -215,3 +215,23 @@ def test_health_models_metrics(srv: Server) -> None:
     ):
         assert name in text
     assert "known" not in text  # no conversation ids in metrics
+
+
+def test_lookup_prefix_rule(srv: Server) -> None:
+    for conv in ("pre", "pre::model-a", "pre::org/model:Q8_0", "prefix", "pre:x"):
+        post_chat(srv.port, conv, max_tokens=1).read_all_and_close()
+    _, _, body = request(srv.port, "POST", "/v1/streams/lookup", {"conversation_ids": ["pre"]})
+    found = sorted(i["conversation_id"] for i in json.loads(body))
+    assert found == ["pre", "pre::model-a", "pre::org/model:Q8_0"]
+    info = json.loads(body)[0]
+    assert set(info) == {
+        "conversation_id",
+        "is_done",
+        "total_bytes",
+        "started_at",
+        "completed_at",
+        "state",
+        "first_available",
+        "epoch",
+        "readers",
+    }

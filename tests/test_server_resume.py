@@ -25,10 +25,18 @@ from server_harness import (
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def srv(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
     with server(
-        tmp_path_factory.mktemp("resume"), "--tokens-per-s", "200", "--http-procs", "2"
+        tmp_path_factory.mktemp("resume"),
+        "--tokens-per-s",
+        "200",
+        "--http-procs",
+        "2",
+        "--event-loop",
+        request.param,
     ) as s:
         yield s
 

@@ -31,6 +31,7 @@ process, summed by whichever HTTP process serves ``/metrics``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import enum
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     cors_origins: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
 
 
 config_decoder = msgspec.json.Decoder(ServeConfig)
@@ -224,6 +227,16 @@ def die_with_parent() -> None:
     if manager and os.getppid() != int(manager):
         # The manager died before prctl took effect.
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:
+    """Run a child's main coroutine on uvloop (default) or the stdlib asyncio loop."""
+    if cfg.event_loop == "asyncio":
+        asyncio.run(main)
+    else:
+        import uvloop
+
+        uvloop.run(main)
 
 
 def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:
@@ -744,6 +757,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--keep-segment",
         action="store_true",
         help="keep the segment file at shutdown, so a restart re-attaches",
+    )
+    parser.add_argument(
+        "--event-loop",
+        default="uvloop",
+        choices=["uvloop", "asyncio"],
+        help="event loop of the HTTP processes and workers (%(default)s)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -67,6 +67,7 @@ from ringcast.manager import (
     evict_lru,
     http_row,
     load_config,
+    run_loop,
     worker_row,
 )
 from ringcast.protocol import (
@@ -1140,8 +1141,6 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
     die_with_parent()
@@ -1149,7 +1148,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=cfg.log_level, format=f"%(asctime)s ringcast.http[{args[1]}] %(message)s"
     )
-    uvloop.run(serve_http(cfg, int(args[1])))
+    run_loop(cfg, serve_http(cfg, int(args[1])))
 
 
 if __name__ == "__main__":

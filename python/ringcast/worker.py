@@ -65,6 +65,7 @@ from ringcast.manager import (
     counter_rows,
     die_with_parent,
     load_config,
+    run_loop,
     worker_row,
 )
 from ringcast.protocol import (
@@ -544,8 +545,6 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
     die_with_parent()
@@ -553,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=cfg.log_level, format=f"%(asctime)s ringcast.worker[{args[1]}] %(message)s"
     )
-    uvloop.run(serve_worker(cfg, int(args[1])))
+    run_loop(cfg, serve_worker(cfg, int(args[1])))
 
 
 if __name__ == "__main__":
