@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ringcast._core import Segment, SessionEnded, SessionNotFound, Writer
+from ringcast._core import RingcastError, Segment, SessionEnded, SessionNotFound, Writer
 from ringcast.manager import (
     ServeConfig,
     SharedCounters,
@@ -419,6 +419,10 @@ class WorkerApp:
         except (SessionNotFound, SessionEnded):
             w.write(JOB_ACK_GONE)
             w.close()
+            return
+        except RingcastError:
+            log.exception("could not adopt a session")
+            w.close()  # no ack: the HTTP process fails the session itself
             return
         task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
         self.active[task] = writer
