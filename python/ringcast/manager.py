@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -446,12 +447,34 @@ class Manager:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) with ``SO_REUSEPORT``, after checking that nobody listens there.
+
+    ``SO_REUSEPORT`` lets any process of the same user join a port, so a second server on a
+    busy port would silently share its connections; a plain bind first refuses that (and
+    resolves port 0).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
     return s
+
+
+def _lock_segment(path: str) -> int | None:
+    """An exclusive ``flock`` on the segment file for the manager's lifetime (released by the
+    kernel if it dies), so two managers never drive one segment. None if another holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _default_segment(port: int) -> str:
@@ -528,6 +551,15 @@ def serve(cfg: ServeConfig) -> int:
     except (SegmentError, OSError, ValueError) as e:
         print(f"ringcast serve: cannot use segment {cfg.segment}: {e}", file=sys.stderr)
         return 2
+    lock_fd = _lock_segment(cfg.segment)
+    if lock_fd is None:
+        seg.close()
+        print(
+            f"ringcast serve: segment {cfg.segment} is in use by another ringcast serve; "
+            "stop it or pick another --segment",
+            file=sys.stderr,
+        )
+        return 2
     cfg.run_dir = tempfile.mkdtemp(prefix="ringcast-")
     config_path = os.path.join(cfg.run_dir, "config.json")
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -566,6 +598,7 @@ def serve(cfg: ServeConfig) -> int:
             with contextlib.suppress(OSError):
                 seg.unlink()
         seg.close()
+        os.close(lock_fd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         log.info("stopped")
     return 0

@@ -1,0 +1,89 @@
+"""``ringcast serve`` command line: help, refusals with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_harness import Server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ringcast(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ringcast.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=cwd,
+    )
+
+
+def test_help_explains_itself() -> None:
+    top = ringcast("--help")
+    assert top.returncode == 0
+    assert "serve" in top.stdout
+    out = ringcast("serve", "--help")
+    assert out.returncode == 0
+    for flag in (
+        "--http-procs",
+        "--workers",
+        "--upstream",
+        "--api-key",
+        "--ttl",
+        "--idle-timeout",
+        "--evict-running",
+        "--keep-segment",
+        "Last-Event-ID",
+    ):
+        assert flag in out.stdout, flag
+
+
+def test_no_command_prints_help() -> None:
+    out = ringcast()
+    assert out.returncode == 2
+    assert "serve" in out.stdout
+
+
+def test_bad_values_are_refused(tmp_path: Path) -> None:
+    out = ringcast("serve", "--port", "0", "--workers", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--workers" in out.stderr
+    out = ringcast("serve", "--port", "0", "--api-key-file", str(tmp_path / "nope"))
+    assert out.returncode == 2
+    assert "api-key-file" in out.stderr
+
+
+def test_segment_of_other_sizes_is_refused_not_replaced(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--max-sessions", "16", "--keep-segment")
+    assert s.stop() == 0
+    before = s.segment.read_bytes()[:4096]
+    out = ringcast("serve", "--port", "0", "--segment", str(s.segment), "--max-sessions", "32")
+    assert out.returncode == 2
+    assert str(s.segment) in out.stderr
+    assert s.segment.read_bytes()[:4096] == before
+    s.segment.unlink()
+
+
+def test_busy_port_is_refused(tmp_path: Path) -> None:
+    s = Server(tmp_path)
+    try:
+        out = ringcast("serve", "--port", str(s.port), "--segment", str(tmp_path / "other"))
+        assert out.returncode == 2
+        assert "cannot bind" in out.stderr
+    finally:
+        s.stop()
+
+
+def test_segment_in_use_by_a_live_server_is_refused(tmp_path: Path) -> None:
+    s = Server(tmp_path)
+    try:
+        out = ringcast("serve", "--port", "0", "--segment", str(s.segment))
+        assert out.returncode == 2
+        assert "in use" in out.stderr
+        assert s.segment.exists()
+    finally:
+        s.stop()
