@@ -37,9 +37,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 from urllib.parse import unquote, unquote_plus
 
 import msgspec
@@ -490,9 +489,6 @@ class Connection(asyncio.Protocol):
         if self.drain_waiter is None:
             self.drain_waiter = asyncio.get_running_loop().create_future()
         await self.drain_waiter
-
-
-Handler = Callable[[Request, Connection], Coroutine[Any, Any, None]]
 
 
 class App:
