@@ -303,13 +303,15 @@ def strip_id_lines(event: bytes) -> bytes:
 
 
 def iter_sse_data(body: bytes) -> list[bytes]:
-    """The ``data:`` payloads of each complete event in ``body`` (multi-line data joined)."""
+    """The ``data:`` payloads of each complete event in ``body`` (multi-line data joined by
+    ``\n``; one space after the colon removed, as the SSE spec says)."""
     out: list[bytes] = []
     for raw in body.split(b"\n\n"):
-        lines = [
-            ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None for ln in raw.split(b"\n")
-        ]
-        data = [ln for ln in lines if ln is not None]
+        data = []
+        for ln in raw.split(b"\n"):
+            if ln.startswith(b"data:"):
+                value = ln[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
         if data:
             out.append(b"\n".join(data))
     return out
