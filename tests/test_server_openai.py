@@ -21,8 +21,20 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
+_clients: list[openai.OpenAI] = []
+
+
 def client(srv: Server, key: str = "sk-test") -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+    _clients.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def test_chat_streaming_matches_non_streaming(srv: Server) -> None:
@@ -89,7 +101,7 @@ def test_models_and_bad_key(srv: Server) -> None:
 
 def test_cancelled_stream_raises_api_error(tmp_path: Path) -> None:
     with server(tmp_path, "--tokens-per-s", "20", "--prefill-s", "0") as s:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        c = client(s, "none")
         stream = c.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": "x"}],
@@ -97,7 +109,7 @@ def test_cancelled_stream_raises_api_error(tmp_path: Path) -> None:
             stream=True,
             extra_headers={"X-Conversation-Id": "to-cancel"},
         )
-        with pytest.raises(openai.APIError, match="cancelled"):
+        with stream, pytest.raises(openai.APIError, match="cancelled"):
             for i, _ in enumerate(stream):
                 if i == 2:
                     assert request(s.port, "DELETE", "/v1/stream/to-cancel")[0] == 204
