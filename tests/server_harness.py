@@ -232,8 +232,12 @@ def open_request(
     raw: bytes | None = None,
 ) -> Response:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(raw if raw is not None else _head(method, path, body, headers, version))
-    return Response(sock)
+    try:
+        sock.sendall(raw if raw is not None else _head(method, path, body, headers, version))
+        return Response(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def request(

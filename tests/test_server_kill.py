@@ -52,7 +52,7 @@ def test_kill_worker_fails_its_streams_and_is_restarted(tmp_path: Path) -> None:
         assert state(s.port, "victim") == "failed"
         _, _, replay = request(s.port, "GET", "/v1/stream?conv_id=victim")
         assert replay.endswith(events[-1])
-        assert s.metric("dead_producers_total") == 1
+        wait_for(lambda: s.metric("dead_producers_total") == 1, "the sweep's count")
         new = wait_for(
             lambda: [p for p in s.children("worker") if p != worker], "the worker to be restarted"
         )
