@@ -343,7 +343,8 @@ def _percentile(sorted_points: list[int], q: float) -> float:
 
 
 class RedisServer:
-    """Uses the Redis on --redis-url if it answers, else starts a private redis-server."""
+    """Uses the Redis at (host, port) if it answers, else (or if port is 0) starts a private
+    redis-server on a free loopback port, without persistence."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -353,11 +354,12 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         import redis
 
-        try:
-            redis.Redis(host=self.host, port=self.port, socket_timeout=2).ping()
-            return self
-        except redis.exceptions.ConnectionError:
-            pass
+        if self.port:
+            try:
+                redis.Redis(host=self.host, port=self.port, socket_timeout=2).ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                pass
         exe = shutil.which("redis-server")
         if exe is None:
             raise SystemExit("no Redis answers and redis-server is not installed")
@@ -564,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(Redis uses --redis-batch)")
     ap.add_argument("--redis-batch", type=int, default=256, help="XADDs per pipeline execute")
     ap.add_argument("--redis-count", type=int, default=10_000, help="XREAD COUNT")
-    ap.add_argument("--redis-url", default="127.0.0.1:6379",
-                    help="host:port of a Redis to use; a private redis-server is started on a "
-                    "free port if none answers there")
+    ap.add_argument("--redis-url", default="private",
+                    help="host:port of a Redis to use (a private redis-server is started on a "
+                    "free port if none answers there), or 'private' to always start one, so "
+                    "that other users of a shared Redis do not skew the figures")
     ap.add_argument("--session-bytes", type=int, default=4 << 20,
                     help="minimum ring size (grown to hold the whole run, so nothing is lost)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for one run")
@@ -594,8 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     redis_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if "redis" in only:
-        host, _, port = args.redis_url.rpartition(":")
-        redis_ctx = RedisServer(host or "127.0.0.1", int(port))
+        if args.redis_url == "private":
+            redis_ctx = RedisServer("127.0.0.1", 0)
+        else:
+            host, _, port = args.redis_url.rpartition(":")
+            redis_ctx = RedisServer(host or "127.0.0.1", int(port))
     with redis_ctx as rs:
         addr = (rs.host, rs.port) if rs is not None else None
         for i, (transport, n, ph) in enumerate(runs, 1):
