@@ -100,7 +100,7 @@ def test_lru_eviction_of_completed_sessions_only(tmp_path: Path) -> None:
         assert request(s.port, "GET", "/v1/stream?conv_id=done-19")[0] == 200
         assert request(s.port, "GET", "/v1/stream?conv_id=done-0")[0] == 404
         assert lookup(s.port, "running")[0]["state"] == "running"
-        assert s.metric('evictions_total{reason="lru"}') >= 5
+        wait_for(lambda: s.metric('evictions_total{reason="lru"}') >= 5, "the LRU count")
         running.close()
 
 
