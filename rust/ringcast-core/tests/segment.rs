@@ -84,9 +84,17 @@ fn one_producer_many_readers_on_a_barrier() {
                     }) => {
                         // A slow reader skips ahead; what it then reads must still be right.
                         lost += 1;
-                        r = seg
-                            .reader("stress", "", first_available + 1024)
-                            .unwrap_or_else(|e| panic!("{e}"));
+                        let mut at = first_available;
+                        r = loop {
+                            match seg.reader("stress", "", at + 1024) {
+                                Ok(r) => break r,
+                                // The producer lapped us again while we re-attached.
+                                Err(Error::OffsetLost {
+                                    first_available, ..
+                                }) => at = first_available,
+                                Err(e) => panic!("{e}"),
+                            }
+                        };
                     }
                     Err(e) => panic!("{e}"),
                 }

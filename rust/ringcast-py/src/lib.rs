@@ -575,18 +575,19 @@ struct Reader {
     r: Option<core::Reader>,
 }
 
+fn reader_closed(py: Python<'_>) -> PyErr {
+    PyErr::from_type(
+        exceptions(py).base.bind(py).clone(),
+        "the reader was closed",
+    )
+}
+
 impl Reader {
     fn get(&mut self, py: Python<'_>) -> PyResult<&mut core::Reader> {
-        self.r.as_mut().ok_or_else(|| {
-            let x = exceptions(py);
-            PyErr::from_type(x.base.bind(py).clone(), "the reader was closed")
-        })
+        self.r.as_mut().ok_or_else(|| reader_closed(py))
     }
     fn get_ref(&self, py: Python<'_>) -> PyResult<&core::Reader> {
-        self.r.as_ref().ok_or_else(|| {
-            let x = exceptions(py);
-            PyErr::from_type(x.base.bind(py).clone(), "the reader was closed")
-        })
+        self.r.as_ref().ok_or_else(|| reader_closed(py))
     }
 }
 
