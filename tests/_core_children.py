@@ -282,3 +282,29 @@ def concurrent_writer(
         barrier.wait()
     except BaseException:
         _report_errors(out, writer)
+
+
+def loop_aread(path: str, conv: str, ready: Any) -> None:
+    """Subscribed through this process's notifier, awaiting bytes on a uvloop loop."""
+    import asyncio
+
+    import uvloop
+
+    seg = ringcast.Segment.open(path)
+
+    async def main() -> None:
+        rng = random.Random()
+        while True:
+            info = seg.get(conv, "crash")
+            if info is None:
+                return
+            r = seg.reader(conv, info.total_bytes, "crash")
+            if not ready.is_set():
+                ready.set()
+            try:
+                await asyncio.wait_for(r.aread(rng.choice((1, 100, 65536))), 0.005)
+            except (TimeoutError, ringcast.OffsetLost):
+                pass
+            r.close()
+
+    uvloop.run(main())

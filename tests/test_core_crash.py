@@ -153,16 +153,21 @@ def test_kill_9_during_registry_changes(seg_path: str, op: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_kill_9_while_reading(seg_path: str) -> None:
+@pytest.mark.parametrize("how", ["read", "aread"])
+def test_kill_9_while_reading(seg_path: str, how: str) -> None:
     seg = ringcast.Segment.create(seg_path, max_sessions=16, session_bytes=64 * KiB)
     w = seg.create_or_replace("crash-read", "crash")
     rng = random.Random(3)
     off = 0
+    target = children.loop_read if how == "read" else children.loop_aread
     for _ in range(ROUNDS):
         n = rng.randrange(1, 100 * KiB)
         assert w.write(pattern_at(off, n))
         off += n
-        _kill_at_random(children.loop_read, (seg_path, "crash-read"), rng)
+        _kill_at_random(target, (seg_path, "crash-read"), rng)
+        # Appends keep flowing while dead readers' subscriptions linger.
+        assert w.write(pattern_at(off, 10))
+        off += 10
     info = seg.get("crash-read", "crash")
     assert info is not None
     assert info.readers == 0, "readers of killed processes still counted"
