@@ -658,3 +658,20 @@ def test_notifier_reports_the_slots_that_advanced(seg: ringcast.Segment) -> None
     assert n.drain() == [w1.slot]
     n.unsubscribe(w1.slot, w1.generation)
     n.unsubscribe(w2.slot, w2.generation)
+
+
+def test_non_contiguous_buffers_are_refused_without_side_effects(seg: ringcast.Segment) -> None:
+    w = seg.create_or_replace("c")
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        w.write(memoryview(b"abcdef")[::2])
+    with pytest.raises(TypeError):
+        w.write("text")  # type: ignore[arg-type]
+    assert w.total_bytes == 0
+    w.write(b"0123456789")
+    r = seg.reader("c")
+    target = bytearray(b"." * 10)
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        r.read_into(memoryview(target)[::2])
+    assert target == b"." * 10
+    assert r.offset == 0
+    assert r.read_nowait() == b"0123456789"

@@ -25,6 +25,7 @@ MAX_SESSIONS_AT = 12
 SESSION_BYTES_AT = 24
 SLOTS_OFFSET_AT = 64
 RINGS_OFFSET_AT = 72
+READY_AT = 104  # written last at creation: a creator that died mid-way leaves it 0
 
 
 def _make(path: str) -> None:
@@ -61,6 +62,7 @@ def test_the_layout_version_of_this_build_is_where_the_tests_poke(seg_path: str)
         pytest.param(SESSION_BYTES_AT, struct.pack("<Q", 1 << 62), "", id="session-bytes"),
         pytest.param(SLOTS_OFFSET_AT, struct.pack("<Q", 1 << 40), "", id="slots-offset"),
         pytest.param(RINGS_OFFSET_AT, struct.pack("<Q", 12345), "", id="rings-offset"),
+        pytest.param(READY_AT, struct.pack("<I", 0), "", id="creation-never-finished"),
     ],
 )
 def test_damaged_header_is_refused(seg_path: str, at: int, data: bytes | None, words: str) -> None:
