@@ -245,8 +245,9 @@ def produce_redis(cfg: dict[str, Any], phase: Phase, go: Any, out: Any) -> None:
             client.xadd(key, {b"d": maker.one(i)})
     else:
         pipe = client.pipeline(transaction=False)
-        for first in range(0, phase.events, phase.batch):
-            for i in range(first, min(first + phase.batch, phase.events)):
+        batch = cfg["redis_batch"]
+        for first in range(0, phase.events, batch):
+            for i in range(first, min(first + batch, phase.events)):
                 pipe.xadd(key, {b"d": maker.one(i)})
             pipe.execute()
     client.xadd(key, {b"d": maker.one(END_SEQ)})
@@ -409,7 +410,7 @@ def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace
         assert redis_addr is not None
         key = f"ringcast-bench:{uuid.uuid4().hex}"
         cfg.update(redis_host=redis_addr[0], redis_port=redis_addr[1], key=key,
-                   redis_count=args.redis_count)
+                   redis_count=args.redis_count, redis_batch=args.redis_batch)
         cleanup.append(lambda: redis.Redis(host=redis_addr[0], port=redis_addr[1]).delete(key))
         producer_fn, reader_fn = produce_redis, read_redis
     else:
@@ -564,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="events per append (ringcast) / per write to each pipe in the "
                     "throughput phase; 1 is what a server does, one SSE chunk at a time "
                     "(Redis uses --redis-batch)")
+    ap.add_argument("--redis-events", type=int, default=10_000,
+                    help="events in Redis' throughput phase (0: same as --events); Redis is "
+                    "~10-100x slower here, and a rate needs no more events to be measured")
     ap.add_argument("--redis-batch", type=int, default=256, help="XADDs per pipeline execute")
     ap.add_argument("--redis-count", type=int, default=10_000, help="XREAD COUNT")
     ap.add_argument("--redis-url", default="private",
@@ -584,7 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     phases = [("throughput", Phase(args.events, 0, args.batch))]
     if args.paced_events:
         phases.append(("paced", Phase(args.paced_events, args.paced_interval_us * 1000, 1)))
-    runs = [(t, n, ph) for t in only for n in reader_counts for _, ph in phases]
+    # Transports interleaved per (readers, phase): on a shared machine the load drifts, and the
+    # figures that are compared should be taken close together in time.
+    runs = []
+    for n in reader_counts:
+        for _, ph in phases:
+            for t in only:
+                if t == "redis" and not ph.pace_ns and args.redis_events:
+                    runs.append((t, n, Phase(args.redis_events, 0, ph.batch)))
+                else:
+                    runs.append((t, n, ph))
 
     facts = machine_facts()
     print(f"# core fan-out: {facts['cpus']} CPUs ({facts['cpu_model']}), kernel "
