@@ -76,3 +76,18 @@ def test_lost_offsets_are_counted_not_hidden(tmp_path: Path) -> None:
     assert t["events_lost"] > 0 and t["offsets_lost"] > 0
     assert t["mismatches"] == 0
     assert res.returncode == 0 or t["errors"] > 0
+
+
+def test_a_run_cut_short_still_accounts_for_every_event(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    res = ringcast(
+        "replay", str(SAMPLE), "--streams", "4", "--fanout", "3", "--speed", "0.5",
+        "--http-procs", "1", "--timeout", "1", "--json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert res.returncode == 1  # cut short = errors
+    t = json.loads(out.read_text())["targets"][0]
+    trace = load_trace(SAMPLE)
+    emitted = sum(len(trace.streams[i].events) for i in range(4))
+    _check_counts(t, [], emitted)
+    assert t["events_lost"] > 0 and t["errors"] >= 1
+    assert any("deadline" in e for e in t["error_samples"])

@@ -414,6 +414,11 @@ class _Load:
         self.rng = random.Random(opts.seed)
         self.readers_total = len(streams) * opts.fanout
         self.sem = asyncio.Semaphore(256)  # connects in flight, to stay under the accept backlog
+        # For the run deadline: readers still reading, and readers not started yet (per
+        # stream: how many, and how many events each would get), so a cut-short run still
+        # accounts for every event as received or lost.
+        self.live: set[_ReaderState] = set()
+        self.unstarted: dict[int, tuple[int, int]] = {}
 
     async def _connect(self, proto: _ReaderProto) -> None:
         loop = asyncio.get_running_loop()
@@ -454,13 +459,17 @@ class _Load:
     async def _reader(self, conv: str, st: _ReaderState, first: bytes | None, head: Any) -> None:
         request = first if first is not None else self._get(conv, 0)
         how = "error: no attempt"
-        for _attempt in range(8):
-            how = await self._exchange(st, request, head)
-            head = None
-            if how != "cut":
-                break
-            self.stats.resumes += 1
-            request = self._get(conv, st.pos)
+        self.live.add(st)
+        try:
+            for _attempt in range(8):
+                how = await self._exchange(st, request, head)
+                head = None
+                if how != "cut":
+                    break
+                self.stats.resumes += 1
+                request = self._get(conv, st.pos)
+        finally:
+            self.live.discard(st)
         stats = self.stats
         stats.readers_done += 1
         if how == "end" and st.k == len(st.exp.ends) and st.pos == len(st.exp.body):
@@ -480,9 +489,10 @@ class _Load:
             stats.error(f"{conv}: {how}")
 
     async def _stream(self, i: int, run_id: str) -> None:
-        await asyncio.sleep(self.opts.ramp * i / max(1, len(self.stream_of)))
         j = self.stream_of[i]
         exp = self.exps[j]
+        self.unstarted[i] = (self.opts.fanout, len(exp.ends))
+        await asyncio.sleep(self.opts.ramp * i / max(1, len(self.stream_of)))
         conv = f"replay-{run_id}-{i}"
         tr = self.opts_trace.streams[j]
         body = dict(tr.request) if isinstance(tr.request, dict) else {}
@@ -506,11 +516,15 @@ class _Load:
         st0 = _ReaderState(exp, 0)
         st0.t_emit0 = time.perf_counter()
         first = asyncio.ensure_future(self._reader(conv, st0, post, head))
+        self.unstarted[i] = (self.opts.fanout - 1, len(exp.ends))
+        tasks = [first]
         try:
             await asyncio.wait_for(asyncio.shield(head), 30.0)
         except TimeoutError:
             pass
-        tasks = [first]
+        except asyncio.CancelledError:
+            first.cancel()
+            raise
         if head.done() and head.result() == 200:
             for _ in range(self.opts.fanout - 1):
                 cut = 0
@@ -524,6 +538,7 @@ class _Load:
             self.stats.readers_done += self.opts.fanout - 1
             self.stats.events_lost += (self.opts.fanout - 1) * len(exp.ends)
             self.stats.error(f"{conv}: POST did not start a stream")
+        del self.unstarted[i]
         await asyncio.gather(*tasks)
 
     opts_trace: Trace
@@ -537,9 +552,17 @@ class _Load:
         for t in pending:
             t.cancel()
         if pending:
+            # Cancelled readers have left ``live`` (their ``finally``); count them first.
+            cut = list(self.live)
             await asyncio.gather(*pending, return_exceptions=True)
-            missing = self.readers_total - self.stats.readers_done
-            self.stats.error(f"run deadline of {deadline:.0f}s passed; {missing} readers cut")
+            stats = self.stats
+            for st in cut:
+                stats.events_lost += len(st.exp.ends) - st.k
+            for count, events in self.unstarted.values():
+                stats.events_lost += count * events
+            missing = len(cut) + sum(c for c, _ in self.unstarted.values())
+            stats.readers_done += missing
+            stats.error(f"run deadline of {deadline:.0f}s passed; {missing} readers cut short")
         for t in done:
             if t.exception() is not None:
                 self.stats.error(f"internal: {t.exception()!r}")
