@@ -94,6 +94,7 @@ log = logging.getLogger("ringcast.worker")
 
 CANCEL_POLL = 0.02
 PING_EVENT = b": ping\n\n"
+UPSTREAM_CONNECT_TIMEOUT = 10.0
 
 
 class Gone(Exception):
@@ -333,7 +334,11 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
     host = url.hostname
     port = url.port or 80
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), UPSTREAM_CONNECT_TIMEOUT
+        )
+    except TimeoutError:
+        raise UpstreamError(504, f"upstream {host}:{port} did not accept a connection") from None
     except OSError as e:
         raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
     try:
