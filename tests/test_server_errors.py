@@ -235,3 +235,12 @@ def test_lookup_prefix_rule(srv: Server) -> None:
         "epoch",
         "readers",
     }
+
+
+def test_http_1_0_stream_is_close_delimited(srv: Server) -> None:
+    _, _, whole = request(srv.port, "GET", "/v1/stream?conv_id=known")
+    r = open_request(srv.port, "GET", "/v1/stream?conv_id=known", version="HTTP/1.0")
+    assert r.status == 200
+    assert "transfer-encoding" not in r.headers
+    assert r.headers["connection"] == "close"
+    assert r.read_all_and_close() == whole
