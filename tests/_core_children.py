@@ -308,3 +308,14 @@ def loop_aread(path: str, conv: str, ready: Any) -> None:
             r.close()
 
     uvloop.run(main())
+
+
+def open_or_create_racer(path: str, idx: int, barrier: Any, out: Any) -> None:
+    try:
+        barrier.wait()
+        seg = ringcast.Segment.open_or_create(path, max_sessions=8, session_bytes=64 * 1024)
+        out.put(("opened", idx, seg.epoch))
+    except ringcast.SegmentError as exc:
+        out.put(("opened", idx, f"SegmentError: {exc}"))
+    except BaseException:
+        _report_errors(out, idx)

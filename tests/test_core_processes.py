@@ -315,3 +315,27 @@ def test_two_writers_after_adopt_never_tear_records(seg_path: str) -> None:
         seen[writer] += 1
         at += len(rec)
     assert seen == accepted
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_open_or_create_agrees_on_one_segment(seg_path: str) -> None:
+    """Processes racing to open_or_create one path all end up on the same segment: a process
+    that finds the file half-created waits for it rather than failing."""
+    n = 8
+    for round_ in range(scaled(3)):
+        path = f"{seg_path}-{round_}"
+        barrier, out = CTX.Barrier(n), CTX.Queue()
+        procs = [
+            CTX.Process(target=children.open_or_create_racer, args=(path, i, barrier, out))
+            for i in range(n)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            epochs = {m[1]: m[2] for m in _collect(out, n, "opened")}
+            _join_all(procs)
+            assert len(set(epochs.values())) == 1, epochs
+            assert ringcast.Segment.open(path).epoch == epochs[0]
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
