@@ -255,16 +255,17 @@ mod loom_tests {
     use super::*;
     use loom::sync::Arc;
 
-    /// A reader racing a producer that wraps the ring never returns a byte that was not the
-    /// byte at that offset in the producer's history.
+    struct Ring {
+        cursor: AtomicU64,
+        head: AtomicU64,
+        mem: HeapBytes,
+    }
+
+    /// Readers racing a producer that wraps a 2-byte ring never return a byte that was not the
+    /// byte at that offset in the producer's history (0, 1, 2, 3: the byte at offset k is k).
     #[test]
     fn reader_never_returns_overwritten_bytes() {
         loom::model(|| {
-            struct Ring {
-                cursor: AtomicU64,
-                head: AtomicU64,
-                mem: HeapBytes,
-            }
             let r = Arc::new(Ring {
                 cursor: AtomicU64::new(0),
                 head: AtomicU64::new(0),
@@ -280,20 +281,27 @@ mod loom_tests {
                 append(&c, &p.mem, &[2]);
                 append(&c, &p.mem, &[3]);
             });
-            let c = Cursors {
-                cursor: &r.cursor,
-                head: &r.head,
-            };
-            for offset in 0..3u64 {
-                let mut buf = [0xffu8; 2];
-                if let ReadOutcome::Copied(n) = read(&c, &r.mem, offset, &mut buf) {
-                    for (i, b) in buf[..n].iter().enumerate() {
-                        // The history is 0,1,2,3: the byte at offset k is k.
-                        assert_eq!(*b as u64, offset + i as u64);
+            let q = r.clone();
+            let reader = loom::thread::spawn(move || {
+                let c = Cursors {
+                    cursor: &q.cursor,
+                    head: &q.head,
+                };
+                for offset in [0u64, 1] {
+                    let mut buf = [0xffu8; 2];
+                    if let ReadOutcome::Copied(n) = read(&c, &q.mem, offset, &mut buf) {
+                        for (i, b) in buf[..n].iter().enumerate() {
+                            assert_eq!(
+                                *b as u64,
+                                offset + i as u64,
+                                "torn read at offset {offset}"
+                            );
+                        }
                     }
                 }
-            }
+            });
             producer.join().unwrap();
+            reader.join().unwrap();
         });
     }
 }

@@ -1,7 +1,9 @@
 //! The only place atomics are imported from: `std` normally, `loom` under `--cfg loom`, so the
 //! ring protocol can be model-checked with the very code that runs in production.
 
+// Under loom only the ring is compiled, which needs no AtomicU32.
 #[cfg(loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
