@@ -319,3 +319,18 @@ def open_or_create_racer(path: str, idx: int, barrier: Any, out: Any) -> None:
         out.put(("opened", idx, f"SegmentError: {exc}"))
     except BaseException:
         _report_errors(out, idx)
+
+
+def churn_sessions(path: str, ready: Any, stop: Any) -> None:
+    """Create and evict sessions whose id and owner carry the same number, until told to stop."""
+    seg = ringcast.Segment.open(path)
+    ready.set()
+    k = 0
+    while not stop.is_set():
+        conv, owner = f"s{k}-" + "x" * (k % 200), f"o{k}"
+        w = seg.create_or_replace(conv, owner)
+        w.write(b"y" * (k % 50))
+        if k % 3:
+            w.finalize()
+        seg.evict(f"s{k - 3}-" + "x" * ((k - 3) % 200), f"o{k - 3}")
+        k += 1

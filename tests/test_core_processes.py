@@ -339,3 +339,34 @@ def test_concurrent_open_or_create_agrees_on_one_segment(seg_path: str) -> None:
         finally:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+@pytest.mark.timeout(120)
+def test_registry_snapshots_are_consistent_under_churn(seg_path: str) -> None:
+    """While another process reuses slots as fast as it can, every SessionInfo that list(),
+    get() and lookup_prefix() return is one session's entry, never a mix of two."""
+    seg = ringcast.Segment.create(seg_path, max_sessions=8, session_bytes=64 * 1024)
+    ready, stop = CTX.Event(), CTX.Event()
+    p = CTX.Process(target=children.churn_sessions, args=(seg_path, ready, stop))
+    p.start()
+    assert ready.wait(60)
+    checked = 0
+    try:
+        while checked < scaled(5000):
+            for info in seg.list():
+                k = int(info.owner[1:])
+                assert info.conversation_id == f"s{k}-" + "x" * (k % 200), info
+                # Caught between create, write and finalize, or after: never anything else.
+                assert info.total_bytes in (0, k % 50), info
+                assert info.state in (("running", "done") if k % 3 else ("running",)), info
+                assert info.state == "running" or info.total_bytes == k % 50, info
+                again = seg.get(info.conversation_id, info.owner)
+                if again is not None:
+                    assert (again.conversation_id, again.owner) == (
+                        info.conversation_id, info.owner)
+                    assert again.total_bytes >= info.total_bytes
+                checked += 1
+    finally:
+        stop.set()
+        p.join(30)
+    assert p.exitcode == 0
