@@ -14,7 +14,8 @@ LAYOUT_VERSION: Final[int]
 """Version of the shared-memory layout this build reads and writes."""
 
 MAX_PROCESSES: Final[int]
-"""How many processes may hold readers or notifiers on one segment at once."""
+"""How many segment handles (normally one per process) may hold readers or notifiers on one
+segment at once."""
 
 class RingcastError(Exception):
     """Base class of every error raised by ringcast."""
@@ -105,7 +106,12 @@ class Segment:
         session_bytes: int = 4 * 1024 * 1024,
         max_id_len: int = 256,
     ) -> Segment:
-        """Create a new segment file (``O_EXCL``, mode 0600). Fails if ``path`` exists."""
+        """Create a new segment file (``O_EXCL``, mode 0600). Fails if ``path`` exists.
+
+        Limits: ``1 <= max_sessions <= 2**20``, ``1 <= session_bytes <= 2**40``,
+        ``256 <= max_id_len <= 65536`` (bytes of UTF-8); ``InvalidArgument`` otherwise.
+        Owner tags are at most 128 bytes.
+        """
     @staticmethod
     def open(path: str) -> Segment:
         """Map an existing segment; ``SegmentError`` if it is not a segment of this layout."""
@@ -194,7 +200,8 @@ class Writer:
     def cancelled(self) -> bool:
         """True once the session was cancelled, replaced or evicted (cheap atomic load)."""
     def write(self, data: Buffer) -> bool:
-        """Append bytes; False (and nothing written) once the session is finalized or gone."""
+        """Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
+        session is finalized or gone, or once another handle became its producer (``adopt``)."""
     def finalize(self, state: str = "done") -> bool:
         """End the stream as ``"done"`` or ``"failed"``; idempotent. False if already ended."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:

@@ -87,7 +87,7 @@ impl fmt::Display for Error {
             ),
             Error::TooManyProcesses => write!(
                 f,
-                "more than {} processes hold readers on this segment at once",
+                "more than {} segment handles (one per Segment.open/create, normally one per process) hold readers or notifiers at once; close unused handles",
                 crate::layout::MAX_PROCESSES
             ),
         }

@@ -76,10 +76,14 @@ pub const HINT_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
 pub const GENERATION_OFFSET: usize = HINT_OFFSET + 8;
 /// Set in a slot's `generation` when its session has left (the slot is free).
 pub const ENDED_BIT: u64 = 1 << 63;
+/// The bell: one futex word that every sleeping notifier thread waits on, on its own line.
+pub const BELL_OFFSET: usize = 512;
 pub const HEADER_BYTES: usize = 4096;
+const _: () = assert!(GENERATION_OFFSET + 8 <= BELL_OFFSET && BELL_OFFSET + 128 <= HEADER_BYTES);
 
 /// One process's doorbell: producers bump `doorbell` after publishing to a session this
-/// process subscribed to, and make a wake syscall only if `sleeping` is set.
+/// process subscribed to; if the process's notifier thread is `sleeping`, they ring the
+/// segment's bell (see `notify`).
 #[repr(C, align(128))]
 pub struct ProcEntry {
     /// Owner pid; 0 = free.
@@ -130,7 +134,9 @@ pub struct SlotMeta {
     pub producer_start: AtomicU64,
     pub started_at_ns: AtomicU64,
     pub completed_at_ns: AtomicU64,
-    pub _pad2b: [u64; 6],
+    /// Identity of the one Writer handle allowed to append (set at create, adopt, take-over).
+    pub producer_token: AtomicU64,
+    pub _pad2b: [u64; 5],
 }
 const _: () = assert!(std::mem::size_of::<SlotMeta>() == 384);
 const _: () = assert!(std::mem::align_of::<SlotMeta>() == 128);

@@ -397,12 +397,13 @@ impl Segment {
             reg.end(old, old_gen, end_reason::REPLACED);
         }
         // Release: a lookup that sees RUNNING (Acquire) sees every field written by `install`.
+        let writer = Writer::new(self.inner.clone(), slot, gen, me, id, owner);
         self.inner
             .slot(slot)
             .state
             .store(state::RUNNING, Ordering::Release);
         drop(reg);
-        Ok(Writer::new(self.inner.clone(), slot, gen, me, id, owner))
+        Ok(writer)
     }
 
     /// Becomes the producer of a running session created by another process.

@@ -17,10 +17,21 @@ pub struct Writer {
     inner: Arc<Inner>,
     slot: u32,
     generation: u64,
-    me: ProcessId,
     busy_tag: u64,
+    token: u64,
     conversation_id: String,
     owner: String,
+}
+
+/// A producer token unique to one Writer handle (process identity plus a local counter).
+fn new_token(me: ProcessId) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // splitmix64 of the three, so tokens of different processes do not collide in practice.
+    let mut z = (me.pid as u64) << 40 ^ me.start_time << 8 ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
 }
 
 /// Outcome of a non-blocking read.
@@ -44,12 +55,19 @@ impl Writer {
         owner: &str,
     ) -> Writer {
         let busy_tag = me.pid as u64 | (me.start_time & 0xffff_ffff) << 32;
+        let token = new_token(me);
+        // Callers hold the registry lock: no adopt or take-over can interleave with this store,
+        // and from now on only this handle appends (an older Writer's appends fail).
+        inner
+            .slot(slot)
+            .producer_token
+            .store(token, Ordering::Release);
         Writer {
             inner,
             slot,
             generation,
-            me,
             busy_tag,
+            token,
             conversation_id: id.to_string(),
             owner: owner.to_string(),
         }
@@ -125,9 +143,11 @@ impl Writer {
     }
 
     fn is_producer(&self) -> bool {
-        let m = self.inner.slot(self.slot);
-        m.producer_pid.load(Ordering::Acquire) == self.me.pid
-            && m.producer_start.load(Ordering::Acquire) == self.me.start_time
+        self.inner
+            .slot(self.slot)
+            .producer_token
+            .load(Ordering::Acquire)
+            == self.token
     }
 
     /// Appends bytes; false (nothing written) once the session ended or another producer took

@@ -325,3 +325,21 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     assert!(fd_readable(n.fd(), 10_000));
     assert_eq!(n.drain(), vec![a.slot()]);
 }
+
+#[test]
+fn adopting_retires_the_previous_writer_even_in_the_same_process() {
+    let t = TempSeg::new("adopt");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let a = seg.create_or_replace("c", "o").unwrap();
+    assert!(a.write(b"A1").unwrap());
+    let b = seg.adopt("c", "o", a.generation()).unwrap();
+    assert!(
+        !a.write(b"A2").unwrap(),
+        "the creator's handle no longer appends"
+    );
+    assert!(b.write(b"B1").unwrap());
+    let mut r = seg.reader("c", "o", 0).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(r.poll_into(&mut buf).unwrap(), Poll::Data(4));
+    assert_eq!(&buf[..4], b"A1B1");
+}

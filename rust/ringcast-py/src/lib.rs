@@ -526,7 +526,7 @@ impl Writer {
             }
             return py.detach(|| self.w.write(bytes)).py_err(py);
         }
-        let buf = PyBuffer::<u8>::get(data)?;
+        let buf = byte_buffer(data)?;
         if !buf.is_c_contiguous() {
             return Err(PyValueError::new_err(
                 "write needs a C-contiguous buffer of bytes",
@@ -588,6 +588,28 @@ impl Reader {
     }
     fn get_ref(&self, py: Python<'_>) -> PyResult<&core::Reader> {
         self.r.as_ref().ok_or_else(|| reader_closed(py))
+    }
+}
+
+/// A byte view of any buffer object: typed buffers (`array('i')`, numpy) are viewed as their
+/// raw bytes, as `os.write` would.
+fn byte_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
+    match PyBuffer::<u8>::get(obj) {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let Ok(view) = obj
+                .py()
+                .import("builtins")?
+                .getattr("memoryview")?
+                .call1((obj,))
+            else {
+                return Err(e);
+            };
+            match view.call_method1("cast", ("B",)) {
+                Ok(bytes_view) => PyBuffer::<u8>::get(&bytes_view),
+                Err(_) => Err(e),
+            }
+        }
     }
 }
 
@@ -720,7 +742,7 @@ impl Reader {
         timeout: Option<f64>,
     ) -> PyResult<usize> {
         let t = timeout_of(timeout)?;
-        let buf = PyBuffer::<u8>::get(buffer)?;
+        let buf = byte_buffer(buffer)?;
         if buf.readonly() || !buf.is_c_contiguous() {
             return Err(PyValueError::new_err(
                 "read_into needs a writable, C-contiguous buffer",
