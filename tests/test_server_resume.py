@@ -195,3 +195,32 @@ def test_ids_and_error_framing_helpers() -> None:
         ev = frame_event(total, b"data: " + b"x" * n + b"\n\n")
         total += len(ev)
         assert int(ev[4 : ev.index(b"\n")]) == total
+
+
+def test_a_stalled_reader_holds_up_nobody_and_loses_nothing(tmp_path: Path) -> None:
+    # One HTTP process, so every reader shares that process's pump for the session.
+    # 40,000 tokens (~8 MB) outgrow the kernel's socket buffers (tcp_wmem max is 4 MiB), so the
+    # stalled connection's transport buffer fills; a 32 MiB ring keeps every byte.
+    with server(
+        tmp_path,
+        "--tokens-per-s",
+        "0",
+        "--http-procs",
+        "1",
+        "--prefill-s",
+        "1",
+        "--session-bytes",
+        str(32 << 20),
+    ) as s:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", s.port))
+        r = post_chat(s.port, "stall", max_tokens=40000)
+        stalled.sendall(b"GET /v1/stream?conv_id=stall HTTP/1.1\r\nHost: x\r\n\r\n")
+        fast = [open_request(s.port, "GET", "/v1/stream?conv_id=stall") for _ in range(4)]
+        whole = r.read_all_and_close()
+        assert whole.endswith(b"data: [DONE]\n\n")
+        assert all(f.read_all_and_close() == whole for f in fast)
+        # The stalled reader was detached from the pump and resumes where it stopped.
+        assert Response(stalled).read_all_and_close() == whole
+        assert s.metric("slow_readers_detached_total") >= 1

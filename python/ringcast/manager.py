@@ -136,6 +136,7 @@ class HttpCounter(enum.IntEnum):
     READERS_ACTIVE = 8
     EVICTIONS_LRU = 9
     HANDOFF_FAILED = 10
+    DETACHED = 11
 
 
 class WorkerCounter(enum.IntEnum):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -491,6 +492,72 @@ class Connection(asyncio.Protocol):
         await self.drain_waiter
 
 
+Outcome = tuple[str, int | str | None]
+"""How a pump lets a connection go: ("done", None), ("ended", reason) or ("solo", offset)."""
+
+
+class Pump:
+    """Live-edge fan-out of one session inside one HTTP process.
+
+    Waking a reader task per client costs a notifier round and a task switch per event; with a
+    thousand clients on a stream that dominates. A pump holds one ``Reader`` at the live edge,
+    and on each wake-up writes the new bytes straight into every joined connection's
+    transport (a synchronous call). A joined connection's relay task sleeps on one future
+    until the stream ends or the pump detaches it (its write buffer reached the high-water
+    mark, or the pump itself fell behind); it then continues on its own reader.
+    """
+
+    def __init__(self, app: App, key: tuple[int, int], reader: Reader) -> None:
+        self.app = app
+        self.key = key
+        self.reader = reader
+        self.offset = reader.offset
+        self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def join(self, conn: Connection) -> asyncio.Future[Outcome]:
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.subs[conn] = fut
+        fut.add_done_callback(functools.partial(self._left, conn))
+        return fut
+
+    def _left(self, conn: Connection, fut: asyncio.Future[Outcome]) -> None:
+        if self.subs.get(conn) is fut:
+            del self.subs[conn]
+        if not self.subs and not self.task.done():
+            self.task.cancel()
+
+    async def run(self) -> None:
+        outcome: Outcome = ("solo", 0)
+        try:
+            while True:
+                try:
+                    data = await self.reader.aread(RELAY_READ)
+                except OffsetLost:
+                    break  # each connection goes on alone and finds out for itself
+                except SessionEnded as e:
+                    outcome = ("ended", e.reason)
+                    break
+                if not data:
+                    outcome = ("done", None)
+                    break
+                self.offset += len(data)
+                for conn, fut in list(self.subs.items()):
+                    if fut.done():
+                        continue
+                    conn.write_body(data)
+                    if conn.write_paused or conn.closed:
+                        fut.set_result(("solo", self.offset))
+                        self.app.counters.inc(HttpCounter.DETACHED)
+        finally:
+            if self.app.pumps.get(self.key) is self:
+                del self.app.pumps[self.key]
+            self.reader.close()
+            for fut in list(self.subs.values()):
+                if not fut.done():
+                    fut.set_result(outcome if outcome[0] != "solo" else ("solo", self.offset))
+
+
 class App:
     """Routes and the state of one HTTP process."""
 
@@ -503,6 +570,7 @@ class App:
         self.counters = counters
         self.connections: set[Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
+        self.pumps: dict[tuple[int, int], Pump] = {}
         self.next_worker = index
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
@@ -690,7 +758,7 @@ class App:
         try:
             if stream:
                 conn.start_stream(self.resume_headers(reader, owner, 0), req.version)
-                finished = await self.relay(conn, reader)
+                finished = await self.relay(conn, reader, owner)
             else:
                 finished = await self.aggregate(conn, reader, route)
         finally:
@@ -771,14 +839,44 @@ class App:
             ("X-Ringcast-First-Available", str(first)),
         ]
 
-    async def relay(self, conn: Connection, reader: Reader) -> bool:
-        """Copy ring bytes to the client until the stream ends; True if it finished."""
+    async def relay(self, conn: Connection, reader: Reader, owner: str) -> bool:
+        """Copy ring bytes to the client until the stream ends; True if it finished.
+
+        A reader behind the ring's end catches up on its own (``solo``); at the end it joins
+        the process's :class:`Pump` for the session, which reads once per wake-up and writes to
+        every joined connection. A connection whose write buffer fills is detached again and
+        goes on solo from where it was, so it never holds up the others.
+        """
         self.counters.inc(HttpCounter.READERS_ACTIVE)
         finished = False
+        key = (reader.slot, reader.generation)
+        conv = reader.conversation_id
         try:
             while True:
                 try:
-                    data = await reader.aread(RELAY_READ)
+                    data = reader.read_nowait(RELAY_READ)
+                    if data is None:
+                        pump = self.pumps.get(key)
+                        if pump is None:
+                            pump = self.pumps[key] = Pump(
+                                self, key, self.seg.reader(conv, reader.offset, owner)
+                            )
+                        if pump.offset == reader.offset:
+                            outcome, value = await pump.join(conn)
+                            if outcome == "done":
+                                finished = True
+                                break
+                            if outcome == "ended":
+                                self.write_end(conn, str(value))
+                                break
+                            # Detached at offset `value`: drain, then go on alone.
+                            if conn.write_paused:
+                                await conn.drain()
+                            assert isinstance(value, int)
+                            reader.close()
+                            reader = self.seg.reader(conv, value, owner)
+                            continue
+                        data = await reader.aread(RELAY_READ)
                 except OffsetLost as e:
                     self.counters.inc(HttpCounter.OFFSETS_LOST)
                     self.counters.inc(HttpCounter.FELL_BEHIND)
@@ -793,8 +891,10 @@ class App:
                     )
                     break
                 except SessionEnded as e:
-                    code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
-                    conn.write_body(error_event(code, message, e.reason))
+                    self.write_end(conn, e.reason)
+                    break
+                except SessionNotFound:
+                    self.write_end(conn, "evicted")
                     break
                 if not data:
                     finished = True
@@ -807,6 +907,11 @@ class App:
             reader.close()
             self.counters.inc(HttpCounter.READERS_ACTIVE, -1)
         return finished
+
+    @staticmethod
+    def write_end(conn: Connection, reason: str) -> None:
+        code, message = END_EVENTS.get(reason, (410, f"stream ended: {reason}"))
+        conn.write_body(error_event(code, message, reason))
 
     async def aggregate(self, conn: Connection, reader: Reader, route: str) -> bool:
         """Non-streaming: read the whole session and answer one JSON completion."""
@@ -900,7 +1005,7 @@ class App:
         if offset > 0:
             self.counters.inc(HttpCounter.RESUMES)
         conn.start_stream(self.resume_headers(reader, owner, offset), req.version)
-        await self.relay(conn, reader)
+        await self.relay(conn, reader, owner)
 
     def delete_stream(self, req: Request, conn: Connection) -> None:
         owner = self.owner(req)
@@ -1061,6 +1166,12 @@ class App:
             "gauge",
             "Streaming responses in progress.",
             [(f'{{process="{i}"}}', r[HttpCounter.READERS_ACTIVE]) for i, r in enumerate(http)],
+        )
+        metric(
+            "slow_readers_detached_total",
+            "counter",
+            "Clients whose full write buffer detached them from the live fan-out.",
+            [("", total(http, HttpCounter.DETACHED))],
         )
         metric(
             "handoff_failures_total",
