@@ -427,7 +427,7 @@ def main() -> None:
     ap.add_argument("--tokens-per-s", type=float, default=50.0, help="0 = unpaced")
     ap.add_argument("--prefill", type=float, default=1.0)
     ap.add_argument("--http-procs", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per system; the median counts")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
     ap.add_argument("--systems", default="ringcast,memory,redis")
     ap.add_argument(
         "--baseline", choices=["memory", "redis", "redis-per-reader"], help=argparse.SUPPRESS
@@ -446,14 +446,14 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so background load hits every system
             for system in runs:
                 runs[system].append(measure(system, args, t))
-    # The run with the median throughput stands for each system.
+    # Each metric's median over the runs: robust to a run hit by a burst of background load.
     results = {
-        name: sorted(rs, key=lambda r: r["events_per_s"])[len(rs) // 2] for name, rs in runs.items()
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
     }
     print(
         f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
         f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs}, "
-        f"median of {args.repeat} run(s), load average {os.getloadavg()[0]:.1f}"
+        f"medians of {args.repeat} runs, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for name, r in results.items():
