@@ -986,7 +986,7 @@ def plot(report: dict[str, Any] | list[dict[str, Any]], path: str) -> None:
         ax2.legend(loc="upper right")
         ax2.set_title("delivered throughput", fontsize=10)
     fig.suptitle("ringcast replay: ringcast vs baselines, every byte checked")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
