@@ -369,9 +369,21 @@ class RedisServer:
             self.host, self.port = "127.0.0.1", s.getsockname()[1]
         self.tmp = tempfile.mkdtemp(prefix="ringcast-bench-redis-")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.tmp],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(100):
             try:
@@ -389,8 +401,13 @@ class RedisServer:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace,
-            redis_addr: tuple[str, int] | None) -> Result:
+def run_one(
+    transport: str,
+    readers: int,
+    phase: Phase,
+    args: argparse.Namespace,
+    redis_addr: tuple[str, int] | None,
+) -> Result:
     cfg: dict[str, Any] = {"event_bytes": args.event_bytes}
     cleanup: list[Any] = []
     if transport.startswith("ringcast"):
@@ -409,8 +426,13 @@ def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace
 
         assert redis_addr is not None
         key = f"ringcast-bench:{uuid.uuid4().hex}"
-        cfg.update(redis_host=redis_addr[0], redis_port=redis_addr[1], key=key,
-                   redis_count=args.redis_count, redis_batch=args.redis_batch)
+        cfg.update(
+            redis_host=redis_addr[0],
+            redis_port=redis_addr[1],
+            key=key,
+            redis_count=args.redis_count,
+            redis_batch=args.redis_batch,
+        )
         cleanup.append(lambda: redis.Redis(host=redis_addr[0], port=redis_addr[1]).delete(key))
         producer_fn, reader_fn = produce_redis, read_redis
     else:
@@ -458,11 +480,18 @@ def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace
             fn()
     if timed_out or not got or not t0:
         return Result(
-            transport=transport, readers=readers,
-            phase="paced" if phase.pace_ns else "throughput", events=phase.events,
-            event_bytes=args.event_bytes, delivered_events=sum(r["events"] for r in got),
-            seconds=float("nan"), events_per_s=float("nan"), bytes_per_s=float("nan"),
-            lat_p50_us=float("nan"), lat_p99_us=float("nan"), producer_events_per_s=float("nan"),
+            transport=transport,
+            readers=readers,
+            phase="paced" if phase.pace_ns else "throughput",
+            events=phase.events,
+            event_bytes=args.event_bytes,
+            delivered_events=sum(r["events"] for r in got),
+            seconds=float("nan"),
+            events_per_s=float("nan"),
+            bytes_per_s=float("nan"),
+            lat_p50_us=float("nan"),
+            lat_p99_us=float("nan"),
+            producer_events_per_s=float("nan"),
             errors=[f"timed out after {args.timeout:.0f}s ({len(got)}/{readers} readers done)"],
         )
     t_end = max(r["t_last"] for r in got)
@@ -475,9 +504,14 @@ def run_one(transport: str, readers: int, phase: Phase, args: argparse.Namespace
         errors.append(f"delivered {delivered} events, expected {expected}")
     eps = delivered / seconds if seconds > 0 else float("nan")
     return Result(
-        transport=transport, readers=readers, phase="paced" if phase.pace_ns else "throughput",
-        events=phase.events, event_bytes=args.event_bytes, delivered_events=delivered,
-        seconds=round(seconds, 4), events_per_s=round(eps, 1),
+        transport=transport,
+        readers=readers,
+        phase="paced" if phase.pace_ns else "throughput",
+        events=phase.events,
+        event_bytes=args.event_bytes,
+        delivered_events=delivered,
+        seconds=round(seconds, 4),
+        events_per_s=round(eps, 1),
         bytes_per_s=round(eps * args.event_bytes, 1),
         lat_p50_us=round(_percentile(points, 0.50), 1),
         lat_p99_us=round(_percentile(points, 0.99), 1),
@@ -498,9 +532,14 @@ def machine_facts() -> dict[str, Any]:
         for line in open("/proc/meminfo"):
             if line.startswith("MemTotal"):
                 mem = int(line.split()[1]) * 1024
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_bytes": mem,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def _fmt_rate(x: float) -> str:
@@ -511,15 +550,19 @@ def _fmt_rate(x: float) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    hdr = (f"{'transport':<15} {'readers':>7} {'phase':<10} {'events/s':>10} {'bytes/s':>10} "
-           f"{'p50 us':>9} {'p99 us':>9} {'producer ev/s':>13}  errors")
+    hdr = (
+        f"{'transport':<15} {'readers':>7} {'phase':<10} {'events/s':>10} {'bytes/s':>10} "
+        f"{'p50 us':>9} {'p99 us':>9} {'producer ev/s':>13}  errors"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        print(f"{r.transport:<15} {r.readers:>7} {r.phase:<10} {_fmt_rate(r.events_per_s):>10} "
-              f"{_fmt_rate(r.bytes_per_s) + 'B':>10} {r.lat_p50_us:>9.1f} {r.lat_p99_us:>9.1f} "
-              f"{_fmt_rate(r.producer_events_per_s):>13}  "
-              f"{'; '.join(r.errors) if r.errors else '-'}")
+        print(
+            f"{r.transport:<15} {r.readers:>7} {r.phase:<10} {_fmt_rate(r.events_per_s):>10} "
+            f"{_fmt_rate(r.bytes_per_s) + 'B':>10} {r.lat_p50_us:>9.1f} {r.lat_p99_us:>9.1f} "
+            f"{_fmt_rate(r.producer_events_per_s):>13}  "
+            f"{'; '.join(r.errors) if r.errors else '-'}"
+        )
 
 
 def ratios(results: list[Result], reader_counts: list[int]) -> list[str]:
@@ -530,18 +573,24 @@ def ratios(results: list[Result], reader_counts: list[int]) -> list[str]:
             for base in ("redis", "pipe"):
                 a, b = by.get((ours, n, "throughput")), by.get((base, n, "throughput"))
                 if a and b and b.events_per_s > 0:
-                    lines.append(f"{ours} / {base}, {n} readers: delivered events/s x"
-                                 f"{a.events_per_s / b.events_per_s:.1f}")
+                    lines.append(
+                        f"{ours} / {base}, {n} readers: delivered events/s x"
+                        f"{a.events_per_s / b.events_per_s:.1f}"
+                    )
     for ours in ("ringcast-sync", "ringcast-async"):
         a, b = by.get((ours, 64, "throughput")), by.get(("redis", 64, "throughput"))
         if a and b and b.events_per_s > 0:
             x = a.events_per_s / b.events_per_s
-            lines.append(f"target >=10x Redis Streams events/s at 64 readers ({ours}): "
-                         f"x{x:.1f} -> {'MET' if x >= 10 else 'NOT MET'}")
+            lines.append(
+                f"target >=10x Redis Streams events/s at 64 readers ({ours}): "
+                f"x{x:.1f} -> {'MET' if x >= 10 else 'NOT MET'}"
+            )
         p = by.get((ours, 8, "paced"))
         if p:
-            lines.append(f"target p50 wake latency < 50 us at 8 readers ({ours}): "
-                         f"{p.lat_p50_us:.1f} us -> {'MET' if p.lat_p50_us < 50 else 'NOT MET'}")
+            lines.append(
+                f"target p50 wake latency < 50 us at 8 readers ({ours}): "
+                f"{p.lat_p50_us:.1f} us -> {'MET' if p.lat_p50_us < 50 else 'NOT MET'}"
+            )
     return lines
 
 
@@ -551,31 +600,51 @@ def main(argv: list[str] | None = None) -> int:
         "Streams vs a pipe per reader.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--events", type=int, default=50_000,
-                    help="events in the throughput phase")
-    ap.add_argument("--paced-events", type=int, default=500,
-                    help="events in the paced (wake latency) phase; 0 skips it")
-    ap.add_argument("--paced-interval-us", type=int, default=1000,
-                    help="gap between paced events")
+    ap.add_argument("--events", type=int, default=50_000, help="events in the throughput phase")
+    ap.add_argument(
+        "--paced-events",
+        type=int,
+        default=500,
+        help="events in the paced (wake latency) phase; 0 skips it",
+    )
+    ap.add_argument("--paced-interval-us", type=int, default=1000, help="gap between paced events")
     ap.add_argument("--readers", default="1,8,64", help="comma-separated reader process counts")
-    ap.add_argument("--only", default=",".join(TRANSPORTS),
-                    help=f"comma-separated subset of {', '.join(TRANSPORTS)}")
+    ap.add_argument(
+        "--only",
+        default=",".join(TRANSPORTS),
+        help=f"comma-separated subset of {', '.join(TRANSPORTS)}",
+    )
     ap.add_argument("--event-bytes", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=1,
-                    help="events per append (ringcast) / per write to each pipe in the "
-                    "throughput phase; 1 is what a server does, one SSE chunk at a time "
-                    "(Redis uses --redis-batch)")
-    ap.add_argument("--redis-events", type=int, default=10_000,
-                    help="events in Redis' throughput phase (0: same as --events); Redis is "
-                    "~10-100x slower here, and a rate needs no more events to be measured")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="events per append (ringcast) / per write to each pipe in the "
+        "throughput phase; 1 is what a server does, one SSE chunk at a time "
+        "(Redis uses --redis-batch)",
+    )
+    ap.add_argument(
+        "--redis-events",
+        type=int,
+        default=10_000,
+        help="events in Redis' throughput phase (0: same as --events); Redis is "
+        "~10-100x slower here, and a rate needs no more events to be measured",
+    )
     ap.add_argument("--redis-batch", type=int, default=256, help="XADDs per pipeline execute")
     ap.add_argument("--redis-count", type=int, default=10_000, help="XREAD COUNT")
-    ap.add_argument("--redis-url", default="private",
-                    help="host:port of a Redis to use (a private redis-server is started on a "
-                    "free port if none answers there), or 'private' to always start one, so "
-                    "that other users of a shared Redis do not skew the figures")
-    ap.add_argument("--session-bytes", type=int, default=4 << 20,
-                    help="minimum ring size (grown to hold the whole run, so nothing is lost)")
+    ap.add_argument(
+        "--redis-url",
+        default="private",
+        help="host:port of a Redis to use (a private redis-server is started on a "
+        "free port if none answers there), or 'private' to always start one, so "
+        "that other users of a shared Redis do not skew the figures",
+    )
+    ap.add_argument(
+        "--session-bytes",
+        type=int,
+        default=4 << 20,
+        help="minimum ring size (grown to hold the whole run, so nothing is lost)",
+    )
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for one run")
     ap.add_argument("--json", help="write the results as JSON to this path")
     args = ap.parse_args(argv)
@@ -600,12 +669,16 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append((t, n, ph))
 
     facts = machine_facts()
-    print(f"# core fan-out: {facts['cpus']} CPUs ({facts['cpu_model']}), kernel "
-          f"{facts['kernel']}, Python {facts['python']}; {args.events} events of "
-          f"{args.event_bytes} B; paced {args.paced_events} @ {args.paced_interval_us} us")
+    print(
+        f"# core fan-out: {facts['cpus']} CPUs ({facts['cpu_model']}), kernel "
+        f"{facts['kernel']}, Python {facts['python']}; {args.events} events of "
+        f"{args.event_bytes} B; paced {args.paced_events} @ {args.paced_interval_us} us"
+    )
     if (facts["cpus"] or 0) < 4:
-        print(f"# note: only {facts['cpus']} cores: producer, readers (and redis-server) share "
-              "them, so fan-out to many readers is CPU-bound here")
+        print(
+            f"# note: only {facts['cpus']} cores: producer, readers (and redis-server) share "
+            "them, so fan-out to many readers is CPU-bound here"
+        )
     results: list[Result] = []
     started = time.monotonic()
     redis_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -619,9 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         addr = (rs.host, rs.port) if rs is not None else None
         for i, (transport, n, ph) in enumerate(runs, 1):
             label = "paced" if ph.pace_ns else "throughput"
-            print(f"\r[{i}/{len(runs)}] {transport} readers={n} {label} "
-                  f"({time.monotonic() - started:.0f}s)".ljust(70), end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\r[{i}/{len(runs)}] {transport} readers={n} {label} "
+                f"({time.monotonic() - started:.0f}s)".ljust(70),
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
             results.append(run_one(transport, n, ph, args, addr))
     print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
     print_table(results)
@@ -629,15 +706,24 @@ def main(argv: list[str] | None = None) -> int:
     for line in ratios(results, reader_counts):
         print(line)
     load = os.getloadavg()
-    print(f"# total {time.monotonic() - started:.0f}s; load average at start "
-          f"{facts['loadavg_at_start'][0]:.1f}, at end {load[0]:.1f} (other work on the machine "
-          "skews the figures)")
+    print(
+        f"# total {time.monotonic() - started:.0f}s; load average at start "
+        f"{facts['loadavg_at_start'][0]:.1f}, at end {load[0]:.1f} (other work on the machine "
+        "skews the figures)"
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": facts, "args": vars(args),
-                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump(
+                {
+                    "machine": facts,
+                    "args": vars(args),
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "results": [asdict(r) for r in results],
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -85,13 +85,17 @@ def run(readers: int, mode: str, events: int, strace: bool) -> tuple[int, float 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--readers", default="1,8,64", help="comma-separated reader process counts")
     ap.add_argument("--mode", default="sync,async", help="sync, async or both")
     ap.add_argument("--events", type=int, default=20_000)
-    ap.add_argument("--strace", action="store_true",
-                    help="also count the producer's futex calls per append (needs strace)")
+    ap.add_argument(
+        "--strace",
+        action="store_true",
+        help="also count the producer's futex calls per append (needs strace)",
+    )
     args = ap.parse_args()
     if args.strace and shutil.which("strace") is None:
         ap.error("strace is not installed")

@@ -74,8 +74,14 @@ def fanout_reader(
                 if not allow_loss:
                     raise
                 if exc.first_available <= exc.requested or exc.requested != reader.offset:
-                    out.put(("error", idx, f"bad OffsetLost {exc.requested=} "
-                             f"{exc.first_available=} offset={reader.offset}"))
+                    out.put(
+                        (
+                            "error",
+                            idx,
+                            f"bad OffsetLost {exc.requested=} "
+                            f"{exc.first_available=} offset={reader.offset}",
+                        )
+                    )
                     return
                 losses += 1
                 lost += exc.first_available - exc.requested
@@ -98,8 +104,6 @@ def fanout_reader(
         out.put(("reader", idx, offset, got, reader.offset, lost, losses, chunks))
     except BaseException:
         _report_errors(out, idx)
-
-
 
 
 def _attach_at_or_after(seg: ringcast.Segment, conv: str, offset: int) -> ringcast.Reader:

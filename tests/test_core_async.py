@@ -185,7 +185,10 @@ def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: s
     env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     producer = subprocess.Popen(
         [sys.executable, "-c", _MANY_PRODUCER, seg_path, str(sessions), str(events)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     assert producer.stdin is not None and producer.stdout is not None
     with producer:

@@ -23,11 +23,14 @@ MiB = 1024 * 1024
 def test_create_sets_sizes_mode_and_a_fresh_epoch(seg_path: str) -> None:
     s = ringcast.Segment.create(seg_path, max_sessions=8, session_bytes=64 * KiB, max_id_len=300)
     assert os.stat(seg_path).st_mode & 0o777 == 0o600
-    assert (s.path, s.max_sessions, s.session_bytes, s.max_id_len) == (
-        seg_path, 8, 64 * KiB, 300)
+    assert (s.path, s.max_sessions, s.session_bytes, s.max_id_len) == (seg_path, 8, 64 * KiB, 300)
     st = s.stats()
     assert (st.max_sessions, st.session_bytes, st.max_id_len, st.epoch) == (
-        8, 64 * KiB, 300, s.epoch)
+        8,
+        64 * KiB,
+        300,
+        s.epoch,
+    )
     assert st.sessions_used == 0
     assert st.bytes_buffered == 0
     assert st.file_bytes == os.stat(seg_path).st_size
@@ -62,7 +65,10 @@ def test_open_shares_sessions_with_the_creator(seg: ringcast.Segment) -> None:
     other = ringcast.Segment.open(seg.path)
     assert other.epoch == seg.epoch
     assert (other.max_sessions, other.session_bytes, other.max_id_len) == (
-        seg.max_sessions, seg.session_bytes, seg.max_id_len)
+        seg.max_sessions,
+        seg.session_bytes,
+        seg.max_id_len,
+    )
     w = seg.create_or_replace("c")
     w.write(b"hello")
     assert other.reader("c").read_nowait() == b"hello"
@@ -516,8 +522,15 @@ def test_list_and_stats_follow_creations_and_evictions(seg: ringcast.Segment) ->
 
 
 def test_lookup_prefix_follows_the_llama_server_rule(seg: ringcast.Segment) -> None:
-    for conv in ["conv-1", "conv-1::ggml-org/tinygemma3-GGUF:Q8_0", "conv-1::m2", "conv-10",
-                 "conv-1:x", "conv-1:", "xconv-1::m"]:
+    for conv in [
+        "conv-1",
+        "conv-1::ggml-org/tinygemma3-GGUF:Q8_0",
+        "conv-1::m2",
+        "conv-10",
+        "conv-1:x",
+        "conv-1:",
+        "xconv-1::m",
+    ]:
         seg.create_or_replace(conv, "o")
     seg.create_or_replace("conv-1::other-owner", "p")
     got = sorted(i.conversation_id for i in seg.lookup_prefix("conv-1", "o"))
@@ -604,7 +617,8 @@ def test_unicode_ids_and_owners_round_trip(seg: ringcast.Segment) -> None:
     w = seg.create_or_replace(conv, owner)
     w.write(b"x")
     assert [(i.conversation_id, i.owner) for i in seg.lookup_prefix("конв-1", owner)] == [
-        (conv, owner)]
+        (conv, owner)
+    ]
     # Limits count UTF-8 bytes: 2 bytes per character here.
     with pytest.raises(ringcast.InvalidArgument):
         seg.create_or_replace("é" * (seg.max_id_len // 2 + 1))

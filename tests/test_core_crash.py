@@ -238,7 +238,9 @@ def test_concurrent_take_over_has_exactly_one_winner(seg_path: str) -> None:
             "import sys, ringcast\n"
             "w = ringcast.Segment.open(sys.argv[1]).create_or_replace(sys.argv[2], 'crash')\n"
             "w.write(b'left behind')\n",
-            60, seg_path, conv,
+            60,
+            seg_path,
+            conv,
         )
         assert proc.returncode == 0, proc.stderr
         barrier, out = CTX.Barrier(n), CTX.Queue()

@@ -87,8 +87,11 @@ class RingModel(RuleBasedStateMachine):
         self.attached.add(id(r))
         return r
 
-    @rule(r=readers, max_bytes=st.one_of(st.integers(1, 16), st.integers(1, 3 * RING)),
-          how=st.sampled_from(["read_nowait", "read", "read_into"]))
+    @rule(
+        r=readers,
+        max_bytes=st.one_of(st.integers(1, 16), st.integers(1, 3 * RING)),
+        how=st.sampled_from(["read_nowait", "read", "read_into"]),
+    )
     def read(self, r: ringcast.Reader, max_bytes: int, how: str) -> None:
         offset = r.offset
         if offset < self.first_available:

@@ -66,8 +66,24 @@ def test_fanout_16_reader_processes(seg_path: str, total: int, ring: int, allow_
     )
     producer.start()
     assert created.wait(60)
-    offsets = [0, 0, 0, 1, 4095, 65_537, MiB + 7, total // 4, total // 3, total // 2,
-               total // 2 + 1, 2 * total // 3, total - 300_000, total - 1, total, 0]
+    offsets = [
+        0,
+        0,
+        0,
+        1,
+        4095,
+        65_537,
+        MiB + 7,
+        total // 4,
+        total // 3,
+        total // 2,
+        total // 2 + 1,
+        2 * total // 3,
+        total - 300_000,
+        total - 1,
+        total,
+        0,
+    ]
     readers = [
         CTX.Process(
             target=children.fanout_reader,
@@ -256,7 +272,10 @@ def test_process_entries_of_dead_processes_are_reused(seg_path: str) -> None:
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", _HOLD_SCRIPT, seg_path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
             )
             for _ in range(min(batch, total - started))
         ]
@@ -363,7 +382,9 @@ def test_registry_snapshots_are_consistent_under_churn(seg_path: str) -> None:
                 again = seg.get(info.conversation_id, info.owner)
                 if again is not None:
                     assert (again.conversation_id, again.owner) == (
-                        info.conversation_id, info.owner)
+                        info.conversation_id,
+                        info.owner,
+                    )
                     assert again.total_bytes >= info.total_bytes
                 checked += 1
     finally:
