@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,22 @@ def die_with_parent() -> None:
     if manager and os.getppid() != int(manager):
         # The manager died before prctl took effect.
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def child_main(
+    role: str,
+    serve: Callable[[ServeConfig, int], Coroutine[Any, Any, None]],
+    argv: list[str] | None,
+) -> None:
+    """Entry point of a child process, run as ``python -m ringcast.<module> CONFIG INDEX``."""
+    args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
+    die_with_parent()
+    cfg = load_config(args[0])
+    logging.basicConfig(
+        level=cfg.log_level, format=f"%(asctime)s ringcast.{role}[{args[1]}] %(message)s"
+    )
+    run_loop(cfg, serve(cfg, int(args[1])))
 
 
 def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:

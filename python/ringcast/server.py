@@ -36,7 +36,6 @@ import secrets
 import signal
 import socket
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -62,12 +61,10 @@ from ringcast.manager import (
     ServeConfig,
     SharedCounters,
     WorkerCounter,
+    child_main,
     counter_rows,
-    die_with_parent,
     evict_lru,
     http_row,
-    load_config,
-    run_loop,
     worker_row,
 )
 from ringcast.protocol import (
@@ -1248,14 +1245,7 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
-    die_with_parent()
-    cfg = load_config(args[0])
-    logging.basicConfig(
-        level=cfg.log_level, format=f"%(asctime)s ringcast.http[{args[1]}] %(message)s"
-    )
-    run_loop(cfg, serve_http(cfg, int(args[1])))
+    child_main("http", serve_http, argv)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import random
 import secrets
 import signal
 import struct
-import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -62,10 +61,8 @@ from ringcast.manager import (
     ServeConfig,
     SharedCounters,
     WorkerCounter,
+    child_main,
     counter_rows,
-    die_with_parent,
-    load_config,
-    run_loop,
     worker_row,
 )
 from ringcast.protocol import (
@@ -554,14 +551,7 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
-    die_with_parent()
-    cfg = load_config(args[0])
-    logging.basicConfig(
-        level=cfg.log_level, format=f"%(asctime)s ringcast.worker[{args[1]}] %(message)s"
-    )
-    run_loop(cfg, serve_worker(cfg, int(args[1])))
+    child_main("worker", serve_worker, argv)
 
 
 if __name__ == "__main__":
