@@ -108,6 +108,13 @@ pub struct SegmentStats {
     pub resident_bytes: u64,
 }
 
+/// Why one attempt to open a segment failed.
+enum Opening {
+    /// Empty file or header not written yet: maybe being created right now.
+    Unfinished(&'static str),
+    Failed(Error),
+}
+
 /// A handle on a mapped segment. Cheap to clone; the mapping lives while any handle,
 /// reader or writer does.
 #[derive(Clone)]
@@ -260,23 +267,47 @@ impl Segment {
 
     /// Opens an existing segment, validating everything in its header.
     pub fn open(path: &str) -> Result<Segment> {
-        let map = Mapping::open(path).map_err(|e| seg_err(path, "open", e))?;
+        // A segment that another process is creating right now is empty, or has no header yet,
+        // for a moment: wait for it rather than calling it foreign.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Segment::open_once(path) {
+                Ok(seg) => return Ok(seg),
+                Err(Opening::Failed(e)) => return Err(e),
+                Err(Opening::Unfinished(why)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(invalid(path, why));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    fn open_once(path: &str) -> std::result::Result<Segment, Opening> {
+        let unfinished = "segment creation never finished (its creator died?); remove the file";
+        let map = match Mapping::open(path) {
+            Ok(map) => map,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(Opening::Unfinished(unfinished))
+            }
+            Err(e) => return Err(Opening::Failed(seg_err(path, "open", e))),
+        };
         if map.len() < crate::layout::HEADER_BYTES {
-            return Err(invalid(
+            return Err(Opening::Failed(invalid(
                 path,
                 format!("file is {} bytes, too small for a header", map.len()),
-            ));
+            )));
         }
         // SAFETY: the mapping holds at least HEADER_BYTES (checked), which covers HeaderConsts;
         // the struct is plain data plus one atomic, valid for any bit pattern.
         let h = unsafe { &*(map.as_ptr() as *const HeaderConsts) };
-        if h.magic == MAGIC && h.ready.load(Ordering::Acquire) != 1 {
-            return Err(invalid(
-                path,
-                "segment creation never finished (its creator died?); remove the file",
-            ));
+        let ready = h.ready.load(Ordering::Acquire) == 1;
+        if !ready && (h.magic == MAGIC || h.magic == [0u8; 8]) {
+            return Err(Opening::Unfinished(unfinished));
         }
-        let geo = Geometry::from_header(h, map.len() as u64).map_err(|why| invalid(path, why))?;
+        let geo = Geometry::from_header(h, map.len() as u64)
+            .map_err(|why| Opening::Failed(invalid(path, why)))?;
         let epoch = h.epoch;
         Ok(Segment::from_parts(map, geo, path, epoch))
     }
@@ -305,7 +336,15 @@ impl Segment {
             Err(Error::Segment(SegmentError::Io { source, .. }))
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                Segment::create(path, cfg)
+                match Segment::create(path, cfg) {
+                    // Another process created it between our open and create: use theirs.
+                    Err(Error::Segment(SegmentError::Io { source, .. }))
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        Segment::open_or_create(path, cfg)
+                    }
+                    other => other,
+                }
             }
             Err(e) => Err(e),
         }
