@@ -55,6 +55,9 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--api-key-file", str(tmp_path / "nope"))
     assert out.returncode == 2
     assert "api-key-file" in out.stderr
+    out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--speed only applies with --replay" in out.stderr
 
 
 def test_segment_of_other_sizes_is_refused_not_replaced(tmp_path: Path) -> None:

@@ -827,6 +827,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers == 0:
         print("ringcast serve: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.speed != 1.0 and not args.replay:
+        print("ringcast serve: --speed only applies with --replay TRACE", file=sys.stderr)
+        return 2
     if args.replay:
         from ringcast.replay import check_trace
 
