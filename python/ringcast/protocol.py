@@ -88,12 +88,17 @@ class ChatChunkChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+class _ChunkHead(msgspec.Struct, omit_defaults=True):
+    """Fields every streamed chunk starts with, in this order on the wire."""
+
     id: str
     object: str
-    """Always ``"chat.completion.chunk"`` (a required field, so ``omit_defaults`` keeps it)."""
+    """``"chat.completion.chunk"`` or ``"text_completion"`` (required, so always written)."""
     created: int
     model: str
+
+
+class ChatCompletionChunk(_ChunkHead, omit_defaults=True):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -105,12 +110,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class CompletionChunk(msgspec.Struct, omit_defaults=True):
-    id: str
-    object: str
-    """Always ``"text_completion"`` (a required field, so ``omit_defaults`` keeps it)."""
-    created: int
-    model: str
+class CompletionChunk(_ChunkHead, omit_defaults=True):
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
