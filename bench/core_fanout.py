@@ -47,6 +47,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ringcast.replay import private_redis_argv
+
 CLOCK = time.CLOCK_MONOTONIC
 HEAD = struct.Struct("<QQ")  # sequence number, CLOCK_MONOTONIC ns at append
 WORDS_PER_EVENT_OF = 8  # bytes per "Q" word
@@ -369,19 +371,7 @@ class RedisServer:
             self.host, self.port = "127.0.0.1", s.getsockname()[1]
         self.tmp = tempfile.mkdtemp(prefix="ringcast-bench-redis-")
         self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.tmp,
-            ],
+            private_redis_argv(exe, self.port, self.tmp),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

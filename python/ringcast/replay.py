@@ -574,6 +574,13 @@ class _Load:
 # Servers under test
 
 
+def private_redis_argv(exe: str, port: int, data_dir: str) -> list[str]:
+    """Command line of a throw-away ``redis-server`` for a benchmark: loopback only, on
+    ``port``, nothing persisted (``data_dir`` only holds what Redis insists on writing)."""
+    return [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", data_dir]  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -705,21 +712,7 @@ async def _start_server(name: str, opts: ReplayOptions, workdir: str) -> _Server
                 raise RuntimeError("--compare redis needs redis-server on PATH (apt install redis)")
             rport = _free_port()
             tmp = tempfile.mkdtemp(prefix="ringcast-redis-")
-            rcmd = [
-                exe,
-                "--port",
-                str(rport),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-                "--maxclients",
-                "20000",
-            ]
+            rcmd = [*private_redis_argv(exe, rport, tmp), "--maxclients", "20000"]
             procs.append(_spawn(rcmd, Path(workdir) / "redis-server.log"))
             try:
                 await _wait_reachable(f"http://127.0.0.1:{rport}", 10.0)
