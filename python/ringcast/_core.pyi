@@ -251,14 +251,18 @@ class Reader:
 class Notifier:
     """One per process: turns session wake-ups into one readable file descriptor.
 
-    A background thread sleeps on this process's doorbell in the segment; producers ring it
-    only for sessions this process subscribed to, and only if the thread sleeps. An event
-    loop watches ``fileno()`` and calls ``drain()`` to learn which sessions advanced.
+    ``fileno()`` is a datagram socket (abstract ``AF_UNIX`` name, no thread behind it); a
+    producer sends it one byte when a session this process subscribed to advances and the
+    notifier is armed (it disarms itself until the next ``drain()``). An event loop watches
+    ``fileno()`` and calls ``drain()`` to learn which sessions advanced. A notifier inherited
+    across ``fork`` is inert in the child: call ``Segment.notifier()`` there.
     """
 
     def fileno(self) -> int: ...
     def subscribe(self, slot: int, generation: int) -> None:
-        """Ask to be told when this session advances (reference counted)."""
+        """Ask to be told when this session advances (reference counted per slot; a newer
+        generation of the slot replaces the subscription)."""
     def unsubscribe(self, slot: int, generation: int) -> None: ...
     def drain(self) -> list[int]:
-        """Clear the fd and return the slots that advanced (or ended) since the last drain."""
+        """Empty the socket, re-arm, and return the subscribed slots that advanced (or ended)
+        since the last drain."""

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! 0                 header (constants, robust registry lock)          1 page
-//! procs_offset      ProcEntry × MAX_PROCESSES (doorbells)             128 B each
+//! procs_offset      ProcEntry × MAX_PROCESSES (liveness, wake-ups)    128 B each
 //! counts_offset     reader counts: AtomicU64 × MAX_PROCESSES × slots  row per process
 //! slots_offset      SlotMeta + id bytes + owner bytes, × slots         slot_stride each
 //! rings_offset      ring bytes, × slots                                ring_stride each (pages)
@@ -17,7 +17,7 @@ use crate::sys::robust_mutex::MUTEX_BYTES;
 
 pub const MAGIC: [u8; 8] = *b"RINGCAST";
 /// Bumped on every incompatible change of anything in this file.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
 pub const MAX_PROCESSES: usize = 64;
 /// Longest owner (tenant) tag, in bytes.
@@ -76,22 +76,22 @@ pub const HINT_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
 pub const GENERATION_OFFSET: usize = HINT_OFFSET + 8;
 /// Set in a slot's `generation` when its session has left (the slot is free).
 pub const ENDED_BIT: u64 = 1 << 63;
-/// The bell: one futex word that every sleeping notifier thread waits on, on its own line.
-pub const BELL_OFFSET: usize = 512;
 pub const HEADER_BYTES: usize = 4096;
-const _: () = assert!(GENERATION_OFFSET + 8 <= BELL_OFFSET && BELL_OFFSET + 128 <= HEADER_BYTES);
+const _: () = assert!(GENERATION_OFFSET + 8 <= HEADER_BYTES);
 
-/// One process's doorbell: producers bump `doorbell` after publishing to a session this
-/// process subscribed to; if the process's notifier thread is `sleeping`, they ring the
-/// segment's bell (see `notify`).
+/// One process's row (one per segment handle): who owns it, and how to wake its event loop
+/// (see `notify`). Written by its owner, except `armed`, which producers swap to 0.
 #[repr(C, align(128))]
 pub struct ProcEntry {
     /// Owner pid; 0 = free.
     pub pid: AtomicU32,
-    pub doorbell: AtomicU32,
-    pub sleeping: AtomicU32,
-    pub _pad0: u32,
+    /// 1 = the owner's notifier must be sent a datagram to notice the next change; a producer
+    /// that swaps it to 0 sends it.
+    pub armed: AtomicU32,
     pub start_time: AtomicU64,
+    /// Random part of the owner's notifier socket name (untrusted, like all segment data):
+    /// `"\0ringcast-<epoch:016x>-<row>-<nonce:016x>"`. Stored before `armed` is first set.
+    pub wake_nonce: AtomicU64,
 }
 const _: () = assert!(std::mem::size_of::<ProcEntry>() == 128);
 

@@ -1,67 +1,74 @@
-//! Waking readers: the per-session futex word for blocking readers, and per-process doorbells
-//! plus one shared bell for event loops.
+//! Waking readers: the per-session futex word for blocking readers, and one datagram socket
+//! per process (segment handle) for event loops.
 //!
 //! After every publish the producer bumps the session's `seq` and then:
 //! - if a thread sleeps on `seq` (`waiters > 0`), one `FUTEX_WAKE` for all of them;
-//! - for each process subscribed to the session (bit in `subscribers`), bumps that process's
-//!   doorbell counter (an atomic add, no syscall); if any of those processes' notifier threads
-//!   sleeps, bumps the segment's **bell** and makes one `FUTEX_WAKE` on it.
+//! - for each process subscribed to the session (bit `i` in `subscribers`), swaps that row's
+//!   `armed` flag to 0; if it was 1, sends one byte to the row's notifier socket, an
+//!   abstract-namespace `AF_UNIX` datagram socket named
+//!   `"\0ringcast-<epoch:016x>-<row>-<nonce:016x>"` (nonce from the row, drawn by the notifier
+//!   with `getrandom`). The event loop watches that socket directly, so a wake-up is one
+//!   hop: producer → the loop's thread. There is no notifier thread.
 //!
-//! Every notifier thread sleeps on the one bell, so an append read by 64 sleeping processes
-//! costs the producer one syscall, not 64 (measured: per-process doorbell wakes cut a producer
-//! to 821 appends/s with 64 async reader processes on 2 cores). The price is that a ring wakes
-//! every *sleeping* notifier thread of the segment; one whose doorbell did not move goes back
-//! to sleep after two atomic loads.
+//! A notifier is disarmed from the first datagram until its loop calls `drain()`, so a burst of
+//! appends while the reader process is busy costs the producer one `sendto` per process, then
+//! nothing (one atomic swap per subscribed process per publish).
 //!
-//! A notifier thread that was woken for real signals the process's eventfd and then stays
-//! awake (not `sleeping`) until the event loop drains, so a burst of appends costs the producer
-//! no syscall at all while the reader process is busy.
+//! The socket name, not a descriptor, is what a producer needs, so no fds are passed between
+//! processes. Abstract names belong to the network namespace: every process attached to a
+//! segment must share one (see docs/ARCHITECTURE.md). The row index comes from the mask
+//! (always < 64) and the nonce is untrusted segment data: a scribbled nonce at worst sends a
+//! spurious byte to another socket named `ringcast-…`, whose drain finds nothing changed.
+//! Sending never blocks and never fails the publish: a full receive queue (`EAGAIN`) means a
+//! datagram is already pending, and a name nobody holds (`ECONNREFUSED`; the process died)
+//! is skipped. Any other failure re-arms the row, so the next publish tries again.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, SlotMeta, BELL_OFFSET};
+use crate::layout::{Geometry, ProcEntry, SlotMeta};
 use crate::segment::proc_entry;
-use crate::sync::{AtomicU32, Ordering};
-use crate::sys::eventfd::EventFd;
+use crate::sync::Ordering;
+use crate::sys::dgram::{self, AbstractAddr, Receiver, Sent};
 use crate::sys::futex;
 use crate::sys::mmap::Mapping;
 
+/// The abstract socket name of row `row`'s notifier.
+fn wake_addr(epoch: u64, row: usize, nonce: u64) -> AbstractAddr {
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    // Fits: 9 + 16 + 1 + 2 + 1 + 16 bytes.
+    let _ = write!(w, "ringcast-{epoch:016x}-{row}-{nonce:016x}");
+    let len = 64 - w.len();
+    AbstractAddr::new(&buf[..len]).expect("wake name fits sun_path")
+}
+
 /// Tells every kind of waiter that `m` changed (new bytes or a new state).
-pub(crate) fn publish(base: *mut u8, geo: &Geometry, m: &SlotMeta) {
-    // SeqCst: pairs with the waiter's SeqCst increment of `waiters` (or subscription) followed
-    // by its load of `seq`: either it sees the new seq, or we see it waiting.
+pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
+    // SeqCst: pairs with the waiter's SeqCst increment of `waiters` (or subscription, or the
+    // notifier's store of `armed`) followed by its load of `seq`: either it sees the new seq,
+    // or we see it waiting (armed).
     m.seq.fetch_add(1, Ordering::SeqCst);
     if m.waiters.load(Ordering::SeqCst) > 0 {
         futex::wake(&m.seq, u32::MAX);
     }
     let mut mask = m.subscribers.load(Ordering::SeqCst);
-    let mut ring = false;
     while mask != 0 {
-        let i = mask.trailing_zeros() as usize;
+        let row = mask.trailing_zeros() as usize;
         mask &= mask - 1;
-        let e = proc_entry(base, geo, i);
-        // SeqCst pairs with the notifier thread's store of `sleeping` then loads of the bell
-        // and its doorbell: either it sees this bump, or we see it sleeping and ring.
-        e.doorbell.fetch_add(1, Ordering::SeqCst);
-        ring |= e.sleeping.load(Ordering::SeqCst) != 0;
+        let e = proc_entry(base, geo, row);
+        if e.armed.swap(0, Ordering::SeqCst) == 0 {
+            continue; // a datagram is pending, or that process has no notifier
+        }
+        let nonce = e.wake_nonce.load(Ordering::SeqCst);
+        if dgram::send_wake(&wake_addr(epoch, row, nonce)) == Sent::Failed {
+            // Not delivered and the process may still be there: leave it for the next publish.
+            e.armed.store(1, Ordering::SeqCst);
+        }
     }
-    if ring {
-        let b = bell(base);
-        b.fetch_add(1, Ordering::SeqCst);
-        futex::wake(b, u32::MAX);
-    }
-}
-
-/// The segment's bell word.
-pub(crate) fn bell<'a>(base: *mut u8) -> &'a AtomicU32 {
-    // SAFETY: BELL_OFFSET lies in the header page of every valid mapping and is 4-byte aligned
-    // (checked at compile time in `layout`); AtomicU32 is valid for any bit pattern. Callers
-    // keep the mapping alive for the reference's use.
-    unsafe { &*(base.add(BELL_OFFSET) as *const AtomicU32) }
 }
 
 struct Subscription {
@@ -70,75 +77,79 @@ struct Subscription {
     last_seq: u32,
 }
 
-struct Shared {
-    armed: Mutex<bool>,
-    cv: Condvar,
-    stop: AtomicBool,
-}
-
-/// One per segment handle: a thread that sleeps on this process's doorbell and an eventfd.
+/// One per segment handle: the datagram socket its event loop watches, and its subscriptions.
 pub struct Notifier {
     map: Arc<Mapping>,
     geo: Geometry,
     index: usize,
-    efd: Arc<EventFd>,
-    shared: Arc<Shared>,
+    /// The process that created it; in a forked child the notifier is inert (the row and the
+    /// socket's name are the parent's).
+    pid: u32,
+    socket: Receiver,
     subs: Mutex<HashMap<u32, Subscription>>,
-    thread: Option<JoinHandle<()>>,
 }
 
-/// Raw pointer to the mapping, carried into the notifier thread with an `Arc<Mapping>` that
-/// keeps it valid.
-struct Base(*mut u8);
-// SAFETY: the pointer targets shared memory kept mapped by the `Arc<Mapping>` moved with it.
-unsafe impl Send for Base {}
-
 impl Notifier {
-    pub(crate) fn start(map: Arc<Mapping>, geo: Geometry, index: usize) -> Result<Notifier> {
-        let efd =
-            Arc::new(EventFd::new().map_err(|e| Error::InvalidArgument(format!("eventfd: {e}")))?);
-        let shared = Arc::new(Shared {
-            armed: Mutex::new(true),
-            cv: Condvar::new(),
-            stop: AtomicBool::new(false),
-        });
-        let thread = {
-            let (map, efd, shared) = (map.clone(), efd.clone(), shared.clone());
-            let base = Base(map.as_ptr());
-            // Read before the thread starts: a ring between now and its first sleep must count.
-            let first = proc_entry(map.as_ptr(), &geo, index)
-                .doorbell
-                .load(Ordering::SeqCst);
-            std::thread::Builder::new()
-                .name("ringcast-notifier".into())
-                .spawn(move || {
-                    let base = base;
-                    let _keep = map;
-                    run(
-                        proc_entry(base.0, &geo, index),
-                        bell(base.0),
-                        first,
-                        &efd,
-                        &shared,
-                    )
-                })
-                .map_err(|e| {
-                    Error::InvalidArgument(format!("cannot start the notifier thread: {e}"))
-                })?
+    /// Binds this row's socket under a fresh nonce and arms the row. The row has just been
+    /// claimed (or was ours already): nobody else writes its `wake_nonce` or arms it.
+    pub(crate) fn start(
+        map: Arc<Mapping>,
+        geo: Geometry,
+        epoch: u64,
+        index: usize,
+    ) -> Result<Notifier> {
+        let e = proc_entry(map.as_ptr(), &geo, index);
+        let mut tries = 0;
+        let (nonce, socket) = loop {
+            let nonce = dgram::random_u64();
+            match Receiver::bind(&wake_addr(epoch, index, nonce)) {
+                Ok(s) => break (nonce, s),
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
+                Err(err) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot bind the notifier socket: {err}"
+                    )))
+                }
+            }
         };
+        // The nonce is visible before the row is armed: a producer that swaps `armed` from 1
+        // (SeqCst) then loads the nonce (SeqCst) gets this one.
+        e.wake_nonce.store(nonce, Ordering::SeqCst);
+        // A new notifier starts armed: its first wake-up needs a datagram.
+        e.armed.store(1, Ordering::SeqCst);
         Ok(Notifier {
             map,
             geo,
             index,
-            efd,
-            shared,
+            pid: std::process::id(),
+            socket,
             subs: Mutex::new(HashMap::new()),
-            thread: Some(thread),
         })
     }
 
+    /// The descriptor to watch for readability (the socket).
     pub fn fd(&self) -> i32 {
-        self.efd.fd()
+        self.socket.fd()
+    }
+
+    fn entry(&self) -> &ProcEntry {
+        proc_entry(self.map.as_ptr(), &self.geo, self.index)
+    }
+
+    fn owned(&self) -> bool {
+        self.pid == std::process::id()
+    }
+
+    fn check_owner(&self) -> Result<()> {
+        if self.owned() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(
+                "this notifier belongs to the parent process; \
+                 call Segment.notifier() in the child"
+                    .into(),
+            ))
+        }
     }
 
     fn slot(&self, slot: u32) -> Result<&SlotMeta> {
@@ -153,26 +164,41 @@ impl Notifier {
         Ok(unsafe { &*(self.map.as_ptr().add(off as usize) as *const SlotMeta) })
     }
 
-    /// Subscribes to a session; reference counted per (slot, generation).
+    /// Subscribes to a session, reference counted per slot. A slot holds one generation: a
+    /// newer one replaces the subscription (its count starts again at 1; the older session
+    /// has left the slot, and the change that ended it is still reported by the next drain),
+    /// an older one only counts as set (its readers see their session ended).
     pub fn subscribe(&self, slot: u32, generation: u64) -> Result<()> {
+        self.check_owner()?;
         let m = self.slot(slot)?;
         let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
-        let sub = subs.entry(slot).or_insert(Subscription {
-            generation,
-            refs: 0,
-            last_seq: 0,
-        });
-        if sub.refs == 0 || sub.generation != generation {
-            sub.generation = generation;
-            sub.last_seq = m.seq.load(Ordering::SeqCst);
+        match subs.entry(slot) {
+            Entry::Vacant(v) => {
+                v.insert(Subscription {
+                    generation,
+                    refs: 1,
+                    last_seq: m.seq.load(Ordering::SeqCst),
+                });
+            }
+            Entry::Occupied(o) => {
+                let sub = o.into_mut();
+                if generation == sub.generation {
+                    sub.refs += 1;
+                } else if generation > sub.generation {
+                    // `last_seq` is kept, so a change not yet drained is not forgotten.
+                    sub.generation = generation;
+                    sub.refs = 1;
+                }
+            }
         }
-        sub.refs += 1;
-        // SeqCst: pairs with the producer's bump of `seq` then load of `subscribers`.
+        // SeqCst: pairs with the producer's bump of `seq` then load of `subscribers`; the
+        // caller re-checks readiness after this.
         m.subscribers.fetch_or(1 << self.index, Ordering::SeqCst);
         Ok(())
     }
 
     pub fn unsubscribe(&self, slot: u32, generation: u64) -> Result<()> {
+        self.check_owner()?;
         let m = self.slot(slot)?;
         let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sub) = subs.get_mut(&slot) {
@@ -188,74 +214,45 @@ impl Notifier {
         Ok(())
     }
 
-    /// Clears the fd and returns the subscribed slots whose session advanced or ended.
+    /// Empties the socket, re-arms, and returns the subscribed slots whose session advanced
+    /// or ended since the last drain.
     pub fn drain(&self) -> Vec<u32> {
-        self.efd.clear();
+        if !self.owned() {
+            return Vec::new();
+        }
+        self.socket.drain();
+        // Ordering, with `publish` (bump `seq`, then swap `armed` to 0 and send if it was 1),
+        // all SeqCst:
+        // - a publish whose swap comes before this store bumped `seq` before it, so the scan
+        //   below (after the store) sees that bump;
+        // - a publish whose swap comes after this store finds `armed == 1` (ours, or a later
+        //   drain's) and sends a datagram, which makes the socket readable again.
+        // Datagrams received above belong to publishes the scan sees; at worst one that raced
+        // with this drain leaves a spurious wake-up whose drain returns nothing.
+        self.entry().armed.store(1, Ordering::SeqCst);
         let mut changed = Vec::new();
-        {
-            let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
-            for (slot, sub) in subs.iter_mut() {
-                let Ok(m) = self.slot(*slot) else { continue };
-                let seq = m.seq.load(Ordering::SeqCst);
-                if seq != sub.last_seq || m.generation.load(Ordering::Acquire) != sub.generation {
-                    sub.last_seq = seq;
-                    changed.push(*slot);
-                }
+        let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        for (slot, sub) in subs.iter_mut() {
+            let Ok(m) = self.slot(*slot) else { continue };
+            let seq = m.seq.load(Ordering::SeqCst);
+            if seq != sub.last_seq || m.generation.load(Ordering::Acquire) != sub.generation {
+                sub.last_seq = seq;
+                changed.push(*slot);
             }
         }
-        let mut armed = self.shared.armed.lock().unwrap_or_else(|p| p.into_inner());
-        *armed = true;
-        self.shared.cv.notify_one();
         changed
-    }
-}
-
-fn run(
-    entry: &crate::layout::ProcEntry,
-    bell: &AtomicU32,
-    mut last: u32,
-    efd: &EventFd,
-    shared: &Shared,
-) {
-    while !shared.stop.load(Ordering::Acquire) {
-        // SeqCst: pairs with the producer's SeqCst bump of `doorbell` then load of `sleeping`
-        // (then bump of the bell): if our doorbell load misses its bump, it saw us sleeping and
-        // the bell differs from `rung`, so the wait below returns at once or is woken.
-        entry.sleeping.store(1, Ordering::SeqCst);
-        let rung = bell.load(Ordering::SeqCst);
-        let now = entry.doorbell.load(Ordering::SeqCst);
-        if now == last && !shared.stop.load(Ordering::Acquire) {
-            futex::wait(bell, rung, None);
-        }
-        entry.sleeping.store(0, Ordering::SeqCst);
-        let now = entry.doorbell.load(Ordering::SeqCst);
-        if now == last {
-            continue;
-        }
-        last = now;
-        let mut armed = shared.armed.lock().unwrap_or_else(|p| p.into_inner());
-        *armed = false;
-        efd.signal();
-        // Stay awake (producers skip the syscall) until the loop has drained.
-        while !*armed && !shared.stop.load(Ordering::Acquire) {
-            armed = shared.cv.wait(armed).unwrap_or_else(|p| p.into_inner());
-        }
     }
 }
 
 impl Drop for Notifier {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let b = bell(self.map.as_ptr());
-        b.fetch_add(1, Ordering::SeqCst);
-        futex::wake(b, u32::MAX);
-        {
-            let _g = self.shared.armed.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.cv.notify_all();
+        if !self.owned() {
+            // A forked child's copy: close our descriptor (field drop), touch nothing shared.
+            return;
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Disarm first: producers stop sending; one that swapped just before gets
+        // ECONNREFUSED once the socket (dropped with the fields, right after) is closed.
+        self.entry().armed.store(0, Ordering::SeqCst);
         let slots: Vec<u32> = self
             .subs
             .get_mut()

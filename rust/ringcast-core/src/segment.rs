@@ -591,7 +591,7 @@ impl Segment {
         Ok(reader)
     }
 
-    /// This handle's notifier (created on first use; one thread per handle).
+    /// This handle's notifier (created on first use; one socket per handle, no thread).
     pub fn notifier(&self) -> Result<Arc<Notifier>> {
         self.inner.check_open()?;
         let mut local = self.inner.local()?;
@@ -602,6 +602,7 @@ impl Segment {
         let n = Arc::new(notify::Notifier::start(
             self.inner.map.clone(),
             self.inner.geo,
+            self.inner.epoch,
             index,
         )?);
         local.notifier = Some(n.clone());
@@ -693,7 +694,7 @@ impl Registry<'_> {
         m.last_end.store(gen << 8 | reason as u64, Ordering::SeqCst);
         m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
         m.state.store(state::FREE, Ordering::SeqCst);
-        notify::publish(inner.map.as_ptr(), &inner.geo, m);
+        notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
         inner.release_pages(slot);
         true
     }
@@ -1018,12 +1019,9 @@ impl Inner {
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let pid = std::process::id();
         if local.pid != pid {
-            // First use, or we are a forked child: the parent's entry and thread are not ours.
-            if local.pid != 0 {
-                if let Some(n) = local.notifier.take() {
-                    std::mem::forget(n);
-                }
-            }
+            // First use, or we are a forked child: the parent's entry and notifier are not
+            // ours. Dropping the notifier here only closes the child's copy of its socket (a
+            // notifier touches shared state only in the process that made it).
             *local = Local {
                 pid,
                 ..Local::default()
@@ -1053,7 +1051,9 @@ impl Inner {
             }
             e.pid.store(me.pid, Ordering::SeqCst);
             e.start_time.store(me.start_time, Ordering::SeqCst);
-            e.sleeping.store(0, Ordering::SeqCst);
+            // Not armed until this handle starts a notifier, which draws a fresh nonce.
+            e.armed.store(0, Ordering::SeqCst);
+            e.wake_nonce.store(0, Ordering::SeqCst);
             let bit = !(1u64 << i);
             for slot in 0..self.geo.max_sessions {
                 self.count_cell(i, slot).store(0, Ordering::Relaxed);
@@ -1096,7 +1096,7 @@ impl Drop for Inner {
         if local.pid != std::process::id() {
             return;
         }
-        local.notifier = None; // stops and joins the thread first
+        local.notifier = None; // disarms the row and clears its subscriptions first
         if let Some(i) = local.proc_index {
             let e = proc_entry(self.map.as_ptr(), &self.geo, i);
             e.pid.store(0, Ordering::SeqCst);

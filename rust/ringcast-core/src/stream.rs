@@ -163,7 +163,12 @@ impl Writer {
                 .store(process::unix_nanos(), Ordering::Relaxed);
         });
         if done.is_some() {
-            notify::publish(inner.map.as_ptr(), &inner.geo, inner.slot(self.slot));
+            notify::publish(
+                inner.map.as_ptr(),
+                &inner.geo,
+                inner.epoch,
+                inner.slot(self.slot),
+            );
         }
         Ok(done.is_some())
     }
@@ -185,7 +190,7 @@ impl Writer {
             m.state.store(end.raw(), Ordering::Release);
         });
         if done.is_some() {
-            notify::publish(inner.map.as_ptr(), &inner.geo, m);
+            notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
         }
         Ok(done.is_some())
     }

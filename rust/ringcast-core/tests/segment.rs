@@ -295,6 +295,17 @@ fn fd_readable(fd: i32, timeout_ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, timeout_ms) == 1 }
 }
 
+/// Reads (and so consumes) every datagram waiting on `fd`.
+fn pending_datagrams(fd: i32) -> usize {
+    let mut n = 0;
+    let mut buf = [0u8; 16];
+    // SAFETY: receives at most 16 bytes into `buf`, which lives across the call.
+    while unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } >= 0 {
+        n += 1;
+    }
+    n
+}
+
 #[test]
 fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     let t = TempSeg::new("notify");
@@ -302,7 +313,7 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     let a = seg.create_or_replace("a", "").unwrap();
     let b = seg.create_or_replace("b", "").unwrap();
     let n = seg.notifier().unwrap();
-    // Subscribe and append at once, before the notifier thread can have slept: no lost ring.
+    // A new notifier starts armed: the first subscribed append sends a datagram.
     n.subscribe(a.slot(), a.generation()).unwrap();
     a.write(b"x").unwrap();
     assert!(
@@ -314,16 +325,43 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     b.write(b"y").unwrap();
     assert!(!fd_readable(n.fd(), 100));
     assert!(n.drain().is_empty());
-    // A burst while the loop has not drained yet is reported once.
+    // A burst while the loop has not drained yet costs one datagram and is reported once.
     for _ in 0..100 {
         a.write(b"z").unwrap();
     }
     assert!(fd_readable(n.fd(), 10_000));
+    assert_eq!(pending_datagrams(n.fd()), 1);
+    assert!(!fd_readable(n.fd(), 0));
     assert_eq!(n.drain(), vec![a.slot()]);
+    assert!(n.drain().is_empty());
     // Ending the session (evict) wakes its subscribers too.
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(fd_readable(n.fd(), 10_000));
     assert_eq!(n.drain(), vec![a.slot()]);
+}
+
+#[test]
+fn notifier_reports_a_slot_reused_by_a_newer_session_before_the_drain() {
+    let t = TempSeg::new("notify-reuse");
+    let seg = Segment::create(&t.0, cfg(1, 4096)).unwrap();
+    let old = seg.create_or_replace("a", "").unwrap();
+    let n = seg.notifier().unwrap();
+    n.subscribe(old.slot(), old.generation()).unwrap();
+    assert!(n.drain().is_empty());
+    // The old session leaves the slot and a newer one moves in (one slot: the same one), and
+    // the newer session is subscribed before the loop drained: the old session's waiters must
+    // still hear about the change.
+    seg.evict("a", "", EndReason::Evicted).unwrap();
+    let new = seg.create_or_replace("b", "").unwrap();
+    assert_eq!(new.slot(), old.slot());
+    n.subscribe(new.slot(), new.generation()).unwrap();
+    assert!(fd_readable(n.fd(), 10_000));
+    assert_eq!(n.drain(), vec![new.slot()]);
+    // One unsubscribe of the newer generation ends the subscription: nothing rings any more.
+    n.unsubscribe(new.slot(), new.generation()).unwrap();
+    new.write(b"x").unwrap();
+    assert!(!fd_readable(n.fd(), 100));
+    assert!(n.drain().is_empty());
 }
 
 #[test]

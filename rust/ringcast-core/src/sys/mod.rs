@@ -1,7 +1,7 @@
 //! Thin, audited wrappers over the Linux system calls the core needs. Everything `libc` is
 //! called from here and nowhere else.
 
-pub(crate) mod eventfd;
+pub(crate) mod dgram;
 pub(crate) mod futex;
 pub(crate) mod mmap;
 pub(crate) mod process;
