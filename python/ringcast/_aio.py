@@ -1,10 +1,16 @@
-"""Awaitable reads: one notifier fd per process, one future per waiting reader.
+"""Awaitable reads: one notifier socket per process, one future per waiting reader.
 
-The Rust ``Notifier`` owns a thread that sleeps on this process's doorbell in the segment and
-makes its eventfd readable when a subscribed session advances. Each event loop registers that
-fd once (``add_reader``); on readiness it drains the list of advanced slots and wakes only the
-futures waiting on those slots. Ten thousand waiting readers therefore cost ten thousand
-futures and one thread, not ten thousand threads.
+The Rust ``Notifier`` owns a datagram socket; a producer sends it one byte when a session this
+process subscribed to advances (at most one pending per drain, and no thread in between: the
+loop's own thread is the one woken). Each event loop registers that fd once (``add_reader``);
+on readiness it drains the list of advanced slots and wakes only the futures waiting on those
+slots. Ten thousand waiting readers therefore cost ten thousand futures and no thread.
+
+Subscriptions are sticky: a hub holds one subscription per slot (the newest generation it has
+seen there) for as long as readers keep waiting on it, so a reader that reads and waits again
+costs no subscribe/unsubscribe round trip. The first drain that finds a subscribed slot advanced
+while nobody waits on it drops the subscription; so do ``_LoopHub.close`` and the collection of
+the loop.
 """
 
 from __future__ import annotations
@@ -13,6 +19,16 @@ import asyncio
 import weakref
 
 from ringcast._core import Notifier, Reader
+
+
+def _release(notifier: Notifier, subscribed: dict[int, int]) -> None:
+    """Drops every subscription a hub holds (also run when its loop is collected)."""
+    while subscribed:
+        slot, generation = subscribed.popitem()
+        try:
+            notifier.unsubscribe(slot, generation)
+        except ValueError:  # InvalidArgument: e.g. a forked child's inherited notifier
+            pass
 
 
 class _LoopHub:
@@ -24,41 +40,51 @@ class _LoopHub:
         # slot -> (generation -> futures); a slot can hold only one generation at a time, but a
         # reader of an old generation may still wait while the slot is being reused.
         self._waiters: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
+        # slot -> the generation this hub holds one notifier subscription for.
+        self._subscribed: dict[int, int] = {}
+        # Not a method of self: the finalizer must not keep the loop alive.
+        self._finalizer = weakref.finalize(loop, _release, notifier, self._subscribed)
         loop.add_reader(notifier.fileno(), self._on_ready)
 
     def _on_ready(self) -> None:
         for slot in self._notifier.drain():
             by_gen = self._waiters.pop(slot, None)
             if by_gen is None:
+                # Advanced with nobody waiting: stop listening to it.
+                generation = self._subscribed.pop(slot, None)
+                if generation is not None:
+                    self._notifier.unsubscribe(slot, generation)
                 continue
-            for generation, futures in by_gen.items():
-                self._notifier.unsubscribe(slot, generation)
+            # Woken readers usually wait again: keep the subscription.
+            for futures in by_gen.values():
                 for fut in futures:
                     if not fut.done():
                         fut.set_result(None)
 
     async def wait(self, reader: Reader) -> None:
         slot, generation = reader.slot, reader.generation
-        fut: asyncio.Future[None] = self._loop.create_future()
-        by_gen = self._waiters.setdefault(slot, {})
-        futures = by_gen.get(generation)
-        if futures is None:
-            futures = by_gen[generation] = []
+        held = self._subscribed.get(slot)
+        if held is None or generation > held:
+            # A newer generation replaces the slot's subscription in the notifier. An older
+            # one is not subscribed: its session has left the slot, which `ready()` sees.
             self._notifier.subscribe(slot, generation)
-        futures.append(fut)
+            self._subscribed[slot] = generation
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
         # Subscribing before this check closes the window where the producer published
         # between our failed read and the subscription.
         if reader.ready():
-            self._wake_one(slot, generation, fut)
+            self._forget(slot, generation, fut)
             return
         try:
             await fut
         finally:
             # Cancelled while waiting: forget the future (a woken one was already removed).
             if not fut.done() or fut.cancelled():
-                self._wake_one(slot, generation, fut)
+                self._forget(slot, generation, fut)
 
-    def _wake_one(self, slot: int, generation: int, fut: asyncio.Future[None]) -> None:
+    def _forget(self, slot: int, generation: int, fut: asyncio.Future[None]) -> None:
+        """Removes one waiting future; the subscription stays (dropped lazily by a drain)."""
         by_gen = self._waiters.get(slot)
         if by_gen is None:
             return
@@ -71,12 +97,12 @@ class _LoopHub:
             return
         if not futures:
             del by_gen[generation]
-            self._notifier.unsubscribe(slot, generation)
             if not by_gen:
                 del self._waiters[slot]
 
     def close(self) -> None:
         self._loop.remove_reader(self._notifier.fileno())
+        self._finalizer()
 
 
 # Per event loop, one hub per notifier fd (one fd per segment handle in this process).
