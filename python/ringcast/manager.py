@@ -106,6 +106,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     max_body: int = 1 << 20
     keepalive_timeout: float = 75.0
     sse_ping_interval: float = 30.0
+    coalesce_ms: float = 5.0
     cors_origins: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""
     log_level: str = "INFO"
@@ -539,6 +540,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body=args.max_body,
         log_level=args.log_level,
         sse_ping_interval=args.sse_ping_interval,
+        coalesce_ms=args.coalesce_ms,
         cors_origins=args.cors_origin or [],
         replay=os.path.abspath(args.replay) if args.replay else "",
         replay_speed=args.speed,
@@ -674,6 +676,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=1 << 20,
         metavar="BYTES",
         help="largest request body accepted; larger gets 413 (%(default)s)",
+    )
+    net.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="write a stream to its readers at most once per MS: a stream faster than that "
+        "reaches every client in fewer, larger writes (a stream slower than that never "
+        "waits); 0 = write on every wake-up (%(default)s)",
     )
     net.add_argument(
         "--cors-origin",
@@ -826,6 +837,9 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     if args.workers == 0:
         print("ringcast serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.coalesce_ms <= 1000:
+        print("ringcast serve: --coalesce-ms must be between 0 and 1000", file=sys.stderr)
         return 2
     if args.speed != 1.0 and not args.replay:
         print("ringcast serve: --speed only applies with --replay TRACE", file=sys.stderr)

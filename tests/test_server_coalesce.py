@@ -1,0 +1,108 @@
+"""``--coalesce-ms``: a fast stream reaches live readers in fewer, larger writes, a slow one
+is written event by event, and either way the bytes are the session's bytes.
+
+Each write of a pump is one HTTP chunk, so counting the chunks a raw-socket client receives
+counts the server's writes to that client.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from server_harness import post_chat, request, server, sse_events, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def chunks_of_live_reader(port: int, conv: str) -> list[bytes]:
+    """GET the stream from offset 0 and return its body's HTTP chunks, in order."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(
+            f"GET /v1/stream?conv_id={conv}&from=0 HTTP/1.1\r\nHost: x\r\n"
+            f"Connection: close\r\n\r\n".encode()
+        )
+        raw = bytearray()
+        while data := sock.recv(65536):
+            raw += data
+    head, _, rest = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    chunks = []
+    while True:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+def live_read(port: int, conv: str, tokens: int) -> tuple[list[bytes], bytes]:
+    """Start a stream whose first token comes after the reader has attached at offset 0;
+    return that reader's chunks and the whole stream replayed afterwards."""
+    post = post_chat(port, conv, max_tokens=tokens)
+    assert post.status == 200
+    chunks = chunks_of_live_reader(port, conv)
+    post.read_all_and_close()
+    status, _, whole = request(port, "GET", f"/v1/stream/{conv}?from=0")
+    assert status == 200
+    return chunks, whole
+
+
+@pytest.mark.parametrize(("coalesce_ms", "fast"), [("200", True), ("0", False)])
+def test_fast_stream_is_coalesced_only_when_asked(
+    tmp_path: Path, coalesce_ms: str, fast: bool
+) -> None:
+    # 100 tokens at 100 tokens/s: about one second, one token every 10 ms.
+    args = ("--tokens-per-s", "100", "--prefill-s", "0.5", "--coalesce-ms", coalesce_ms)
+    with server(tmp_path, *args, http_procs=1) as srv:
+        chunks, whole = live_read(srv.port, "fast", 100)
+        assert b"".join(chunks) == whole
+        assert whole.endswith(b"data: [DONE]\n\n")
+        events = len(sse_events(whole))
+        if fast:
+            # ~1 s of tokens in passes at least 200 ms apart: a handful of writes.
+            assert len(chunks) <= 12, [len(c) for c in chunks]
+        else:
+            # Written as it comes: most events in a write of their own.
+            assert len(chunks) >= events // 3, (len(chunks), events)
+
+
+def test_slow_stream_is_written_event_by_event(tmp_path: Path) -> None:
+    # One token every 250 ms, linger 100 ms: no token arrives within the linger of the
+    # previous write, so none waits for another.
+    args = ("--tokens-per-s", "4", "--prefill-s", "0.5", "--coalesce-ms", "100")
+    with server(tmp_path, *args, http_procs=1) as srv:
+        chunks, whole = live_read(srv.port, "slow", 6)
+        assert b"".join(chunks) == whole
+        per_chunk = [len(sse_events(c)) for c in chunks]
+        # The role chunk and the first token may share the first write; every later token
+        # is its own write. The last write carries the final chunk, usage and [DONE].
+        assert max(per_chunk[1:-1], default=1) == 1, per_chunk
+        assert len(chunks) >= 6, per_chunk
+
+
+def test_coalesce_value_is_checked(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for bad in ("-1", "1001", "nan"):
+        out = subprocess.run(
+            [sys.executable, "-m", "ringcast.cli", "serve", "--port", "0", "--coalesce-ms", bad],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert out.returncode == 2, (bad, out.stderr)
+        assert "--coalesce-ms must be between 0 and 1000" in out.stderr
+
+
+def test_metrics_count_coalesced_bytes(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "200", "--coalesce-ms", "50", http_procs=1) as srv:
+        chunks, whole = live_read(srv.port, "counted", 40)
+        assert b"".join(chunks) == whole
+        # POST, live GET and replay GET each sent the whole stream.
+        wait_for(lambda: srv.metric("http_bytes_sent_total") >= 3 * len(whole), "bytes counted")
