@@ -35,7 +35,9 @@ class _LoopHub:
     """Per-event-loop table of waiters, fed by the process's notifier fd."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, notifier: Notifier) -> None:
-        self._loop = loop
+        # Weak: ``_hubs`` maps the loop to this hub, and a value that referred to its key would
+        # keep the loop (and this hub's subscriptions) alive forever.
+        self._loop = weakref.ref(loop)
         self._notifier = notifier
         # slot -> (generation -> futures); a slot can hold only one generation at a time, but a
         # reader of an old generation may still wait while the slot is being reused.
@@ -69,7 +71,7 @@ class _LoopHub:
             # one is not subscribed: its session has left the slot, which `ready()` sees.
             self._notifier.subscribe(slot, generation)
             self._subscribed[slot] = generation
-        fut: asyncio.Future[None] = self._loop.create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
         # Subscribing before this check closes the window where the producer published
         # between our failed read and the subscription.
@@ -101,7 +103,9 @@ class _LoopHub:
                 del self._waiters[slot]
 
     def close(self) -> None:
-        self._loop.remove_reader(self._notifier.fileno())
+        loop = self._loop()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._notifier.fileno())
         self._finalizer()
 
 
