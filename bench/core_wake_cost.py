@@ -1,9 +1,10 @@
 """What one append costs the producer when N reader processes wait on the session.
 
 Readers either block in ``Reader.read`` (futex on the session) or await ``Reader.aread`` on
-uvloop (per-process notifier doorbells). The producer appends ``--events`` 200-byte events as
-fast as it can and prints its append rate; with ``--strace`` it runs under ``strace -c -f`` and
-the futex count per append is printed (strace slows it down: read the counts, not the rate).
+uvloop (a datagram to each subscribed process's notifier socket). The producer appends
+``--events`` 200-byte events as fast as it can and prints its append rate; with ``--strace`` it
+runs under ``strace -c -f`` and its wake system calls per append are printed: ``futex`` (blocking
+readers) and ``sendto`` (event loops); strace slows it down: read the counts, not the rate.
 
     python bench/core_wake_cost.py --readers 64 --mode async --strace
 """
@@ -69,16 +70,16 @@ def run(readers: int, mode: str, events: int, strace: bool) -> tuple[int, float 
         time.sleep(0.5)  # let every reader reach its wait
         cmd = [sys.executable, "-c", _PRODUCER, path, str(w.generation), str(events)]
         if strace:
-            cmd = ["strace", "-c", "-f", "-e", "trace=futex", *cmd]
+            cmd = ["strace", "-c", "-f", "-e", "trace=futex,sendto", *cmd]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         for p in procs:
             p.join(120)
         rate = int(out.stdout.split()[0])
         per_append = None
         if strace:
-            row = r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)(?:\s+\d+)?\s+futex$"
-            m = re.search(row, out.stderr, re.M)
-            per_append = int(m.group(1)) / events if m else float("nan")
+            row = r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)(?:\s+\d+)?\s+(?:futex|sendto)$"
+            calls = [int(c) for c in re.findall(row, out.stderr, re.M)]
+            per_append = sum(calls) / events
         return rate, per_append
     finally:
         os.unlink(path)
@@ -94,12 +95,12 @@ def main() -> int:
     ap.add_argument(
         "--strace",
         action="store_true",
-        help="also count the producer's futex calls per append (needs strace)",
+        help="also count the producer's futex and sendto calls per append (needs strace)",
     )
     args = ap.parse_args()
     if args.strace and shutil.which("strace") is None:
         ap.error("strace is not installed")
-    print(f"{'mode':<6} {'readers':>7} {'appends/s':>10} {'futex/append':>13}")
+    print(f"{'mode':<6} {'readers':>7} {'appends/s':>10} {'wakes/append':>13}")
     for n in (int(x) for x in args.readers.split(",")):
         for mode in args.mode.split(","):
             rate, _ = run(n, mode, args.events, False)
