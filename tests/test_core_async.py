@@ -179,7 +179,7 @@ print("done", flush=True)
 def test_ten_thousand_waiting_readers_on_few_threads(seg_path: str, loop_kind: str) -> None:
     """1,000 sessions x 10 readers, all waiting in one process before the first byte; each
     reader gets exactly its own session's bytes, and the process does not grow a thread per
-    reader (one notifier thread, plus whatever the loop had)."""
+    reader (the notifier is a socket, not a thread; the loop may have a few of its own)."""
     sessions, per_session, events = scaled(1000, 50), 10, 5
     seg = ringcast.Segment.create(seg_path, max_sessions=sessions, session_bytes=64 * 1024)
     env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))

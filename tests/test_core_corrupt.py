@@ -94,7 +94,7 @@ def test_directory_and_empty_file_are_refused(seg_path: str) -> None:
         ringcast.Segment.open("/dev/shm")
 
 
-# Runs in a subprocess: scribble over the slot area (metadata, ids, counts, doorbells) of a live
+# Runs in a subprocess: scribble over the slot area (metadata, ids, counts, process rows) of a live
 # mapping, then drive every operation. Only ringcast errors are allowed out of them.
 _SCRIBBLE_SCRIPT = r"""
 import os, random, struct, sys
@@ -125,7 +125,7 @@ def scribble():
             at = rng.randrange(4096, rings_offset)
             os.pwrite(fd, rng.randbytes(rng.randrange(1, 64)), at)
     else:
-        # Field by field over the slot metadata (layout v1: 384-byte SlotMeta, id bytes after).
+        # Field by field over the slot metadata (layout v2: 384-byte SlotMeta, id bytes after).
         slot = rng.randrange(8)
         at = slots_offset + slot * slot_stride + rng.randrange(0, 400) // 4 * 4
         value = rng.choice([0, 1, 2, 3, 4, 5, 6, 255, 2**31, 2**32 - 1, 2**63, 2**64 - 1,
