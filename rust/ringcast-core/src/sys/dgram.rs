@@ -4,7 +4,7 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 
 /// Longest abstract name we build (without the leading NUL); `sun_path` holds 108 bytes.
 const MAX_NAME: usize = 100;
@@ -128,21 +128,26 @@ pub enum Sent {
     Failed,
 }
 
-/// The process-wide unbound sender; -1 until first use. A child inherits it across fork and
-/// shares it with its parent, which is fine for an unbound socket that only calls `sendto`.
-static SENDER: AtomicI32 = AtomicI32::new(-1);
+/// The process-wide unbound sender, created on first use (a failed creation is retried by the
+/// next send). A child inherits it across fork and shares it with its parent, which is fine
+/// for an unbound socket that only calls `sendto`.
+///
+/// Datagrams waiting in a receiver's queue are charged to this socket's send buffer until read.
+/// A full send buffer would also return `EAGAIN` (taken for "already pending"), but at most one
+/// datagram per armed process row is ever queued (64 per segment, ~1 KiB each in kernel memory
+/// against a default send buffer of ~200 KiB), so that cannot happen.
+static SENDER: OnceLock<RawFd> = OnceLock::new();
 
 fn sender() -> Option<RawFd> {
-    let fd = SENDER.load(Ordering::Acquire);
-    if fd >= 0 {
-        return Some(fd);
+    if let Some(fd) = SENDER.get() {
+        return Some(*fd);
     }
     let new = dgram_socket().ok()?;
-    match SENDER.compare_exchange(-1, new, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => Some(new),
-        Err(theirs) => {
-            close(new);
-            Some(theirs)
+    match SENDER.set(new) {
+        Ok(()) => Some(new),
+        Err(_) => {
+            close(new); // another thread won the race
+            SENDER.get().copied()
         }
     }
 }
