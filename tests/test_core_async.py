@@ -273,3 +273,62 @@ def test_aread_after_closing_a_segment_in_the_same_loop(seg_path: str, loop_kind
         for path in paths[1:]:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+class _CountingNotifier:
+    """Wraps a Notifier and records the hub's subscribe/unsubscribe calls."""
+
+    def __init__(self, n: ringcast.Notifier) -> None:
+        self.n = n
+        self.calls: list[tuple[str, int, int]] = []
+
+    def fileno(self) -> int:
+        return self.n.fileno()
+
+    def subscribe(self, slot: int, generation: int) -> None:
+        self.calls.append(("subscribe", slot, generation))
+        self.n.subscribe(slot, generation)
+
+    def unsubscribe(self, slot: int, generation: int) -> None:
+        self.calls.append(("unsubscribe", slot, generation))
+        self.n.unsubscribe(slot, generation)
+
+    def drain(self) -> list[int]:
+        return self.n.drain()
+
+
+def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind: str) -> None:
+    """A reader that waits again and again subscribes once; the subscription is dropped by the
+    first drain that finds the session advanced with nobody waiting on it."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("c")
+    r = seg.reader("c")
+    counting = _CountingNotifier(seg.notifier())
+    sub, unsub = ("subscribe", r.slot, r.generation), ("unsubscribe", r.slot, r.generation)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        hub = _aio._LoopHub(loop, counting)  # type: ignore[arg-type]
+        _aio._hubs[loop] = {counting.fileno(): hub}
+        for i in range(20):
+            task = asyncio.create_task(r.aread())
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not task.done()
+            w.write(b"%d," % i)
+            assert await asyncio.wait_for(task, 30) == b"%d," % i
+        assert counting.calls == [sub]
+        assert hub._subscribed == {r.slot: r.generation}
+        # Nobody waits any more: the next change is the last one this process hears of.
+        w.write(b"late")
+        for _ in range(3000):
+            if len(counting.calls) > 1:
+                break
+            await asyncio.sleep(0.01)
+        assert counting.calls == [sub, unsub]
+        assert hub._subscribed == {}
+        assert await r.aread() == b"late"
+        hub.close()
+
+    run_async(loop_kind, main)
