@@ -12,12 +12,19 @@
   ``XREAD BLOCK`` — the naive design, for reference.
 
 Every event is a ``chat.completion.chunk`` framed with ``id: <offset>`` whose content is the
-producer's ``time.time_ns()``; the client (one uvloop process) parses each event as it arrives
-and records producer-to-client latency. For each stream, the POST's own response is one
-reader and ``R - 1`` more attach with ``GET /v1/stream``; the producers wait ``--prefill``
-seconds before the first token so every reader is attached.
+producer's ``time.time_ns()``; the client (one uvloop process, a protocol per connection that
+de-chunks as bytes arrive) records producer-to-client latency of every event. For each
+stream, the POST's own response is one reader and ``R - 1`` more attach with
+``GET /v1/stream``; the producers wait ``--prefill`` seconds before the first token so every
+reader is attached. Besides events/s and latency, each run reports the CPU seconds of the
+server side (every process of it, ``redis-server`` included) and of the client: on a small
+machine they share the cores, so CPU per event is the figure that carries over.
+
+``ringcast serve`` coalesces writes (``--coalesce-ms``, default 5); ``--baseline-coalesce-ms``
+gives the baselines the same delay after each write, to compare at equal coalescing.
 
     python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
+    python bench/http_fanout.py --streams 8 --readers 128 --tokens 1200 --tokens-per-s 400
     python bench/http_fanout.py --tokens-per-s 0          # unpaced: throughput
 
 Loopback only; every loop is bounded by --tokens.
@@ -217,7 +224,7 @@ class RedisStore:
                     return
 
 
-async def baseline_server(kind: str, port: int) -> None:
+async def baseline_server(kind: str, port: int, linger: float) -> None:
     store: MemoryStore | RedisStore = (
         MemoryStore() if kind == "memory" else RedisStore(per_reader=kind == "redis-per-reader")
     )
@@ -251,6 +258,8 @@ async def baseline_server(kind: str, port: int) -> None:
             async for data in store.read(conv):
                 w.write(b"%x\r\n%s\r\n" % (len(data), data))
                 await w.drain()
+                if linger:  # the same coalescing as ringcast's --coalesce-ms, when asked
+                    await asyncio.sleep(linger)
             w.write(b"0\r\n\r\n")
             await w.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -269,40 +278,125 @@ async def baseline_server(kind: str, port: int) -> None:
 
 
 class Stats:
+    """What the client saw. The hot path stores, per received chunk, its arrival time and the
+    producer timestamps found in it (one C-level ``findall``); latencies are computed once the
+    run is over, so the client's cost per event stays small and the servers, not the client,
+    are what the run measures."""
+
     def __init__(self) -> None:
-        self.latencies: list[float] = []
-        self.events = 0
+        self.arrivals: list[tuple[int, list[bytes]]] = []
         self.bytes = 0
         self.first = float("inf")
         self.last = 0.0
 
+    @property
+    def events(self) -> int:
+        return sum(len(stamps) for _, stamps in self.arrivals)
+
+    def latencies_ms(self) -> list[float]:
+        return [(now - int(s)) / 1e6 for now, stamps in self.arrivals for s in stamps]
+
+
+class ChunkedEvents(asyncio.Protocol):
+    """One client connection: de-chunks the response body as bytes arrive and records the
+    producer timestamps of every complete event (a partial event waits for its rest).
+
+    Work per TCP read is one C-level ``findall`` plus a few operations per HTTP chunk, so the
+    client's cost barely depends on how a server chunks its writes (a ``StreamReader`` loop
+    of ``readline``/``readexactly`` costs several coroutine steps per chunk and made the
+    client the bottleneck of every saturated run)."""
+
+    def __init__(self, req: bytes, stats: Stats, head: asyncio.Future[None]) -> None:
+        self.req = req
+        self.stats = stats
+        self.head = head
+        self.done: asyncio.Future[None] = head.get_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.raw = b""  # bytes not yet decoded: a partial head or chunk-size line
+        self.body = b""  # decoded body after the last complete event
+        self.left = 0  # payload bytes left in the current chunk
+        self.skip = 0  # framing bytes (the CRLF after a chunk) still to skip
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.req)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        raw = self.raw + data if self.raw else data
+        pos, n = 0, len(raw)
+        if not self.head.done():
+            i = raw.find(b"\r\n\r\n")
+            if i < 0:
+                self.raw = raw
+                return
+            if not raw.startswith(b"HTTP/1.1 200"):
+                self._finish(RuntimeError(f"bad response: {raw[:200]!r}"))
+                return
+            self.head.set_result(None)
+            pos = i + 4
+        parts = [self.body]
+        finished = False
+        while pos < n:
+            if self.skip:
+                step = min(self.skip, n - pos)
+                pos += step
+                self.skip -= step
+            elif self.left:
+                step = min(self.left, n - pos)
+                parts.append(raw[pos : pos + step])
+                pos += step
+                self.left -= step
+                if not self.left:
+                    self.skip = 2
+            else:
+                j = raw.find(b"\r\n", pos)
+                if j < 0:
+                    break
+                size = int(raw[pos:j].split(b";")[0], 16)
+                pos = j + 2
+                if size == 0:
+                    finished = True
+                    break
+                self.left = size
+        self.raw = raw[pos:] if pos < n and not finished else b""
+        body = b"".join(parts)
+        complete, sep, self.body = body.rpartition(b"\n\n")
+        if sep:
+            self.stats.arrivals.append((now, CONTENT.findall(complete)))
+            self.stats.bytes += len(complete) + 2
+            t = time.monotonic()
+            if t < self.stats.first:
+                self.stats.first = t
+            self.stats.last = t
+        if finished:
+            self._finish(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or ConnectionError("closed before the end of the stream"))
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(exc or ConnectionError("no response"))
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
 
 async def consume(port: int, req: bytes, stats: Stats, ready: asyncio.Event | None) -> None:
-    r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    w.write(req)
-    await r.readuntil(b"\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    head: asyncio.Future[None] = loop.create_future()
+    _, proto = await loop.create_connection(
+        lambda: ChunkedEvents(req, stats, head), "127.0.0.1", port
+    )
+    await head
     if ready is not None:
         ready.set()
-    buf = b""
-    while True:
-        line = await r.readline()
-        size = int(line.split(b";")[0], 16)
-        if size == 0:
-            break
-        data = await r.readexactly(size + 2)
-        now = time.time_ns()
-        buf += data[:-2]
-        stats.bytes += size
-        if b"\n\n" not in buf:
-            continue
-        complete, _, buf = buf.rpartition(b"\n\n")
-        for m in CONTENT.finditer(complete):
-            stats.latencies.append((now - int(m.group(1))) / 1e6)
-            stats.events += 1
-        t = time.monotonic()
-        stats.first = min(stats.first, t)
-        stats.last = max(stats.last, t)
-    w.close()
+    await proto.done
 
 
 async def run_clients(port: int, streams: int, readers: int, tokens: int) -> Stats:
@@ -374,6 +468,8 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
             "http_fanout:timestamped",
             "--max-sessions",
             str(max(64, args.streams * 4)),
+            "--coalesce-ms",
+            str(args.coalesce_ms),
         ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout is not None
@@ -384,7 +480,16 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
         return p, int(m.group(1))
     port = free_port()
     p = subprocess.Popen(
-        [sys.executable, __file__, "--baseline", system, "--port", str(port)],
+        [
+            sys.executable,
+            __file__,
+            "--baseline",
+            system,
+            "--port",
+            str(port),
+            "--baseline-coalesce-ms",
+            str(args.baseline_coalesce_ms),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -395,27 +500,56 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
     return p, port
 
 
+def server_cpu_s(pid: int, system: str) -> float:
+    """User + system CPU seconds of the server side of a run: the server process and its
+    children, plus every ``redis-server`` for the Redis-backed systems."""
+    import psutil
+
+    procs: list[psutil.Process] = []
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    if system.startswith("redis"):
+        procs += [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def measure(system: str, args: argparse.Namespace, tmp: str) -> dict[str, float]:
     proc, port = start(system, args, tmp)
     try:
         import uvloop
 
+        cpu0, client0 = server_cpu_s(proc.pid, system), time.process_time()
         stats = uvloop.run(run_clients(port, args.streams, args.readers, args.tokens))
+        server_cpu = server_cpu_s(proc.pid, system) - cpu0
+        client_cpu = time.process_time() - client0
     finally:
         proc.terminate()
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
     expected = args.streams * args.readers * args.tokens
-    if stats.events != expected:
-        raise SystemExit(f"{system}: received {stats.events} events, expected {expected}")
-    lat = sorted(stats.latencies)
+    events = stats.events
+    if events != expected:
+        raise SystemExit(f"{system}: received {events} events, expected {expected}")
+    lat = sorted(stats.latencies_ms())
     span = max(stats.last - stats.first, 1e-9)
     return {
-        "events_per_s": stats.events / span,
+        "events_per_s": events / span,
         "p50_ms": statistics.median(lat),
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "events": stats.events,
+        "events": events,
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
     }
 
 
@@ -427,6 +561,19 @@ def main() -> None:
     ap.add_argument("--tokens-per-s", type=float, default=50.0, help="0 = unpaced")
     ap.add_argument("--prefill", type=float, default=1.0)
     ap.add_argument("--http-procs", type=int, default=2)
+    ap.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=5.0,
+        help="ringcast serve --coalesce-ms (its default: 5)",
+    )
+    ap.add_argument(
+        "--baseline-coalesce-ms",
+        type=float,
+        default=0.0,
+        help="give the baselines the same coalescing: each reader waits this long after a "
+        "write before the next (default 0: written as a hand-written server does)",
+    )
     ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
     ap.add_argument("--systems", default="ringcast,memory,redis")
     ap.add_argument(
@@ -437,7 +584,7 @@ def main() -> None:
     if args.baseline:
         import uvloop
 
-        uvloop.run(baseline_server(args.baseline, args.port))
+        uvloop.run(baseline_server(args.baseline, args.port, args.baseline_coalesce_ms / 1000))
         return
     import tempfile
 
@@ -452,12 +599,19 @@ def main() -> None:
     }
     print(
         f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
-        f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs}, "
-        f"medians of {args.repeat} runs, load average {os.getloadavg()[0]:.1f}"
+        f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs} "
+        f"--coalesce-ms {args.coalesce_ms:g}, baselines' coalescing {args.baseline_coalesce_ms:g} "
+        f"ms, medians of {args.repeat} runs, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    print(
+        f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'server cpu s':>14}{'client cpu s':>14}"
+    )
     for name, r in results.items():
-        print(f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+        print(
+            f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['server_cpu_s']:>14.2f}{r['client_cpu_s']:>14.2f}"
+        )
     if "ringcast" in results:
         rc = results["ringcast"]
         for name, r in results.items():
