@@ -60,7 +60,11 @@ pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
         let row = mask.trailing_zeros() as usize;
         mask &= mask - 1;
         let e = proc_entry(base, geo, row);
-        if e.armed.swap(0, Ordering::SeqCst) == 0 {
+        // The plain (SeqCst) load first keeps a busy, disarmed row's cache line shared instead
+        // of claiming it on every append; it is as good as the swap for the ordering argument
+        // in `Notifier::drain`: a 0 read before the drain's store of 1 means our `seq` bump
+        // precedes that drain's scan.
+        if e.armed.load(Ordering::SeqCst) == 0 || e.armed.swap(0, Ordering::SeqCst) == 0 {
             continue; // a datagram is pending, or that process has no notifier
         }
         let nonce = e.wake_nonce.load(Ordering::SeqCst);
@@ -221,12 +225,12 @@ impl Notifier {
             return Vec::new();
         }
         self.socket.drain();
-        // Ordering, with `publish` (bump `seq`, then swap `armed` to 0 and send if it was 1),
-        // all SeqCst:
-        // - a publish whose swap comes before this store bumped `seq` before it, so the scan
-        //   below (after the store) sees that bump;
-        // - a publish whose swap comes after this store finds `armed == 1` (ours, or a later
-        //   drain's) and sends a datagram, which makes the socket readable again.
+        // Ordering, with `publish` (bump `seq`, then read `armed` and, if 1, swap it to 0 and
+        // send when the swap returned 1), all SeqCst:
+        // - a publish whose read of `armed` (load or swap) comes before this store bumped `seq`
+        //   before it, so the scan below (after the store) sees that bump;
+        // - a publish whose reads come after this store find `armed == 1` (ours, or a later
+        //   drain's) and one of them sends a datagram, which makes the socket readable again.
         // Datagrams received above belong to publishes the scan sees; at worst one that raced
         // with this drain leaves a spurious wake-up whose drain returns nothing.
         self.entry().armed.store(1, Ordering::SeqCst);
