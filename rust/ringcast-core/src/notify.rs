@@ -12,7 +12,8 @@
 //!
 //! A notifier is disarmed from the first datagram until its loop calls `drain()`, so a burst of
 //! appends while the reader process is busy costs the producer one `sendto` per process, then
-//! nothing (one atomic swap per subscribed process per publish).
+//! nothing (one atomic load per subscribed process per publish). The price against a shared
+//! futex word: an append to N *idle* subscribed processes costs N `sendto`s, not one wake.
 //!
 //! The socket name, not a descriptor, is what a producer needs, so no fds are passed between
 //! processes. Abstract names belong to the network namespace: every process attached to a
