@@ -332,6 +332,38 @@ impl Reader {
             && m.cursor.load(Ordering::Acquire) <= self.offset
     }
 
+    /// Waits up to `timeout` (None = forever) until a read would not be `Pending` (data, the
+    /// end, or an error to report); true if so. Nothing is copied, so a caller can size its
+    /// buffer to what is there instead of to the most it would take.
+    pub fn wait_ready(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let m = self.inner.slot(self.slot);
+        loop {
+            let seen = m.seq.load(Ordering::SeqCst);
+            if self.ready() {
+                return true;
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return false,
+                },
+                None => None,
+            };
+            // SeqCst: pairs with `notify::publish` (bump seq, then load waiters).
+            m.waiters.fetch_add(1, Ordering::SeqCst);
+            let outcome = if m.seq.load(Ordering::SeqCst) == seen {
+                futex::wait(&m.seq, seen, left)
+            } else {
+                WaitOutcome::Woken
+            };
+            m.waiters.fetch_sub(1, Ordering::SeqCst);
+            if outcome == WaitOutcome::TimedOut && deadline.is_some() {
+                return self.ready();
+            }
+        }
+    }
+
     /// Waits up to `timeout` (None = forever) for data, then copies it. `Pending` means the
     /// timeout passed.
     pub fn read_into(&mut self, dst: &mut [u8], timeout: Option<Duration>) -> Result<Poll> {

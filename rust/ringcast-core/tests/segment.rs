@@ -285,6 +285,32 @@ fn cancel_wakes_a_waiting_producer() {
     );
 }
 
+#[test]
+fn wait_ready_waits_for_data_end_or_timeout_without_reading() {
+    let t = TempSeg::new("ready");
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    let w = seg.create_or_replace("r", "").unwrap();
+    let mut r = seg.reader("r", "", 0).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(!r.wait_ready(Some(Duration::from_millis(50))));
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(w.write(b"hello").unwrap());
+        w
+    });
+    assert!(r.wait_ready(Some(Duration::from_secs(30))));
+    let w = h.join().unwrap();
+    // Waiting consumed nothing: the bytes are all still there to read.
+    assert_eq!(r.offset(), 0);
+    let mut buf = [0u8; 16];
+    assert_eq!(r.poll_into(&mut buf).unwrap(), Poll::Data(5));
+    assert!(!r.wait_ready(Some(Duration::from_millis(10))));
+    w.finalize(SessionState::Done).unwrap();
+    assert!(r.wait_ready(None), "the end of the stream is ready too");
+    assert_eq!(r.poll_into(&mut buf).unwrap(), Poll::End);
+}
+
 fn fd_readable(fd: i32, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,

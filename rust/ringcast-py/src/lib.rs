@@ -708,8 +708,9 @@ impl Reader {
         if let Some(b) = take_now(py, r, max_bytes)? {
             return Ok(b);
         }
-        // Wait with the GIL released, reading into a private buffer; the wait is interrupted
-        // now and then so that Ctrl-C reaches Python.
+        // Wait with the GIL released and no buffer (allocating `max_bytes` per wait, e.g.
+        // 1 MiB, cost every wake-up a zeroed megabyte), then copy exactly what is there into
+        // the bytes object. The wait is interrupted now and then so that Ctrl-C reaches Python.
         let deadline = t.map(|t| std::time::Instant::now() + t);
         loop {
             let slice = Duration::from_millis(200);
@@ -719,17 +720,17 @@ impl Reader {
                     .min(slice),
                 None => slice,
             };
-            let mut buf = vec![0u8; max_bytes.min(1 << 20) as usize];
-            let polled = py.detach(|| r.read_into(&mut buf, Some(step))).py_err(py)?;
-            match polled {
-                core::Poll::Data(n) => return Ok(PyBytes::new(py, &buf[..n]).unbind()),
-                core::Poll::End => return Ok(PyBytes::new(py, b"").unbind()),
-                core::Poll::Pending => {
-                    py.check_signals()?;
-                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        return Ok(PyBytes::new(py, b"").unbind());
-                    }
+            let reader = &*r;
+            if py.detach(|| reader.wait_ready(Some(step))) {
+                if let Some(b) = take_now(py, r, max_bytes)? {
+                    return Ok(b);
                 }
+                // Ready yet nothing to take can only come from a segment scribbled under us:
+                // go on, but still bounded by the timeout and interruptible.
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(PyBytes::new(py, b"").unbind());
             }
         }
     }
