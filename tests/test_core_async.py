@@ -296,10 +296,14 @@ class _CountingNotifier:
     def drain(self) -> list[int]:
         return self.n.drain()
 
+    def arm(self, yield_first: bool = False) -> bool:
+        return self.n.arm(yield_first)
+
 
 def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind: str) -> None:
     """A reader that waits again and again subscribes once; the subscription is dropped by the
-    first drain that finds the session advanced with nobody waiting on it."""
+    first drain that finds the session advanced with nobody waiting on it (a drain happens
+    while some reader of the process waits: a process with no waiter is not even told)."""
     from ringcast import _aio
 
     w = seg.create_or_replace("c")
@@ -320,15 +324,25 @@ def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind:
             assert await asyncio.wait_for(task, 30) == b"%d," % i
         assert counting.calls == [sub]
         assert hub._subscribed == {r.slot: r.generation}
-        # Nobody waits any more: the next change is the last one this process hears of.
+        # Nobody waits on "c" any more, but a reader of "d" does (so the process is armed):
+        # the next change of "c" is the last one this process hears of.
+        wd = seg.create_or_replace("d")
+        rd = seg.reader("d")
+        other = asyncio.create_task(rd.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        sub_d = ("subscribe", rd.slot, rd.generation)
+        assert counting.calls == [sub, sub_d]
         w.write(b"late")
         for _ in range(3000):
-            if len(counting.calls) > 1:
+            if len(counting.calls) > 2:
                 break
             await asyncio.sleep(0.01)
-        assert counting.calls == [sub, unsub]
-        assert hub._subscribed == {}
+        assert counting.calls == [sub, sub_d, unsub]
+        assert hub._subscribed == {rd.slot: rd.generation}
         assert await r.aread() == b"late"
+        wd.write(b"d")
+        assert await asyncio.wait_for(other, 30) == b"d"
         hub.close()
 
     run_async(loop_kind, main)

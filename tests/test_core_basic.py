@@ -666,10 +666,18 @@ def test_notifier_reports_the_slots_that_advanced(seg: ringcast.Segment) -> None
     assert readable
     assert n.drain() == [w2.slot]
     assert n.drain() == []
+    # The datagram disarmed the notifier: until it is re-armed, producers send nothing ...
+    w2.write(b"y")
+    assert select.select([n.fileno()], [], [], 0.2)[0] == []
+    # ... and re-arming says so, so that the caller scans what came meanwhile.
+    assert n.arm() is True
+    assert n.arm(yield_first=True) is False  # already armed
+    assert n.drain() == [w2.slot]
     seg.evict("a")  # an end is an advance too
     readable, _, _ = select.select([n.fileno()], [], [], 30)
     assert readable
     assert n.drain() == [w1.slot]
+    assert n.arm(yield_first=True) is True
     n.unsubscribe(w1.slot, w1.generation)
     n.unsubscribe(w2.slot, w2.generation)
 

@@ -1,15 +1,22 @@
 """Awaitable reads: one notifier socket per process, one future per waiting reader.
 
 The Rust ``Notifier`` owns a datagram socket; a producer sends it one byte when a session this
-process subscribed to advances (at most one pending per drain, and no thread in between: the
-loop's own thread is the one woken). Each event loop registers that fd once (``add_reader``);
-on readiness it drains the list of advanced slots and wakes only the futures waiting on those
-slots. Ten thousand waiting readers therefore cost ten thousand futures and no thread.
+process subscribed to advances and the notifier is armed (no thread in between: the loop's own
+thread is the one woken). Sending disarms it; it is re-armed lazily, when a reader is about to
+wait (after yielding the CPU once) or when readers are left waiting after a drain, and every
+re-arm is followed by a scan of what came while disarmed. So appends while all of a process's
+readers are busy cost the producer nothing, and a busy machine batches instead of waking.
+
+Each event loop registers that fd once (``add_reader``); on readiness it drains the list of
+advanced slots and wakes only the futures waiting on those slots. Ten thousand waiting readers
+therefore cost ten thousand futures and no thread.
 
 Subscriptions are sticky: a hub holds one subscription per slot (the newest generation it has
 seen there) for as long as readers keep waiting on it, so a reader that reads and waits again
 costs no subscribe/unsubscribe round trip. The first drain that finds a subscribed slot advanced
-while nobody waits on it drops the subscription; so do ``_LoopHub.close`` and the collection of
+while nobody waits on it drops the subscription (drains happen while some reader of the
+process waits; a process left with no waiter is disarmed and its subscriptions cost a producer
+one atomic load each); so do ``_LoopHub.close`` and the collection of
 the loop.
 """
 
@@ -49,7 +56,15 @@ class _LoopHub:
         loop.add_reader(notifier.fileno(), self._on_ready)
 
     def _on_ready(self) -> None:
-        for slot in self._notifier.drain():
+        self._wake(self._notifier.drain())
+        # Readers still waiting need the next change signalled: re-arm, and scan what came
+        # while disarmed. (Readers just woken re-arm when they wait again; a publish that
+        # disarms us after this arm sends a datagram, which calls this again.)
+        if self._waiters and self._notifier.arm():
+            self._wake(self._notifier.drain())
+
+    def _wake(self, changed: list[int]) -> None:
+        for slot in changed:
             by_gen = self._waiters.pop(slot, None)
             if by_gen is None:
                 # Advanced with nobody waiting: stop listening to it.
@@ -73,9 +88,13 @@ class _LoopHub:
             self._subscribed[slot] = generation
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
-        # Subscribing before this check closes the window where the producer published
-        # between our failed read and the subscription.
-        if reader.ready():
+        # About to wait: if a producer disarmed this process, yield the CPU once (what it
+        # appends meanwhile needs no wake-up), re-arm, and scan what came while disarmed.
+        if self._notifier.arm(True):
+            self._wake(self._notifier.drain())
+        # Subscribing and arming before this check close the window where the producer
+        # published between our failed read and the subscription.
+        if fut.done() or reader.ready():
             self._forget(slot, generation, fut)
             return
         try:

@@ -253,9 +253,11 @@ class Notifier:
 
     ``fileno()`` is a datagram socket (abstract ``AF_UNIX`` name, no thread behind it); a
     producer sends it one byte when a session this process subscribed to advances and the
-    notifier is armed (it disarms itself until the next ``drain()``). An event loop watches
-    ``fileno()`` and calls ``drain()`` to learn which sessions advanced. A notifier inherited
-    across ``fork`` is inert in the child: call ``Segment.notifier()`` there.
+    notifier is armed; sending disarms it until ``arm()``. An event loop watches ``fileno()``
+    and calls ``drain()`` to learn which sessions advanced; before a reader waits, ``arm()``,
+    and if that returns True, ``drain()`` again (changes while disarmed were not signalled).
+    A notifier inherited across ``fork`` is inert in the child: call ``Segment.notifier()``
+    there.
     """
 
     def fileno(self) -> int: ...
@@ -264,5 +266,9 @@ class Notifier:
         generation of the slot replaces the subscription)."""
     def unsubscribe(self, slot: int, generation: int) -> None: ...
     def drain(self) -> list[int]:
-        """Empty the socket, re-arm, and return the subscribed slots that advanced (or ended)
-        since the last drain."""
+        """Empty the socket and return the subscribed slots that advanced (or ended) since
+        the last drain. Does not re-arm."""
+    def arm(self, yield_first: bool = False) -> bool:
+        """Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
+        what was published meanwhile sent nothing). ``yield_first`` yields the CPU once
+        before re-arming, so a busy producer appends more before this process sleeps."""

@@ -10,9 +10,10 @@
 //!   with `getrandom`). The event loop watches that socket directly, so a wake-up is one
 //!   hop: producer → the loop's thread. There is no notifier thread.
 //!
-//! A notifier is disarmed from the first datagram until its loop calls `drain()`, so a burst of
-//! appends while the reader process is busy costs the producer one `sendto` per process, then
-//! nothing (one atomic load per subscribed process per publish). The price against a shared
+//! A notifier is disarmed from the first datagram until one of its loop's readers is about to
+//! wait again (`arm`, then a `drain` to see what came meanwhile), so a burst of appends while
+//! the reader process is busy costs the producer one `sendto` per process, then nothing (one
+//! atomic load per subscribed process per publish). The price against a shared
 //! futex word: an append to N *idle* subscribed processes costs N `sendto`s, not one wake.
 //!
 //! The socket name, not a descriptor, is what a producer needs, so no fds are passed between
@@ -219,22 +220,38 @@ impl Notifier {
         Ok(())
     }
 
-    /// Empties the socket, re-arms, and returns the subscribed slots whose session advanced
-    /// or ended since the last drain.
+    /// Re-arms this process's wake-up if a publish disarmed it (by sending it a datagram).
+    /// Returns true if it was disarmed: publishes since then sent nothing, so the caller
+    /// must `drain()` (scan) to see them. With `yield_first`, first yields the CPU once: a
+    /// reader about to go idle lets the producer (and other readers) run, so what they append
+    /// meanwhile is read without a datagram and a wake-up (the same as a blocking reader's
+    /// yield before its futex wait).
+    pub fn arm(&self, yield_first: bool) -> bool {
+        if !self.owned() || self.entry().armed.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        if yield_first {
+            std::thread::yield_now();
+        }
+        // Ordering, with `publish` (bump `seq`, then read `armed` and, if 1, swap it to 0 and
+        // send when the swap returned 1), all SeqCst:
+        // - a publish whose read of `armed` (load or swap) comes before this swap bumped `seq`
+        //   before it, so the caller's drain (after this) sees that bump;
+        // - a publish whose reads come after this swap finds `armed == 1` (or a later arm's)
+        //   and one of them sends a datagram, which makes the socket readable again.
+        self.entry().armed.swap(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Empties the socket and returns the subscribed slots whose session advanced or ended
+    /// since the last drain. It does not re-arm: the process stays disarmed (producers send it
+    /// nothing) until a reader is about to wait and calls `arm`, so appends while every
+    /// reader of the process is busy cost the producer no `sendto` at all.
     pub fn drain(&self) -> Vec<u32> {
         if !self.owned() {
             return Vec::new();
         }
         self.socket.drain();
-        // Ordering, with `publish` (bump `seq`, then read `armed` and, if 1, swap it to 0 and
-        // send when the swap returned 1), all SeqCst:
-        // - a publish whose read of `armed` (load or swap) comes before this store bumped `seq`
-        //   before it, so the scan below (after the store) sees that bump;
-        // - a publish whose reads come after this store find `armed == 1` (ours, or a later
-        //   drain's) and one of them sends a datagram, which makes the socket readable again.
-        // Datagrams received above belong to publishes the scan sees; at worst one that raced
-        // with this drain leaves a spurious wake-up whose drain returns nothing.
-        self.entry().armed.store(1, Ordering::SeqCst);
         let mut changed = Vec::new();
         let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
         for (slot, sub) in subs.iter_mut() {

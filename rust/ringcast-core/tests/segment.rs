@@ -347,6 +347,13 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
         "a subscribed append makes the fd readable"
     );
     assert_eq!(n.drain(), vec![a.slot()]);
+    // The datagram disarmed it: nothing is sent until a reader is about to wait (`arm`),
+    // and `arm` says so, so that the caller scans what came meanwhile.
+    a.write(b"w").unwrap();
+    assert!(!fd_readable(n.fd(), 100));
+    assert!(n.arm(false));
+    assert!(!n.arm(true), "already armed");
+    assert_eq!(n.drain(), vec![a.slot()]);
     // An unsubscribed session rings nobody.
     b.write(b"y").unwrap();
     assert!(!fd_readable(n.fd(), 100));
@@ -360,6 +367,7 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     assert!(!fd_readable(n.fd(), 0));
     assert_eq!(n.drain(), vec![a.slot()]);
     assert!(n.drain().is_empty());
+    assert!(n.arm(true));
     // Ending the session (evict) wakes its subscribers too.
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(fd_readable(n.fd(), 10_000));
@@ -383,6 +391,7 @@ fn notifier_reports_a_slot_reused_by_a_newer_session_before_the_drain() {
     n.subscribe(new.slot(), new.generation()).unwrap();
     assert!(fd_readable(n.fd(), 10_000));
     assert_eq!(n.drain(), vec![new.slot()]);
+    assert!(n.arm(false));
     // One unsubscribe of the newer generation ends the subscription: nothing rings any more.
     n.unsubscribe(new.slot(), new.generation()).unwrap();
     new.write(b"x").unwrap();

@@ -821,6 +821,14 @@ impl Notifier {
     fn drain(&self) -> Vec<u32> {
         self.n.drain()
     }
+    #[pyo3(signature = (yield_first=false))]
+    fn arm(&self, py: Python<'_>, yield_first: bool) -> bool {
+        if yield_first {
+            py.detach(|| self.n.arm(true))
+        } else {
+            self.n.arm(false)
+        }
+    }
 }
 
 #[pymodule]
