@@ -20,8 +20,9 @@ reader is attached. Besides events/s and latency, each run reports the CPU secon
 server side (every process of it, ``redis-server`` included) and of the client: on a small
 machine they share the cores, so CPU per event is the figure that carries over.
 
-``ringcast serve`` coalesces writes (``--coalesce-ms``, default 5); ``--baseline-coalesce-ms``
-gives the baselines the same delay after each write, to compare at equal coalescing.
+``ringcast serve`` coalesces writes adaptively (up to ``--coalesce-ms``, default 20, and only
+while an HTTP process falls behind); ``--baseline-coalesce-ms`` gives the baselines a fixed
+delay after each write, to compare with ringcast's ``--coalesce always``.
 
     python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
     python bench/http_fanout.py --streams 8 --readers 128 --tokens 1200 --tokens-per-s 400
@@ -470,6 +471,8 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
             str(max(64, args.streams * 4)),
             "--coalesce-ms",
             str(args.coalesce_ms),
+            "--coalesce",
+            args.coalesce,
         ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout is not None
@@ -564,8 +567,14 @@ def main() -> None:
     ap.add_argument(
         "--coalesce-ms",
         type=float,
-        default=5.0,
-        help="ringcast serve --coalesce-ms (its default: 5)",
+        default=20.0,
+        help="ringcast serve --coalesce-ms (its default: 20)",
+    )
+    ap.add_argument(
+        "--coalesce",
+        choices=["adaptive", "always"],
+        default="adaptive",
+        help="ringcast serve --coalesce (its default: adaptive)",
     )
     ap.add_argument(
         "--baseline-coalesce-ms",
@@ -600,8 +609,9 @@ def main() -> None:
     print(
         f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
         f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs} "
-        f"--coalesce-ms {args.coalesce_ms:g}, baselines' coalescing {args.baseline_coalesce_ms:g} "
-        f"ms, medians of {args.repeat} runs, load average {os.getloadavg()[0]:.1f}"
+        f"--coalesce {args.coalesce} --coalesce-ms {args.coalesce_ms:g}, baselines' coalescing "
+        f"{args.baseline_coalesce_ms:g} ms, medians of {args.repeat} runs, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"

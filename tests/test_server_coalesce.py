@@ -1,5 +1,6 @@
-"""``--coalesce-ms``: a fast stream reaches live readers in fewer, larger writes, a slow one
-is written event by event, and either way the bytes are the session's bytes.
+"""Coalescing: with ``--coalesce always`` a fast stream reaches live readers in fewer, larger
+writes and a slow one is written event by event; ``adaptive`` (the default) waits only while
+the HTTP process's event loop lags; either way the bytes are the session's bytes.
 
 Each write of a pump is one HTTP chunk, so counting the chunks a raw-socket client receives
 counts the server's writes to that client.
@@ -51,12 +52,17 @@ def live_read(port: int, conv: str, tokens: int) -> tuple[list[bytes], bytes]:
     return chunks, whole
 
 
-@pytest.mark.parametrize(("coalesce_ms", "fast"), [("200", True), ("0", False)])
+@pytest.mark.parametrize(
+    ("coalesce_ms", "mode", "fast"), [("200", "always", True), ("0", "always", False)]
+)
 def test_fast_stream_is_coalesced_only_when_asked(
-    tmp_path: Path, coalesce_ms: str, fast: bool
+    tmp_path: Path, coalesce_ms: str, mode: str, fast: bool
 ) -> None:
     # 100 tokens at 100 tokens/s: about one second, one token every 10 ms.
-    args = ("--tokens-per-s", "100", "--prefill-s", "0.5", "--coalesce-ms", coalesce_ms)
+    args = (
+        *("--tokens-per-s", "100", "--prefill-s", "0.5"),
+        *("--coalesce-ms", coalesce_ms, "--coalesce", mode),
+    )
     with server(tmp_path, *args, http_procs=1) as srv:
         chunks, whole = live_read(srv.port, "fast", 100)
         assert b"".join(chunks) == whole
@@ -73,7 +79,10 @@ def test_fast_stream_is_coalesced_only_when_asked(
 def test_slow_stream_is_written_event_by_event(tmp_path: Path) -> None:
     # One token every 250 ms, linger 100 ms: no token arrives within the linger of the
     # previous write, so none waits for another.
-    args = ("--tokens-per-s", "4", "--prefill-s", "0.5", "--coalesce-ms", "100")
+    args = (
+        *("--tokens-per-s", "4", "--prefill-s", "0.5"),
+        *("--coalesce-ms", "100", "--coalesce", "always"),
+    )
     with server(tmp_path, *args, http_procs=1) as srv:
         chunks, whole = live_read(srv.port, "slow", 6)
         assert b"".join(chunks) == whole
@@ -101,8 +110,53 @@ def test_coalesce_value_is_checked(tmp_path: Path) -> None:
 
 
 def test_metrics_count_coalesced_bytes(tmp_path: Path) -> None:
-    with server(tmp_path, "--tokens-per-s", "200", "--coalesce-ms", "50", http_procs=1) as srv:
+    args = ("--tokens-per-s", "200", "--coalesce-ms", "50", "--coalesce", "always")
+    with server(tmp_path, *args, http_procs=1) as srv:
         chunks, whole = live_read(srv.port, "counted", 40)
         assert b"".join(chunks) == whole
         # POST, live GET and replay GET each sent the whole stream.
         wait_for(lambda: srv.metric("http_bytes_sent_total") >= 3 * len(whole), "bytes counted")
+        assert srv.metric("http_coalesce_seconds") == pytest.approx(0.05)
+
+
+def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
+    """The controller on a real loop: no linger while the loop keeps up, the whole cap while
+    callbacks hold it up, and back to none when they stop."""
+    import asyncio
+    import time
+
+    import ringcast
+    from ringcast.manager import HttpCounter, ServeConfig, SharedCounters
+    from ringcast.server import App
+
+    cfg = ServeConfig(http_procs=1, coalesce_ms=20.0, coalesce="adaptive")
+    seg = ringcast.Segment.create(str(tmp_path / "seg"), max_sessions=4, session_bytes=1 << 16)
+    counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
+    counters.bind_row(1)
+
+    async def main() -> tuple[list[float], list[float], list[float]]:
+        app = App(cfg, 0, seg, counters)
+        task = asyncio.create_task(app.adapt_coalescing())
+        idle = []
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            idle.append(app.linger)
+        # A loop held up 15 ms at a time: lag well past LAG_IDLE + LAG_FULL.
+        busy = []
+        for _ in range(20):
+            time.sleep(0.015)
+            await asyncio.sleep(0)
+            busy.append(app.linger)
+        after = []
+        for _ in range(60):
+            await asyncio.sleep(0.01)
+            after.append(app.linger)
+        task.cancel()
+        return idle, busy, after
+
+    idle, busy, after = asyncio.run(main())
+    seg.close()
+    assert max(idle) == 0.0, idle
+    assert busy[-1] == pytest.approx(0.020), busy
+    assert after[-1] == 0.0, after
+    assert counters._vals[HttpCounter.COALESCE_US] == 0

@@ -106,7 +106,8 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     max_body: int = 1 << 20
     keepalive_timeout: float = 75.0
     sse_ping_interval: float = 30.0
-    coalesce_ms: float = 5.0
+    coalesce_ms: float = 20.0
+    coalesce: str = "adaptive"  # or "always"
     cors_origins: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""
     log_level: str = "INFO"
@@ -138,6 +139,7 @@ class HttpCounter(enum.IntEnum):
     EVICTIONS_LRU = 9
     HANDOFF_FAILED = 10
     DETACHED = 11
+    COALESCE_US = 12
 
 
 class WorkerCounter(enum.IntEnum):
@@ -541,6 +543,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         log_level=args.log_level,
         sse_ping_interval=args.sse_ping_interval,
         coalesce_ms=args.coalesce_ms,
+        coalesce=args.coalesce,
         cors_origins=args.cors_origin or [],
         replay=os.path.abspath(args.replay) if args.replay else "",
         replay_speed=args.speed,
@@ -680,11 +683,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--coalesce-ms",
         type=float,
-        default=5.0,
+        default=20.0,
         metavar="MS",
-        help="write a stream to its readers at most once per MS: a stream faster than that "
-        "reaches every client in fewer, larger writes (a stream slower than that never "
-        "waits); 0 = write on every wake-up (%(default)s)",
+        help="most a stream's writes to its readers wait for more bytes to send along: a "
+        "pump makes at most one pass per this long, so a fast stream reaches every client "
+        "in fewer, larger writes; 0 = write on every wake-up (%(default)s)",
+    )
+    net.add_argument(
+        "--coalesce",
+        choices=["adaptive", "always"],
+        default="adaptive",
+        help="adaptive: wait only while the HTTP process is behind (event-loop lag), from "
+        "0 when idle up to --coalesce-ms when saturated; always: wait --coalesce-ms "
+        "(%(default)s)",
     )
     net.add_argument(
         "--cors-origin",

@@ -100,6 +100,13 @@ PIPELINE_BUFFER = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 RELAY_READ = 256 * 1024
+# Adaptive coalescing (App.adapt_coalescing): sample period, moving-average weight, the loop lag
+# below which a process counts as keeping up (uvloop's timers tick in whole milliseconds, so an
+# idle loop shows up to ~1 ms), and the lag above that at which the whole --coalesce-ms applies.
+LAG_PERIOD = 0.010
+LAG_SMOOTHING = 0.25
+LAG_IDLE = 0.0015
+LAG_FULL = 0.005
 HANDOFF_TIMEOUT = 30.0
 
 REASONS = {
@@ -536,15 +543,16 @@ class Pump:
     async def run(self) -> None:
         outcome: Outcome = ("solo", 0)
         loop = asyncio.get_running_loop()
-        linger = self.app.cfg.coalesce_ms / 1000.0
-        last_write = -linger
+        app = self.app
+        last_write = 0.0
         try:
             while True:
-                # Coalescing: no fan-out pass within `linger` of the previous one, so a stream
-                # faster than 1/linger reaches each client in fewer, larger writes (one send
-                # per client per pass is the cost that dominates fan-out). A stream slower than
-                # that never waits here.
-                wait = last_write + linger - loop.time()
+                # Coalescing: no fan-out pass within `app.linger` of the previous one, so a
+                # stream faster than that reaches each client in fewer, larger writes (one
+                # send per client per pass is the cost that dominates fan-out). A stream
+                # slower than that never waits here; `app.linger` is 0 while the process
+                # keeps up (see `App.adapt_coalescing`).
+                wait = last_write + app.linger - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 try:
@@ -596,6 +604,30 @@ class App:
         self.next_worker = index
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
+        # Seconds a pump waits after a pass before the next one (see adapt_coalescing).
+        self.linger = cfg.coalesce_ms / 1000.0 if cfg.coalesce == "always" else 0.0
+        self.counters.set(HttpCounter.COALESCE_US, int(self.linger * 1e6))
+
+    async def adapt_coalescing(self) -> None:
+        """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
+        every wake-up while this process keeps up, and batch more as it falls behind.
+
+        Every 10 ms, how late the loop woke this task (its lag: time spent running other
+        callbacks, or waiting for a CPU) feeds a moving average; the linger goes from 0 at
+        LAG_IDLE of lag to the ``--coalesce-ms`` cap at LAG_IDLE + LAG_FULL. Batching cuts
+        the sends per event, so the lag falls again and the linger with it: the two settle
+        where the process keeps up."""
+        cap = self.cfg.coalesce_ms / 1000.0
+        avg = 0.0
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PERIOD)
+            lag = max(0.0, time.monotonic() - t0 - LAG_PERIOD)
+            avg += (lag - avg) * LAG_SMOOTHING
+            linger = cap * min(1.0, max(0.0, (avg - LAG_IDLE) / LAG_FULL))
+            if linger != self.linger:
+                self.linger = linger
+                self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
 
     # -- helpers
 
@@ -1190,6 +1222,12 @@ class App:
             [(f'{{process="{i}"}}', r[HttpCounter.READERS_ACTIVE]) for i, r in enumerate(http)],
         )
         metric(
+            "http_coalesce_seconds",
+            "gauge",
+            "How long this process's pumps now wait after a pass (adaptive coalescing).",
+            [(f'{{process="{i}"}}', r[HttpCounter.COALESCE_US] / 1e6) for i, r in enumerate(http)],
+        )
+        metric(
             "slow_readers_detached_total",
             "counter",
             "Clients whose full write buffer detached them from the live fan-out.",
@@ -1249,6 +1287,9 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     counters.set(HttpCounter.READERS_ACTIVE, 0)
     app = App(cfg, index, seg, counters)
     loop = asyncio.get_running_loop()
+    if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
+        adapting = loop.create_task(app.adapt_coalescing())
+        app.background.add(adapting)
     server = await loop.create_server(lambda: Connection(app), sock=_listen(cfg))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
