@@ -63,16 +63,22 @@ def _pace() -> tuple[float, float]:
 
 
 async def timestamps(n: int) -> AsyncIterator[str]:
+    """Event contents: when paced, each event's *scheduled* time (``t0 + i / tps``), so a
+    producer that runs late because its process is busy (the single-process baselines' readers
+    share its loop) shows that delay as latency instead of hiding it (coordinated omission);
+    unpaced, the time it was produced."""
     tps, prefill = _pace()
     await asyncio.sleep(prefill)
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    t0, t0_ns = loop.time(), time.time_ns()
     for i in range(n):
         if tps > 0:
             delay = t0 + i / tps - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        elif i % 16 == 15:
+            yield str(t0_ns + int(i * 1e9 / tps))
+            continue
+        if i % 16 == 15:
             await asyncio.sleep(0)
         yield str(time.time_ns())
 

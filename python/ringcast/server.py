@@ -100,13 +100,15 @@ PIPELINE_BUFFER = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 RELAY_READ = 256 * 1024
-# Adaptive coalescing (App.adapt_coalescing): sample period, moving-average weight, the loop lag
-# below which a process counts as keeping up (uvloop's timers tick in whole milliseconds, so an
-# idle loop shows up to ~1 ms), and the lag above that at which the whole --coalesce-ms applies.
+# Adaptive coalescing (App.adapt_coalescing): sample period and moving-average weight of the
+# event-loop lag; the lag above which a process is behind and below which it keeps up (an idle
+# uvloop shows ~0.2 ms); the first linger when it falls behind and the decay per sample after.
 LAG_PERIOD = 0.010
 LAG_SMOOTHING = 0.25
-LAG_IDLE = 0.0015
-LAG_FULL = 0.005
+LAG_HIGH = 0.001
+LAG_LOW = 0.0005
+LINGER_START = 0.001
+LINGER_DECAY = 0.97
 HANDOFF_TIMEOUT = 30.0
 
 REASONS = {
@@ -610,13 +612,15 @@ class App:
 
     async def adapt_coalescing(self) -> None:
         """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
-        every wake-up while this process keeps up, and batch more as it falls behind.
+        every wake-up while this process keeps up, and batch more while it falls behind.
 
         Every 10 ms, how late the loop woke this task (its lag: time spent running other
-        callbacks, or waiting for a CPU) feeds a moving average; the linger goes from 0 at
-        LAG_IDLE of lag to the ``--coalesce-ms`` cap at LAG_IDLE + LAG_FULL. Batching cuts
-        the sends per event, so the lag falls again and the linger with it: the two settle
-        where the process keeps up."""
+        callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
+        grows by half (from LINGER_START) up to the ``--coalesce-ms`` cap; below LAG_LOW it
+        decays by LINGER_DECAY per sample (from the cap to nothing in ~1.5 s), and in between
+        it holds. It climbs fast and comes down slowly, so a loaded process keeps the batching
+        that gives it headroom instead of oscillating at the edge of saturation; an idle one
+        goes back to writing every event at once."""
         cap = self.cfg.coalesce_ms / 1000.0
         avg = 0.0
         while True:
@@ -624,7 +628,11 @@ class App:
             await asyncio.sleep(LAG_PERIOD)
             lag = max(0.0, time.monotonic() - t0 - LAG_PERIOD)
             avg += (lag - avg) * LAG_SMOOTHING
-            linger = cap * min(1.0, max(0.0, (avg - LAG_IDLE) / LAG_FULL))
+            linger = self.linger
+            if avg > LAG_HIGH:
+                linger = min(cap, max(linger * 1.5, LINGER_START))
+            elif avg < LAG_LOW:
+                linger = linger * LINGER_DECAY if linger > LINGER_START / 4 else 0.0
             if linger != self.linger:
                 self.linger = linger
                 self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
