@@ -88,15 +88,17 @@ class EventMaker:
 
 
 class Receiver:
-    """Reader-side bookkeeping: reassembles events from arbitrary byte chunks, checks the
-    sequence, and records one latency per event."""
+    """Reader-side bookkeeping: on receipt only the time and the bytes are kept (so measuring
+    costs the reader next to nothing between wake-ups, and readers sharing a core do not delay
+    each other by parsing); after the run the events are reassembled from the byte chunks,
+    the sequence is checked and one latency per event is computed."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.stride = size // WORDS_PER_EVENT_OF
-        self.pending = b""
-        self.next_seq = 0
-        self.latencies: list[int] = []
+        self.received: list[tuple[int, bytes]] = []
+        self.total = 0
+        self.tail = b""  # the last `size` bytes received, to spot the end marker
         self.t_first = 0
         self.t_last = 0
         self.errors: list[str] = []
@@ -106,42 +108,55 @@ class Receiver:
         t = now_ns()
         if not self.t_first:
             self.t_first = t
-        data = self.pending + chunk if self.pending else chunk
-        whole = len(data) - len(data) % self.size
-        self.pending = data[whole:]
-        if not whole:
-            return
-        words = memoryview(data)[:whole].cast("Q")
-        seqs = words[0 :: self.stride]
-        stamps = words[1 :: self.stride].tolist()
-        n = len(stamps)
-        first, last = seqs[0], seqs[n - 1]
-        if last == END_SEQ:
-            self.ended = True
-            n -= 1
-            stamps.pop()
-            if n == 0:
-                self.t_last = t
-                return
-            last = seqs[n - 1]
-        if first != self.next_seq or last != first + n - 1:
-            self.errors.append(f"sequence gap: expected {self.next_seq}, got {first}..{last}")
-        self.next_seq = last + 1
-        self.latencies.extend([t - s for s in stamps])
         self.t_last = t
+        self.received.append((t, chunk))
+        self.total += len(chunk)
+        size = self.size
+        self.tail = chunk[-size:] if len(chunk) >= size else (self.tail + chunk)[-size:]
+        if self.total % size == 0 and HEAD.unpack_from(self.tail)[0] == END_SEQ:
+            self.ended = True
+
+    def _parse(self) -> tuple[int, list[int]]:
+        """Events in order and their latencies; gaps and repeats go to ``errors``."""
+        pending = b""
+        next_seq = 0
+        latencies: list[int] = []
+        for t, chunk in self.received:
+            data = pending + chunk if pending else chunk
+            whole = len(data) - len(data) % self.size
+            pending = data[whole:]
+            if not whole:
+                continue
+            words = memoryview(data)[:whole].cast("Q")
+            seqs = words[0 :: self.stride]
+            stamps = words[1 :: self.stride].tolist()
+            n = len(stamps)
+            first, last = seqs[0], seqs[n - 1]
+            if last == END_SEQ:
+                n -= 1
+                stamps.pop()
+                if n == 0:
+                    continue
+                last = seqs[n - 1]
+            if first != next_seq or last != first + n - 1:
+                self.errors.append(f"sequence gap: expected {next_seq}, got {first}..{last}")
+            next_seq = last + 1
+            latencies.extend([t - s for s in stamps])
+        return next_seq, latencies
 
     def feed_entries(self, payloads: list[bytes]) -> None:
         self.feed(b"".join(payloads))
 
     def result(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
+        events, latencies = self._parse()
+        lat = sorted(latencies)
         if lat:
             step = max(1, len(lat) // QUANTILE_POINTS)
             points = lat[::step]
         else:
             points = []
         return {
-            "events": self.next_seq,
+            "events": events,
             "t_first": self.t_first,
             "t_last": self.t_last,
             "lat_points": points,
@@ -584,6 +599,26 @@ def ratios(results: list[Result], reader_counts: list[int]) -> list[str]:
     return lines
 
 
+def rust_wake_latency(events: int, interval_us: int) -> str:
+    """The same paced wake to 8 reader processes without Python: readers in Rust on the core,
+    and a bare futex (the floor of any futex design on this machine)."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        return "# wake latency without Python: skipped (no cargo on PATH)"
+    cmd = [cargo, "run", "--release", "-q", "-p", "ringcast-core", "--example", "wake_latency"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [*cmd, "--", "8", str(events), str(interval_us)],
+        cwd=os.path.dirname(here),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        return f"# wake latency without Python: failed: {out.stderr.strip()[-500:]}"
+    return "# wake latency without Python (" + " ".join(cmd[1:]) + " -- 8):\n" + out.stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Fan-out benchmark: one producer, N reader processes; ringcast vs Redis "
@@ -637,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for one run")
     ap.add_argument("--json", help="write the results as JSON to this path")
+    ap.add_argument(
+        "--no-rust",
+        action="store_true",
+        help="skip the wake latency of Rust readers and of a bare futex (cargo run --release "
+        "-p ringcast-core --example wake_latency), printed at the end for comparison",
+    )
     args = ap.parse_args(argv)
 
     reader_counts = [int(x) for x in args.readers.split(",") if x]
@@ -695,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in ratios(results, reader_counts):
         print(line)
+    if not args.no_rust and args.paced_events and 8 in reader_counts:
+        print()
+        print(rust_wake_latency(args.paced_events, args.paced_interval_us))
     load = os.getloadavg()
     print(
         f"# total {time.monotonic() - started:.0f}s; load average at start "
