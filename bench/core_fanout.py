@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -213,6 +214,7 @@ def read_ringcast_sync(cfg: dict[str, Any], ready: Any, out: Any) -> None:
     seg = ringcast.Segment.open(cfg["path"])
     r = seg.reader(cfg["conv"], 0, "bench")
     rx = Receiver(cfg["event_bytes"])
+    gc.disable()  # the receipts kept until the end must not cost collector passes mid-run
     ready.put(1)
     try:
         while not rx.ended:
@@ -232,6 +234,7 @@ def read_ringcast_async(cfg: dict[str, Any], ready: Any, out: Any) -> None:
     seg = ringcast.Segment.open(cfg["path"])
     r = seg.reader(cfg["conv"], 0, "bench")
     rx = Receiver(cfg["event_bytes"])
+    gc.disable()  # the receipts kept until the end must not cost collector passes mid-run
 
     async def main() -> None:
         ready.put(1)
@@ -277,6 +280,7 @@ def read_redis(cfg: dict[str, Any], ready: Any, out: Any) -> None:
     client = redis.Redis(host=cfg["redis_host"], port=cfg["redis_port"])
     client.ping()
     rx = Receiver(cfg["event_bytes"])
+    gc.disable()  # the receipts kept until the end must not cost collector passes mid-run
     key = cfg["key"]
     last = b"0-0"
     ready.put(1)
@@ -324,6 +328,7 @@ def read_pipe(cfg: dict[str, Any], ready: Any, out: Any) -> None:
         if fd != mine:
             os.close(fd)
     rx = Receiver(cfg["event_bytes"])
+    gc.disable()  # the receipts kept until the end must not cost collector passes mid-run
     ready.put(1)
     while not rx.ended:
         data = os.read(mine, 1 << 20)
