@@ -107,7 +107,7 @@ LAG_PERIOD = 0.010
 LAG_SMOOTHING = 0.25
 LAG_HIGH = 0.001
 LAG_LOW = 0.0005
-LINGER_START = 0.001
+LINGER_START = 0.002
 LINGER_DECAY = 0.97
 HANDOFF_TIMEOUT = 30.0
 
@@ -616,7 +616,7 @@ class App:
 
         Every 10 ms, how late the loop woke this task (its lag: time spent running other
         callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
-        grows by half (from LINGER_START) up to the ``--coalesce-ms`` cap; below LAG_LOW it
+        doubles (from LINGER_START) up to the ``--coalesce-ms`` cap; below LAG_LOW it
         decays by LINGER_DECAY per sample (from the cap to nothing in ~1.5 s), and in between
         it holds. It climbs fast and comes down slowly, so a loaded process keeps the batching
         that gives it headroom instead of oscillating at the edge of saturation; an idle one
@@ -630,7 +630,7 @@ class App:
             avg += (lag - avg) * LAG_SMOOTHING
             linger = self.linger
             if avg > LAG_HIGH:
-                linger = min(cap, max(linger * 1.5, LINGER_START))
+                linger = min(cap, max(linger * 2.0, LINGER_START))
             elif avg < LAG_LOW:
                 linger = linger * LINGER_DECAY if linger > LINGER_START / 4 else 0.0
             if linger != self.linger:
