@@ -108,7 +108,7 @@ LAG_SMOOTHING = 0.25
 LAG_HIGH = 0.001
 LAG_LOW = 0.0005
 LINGER_START = 0.002
-LINGER_DECAY = 0.97
+LINGER_DECAY = 0.85
 HANDOFF_TIMEOUT = 30.0
 
 REASONS = {
@@ -547,16 +547,20 @@ class Pump:
         loop = asyncio.get_running_loop()
         app = self.app
         last_write = 0.0
+        spacing = float("inf")  # moving average of the time between this stream's events
         try:
             while True:
                 # Coalescing: no fan-out pass within `app.linger` of the previous one, so a
-                # stream faster than that reaches each client in fewer, larger writes (one
-                # send per client per pass is the cost that dominates fan-out). A stream
-                # slower than that never waits here; `app.linger` is 0 while the process
-                # keeps up (see `App.adapt_coalescing`).
-                wait = last_write + app.linger - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                # fast stream reaches each client in fewer, larger writes (one send per client
+                # per pass is the cost that dominates fan-out). `app.linger` is 0 while the
+                # process keeps up (see `App.adapt_coalescing`), and a stream whose events come
+                # further apart than half of it (a model's pace) never waits: it would gain no
+                # batching, only delay.
+                linger = app.linger
+                if linger and spacing < linger / 2:
+                    wait = last_write + linger - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 try:
                     data = await self.reader.aread(RELAY_READ)
                 except OffsetLost:
@@ -580,7 +584,11 @@ class Pump:
                         self.app.counters.inc(HttpCounter.DETACHED)
                 if sent:
                     self.app.counters.inc(HttpCounter.BYTES_SENT, sent)
-                last_write = loop.time()
+                now = loop.time()
+                if last_write:
+                    gap = (now - last_write) / max(1, data.count(b"\n\n"))
+                    spacing = gap if spacing == float("inf") else spacing + (gap - spacing) / 4
+                last_write = now
         finally:
             if self.app.pumps.get(self.key) is self:
                 del self.app.pumps[self.key]
