@@ -1,6 +1,7 @@
 """Coalescing: with ``--coalesce always`` a fast stream reaches live readers in fewer, larger
-writes and a slow one is written event by event; ``adaptive`` (the default) waits only while
-the HTTP process's event loop lags; either way the bytes are the session's bytes.
+writes and a stream slower than half the cap is written event by event; ``adaptive`` (the
+default) waits only while the HTTP process's event loop lags; either way the bytes are the
+session's bytes.
 
 Each write of a pump is one HTTP chunk, so counting the chunks a raw-socket client receives
 counts the server's writes to that client.
@@ -77,20 +78,21 @@ def test_fast_stream_is_coalesced_only_when_asked(
 
 
 def test_slow_stream_is_written_event_by_event(tmp_path: Path) -> None:
-    # One token every 250 ms, linger 100 ms: no token arrives within the linger of the
-    # previous write, so none waits for another.
+    # One token every 125 ms against a 200 ms cap: within the cap, but further apart than half
+    # of it, so the stream gains no batching from waiting and never waits (without that rule
+    # every write would be held 200 ms after the previous one, and events would pair up).
     args = (
-        *("--tokens-per-s", "4", "--prefill-s", "0.5"),
-        *("--coalesce-ms", "100", "--coalesce", "always"),
+        *("--tokens-per-s", "8", "--prefill-s", "0.5"),
+        *("--coalesce-ms", "200", "--coalesce", "always"),
     )
     with server(tmp_path, *args, http_procs=1) as srv:
-        chunks, whole = live_read(srv.port, "slow", 6)
+        chunks, whole = live_read(srv.port, "slow", 10)
         assert b"".join(chunks) == whole
         per_chunk = [len(sse_events(c)) for c in chunks]
         # The role chunk and the first token may share the first write; every later token
         # is its own write. The last write carries the final chunk, usage and [DONE].
         assert max(per_chunk[1:-1], default=1) == 1, per_chunk
-        assert len(chunks) >= 6, per_chunk
+        assert len(chunks) >= 10, per_chunk
 
 
 def test_coalesce_value_is_checked(tmp_path: Path) -> None:

@@ -685,17 +685,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=20.0,
         metavar="MS",
-        help="most a stream's writes to its readers wait for more bytes to send along: a "
-        "pump makes at most one pass per this long, so a fast stream reaches every client "
-        "in fewer, larger writes; 0 = write on every wake-up (%(default)s)",
+        help="the most a stream's next write to its readers waits for more bytes to send "
+        "along (one send per client per write is the cost of fan-out); only streams whose "
+        "events come faster than half the wait are held; 0 = never wait (%(default)s)",
     )
     net.add_argument(
         "--coalesce",
         choices=["adaptive", "always"],
         default="adaptive",
-        help="adaptive: wait only while the HTTP process is behind (event-loop lag), from "
-        "0 when idle up to --coalesce-ms when saturated; always: wait --coalesce-ms "
-        "(%(default)s)",
+        help="adaptive: wait only while this HTTP process falls behind (event-loop lag), "
+        "from 0 when it keeps up to --coalesce-ms; always: wait --coalesce-ms (%(default)s)",
     )
     net.add_argument(
         "--cors-origin",

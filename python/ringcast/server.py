@@ -547,7 +547,10 @@ class Pump:
         loop = asyncio.get_running_loop()
         app = self.app
         last_write = 0.0
-        spacing = float("inf")  # moving average of the time between this stream's events
+        # Moving average of the time between this stream's events; it starts at the cap, as
+        # if the stream were slow, so one early burst (the role chunk and the first token come
+        # together) does not make a model-paced stream wait.
+        spacing = app.cfg.coalesce_ms / 1000.0
         try:
             while True:
                 # Coalescing: no fan-out pass within `app.linger` of the previous one, so a
@@ -587,7 +590,7 @@ class Pump:
                 now = loop.time()
                 if last_write:
                     gap = (now - last_write) / max(1, data.count(b"\n\n"))
-                    spacing = gap if spacing == float("inf") else spacing + (gap - spacing) / 4
+                    spacing += (gap - spacing) / 4
                 last_write = now
         finally:
             if self.app.pumps.get(self.key) is self:
