@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import ringcast
@@ -344,5 +345,43 @@ def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind:
         wd.write(b"d")
         assert await asyncio.wait_for(other, 30) == b"d"
         hub.close()
+
+    run_async(loop_kind, main)
+
+
+class _DeafNotifier(_CountingNotifier):
+    """A notifier whose datagrams the loop never sees: every wake-up is lost."""
+
+    def __init__(self, n: ringcast.Notifier) -> None:
+        super().__init__(n)
+        self.r, self.w = os.pipe()
+
+    def fileno(self) -> int:
+        return self.r
+
+
+def test_a_lost_wake_up_costs_at_most_the_rescan(seg: ringcast.Segment, loop_kind: str) -> None:
+    """Even if every datagram were lost, a waiting reader is woken by the hub's periodic
+    rescan (RESCAN_S) instead of hanging."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("deaf")
+    r = seg.reader("deaf")
+    deaf = _DeafNotifier(seg.notifier())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        hub = _aio._LoopHub(loop, deaf)  # type: ignore[arg-type]
+        _aio._hubs[loop] = {deaf.fileno(): hub}
+        task = asyncio.create_task(r.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        t0 = time.monotonic()
+        w.write(b"late but not lost")
+        assert await asyncio.wait_for(task, 30) == b"late but not lost"
+        assert time.monotonic() - t0 <= _aio.RESCAN_S + 1.0
+        hub.close()
+        os.close(deaf.r)
+        os.close(deaf.w)
 
     run_async(loop_kind, main)

@@ -27,6 +27,9 @@ import weakref
 
 from ringcast._core import Notifier, Reader
 
+RESCAN_S = 1.0
+"""How often a loop with waiting readers scans their sessions without being told to."""
+
 
 def _release(notifier: Notifier, subscribed: dict[int, int]) -> None:
     """Drops every subscription a hub holds (also run when its loop is collected)."""
@@ -54,6 +57,20 @@ class _LoopHub:
         # Not a method of self: the finalizer must not keep the loop alive.
         self._finalizer = weakref.finalize(loop, _release, notifier, self._subscribed)
         loop.add_reader(notifier.fileno(), self._on_ready)
+        self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
+
+    def _rescan(self) -> None:
+        """Safety net: every RESCAN_S, re-arm and scan for readers still waiting. The wake-up
+        protocol is designed not to lose a wake-up, but a lost one (a bug, or a peer in
+        another network namespace whose datagrams never arrive) then costs a waiting reader
+        at most RESCAN_S instead of hanging it."""
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            return
+        if self._waiters:
+            self._notifier.arm()
+            self._wake(self._notifier.drain())
+        self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
 
     def _on_ready(self) -> None:
         self._wake(self._notifier.drain())
@@ -122,6 +139,7 @@ class _LoopHub:
                 del self._waiters[slot]
 
     def close(self) -> None:
+        self._rescan_handle.cancel()
         loop = self._loop()
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self._notifier.fileno())
