@@ -23,9 +23,12 @@ the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 
 from ringcast._core import Notifier, Reader
+
+log = logging.getLogger("ringcast.aio")
 
 RESCAN_S = 1.0
 """How often a loop with waiting readers scans their sessions without being told to."""
@@ -69,7 +72,11 @@ class _LoopHub:
             return
         if self._waiters:
             self._notifier.arm()
-            self._wake(self._notifier.drain())
+            woken = self._wake(self._notifier.drain())
+            if woken:
+                # Either a datagram was in flight at this very moment, or a wake-up was lost
+                # (worth a bug report, with the log around it).
+                log.warning("rescan woke %d waiting reader(s) that no wake-up had reached", woken)
         self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
 
     def _on_ready(self) -> None:
@@ -80,7 +87,9 @@ class _LoopHub:
         if self._waiters and self._notifier.arm():
             self._wake(self._notifier.drain())
 
-    def _wake(self, changed: list[int]) -> None:
+    def _wake(self, changed: list[int]) -> int:
+        """Resolves the futures waiting on the changed slots; returns how many."""
+        woken = 0
         for slot in changed:
             by_gen = self._waiters.pop(slot, None)
             if by_gen is None:
@@ -94,6 +103,8 @@ class _LoopHub:
                 for fut in futures:
                     if not fut.done():
                         fut.set_result(None)
+                        woken += 1
+        return woken
 
     async def wait(self, reader: Reader) -> None:
         slot, generation = reader.slot, reader.generation
