@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import weakref
 
 from ringcast._core import Notifier, Reader
@@ -70,12 +71,14 @@ class _LoopHub:
         loop = self._loop()
         if loop is None or loop.is_closed():
             return
-        if self._waiters:
+        # A datagram waiting in the socket is a wake-up on its way (the loop runs this timer
+        # before it gets to the socket): leave it to _on_ready.
+        if self._waiters and not select.select([self._notifier.fileno()], [], [], 0)[0]:
             self._notifier.arm()
             woken = self._wake(self._notifier.drain())
             if woken:
-                # Either a datagram was in flight at this very moment, or a wake-up was lost
-                # (worth a bug report, with the log around it).
+                # No datagram was on its way, yet readers were left waiting on sessions that
+                # had advanced: a lost wake-up (worth a bug report, with the log around it).
                 log.warning("rescan woke %d waiting reader(s) that no wake-up had reached", woken)
         self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
 
