@@ -64,8 +64,8 @@ pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
         let e = proc_entry(base, geo, row);
         // The plain (SeqCst) load first keeps a busy, disarmed row's cache line shared instead
         // of claiming it on every append; it is as good as the swap for the ordering argument
-        // in `Notifier::drain`: a 0 read before the drain's store of 1 means our `seq` bump
-        // precedes that drain's scan.
+        // in `Notifier::arm`: a 0 read before the arm's swap to 1 means our `seq` bump
+        // precedes the scan (`drain`) that follows that arm.
         if e.armed.load(Ordering::SeqCst) == 0 || e.armed.swap(0, Ordering::SeqCst) == 0 {
             continue; // a datagram is pending, or that process has no notifier
         }

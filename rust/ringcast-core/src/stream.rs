@@ -336,7 +336,11 @@ impl Reader {
     /// end, or an error to report); true if so. Nothing is copied, so a caller can size its
     /// buffer to what is there instead of to the most it would take.
     pub fn wait_ready(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        self.wait_until(timeout.map(|t| Instant::now() + t))
+    }
+
+    /// `wait_ready` up to an instant (None = forever).
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
         let m = self.inner.slot(self.slot);
         let mut yielded = false;
         loop {
@@ -386,14 +390,7 @@ impl Reader {
                 Poll::Pending => {}
                 other => return Ok(other),
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
-                    _ => return Ok(Poll::Pending),
-                },
-                None => None,
-            };
-            if !self.wait_ready(left) {
+            if !self.wait_until(deadline) {
                 // Timed out; a final poll reports data or an end that raced the timeout.
                 return self.poll_into(dst);
             }
