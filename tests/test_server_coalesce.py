@@ -150,7 +150,7 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
             await asyncio.sleep(0)
             busy.append(app.linger)
         after = []
-        for _ in range(300):  # it comes down slowly: from the cap to nothing in ~1.5 s
+        for _ in range(300):  # it comes down more slowly than it climbs (cap to nothing in ~0.3 s)
             await asyncio.sleep(0.01)
             after.append(app.linger)
         task.cancel()

@@ -77,17 +77,24 @@ class _LoopHub:
             self._notifier.arm()
             woken = self._wake(self._notifier.drain())
             if woken:
-                # No datagram was on its way, yet readers were left waiting on sessions that
-                # had advanced: a lost wake-up (worth a bug report, with the log around it).
+                # No datagram was waiting, yet readers were left waiting on sessions that had
+                # advanced: a lost wake-up (worth a bug report, with the log around it), or a
+                # producer preempted between disarming this process and sending its datagram.
                 log.warning("rescan woke %d waiting reader(s) that no wake-up had reached", woken)
         self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
 
     def _on_ready(self) -> None:
         self._wake(self._notifier.drain())
-        # Readers still waiting need the next change signalled: re-arm, and scan what came
-        # while disarmed. (Readers just woken re-arm when they wait again; a publish that
-        # disarms us after this arm sends a datagram, which calls this again.)
-        if self._waiters and self._notifier.arm():
+        # Readers still waiting need the next change signalled. (Readers just woken re-arm when
+        # they wait again; a publish that disarms us after this arm sends a datagram, which
+        # calls this again.)
+        if self._waiters:
+            self._rearm(yield_first=False)
+
+    def _rearm(self, yield_first: bool) -> None:
+        """Re-arms the notifier if a publish disarmed it, and then scans what was published
+        while it was disarmed (those publishes sent nothing)."""
+        if self._notifier.arm(yield_first):
             self._wake(self._notifier.drain())
 
     def _wake(self, changed: list[int]) -> int:
@@ -119,10 +126,9 @@ class _LoopHub:
             self._subscribed[slot] = generation
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
-        # About to wait: if a producer disarmed this process, yield the CPU once (what it
-        # appends meanwhile needs no wake-up), re-arm, and scan what came while disarmed.
-        if self._notifier.arm(True):
-            self._wake(self._notifier.drain())
+        # About to wait: if a producer disarmed this process, yield the CPU once first (what
+        # it appends meanwhile needs no wake-up).
+        self._rearm(yield_first=True)
         # Subscribing and arming before this check close the window where the producer
         # published between our failed read and the subscription.
         if fut.done() or reader.ready():

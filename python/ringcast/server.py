@@ -628,7 +628,7 @@ class App:
         Every 10 ms, how late the loop woke this task (its lag: time spent running other
         callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
         doubles (from LINGER_START) up to the ``--coalesce-ms`` cap; below LAG_LOW it
-        decays by LINGER_DECAY per sample (from the cap to nothing in ~1.5 s), and in between
+        decays by LINGER_DECAY per sample (from the cap to nothing in ~0.3 s), and in between
         it holds. It climbs fast and comes down slowly, so a loaded process keeps the batching
         that gives it headroom instead of oscillating at the edge of saturation; an idle one
         goes back to writing every event at once."""
