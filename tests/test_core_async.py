@@ -8,7 +8,10 @@ unhandled exception (see ``_core_support.run_async``).
 from __future__ import annotations
 
 import asyncio
+import logging
+import mmap
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -300,6 +303,13 @@ class _CountingNotifier:
     def arm(self, yield_first: bool = False) -> bool:
         return self.n.arm(yield_first)
 
+    @property
+    def arm_state(self) -> str:
+        return self.n.arm_state
+
+    def owns_row(self) -> bool:
+        return self.n.owns_row()
+
 
 def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind: str) -> None:
     """A reader that waits again and again subscribes once; the subscription is dropped by the
@@ -390,3 +400,94 @@ def test_a_lost_wake_up_costs_at_most_the_rescan(
         os.close(deaf.w)
 
     run_async(loop_kind, main)
+
+
+PROCS_OFFSET_AT = 48  # header: u64 offset of the process table
+PROC_ROW_BYTES = 128  # a row: pid u32, armed u32, start time u64, wake nonce u64, padding
+ARMED_AT, NONCE_AT = 4, 16
+
+
+def _my_proc_row(seg_path: str) -> tuple[mmap.mmap, int]:
+    """The segment mapped, and the offset of this process's row in its process table."""
+    with open(seg_path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    procs = struct.unpack_from("<Q", mm, PROCS_OFFSET_AT)[0]
+    for i in range(ringcast.MAX_PROCESSES):
+        off = procs + i * PROC_ROW_BYTES
+        if struct.unpack_from("<I", mm, off)[0] == os.getpid():
+            return mm, off
+    raise AssertionError("this process has no row")
+
+
+def test_a_producer_that_died_sending_does_not_silence_the_process(
+    seg: ringcast.Segment, seg_path: str, loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer takes a process's arm ("sending") before its datagram goes out; one killed
+    right there leaves the row "sending" for good. The next reader to wait re-arms anyway,
+    so the next append reaches it by datagram (the rescan is put out of reach here)."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 3600.0)
+    w = seg.create_or_replace("orphaned-arm")
+    r = seg.reader("orphaned-arm")
+    n = seg.notifier()
+    assert n.arm_state == "armed"
+    mm, row = _my_proc_row(seg_path)
+    struct.pack_into("<I", mm, row + ARMED_AT, 2)  # what the killed producer left
+    assert n.arm_state == "sending"
+
+    async def main() -> None:
+        task = asyncio.create_task(r.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done()
+        assert n.arm_state == "armed", "the waiting reader took the arm back"
+        w.write(b"heard")
+        assert await asyncio.wait_for(task, 30) == b"heard"
+
+    run_async(loop_kind, main)
+    # And directly: an arm left "sending" counts as disarmed.
+    struct.pack_into("<I", mm, row + ARMED_AT, 2)
+    assert n.arm() is True
+    assert n.arm_state == "armed"
+    assert n.arm() is False
+    mm.close()
+
+
+def test_a_stolen_process_row_is_reported_and_rescued(
+    seg: ringcast.Segment,
+    seg_path: str,
+    loop_kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """If another process claimed this one's process-table row (taking it for dead), producers
+    signal the wrong socket. The notifier can tell (``owns_row``); the rescan logs it as an
+    error, and still wakes the readers (logging the lost wake-up)."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 0.2)
+    w = seg.create_or_replace("stolen-row")
+    r = seg.reader("stolen-row")
+    n = seg.notifier()
+    assert n.owns_row()
+    mm, row = _my_proc_row(seg_path)
+    nonce = struct.unpack_from("<Q", mm, row + NONCE_AT)[0]
+    struct.pack_into("<Q", mm, row + NONCE_AT, nonce ^ 1)  # a thief's socket name
+    assert not n.owns_row()
+
+    async def main() -> None:
+        task = asyncio.create_task(r.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        w.write(b"sent to the thief")
+        assert await asyncio.wait_for(task, 30) == b"sent to the thief"
+
+    with caplog.at_level(logging.WARNING, logger="ringcast.aio"):
+        run_async(loop_kind, main)
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert len(errors) == 1 and "claimed this process's row" in errors[0].getMessage()
+    assert "whose wake-up datagram never came" in caplog.text
+    struct.pack_into("<Q", mm, row + NONCE_AT, nonce)
+    assert n.owns_row()
+    mm.close()

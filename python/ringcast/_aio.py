@@ -58,6 +58,7 @@ class _LoopHub:
         self._waiters: dict[int, dict[int, list[asyncio.Future[None]]]] = {}
         # slot -> the generation this hub holds one notifier subscription for.
         self._subscribed: dict[int, int] = {}
+        self._row_lost = False
         # Not a method of self: the finalizer must not keep the loop alive.
         self._finalizer = weakref.finalize(loop, _release, notifier, self._subscribed)
         loop.add_reader(notifier.fileno(), self._on_ready)
@@ -67,21 +68,43 @@ class _LoopHub:
         """Safety net: every RESCAN_S, re-arm and scan for readers still waiting. The wake-up
         protocol is designed not to lose a wake-up, but a lost one (a bug, or a peer in
         another network namespace whose datagrams never arrive) then costs a waiting reader
-        at most RESCAN_S instead of hanging it."""
+        at most RESCAN_S instead of hanging it, and is logged as a warning."""
         loop = self._loop()
         if loop is None or loop.is_closed():
             return
-        # A datagram waiting in the socket is a wake-up on its way (the loop runs this timer
-        # before it gets to the socket): leave it to _on_ready.
-        if self._waiters and not select.select([self._notifier.fileno()], [], [], 0)[0]:
-            self._notifier.arm()
-            woken = self._wake(self._notifier.drain())
-            if woken:
-                # No datagram was waiting, yet readers were left waiting on sessions that had
-                # advanced: a lost wake-up (worth a bug report, with the log around it), or a
-                # producer preempted between disarming this process and sending its datagram.
-                log.warning("rescan woke %d waiting reader(s) that no wake-up had reached", woken)
+        if self._waiters:
+            self._check_row()
+            # With readers waiting, every path has left the notifier armed (`wait` arms after
+            # adding its future; `_on_ready` re-arms while futures remain) unless a producer
+            # took the arm: its datagram is then on the way ("sending") or in the socket,
+            # and the loop handles it as soon as this timer returns.
+            state = self._notifier.arm_state
+            if state != "sending" and not select.select([self._notifier.fileno()], [], [], 0)[0]:
+                self._notifier.arm()
+                woken = self._wake(self._notifier.drain())
+                if woken and state == "armed":
+                    # A publish between its bump of the session and its look at our arm:
+                    # its datagram is coming; we were merely first.
+                    log.debug("rescan woke %d reader(s) ahead of their datagram", woken)
+                elif woken:
+                    log.warning(
+                        "rescan woke %d waiting reader(s) whose wake-up datagram never came "
+                        "(the notifier was disarmed by a send that did not arrive): a lost "
+                        "wake-up, worth a bug report with the log around it",
+                        woken,
+                    )
         self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
+
+    def _check_row(self) -> None:
+        """Logs (once) if another process claimed this process's row in the process table,
+        as if this one had died: producers then signal that process, so until this one
+        re-opens the segment its readers are woken only by rescans."""
+        if not self._row_lost and not self._notifier.owns_row():
+            self._row_lost = True
+            log.error(
+                "another process claimed this process's row of the segment's process table; "
+                "async readers here are now woken only by the once-a-second rescan"
+            )
 
     def _on_ready(self) -> None:
         self._wake(self._notifier.drain())

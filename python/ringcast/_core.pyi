@@ -6,7 +6,7 @@ The public names are re-exported (and documented for users) by ``ringcast/__init
 
 import builtins
 from collections.abc import Awaitable
-from typing import Final, final
+from typing import Final, Literal, final
 
 from typing_extensions import Buffer
 
@@ -272,3 +272,13 @@ class Notifier:
         """Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
         what was published meanwhile sent nothing). ``yield_first`` yields the CPU once
         before re-arming, so a busy producer appends more before this process sleeps."""
+    @property
+    def arm_state(self) -> Literal["armed", "sending", "idle", "invalid"]:
+        """What producers see now: ``"armed"`` (the next change sends a datagram),
+        ``"sending"`` (a producer took the arm and its datagram is on the way) or ``"idle"``
+        (a datagram was sent since the last ``arm()``); ``"invalid"`` only on a scribbled
+        segment."""
+    def owns_row(self) -> bool:
+        """Whether this process still holds the process-table row its notifier started on;
+        False if another process claimed it as if this one had died (producers then signal
+        that process, and only ``arm()`` + ``drain()`` rescans see this one's sessions)."""

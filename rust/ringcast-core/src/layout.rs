@@ -17,7 +17,7 @@ use crate::sys::robust_mutex::MUTEX_BYTES;
 
 pub const MAGIC: [u8; 8] = *b"RINGCAST";
 /// Bumped on every incompatible change of anything in this file.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
 pub const MAX_PROCESSES: usize = 64;
 /// Longest owner (tenant) tag, in bytes.
@@ -80,13 +80,14 @@ pub const HEADER_BYTES: usize = 4096;
 const _: () = assert!(GENERATION_OFFSET + 8 <= HEADER_BYTES);
 
 /// One process's row (one per segment handle): who owns it, and how to wake its event loop
-/// (see `notify`). Written by its owner, except `armed`, which producers swap to 0.
+/// (see `notify`). Written by its owner, except `armed`, which producers move to SENDING and IDLE.
 #[repr(C, align(128))]
 pub struct ProcEntry {
     /// Owner pid; 0 = free.
     pub pid: AtomicU32,
-    /// 1 = the owner's notifier must be sent a datagram to notice the next change; a producer
-    /// that swaps it to 0 sends it.
+    /// The owner's notifier state (`arm_state`): ARMED = it must be sent a datagram to notice
+    /// the next change; a producer that moves it ARMED -> SENDING sends one, then moves it
+    /// SENDING -> IDLE. IDLE = a datagram was sent since the last arm (or there is no notifier).
     pub armed: AtomicU32,
     pub start_time: AtomicU64,
     /// Random part of the owner's notifier socket name (untrusted, like all segment data):
@@ -94,6 +95,16 @@ pub struct ProcEntry {
     pub wake_nonce: AtomicU64,
 }
 const _: () = assert!(std::mem::size_of::<ProcEntry>() == 128);
+
+/// Values of `ProcEntry::armed`.
+pub mod arm_state {
+    /// A datagram was sent since the owner last armed (or the row has no notifier).
+    pub const IDLE: u32 = 0;
+    /// The next change must be signalled with a datagram.
+    pub const ARMED: u32 = 1;
+    /// A producer took the arm and its datagram is on the way (or it died sending).
+    pub const SENDING: u32 = 2;
+}
 
 /// One session slot's metadata. Three 128-byte lines: what the producer writes on every append,
 /// what readers write, and what the registry writes under its lock. The id and owner bytes

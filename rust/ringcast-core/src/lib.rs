@@ -36,7 +36,7 @@ mod sys;
 #[cfg(not(loom))]
 pub use error::{EndReason, Error, Result, SegmentError};
 #[cfg(not(loom))]
-pub use layout::{LAYOUT_VERSION, MAX_PROCESSES};
+pub use layout::{arm_state, LAYOUT_VERSION, MAX_PROCESSES};
 #[cfg(not(loom))]
 pub use notify::Notifier;
 #[cfg(not(loom))]

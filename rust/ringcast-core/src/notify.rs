@@ -3,8 +3,9 @@
 //!
 //! After every publish the producer bumps the session's `seq` and then:
 //! - if a thread sleeps on `seq` (`waiters > 0`), one `FUTEX_WAKE` for all of them;
-//! - for each process subscribed to the session (bit `i` in `subscribers`), swaps that row's
-//!   `armed` flag to 0; if it was 1, sends one byte to the row's notifier socket, an
+//! - for each process subscribed to the session (bit `i` in `subscribers`) whose row is
+//!   ARMED, moves it to SENDING; if that succeeded, sends one byte to the row's notifier
+//!   socket and moves the row on to IDLE (see `layout::arm_state`). The socket is an
 //!   abstract-namespace `AF_UNIX` datagram socket named
 //!   `"\0ringcast-<epoch:016x>-<row>-<nonce:016x>"` (nonce from the row, drawn by the notifier
 //!   with `getrandom`). The event loop watches that socket directly, so a wake-up is one
@@ -31,7 +32,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, ProcEntry, SlotMeta};
+use crate::layout::{arm_state, Geometry, ProcEntry, SlotMeta};
 use crate::segment::proc_entry;
 use crate::sync::Ordering;
 use crate::sys::dgram::{self, AbstractAddr, Receiver, Sent};
@@ -63,17 +64,36 @@ pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
         mask &= mask - 1;
         let e = proc_entry(base, geo, row);
         // The plain (SeqCst) load first keeps a busy, disarmed row's cache line shared instead
-        // of claiming it on every append; it is as good as the swap for the ordering argument
-        // in `Notifier::arm`: a 0 read before the arm's swap to 1 means our `seq` bump
-        // precedes the scan (`drain`) that follows that arm.
-        if e.armed.load(Ordering::SeqCst) == 0 || e.armed.swap(0, Ordering::SeqCst) == 0 {
-            continue; // a datagram is pending, or that process has no notifier
+        // of claiming it on every append; it is as good as the exchange for the ordering
+        // argument in `Notifier::arm`: a value other than ARMED read before the arm's swap
+        // means our `seq` bump precedes the scan (`drain`) that follows that arm.
+        if e.armed.load(Ordering::SeqCst) != arm_state::ARMED
+            || e.armed
+                .compare_exchange(
+                    arm_state::ARMED,
+                    arm_state::SENDING,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_err()
+        {
+            continue; // a datagram is pending or on its way, or that process has no notifier
         }
         let nonce = e.wake_nonce.load(Ordering::SeqCst);
-        if dgram::send_wake(&wake_addr(epoch, row, nonce)) == Sent::Failed {
-            // Not delivered and the process may still be there: leave it for the next publish.
-            e.armed.store(1, Ordering::SeqCst);
-        }
+        // Not delivered and the process may still be there: leave it armed for the next
+        // publish. Otherwise the datagram is in the socket (or the name is gone): IDLE.
+        let after = match dgram::send_wake(&wake_addr(epoch, row, nonce)) {
+            Sent::Failed => arm_state::ARMED,
+            _ => arm_state::IDLE,
+        };
+        // Fails only if the owner re-armed meanwhile (its arm treats SENDING as disarmed),
+        // which must stay.
+        let _ = e.armed.compare_exchange(
+            arm_state::SENDING,
+            after,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 }
 
@@ -91,6 +111,9 @@ pub struct Notifier {
     /// The process that created it; in a forked child the notifier is inert (the row and the
     /// socket's name are the parent's).
     pid: u32,
+    /// The row's start time and socket nonce when this notifier started (see `owns_row`).
+    start_time: u64,
+    nonce: u64,
     socket: Receiver,
     subs: Mutex<HashMap<u32, Subscription>>,
 }
@@ -118,16 +141,18 @@ impl Notifier {
                 }
             }
         };
-        // The nonce is visible before the row is armed: a producer that swaps `armed` from 1
-        // (SeqCst) then loads the nonce (SeqCst) gets this one.
+        // The nonce is visible before the row is armed: a producer that moves `armed` from
+        // ARMED (SeqCst) then loads the nonce (SeqCst) gets this one.
         e.wake_nonce.store(nonce, Ordering::SeqCst);
         // A new notifier starts armed: its first wake-up needs a datagram.
-        e.armed.store(1, Ordering::SeqCst);
+        e.armed.store(arm_state::ARMED, Ordering::SeqCst);
         Ok(Notifier {
             map,
             geo,
             index,
             pid: std::process::id(),
+            start_time: e.start_time.load(Ordering::SeqCst),
+            nonce,
             socket,
             subs: Mutex::new(HashMap::new()),
         })
@@ -226,21 +251,43 @@ impl Notifier {
     /// reader about to go idle lets the producer (and other readers) run, so what they append
     /// meanwhile is read without a datagram and a wake-up (the same as a blocking reader's
     /// yield before its futex wait).
+    ///
+    /// SENDING (a producer's datagram on its way) counts as disarmed: waiting for it would
+    /// wait forever on a producer killed between taking the arm and sending; re-arming costs
+    /// at most one extra datagram, which the loop drains and finds nothing new in.
     pub fn arm(&self, yield_first: bool) -> bool {
-        if !self.owned() || self.entry().armed.load(Ordering::SeqCst) != 0 {
+        if !self.owned() || self.entry().armed.load(Ordering::SeqCst) == arm_state::ARMED {
             return false;
         }
         if yield_first {
             std::thread::yield_now();
         }
-        // Ordering, with `publish` (bump `seq`, then read `armed` and, if 1, swap it to 0 and
-        // send when the swap returned 1), all SeqCst:
-        // - a publish whose read of `armed` (load or swap) comes before this swap bumped `seq`
-        //   before it, so the caller's drain (after this) sees that bump;
-        // - a publish whose reads come after this swap finds `armed == 1` (or a later arm's)
-        //   and one of them sends a datagram, which makes the socket readable again.
-        self.entry().armed.swap(1, Ordering::SeqCst);
+        // Ordering, with `publish` (bump `seq`, then read `armed` and, if ARMED, exchange it
+        // for SENDING and send when that succeeded), all SeqCst:
+        // - a publish whose read of `armed` (load or exchange) comes before this swap bumped
+        //   `seq` before it, so the caller's drain (after this) sees that bump;
+        // - a publish whose reads come after this swap finds ARMED (or a later arm's) and one
+        //   of them sends a datagram, which makes the socket readable again.
+        self.entry().armed.swap(arm_state::ARMED, Ordering::SeqCst);
         true
+    }
+
+    /// This row's arm state as the producers see it now (`arm_state`): lets a caller that
+    /// finds sessions advanced without a datagram tell a datagram on its way (SENDING) or a
+    /// publish between its bump and its check (ARMED) from a datagram that never came (IDLE).
+    pub fn arm_state(&self) -> u32 {
+        self.entry().armed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the process-table row this notifier was started on is still this process's
+    /// (pid, start time and socket name unchanged). False means another process claimed the
+    /// row as if this one had died, and producers now signal that process instead.
+    pub fn owns_row(&self) -> bool {
+        let e = self.entry();
+        self.owned()
+            && e.pid.load(Ordering::SeqCst) == self.pid
+            && e.start_time.load(Ordering::SeqCst) == self.start_time
+            && e.wake_nonce.load(Ordering::SeqCst) == self.nonce
     }
 
     /// Empties the socket and returns the subscribed slots whose session advanced or ended
@@ -274,7 +321,7 @@ impl Drop for Notifier {
         }
         // Disarm first: producers stop sending; one that swapped just before gets
         // ECONNREFUSED once the socket (dropped with the fields, right after) is closed.
-        self.entry().armed.store(0, Ordering::SeqCst);
+        self.entry().armed.store(arm_state::IDLE, Ordering::SeqCst);
         let slots: Vec<u32> = self
             .subs
             .get_mut()

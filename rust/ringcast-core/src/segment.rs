@@ -620,11 +620,7 @@ fn reason_code(r: EndReason) -> u8 {
 
 /// Whether the process encoded in a `busy` word (`pid | start_low32 << 32`) still runs.
 pub(crate) fn busy_holder_alive(busy: u64) -> bool {
-    let pid = busy as u32;
-    match process::start_time_of(pid) {
-        Some(t) => (t as u32) == (busy >> 32) as u32,
-        None => false,
-    }
+    process::alive_with_start_low32(busy as u32, (busy >> 32) as u32)
 }
 
 /// The registry lock, held for the guard's lifetime.

@@ -829,6 +829,19 @@ impl Notifier {
             self.n.arm(false)
         }
     }
+    /// "armed", "sending" or "idle" (see `ringcast_core::layout::arm_state`).
+    #[getter]
+    fn arm_state(&self) -> &'static str {
+        match self.n.arm_state() {
+            core::arm_state::ARMED => "armed",
+            core::arm_state::SENDING => "sending",
+            core::arm_state::IDLE => "idle",
+            _ => "invalid",
+        }
+    }
+    fn owns_row(&self) -> bool {
+        self.n.owns_row()
+    }
 }
 
 #[pymodule]

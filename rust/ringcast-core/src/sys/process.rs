@@ -2,6 +2,8 @@
 //! `/proc/<pid>/stat`), so that a pid the kernel reused is never mistaken for a dead producer.
 
 use std::fs;
+use std::io::ErrorKind;
+use std::sync::Mutex;
 
 /// Identity of a process that can be compared across processes and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,48 +13,97 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
-    /// The calling process.
+    /// The calling process. Its start time is read once per process (and again after a fork).
     pub fn current() -> ProcessId {
+        static CACHE: Mutex<(u32, u64)> = Mutex::new((0, 0));
         let pid = std::process::id();
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != pid {
+            // Reading our own /proc entry fails only if /proc is missing or we are out of
+            // descriptors or memory; try a few times rather than register start time 0, which
+            // every other process would take for a dead process's row.
+            let mut start = 0;
+            for _ in 0..3 {
+                if let Stat::Running { start_time } | Stat::Zombie { start_time } = stat_of(pid) {
+                    start = start_time;
+                    break;
+                }
+            }
+            if start == 0 {
+                return ProcessId { pid, start_time: 0 };
+            }
+            *cache = (pid, start);
+        }
         ProcessId {
             pid,
-            start_time: start_time_of(pid).unwrap_or(0),
+            start_time: cache.1,
         }
     }
 
     /// Whether this exact process (same pid *and* start time) still exists.
+    ///
+    /// When `/proc/<pid>/stat` exists but cannot be read (no descriptor or memory left in the
+    /// calling process), the answer is yes: a live process taken for dead would lose its
+    /// process-table row or its running session, while the reverse only postpones a clean-up
+    /// to the next check.
     pub fn is_alive(&self) -> bool {
         if self.pid == 0 {
             return false;
         }
-        match start_time_of(self.pid) {
-            Some(t) => t == self.start_time && !is_zombie(self.pid),
-            None => false,
+        match stat_of(self.pid) {
+            Stat::Running { start_time } => start_time == self.start_time,
+            Stat::Zombie { .. } | Stat::Gone => false,
+            Stat::Unreadable => true,
         }
     }
 }
 
-/// Start time of `pid` in clock ticks since boot, `None` if there is no such process.
-pub fn start_time_of(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may itself contain spaces and ')'.
-    let after = &stat[stat.rfind(')')? + 1..];
-    // After the name: field 3 (state) is the first token; the start time is field 22.
-    after
-        .split_whitespace()
-        .nth(22 - 3)
-        .and_then(|s| s.parse().ok())
+/// What `/proc/<pid>/stat` says about a process.
+enum Stat {
+    Running {
+        start_time: u64,
+    },
+    /// Exited but not yet reaped: it produces nothing more, even though its pid is taken.
+    Zombie {
+        start_time: u64,
+    },
+    /// No such process.
+    Gone,
+    /// The file is there (or might be) but could not be read or parsed.
+    Unreadable,
 }
 
-/// A zombie has exited: it produces nothing more even though its pid is still taken.
-fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+fn stat_of(pid: u32) -> Stat {
+    let text = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(text) => text,
+        // ESRCH: the process went away between open and read.
+        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Stat::Gone
+        }
+        Err(_) => return Stat::Unreadable,
+    };
+    // The command name (field 2) is in parentheses and may itself contain spaces and ')'.
+    let Some(close) = text.rfind(')') else {
+        return Stat::Unreadable;
+    };
+    // After the name: field 3 (state) is the first token; the start time is field 22.
+    let mut fields = text[close + 1..].split_whitespace();
+    let zombie = fields.next() == Some("Z");
+    match fields.nth(22 - 4).and_then(|s| s.parse().ok()) {
+        Some(start_time) if zombie => Stat::Zombie { start_time },
+        Some(start_time) => Stat::Running { start_time },
+        None => Stat::Unreadable,
+    }
+}
+
+/// Whether `pid` runs with a start time whose low 32 bits are `start_low` (the form a lock
+/// word keeps); unreadable counts as alive, as in `ProcessId::is_alive`.
+pub fn alive_with_start_low32(pid: u32, start_low: u32) -> bool {
+    match stat_of(pid) {
+        Stat::Running { start_time } => start_time as u32 == start_low,
+        Stat::Zombie { .. } | Stat::Gone => false,
+        Stat::Unreadable => true,
+    }
 }
 
 /// Wall-clock time in nanoseconds since the Unix epoch.
@@ -79,6 +130,42 @@ mod tests {
         assert!(
             !impostor.is_alive(),
             "same pid, other start time must count as dead"
+        );
+    }
+
+    #[test]
+    fn an_exited_child_is_dead_before_and_after_it_is_reaped() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        let running = ProcessId {
+            pid,
+            start_time: match stat_of(pid) {
+                Stat::Running { start_time } | Stat::Zombie { start_time } => start_time,
+                _ => panic!("a child we have not reaped has a /proc entry"),
+            },
+        };
+        // Not reaped yet: a zombie, which holds its pid but produces nothing more.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !matches!(stat_of(pid), Stat::Zombie { .. }) {
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!running.is_alive());
+        assert!(!alive_with_start_low32(pid, running.start_time as u32));
+        child.wait().expect("reap");
+        assert!(matches!(stat_of(pid), Stat::Gone));
+        assert!(!running.is_alive());
+    }
+
+    #[test]
+    fn current_start_time_is_read_once_and_matches_proc() {
+        let a = ProcessId::current();
+        let b = ProcessId::current();
+        assert_eq!(a, b);
+        assert!(
+            matches!(stat_of(a.pid), Stat::Running { start_time } if start_time == a.start_time)
         );
     }
 }
