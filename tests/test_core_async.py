@@ -491,3 +491,55 @@ def test_a_stolen_process_row_is_reported_and_rescued(
     struct.pack_into("<Q", mm, row + NONCE_AT, nonce)
     assert n.owns_row()
     mm.close()
+
+
+class _RacingNotifier(_CountingNotifier):
+    """A notifier whose next ``arm()`` is followed at once by an append, as if a producer
+    published between the arm and the drain that follows it."""
+
+    def __init__(self, n: ringcast.Notifier) -> None:
+        super().__init__(n)
+        self.race: ringcast.Writer | None = None
+
+    def arm(self, yield_first: bool = False) -> bool:
+        rearmed = self.n.arm(yield_first)
+        if self.race is not None:
+            w, self.race = self.race, None
+            w.write(b"raced")  # takes the fresh arm: its datagram is in the socket
+        return rearmed
+
+
+def test_a_datagram_drained_right_after_an_arm_leaves_the_process_armed(
+    seg: ringcast.Segment, loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain that follows an arm can swallow the datagram of a publish that came right
+    after the arm. Readers still waiting then need another arm: without it the process stays
+    disarmed with nothing in its socket, and the next append reaches no one (the rescan is put
+    out of reach here, so that would hang)."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 3600.0)
+    wa, wb = seg.create_or_replace("raced"), seg.create_or_replace("left-waiting")
+    ra, rb = seg.reader("raced"), seg.reader("left-waiting")
+    racing = _RacingNotifier(seg.notifier())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        hub = _aio._LoopHub(loop, racing)  # type: ignore[arg-type]
+        _aio._hubs[loop] = {racing.n.fileno(): hub}
+        woken = asyncio.create_task(ra.aread())
+        waiting = asyncio.create_task(rb.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not woken.done() and not waiting.done()
+        # This append's datagram wakes the loop; it wakes the reader of "raced" and, with the
+        # other reader still waiting, re-arms, and the race fires right after that arm.
+        racing.race = wa
+        wa.write(b"first")
+        assert await asyncio.wait_for(woken, 30) in (b"first", b"firstraced")
+        assert racing.race is None, "the race fired"
+        wb.write(b"heard")
+        assert await asyncio.wait_for(waiting, 10) == b"heard"
+        hub.close()
+
+    run_async(loop_kind, main)

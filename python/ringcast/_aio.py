@@ -82,6 +82,8 @@ class _LoopHub:
             if state != "sending" and not select.select([self._notifier.fileno()], [], [], 0)[0]:
                 self._notifier.arm()
                 woken = self._wake(self._notifier.drain())
+                # That drain may have swallowed a datagram sent after the arm (see _rearm).
+                self._rearm(yield_first=False)
                 if woken and state == "armed":
                     # A publish between its bump of the session and its look at our arm:
                     # its datagram is coming; we were merely first.
@@ -111,14 +113,24 @@ class _LoopHub:
         # Readers still waiting need the next change signalled. (Readers just woken re-arm when
         # they wait again; a publish that disarms us after this arm sends a datagram, which
         # calls this again.)
-        if self._waiters:
-            self._rearm(yield_first=False)
+        self._rearm(yield_first=False)
 
-    def _rearm(self, yield_first: bool) -> None:
-        """Re-arms the notifier if a publish disarmed it, and then scans what was published
-        while it was disarmed (those publishes sent nothing)."""
-        if self._notifier.arm(yield_first):
-            self._wake(self._notifier.drain())
+    def _rearm(self, yield_first: bool) -> int:
+        """While readers wait: re-arms the notifier if a publish disarmed it, and then scans
+        what was published while it was disarmed (those publishes sent nothing). Returns the
+        readers woken.
+
+        Once is not enough: a publish right after the arm disarms us again and sends a
+        datagram, and the drain that follows can swallow that datagram (it empties the
+        socket). With readers left waiting, the process would then stay disarmed with nothing
+        in its socket, and no later publish would tell it anything: a lost wake-up (found by
+        the rescan's warning, reproduced in tests/test_core_async.py). So arm again until an
+        arm finds us still armed."""
+        woken = 0
+        while self._waiters and self._notifier.arm(yield_first):
+            yield_first = False
+            woken += self._wake(self._notifier.drain())
+        return woken
 
     def _wake(self, changed: list[int]) -> int:
         """Resolves the futures waiting on the changed slots; returns how many."""

@@ -256,6 +256,9 @@ class Notifier:
     notifier is armed; sending disarms it until ``arm()``. An event loop watches ``fileno()``
     and calls ``drain()`` to learn which sessions advanced; before a reader waits, ``arm()``,
     and if that returns True, ``drain()`` again (changes while disarmed were not signalled).
+    Repeat that ``arm()`` + ``drain()`` until ``arm()`` returns False: a drain empties the
+    socket, so it can swallow the datagram of a publish that came just after the arm, and a
+    loop that went back to waiting then would wait disarmed, with nothing in its socket.
     A notifier inherited across ``fork`` is inert in the child: call ``Segment.notifier()``
     there.
     """

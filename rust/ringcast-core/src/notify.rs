@@ -203,8 +203,15 @@ impl Notifier {
         self.check_owner()?;
         let m = self.slot(slot)?;
         let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        // SeqCst: pairs with the producer's bump of `seq` then load of `subscribers`; the
+        // caller re-checks readiness after this.
+        m.subscribers.fetch_or(1 << self.index, Ordering::SeqCst);
         match subs.entry(slot) {
             Entry::Vacant(v) => {
+                // Read after the bit is set: a publish this snapshot misses bumped `seq` after
+                // the bit was visible, so it signals us; one it includes is seen by the
+                // caller's readiness check. (Read before the bit, a publish in between would
+                // be counted as news by the next drain: a spurious wake-up.)
                 v.insert(Subscription {
                     generation,
                     refs: 1,
@@ -222,9 +229,6 @@ impl Notifier {
                 }
             }
         }
-        // SeqCst: pairs with the producer's bump of `seq` then load of `subscribers`; the
-        // caller re-checks readiness after this.
-        m.subscribers.fetch_or(1 << self.index, Ordering::SeqCst);
         Ok(())
     }
 
