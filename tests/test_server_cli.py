@@ -32,6 +32,7 @@ def test_help_explains_itself() -> None:
         "--http-procs",
         "--workers",
         "--upstream",
+        "--upstream-ca-file",
         "--api-key",
         "--ttl",
         "--idle-timeout",
@@ -90,3 +91,40 @@ def test_segment_in_use_by_a_live_server_is_refused(tmp_path: Path) -> None:
         assert s.segment.exists()
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--upstream", "ftp://127.0.0.1:21"), "must start with http:// or https://"),
+        (("--upstream", "127.0.0.1:8080"), "must start with http:// or https://"),
+        (("--upstream", "http://"), "names no host"),
+        (("--upstream", "http://127.0.0.1:99999"), "not a valid URL"),
+        (("--upstream", "http://user:pw@127.0.0.1:8080"), "--upstream-api-key"),
+        (("--upstream", "http://127.0.0.1:8080/v1?x=1"), "scheme, host, port and path only"),
+        (("--upstream-ca-file", "/etc/hostname"), "only applies with an https --upstream"),
+        (
+            ("--upstream", "http://127.0.0.1:8080", "--upstream-ca-file", "/etc/hostname"),
+            "only applies with an https --upstream",
+        ),
+        (
+            ("--upstream", "https://127.0.0.1:8443", "--upstream-ca-file", "/nonexistent.pem"),
+            "cannot load CA certificates",
+        ),
+        (
+            ("--upstream", "https://127.0.0.1:8443", "--upstream-ca-file", "/etc/hostname"),
+            "cannot load CA certificates",
+        ),
+        (
+            ("--upstream", "http://127.0.0.1:8080", "--generator", "ringcast.worker:x"),
+            "give one",
+        ),
+    ],
+)
+def test_bad_upstream_is_refused_at_start(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    out = ringcast("serve", "--port", "0", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -206,3 +208,80 @@ def test_upstream_failure_modes(tmp_path: Path, upstream: FakeUpstream) -> None:
             assert json.loads(info)[0]["state"] == "failed"
     finally:
         upstream.status = 200
+
+
+class TlsUpstream(FakeUpstream):
+    """The fake upstream behind TLS, with a certificate of its own (self-signed)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__()
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        # The handshake happens on the handler's first read, in its own thread.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TlsUpstream, Path]]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=ringcast test upstream", "-keyout", str(key), "-out", str(cert)),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    up = TlsUpstream(cert, key)
+    t = threading.Thread(target=up.serve_forever, daemon=True)
+    t.start()
+    yield up, cert
+    up.shutdown()
+    up.server_close()
+
+
+def test_https_upstream_with_its_ca(tmp_path: Path, tls_upstream: tuple[TlsUpstream, Path]) -> None:
+    """Through TLS the proxied bytes are the upstream's bytes; the request went over TLS (the
+    fake upstream speaks nothing else) with the Host header a server expects."""
+    up, cert = tls_upstream
+    up.pace = 0.0
+    rec = RECORDINGS[0]
+    url = f"https://127.0.0.1:{up.server_address[1]}"
+    with server(tmp_path, "--upstream", url, "--upstream-ca-file", str(cert)) as s:
+        r = open_request(
+            s.port,
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(rec["request"]).encode(),
+            {"X-Conversation-Id": "over-tls"},
+        )
+        got = r.read_all_and_close()
+    check_ids(got)
+    assert strip_ids(got) == recorded_body(rec)
+    assert up.requests[-1]["stream"] is True
+
+
+def test_https_upstream_with_an_untrusted_certificate(
+    tmp_path: Path, tls_upstream: tuple[TlsUpstream, Path]
+) -> None:
+    """Checked against the system's CAs, a self-signed upstream is refused with an error event
+    that says why and what to do, and the session ends failed."""
+    up, _cert = tls_upstream
+    url = f"https://127.0.0.1:{up.server_address[1]}"
+    served = len(up.requests)
+    with server(tmp_path, "--upstream", url) as s:
+        body = post_chat(s.port, "untrusted").read_all_and_close()
+        err = error_of(sse_events(body)[-1])
+        assert (err["code"], err["type"]) == (502, "upstream_error")
+        assert "certificate not trusted" in str(err["message"])
+        assert "--upstream-ca-file" in str(err["message"])
+        _, _, info = request(
+            s.port, "POST", "/v1/streams/lookup", {"conversation_ids": ["untrusted"]}
+        )
+        assert json.loads(info)[0]["state"] == "failed"
+    assert len(up.requests) == served, "no request reached the upstream"

@@ -100,6 +100,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     default_max_tokens: int = 64
     upstream: str = ""
     upstream_api_key: str = ""
+    upstream_ca_file: str = ""
     generator: str = ""
     replay: str = ""
     replay_speed: float = 1.0  # 0 = as fast as possible
@@ -538,6 +539,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         default_max_tokens=args.default_max_tokens,
         upstream=args.upstream or "",
         upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
+        upstream_ca_file=os.path.abspath(args.upstream_ca_file) if args.upstream_ca_file else "",
         generator=args.generator or "",
         max_body=args.max_body,
         log_level=args.log_level,
@@ -725,8 +727,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--upstream",
         metavar="URL",
-        help="proxy to this OpenAI-compatible server (e.g. llama-server) "
-        "instead of the synthetic model",
+        help="proxy to this OpenAI-compatible server instead of the synthetic model: "
+        "http://HOST[:PORT][/PATH] (e.g. llama-server) or https://... (certificates "
+        "checked against the system's CAs)",
+    )
+    model.add_argument(
+        "--upstream-ca-file",
+        metavar="PEM",
+        help="trust the CA certificates in this PEM file (instead of the system's) for an "
+        "https upstream, e.g. a private CA or a self-signed server",
     )
     model.add_argument(
         "--upstream-api-key",
@@ -854,6 +863,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.speed != 1.0 and not args.replay:
         print("ringcast serve: --speed only applies with --replay TRACE", file=sys.stderr)
         return 2
+    if args.upstream and args.generator:
+        print(
+            "ringcast serve: --upstream and --generator both choose what the workers run; give one",
+            file=sys.stderr,
+        )
+        return 2
+    if args.upstream or args.upstream_ca_file:
+        from ringcast.worker import check_upstream
+
+        if (problem := check_upstream(args.upstream or "", args.upstream_ca_file)) is not None:
+            print(f"ringcast serve: {problem}", file=sys.stderr)
+            return 2
     if args.replay:
         from ringcast.replay import check_trace
 

@@ -12,7 +12,8 @@ Three sources of tokens:
 
 - the **synthetic model** (default): deterministic text derived from the prompt, paced at
   ``--tokens-per-s`` after an optional ``--prefill-s``, honouring ``max_tokens``;
-- the **upstream proxy** (``--upstream URL``): forwards the request (forced to
+- the **upstream proxy** (``--upstream URL``, ``http://`` or ``https://``; certificates are
+  checked against the system's CAs or ``--upstream-ca-file``): forwards the request (forced to
   ``stream: true``) to any OpenAI-compatible server and appends each SSE event as it arrives,
   unchanged except for ringcast's own ``id:`` line; cancelling closes the upstream connection,
   which is how llama-server and vLLM learn to stop;
@@ -47,6 +48,7 @@ import os
 import random
 import secrets
 import signal
+import ssl
 import struct
 import time
 import zlib
@@ -316,11 +318,55 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> A
             yield data
 
 
+def check_upstream(upstream: str, ca_file: str | None) -> str | None:
+    """What is wrong with ``--upstream`` / ``--upstream-ca-file``, or None (checked by
+    ``ringcast serve`` before it starts anything)."""
+    if not upstream:
+        return "--upstream-ca-file only applies with an https --upstream"
+    try:
+        url = urlsplit(upstream)
+        url.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        return f"--upstream {upstream!r} is not a valid URL ({e})"
+    if url.scheme not in ("http", "https"):
+        return f"--upstream {upstream!r}: the URL must start with http:// or https://"
+    if not url.hostname:
+        return f"--upstream {upstream!r} names no host"
+    if url.query or url.fragment or url.username or url.password:
+        return (
+            f"--upstream {upstream!r}: give scheme, host, port and path only "
+            "(the key goes in --upstream-api-key)"
+        )
+    if ca_file:
+        if url.scheme != "https":
+            return "--upstream-ca-file only applies with an https --upstream"
+        try:
+            upstream_tls(ca_file)
+        except (OSError, ssl.SSLError) as e:
+            return f"--upstream-ca-file {ca_file!r}: cannot load CA certificates ({e})"
+    return None
+
+
+_tls_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def upstream_tls(ca_file: str) -> ssl.SSLContext:
+    """The client TLS context for an https upstream: certificate and host name checked,
+    against ``ca_file`` if given, else the system's CAs (made once per process)."""
+    ctx = _tls_contexts.get(ca_file)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+        _tls_contexts[ca_file] = ctx
+    return ctx
+
+
 async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
     """Forward ``job`` to ``cfg.upstream`` and append its SSE events as they arrive."""
     url = urlsplit(cfg.upstream)
-    if url.scheme != "http" or not url.hostname:
-        raise UpstreamError(500, f"unsupported upstream URL {cfg.upstream!r} (http:// only)")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        # `ringcast serve` refuses such a URL at start-up (check_upstream).
+        raise UpstreamError(500, f"unsupported upstream URL {cfg.upstream!r}")
+    tls = url.scheme == "https"
     base = url.path.rstrip("/")
     route = "/chat/completions" if job.route == "chat" else "/completions"
     path = (base if base.endswith("/v1") else base + "/v1") + route
@@ -329,20 +375,38 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
         body["stream"] = True
     payload = msgspec.json.encode(body)
     host = url.hostname
-    port = url.port or 80
+    port = url.port or (443 if tls else 80)
+    # Host header: brackets around an IPv6 literal, no port when it is the scheme's default.
+    authority = f"[{host}]" if ":" in host else host
+    if url.port is not None and url.port != (443 if tls else 80):
+        authority += f":{port}"
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port), UPSTREAM_CONNECT_TIMEOUT
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=upstream_tls(cfg.upstream_ca_file) if tls else None,
+                server_hostname=host if tls else None,
+            ),
+            UPSTREAM_CONNECT_TIMEOUT,
         )
     except TimeoutError:
         raise UpstreamError(504, f"upstream {host}:{port} did not accept a connection") from None
+    except ssl.SSLCertVerificationError as e:
+        raise UpstreamError(
+            502,
+            f"upstream {host}:{port}: TLS certificate not trusted ({e.verify_message}); "
+            "for a private CA or a self-signed server give --upstream-ca-file",
+        ) from None
+    except ssl.SSLError as e:
+        raise UpstreamError(502, f"upstream {host}:{port}: TLS handshake failed ({e})") from None
     except OSError as e:
         raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
     try:
         auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
         writer.write(
             (
-                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
                 f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                 f"Content-Length: {len(payload)}\r\n{auth}Connection: close\r\n\r\n"
             ).encode("latin-1")
