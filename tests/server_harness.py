@@ -40,6 +40,7 @@ class Server:
         http_procs: int = 2,
         workers: int = 1,
         segment: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.segment = segment or tmp / "seg"
         cmd = [
@@ -59,7 +60,9 @@ class Server:
             "WARNING",
             *args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(tmp))
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, cwd=str(tmp), env={**os.environ, **(env or {})}
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         m = re.search(r"listening on http://([^:]+):(\d+)", line)

@@ -109,7 +109,15 @@ def test_kill_http_process_streams_go_on_and_resume_elsewhere(tmp_path: Path) ->
 
 
 def test_kill_manager_children_exit_and_a_new_manager_reattaches(tmp_path: Path) -> None:
-    s = Server(tmp_path, "--tokens-per-s", "20")
+    tmp = tmp_path / "tmp"  # the managers' TMPDIR: where their run directories go
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    s = Server(tmp_path, "--tokens-per-s", "20", env=env)
+    first_run_dir = [d.name for d in tmp.iterdir()]
+    assert first_run_dir == [
+        d for d in first_run_dir if d.startswith(f"ringcast-run-{s.proc.pid}-")
+    ]
+    assert len(first_run_dir) == 1
     children = s.children("http") + s.children("worker")
     done = post_chat(s.port, "finished", max_tokens=3).read_all_and_close()
     r = post_chat(s.port, "interrupted", max_tokens=1000)
@@ -121,9 +129,14 @@ def test_kill_manager_children_exit_and_a_new_manager_reattaches(tmp_path: Path)
     wait_for(lambda: all(gone(p) for p in children), "the children to exit")
     assert s.segment.exists()  # nobody removed it
     s.stop()
-    s2 = Server(tmp_path, "--tokens-per-s", "20")
+    assert [d.name for d in tmp.iterdir()] == first_run_dir  # kill -9: no clean-up ran
+    s2 = Server(tmp_path, "--tokens-per-s", "20", env=env)
     try:
         assert request(s2.port, "GET", "/v1/stream?conv_id=finished")[2] == done
         assert state(s2.port, "interrupted") == "failed"
+        # The new manager removed the dead one's run directory and made its own.
+        left = [d.name for d in tmp.iterdir()]
+        assert len(left) == 1 and left[0].startswith(f"ringcast-run-{s2.proc.pid}-"), left
     finally:
         s2.stop()
+    assert list(tmp.iterdir()) == []

@@ -498,6 +498,44 @@ def _lock_segment(path: str) -> int | None:
     return fd
 
 
+RUN_DIR_PREFIX = "ringcast-run-"
+"""Run directories are ``<tmp>/ringcast-run-<manager pid>-<random>``."""
+
+
+def sweep_stale_run_dirs(base: str) -> list[str]:
+    """Removes the run directories of managers that are gone: a manager killed with ``kill
+    -9`` runs no clean-up, and its directory (worker sockets, config, counters) would stay.
+    Only this user's directories, and only those whose manager pid no longer exists (a pid
+    reused by another process keeps its directory until that one exits too). Returns what it
+    removed."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(RUN_DIR_PREFIX):
+            continue
+        try:
+            pid = int(entry.name[len(RUN_DIR_PREFIX) :].split("-", 1)[0])
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except (ValueError, OSError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # that manager (or whoever has its pid now) still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
 def _default_segment(port: int) -> str:
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     return os.path.join(base, f"ringcast-{port}.seg")
@@ -584,7 +622,9 @@ def serve(cfg: ServeConfig) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg.run_dir = tempfile.mkdtemp(prefix="ringcast-")
+    for stale in sweep_stale_run_dirs(tempfile.gettempdir()):
+        log.info("removed %s, left by a manager that was killed", stale)
+    cfg.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
     config_path = os.path.join(cfg.run_dir, "config.json")
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
