@@ -543,3 +543,33 @@ def test_a_datagram_drained_right_after_an_arm_leaves_the_process_armed(
         hub.close()
 
     run_async(loop_kind, main)
+
+
+def test_only_the_readers_of_the_advanced_session_are_woken(
+    seg: ringcast.Segment, loop_kind: str
+) -> None:
+    """An append wakes the futures of its own session's readers and no other (a woken reader
+    that finds nothing would go back to waiting on a new future: the other future must stay
+    the very same object, unresolved)."""
+    from ringcast import _aio
+
+    wa, _wb = seg.create_or_replace("advances"), seg.create_or_replace("stays")
+    ra, rb = seg.reader("advances"), seg.reader("stays")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ta, tb = asyncio.create_task(ra.aread()), asyncio.create_task(rb.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        hub = next(iter(_aio._hubs[loop].values()))
+        (fut_b,) = hub._waiters[rb.slot][rb.generation]
+        wa.write(b"news")
+        assert await asyncio.wait_for(ta, 30) == b"news"
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not tb.done()
+        assert not fut_b.done()
+        assert hub._waiters[rb.slot][rb.generation] == [fut_b]
+        tb.cancel()
+
+    run_async(loop_kind, main)

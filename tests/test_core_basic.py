@@ -20,6 +20,40 @@ MiB = 1024 * 1024
 # --- segment lifecycle ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", [0o666, 0o640, 0o604, 0o660])
+def test_a_segment_others_may_read_or_write_is_refused(seg_path: str, mode: int) -> None:
+    """A segment is mode 0600 when ringcast makes it; a file at the path that other users may
+    read or write (planted in /dev/shm, say) is refused at open, with the reason."""
+    ringcast.Segment.create(seg_path, max_sessions=4, session_bytes=64 * KiB).close()
+    os.chmod(seg_path, mode)
+    with pytest.raises(ringcast.SegmentError, match=f"mode {mode:04o}.*must be mode 0600"):
+        ringcast.Segment.open(seg_path)
+    with pytest.raises(ringcast.SegmentError, match="must be mode 0600"):
+        ringcast.Segment.open_or_create(seg_path, max_sessions=4, session_bytes=64 * KiB)
+    os.chmod(seg_path, 0o600)
+    ringcast.Segment.open(seg_path).close()
+
+
+def test_keepalive_bytes_are_bytes_but_not_progress(seg: ringcast.Segment) -> None:
+    """``write(progress=False)`` (an SSE ping) appends like any write, for readers too, but
+    leaves the session's last write time, which idle detection reads."""
+    w = seg.create_or_replace("pinged")
+    w.write(b"data: 1\n\n")
+    before = seg.get("pinged")
+    assert before is not None
+    time.sleep(0.05)
+    assert w.write(b": ping\n\n", progress=False)
+    after = seg.get("pinged")
+    assert after is not None
+    assert after.total_bytes == before.total_bytes + len(b": ping\n\n")
+    assert after.last_write_at == before.last_write_at
+    assert seg.reader("pinged").read_nowait() == b"data: 1\n\n: ping\n\n"
+    time.sleep(0.05)
+    w.write(b"data: 2\n\n")
+    later = seg.get("pinged")
+    assert later is not None and later.last_write_at > after.last_write_at
+
+
 def test_create_sets_sizes_mode_and_a_fresh_epoch(seg_path: str) -> None:
     s = ringcast.Segment.create(seg_path, max_sessions=8, session_bytes=64 * KiB, max_id_len=300)
     assert os.stat(seg_path).st_mode & 0o777 == 0o600

@@ -199,9 +199,11 @@ class Writer:
     @property
     def cancelled(self) -> bool:
         """True once the session was cancelled, replaced or evicted (cheap atomic load)."""
-    def write(self, data: Buffer) -> bool:
+    def write(self, data: Buffer, progress: bool = True) -> bool:
         """Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
-        session is finalized or gone, or once another handle became its producer (``adopt``)."""
+        session is finalized or gone, or once another handle became its producer (``adopt``).
+        ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
+        others, but the session's ``last_write_at`` (what idle detection reads) stays."""
     def finalize(self, state: str = "done") -> bool:
         """End the stream as ``"done"`` or ``"failed"``; idempotent. False if already ended."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:

@@ -286,10 +286,12 @@ impl Segment {
 
     fn open_once(path: &str) -> std::result::Result<Segment, Opening> {
         let unfinished = "segment creation never finished (its creator died?); remove the file";
+        let blank = "the file is empty or its header is blank: not a ringcast segment, or one \
+                     whose creator died before writing it; remove the file";
         let map = match Mapping::open(path) {
             Ok(map) => map,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(Opening::Unfinished(unfinished))
+                return Err(Opening::Unfinished(blank))
             }
             Err(e) => return Err(Opening::Failed(seg_err(path, "open", e))),
         };
@@ -303,8 +305,11 @@ impl Segment {
         // the struct is plain data plus one atomic, valid for any bit pattern.
         let h = unsafe { &*(map.as_ptr() as *const HeaderConsts) };
         let ready = h.ready.load(Ordering::Acquire) == 1;
-        if !ready && (h.magic == MAGIC || h.magic == [0u8; 8]) {
+        if !ready && h.magic == MAGIC {
             return Err(Opening::Unfinished(unfinished));
+        }
+        if !ready && h.magic == [0u8; 8] {
+            return Err(Opening::Unfinished(blank));
         }
         let geo = Geometry::from_header(h, map.len() as u64)
             .map_err(|why| Opening::Failed(invalid(path, why)))?;
@@ -710,6 +715,13 @@ impl Registry<'_> {
                     inner.release_pages(slot);
                 }
                 state::FREE => inner.release_pages(slot),
+                _ if m.generation.load(Ordering::Acquire) & ENDED_BIT != 0 => {
+                    // Died inside `end`, between marking the generation ended and freeing the
+                    // slot: finish the job, so the session is not listed as live.
+                    m.state.store(state::FREE, Ordering::SeqCst);
+                    notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
+                    inner.release_pages(slot);
+                }
                 _ => {}
             }
         }
@@ -1107,4 +1119,46 @@ pub(crate) fn proc_entry<'a>(base: *mut u8, geo: &Geometry, index: usize) -> &'a
     // geometry, 128-aligned; `ProcEntry` holds only atomics and padding. The mapping outlives
     // the reference: callers hold an `Arc<Mapping>` or the segment.
     unsafe { &*(base.add(off) as *const ProcEntry) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A holder of the registry lock killed inside `end` (generation marked ended, slot not
+    /// yet free) leaves a session that looks live; the next locker's recovery frees it.
+    #[test]
+    fn recovery_finishes_an_end_cut_short() {
+        let path = format!(
+            "/dev/shm/ringcast-unit-{}-{:x}",
+            std::process::id(),
+            process::unix_nanos()
+        );
+        let seg = Segment::create(&path, SegmentConfig::default()).expect("create");
+        let w = seg.create_or_replace("torn", "").expect("session");
+        let m = seg.inner.slot(w.slot());
+        // The state `end` leaves if killed right after its generation store.
+        m.generation
+            .store(w.generation() | ENDED_BIT, Ordering::SeqCst);
+        assert_eq!(m.state.load(Ordering::Acquire), state::RUNNING);
+        // A child takes the registry lock and dies holding it.
+        // SAFETY: the child only locks the robust mutex and exits at once, without running
+        // destructors or touching anything another test thread could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            std::mem::forget(seg.inner.lock());
+            // SAFETY: leaving the child immediately, holding the lock on purpose.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child we just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        drop(seg.inner.lock().expect("the lock is recovered"));
+        assert_eq!(m.state.load(Ordering::Acquire), state::FREE);
+        assert!(seg.get("torn", "").is_none());
+        assert!(seg.list(None).is_empty());
+        assert_eq!(seg.stats().sessions_used, 0);
+        let _ = std::fs::remove_file(&path);
+    }
 }

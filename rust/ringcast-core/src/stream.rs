@@ -153,14 +153,26 @@ impl Writer {
     /// Appends bytes; false (nothing written) once the session ended or another producer took
     /// over.
     pub fn write(&self, data: &[u8]) -> Result<bool> {
+        self.append(data, true)
+    }
+
+    /// Appends keep-alive bytes (an SSE `: ping` comment, say): like `write`, except that they
+    /// are not progress, so the session's last write time (what idle detection reads) stays.
+    pub fn write_keepalive(&self, data: &[u8]) -> Result<bool> {
+        self.append(data, false)
+    }
+
+    fn append(&self, data: &[u8], progress: bool) -> Result<bool> {
         let inner = &*self.inner;
         inner.check_open()?;
         let done = self.with_append_lock(|| {
             ring::append(&inner.cursors(self.slot), &inner.ring(self.slot), data);
-            inner
-                .slot(self.slot)
-                .last_write_ns
-                .store(process::unix_nanos(), Ordering::Relaxed);
+            if progress {
+                inner
+                    .slot(self.slot)
+                    .last_write_ns
+                    .store(process::unix_nanos(), Ordering::Relaxed);
+            }
         });
         if done.is_some() {
             notify::publish(
@@ -421,8 +433,13 @@ impl Reader {
     }
 
     /// Bytes that could be returned right now from the reader's offset (0 if none or gone).
+    /// Never more than the ring holds: a larger distance (the reader fell behind, or a
+    /// scribbled cursor) is not bytes to size a buffer for; reading reports it.
     pub fn available(&self) -> u64 {
         let m = self.inner.slot(self.slot);
-        m.cursor.load(Ordering::Acquire).saturating_sub(self.offset)
+        m.cursor
+            .load(Ordering::Acquire)
+            .saturating_sub(self.offset)
+            .min(self.inner.geo.session_bytes)
     }
 }

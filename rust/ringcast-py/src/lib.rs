@@ -518,13 +518,22 @@ impl Writer {
         self.w.cancelled()
     }
 
-    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<bool> {
+    #[pyo3(signature = (data, progress=true))]
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>, progress: bool) -> PyResult<bool> {
+        let w = &self.w;
+        let append = |bytes: &[u8]| {
+            if progress {
+                w.write(bytes)
+            } else {
+                w.write_keepalive(bytes)
+            }
+        };
         if let Ok(b) = data.cast::<PyBytes>() {
             let bytes = b.as_bytes();
             if (bytes.len() as u64) < DETACH_COPY_BYTES {
-                return self.w.write(bytes).py_err(py);
+                return append(bytes).py_err(py);
             }
-            return py.detach(|| self.w.write(bytes)).py_err(py);
+            return py.detach(|| append(bytes)).py_err(py);
         }
         let buf = byte_buffer(data)?;
         if !buf.is_c_contiguous() {
@@ -537,7 +546,7 @@ impl Writer {
         // SAFETY: the PyBuffer export keeps the memory alive and its size fixed until `buf` is
         // dropped (after this call); the buffer is contiguous and `len` bytes long.
         let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-        py.detach(|| self.w.write(bytes)).py_err(py)
+        py.detach(|| append(bytes)).py_err(py)
     }
 
     #[pyo3(signature = (state="done"))]

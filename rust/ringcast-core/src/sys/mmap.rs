@@ -74,7 +74,8 @@ impl Mapping {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let len = match file_size(fd) {
+        let len = match file_size(fd).and_then(|(len, uid, mode)| private(uid, mode).map(|()| len))
+        {
             Ok(l) => l,
             Err(e) => {
                 // SAFETY: closing the descriptor we own.
@@ -126,7 +127,7 @@ impl Mapping {
 
     /// Current size of the file (another process may have truncated it).
     pub fn file_len(&self) -> io::Result<usize> {
-        file_size(self.fd)
+        file_size(self.fd).map(|(len, _, _)| len)
     }
 
     /// Bytes of the file really backed by memory (allocated blocks).
@@ -161,15 +162,40 @@ impl Mapping {
     }
 }
 
-fn file_size(fd: RawFd) -> io::Result<usize> {
+/// Size, owner and permission bits of an open file.
+fn file_size(fd: RawFd) -> io::Result<(usize, u32, u32)> {
     // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(fd, &mut st) != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(st.st_size as usize)
+        Ok((st.st_size as usize, st.st_uid, st.st_mode & 0o7777))
     }
+}
+
+/// A segment is this user's alone, as `create` makes it (mode 0600): another user's file, or
+/// one that others may read or write (say, planted at a predictable path in `/dev/shm` with
+/// mode 0666), would let them read every stream or scribble into it.
+fn private(uid: u32, mode: u32) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the file belongs to uid {uid}, not to this user (uid {me}); refusing it"),
+        ));
+    }
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the file has mode {mode:04o}: other users may read or write it; a segment \
+                 must be mode 0600 (as ringcast creates it), refusing it"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Mapping {
