@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_harness import Server
+from server_harness import Server, post_chat, server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,9 +38,12 @@ def test_help_explains_itself() -> None:
         "--idle-timeout",
         "--evict-running",
         "--keep-segment",
+        "--write-timeout",
+        "--event-loop",
         "Last-Event-ID",
     ):
         assert flag in out.stdout, flag
+    assert "(8080)" in out.stdout  # llama-server's default port
 
 
 def test_no_command_prints_help() -> None:
@@ -59,6 +62,37 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
     assert out.returncode == 2
     assert "--speed only applies with --replay" in out.stderr
+    for bad in ("0", "-1", "nan", "inf"):
+        out = ringcast("serve", "--port", "0", "--write-timeout", bad, cwd=tmp_path)
+        assert out.returncode == 2, bad
+        assert f"--write-timeout must be a number of seconds > 0 (got {float(bad)})" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--upstream", "http://127.0.0.1:8080"),  # the default port is llama-server's
+        ("--upstream", "http://localhost:8080/v1"),
+        ("--port", "9123", "--upstream", "http://127.0.0.1:9123"),
+        ("--host", "0.0.0.0", "--port", "9123", "--upstream", "http://127.0.0.1:9123"),
+        ("--host", "::", "--port", "9123", "--upstream", "https://localhost:9123"),
+    ],
+)
+def test_upstream_at_its_own_address_is_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = ringcast("serve", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "is this server's own address" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_event_loop_reaches_every_child(tmp_path: Path) -> None:
+    with server(tmp_path, "--event-loop", "asyncio", "--tokens-per-s", "0", workers=2) as s:
+        for role, index in (("http", 0), ("http", 1), ("worker", 0), ("worker", 1)):
+            labels = f'role="{role}",index="{index}"'
+            assert s.metric(f'event_loop_info{{{labels},loop="asyncio"}}') == 1, labels
+        assert s.metric("event_loop_info") == 4  # and no other line
+        body = post_chat(s.port, "on-asyncio", max_tokens=3).read_all_and_close()
+        assert body.endswith(b"data: [DONE]\n\n")
 
 
 def test_segment_of_other_sizes_is_refused_not_replaced(tmp_path: Path) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 from server_harness import (
     Server,
+    chat_body,
     check_ids,
     error_of,
     open_request,
@@ -102,6 +105,65 @@ def test_lru_eviction_of_completed_sessions_only(tmp_path: Path) -> None:
         assert lookup(s.port, "running")[0]["state"] == "running"
         wait_for(lambda: s.metric('evictions_total{reason="lru"}') >= 5, "the LRU count")
         running.close()
+
+
+def test_lru_counts_a_read_as_a_use(tmp_path: Path) -> None:
+    """Least recently *used*: a session read again after it finished outlives one that
+    finished later but nobody asked for since."""
+    with server(tmp_path, "--tokens-per-s", "0", "--max-sessions", "16") as s:
+        a = post_chat(s.port, "a", max_tokens=2, prompt="a").read_all_and_close()
+        post_chat(s.port, "b", max_tokens=2, prompt="b").read_all_and_close()
+        assert request(s.port, "GET", "/v1/stream?conv_id=a")[2] == a
+        # 16 sessions: one over the manager's headroom (1/16 of the table), so it evicts one.
+        for i in range(14):
+            post_chat(s.port, f"fill-{i}", max_tokens=1, prompt=str(i)).read_all_and_close()
+        wait_for(lambda: s.metric('evictions_total{reason="lru"}') == 1, "an LRU eviction")
+        # Looked up, not read: a read would count as a use.
+        assert lookup(s.port, "b") == []
+        assert lookup(s.port, "a")[0]["state"] == "done"
+        assert request(s.port, "GET", "/v1/stream?conv_id=a")[2] == a
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_that_never_reads_is_cut_off(tmp_path: Path, loop: str) -> None:
+    """A streaming client that reads nothing fills its connection's buffers and then, for
+    --write-timeout, takes nothing: its connection is reset and its reader released, while
+    another client reads the same stream to the end."""
+    with server(
+        tmp_path,
+        "--event-loop",
+        loop,
+        "--tokens-per-s",
+        "0",
+        "--write-timeout",
+        "1",
+        "--session-bytes",
+        str(32 << 20),
+        http_procs=1,
+    ) as s:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the handshake
+        stuck.settimeout(30)
+        stuck.connect((s.host, s.port))
+        try:
+            stuck.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"X-Conversation-Id: never-read\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body := chat_body(50_000)) + body
+            )
+            wait_for(lambda: lookup(s.port, "never-read"), "the stream to start")
+            other = open_request(s.port, "GET", "/v1/stream?conv_id=never-read")
+            assert other.read_all_and_close().endswith(b"data: [DONE]\n\n")
+            wait_for(lambda: s.metric("write_timeouts_total") == 1, "the stalled client's reset")
+            wait_for(lambda: s.metric("http_readers_active") == 0, "its reader to be released")
+            assert s.metric("readers") == 0
+            # The server's end is gone: what the kernel holds drains, then the reset shows.
+            with contextlib.suppress(ConnectionResetError):
+                while stuck.recv(1 << 20):
+                    pass
+        finally:
+            stuck.close()
+        assert request(s.port, "GET", "/health")[0] == 200
 
 
 def test_full_table_of_running_sessions_is_503(tmp_path: Path) -> None:
@@ -202,10 +264,8 @@ def test_memory_cap_evicts_completed_sessions_oldest_first(tmp_path: Path) -> No
             for i in range(8)
         ]
         assert sum(sizes) > 20000
-        wait_for(
-            lambda: request(s.port, "GET", "/v1/stream?conv_id=m-0")[0] == 404,
-            "the oldest session to be evicted",
-        )
+        # Polled by lookup: a GET would count as a use and keep m-0 from being the oldest.
+        wait_for(lambda: lookup(s.port, "m-0") == [], "the oldest session to be evicted")
         assert request(s.port, "GET", "/v1/stream?conv_id=m-7")[0] == 200
         wait_for(lambda: s.metric("bytes_buffered") <= 20000, "memory below the cap")
 

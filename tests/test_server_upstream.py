@@ -11,9 +11,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
+from ringcast.worker import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
 from server_harness import (
     Server,
     check_ids,
@@ -60,21 +61,29 @@ class FakeUpstream(socketserver.ThreadingTCPServer):
         self.status = 200
 
 
+def read_request(rfile: BinaryIO) -> dict[str, Any] | None:
+    """The JSON body of the request on ``rfile`` (None if the client hung up first)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = rfile.readline()
+        if not line:
+            return None
+        head += line
+    length = 0
+    for line in head.decode().split("\r\n"):
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":")[1])
+    body: dict[str, Any] = json.loads(rfile.read(length))
+    return body
+
+
 class Handler(socketserver.StreamRequestHandler):
     server: FakeUpstream
 
     def handle(self) -> None:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline()
-            if not line:
-                return
-            head += line
-        length = 0
-        for line in head.decode().split("\r\n"):
-            if line.lower().startswith("content-length:"):
-                length = int(line.split(":")[1])
-        body = json.loads(self.rfile.read(length))
+        body = read_request(self.rfile)
+        if body is None:
+            return
         self.server.requests.append(body)
         if self.server.status != 200:
             err = b'{"error":{"code":500,"message":"model exploded","type":"server_error"}}'
@@ -285,3 +294,150 @@ def test_https_upstream_with_an_untrusted_certificate(
         )
         assert json.loads(info)[0]["state"] == "failed"
     assert len(up.requests) == served, "no request reached the upstream"
+
+
+def lookup_state(port: int, conv: str) -> str:
+    _, _, info = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]})
+    state: str = json.loads(info)[0]["state"]
+    return state
+
+
+class ScriptedUpstream(socketserver.ThreadingTCPServer):
+    """Reads a request, writes the pieces of ``response`` one by one, then either closes the
+    connection or stalls: says nothing more until the other side hangs up."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        self.response: list[bytes] = []
+        self.stall = False
+        self.hung_up = 0  # stalled connections the client closed
+
+    @property
+    def name(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def script(self, *response: bytes, stall: bool = False) -> None:
+        self.response, self.stall = list(response), stall
+
+
+class ScriptedHandler(socketserver.StreamRequestHandler):
+    server: ScriptedUpstream
+
+    def handle(self) -> None:
+        if read_request(self.rfile) is None:
+            return
+        for piece in self.server.response:
+            self.wfile.write(piece)
+            self.wfile.flush()
+        if self.server.stall:
+            try:
+                while self.rfile.read(1):
+                    pass
+            except ConnectionResetError:
+                pass
+            self.server.hung_up += 1
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+HEAD_CHUNKED = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+HEAD_UNTIL_CLOSE = SSE_HEAD + b"Connection: close\r\n\r\n"  # neither length nor chunks
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+    t = threading.Thread(target=up.serve_forever, daemon=True)
+    t.start()
+    yield up
+    up.shutdown()
+    up.server_close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_silent_upstream_fails_the_job(
+    tmp_path: Path, scripted: ScriptedUpstream, loop: str
+) -> None:
+    """An upstream that stops sending, before its answer or mid-stream, fails the job after
+    $RINGCAST_UPSTREAM_READ_TIMEOUT seconds with an error that names it and the wait."""
+    first = RECORDINGS[0]["events"][0]["data"].encode()
+    url = f"http://{scripted.name}"
+    env = {"RINGCAST_UPSTREAM_READ_TIMEOUT": "1"}
+    with server(tmp_path, "--upstream", url, "--event-loop", loop, env=env) as s:
+        for conv, response, relayed in (
+            ("silent", [], b""),  # reads the request, then not even a status line
+            ("stalled", [HEAD_CHUNKED, chunk(first)], first),  # one event, then nothing
+        ):
+            scripted.script(*response, stall=True)
+            hung_up = scripted.hung_up
+            events = sse_events(post_chat(s.port, conv).read_all_and_close())
+            assert strip_ids(b"".join(events[:-1])) == relayed
+            err = error_of(events[-1])
+            assert (err["code"], err["type"]) == (504, "upstream_error")
+            assert scripted.name in err["message"]
+            assert "nothing for 1 s" in err["message"]
+            assert lookup_state(s.port, conv) == "failed"
+            wait_for(lambda n=hung_up: scripted.hung_up > n, "the upstream connection to close")
+
+
+def test_an_upstream_stream_without_done_fails_the_job(
+    tmp_path: Path, scripted: ScriptedUpstream
+) -> None:
+    """A stream that ends before `data: [DONE]` was cut short: the client must not take it for
+    a whole answer. Every recording ends with [DONE]; a whole stream still ends done."""
+    events = [e["data"].encode() for e in RECORDINGS[0]["events"]]
+    assert all(r["events"][-1]["data"] == "data: [DONE]\n\n" for r in RECORDINGS)
+    url = f"http://{scripted.name}"
+    with server(tmp_path, "--upstream", url) as s:
+        for conv, response in (
+            ("cut-at-close", (HEAD_UNTIL_CLOSE, *events[:2])),
+            ("cut-at-last-chunk", (HEAD_CHUNKED, *map(chunk, events[:2]), b"0\r\n\r\n")),
+        ):
+            scripted.script(*response)
+            got = sse_events(post_chat(s.port, conv).read_all_and_close())
+            check_ids(b"".join(got))
+            assert strip_ids(b"".join(got[:-1])) == b"".join(events[:2])
+            err = error_of(got[-1])
+            assert (err["code"], err["type"]) == (502, "upstream_error")
+            assert scripted.name in err["message"]
+            assert "before `data: [DONE]`" in err["message"]
+            assert lookup_state(s.port, conv) == "failed"
+        scripted.script(HEAD_UNTIL_CLOSE, *events)
+        got_whole = post_chat(s.port, "whole").read_all_and_close()
+        assert strip_ids(got_whole) == b"".join(events)
+        assert lookup_state(s.port, "whole") == "done"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds", "warned"),
+    [
+        (None, UPSTREAM_READ_TIMEOUT, False),
+        ("", UPSTREAM_READ_TIMEOUT, False),
+        ("2.5", 2.5, False),
+        ("0", UPSTREAM_READ_TIMEOUT, True),
+        ("-3", UPSTREAM_READ_TIMEOUT, True),
+        ("soon", UPSTREAM_READ_TIMEOUT, True),
+        ("nan", UPSTREAM_READ_TIMEOUT, True),
+        ("inf", UPSTREAM_READ_TIMEOUT, True),
+    ],
+)
+def test_read_timeout_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: str | None,
+    seconds: float,
+    warned: bool,
+) -> None:
+    if value is None:
+        monkeypatch.delenv("RINGCAST_UPSTREAM_READ_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("RINGCAST_UPSTREAM_READ_TIMEOUT", value)
+    with caplog.at_level("WARNING", logger="ringcast.worker"):
+        assert upstream_read_timeout() == seconds
+    assert any("RINGCAST_UPSTREAM_READ_TIMEOUT" in r.message for r in caplog.records) == warned

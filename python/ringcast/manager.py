@@ -38,6 +38,7 @@ import enum
 import fcntl
 import hashlib
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -51,6 +52,7 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -81,7 +83,7 @@ def key_digest(key: str) -> str:
 
 class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8080
     http_procs: int = 0
     workers: int = 1
     segment: str = ""
@@ -106,6 +108,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     replay_speed: float = 1.0  # 0 = as fast as possible
     max_body: int = 1 << 20
     keepalive_timeout: float = 75.0
+    write_timeout: float = 120.0
     sse_ping_interval: float = 30.0
     coalesce_ms: float = 20.0
     coalesce: str = "adaptive"  # or "always"
@@ -141,6 +144,7 @@ class HttpCounter(enum.IntEnum):
     HANDOFF_FAILED = 10
     DETACHED = 11
     COALESCE_US = 12
+    WRITE_TIMEOUTS = 13
 
 
 class WorkerCounter(enum.IntEnum):
@@ -162,6 +166,12 @@ class ManagerCounter(enum.IntEnum):
 
 
 ROW_WORDS = 16  # 128 bytes: one row never shares a cache line pair with another process's
+ROW_LOOP = ROW_WORDS - 1
+"""The last word of every child's row: the event loop it runs, an index into LOOP_NAMES,
+written once by :func:`child_main` from inside the running loop."""
+LOOP_NAMES = ("", "asyncio", "uvloop")  # 0: not recorded yet
+
+assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter)) < ROW_LOOP
 
 
 class SharedCounters:
@@ -170,7 +180,8 @@ class SharedCounters:
     Row 0 is the manager, rows ``1..H`` the HTTP processes, then the workers. A process keeps
     its own values in Python ints and stores them whole (aligned 8-byte stores, which x86-64
     and aarch64 do not tear), so there is no cross-process read-modify-write. A restarted
-    process continues its row's counters; gauges are reset by the new process.
+    process continues its row's counters; gauges are reset by the new process. The last word
+    of a child's row (``ROW_LOOP``) says which event loop it runs.
     """
 
     def __init__(self, path: str, rows: int, create: bool = False) -> None:
@@ -206,6 +217,11 @@ class SharedCounters:
     def read_row(self, row: int) -> tuple[int, ...]:
         return struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, row * ROW_WORDS * 8)
 
+    def read(self, row: int, idx: int) -> int:
+        """One counter of any row (another process's too)."""
+        value: int = struct.unpack_from("<Q", self._mm, (row * ROW_WORDS + idx) * 8)[0]
+        return value
+
 
 def counter_rows(cfg: ServeConfig) -> int:
     return 1 + cfg.http_procs + cfg.workers
@@ -217,6 +233,17 @@ def http_row(index: int) -> int:
 
 def worker_row(cfg: ServeConfig, index: int) -> int:
     return 1 + cfg.http_procs + index
+
+
+def child_row(cfg: ServeConfig, role: str, index: int) -> int:
+    """The counter row of HTTP process or worker ``index`` (``role`` "http" or "worker")."""
+    return http_row(index) if role == "http" else worker_row(cfg, index)
+
+
+def loop_of(row: tuple[int, ...]) -> str:
+    """The event loop a child's counter row says it runs (``"unknown"`` before it starts)."""
+    value = row[ROW_LOOP]
+    return LOOP_NAMES[value] if 0 < value < len(LOOP_NAMES) else "unknown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,10 +272,16 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager orchestrates shutdown
     die_with_parent()
     cfg = load_config(args[0])
+    index = int(args[1])
     logging.basicConfig(
-        level=cfg.log_level, format=f"%(asctime)s ringcast.{role}[{args[1]}] %(message)s"
+        level=cfg.log_level, format=f"%(asctime)s ringcast.{role}[{index}] %(message)s"
     )
-    run_loop(cfg, serve(cfg, int(args[1])))
+
+    async def main() -> None:
+        record_loop(cfg, child_row(cfg, role, index))
+        await serve(cfg, index)
+
+    run_loop(cfg, main())
 
 
 def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:
@@ -261,13 +294,32 @@ def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``"uvloop"`` or ``"asyncio"``: whose loop class this is."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def record_loop(cfg: ServeConfig, row: int) -> None:
+    """Store the running loop's kind in this process's counter row (``ROW_LOOP``), so
+    ``/metrics`` and the manager's start-up line report the loop each child really runs."""
+    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
+    counters.bind_row(row)
+    counters.set(ROW_LOOP, LOOP_NAMES.index(loop_name(asyncio.get_running_loop())))
+
+
+def last_used(info: SessionInfo) -> float:
+    """When a completed session was last used: its completion, or a reader attaching after
+    it (``last_access_at``; a reader attaches for every GET, resume and replay)."""
+    return max(info.completed_at, info.last_access_at)
+
+
 def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:
     """Evict up to ``count`` sessions, least recently used first: completed sessions without
-    readers, then completed ones with readers, then (only if ``evict_running``) running ones
-    by last progress. Returns how many were evicted."""
+    readers (by :func:`last_used`), then completed ones with readers, then (only if
+    ``evict_running``) running ones by last progress. Returns how many were evicted."""
     infos = seg.list()
     done = [i for i in infos if i.is_done]
-    done.sort(key=lambda i: (i.readers > 0, i.completed_at))
+    done.sort(key=lambda i: (i.readers > 0, last_used(i)))
     order: list[SessionInfo] = done
     if evict_running:
         running = [i for i in infos if not i.is_done]
@@ -370,6 +422,19 @@ class Manager:
                     return False
             time.sleep(0.02)
         return False
+
+    def event_loops(self) -> str:
+        """The event loop the children run, as they recorded it (see :func:`record_loop`):
+        one name, or each child's if they differ."""
+        names = {
+            f"{c.role} {c.index}": loop_of(
+                self.counters.read_row(child_row(self.cfg, c.role, c.index))
+            )
+            for c in self.children
+        }
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        return ", ".join(f"{who}: {name}" for who, name in names.items())
 
     def check_children(self, now: float) -> None:
         for c in self.children:
@@ -541,6 +606,29 @@ def _default_segment(port: int) -> str:
     return os.path.join(base, f"ringcast-{port}.seg")
 
 
+# Loopback and wildcard addresses and the IP versions they reach this host by ("::" is
+# dual-stack on Linux unless IPV6_V6ONLY is set).
+_LOCAL_HOSTS = {
+    "localhost": {4, 6},
+    "127.0.0.1": {4},
+    "0.0.0.0": {4},
+    "::1": {6},
+    "::": {4, 6},
+}
+
+
+def upstream_is_self(upstream: str, host: str, port: int) -> bool:
+    """Whether ``upstream`` (already checked by ``check_upstream``) names the address this
+    server listens on: the same port, and the same host or local addresses of one IP version.
+    Other names of this host (its LAN address, say) are not recognised."""
+    u = urlsplit(upstream)
+    up_port = u.port or (443 if u.scheme == "https" else 80)
+    if port == 0 or up_port != port:
+        return False
+    up_host, host = (u.hostname or "").lower(), host.lower()
+    return up_host == host or bool(_LOCAL_HOSTS.get(up_host, set()) & _LOCAL_HOSTS.get(host, set()))
+
+
 def _read_keys(args: argparse.Namespace) -> list[str]:
     keys = [k for k in (args.api_key or []) if k]
     if args.api_key_file:
@@ -582,11 +670,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body=args.max_body,
         log_level=args.log_level,
         sse_ping_interval=args.sse_ping_interval,
+        write_timeout=args.write_timeout,
         coalesce_ms=args.coalesce_ms,
         coalesce=args.coalesce,
         cors_origins=args.cors_origin or [],
         replay=os.path.abspath(args.replay) if args.replay else "",
         replay_speed=args.speed,
+        event_loop=args.event_loop,
     )
 
 
@@ -651,6 +741,7 @@ def serve(cfg: ServeConfig) -> int:
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
                 f"({cfg.http_procs} HTTP processes, {cfg.workers} workers, "
+                f"{mgr.event_loops()} event loop, "
                 f"segment {cfg.segment}, {'re-attached' if existed else 'created'})",
                 flush=True,
             )
@@ -688,8 +779,9 @@ Without --upstream or --generator the workers run a synthetic model (determinist
 
 SERVE_EPILOG = """\
 examples:
-  ringcast serve --port 8000
-  ringcast serve --upstream http://127.0.0.1:8080 --workers 2 --api-key-file keys.txt
+  ringcast serve --port 8080
+  ringcast serve --upstream http://127.0.0.1:8081 --workers 2 --api-key-file keys.txt
+      (llama-server started with --port 8081, since ringcast takes llama-server's 8080)
   ringcast serve --generator mypkg.model:generate --ttl 600 --keep-segment
 
 Each SSE event carries `id: <byte offset after it>`, so a client resumes with
@@ -705,8 +797,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--port",
         type=int,
-        default=8000,
-        help="TCP port, shared by all HTTP processes (0 = pick a free one)",
+        default=8080,
+        help="TCP port, shared by all HTTP processes, llama-server's default; 0 = pick a "
+        "free one (%(default)s)",
     )
     net.add_argument(
         "--http-procs",
@@ -721,6 +814,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=1 << 20,
         metavar="BYTES",
         help="largest request body accepted; larger gets 413 (%(default)s)",
+    )
+    net.add_argument(
+        "--write-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="close a connection whose client has read nothing for this long while its "
+        "write buffer is full, releasing its reader (%(default)s)",
     )
     net.add_argument(
         "--coalesce-ms",
@@ -897,6 +998,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers == 0:
         print("ringcast serve: --workers must be at least 1", file=sys.stderr)
         return 2
+    if not 0 < args.write_timeout < math.inf:
+        print(
+            f"ringcast serve: --write-timeout must be a number of seconds > 0 "
+            f"(got {args.write_timeout})",
+            file=sys.stderr,
+        )
+        return 2
     if not 0 <= args.coalesce_ms <= 1000:
         print("ringcast serve: --coalesce-ms must be between 0 and 1000", file=sys.stderr)
         return 2
@@ -914,6 +1022,16 @@ def _run(args: argparse.Namespace) -> int:
 
         if (problem := check_upstream(args.upstream or "", args.upstream_ca_file)) is not None:
             print(f"ringcast serve: {problem}", file=sys.stderr)
+            return 2
+        if args.upstream and upstream_is_self(args.upstream, args.host, args.port):
+            # Easy to do now that the default port is llama-server's: every job would proxy
+            # to this server again, each one a new request.
+            print(
+                f"ringcast serve: --upstream {args.upstream} is this server's own address "
+                f"(--port {args.port}); run the model server on another port (e.g. "
+                "llama-server --port 8081) or give ringcast another --port",
+                file=sys.stderr,
+            )
             return 2
     if args.replay:
         from ringcast.replay import check_trace

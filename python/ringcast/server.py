@@ -1,4 +1,4 @@
-"""The HTTP processes of ``ringcast serve``: uvloop, one shared port, readers of the segment.
+"""The HTTP processes of ``ringcast serve``: one shared port, readers of the segment.
 
 Each process (``python -m ringcast.server CONFIG INDEX``, spawned by the manager) listens on
 the same port with ``SO_REUSEPORT`` and speaks HTTP/1.1 through a small hand-written
@@ -14,7 +14,9 @@ the same port with ``SO_REUSEPORT`` and speaks HTTP/1.1 through a small hand-wri
 Flow control: the transport's write buffer has a high-water mark; a relay that reaches it
 waits for ``resume_writing`` before reading more from the ring. The producer never waits for
 a reader: a client that stops reading only falls behind in the ring, and if it falls past the
-dropped prefix it gets an in-band ``offset_lost`` event (the bytes it missed are gone).
+dropped prefix it gets an in-band ``offset_lost`` event (the bytes it missed are gone). A
+client whose full buffer drains by not one byte for ``--write-timeout`` is reset, which ends
+its relay and releases its reader.
 
 A streaming POST creates the session here (so DELETE works before the first token), attaches
 this process's reader at offset 0, and hands the job to a worker over a Unix socket; the
@@ -65,6 +67,7 @@ from ringcast.manager import (
     counter_rows,
     evict_lru,
     http_row,
+    loop_of,
     worker_row,
 )
 from ringcast.protocol import (
@@ -258,6 +261,9 @@ class Connection(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
+        self.stall_size = 0  # write buffer size when its last progress was seen
+        self.stall_since = 0.0  # loop time of that progress
         self.keep_alive = True
         self.chunked = False
         self.cors_origin = ""
@@ -295,9 +301,18 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self.stall_size = self.transport.get_write_buffer_size()
+        self.stall_since = loop.time()
+        if self.stall_timer is None:
+            self.stall_timer = loop.call_later(self._stall_period(), self._check_stall)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
         waiter, self.drain_waiter = self.drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -311,6 +326,9 @@ class Connection(asyncio.Protocol):
         self.app.connections.discard(self)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
         if self.task is not None and not self.task.done():
             self.task.cancel()
         waiter, self.drain_waiter = self.drain_waiter, None
@@ -327,6 +345,40 @@ class Connection(asyncio.Protocol):
     def _idle_close(self) -> None:
         if not self.busy and self.transport is not None:
             self.transport.close()
+
+    def _stall_period(self) -> float:
+        # Checked four times per --write-timeout, so a stall is cut within 1.25 timeouts.
+        return self.app.cfg.write_timeout / 4
+
+    def _check_stall(self) -> None:
+        """While writing is paused: reset the connection if its client has taken nothing
+        from the write buffer for ``--write-timeout``. Without this a client that never reads
+        would hold its connection, relay task and ring reader for ever: the idle timer is off
+        while a response streams. Progress is a smaller buffer: little is added to a paused
+        one (relays wait in :meth:`drain`, pumps detach the connection; at most an
+        end-of-stream marker or a pipelined response)."""
+        self.stall_timer = None
+        if self.closed or not self.write_paused or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        size = self.transport.get_write_buffer_size()
+        if size < self.stall_size:
+            self.stall_size, self.stall_since = size, loop.time()
+        elif loop.time() - self.stall_since >= self.app.cfg.write_timeout:
+            log.info(
+                "reset a connection whose client read nothing for %.0f s (%d bytes unsent)",
+                self.app.cfg.write_timeout,
+                size,
+            )
+            self.app.counters.inc(HttpCounter.WRITE_TIMEOUTS)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                # An RST, so the kernel drops the unsent bytes too instead of retrying them.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return
+        self.stall_timer = loop.call_later(self._stall_period(), self._check_stall)
 
     def _parse(self) -> None:
         while not self.busy and not self.closed:
@@ -615,6 +667,9 @@ class App:
         self.background: set[asyncio.Task[None]] = set()
         self.pumps: dict[tuple[int, int], Pump] = {}
         self.next_worker = index
+        # Jobs this process has sent to each worker and not yet seen acknowledged: the
+        # worker's own gauge counts a job only once it has adopted it.
+        self.handing_off = [0] * cfg.workers
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
         # Seconds a pump waits after a pass before the next one (see adapt_coalescing).
@@ -861,34 +916,54 @@ class App:
             raise HttpError(400, "only n=1 is supported")
         return stream
 
+    def worker_order(self) -> list[int]:
+        """The workers to offer the next job to, least loaded first: fewest active jobs (the
+        gauge each worker keeps in the shared counters, plus this process's hand-offs not yet
+        acknowledged). Equal loads are taken in turn, starting one further for every job, so
+        an idle pool still spreads its jobs. Other HTTP processes dispatching at the same
+        moment cannot see each other's hand-offs until a worker adopts them; the rotation
+        keeps such a race from sending them all to one worker."""
+        n = self.cfg.workers
+        start = self.next_worker % n
+        self.next_worker += 1
+        load = [
+            self.counters.read(worker_row(self.cfg, w), WorkerCounter.ACTIVE) + self.handing_off[w]
+            for w in range(n)
+        ]
+        return sorted(range(n), key=lambda w: (load[w], (w - start) % n))
+
     async def handoff(self, job: Job, writer: Writer) -> None:
-        """Give the job to a worker; on failure before adoption, fail the session here."""
+        """Give the job to the least loaded worker that takes the connection (the next one
+        if it does not); on failure before adoption, fail the session here."""
         payload = job_encoder.encode(job)
         frame = struct.pack("!I", len(payload)) + payload
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
-        n = self.cfg.workers
         reason = "no inference worker is available"
         while loop.time() < deadline:
             if writer.cancelled:
                 return
-            for _ in range(n):
-                w = self.next_worker % n
-                self.next_worker += 1
+            for w in self.worker_order():
                 path = os.path.join(self.cfg.run_dir, f"worker-{w}.sock")
+                self.handing_off[w] += 1
                 try:
-                    r, wr = await asyncio.open_unix_connection(path)
-                except OSError:
-                    continue
-                try:
-                    wr.write(frame)
-                    ack = await asyncio.wait_for(r.read(1), HANDOFF_TIMEOUT)
-                except (OSError, TimeoutError):
-                    ack = b""
+                    try:
+                        r, wr = await asyncio.open_unix_connection(path)
+                    except OSError:
+                        continue
+                    try:
+                        wr.write(frame)
+                        ack = await asyncio.wait_for(r.read(1), HANDOFF_TIMEOUT)
+                    except (OSError, TimeoutError):
+                        ack = b""
+                    finally:
+                        wr.close()
                 finally:
-                    wr.close()
+                    self.handing_off[w] -= 1
                 if ack in (JOB_ACK_ADOPTED, JOB_ACK_GONE):
                     return
+                # The worker may have adopted the job before it failed (the dead-producer sweep
+                # ends the session then), so the job is not offered to another one.
                 reason = "the inference worker failed before starting the stream"
                 break
             else:
@@ -1253,6 +1328,12 @@ class App:
             [("", total(http, HttpCounter.DETACHED))],
         )
         metric(
+            "write_timeouts_total",
+            "counter",
+            "Connections reset because their client read nothing for --write-timeout.",
+            [("", total(http, HttpCounter.WRITE_TIMEOUTS))],
+        )
+        metric(
             "handoff_failures_total",
             "counter",
             "Jobs no worker adopted.",
@@ -1284,6 +1365,16 @@ class App:
             "counter",
             "Tokens (events) produced.",
             [("", total(workers, WorkerCounter.TOKENS))],
+        )
+        metric(
+            "event_loop_info",
+            "gauge",
+            "The event loop each child process runs (1 on its line; --event-loop).",
+            [
+                (f'{{role="{role}",index="{i}",loop="{loop_of(r)}"}}', 1)
+                for role, rows in (("http", http), ("worker", workers))
+                for i, r in enumerate(rows)
+            ],
         )
         return ("\n".join(out) + "\n").encode()
 

@@ -16,7 +16,10 @@ Three sources of tokens:
   checked against the system's CAs or ``--upstream-ca-file``): forwards the request (forced to
   ``stream: true``) to any OpenAI-compatible server and appends each SSE event as it arrives,
   unchanged except for ringcast's own ``id:`` line; cancelling closes the upstream connection,
-  which is how llama-server and vLLM learn to stop;
+  which is how llama-server and vLLM learn to stop. An upstream that sends nothing for
+  ``$RINGCAST_UPSTREAM_READ_TIMEOUT`` seconds (default 600) fails the job with a 504 error
+  event, and a stream that ends without ``data: [DONE]`` (the upstream died, a proxy cut it)
+  with a 502 one: a cut answer is never passed off as a whole one;
 - a **plug-in** (``--generator module:function``), an async generator function::
 
       # mypkg/model.py
@@ -44,6 +47,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import random
 import secrets
@@ -52,8 +56,9 @@ import ssl
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -84,6 +89,7 @@ from ringcast.protocol import (
     completion_request_decoder,
     error_event,
     frame_event,
+    iter_sse_data,
     job_decoder,
     json_encoder,
     strip_id_lines,
@@ -94,6 +100,12 @@ log = logging.getLogger("ringcast.worker")
 CANCEL_POLL = 0.02
 PING_EVENT = b": ping\n\n"
 UPSTREAM_CONNECT_TIMEOUT = 10.0
+# Seconds an upstream may send nothing (no line of its head, no body bytes) before the job
+# fails. Generous, because a long prompt's prefill can be silent: no default here can know the
+# model. $RINGCAST_UPSTREAM_READ_TIMEOUT overrides it (upstream_read_timeout).
+UPSTREAM_READ_TIMEOUT = 600.0
+
+T = TypeVar("T")
 
 
 class Gone(Exception):
@@ -234,10 +246,15 @@ VOCAB = (
 ).split()
 
 
-def synthetic_tokens(prompt: str, n: int) -> list[str]:
-    """Deterministic text for a prompt: the same prompt always gives the same tokens."""
+def synthetic_tokens(prompt: str, n: int) -> Iterator[str]:
+    """Deterministic text for a prompt: the same prompt always gives the same tokens.
+
+    Made one at a time: ``max_tokens`` comes from the client, and ``10**9`` must cost no more
+    memory or work up front than ``16``.
+    """
     rng = random.Random(zlib.crc32(prompt.encode("utf-8", "surrogatepass")))
-    return [(" " if i else "") + rng.choice(VOCAB) for i in range(n)]
+    for i in range(n):
+        yield (" " if i else "") + rng.choice(VOCAB)
 
 
 def synthetic_model(cfg: ServeConfig) -> GenerateFn:
@@ -250,11 +267,11 @@ def synthetic_model(cfg: ServeConfig) -> GenerateFn:
         t0 = loop.time()
         tps = cfg.tokens_per_s
         for i, tok in enumerate(synthetic_tokens(ctx.prompt_text(), n)):
-            if tps > 0:
-                delay = t0 + i / tps - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            if tps > 0 and (delay := t0 + i / tps - loop.time()) > 0:
+                await asyncio.sleep(delay)
             elif i % 32 == 31:
+                # Unpaced, or behind the pace (a fast --tokens-per-s): a long generation still
+                # lets the worker's other jobs and its cancellation poll run.
                 await asyncio.sleep(0)
             yield tok
         ctx.finish_reason = "length"
@@ -283,7 +300,67 @@ class UpstreamError(Exception):
         self.code = code
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+def upstream_read_timeout() -> float:
+    """``$RINGCAST_UPSTREAM_READ_TIMEOUT`` if it is a positive number of seconds, else
+    ``UPSTREAM_READ_TIMEOUT`` (with a warning if the variable is set to anything else)."""
+    raw = os.environ.get("RINGCAST_UPSTREAM_READ_TIMEOUT", "").strip()
+    if not raw:
+        return UPSTREAM_READ_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if math.isfinite(seconds) and seconds > 0:
+        return seconds
+    log.warning(
+        "RINGCAST_UPSTREAM_READ_TIMEOUT=%r is not a positive number of seconds; "
+        "using the default, %g s",
+        raw,
+        UPSTREAM_READ_TIMEOUT,
+    )
+    return UPSTREAM_READ_TIMEOUT
+
+
+class UpstreamReader:
+    """The upstream connection's reader, where a read that waits ``timeout`` seconds for a
+    byte fails the job (504) instead of hanging it: a stalled upstream never says so."""
+
+    def __init__(self, reader: asyncio.StreamReader, name: str, timeout: float) -> None:
+        self._reader = reader
+        self.name = name
+        self.timeout = timeout
+        self.waiting_for = "its response head"
+
+    async def readline(self) -> bytes:
+        return await self._within(self._reader.readline())
+
+    async def read(self, n: int) -> bytes:
+        return await self._within(self._reader.read(n))
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self._within(self._reader.readexactly(n))
+        except asyncio.IncompleteReadError:
+            raise UpstreamError(502, "upstream closed the connection mid-response") from None
+
+    async def _within(self, read: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await read
+        except TimeoutError:
+            raise UpstreamError(
+                504,
+                f"upstream {self.name} sent nothing for {self.timeout:g} s while ringcast "
+                f"waited for {self.waiting_for}; if its prefills take longer, raise "
+                "$RINGCAST_UPSTREAM_READ_TIMEOUT",
+            ) from None
+
+
+def _is_done_event(event: bytes) -> bool:
+    return b"[DONE]" in event and iter_sse_data(event) == [b"[DONE]"]
+
+
+async def _read_body(reader: UpstreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
     """Yield response body bytes as they arrive (chunked, Content-Length or until close)."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
@@ -360,8 +437,14 @@ def upstream_tls(ca_file: str) -> ssl.SSLContext:
     return ctx
 
 
-async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
-    """Forward ``job`` to ``cfg.upstream`` and append its SSE events as they arrive."""
+async def proxy_upstream(
+    cfg: ServeConfig, job: Job, emitter: Emitter, read_timeout: float = UPSTREAM_READ_TIMEOUT
+) -> None:
+    """Forward ``job`` to ``cfg.upstream`` and append its SSE events as they arrive.
+
+    Raises ``UpstreamError`` if the upstream cannot be reached, answers anything but 200,
+    sends nothing for ``read_timeout`` seconds, or ends its stream without ``data: [DONE]``.
+    """
     url = urlsplit(cfg.upstream)
     if url.scheme not in ("http", "https") or not url.hostname:
         # `ringcast serve` refuses such a URL at start-up (check_upstream).
@@ -381,7 +464,7 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
     if url.port is not None and url.port != (443 if tls else 80):
         authority += f":{port}"
     try:
-        reader, writer = await asyncio.wait_for(
+        raw_reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
                 host,
                 port,
@@ -402,6 +485,7 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
         raise UpstreamError(502, f"upstream {host}:{port}: TLS handshake failed ({e})") from None
     except OSError as e:
         raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
+    reader = UpstreamReader(raw_reader, f"{host}:{port}", read_timeout)
     try:
         auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
         writer.write(
@@ -437,7 +521,9 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
             except Exception:
                 pass
             raise UpstreamError(status, f"upstream answered {status}: {message}")
+        reader.waiting_for = "more of its stream"
         buf = b""
+        done = False
         async for data in _read_body(reader, headers):
             buf += data
             if b"\r" in buf and not buf.endswith(b"\r"):
@@ -446,10 +532,21 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
                 event, buf = buf[: end + 2], buf[end + 2 :]
                 event = strip_id_lines(event)
                 if event.strip():
+                    done = done or _is_done_event(event)
                     emitter.raw(event)
                     emitter.counters.inc(WorkerCounter.TOKENS)
         if buf.strip():
-            emitter.raw(strip_id_lines(buf.rstrip(b"\n") + b"\n\n"))
+            event = strip_id_lines(buf.rstrip(b"\n") + b"\n\n")
+            done = done or _is_done_event(event)
+            emitter.raw(event)
+        if not done:
+            # The end of a body is no proof the answer is whole: a close-delimited body ends at
+            # any EOF, and a proxy in between may end a chunked one cleanly when its upstream dies.
+            raise UpstreamError(
+                502,
+                f"upstream {host}:{port} closed the stream before `data: [DONE]`: the answer "
+                "was cut short (the upstream or a proxy in between failed); see its logs",
+            )
     finally:
         # On cancellation this is what tells the upstream to stop generating.
         writer.transport.abort()
@@ -461,12 +558,18 @@ async def proxy_upstream(cfg: ServeConfig, job: Job, emitter: Emitter) -> None:
 
 class WorkerApp:
     def __init__(
-        self, cfg: ServeConfig, seg: Segment, counters: SharedCounters, generate: GenerateFn | None
+        self,
+        cfg: ServeConfig,
+        seg: Segment,
+        counters: SharedCounters,
+        generate: GenerateFn | None,
+        upstream_read_timeout: float = UPSTREAM_READ_TIMEOUT,
     ) -> None:
         self.cfg = cfg
         self.seg = seg
         self.counters = counters
         self.generate = generate
+        self.upstream_read_timeout = upstream_read_timeout
         self.active: dict[asyncio.Task[None], Writer] = {}
         self.shutting_down = False
 
@@ -508,7 +611,7 @@ class WorkerApp:
         emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters)
         try:
             if self.generate is None and self.cfg.upstream:
-                await proxy_upstream(self.cfg, job, emitter)
+                await proxy_upstream(self.cfg, job, emitter, self.upstream_read_timeout)
             else:
                 await self.run_generator(job, writer, emitter)
             writer.finalize("done")
@@ -574,8 +677,9 @@ class WorkerApp:
                 last = progress.get(task)
                 if last is None or last[0] != total:
                     progress[task] = (total, now)
-                elif now - last[1] >= interval and writer.write(PING_EVENT):
-                    # A comment, not an event: no id line, the next event's id counts it.
+                elif now - last[1] >= interval and writer.write(PING_EVENT, progress=False):
+                    # A comment, not an event: no id line, the next event's id counts it. Not
+                    # progress either: a stream that only pings can still be found idle.
                     progress[task] = (writer.total_bytes, now)
             for task in [t for t in progress if t not in self.active]:
                 del progress[task]
@@ -598,7 +702,9 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
         from ringcast.replay import replay_generator
 
         generate = replay_generator(cfg.replay, cfg.replay_speed)
-    app = WorkerApp(cfg, seg, counters, generate)
+    # Read here, once logging is set up, so a bad value is reported when the worker starts.
+    read_timeout = upstream_read_timeout() if cfg.upstream else UPSTREAM_READ_TIMEOUT
+    app = WorkerApp(cfg, seg, counters, generate, read_timeout)
     path = os.path.join(cfg.run_dir, f"worker-{index}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
