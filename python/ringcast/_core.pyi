@@ -203,7 +203,8 @@ class Writer:
         """Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
         session is finalized or gone, or once another handle became its producer (``adopt``).
         ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
-        others, but the session's ``last_write_at`` (what idle detection reads) stays."""
+        others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
+        buffer is copied without the GIL: no other thread may change it until this returns."""
     def finalize(self, state: str = "done") -> bool:
         """End the stream as ``"done"`` or ``"failed"``; idempotent. False if already ended."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:
@@ -238,7 +239,8 @@ class Reader:
         event loop or holding a thread. Returns ``b""`` only at the end of a finished stream.
         """
     def read_into(self, buffer: Buffer, timeout: float | None = None) -> int:
-        """Like ``read`` but fills a writable buffer; returns the byte count."""
+        """Like ``read`` but fills a writable buffer; returns the byte count. The copy runs
+        without the GIL: no other thread may use ``buffer`` until this returns."""
     @property
     def at_end(self) -> bool:
         """True when the session is finalized and this reader has every byte."""

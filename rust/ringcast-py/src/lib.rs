@@ -544,7 +544,9 @@ impl Writer {
         let len = buf.len_bytes();
         let ptr = buf.buf_ptr() as usize;
         // SAFETY: the PyBuffer export keeps the memory alive and its size fixed until `buf` is
-        // dropped (after this call); the buffer is contiguous and `len` bytes long.
+        // dropped (after this call); the buffer is contiguous and `len` bytes long. Its bytes
+        // are not changed meanwhile: that is the documented contract of `write` (`_core.pyi`),
+        // since the copy runs without the GIL and Python cannot enforce it.
         let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
         py.detach(|| append(bytes)).py_err(py)
     }
@@ -766,8 +768,9 @@ impl Reader {
         let r = self.get(py)?;
         let polled = py.detach(|| {
             // SAFETY: the buffer export (`buf`, alive until after this closure) pins the
-            // writable, contiguous memory of `len` bytes; nothing else touches it meanwhile
-            // because the caller handed it to us for this call.
+            // writable, contiguous memory of `len` bytes; nothing else touches it meanwhile:
+            // the caller handed it to us for this call, and `read_into`'s documented contract
+            // (`_core.pyi`) is that no other thread uses it until the call returns.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             r.read_into(dst, t)
         });
