@@ -731,3 +731,21 @@ def test_non_contiguous_buffers_are_refused_without_side_effects(seg: ringcast.S
     assert target == b"." * 10
     assert r.offset == 0
     assert r.read_nowait() == b"0123456789"
+
+
+def test_an_uncounted_reader_reads_but_is_not_listed(seg: ringcast.Segment) -> None:
+    """``counted=False`` (an HTTP process's fan-out reader) reads like any reader but stays out
+    of ``SessionInfo.readers``, also after it closes."""
+    w = seg.create_or_replace("fan")
+    w.write(b"data: x\n\n")
+    counted = seg.reader("fan")
+    pump = seg.reader("fan", counted=False)
+    info = seg.get("fan")
+    assert info is not None and info.readers == 1
+    assert pump.read_nowait() == counted.read_nowait() == b"data: x\n\n"
+    pump.close()
+    info = seg.get("fan")
+    assert info is not None and info.readers == 1
+    counted.close()
+    info = seg.get("fan")
+    assert info is not None and info.readers == 0

@@ -59,6 +59,14 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--api-key-file", str(tmp_path / "nope"))
     assert out.returncode == 2
     assert "api-key-file" in out.stderr
+    out = ringcast("serve", "--port", "0", "--api-key", "k1", "--api-key", " ", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--api-key is empty" in out.stderr
+    comments = tmp_path / "keys.txt"
+    comments.write_text("# no keys yet\n\n")
+    out = ringcast("serve", "--port", "0", "--api-key-file", str(comments), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "holds no key" in out.stderr
     out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
     assert out.returncode == 2
     assert "--speed only applies with --replay" in out.stderr

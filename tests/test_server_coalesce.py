@@ -150,7 +150,9 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
             await asyncio.sleep(0)
             busy.append(app.linger)
         after = []
-        for _ in range(300):  # it comes down more slowly than it climbs (cap to nothing in ~0.3 s)
+        # It comes down more slowly than it climbs (cap to nothing in ~0.3 s of a quiet loop);
+        # on a machine busy with other work the loop lags now and then, so allow up to 30 s.
+        while len(after) < 3000 and (len(after) < 10 or after[-1] > 0.0):
             await asyncio.sleep(0.01)
             after.append(app.linger)
         task.cancel()

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from server_harness import Server, open_request, post_chat, request, server
+from server_harness import (
+    Server,
+    error_of,
+    kill,
+    open_request,
+    post_chat,
+    request,
+    server,
+    sse_events,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -248,3 +260,115 @@ def test_http_1_0_stream_is_close_delimited(srv: Server) -> None:
     assert "transfer-encoding" not in r.headers
     assert r.headers["connection"] == "close"
     assert r.read_all_and_close() == whole
+
+
+def lookup(port: int, conv: str) -> dict[str, Any]:
+    _, _, body = request(port, "POST", "/v1/streams/lookup", {"conversation_ids": [conv]})
+    found: list[dict[str, Any]] = json.loads(body)
+    return found[0] if found else {}
+
+
+def event_id(event: bytes) -> int:
+    assert event.startswith(b"id: "), event[:80]
+    return int(event[4 : event.index(b"\n")])
+
+
+def test_metrics_count_known_traffic(tmp_path: Path) -> None:
+    """Drive known traffic through one HTTP process and check the values /metrics reports."""
+    # An 8 KiB ring: a 200-token stream is several times that, so it drops its first bytes.
+    with server(tmp_path, "--tokens-per-s", "100", "--session-bytes", "8192", http_procs=1) as s:
+        assert s.metric("resumes_total") == 0
+        assert s.metric("offsets_lost_total") == 0
+        assert s.metric("readers") == 0
+
+        # -- resumes and offsets lost
+        wrap = post_chat(s.port, "wrap", max_tokens=200).read_all_and_close()
+        assert wrap.endswith(b"data: [DONE]\n\n")
+        info = lookup(s.port, "wrap")
+        first = info["first_available"]
+        assert info["total_bytes"] == len(wrap) and 0 < first < len(wrap)
+        status, _, _ = request(s.port, "GET", f"/v1/stream?conv_id=wrap&from={first - 1}")
+        assert status == 410
+        assert s.metric("offsets_lost_total") == 1
+        assert s.metric("resumes_total") == 0  # a refused read is not a resume
+        status, _, tail = request(s.port, "GET", f"/v1/stream?conv_id=wrap&from={first}")
+        assert (status, tail) == (200, wrap[first:])
+        assert s.metric("resumes_total") == 1
+        last_id = event_id(sse_events(wrap)[-2])  # the event before data: [DONE]
+        status, _, tail = request(
+            s.port, "GET", "/v1/stream?conv_id=wrap", headers={"Last-Event-ID": str(last_id)}
+        )
+        assert (status, tail) == (200, wrap[last_id:])
+        assert tail.startswith(b"id: ") and tail.endswith(b"data: [DONE]\n\n")
+        assert s.metric("resumes_total") == 2
+        # Beyond the end of the finished stream (416), from=0: neither counts.
+        assert request(s.port, "GET", f"/v1/stream?conv_id=wrap&from={len(wrap) + 1}")[0] == 416
+        status, _, _ = request(s.port, "GET", "/v1/stream?conv_id=wrap&from=0")
+        assert status == 410
+        assert s.metric("resumes_total") == 2
+        assert s.metric("offsets_lost_total") == 2
+
+        # -- readers: one attached mid-stream counts while it reads, and nothing after
+        r = post_chat(s.port, "mid", max_tokens=1000)
+        head = r.read_at_least(500)
+        # The POST's reader: clients only (the live-edge fan-out's own reader, server.Pump,
+        # which every client at the edge shares, is not counted).
+        assert s.metric("readers") == 1
+        assert s.metric("http_readers_active") == 1
+        g = open_request(s.port, "GET", "/v1/stream?conv_id=mid")
+        assert g.status == 200
+        assert g.read_at_least(len(head))[: len(head)] == head
+        assert s.metric("readers") == 2
+        assert s.metric("http_readers_active") == 2
+        assert lookup(s.port, "mid")["readers"] == 2
+        g.close()  # the mid-stream reader leaves...
+        wait_for(lambda: s.metric("readers") == 1, "the GET's reader to detach")
+        assert s.metric("http_readers_active") == 1
+        r.close()  # ...then the POST's client: the generation goes on without readers
+        wait_for(lambda: s.metric("readers") == 0, "the POST's reader to detach")
+        assert s.metric("http_readers_active") == 0
+        assert lookup(s.port, "mid")["readers"] == 0
+        assert lookup(s.port, "mid")["state"] == "running"
+        assert s.metric("resumes_total") == 2  # from=0 is no resume
+
+        # -- sessions by state: two done, one failed (its worker killed), one cancelled
+        assert request(s.port, "DELETE", "/v1/stream?conv_id=mid")[0] == 204
+        r = post_chat(s.port, "doomed", max_tokens=5000)
+        r.read_at_least(300)
+        (worker,) = s.children("worker")
+        kill(worker)
+        assert error_of(sse_events(r.read_all_and_close())[-1])["type"] == "producer_died"
+        wait_for(lambda: lookup(s.port, "doomed").get("state") == "failed", "the sweep")
+        small = post_chat(s.port, "small", max_tokens=3).read_all_and_close()  # new worker
+        assert small.endswith(b"data: [DONE]\n\n")
+        # A cancelled session is removed at once, so the "cancelled" line stays at 0.
+        for state, n in (("running", 0), ("done", 2), ("failed", 1), ("cancelled", 0)):
+            assert s.metric(f'sessions{{state="{state}"}}') == n, state
+        assert s.metric("sessions") == 3
+        assert s.metric("dead_producers_total") == 1
+        assert s.metric('restarts_total{role="worker"}') == 1
+        assert s.metric('restarts_total{role="http"}') == 0
+        for reason in ("ttl", "idle", "lru"):
+            assert s.metric(f'evictions_total{{reason="{reason}"}}') == 0, reason
+        assert (s.metric("resumes_total"), s.metric("offsets_lost_total")) == (2, 2)
+
+
+def test_metrics_count_ttl_evictions(tmp_path: Path) -> None:
+    with server(tmp_path, "--tokens-per-s", "20", "--ttl", "0.5", http_procs=1) as s:
+        running = post_chat(s.port, "long", max_tokens=5000)
+        running.read_at_least(100)
+        for conv in ("done-1", "done-2"):
+            post_chat(s.port, conv, max_tokens=2, prompt=conv).read_all_and_close()
+        wait_for(lambda: s.metric('evictions_total{reason="ttl"}') == 2, "the TTL evictions")
+        assert request(s.port, "GET", "/v1/stream?conv_id=done-1")[0] == 404
+        # TTL counts from completion: the running session stays.
+        assert s.metric('sessions{state="done"}') == 0
+        assert s.metric('sessions{state="running"}') == 1
+        assert lookup(s.port, "long")["state"] == "running"
+        assert s.metric('evictions_total{reason="idle"}') == 0
+        assert s.metric('evictions_total{reason="lru"}') == 0
+        # A DELETE cancels; it is not an eviction.
+        assert request(s.port, "DELETE", "/v1/stream?conv_id=long")[0] == 204
+        assert error_of(sse_events(running.read_all_and_close())[-1])["type"] == "cancelled"
+        assert s.metric("sessions") == 0
+        assert s.metric("evictions_total") == 2

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 from server_harness import (
     Server,
@@ -219,6 +222,108 @@ def test_per_key_isolation(tmp_path: Path) -> None:
             assert status == 401
             assert json.loads(err)["error"]["type"] == "authentication_error"
         assert request(s.port, "GET", "/health")[0] == 200
+
+
+def test_repeated_api_key_option(tmp_path: Path) -> None:
+    """Two keys given as two --api-key options: both work, each has its own sessions."""
+    args = ("--tokens-per-s", "0", "--api-key", "key-a", "--api-key", "key-b")
+    # An empty $RINGCAST_API_KEY: the two options are the only keys.
+    with server(tmp_path, *args, env={"RINGCAST_API_KEY": ""}) as s:
+        a = {"Authorization": "Bearer key-a"}
+        b = {"X-Api-Key": "key-b"}
+        body_a = post_chat(s.port, "shared-name", max_tokens=3, headers=a).read_all_and_close()
+        body_b = post_chat(
+            s.port, "shared-name", max_tokens=5, headers=b, prompt="b"
+        ).read_all_and_close()
+        assert body_a.endswith(b"data: [DONE]\n\n") and body_b.endswith(b"data: [DONE]\n\n")
+        assert body_a != body_b
+        # Same id, two keys: two sessions (b's POST did not replace a's), each reads its own.
+        assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=a)[2] == body_a
+        assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=b)[2] == body_b
+        # The other key cannot read, look up, list or delete a key's session.
+        only_b = post_chat(s.port, "only-b", max_tokens=3, headers=b).read_all_and_close()
+        for path in ("/v1/stream?conv_id=only-b", "/v1/stream/only-b?from=3"):
+            status, _, err = request(s.port, "GET", path, headers=a)
+            assert status == 404, path
+            assert json.loads(err)["error"]["type"] == "not_found_error"
+        assert lookup(s.port, "only-b", a) == []
+        assert [i["conversation_id"] for i in lookup(s.port, "only-b", b)] == ["only-b"]
+        listed_a = json.loads(request(s.port, "GET", "/v1/streams", headers=a)[2])
+        assert [i["conversation_id"] for i in listed_a] == ["shared-name"]
+        listed_b = json.loads(request(s.port, "GET", "/v1/streams", headers=b)[2])
+        assert sorted(i["conversation_id"] for i in listed_b) == ["only-b", "shared-name"]
+        # DELETE answers 204 also for an id it does not know (as llama-server) and does
+        # nothing to another key's session.
+        status, _, empty = request(s.port, "DELETE", "/v1/stream?conv_id=only-b", headers=a)
+        assert (status, empty) == (204, b"")
+        assert request(s.port, "GET", "/v1/stream?conv_id=only-b", headers=b)[2] == only_b
+        assert request(s.port, "DELETE", "/v1/stream/shared-name", headers=a)[0] == 204
+        assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=a)[0] == 404
+        assert request(s.port, "GET", "/v1/stream?conv_id=shared-name", headers=b)[2] == body_b
+        # No key, a wrong key, or a key in the wrong header form: 401 on every /v1 route.
+        for h in (
+            {},
+            {"Authorization": "Bearer key-c"},
+            {"X-Api-Key": "key-a-and-more"},
+            {"Authorization": "key-a"},
+        ):
+            for method, path in (
+                ("GET", "/v1/streams"),
+                ("GET", "/v1/stream?conv_id=only-b"),
+                ("DELETE", "/v1/stream?conv_id=only-b"),
+                ("POST", "/v1/streams/lookup"),
+                ("GET", "/v1/models"),
+            ):
+                status, _, err = request(s.port, method, path, headers=h)
+                assert status == 401, (h, method, path)
+                assert json.loads(err)["error"]["type"] == "authentication_error"
+            r = post_chat(s.port, "only-b", headers=h)
+            assert r.status == 401
+            assert json.loads(r.read_all_and_close())["error"]["code"] == 401
+        # None of that touched b's session; /health needs no key.
+        assert request(s.port, "GET", "/v1/stream?conv_id=only-b", headers=b)[2] == only_b
+        assert request(s.port, "GET", "/health")[0] == 200
+        # Both keys reach the children as digests only: not in their argv, not in the config.
+        (config,) = Path(tempfile.gettempdir()).glob(f"ringcast-run-{s.proc.pid}-*/config.json")
+        digests = json.loads(config.read_text())["key_digests"]
+        assert sorted(digests) == sorted(
+            hashlib.sha256(k).hexdigest() for k in (b"key-a", b"key-b")
+        )
+        assert b"key-a" not in config.read_bytes() and b"key-b" not in config.read_bytes()
+        children = s.children("http") + s.children("worker")
+        assert len(children) == 3
+        for pid in children:
+            argv = " ".join(psutil.Process(pid).cmdline())
+            assert "key-a" not in argv and "key-b" not in argv
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_sigint_ends_readers_and_removes_the_segment_unless_kept(
+    tmp_path: Path, keep: bool
+) -> None:
+    """SIGINT (Ctrl-C) stops the server like SIGTERM: a running stream's reader gets the
+    terminal server_shutdown event, and the segment file goes unless --keep-segment."""
+    s = Server(tmp_path, "--tokens-per-s", "20", *(["--keep-segment"] if keep else []))
+    r = post_chat(s.port, "interrupted", max_tokens=1000)
+    head = r.read_at_least(300)
+    assert s.segment.exists()
+    assert s.stop(signal.SIGINT) == 0
+    body = head + r.read_all_and_close()
+    events = sse_events(body)
+    assert error_of(events[-1])["type"] == "server_shutdown"
+    assert b"data: [DONE]" not in body
+    check_ids(body)  # the shutdown event is part of the ring, with its id
+    assert s.segment.exists() == keep
+    if not keep:
+        return
+    # The kept segment holds the stream as the reader saw it, finalized failed.
+    s2 = Server(tmp_path, "--tokens-per-s", "0")
+    try:
+        assert request(s2.port, "GET", "/v1/stream?conv_id=interrupted")[2] == body
+        assert lookup(s2.port, "interrupted")[0]["state"] == "failed"
+    finally:
+        assert s2.stop() == 0
+    assert not s.segment.exists()
 
 
 def test_sigterm_finalizes_running_sessions_and_removes_the_segment(tmp_path: Path) -> None:

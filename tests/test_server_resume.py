@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ringcast.protocol import error_event
 from server_harness import (
     Response,
     Server,
@@ -112,8 +113,31 @@ def test_many_readers_get_the_same_bytes(srv: Server) -> None:
 
 def test_from_at_or_beyond_the_end(srv: Server) -> None:
     body = post_chat(srv.port, "end-1", max_tokens=3).read_all_and_close()
-    status, _, tail = request(srv.port, "GET", f"/v1/stream?conv_id=end-1&from={len(body)}")
+    total = len(body)
+    # At the end of a finished stream: the client has everything; nothing more, no error.
+    status, _, tail = request(srv.port, "GET", f"/v1/stream?conv_id=end-1&from={total}")
     assert (status, tail) == (200, b"")
+    status, _, tail = request(
+        srv.port, "GET", "/v1/stream?conv_id=end-1", headers={"Last-Event-ID": str(total)}
+    )
+    assert (status, tail) == (200, b"")
+    # Beyond it: the client's byte count is wrong, and it is told so, with the real total.
+    for what, offset, path, sent in (
+        ("'from'", total + 1, f"/v1/stream?conv_id=end-1&from={total + 1}", {}),
+        ("'from'", 10**18, f"/v1/stream/end-1?from={10**18}", {}),
+        ("Last-Event-ID", total + 1, "/v1/stream?conv_id=end-1", {"Last-Event-ID": str(total + 1)}),
+    ):
+        status, headers, err = request(srv.port, "GET", path, headers=sent)
+        assert status == 416, path
+        assert headers["content-type"] == "application/json"
+        assert json.loads(err)["error"] == {
+            "code": 416,
+            "message": f"{what} {offset} is beyond the end of the stream, which finished with "
+            f"{total} bytes; resume from an offset of at most {total}",
+            "type": "invalid_request_error",
+        }
+    # The stream itself is untouched.
+    assert request(srv.port, "GET", "/v1/stream?conv_id=end-1")[2] == body
     # Beyond the end of a running stream: held until the stream gets there.
     r = post_chat(srv.port, "end-2", max_tokens=80)
     head = r.read_at_least(100)
@@ -122,6 +146,43 @@ def test_from_at_or_beyond_the_end(srv: Server) -> None:
     tail = g.read_all_and_close()
     whole = head + r.read_all_and_close()
     assert whole[len(head) + 2000 :] == tail
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stream_that_ends_short_of_a_held_offset_says_so(tmp_path: Path, loop: str) -> None:
+    """A read held beyond the end of a running stream gets an in-band 416 event, not a silent
+    empty end, when the stream finishes before reaching its offset."""
+    # --prefill-s: the reads below attach while the stream is running and still empty.
+    with server(
+        tmp_path, "--event-loop", loop, "--tokens-per-s", "0", "--prefill-s", "1", http_procs=1
+    ) as s:
+        post_chat(s.port, "short", max_tokens=5).close()
+        # The POST's reader is gone, so the first held read makes the process's pump for the
+        # session at its offset and the second joins it; the third waits on its own reader.
+        wait_for(lambda: s.metric("http_readers_active") == 0, "the POST's reader to go")
+        far = 10**6
+        held = [
+            open_request(s.port, "GET", f"/v1/stream?conv_id=short&from={far}"),
+            open_request(
+                s.port, "GET", "/v1/stream?conv_id=short", headers={"Last-Event-ID": str(far)}
+            ),
+            open_request(s.port, "GET", f"/v1/stream/short?from={far + 1}"),
+        ]
+        assert [g.status for g in held] == [200, 200, 200]  # attached while it was running
+        bodies = [g.read_all_and_close() for g in held]
+        _, _, whole = request(s.port, "GET", "/v1/stream?conv_id=short")
+        assert whole.endswith(b"data: [DONE]\n\n")  # it finished normally...
+        total = len(whole)
+        assert total < far  # ...short of every held offset
+        for body, start in zip(bodies, (far, far, far + 1), strict=True):
+            assert body == error_event(
+                416,
+                f"the stream finished with {total} bytes, short of offset {start} that this "
+                f"read asked for; resume from an offset of at most {total}",
+                "invalid_request_error",
+            )
+        # Asked again now that it has finished: a 416 at once.
+        assert request(s.port, "GET", f"/v1/stream?conv_id=short&from={far}")[0] == 416
 
 
 def test_keep_alive_and_pipelining(srv: Server) -> None:

@@ -167,11 +167,15 @@ class Segment:
         """Cancel the producer and remove the session (readers end with ``"cancelled"``)."""
     def evict_slot(self, slot: int, generation: int, reason: str = "evicted") -> bool:
         """Remove exactly this session if it is still that generation (manager GC)."""
-    def reader(self, conversation_id: str, offset: int = 0, owner: str = "") -> Reader:
+    def reader(
+        self, conversation_id: str, offset: int = 0, owner: str = "", counted: bool = True
+    ) -> Reader:
         """Attach a reader at an absolute byte offset.
 
         Raises ``SessionNotFound``, or ``OffsetLost`` when ``offset`` was already dropped.
         An offset beyond the current end is allowed: the reader waits until it is reached.
+        ``counted=False`` leaves it out of ``SessionInfo.readers``: for a reader that only
+        serves other, counted readers (as the HTTP server's fan-out pump does).
         """
     def notifier(self) -> Notifier:
         """This process's notifier (one per process, created on first use)."""

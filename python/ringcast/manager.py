@@ -630,13 +630,21 @@ def upstream_is_self(upstream: str, host: str, port: int) -> bool:
 
 
 def _read_keys(args: argparse.Namespace) -> list[str]:
-    keys = [k for k in (args.api_key or []) if k]
+    """The API keys; ValueError for an empty key or a key file without one (either would
+    start a server with no authentication at all, which the caller evidently did not want)."""
+    keys = list(args.api_key or [])
+    if any(not k.strip() for k in keys):
+        raise ValueError("--api-key is empty")
     if args.api_key_file:
+        from_file = []
         with open(args.api_key_file, encoding="utf-8") as f:
             for line in f:
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    keys.append(line)
+                    from_file.append(line)
+        if not from_file:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += from_file
     env_key = os.environ.get("RINGCAST_API_KEY")
     if env_key:
         keys.append(env_key)
@@ -786,7 +794,8 @@ examples:
 
 Each SSE event carries `id: <byte offset after it>`, so a client resumes with
 from=<bytes received> or Last-Event-ID. An offset that was dropped answers 410 with the first
-available offset. Sessions belong to the API key that created them.
+available offset; one past the end of a finished stream, 416 with its length. Sessions belong
+to the API key that created them.
 """
 
 
@@ -1043,6 +1052,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except OSError as e:
         print(f"ringcast serve: cannot read --api-key-file: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"ringcast serve: {e}", file=sys.stderr)
         return 2
     return serve(cfg)
 

@@ -125,6 +125,7 @@ REASONS = {
     410: "Gone",
     411: "Length Required",
     413: "Payload Too Large",
+    416: "Range Not Satisfiable",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -138,6 +139,7 @@ ERROR_TYPES = {
     410: "offset_lost",
     411: "invalid_request_error",
     413: "invalid_request_error",
+    416: "invalid_request_error",
     431: "invalid_request_error",
     500: "server_error",
     503: "unavailable_error",
@@ -999,6 +1001,7 @@ class App:
         finished = False
         key = (reader.slot, reader.generation)
         conv = reader.conversation_id
+        start = reader.offset
         try:
             while True:
                 try:
@@ -1006,8 +1009,11 @@ class App:
                     if data is None:
                         pump = self.pumps.get(key)
                         if pump is None:
+                            # Not counted: its clients' own readers are.
                             pump = self.pumps[key] = Pump(
-                                self, key, self.seg.reader(conv, reader.offset, owner)
+                                self,
+                                key,
+                                self.seg.reader(conv, reader.offset, owner, counted=False),
                             )
                         if pump.offset == reader.offset:
                             outcome, value = await pump.join(conn)
@@ -1050,11 +1056,36 @@ class App:
                 conn.write_body(data)
                 if conn.write_paused:
                     await conn.drain()
+            if finished and start > 0:
+                # Held beyond the end of a running stream (as llama-server does), which then
+                # finished short of that offset: say so instead of ending silently.
+                total = self.final_total(reader, owner)
+                if total is not None and start > total:
+                    conn.write_body(
+                        error_event(
+                            416,
+                            f"the stream finished with {total} bytes, short of offset {start} "
+                            f"that this read asked for; resume from an offset of at most {total}",
+                            "invalid_request_error",
+                        )
+                    )
             conn.end_stream()
         finally:
             reader.close()
             self.counters.inc(HttpCounter.READERS_ACTIVE, -1)
         return finished
+
+    def final_total(self, reader: Reader, owner: str) -> int | None:
+        """``total_bytes`` of the reader's session if it is finalized, else None (running, or
+        gone: collected, or replaced by a newer session with the same id)."""
+        info = self.seg.get(reader.conversation_id, owner)
+        if (
+            info is None
+            or (info.slot, info.generation) != (reader.slot, reader.generation)
+            or not info.is_done
+        ):
+            return None
+        return info.total_bytes
 
     @staticmethod
     def write_end(conn: Connection, reason: str) -> None:
@@ -1132,9 +1163,11 @@ class App:
         conv = self.stream_id(req, "/v1/stream")
         last_id = req.headers.get("last-event-id")
         if last_id is not None and last_id != "":
-            offset = self.parse_offset(last_id, "Last-Event-ID")
+            what = "Last-Event-ID"
+            offset = self.parse_offset(last_id, what)
         else:
-            offset = self.parse_offset(req.query_params().get("from", ""), "'from'")
+            what = "'from'"
+            offset = self.parse_offset(req.query_params().get("from", ""), what)
         try:
             reader = self.seg.reader(conv, offset, owner)
         except SessionNotFound:
@@ -1150,6 +1183,16 @@ class App:
             ) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
+        total = self.final_total(reader, owner)
+        if total is not None and offset > total:
+            # llama-server answers an empty 200 here, so a client with a wrong byte count
+            # learns nothing; an offset equal to the total (it has everything) stays a 200.
+            reader.close()
+            raise HttpError(
+                416,
+                f"{what} {offset} is beyond the end of the stream, which finished with "
+                f"{total} bytes; resume from an offset of at most {total}",
+            )
         if offset > 0:
             self.counters.inc(HttpCounter.RESUMES)
         conn.start_stream(self.resume_headers(reader, owner, offset), req.version)

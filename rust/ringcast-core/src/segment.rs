@@ -571,6 +571,18 @@ impl Segment {
 
     /// Attaches a reader at an absolute byte offset.
     pub fn reader(&self, id: &str, owner: &str, offset: u64) -> Result<Reader> {
+        self.reader_counted(id, owner, offset, true)
+    }
+
+    /// `reader`, optionally left out of `SessionInfo::readers`: for a reader that serves other
+    /// counted readers (an HTTP process's fan-out pump), which is not a client of its own.
+    pub fn reader_counted(
+        &self,
+        id: &str,
+        owner: &str,
+        offset: u64,
+        counted: bool,
+    ) -> Result<Reader> {
         self.inner.check_key(id, owner)?;
         let Some((slot, gen)) = self.inner.find(id, owner) else {
             return Err(Error::NotFound {
@@ -587,8 +599,10 @@ impl Segment {
         }
         m.last_access_ns
             .store(process::unix_nanos(), Ordering::Relaxed);
-        self.inner.count_reader(slot, gen, true)?;
-        let reader = Reader::new(self.inner.clone(), slot, gen, offset, id);
+        if counted {
+            self.inner.count_reader(slot, gen, true)?;
+        }
+        let reader = Reader::new(self.inner.clone(), slot, gen, offset, id, counted);
         // Validate after counting: a session replaced in between is reported as ended.
         if m.generation.load(Ordering::Acquire) != gen {
             return Err(Error::Ended(self.inner.end_reason(slot, gen)));

@@ -239,7 +239,8 @@ pub struct Reader {
     generation: u64,
     offset: u64,
     conversation_id: String,
-    attached: bool,
+    /// Counted in `SessionInfo::readers` until closed.
+    counted: bool,
 }
 
 impl Reader {
@@ -249,6 +250,7 @@ impl Reader {
         generation: u64,
         offset: u64,
         id: &str,
+        counted: bool,
     ) -> Reader {
         Reader {
             inner,
@@ -256,7 +258,7 @@ impl Reader {
             generation,
             offset,
             conversation_id: id.to_string(),
-            attached: true,
+            counted,
         }
     }
 
@@ -411,8 +413,8 @@ impl Reader {
 
     /// Detaches: stops counting in `SessionInfo::readers`.
     pub fn close(&mut self) {
-        if self.attached {
-            self.attached = false;
+        if self.counted {
+            self.counted = false;
             let _ = self.inner.count_reader(self.slot, self.generation, false);
         }
     }

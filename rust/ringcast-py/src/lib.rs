@@ -448,16 +448,20 @@ impl Segment {
             .py_err(py)
     }
 
-    #[pyo3(signature = (conversation_id, offset=0, owner=""))]
+    #[pyo3(signature = (conversation_id, offset=0, owner="", counted=true))]
     fn reader(
         &self,
         py: Python<'_>,
         conversation_id: &str,
         offset: u64,
         owner: &str,
+        counted: bool,
     ) -> PyResult<Reader> {
         let r = py
-            .detach(|| self.seg.reader(conversation_id, owner, offset))
+            .detach(|| {
+                self.seg
+                    .reader_counted(conversation_id, owner, offset, counted)
+            })
             .py_err(py)?;
         Ok(Reader { r: Some(r) })
     }
