@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import socketserver
@@ -113,14 +114,23 @@ class Handler(socketserver.StreamRequestHandler):
             self.server.aborted += 1
 
 
+@contextlib.contextmanager
+def serving(up: socketserver.BaseServer) -> Iterator[None]:
+    """Runs a fake upstream's accept loop in a thread for the length of the block."""
+    t = threading.Thread(target=up.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        up.shutdown()
+        up.server_close()
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
     up = FakeUpstream()
-    t = threading.Thread(target=up.serve_forever, daemon=True)
-    t.start()
-    yield up
-    up.shutdown()
-    up.server_close()
+    with serving(up):
+        yield up
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +257,8 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tls
         capture_output=True,
     )
     up = TlsUpstream(cert, key)
-    t = threading.Thread(target=up.serve_forever, daemon=True)
-    t.start()
-    yield up, cert
-    up.shutdown()
-    up.server_close()
+    with serving(up):
+        yield up, cert
 
 
 def test_https_upstream_with_its_ca(tmp_path: Path, tls_upstream: tuple[TlsUpstream, Path]) -> None:
@@ -353,11 +360,8 @@ def chunk(data: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[ScriptedUpstream]:
     up = ScriptedUpstream()
-    t = threading.Thread(target=up.serve_forever, daemon=True)
-    t.start()
-    yield up
-    up.shutdown()
-    up.server_close()
+    with serving(up):
+        yield up
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
