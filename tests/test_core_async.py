@@ -573,3 +573,36 @@ def test_only_the_readers_of_the_advanced_session_are_woken(
         tb.cancel()
 
     run_async(loop_kind, main)
+
+
+def test_a_reader_already_waiting_when_a_producer_dies_sending_is_rescued(
+    seg: ringcast.Segment,
+    seg_path: str,
+    loop_kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A row left "sending" by a producer killed before its datagram went out silences the
+    process for every later publish; a reader already waiting then has no wait of its own to
+    re-arm it. The rescan leaves one "sending" to the datagram on its way, but not two in a
+    row: it rescans, wakes the reader and says so."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 0.2)
+    w = seg.create_or_replace("died-sending")
+    r = seg.reader("died-sending")
+    mm, row = _my_proc_row(seg_path)
+
+    async def main() -> None:
+        task = asyncio.create_task(r.aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done()
+        struct.pack_into("<I", mm, row + ARMED_AT, 2)  # what the killed producer left
+        w.write(b"unsignalled")  # sees "sending": sends nothing
+        assert await asyncio.wait_for(task, 30) == b"unsignalled"
+
+    with caplog.at_level(logging.WARNING, logger="ringcast.aio"):
+        run_async(loop_kind, main)
+    assert "by a producer that died sending" in caplog.text
+    mm.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,16 @@ from server_harness import Server, post_chat, server
 pytestmark = pytest.mark.timeout(60)
 
 
-def ringcast(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def ringcast(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ringcast.cli", *args],
         capture_output=True,
         text=True,
         timeout=50,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -67,6 +71,9 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--api-key-file", str(comments), cwd=tmp_path)
     assert out.returncode == 2
     assert "holds no key" in out.stderr
+    out = ringcast("serve", "--port", "0", cwd=tmp_path, env={"RINGCAST_API_KEY": ""})
+    assert out.returncode == 2
+    assert "$RINGCAST_API_KEY is set but empty" in out.stderr
     out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
     assert out.returncode == 2
     assert "--speed only applies with --replay" in out.stderr

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -140,3 +142,34 @@ def test_kill_manager_children_exit_and_a_new_manager_reattaches(tmp_path: Path)
     finally:
         s2.stop()
     assert list(tmp.iterdir()) == []
+
+
+def test_only_run_directories_of_gone_managers_are_swept(tmp_path: Path) -> None:
+    """A run directory is stale when no manager holds its lock; one whose lock is held stays
+    even if the pid in its name does not exist here (a manager in another pid namespace
+    sharing /tmp), and one not locked yet stays while the pid in its name runs."""
+    from ringcast.manager import RUN_DIR_LOCK, sweep_stale_run_dirs
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = child.pid  # exited and reaped: no such process any more
+    names = {
+        "dead-unlocked": f"ringcast-run-{dead}-a",
+        "dead-lock-free": f"ringcast-run-{dead}-b",
+        "lock-held": f"ringcast-run-{dead}-c",
+        "alive-unlocked": f"ringcast-run-{os.getpid()}-d",
+        "not-a-run-dir": "ringcast-other",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / names["dead-lock-free"] / RUN_DIR_LOCK).touch()
+    held = os.open(tmp_path / names["lock-held"] / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = sorted(Path(p).name for p in sweep_stale_run_dirs(str(tmp_path)))
+    finally:
+        os.close(held)
+    assert removed == sorted([names["dead-unlocked"], names["dead-lock-free"]])
+    assert sorted(d.name for d in tmp_path.iterdir()) == sorted(
+        [names["lock-held"], names["alive-unlocked"], names["not-a-run-dir"]]
+    )

@@ -7,6 +7,7 @@ import json
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -320,14 +321,16 @@ class ScriptedUpstream(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), ScriptedHandler)
         self.response: list[bytes] = []
         self.stall = False
+        self.reset = False
         self.hung_up = 0  # stalled connections the client closed
 
     @property
     def name(self) -> str:
         return f"127.0.0.1:{self.server_address[1]}"
 
-    def script(self, *response: bytes, stall: bool = False) -> None:
-        self.response, self.stall = list(response), stall
+    def script(self, *response: bytes, stall: bool = False, reset: bool = False) -> None:
+        """``stall``: say nothing more until hung up; ``reset``: end with a TCP reset."""
+        self.response, self.stall, self.reset = list(response), stall, reset
 
 
 class ScriptedHandler(socketserver.StreamRequestHandler):
@@ -339,6 +342,10 @@ class ScriptedHandler(socketserver.StreamRequestHandler):
         for piece in self.server.response:
             self.wfile.write(piece)
             self.wfile.flush()
+        if self.server.reset:
+            time.sleep(0.2)  # let the pieces arrive first
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return  # closing with SO_LINGER 0 sends an RST
         if self.server.stall:
             try:
                 while self.rfile.read(1):
@@ -416,6 +423,30 @@ def test_an_upstream_stream_without_done_fails_the_job(
         got_whole = post_chat(s.port, "whole").read_all_and_close()
         assert strip_ids(got_whole) == b"".join(events)
         assert lookup_state(s.port, "whole") == "done"
+
+
+def test_an_upstream_that_resets_or_lingers(tmp_path: Path, scripted: ScriptedUpstream) -> None:
+    """A reset mid-stream is the upstream's failure (502 upstream_error, not a 500 of ours);
+    an upstream that keeps the connection open after `data: [DONE]` does not hold the
+    answer back: it ends done at once."""
+    events = [e["data"].encode() for e in RECORDINGS[0]["events"]]
+    with server(tmp_path, "--upstream", f"http://{scripted.name}") as s:
+        scripted.script(HEAD_CHUNKED, *map(chunk, events[:2]), reset=True)
+        got = sse_events(post_chat(s.port, "reset").read_all_and_close())
+        assert strip_ids(b"".join(got[:-1])) == b"".join(events[:2])
+        err = error_of(got[-1])
+        assert (err["code"], err["type"]) == (502, "upstream_error"), err
+        # As the reset lands: mid-read (lost) or at a read's end (closed).
+        assert "connection was lost" in err["message"] or "mid-response" in err["message"], err
+        assert lookup_state(s.port, "reset") == "failed"
+        hung_up = scripted.hung_up
+        scripted.script(HEAD_CHUNKED, *map(chunk, events), stall=True)
+        t0 = time.monotonic()
+        got_whole = post_chat(s.port, "lingers").read_all_and_close()
+        assert time.monotonic() - t0 < 30
+        assert strip_ids(got_whole) == b"".join(events)
+        assert lookup_state(s.port, "lingers") == "done"
+        wait_for(lambda: scripted.hung_up == hung_up + 1, "ringcast to close the connection")
 
 
 @pytest.mark.parametrize(

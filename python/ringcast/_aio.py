@@ -59,6 +59,12 @@ class _LoopHub:
         # slot -> the generation this hub holds one notifier subscription for.
         self._subscribed: dict[int, int] = {}
         self._row_lost = False
+        # Whether the last rescan found a producer's datagram on its way ("sending").
+        self._sending_seen = False
+        # Readability of the notifier's socket, checked without waiting (poll, unlike
+        # select, takes any descriptor number).
+        self._poller = select.poll()
+        self._poller.register(notifier.fileno(), select.POLLIN)
         # Not a method of self: the finalizer must not keep the loop alive.
         self._finalizer = weakref.finalize(loop, _release, notifier, self._subscribed)
         loop.add_reader(notifier.fileno(), self._on_ready)
@@ -72,30 +78,42 @@ class _LoopHub:
         loop = self._loop()
         if loop is None or loop.is_closed():
             return
-        if self._waiters:
-            self._check_row()
-            # With readers waiting, every path has left the notifier armed (`wait` arms after
-            # adding its future; `_on_ready` re-arms while futures remain) unless a producer
-            # took the arm: its datagram is then on the way ("sending") or in the socket,
-            # and the loop handles it as soon as this timer returns.
-            state = self._notifier.arm_state
-            if state != "sending" and not select.select([self._notifier.fileno()], [], [], 0)[0]:
-                self._notifier.arm()
-                woken = self._wake(self._notifier.drain())
-                # That drain may have swallowed a datagram sent after the arm (see _rearm).
-                self._rearm(yield_first=False)
-                if woken and state == "armed":
-                    # A publish between its bump of the session and its look at our arm:
-                    # its datagram is coming; we were merely first.
-                    log.debug("rescan woke %d reader(s) ahead of their datagram", woken)
-                elif woken:
-                    log.warning(
-                        "rescan woke %d waiting reader(s) whose wake-up datagram never came "
-                        "(the notifier was disarmed by a send that did not arrive): a lost "
-                        "wake-up, worth a bug report with the log around it",
-                        woken,
-                    )
-        self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
+        try:
+            if self._waiters:
+                self._rescan_now()
+            else:
+                self._sending_seen = False
+        finally:
+            self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
+
+    def _rescan_now(self) -> None:
+        self._check_row()
+        # With readers waiting, every path has left the notifier armed (`wait` arms after
+        # adding its future; `_on_ready` re-arms while futures remain) unless a producer took
+        # the arm: its datagram is then on the way ("sending") or in the socket, and the loop
+        # handles it as soon as this timer returns. "sending" twice in a row is a producer
+        # that died between taking the arm and sending: scan (and re-arm) anyway.
+        state = self._notifier.arm_state
+        in_flight = state == "sending" and not self._sending_seen
+        self._sending_seen = state == "sending"
+        if in_flight or self._poller.poll(0):
+            return
+        self._notifier.arm()
+        woken = self._wake(self._notifier.drain())
+        # That drain may have swallowed a datagram sent after the arm (see _rearm).
+        self._rearm(yield_first=False)
+        if woken and state == "armed":
+            # A publish between its bump of the session and its look at our arm: its
+            # datagram is coming; we were merely first.
+            log.debug("rescan woke %d reader(s) ahead of their datagram", woken)
+        elif woken:
+            log.warning(
+                "rescan woke %d waiting reader(s) whose wake-up datagram never came (the "
+                "notifier was disarmed by a send that did not arrive%s): a lost wake-up, "
+                "worth a bug report with the log around it",
+                woken,
+                ", or by a producer that died sending" if state == "sending" else "",
+            )
 
     def _check_row(self) -> None:
         """Logs (once) if another process claimed this process's row in the process table,

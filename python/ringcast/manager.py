@@ -567,12 +567,49 @@ RUN_DIR_PREFIX = "ringcast-run-"
 """Run directories are ``<tmp>/ringcast-run-<manager pid>-<random>``."""
 
 
+RUN_DIR_LOCK = "manager.lock"
+"""In a run directory: a file its manager holds an exclusive ``flock`` on while it runs."""
+
+
+def _run_dir_in_use(path: str, pid: int) -> bool:
+    """Whether the manager of a run directory still runs: it holds the directory's lock (the
+    kernel drops it when the manager dies, whatever pid namespace it lives in). A directory
+    without a lock file (its manager is between making it and locking it) falls back to
+    whether the pid in its name exists here."""
+    try:
+        fd = os.open(os.path.join(path, RUN_DIR_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held: its manager runs
+    finally:
+        os.close(fd)
+    return False
+
+
+def lock_run_dir(path: str) -> int:
+    """Creates and locks the run directory's lock file; the descriptor stays open (and the
+    lock held) for the manager's lifetime."""
+    fd = os.open(os.path.join(path, RUN_DIR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
 def sweep_stale_run_dirs(base: str) -> list[str]:
     """Removes the run directories of managers that are gone: a manager killed with ``kill
     -9`` runs no clean-up, and its directory (worker sockets, config, counters) would stay.
-    Only this user's directories, and only those whose manager pid no longer exists (a pid
-    reused by another process keeps its directory until that one exits too). Returns what it
-    removed."""
+    Only this user's directories, and only those whose manager no longer holds their lock
+    (see ``_run_dir_in_use``). Returns what it removed."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(base))
@@ -589,12 +626,7 @@ def sweep_stale_run_dirs(base: str) -> list[str]:
                 continue
         except (ValueError, OSError):
             continue
-        try:
-            os.kill(pid, 0)
-            continue  # that manager (or whoever has its pid now) still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if _run_dir_in_use(entry.path, pid):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(entry.path)
@@ -646,7 +678,9 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
         keys += from_file
     env_key = os.environ.get("RINGCAST_API_KEY")
-    if env_key:
+    if env_key is not None:
+        if not env_key.strip():
+            raise ValueError("$RINGCAST_API_KEY is set but empty")
         keys.append(env_key)
     return keys
 
@@ -723,6 +757,7 @@ def serve(cfg: ServeConfig) -> int:
     for stale in sweep_stale_run_dirs(tempfile.gettempdir()):
         log.info("removed %s, left by a manager that was killed", stale)
     cfg.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
+    run_lock_fd = lock_run_dir(cfg.run_dir)
     config_path = os.path.join(cfg.run_dir, "config.json")
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -763,6 +798,7 @@ def serve(cfg: ServeConfig) -> int:
         seg.close()
         os.close(lock_fd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        os.close(run_lock_fd)
         log.info("stopped")
     return 0
 

@@ -352,7 +352,12 @@ class UpstreamReader:
                 504,
                 f"upstream {self.name} sent nothing for {self.timeout:g} s while ringcast "
                 f"waited for {self.waiting_for}; if its prefills take longer, raise "
-                "$RINGCAST_UPSTREAM_READ_TIMEOUT",
+                "$RINGCAST_UPSTREAM_READ_TIMEOUT (and --idle-timeout, which also ends a "
+                "stream that makes no progress)",
+            ) from None
+        except OSError as e:  # reset, or a TLS error (ssl.SSLError is an OSError)
+            raise UpstreamError(
+                502, f"upstream {self.name}: the connection was lost ({e})"
             ) from None
 
 
@@ -535,6 +540,11 @@ async def proxy_upstream(
                     done = done or _is_done_event(event)
                     emitter.raw(event)
                     emitter.counters.inc(WorkerCounter.TOKENS)
+            if done:
+                # The answer is whole: do not wait on an upstream that keeps the connection
+                # open after it (the `finally` closes it).
+                buf = b""
+                break
         if buf.strip():
             event = strip_id_lines(buf.rstrip(b"\n") + b"\n\n")
             done = done or _is_done_event(event)

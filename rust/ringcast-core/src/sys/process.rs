@@ -74,7 +74,8 @@ enum Stat {
 }
 
 fn stat_of(pid: u32) -> Stat {
-    let text = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    // Bytes, not a string: the command name may be any bytes (cut mid-character at 15).
+    let text = match fs::read(format!("/proc/{pid}/stat")) {
         Ok(text) => text,
         // ESRCH: the process went away between open and read.
         Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
@@ -83,11 +84,15 @@ fn stat_of(pid: u32) -> Stat {
         Err(_) => return Stat::Unreadable,
     };
     // The command name (field 2) is in parentheses and may itself contain spaces and ')'.
-    let Some(close) = text.rfind(')') else {
+    let Some(close) = text.iter().rposition(|&b| b == b')') else {
         return Stat::Unreadable;
     };
-    // After the name: field 3 (state) is the first token; the start time is field 22.
-    let mut fields = text[close + 1..].split_whitespace();
+    // After the name everything is ASCII: field 3 (state) is the first token; the start time
+    // is field 22.
+    let Ok(rest) = std::str::from_utf8(&text[close + 1..]) else {
+        return Stat::Unreadable;
+    };
+    let mut fields = rest.split_whitespace();
     let zombie = fields.next() == Some("Z");
     match fields.nth(22 - 4).and_then(|s| s.parse().ok()) {
         Some(start_time) if zombie => Stat::Zombie { start_time },
@@ -157,6 +162,49 @@ mod tests {
         child.wait().expect("reap");
         assert!(matches!(stat_of(pid), Stat::Gone));
         assert!(!running.is_alive());
+    }
+
+    #[test]
+    fn a_process_whose_name_is_not_utf8_is_read() {
+        // SAFETY: the child only renames itself and sleeps until killed; it touches nothing a
+        // test thread of the parent could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let name = b"\xff\xfe)( x\0";
+            // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes.
+            unsafe {
+                libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+                libc::pause();
+                libc::_exit(0);
+            }
+        }
+        let pid = pid as u32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let start = loop {
+            let raw = fs::read(format!("/proc/{pid}/stat")).expect("child stat");
+            if raw.windows(2).any(|w| w == b"\xff\xfe") {
+                match stat_of(pid) {
+                    Stat::Running { start_time } => break start_time,
+                    _ => panic!("a renamed child's stat must parse"),
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never renamed itself"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(ProcessId {
+            pid,
+            start_time: start
+        }
+        .is_alive());
+        // SAFETY: killing and reaping the child forked above.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+        }
     }
 
     #[test]
