@@ -68,6 +68,8 @@ class Server:
         m = re.search(r"listening on http://([^:]+):(\d+)", line)
         if not m:
             self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
             raise RuntimeError(f"ringcast serve did not start: {line!r}")
         self.host, self.port = m.group(1), int(m.group(2))
         self.url = f"http://{self.host}:{self.port}"

@@ -224,11 +224,12 @@ def test_per_key_isolation(tmp_path: Path) -> None:
         assert request(s.port, "GET", "/health")[0] == 200
 
 
-def test_repeated_api_key_option(tmp_path: Path) -> None:
+def test_repeated_api_key_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two keys given as two --api-key options: both work, each has its own sessions."""
     args = ("--tokens-per-s", "0", "--api-key", "key-a", "--api-key", "key-b")
-    # An empty $RINGCAST_API_KEY: the two options are the only keys.
-    with server(tmp_path, *args, env={"RINGCAST_API_KEY": ""}) as s:
+    # No $RINGCAST_API_KEY: the two options are the only keys.
+    monkeypatch.delenv("RINGCAST_API_KEY", raising=False)
+    with server(tmp_path, *args) as s:
         a = {"Authorization": "Bearer key-a"}
         b = {"X-Api-Key": "key-b"}
         body_a = post_chat(s.port, "shared-name", max_tokens=3, headers=a).read_all_and_close()
