@@ -887,7 +887,8 @@ class App:
         finished = False
         try:
             if stream:
-                conn.start_stream(self.resume_headers(reader, owner, 0), req.version)
+                info = self.seg.get(reader.conversation_id, owner)
+                conn.start_stream(self.resume_headers(reader, info, 0), req.version)
                 finished = await self.relay(conn, reader, owner)
             else:
                 finished = await self.aggregate(conn, reader, route)
@@ -979,9 +980,12 @@ class App:
         ):
             writer.finalize("failed")
 
-    def resume_headers(self, reader: Reader, owner: str, offset: int) -> list[tuple[str, str]]:
-        """Epoch, served-from offset and first available offset of a stream response."""
-        info = self.seg.get(reader.conversation_id, owner)
+    @staticmethod
+    def resume_headers(
+        reader: Reader, info: SessionInfo | None, offset: int
+    ) -> list[tuple[str, str]]:
+        """Epoch, served-from offset and first available offset of a stream response (``info``:
+        the session as ``Segment.get`` gives it)."""
         first = info.first_available if info is not None else 0
         return [
             ("X-Ringcast-Epoch", str(reader.epoch)),
@@ -1059,7 +1063,7 @@ class App:
             if finished and start > 0:
                 # Held beyond the end of a running stream (as llama-server does), which then
                 # finished short of that offset: say so instead of ending silently.
-                total = self.final_total(reader, owner)
+                total = self.final_total(reader, self.seg.get(reader.conversation_id, owner))
                 if total is not None and start > total:
                     conn.write_body(
                         error_event(
@@ -1075,10 +1079,11 @@ class App:
             self.counters.inc(HttpCounter.READERS_ACTIVE, -1)
         return finished
 
-    def final_total(self, reader: Reader, owner: str) -> int | None:
+    @staticmethod
+    def final_total(reader: Reader, info: SessionInfo | None) -> int | None:
         """``total_bytes`` of the reader's session if it is finalized, else None (running, or
-        gone: collected, or replaced by a newer session with the same id)."""
-        info = self.seg.get(reader.conversation_id, owner)
+        gone: collected, or replaced by a newer session with the same id); ``info`` is what
+        ``Segment.get`` gives for its id."""
         if (
             info is None
             or (info.slot, info.generation) != (reader.slot, reader.generation)
@@ -1183,7 +1188,10 @@ class App:
             ) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
-        total = self.final_total(reader, owner)
+        # One lookup serves both the end check and the response headers (a lookup reads the
+        # process table and the producer's /proc entry).
+        info = self.seg.get(conv, owner)
+        total = self.final_total(reader, info)
         if total is not None and offset > total:
             # llama-server answers an empty 200 here, so a client with a wrong byte count
             # learns nothing; an offset equal to the total (it has everything) stays a 200.
@@ -1195,7 +1203,7 @@ class App:
             )
         if offset > 0:
             self.counters.inc(HttpCounter.RESUMES)
-        conn.start_stream(self.resume_headers(reader, owner, offset), req.version)
+        conn.start_stream(self.resume_headers(reader, info, offset), req.version)
         await self.relay(conn, reader, owner)
 
     def delete_stream(self, req: Request, conn: Connection) -> None:
