@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import ringcast
@@ -311,11 +312,21 @@ class _CountingNotifier:
         return self.n.owns_row()
 
 
+def _install_hub(wrapper: _CountingNotifier) -> Any:
+    """Makes the running loop's hub one fed by ``wrapper``, standing for the real notifier's
+    fd (what ``aread`` looks its hub up by); returns the hub."""
+    from ringcast import _aio
+
+    loop = asyncio.get_running_loop()
+    hub = _aio._LoopHub(loop, wrapper)  # type: ignore[arg-type]
+    _aio._hubs[loop] = {wrapper.n.fileno(): hub}
+    return hub
+
+
 def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind: str) -> None:
     """A reader that waits again and again subscribes once; the subscription is dropped by the
     first drain that finds the session advanced with nobody waiting on it (a drain happens
     while some reader of the process waits: a process with no waiter is not even told)."""
-    from ringcast import _aio
 
     w = seg.create_or_replace("c")
     r = seg.reader("c")
@@ -323,9 +334,7 @@ def test_subscriptions_stay_while_readers_wait(seg: ringcast.Segment, loop_kind:
     sub, unsub = ("subscribe", r.slot, r.generation), ("unsubscribe", r.slot, r.generation)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        hub = _aio._LoopHub(loop, counting)  # type: ignore[arg-type]
-        _aio._hubs[loop] = {counting.fileno(): hub}
+        hub = _install_hub(counting)
         for i in range(20):
             task = asyncio.create_task(r.aread())
             for _ in range(3):
@@ -382,11 +391,7 @@ def test_a_lost_wake_up_costs_at_most_the_rescan(
     deaf = _DeafNotifier(seg.notifier())
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        # The hub watches the pipe, but stands for the real notifier's fd, which is what
-        # ``aread`` looks it up by.
-        hub = _aio._LoopHub(loop, deaf)  # type: ignore[arg-type]
-        _aio._hubs[loop] = {deaf.n.fileno(): hub}
+        hub = _install_hub(deaf)  # it watches the pipe
         task = asyncio.create_task(r.aread())
         for _ in range(3):
             await asyncio.sleep(0)
@@ -524,9 +529,7 @@ def test_a_datagram_drained_right_after_an_arm_leaves_the_process_armed(
     racing = _RacingNotifier(seg.notifier())
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        hub = _aio._LoopHub(loop, racing)  # type: ignore[arg-type]
-        _aio._hubs[loop] = {racing.n.fileno(): hub}
+        hub = _install_hub(racing)
         woken = asyncio.create_task(ra.aread())
         waiting = asyncio.create_task(rb.aread())
         for _ in range(3):

@@ -133,10 +133,9 @@ class _LoopHub:
         # calls this again.)
         self._rearm(yield_first=False)
 
-    def _rearm(self, yield_first: bool) -> int:
+    def _rearm(self, yield_first: bool) -> None:
         """While readers wait: re-arms the notifier if a publish disarmed it, and then scans
-        what was published while it was disarmed (those publishes sent nothing). Returns the
-        readers woken.
+        what was published while it was disarmed (those publishes sent nothing).
 
         Once is not enough: a publish right after the arm disarms us again and sends a
         datagram, and the drain that follows can swallow that datagram (it empties the
@@ -144,11 +143,9 @@ class _LoopHub:
         in its socket, and no later publish would tell it anything: a lost wake-up (found by
         the rescan's warning, reproduced in tests/test_core_async.py). So arm again until an
         arm finds us still armed."""
-        woken = 0
         while self._waiters and self._notifier.arm(yield_first):
             yield_first = False
-            woken += self._wake(self._notifier.drain())
-        return woken
+            self._wake(self._notifier.drain())
 
     def _wake(self, changed: list[int]) -> int:
         """Resolves the futures waiting on the changed slots; returns how many."""

@@ -649,12 +649,17 @@ _LOCAL_HOSTS = {
 }
 
 
+def default_port(scheme: str) -> int:
+    """The port an upstream URL of this scheme means when it names none."""
+    return 443 if scheme == "https" else 80
+
+
 def upstream_is_self(upstream: str, host: str, port: int) -> bool:
     """Whether ``upstream`` (already checked by ``check_upstream``) names the address this
     server listens on: the same port, and the same host or local addresses of one IP version.
     Other names of this host (its LAN address, say) are not recognised."""
     u = urlsplit(upstream)
-    up_port = u.port or (443 if u.scheme == "https" else 80)
+    up_port = u.port or default_port(u.scheme)
     if port == 0 or up_port != port:
         return False
     up_host, host = (u.hostname or "").lower(), host.lower()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import math
@@ -70,6 +71,7 @@ from ringcast.manager import (
     WorkerCounter,
     child_main,
     counter_rows,
+    default_port,
     worker_row,
 )
 from ringcast.protocol import (
@@ -429,17 +431,11 @@ def check_upstream(upstream: str, ca_file: str | None) -> str | None:
     return None
 
 
-_tls_contexts: dict[str, ssl.SSLContext] = {}
-
-
+@functools.cache
 def upstream_tls(ca_file: str) -> ssl.SSLContext:
     """The client TLS context for an https upstream: certificate and host name checked,
     against ``ca_file`` if given, else the system's CAs (made once per process)."""
-    ctx = _tls_contexts.get(ca_file)
-    if ctx is None:
-        ctx = ssl.create_default_context(cafile=ca_file or None)
-        _tls_contexts[ca_file] = ctx
-    return ctx
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 async def proxy_upstream(
@@ -463,10 +459,10 @@ async def proxy_upstream(
         body["stream"] = True
     payload = msgspec.json.encode(body)
     host = url.hostname
-    port = url.port or (443 if tls else 80)
+    port = url.port or default_port(url.scheme)
     # Host header: brackets around an IPv6 literal, no port when it is the scheme's default.
     authority = f"[{host}]" if ":" in host else host
-    if url.port is not None and url.port != (443 if tls else 80):
+    if port != default_port(url.scheme):
         authority += f":{port}"
     try:
         raw_reader, writer = await asyncio.wait_for(

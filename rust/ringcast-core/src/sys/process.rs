@@ -47,14 +47,17 @@ impl ProcessId {
     /// process-table row or its running session, while the reverse only postpones a clean-up
     /// to the next check.
     pub fn is_alive(&self) -> bool {
-        if self.pid == 0 {
-            return false;
-        }
-        match stat_of(self.pid) {
-            Stat::Running { start_time } => start_time == self.start_time,
-            Stat::Zombie { .. } | Stat::Gone => false,
-            Stat::Unreadable => true,
-        }
+        self.pid != 0 && alive_where(self.pid, |t| t == self.start_time)
+    }
+}
+
+/// Whether `pid` runs (not a zombie) with a start time that `is_it` accepts; unreadable counts
+/// as alive (see `ProcessId::is_alive`).
+fn alive_where(pid: u32, is_it: impl Fn(u64) -> bool) -> bool {
+    match stat_of(pid) {
+        Stat::Running { start_time } => is_it(start_time),
+        Stat::Zombie { .. } | Stat::Gone => false,
+        Stat::Unreadable => true,
     }
 }
 
@@ -104,11 +107,7 @@ fn stat_of(pid: u32) -> Stat {
 /// Whether `pid` runs with a start time whose low 32 bits are `start_low` (the form a lock
 /// word keeps); unreadable counts as alive, as in `ProcessId::is_alive`.
 pub fn alive_with_start_low32(pid: u32, start_low: u32) -> bool {
-    match stat_of(pid) {
-        Stat::Running { start_time } => start_time as u32 == start_low,
-        Stat::Zombie { .. } | Stat::Gone => false,
-        Stat::Unreadable => true,
-    }
+    alive_where(pid, |t| t as u32 == start_low)
 }
 
 /// Wall-clock time in nanoseconds since the Unix epoch.
