@@ -533,37 +533,92 @@ def server_cpu_s(pid: int, system: str) -> float:
     return total
 
 
-def measure(system: str, args: argparse.Namespace, tmp: str) -> dict[str, float]:
+def build_loadgen() -> str:
+    """Builds ``ringcast-loadgen`` (bench/loadgen, release) and returns its path."""
+    try:
+        out = subprocess.run(
+            ["cargo", "build", "--release", "-p", "ringcast-loadgen", "--message-format=json"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise SystemExit(
+            "--client rust needs cargo to build bench/loadgen (or use --client python)"
+        ) from None
+    if out.returncode != 0:
+        raise SystemExit(f"building bench/loadgen failed:\n{out.stderr}")
+    for line in out.stdout.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == (
+            "ringcast-loadgen"
+        ):
+            if msg.get("executable"):
+                return str(msg["executable"])
+    raise SystemExit("cargo built bench/loadgen but named no executable")
+
+
+def run_loadgen(loadgen: str, port: int, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [
+        loadgen,
+        "--port",
+        str(port),
+        "--streams",
+        str(args.streams),
+        "--readers",
+        str(args.readers),
+        "--tokens",
+        str(args.tokens),
+        "--run-id",
+        f"{os.getpid()}-{time.monotonic_ns()}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"ringcast-loadgen failed: {out.stderr.strip()}")
+    res: dict[str, float] = json.loads(out.stdout)
+    return res
+
+
+def measure(
+    system: str, args: argparse.Namespace, tmp: str, loadgen: str | None
+) -> dict[str, float]:
     proc, port = start(system, args, tmp)
     try:
-        import uvloop
+        cpu0 = server_cpu_s(proc.pid, system)
+        if loadgen is not None:
+            got = run_loadgen(loadgen, port, args)
+            events, span = int(got["events"]), got["span_s"]
+            p50, p99, client_cpu = got["p50_ms"], got["p99_ms"], got["cpu_s"]
+        else:
+            import uvloop
 
-        cpu0, client0 = server_cpu_s(proc.pid, system), time.process_time()
-        # The client keeps millions of small objects until the run is over: without this,
-        # the collector's full passes over them stall it for ~100 ms at a time, and those
-        # stalls, not the servers, would set every system's p99.
-        gc.disable()
-        try:
-            stats = uvloop.run(run_clients(port, args.streams, args.readers, args.tokens))
-        finally:
-            gc.enable()
+            client0 = time.process_time()
+            # The client keeps millions of small objects until the run is over: without this,
+            # the collector's full passes over them stall it for ~100 ms at a time, and those
+            # stalls, not the servers, would set every system's p99.
+            gc.disable()
+            try:
+                stats = uvloop.run(run_clients(port, args.streams, args.readers, args.tokens))
+            finally:
+                gc.enable()
+            client_cpu = time.process_time() - client0
+            events, span = stats.events, stats.last - stats.first
+            lat = sorted(stats.latencies_ms())
+            p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         server_cpu = server_cpu_s(proc.pid, system) - cpu0
-        client_cpu = time.process_time() - client0
     finally:
         proc.terminate()
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
     expected = args.streams * args.readers * args.tokens
-    events = stats.events
     if events != expected:
         raise SystemExit(f"{system}: received {events} events, expected {expected}")
-    lat = sorted(stats.latencies_ms())
-    span = max(stats.last - stats.first, 1e-9)
     return {
-        "events_per_s": events / span,
-        "p50_ms": statistics.median(lat),
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "events_per_s": events / max(span, 1e-9),
+        "p50_ms": p50,
+        "p99_ms": p99,
         "events": events,
         "server_cpu_s": server_cpu,
         "client_cpu_s": client_cpu,
@@ -597,6 +652,14 @@ def main() -> None:
         help="give the baselines the same coalescing: each reader waits this long after a "
         "write before the next (default 0: written as a hand-written server does)",
     )
+    ap.add_argument(
+        "--client",
+        choices=["rust", "python"],
+        default="rust",
+        help="the measuring client: rust = bench/loadgen (one epoll loop, ~0.1 us of CPU per "
+        "event, built with cargo on first use), python = the uvloop client in this file "
+        "(~1 us per event: above ~1 M events/s it, not the servers, is the bottleneck)",
+    )
     ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
     ap.add_argument("--systems", default="ringcast,memory,redis")
     ap.add_argument(
@@ -611,11 +674,12 @@ def main() -> None:
         return
     import tempfile
 
+    loadgen = build_loadgen() if args.client == "rust" else None
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.systems.split(",")}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as t:
         for _ in range(args.repeat):  # interleaved, so background load hits every system
             for system in runs:
-                runs[system].append(measure(system, args, t))
+                runs[system].append(measure(system, args, t, loadgen))
     # Each metric's median over the runs: robust to a run hit by a burst of background load.
     results = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()

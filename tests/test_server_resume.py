@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import select
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,3 +290,60 @@ def test_a_stalled_reader_holds_up_nobody_and_loses_nothing(tmp_path: Path) -> N
         # The stalled reader was detached from the pump and resumes where it stopped.
         assert Response(stalled).read_all_and_close() == whole
         assert s.metric("slow_readers_detached_total") >= 1
+
+
+def _listen_drops() -> int:
+    """The kernel's count of connections dropped because a listener's queue was full (this
+    network namespace, all listeners)."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    names, values = rows[0], rows[1]
+    return int(values[names.index("ListenDrops")])
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_burst_of_reconnects_is_queued_not_dropped(tmp_path: Path, loop: str) -> None:
+    """After a network blip every client of a stream reconnects at once. An HTTP process that
+    is busy (here: stopped) must find them all queued when it gets to them: a listen queue of
+    100 (asyncio's default) drops the SYNs past the hundredth, and each of those clients waits
+    1 s, then 3 s, for its retransmission."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    n = min(400, somaxconn)
+    if n < 300:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: too small to queue a burst of 300")
+    with server(tmp_path, "--event-loop", loop, http_procs=1) as s:
+        (pid,) = s.children("http")
+        socks: list[socket.socket] = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            drops0 = _listen_drops()
+            for _ in range(n):
+                c = socket.socket()
+                c.setblocking(False)
+                socks.append(c)
+                assert c.connect_ex(("127.0.0.1", s.port)) in (0, errno.EINPROGRESS)
+            # Every handshake completes while the process is stopped: the kernel holds them.
+            poller = select.poll()
+            for c in socks:
+                poller.register(c, select.POLLOUT)
+            pending = {c.fileno() for c in socks}
+            deadline = time.monotonic() + 5.0
+            while pending and time.monotonic() < deadline:
+                for fd, _ in poller.poll(100):
+                    pending.discard(fd)
+                    poller.unregister(fd)
+            assert _listen_drops() == drops0, "the listen queue overflowed"
+            assert not pending, f"{len(pending)} of {n} connections never completed"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            for c in socks:
+                c.setblocking(True)
+                c.settimeout(60)
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            statuses = [Response(c).status for c in socks]
+            assert statuses == [200] * n
+        finally:
+            for c in socks:
+                c.close()

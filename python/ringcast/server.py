@@ -113,6 +113,11 @@ LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
 HANDOFF_TIMEOUT = 30.0
+# Connections the kernel may hold for an HTTP process before it accepts them (it caps this at
+# net.core.somaxconn). A network blip reconnects every client of a stream at once; with a
+# queue of 100 (asyncio's default) the SYNs past the hundredth were dropped and each of those
+# clients waited for its retransmission, 1 s and then 3 s.
+LISTEN_BACKLOG = 4096
 
 REASONS = {
     100: "Continue",
@@ -1436,7 +1441,7 @@ def _listen(cfg: ServeConfig) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((cfg.host, cfg.port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -1451,7 +1456,10 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         adapting = loop.create_task(app.adapt_coalescing())
         app.background.add(adapting)
-    server = await loop.create_server(lambda: Connection(app), sock=_listen(cfg))
+    # create_server listens again with its own backlog (asyncio's and uvloop's default: 100).
+    server = await loop.create_server(
+        lambda: Connection(app), sock=_listen(cfg), backlog=LISTEN_BACKLOG
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     Path(cfg.run_dir, f"ready-http-{index}").write_text(str(os.getpid()))
