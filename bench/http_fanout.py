@@ -3,7 +3,11 @@
 - ``ringcast``: ``ringcast serve`` (``--http-procs`` HTTP processes, one worker), the events
   produced by a plug-in generator defined in this file (``--generator http_fanout:timestamped``);
 - ``memory``: a single-process asyncio server on uvloop written by hand below: sessions are
-  ``bytearray``s, readers wait on futures woken by the producer;
+  ``bytearray``s, readers wait on futures woken by the producer (a task per reader, what one
+  writes first);
+- ``memory-broadcast``: the same server without a task per reader: the producer writes each
+  event straight into every attached reader's transport (the strongest single-process design
+  we could write; what ringcast's pumps do inside each of its processes);
 - ``redis``: the same server with sessions in Redis Streams (redis-py + hiredis, Redis at
   127.0.0.1:6379): the producer ``XADD``s every event through a pipeline flushed by a
   background task (no round trip per event); one ``XREAD BLOCK`` loop per session mirrors the
@@ -12,8 +16,11 @@
   ``XREAD BLOCK`` — the naive design, for reference.
 
 Every event is a ``chat.completion.chunk`` framed with ``id: <offset>`` whose content is the
-producer's ``time.time_ns()``; the client (one uvloop process, a protocol per connection that
-de-chunks as bytes arrive) records producer-to-client latency of every event. For each
+producer's ``time.time_ns()``; the client records producer-to-client latency of every event.
+The client is ``ringcast-loadgen`` (bench/loadgen: Rust, one epoll loop, built with cargo on
+first use) unless ``--client python`` (one uvloop process, a protocol per connection that
+de-chunks as bytes arrive): on two cores the client shares the CPUs with the servers, and the
+Python one, at ~1 us per event, is the bottleneck of every system above ~1 M events/s. For each
 stream, the POST's own response is one reader and ``R - 1`` more attach with
 ``GET /v1/stream``; the producers wait ``--prefill`` seconds before the first token so every
 reader is attached. Besides events/s and latency, each run reports the CPU seconds of the
@@ -27,6 +34,8 @@ delay after each write, to compare with ringcast's ``--coalesce always``.
     python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
     python bench/http_fanout.py --streams 8 --readers 128 --tokens 1200 --tokens-per-s 400
     python bench/http_fanout.py --tokens-per-s 0          # unpaced: throughput
+    python bench/http_fanout.py --streams 8 --readers 128 --sweep 100,400,1000,2000,3000 \
+        --plot sweep.svg                                   # sustained rate within a p99 bound
 
 Loopback only; every loop is bounded by --tokens.
 """
@@ -91,7 +100,7 @@ async def timestamped(ctx: Any) -> AsyncIterator[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Baseline servers (memory, redis)
+# Baseline servers (memory, memory-broadcast, redis)
 
 
 class Session:
@@ -152,6 +161,80 @@ class MemoryStore:
             fut = asyncio.get_running_loop().create_future()
             s.waiters.append(fut)
             await fut
+
+
+class Broadcast:
+    """A session of the ``memory-broadcast`` server: its bytes and the transports of the
+    readers at its live edge."""
+
+    __slots__ = ("buf", "done", "pending", "readers", "scheduled")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pending = bytearray()
+        self.scheduled = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.readers: list[asyncio.WriteTransport] = []
+
+
+class BroadcastStore:
+    """The strongest single-process design we could write by hand: no task per reader. The
+    producer appends each event and schedules one flush for the loop's next turn; the flush
+    frames what accumulated once and writes it straight into every attached reader's transport
+    (uvloop sends at once and buffers only what the socket does not take), the way ringcast's
+    pumps do: one write per reader per event while the process keeps up, the backlog in one
+    write when it falls behind. A reader that attaches gets everything so far in one write.
+    With ``linger`` (``--baseline-coalesce-ms``) a flusher writes what accumulated at most
+    once per linger instead."""
+
+    def __init__(self, linger: float) -> None:
+        self.sessions: dict[str, Broadcast] = {}
+        self.linger = linger
+
+    @staticmethod
+    def send(s: Broadcast) -> None:
+        s.scheduled = False
+        if s.pending:
+            framed = b"%x\r\n%s\r\n" % (len(s.pending), s.pending)
+            s.pending = bytearray()
+            for t in s.readers:
+                if not t.is_closing():
+                    t.write(framed)
+
+    async def flusher(self, s: Broadcast) -> None:
+        while not s.done.done():
+            await asyncio.sleep(self.linger)
+            self.send(s)
+
+    async def produce(self, conv: str, n: int) -> None:
+        s = self.sessions[conv] = Broadcast()
+        flusher = asyncio.ensure_future(self.flusher(s)) if self.linger else None
+        async for piece in timestamps(n):
+            ev = chunk_bytes(len(s.buf), piece)
+            s.buf += ev
+            s.pending += ev
+            if flusher is None and not s.scheduled:
+                s.scheduled = True
+                asyncio.get_running_loop().call_soon(self.send, s)
+        ev = frame_event(len(s.buf), DONE)
+        s.buf += ev
+        s.pending += ev
+        self.send(s)
+        s.done.set_result(None)
+        if flusher is not None:
+            await flusher
+
+    async def attach(self, conv: str, w: asyncio.StreamWriter) -> None:
+        s = self.sessions[conv]
+        if s.done.done():
+            w.write(b"%x\r\n%s\r\n" % (len(s.buf), s.buf))
+            return
+        # Everything up to the bytes not yet sent to the live readers, then live.
+        sent = bytes(s.buf[: len(s.buf) - len(s.pending)])
+        if sent:
+            w.write(b"%x\r\n%s\r\n" % (len(sent), sent))
+        s.readers.append(w.transport)
+        await s.done
 
 
 class RedisStore:
@@ -233,9 +316,13 @@ class RedisStore:
 
 
 async def baseline_server(kind: str, port: int, linger: float) -> None:
-    store: MemoryStore | RedisStore = (
-        MemoryStore() if kind == "memory" else RedisStore(per_reader=kind == "redis-per-reader")
-    )
+    store: MemoryStore | BroadcastStore | RedisStore
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "memory-broadcast":
+        store = BroadcastStore(linger)
+    else:
+        store = RedisStore(per_reader=kind == "redis-per-reader")
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -263,11 +350,14 @@ async def baseline_server(kind: str, port: int, linger: float) -> None:
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
             )
-            async for data in store.read(conv):
-                w.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await w.drain()
-                if linger:  # the same coalescing as ringcast's --coalesce-ms, when asked
-                    await asyncio.sleep(linger)
+            if isinstance(store, BroadcastStore):
+                await store.attach(conv, w)
+            else:
+                async for data in store.read(conv):
+                    w.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await w.drain()
+                    if linger:  # the same coalescing as ringcast's --coalesce-ms, when asked
+                        await asyncio.sleep(linger)
             w.write(b"0\r\n\r\n")
             await w.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -625,12 +715,123 @@ def measure(
     }
 
 
+def run_point(
+    args: argparse.Namespace, systems: list[str], tmp: str, loadgen: str | None
+) -> dict[str, dict[str, float]]:
+    """Every system at ``args``' rate, ``--repeat`` times interleaved (so background load hits
+    every system); each metric's median over the runs, robust to a run hit by a burst."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+    for _ in range(args.repeat):
+        for system in systems:
+            runs[system].append(measure(system, args, tmp, loadgen))
+    return {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
+    }
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    print(
+        f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'server cpu s':>14}{'client cpu s':>14}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['server_cpu_s']:>14.2f}{r['client_cpu_s']:>14.2f}"
+        )
+    if "ringcast" in results:
+        rc = results["ringcast"]
+        for name, r in results.items():
+            if name != "ringcast":
+                print(
+                    f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
+                    f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
+                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}"
+                )
+
+
+def sustained(
+    points: list[tuple[float, dict[str, dict[str, float]]]], system: str, slo_ms: float
+) -> tuple[float, float] | None:
+    """(offered tok/s per stream, delivered events/s) of the fastest paced point at which
+    ``system`` kept p99 within ``slo_ms`` (a system that falls behind sees its latency grow
+    for the rest of the run, so this also says it kept up; every event arrived, or the run
+    would have failed) and delivered at least 90 % of the offered events/s (the first to last
+    arrival also spans the streams' staggered starts)."""
+    best: tuple[float, float] | None = None
+    for tps, results in points:
+        r = results[system]
+        if tps > 0 and r["events_per_s"] >= 0.9 * r["offered"] and r["p99_ms"] <= slo_ms:
+            if best is None or r["events_per_s"] > best[1]:
+                best = (tps, r["events_per_s"])
+    return best
+
+
+def plot_sweep(
+    points: list[tuple[float, dict[str, dict[str, float]]]],
+    slos: list[float],
+    path: str,
+    title: str,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, NullFormatter, ScalarFormatter
+
+    paced = [(tps, res) for tps, res in points if tps > 0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in paced[0][1]:
+        offered = [res[name]["offered"] for _, res in paced]
+        ax1.plot(offered, [res[name]["p99_ms"] for _, res in paced], "o-", label=name)
+        ax2.plot(offered, [res[name]["events_per_s"] for _, res in paced], "o-", label=name)
+    for slo in slos:
+        ax1.axhline(slo, color="grey", ls=":", lw=1)
+    ax1.set(xscale="log", yscale="log", xlabel="offered events/s", ylabel="p99 latency, ms")
+    lim = [min(r["offered"] for _, res in paced for r in res.values())] * 2
+    lim[1] = max(r["offered"] for _, res in paced for r in res.values())
+    ax2.plot(lim, lim, color="grey", ls="--", lw=1, label="offered")
+    ax2.set(xscale="log", yscale="log", xlabel="offered events/s", ylabel="delivered events/s")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.yaxis.set_major_formatter(ScalarFormatter())
+    ax2.yaxis.set_major_formatter(EngFormatter(sep=""))
+    ax2.yaxis.set_minor_formatter(NullFormatter())
+    ax1.legend()
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="A sweep (--sweep 100,400,1000,2000,4000) runs every system at each rate and "
+        "prints, per system, the most events/s delivered with p99 within --slo-ms: the "
+        "throughput a user can count on, which a single unpaced run cannot tell (there, a "
+        "producer in its own process runs ahead of the fan-out and its backlog is latency).",
+    )
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--readers", type=int, default=16, help="readers per stream (incl. POST)")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--tokens-per-s", type=float, default=50.0, help="0 = unpaced")
+    ap.add_argument(
+        "--sweep",
+        help="comma-separated tok/s per stream to run in turn instead of --tokens-per-s; "
+        "each run's tokens are its rate x --duration",
+    )
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds of tokens per sweep point")
+    ap.add_argument(
+        "--slo-ms",
+        default="25,50,100",
+        help="comma-separated p99 bounds: for each, a sweep prints every system's sustained "
+        "rate (the most events/s it delivered with p99 within the bound)",
+    )
+    ap.add_argument("--plot", help="a sweep's p99 and delivered events/s against offered, to FILE")
     ap.add_argument("--prefill", type=float, default=1.0)
     ap.add_argument("--http-procs", type=int, default=2)
     ap.add_argument(
@@ -661,9 +862,11 @@ def main() -> None:
         "(~1 us per event: above ~1 M events/s it, not the servers, is the bottleneck)",
     )
     ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
-    ap.add_argument("--systems", default="ringcast,memory,redis")
+    ap.add_argument("--systems", default="ringcast,memory,memory-broadcast,redis")
     ap.add_argument(
-        "--baseline", choices=["memory", "redis", "redis-per-reader"], help=argparse.SUPPRESS
+        "--baseline",
+        choices=["memory", "memory-broadcast", "redis", "redis-per-reader"],
+        help=argparse.SUPPRESS,
     )
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -674,41 +877,71 @@ def main() -> None:
         return
     import tempfile
 
+    if args.sweep and args.tokens_per_s != ap.get_default("tokens_per_s"):
+        ap.error("--sweep replaces --tokens-per-s: give one of them")
+    if args.plot and not args.sweep:
+        ap.error("--plot draws a sweep: give --sweep too")
+    try:
+        rates = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.tokens_per_s]
+    except ValueError:
+        ap.error(f"--sweep wants numbers separated by commas, got {args.sweep!r}")
+    if any(r < 0 for r in rates):
+        ap.error("a rate cannot be negative (0 = unpaced)")
+    try:
+        slos = [float(x) for x in args.slo_ms.split(",")]
+    except ValueError:
+        ap.error(f"--slo-ms wants numbers separated by commas, got {args.slo_ms!r}")
+    systems = args.systems.split(",")
+    known = {"ringcast", "memory", "memory-broadcast", "redis", "redis-per-reader"}
+    if not systems or not set(systems) <= known:
+        ap.error(f"--systems: a comma-separated subset of {', '.join(sorted(known))}")
     loadgen = build_loadgen() if args.client == "rust" else None
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.systems.split(",")}
+    points: list[tuple[float, dict[str, dict[str, float]]]] = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as t:
-        for _ in range(args.repeat):  # interleaved, so background load hits every system
-            for system in runs:
-                runs[system].append(measure(system, args, t, loadgen))
-    # Each metric's median over the runs: robust to a run hit by a burst of background load.
-    results = {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
-    }
-    print(
-        f"S={args.streams} streams x R={args.readers} readers, {args.tokens} tokens, "
-        f"{args.tokens_per_s or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs} "
-        f"--coalesce {args.coalesce} --coalesce-ms {args.coalesce_ms:g}, baselines' coalescing "
-        f"{args.baseline_coalesce_ms:g} ms, medians of {args.repeat} runs, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
-    print(
-        f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
-        f"{'server cpu s':>14}{'client cpu s':>14}"
-    )
-    for name, r in results.items():
-        print(
-            f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{r['server_cpu_s']:>14.2f}{r['client_cpu_s']:>14.2f}"
+        for tps in rates:
+            point = argparse.Namespace(**vars(args))
+            point.tokens_per_s = tps
+            if args.sweep and tps > 0:
+                point.tokens = max(20, round(tps * args.duration))
+            results = run_point(point, systems, t, loadgen)
+            for r in results.values():
+                r["offered"] = args.streams * args.readers * tps if tps > 0 else float("nan")
+            points.append((tps, results))
+            print(
+                f"S={args.streams} streams x R={args.readers} readers, {point.tokens} tokens, "
+                f"{tps or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs} "
+                f"--coalesce {args.coalesce} --coalesce-ms {args.coalesce_ms:g}, baselines' "
+                f"coalescing {args.baseline_coalesce_ms:g} ms, {args.client} client, medians of "
+                f"{args.repeat} runs, load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            print_table(results)
+    if not args.sweep:
+        return
+    top = max((r for r in rates if r > 0), default=0.0)
+    for slo in slos:
+        print(f"\nsustained: the most events/s delivered with p99 within {slo:g} ms")
+        best = {name: sustained(points, name, slo) for name in systems}
+        for name, b in best.items():
+            if b is None:
+                shown = "at none of the paced rates"
+            else:
+                shown = f"{b[1]:>12.0f} events/s at {b[0]:g} tok/s"
+                if b[0] == top:
+                    shown += " (the fastest rate swept: the limit is higher)"
+            print(f"{name:<18}{shown}")
+        rc = best.get("ringcast")
+        for name, b in best.items():
+            if name != "ringcast" and rc is not None and b is not None:
+                print(f"ringcast/{name}: sustained events/s x{rc[1] / b[1]:.2f}")
+    if args.plot:
+        plot_sweep(
+            points,
+            slos,
+            args.plot,
+            f"{args.streams} streams x {args.readers} readers, 2 vCPUs "
+            f"(ringcast --http-procs {args.http_procs}; {args.client} client)",
         )
-    if "ringcast" in results:
-        rc = results["ringcast"]
-        for name, r in results.items():
-            if name != "ringcast":
-                print(
-                    f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
-                    f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
-                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}"
-                )
 
 
 if __name__ == "__main__":

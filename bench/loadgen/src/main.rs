@@ -28,7 +28,7 @@ use memchr::memmem;
 
 const USAGE: &str = "\
 usage: ringcast-loadgen --port PORT [--host 127.0.0.1] [--streams 8] [--readers 16]
-                        [--tokens 200] [--timeout-s 300] [--run-id ID]
+                        [--tokens 200] [--timeout-s 300] [--run-id ID] [--timeline FILE]
 
 Opens STREAMS x READERS HTTP/1.1 connections to an OpenAI-compatible streaming server with
 ringcast's resume routes: per stream one POST /v1/chat/completions (X-Conversation-Id:
@@ -38,6 +38,8 @@ CLOCK_REALTIME nanosecond stamp counts; its latency is arrival - stamp.
 
 Prints one JSON object: events, bytes, span_s (first to last arrival of an event),
 p50_ms p90_ms p99_ms p999_ms max_ms, cpu_s (this process, user + system).
+--timeline FILE writes a CSV of the run in 10 ms steps of arrival time (from the first
+connect): t_s, events, max_latency_ms (empty when no event arrived in that step).
 Exit status 1 with a message on stderr if any response is not 200, ends before its last
 chunk, or the run exceeds --timeout-s.";
 
@@ -49,6 +51,7 @@ struct Args {
     tokens: u64,
     timeout: Duration,
     run_id: String,
+    timeline: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         tokens: 200,
         timeout: Duration::from_secs(300),
         run_id: std::process::id().to_string(),
+        timeline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
             "--readers" => a.readers = num("--readers")? as usize,
             "--tokens" => a.tokens = num("--tokens")?,
             "--timeout-s" => a.timeout = Duration::from_secs(num("--timeout-s")?),
+            "--timeline" => a.timeline = Some(value.clone()),
             "--run-id" => {
                 if value.is_empty()
                     || !value
@@ -157,9 +162,14 @@ impl Conn {
     }
 }
 
+const TIMELINE_STEP: Duration = Duration::from_millis(10);
+
 /// What the client saw.
 struct Stats {
     latencies_ns: Vec<i64>,
+    /// Per TIMELINE_STEP of arrival time since `start`: events, and their largest latency.
+    timeline: Vec<(u64, i64)>,
+    start: Instant,
     bytes: u64,
     first: Option<Instant>,
     last: Option<Instant>,
@@ -190,6 +200,18 @@ impl Stats {
             }
         }
         if self.latencies_ns.len() > before {
+            let step = ((now - self.start).as_nanos() / TIMELINE_STEP.as_nanos()) as usize;
+            if self.timeline.len() <= step {
+                self.timeline.resize(step + 1, (0, i64::MIN));
+            }
+            let worst = self.latencies_ns[before..]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0);
+            let slot = &mut self.timeline[step];
+            slot.0 += (self.latencies_ns.len() - before) as u64;
+            slot.1 = slot.1.max(worst);
             self.first.get_or_insert(now);
             self.last = Some(now);
         }
@@ -418,6 +440,8 @@ fn run(args: &Args) -> Result<String, String> {
         latencies_ns: Vec::with_capacity(
             (args.streams * args.readers).saturating_mul(args.tokens.min(1 << 20) as usize),
         ),
+        timeline: Vec::new(),
+        start: Instant::now(),
         bytes: 0,
         first: None,
         last: None,
@@ -487,6 +511,18 @@ fn run(args: &Args) -> Result<String, String> {
         }
     }
     let cpu = cpu_seconds() - cpu0;
+    if let Some(path) = &args.timeline {
+        let mut csv = String::from("t_s,events,max_latency_ms\n");
+        for (i, &(n, worst)) in stats.timeline.iter().enumerate() {
+            let t = (i as u128 * TIMELINE_STEP.as_nanos()) as f64 / 1e9;
+            if n == 0 {
+                csv += &format!("{t:.2},0,\n");
+            } else {
+                csv += &format!("{t:.2},{n},{:.3}\n", worst as f64 / 1e6);
+            }
+        }
+        std::fs::write(path, csv).map_err(|e| format!("--timeline {path}: {e}"))?;
+    }
     let lat = &mut stats.latencies_ns;
     lat.sort_unstable();
     let q = |p: f64| -> f64 {
@@ -538,5 +574,133 @@ fn main() -> ExitCode {
             eprintln!("ringcast-loadgen: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> Stats {
+        Stats {
+            latencies_ns: Vec::new(),
+            timeline: Vec::new(),
+            start: Instant::now(),
+            bytes: 0,
+            first: None,
+            last: None,
+            content: memmem::Finder::new(b"\"content\":\"").into_owned(),
+        }
+    }
+
+    fn conn() -> (Conn, std::net::TcpListener) {
+        // A real socket only because `Conn` owns one; nothing is read from it here.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let c = Conn {
+            sock,
+            stream: 0,
+            is_post: true,
+            framing: Framing::Head,
+            raw: Vec::new(),
+            body: Vec::new(),
+            left: 0,
+            skip: 0,
+            finished: false,
+        };
+        (c, l)
+    }
+
+    fn event(stamp: &str) -> Vec<u8> {
+        format!("id: 1\ndata: {{\"choices\":[{{\"delta\":{{\"content\":\"{stamp}\"}}}}]}}\n\n")
+            .into_bytes()
+    }
+
+    /// A chunked response: events split over chunks of `chunk` bytes, then `[DONE]` and the
+    /// last chunk; its body holds `stamps.len()` stamped events and one role event without.
+    fn response(stamps: &[&str], chunk: usize) -> Vec<u8> {
+        let mut body = b"data: {\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}\n\n".to_vec();
+        for s in stamps {
+            body.extend(event(s));
+        }
+        body.extend_from_slice(b"data: [DONE]\n\n");
+        let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+        for piece in body.chunks(chunk) {
+            out.extend(format!("{:x};ext=1\r\n", piece.len()).into_bytes());
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    #[test]
+    fn every_split_of_a_chunked_response_gives_the_same_events() {
+        let stamps = ["1000", "2000", "3000", "12345678901234567"];
+        for chunk in [1, 7, 64, 4096] {
+            let whole = response(&stamps, chunk);
+            for split in 0..=whole.len() {
+                let (mut c, _l) = conn();
+                let mut st = stats();
+                let now = Instant::now();
+                feed(&mut c, &whole[..split], &mut st, 10_000, now).expect("first part");
+                feed(&mut c, &whole[split..], &mut st, 10_000, now).expect("second part");
+                assert!(
+                    c.finished,
+                    "chunk {chunk} split {split}: the last chunk ends it"
+                );
+                let mut lat = st.latencies_ns.clone();
+                lat.sort_unstable();
+                assert_eq!(
+                    lat,
+                    vec![10_000 - 12345678901234567, 7_000, 8_000, 9_000],
+                    "chunk {chunk} split {split}"
+                );
+                assert!(c.body.is_empty() && c.raw.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_200_response_is_an_error_that_shows_it() {
+        let (mut c, _l) = conn();
+        let err = feed(
+            &mut c,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
+            &mut stats(),
+            0,
+            Instant::now(),
+        )
+        .expect_err("404");
+        assert!(err.contains("404 Not Found"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_chunk_size_is_an_error() {
+        let (mut c, _l) = conn();
+        let err = feed(
+            &mut c,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            &mut stats(),
+            0,
+            Instant::now(),
+        )
+        .expect_err("bad size");
+        assert!(err.contains("bad chunk-size line \"zz\""), "{err}");
+    }
+
+    #[test]
+    fn content_that_is_not_a_stamp_is_not_counted() {
+        let (mut c, _l) = conn();
+        let mut st = stats();
+        let body = b"data: {\"content\":\"12a\"}\n\ndata: {\"content\":\"\"}\n\n\
+                     data: {\"content\":\"99999999999999999999999\"}\n\ndata: {\"content\":\"5\"}\n\n";
+        let mut resp = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        resp.extend_from_slice(body);
+        feed(&mut c, &resp, &mut st, 7, Instant::now()).expect("until close");
+        assert_eq!(st.latencies_ns, vec![2]);
+        assert_eq!(st.bytes, body.len() as u64);
     }
 }
