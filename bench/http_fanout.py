@@ -600,9 +600,28 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
     return p, port
 
 
-def server_cpu_s(pid: int, system: str) -> float:
-    """User + system CPU seconds of the server side of a run: the server process and its
-    children, plus every ``redis-server`` for the Redis-backed systems."""
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of ``pid`` have spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/*/schedstat``, second field): on a machine with fewer cores than busy
+    processes, the time a server or the client lost to the others."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that exited meanwhile
+    return total / 1e9
+
+
+def server_usage(pid: int, system: str) -> tuple[float, float]:
+    """User + system CPU seconds and run-queue wait seconds of the server side of a run: the
+    server process and its children, plus every ``redis-server`` for the Redis-backed
+    systems."""
     import psutil
 
     procs: list[psutil.Process] = []
@@ -613,14 +632,15 @@ def server_cpu_s(pid: int, system: str) -> float:
         pass
     if system.startswith("redis"):
         procs += [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
-    total = 0.0
+    cpu = wait = 0.0
     for p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            cpu += t.user + t.system
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        wait += runqueue_wait_s(p.pid)
+    return cpu, wait
 
 
 def build_loadgen() -> str:
@@ -675,15 +695,16 @@ def measure(
 ) -> dict[str, float]:
     proc, port = start(system, args, tmp)
     try:
-        cpu0 = server_cpu_s(proc.pid, system)
+        cpu0, wait0 = server_usage(proc.pid, system)
         if loadgen is not None:
             got = run_loadgen(loadgen, port, args)
             events, span = int(got["events"]), got["span_s"]
             p50, p99, client_cpu = got["p50_ms"], got["p99_ms"], got["cpu_s"]
+            client_wait = got["wait_s"]
         else:
             import uvloop
 
-            client0 = time.process_time()
+            client0, client_wait0 = time.process_time(), runqueue_wait_s(os.getpid())
             # The client keeps millions of small objects until the run is over: without this,
             # the collector's full passes over them stall it for ~100 ms at a time, and those
             # stalls, not the servers, would set every system's p99.
@@ -693,10 +714,12 @@ def measure(
             finally:
                 gc.enable()
             client_cpu = time.process_time() - client0
+            client_wait = runqueue_wait_s(os.getpid()) - client_wait0
             events, span = stats.events, stats.last - stats.first
             lat = sorted(stats.latencies_ms())
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        server_cpu = server_cpu_s(proc.pid, system) - cpu0
+        cpu1, wait1 = server_usage(proc.pid, system)
+        server_cpu, server_wait = cpu1 - cpu0, wait1 - wait0
     finally:
         proc.terminate()
         proc.wait(30)
@@ -712,6 +735,8 @@ def measure(
         "events": events,
         "server_cpu_s": server_cpu,
         "client_cpu_s": client_cpu,
+        "server_wait_s": server_wait,
+        "client_wait_s": client_wait,
     }
 
 
@@ -732,12 +757,13 @@ def run_point(
 def print_table(results: dict[str, dict[str, float]]) -> None:
     print(
         f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
-        f"{'server cpu s':>14}{'client cpu s':>14}"
+        f"{'server cpu s':>14}{'client cpu s':>14}{'server wait s':>15}{'client wait s':>15}"
     )
     for name, r in results.items():
         print(
             f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{r['server_cpu_s']:>14.2f}{r['client_cpu_s']:>14.2f}"
+            f"{r['server_wait_s']:>15.2f}{r['client_wait_s']:>15.2f}"
         )
     if "ringcast" in results:
         rc = results["ringcast"]

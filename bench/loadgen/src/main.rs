@@ -37,7 +37,8 @@ GET /v1/stream?conv_id=<id>&from=0. Every event whose delta content is a decimal
 CLOCK_REALTIME nanosecond stamp counts; its latency is arrival - stamp.
 
 Prints one JSON object: events, bytes, span_s (first to last arrival of an event),
-p50_ms p90_ms p99_ms p999_ms max_ms, cpu_s (this process, user + system).
+p50_ms p90_ms p99_ms p999_ms max_ms, cpu_s (this process, user + system), wait_s (time it
+was runnable but waiting for a CPU).
 --timeline FILE writes a CSV of the run in 10 ms steps of arrival time (from the first
 connect): t_s, events, max_latency_ms (empty when no event arrived in that step).
 Exit status 1 with a message on stderr if any response is not 200, ends before its last
@@ -118,6 +119,15 @@ fn realtime_ns() -> i64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// Seconds this thread has spent runnable but waiting for a CPU (`/proc/thread-self/schedstat`,
+/// second field); 0 where the kernel does not keep schedstats.
+fn runqueue_wait_seconds() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 fn cpu_seconds() -> f64 {
@@ -447,7 +457,7 @@ fn run(args: &Args) -> Result<String, String> {
         last: None,
         content: memmem::Finder::new(b"\"content\":\"").into_owned(),
     };
-    let cpu0 = cpu_seconds();
+    let (cpu0, wait0) = (cpu_seconds(), runqueue_wait_seconds());
     let deadline = Instant::now() + args.timeout;
     // Streams start one after another: the next POST goes out once the previous stream's
     // readers are attached (the Python client does the same).
@@ -511,6 +521,7 @@ fn run(args: &Args) -> Result<String, String> {
         }
     }
     let cpu = cpu_seconds() - cpu0;
+    let wait = runqueue_wait_seconds() - wait0;
     if let Some(path) = &args.timeline {
         let mut csv = String::from("t_s,events,max_latency_ms\n");
         for (i, &(n, worst)) in stats.timeline.iter().enumerate() {
@@ -544,7 +555,7 @@ fn run(args: &Args) -> Result<String, String> {
     };
     Ok(format!(
         "{{\"events\": {}, \"bytes\": {}, \"span_s\": {}, \"p50_ms\": {}, \"p90_ms\": {}, \
-         \"p99_ms\": {}, \"p999_ms\": {}, \"max_ms\": {}, \"cpu_s\": {}}}",
+         \"p99_ms\": {}, \"p999_ms\": {}, \"max_ms\": {}, \"cpu_s\": {}, \"wait_s\": {}}}",
         lat.len(),
         stats.bytes,
         json_num(span),
@@ -554,6 +565,7 @@ fn run(args: &Args) -> Result<String, String> {
         json_num(q(0.999)),
         json_num(lat.last().map_or(f64::NAN, |&v| v as f64 / 1e6)),
         json_num(cpu),
+        json_num(wait),
     ))
 }
 
