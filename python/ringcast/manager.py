@@ -880,7 +880,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="the most a stream's next write to its readers waits for more bytes to send "
         "along (one send per client per write is the cost of fan-out); only streams whose "
-        "events come faster than half the wait are held; 0 = never wait (%(default)s)",
+        "events come faster than half the wait are held; 0 = never wait; 40 flattens p99 "
+        "under heavy fan-out on few cores, at ~20 ms more at moderate load (%(default)s)",
     )
     net.add_argument(
         "--coalesce",
