@@ -863,8 +863,8 @@ def main() -> None:
     ap.add_argument(
         "--coalesce-ms",
         type=float,
-        default=20.0,
-        help="ringcast serve --coalesce-ms (its default: 20)",
+        default=40.0,
+        help="ringcast serve --coalesce-ms (its default: 40)",
     )
     ap.add_argument(
         "--coalesce",

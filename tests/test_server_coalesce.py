@@ -165,3 +165,44 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
     assert after[-1] == 0.0, after
     assert after[5] > 0.0, "a loaded process keeps batching for a while after the load"
     assert counters._vals[HttpCounter.COALESCE_US] == 0
+
+
+def test_adaptive_coalescing_takes_half_the_cap_while_merely_busy(tmp_path: Path) -> None:
+    """A loop a little late (held 0.5 ms at a time: ~1.6 ms of lag on this loop) gets half
+    the cap; one far behind (held 15 ms at a time) gets all of it, and comes back to half
+    when the stalls shrink again."""
+    import asyncio
+    import time
+
+    import ringcast
+    from ringcast.manager import ServeConfig, SharedCounters
+    from ringcast.server import App
+
+    cfg = ServeConfig(http_procs=1, coalesce_ms=40.0, coalesce="adaptive")
+    seg = ringcast.Segment.create(str(tmp_path / "seg"), max_sessions=4, session_bytes=1 << 16)
+    counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
+    counters.bind_row(1)
+
+    async def held(app: App, hold_s: float, for_s: float) -> list[float]:
+        seen = []
+        end = time.monotonic() + for_s
+        while time.monotonic() < end:
+            time.sleep(hold_s)
+            await asyncio.sleep(0)
+            seen.append(app.linger)
+        return seen
+
+    async def main() -> tuple[list[float], list[float], list[float]]:
+        app = App(cfg, 0, seg, counters)
+        task = asyncio.create_task(app.adapt_coalescing())
+        busy = await held(app, 0.0005, 1.5)
+        far = await held(app, 0.015, 1.0)
+        busy_again = await held(app, 0.0005, 2.0)
+        task.cancel()
+        return busy, far, busy_again
+
+    busy, far, busy_again = asyncio.run(main())
+    seg.close()
+    assert busy[-1] == pytest.approx(0.020), busy[-50:]
+    assert far[-1] == pytest.approx(0.040), far
+    assert busy_again[-1] == pytest.approx(0.020), busy_again[-50:]

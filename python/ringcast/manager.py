@@ -110,7 +110,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     keepalive_timeout: float = 75.0
     write_timeout: float = 120.0
     sse_ping_interval: float = 30.0
-    coalesce_ms: float = 20.0
+    coalesce_ms: float = 40.0
     coalesce: str = "adaptive"  # or "always"
     cors_origins: list[str] = msgspec.field(default_factory=list)
     run_dir: str = ""
@@ -876,12 +876,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--coalesce-ms",
         type=float,
-        default=20.0,
+        default=40.0,
         metavar="MS",
         help="the most a stream's next write to its readers waits for more bytes to send "
         "along (one send per client per write is the cost of fan-out); only streams whose "
-        "events come faster than half the wait are held; 0 = never wait; 40 flattens p99 "
-        "under heavy fan-out on few cores, at ~20 ms more at moderate load (%(default)s)",
+        "events come faster than half the wait are held; adaptive waits up to half of it "
+        "while a process is behind and all of it while far behind; 0 = never wait "
+        "(%(default)s)",
     )
     net.add_argument(
         "--coalesce",

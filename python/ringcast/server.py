@@ -104,11 +104,14 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 RELAY_READ = 256 * 1024
 # Adaptive coalescing (App.adapt_coalescing): sample period and moving-average weight of the
-# event-loop lag; the lag above which a process is behind and below which it keeps up (an idle
-# uvloop shows ~0.2 ms); the first linger when it falls behind and the decay per sample after.
+# event-loop lag; the lag above which a process is behind (the linger may climb to half the
+# cap), far behind (to the whole cap), and below which it keeps up (an idle uvloop shows
+# ~0.2 ms); the first linger when it falls behind and the decay per sample after.
 LAG_PERIOD = 0.010
 LAG_SMOOTHING = 0.25
+LAG_SLOW_SMOOTHING = 0.05
 LAG_HIGH = 0.001
+LAG_SEVERE = 0.004
 LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
@@ -689,21 +692,33 @@ class App:
 
         Every 10 ms, how late the loop woke this task (its lag: time spent running other
         callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
-        doubles (from LINGER_START) up to the ``--coalesce-ms`` cap; below LAG_LOW it
-        decays by LINGER_DECAY per sample (from the cap to nothing in ~0.3 s), and in between
-        it holds. It climbs fast and comes down slowly, so a loaded process keeps the batching
-        that gives it headroom instead of oscillating at the edge of saturation; an idle one
-        goes back to writing every event at once."""
+        doubles (from LINGER_START) up to half the ``--coalesce-ms`` cap (coming down to it
+        by LINGER_DECAY per sample from above), and while a slower average (over ~0.2 s,
+        where a process far behind shows its long stalls) is above LAG_SEVERE, up to the
+        whole cap;
+        below LAG_LOW it decays by LINGER_DECAY per sample (from the cap to nothing in
+        ~0.4 s), and in between it holds. It climbs fast and
+        comes down slowly, so a loaded process keeps the batching that gives it headroom
+        instead of oscillating at the edge of saturation; an idle one goes back to writing
+        every event at once. The two ceilings: a process that is merely busy (a loop ~1 ms
+        late) needs a little batching and keeps its latency; one that is far behind (at 2.5 M
+        events/s on 2 cores its loop was 2-6 ms late at the median, 10-130 ms at p90) needs
+        all the batching it can get, or its backlog, not the linger, sets the latency."""
         cap = self.cfg.coalesce_ms / 1000.0
-        avg = 0.0
+        avg = slow = 0.0
         while True:
             t0 = time.monotonic()
             await asyncio.sleep(LAG_PERIOD)
             lag = max(0.0, time.monotonic() - t0 - LAG_PERIOD)
             avg += (lag - avg) * LAG_SMOOTHING
+            slow += (lag - slow) * LAG_SLOW_SMOOTHING
             linger = self.linger
             if avg > LAG_HIGH:
-                linger = min(cap, max(linger * 2.0, LINGER_START))
+                ceiling = cap if slow > LAG_SEVERE else cap / 2
+                if linger > ceiling:  # no longer far behind: back down to the lower ceiling
+                    linger = max(ceiling, linger * LINGER_DECAY)
+                else:
+                    linger = min(ceiling, max(linger * 2.0, LINGER_START))
             elif avg < LAG_LOW:
                 linger = linger * LINGER_DECAY if linger > LINGER_START / 4 else 0.0
             if linger != self.linger:
