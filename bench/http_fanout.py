@@ -27,9 +27,10 @@ reader is attached. Besides events/s and latency, each run reports the CPU secon
 server side (every process of it, ``redis-server`` included) and of the client: on a small
 machine they share the cores, so CPU per event is the figure that carries over.
 
-``ringcast serve`` coalesces writes adaptively (up to ``--coalesce-ms``, default 20, and only
-while an HTTP process falls behind); ``--baseline-coalesce-ms`` gives the baselines a fixed
-delay after each write, to compare with ringcast's ``--coalesce always``.
+``ringcast serve`` coalesces writes adaptively (only while an HTTP process falls behind: up to
+half of ``--coalesce-ms``, default 40, and all of it while far behind);
+``--baseline-coalesce-ms`` gives the baselines a fixed delay after each write, to compare with
+ringcast's ``--coalesce always``.
 
     python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
     python bench/http_fanout.py --streams 8 --readers 128 --tokens 1200 --tokens-per-s 400
