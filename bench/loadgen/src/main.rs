@@ -166,6 +166,20 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(sock: TcpStream, stream: usize, is_post: bool) -> Self {
+        Conn {
+            sock,
+            stream,
+            is_post,
+            framing: Framing::Head,
+            raw: Vec::new(),
+            body: Vec::new(),
+            left: 0,
+            skip: 0,
+            finished: false,
+        }
+    }
+
     fn describe(&self) -> String {
         let what = if self.is_post { "POST" } else { "GET" };
         format!("stream {} {what}", self.stream)
@@ -187,6 +201,18 @@ struct Stats {
 }
 
 impl Stats {
+    fn new(capacity: usize) -> Self {
+        Stats {
+            latencies_ns: Vec::with_capacity(capacity),
+            timeline: Vec::new(),
+            start: Instant::now(),
+            bytes: 0,
+            first: None,
+            last: None,
+            content: memmem::Finder::new(b"\"content\":\"").into_owned(),
+        }
+    }
+
     /// Counts the complete events at the start of `body` (through its last blank line) and
     /// removes them.
     fn take_events(&mut self, body: &mut Vec<u8>, now_ns: i64, now: Instant) {
@@ -407,17 +433,7 @@ impl Run<'_> {
         self.epoll
             .ctl(libc::EPOLL_CTL_ADD, sock.as_raw_fd(), token)
             .map_err(|e| format!("epoll_ctl: {e}"))?;
-        self.conns.push(Some(Conn {
-            sock,
-            stream,
-            is_post,
-            framing: Framing::Head,
-            raw: Vec::new(),
-            body: Vec::new(),
-            left: 0,
-            skip: 0,
-            finished: false,
-        }));
+        self.conns.push(Some(Conn::new(sock, stream, is_post)));
         self.open += 1;
         Ok(())
     }
@@ -446,17 +462,8 @@ fn run(args: &Args) -> Result<String, String> {
         open: 0,
         body,
     };
-    let mut stats = Stats {
-        latencies_ns: Vec::with_capacity(
-            (args.streams * args.readers).saturating_mul(args.tokens.min(1 << 20) as usize),
-        ),
-        timeline: Vec::new(),
-        start: Instant::now(),
-        bytes: 0,
-        first: None,
-        last: None,
-        content: memmem::Finder::new(b"\"content\":\"").into_owned(),
-    };
+    let mut stats =
+        Stats::new((args.streams * args.readers).saturating_mul(args.tokens.min(1 << 20) as usize));
     let (cpu0, wait0) = (cpu_seconds(), runqueue_wait_seconds());
     let deadline = Instant::now() + args.timeout;
     // Streams start one after another: the next POST goes out once the previous stream's
@@ -594,33 +601,20 @@ mod tests {
     use super::*;
 
     fn stats() -> Stats {
-        Stats {
-            latencies_ns: Vec::new(),
-            timeline: Vec::new(),
-            start: Instant::now(),
-            bytes: 0,
-            first: None,
-            last: None,
-            content: memmem::Finder::new(b"\"content\":\"").into_owned(),
-        }
+        Stats::new(0)
     }
 
     fn conn() -> (Conn, std::net::TcpListener) {
         // A real socket only because `Conn` owns one; nothing is read from it here.
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let c = Conn {
-            sock,
-            stream: 0,
-            is_post: true,
-            framing: Framing::Head,
-            raw: Vec::new(),
-            body: Vec::new(),
-            left: 0,
-            skip: 0,
-            finished: false,
-        };
-        (c, l)
+        (Conn::new(sock, 0, true), l)
+    }
+
+    /// The error `feed` gives for `response`.
+    fn feed_error(response: &[u8]) -> String {
+        let (mut c, _l) = conn();
+        feed(&mut c, response, &mut stats(), 0, Instant::now()).expect_err("an error")
     }
 
     fn event(stamp: &str) -> Vec<u8> {
@@ -677,29 +671,13 @@ mod tests {
 
     #[test]
     fn a_non_200_response_is_an_error_that_shows_it() {
-        let (mut c, _l) = conn();
-        let err = feed(
-            &mut c,
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
-            &mut stats(),
-            0,
-            Instant::now(),
-        )
-        .expect_err("404");
+        let err = feed_error(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}");
         assert!(err.contains("404 Not Found"), "{err}");
     }
 
     #[test]
     fn a_bad_chunk_size_is_an_error() {
-        let (mut c, _l) = conn();
-        let err = feed(
-            &mut c,
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            &mut stats(),
-            0,
-            Instant::now(),
-        )
-        .expect_err("bad size");
+        let err = feed_error(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
         assert!(err.contains("bad chunk-size line \"zz\""), "{err}");
     }
 
