@@ -206,3 +206,48 @@ def test_adaptive_coalescing_takes_half_the_cap_while_merely_busy(tmp_path: Path
     assert busy[-1] == pytest.approx(0.020), busy[-50:]
     assert far[-1] == pytest.approx(0.040), far
     assert busy_again[-1] == pytest.approx(0.020), busy_again[-50:]
+
+
+def test_a_background_task_that_fails_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A controller that dies (a bug) must say so at once, not leave the process silently
+    writing every event (found when an edit left a name undefined in adapt_coalescing)."""
+    import asyncio
+
+    import ringcast
+    from ringcast.manager import ServeConfig, SharedCounters
+    from ringcast.server import App
+
+    cfg = ServeConfig(http_procs=1, coalesce_ms=40.0, coalesce="adaptive")
+    seg = ringcast.Segment.create(str(tmp_path / "seg"), max_sessions=4, session_bytes=1 << 16)
+    counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
+    counters.bind_row(1)
+
+    async def broken() -> None:
+        raise NameError("name 'busy_at' is not defined")
+
+    async def quiet() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> App:
+        app = App(cfg, 0, seg, counters)
+        for task in (
+            app.track(asyncio.create_task(broken())),
+            app.track(asyncio.create_task(quiet())),
+        ):
+            await asyncio.wait([task])
+        cancelled = app.track(asyncio.create_task(asyncio.sleep(10)))
+        cancelled.cancel()
+        await asyncio.wait([cancelled])
+        await asyncio.sleep(0)  # done callbacks run
+        return app
+
+    with caplog.at_level("ERROR", logger="ringcast.server"):
+        app = asyncio.run(main())
+    seg.close()
+    assert not app.background
+    failures = [r for r in caplog.records if "background task" in r.getMessage()]
+    assert len(failures) == 1, caplog.text
+    assert "broken" in failures[0].getMessage()
+    assert failures[0].exc_info is not None and "busy_at" in str(failures[0].exc_info[1])

@@ -727,6 +727,24 @@ class App:
 
     # -- helpers
 
+    def track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Keeps a background task alive until it ends, and logs it if it ends by an
+        exception: an error in the coalescing controller would otherwise leave the process
+        writing every event at once, and only a garbage collection would ever say why."""
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "HTTP process %d: background task %s failed",
+                self.index,
+                task.get_coro().__qualname__,  # type: ignore[union-attr]
+                exc_info=exc,
+            )
+
     def count_status(self, status: int) -> None:
         if 400 <= status < 500:
             self.counters.inc(HttpCounter.ERRORS_4XX)
@@ -901,9 +919,7 @@ class App:
         reader = self.seg.reader(conv, 0, owner)
         self.counters.inc(HttpCounter.STREAMS_STARTED)
         job = Job(conv, owner, writer.generation, route, req.body)
-        task = asyncio.get_running_loop().create_task(self.handoff(job, writer))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.track(asyncio.get_running_loop().create_task(self.handoff(job, writer)))
         finished = False
         try:
             if stream:
@@ -1469,8 +1485,7 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     app = App(cfg, index, seg, counters)
     loop = asyncio.get_running_loop()
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
-        adapting = loop.create_task(app.adapt_coalescing())
-        app.background.add(adapting)
+        app.track(loop.create_task(app.adapt_coalescing()))
     # create_server listens again with its own backlog (asyncio's and uvloop's default: 100).
     server = await loop.create_server(
         lambda: Connection(app), sock=_listen(cfg), backlog=LISTEN_BACKLOG
