@@ -966,8 +966,9 @@ def main() -> None:
             points,
             slos,
             args.plot,
-            f"{args.streams} streams x {args.readers} readers, 2 vCPUs "
-            f"(ringcast --http-procs {args.http_procs}; {args.client} client)",
+            f"{args.streams} streams x {args.readers} readers, {os.cpu_count()} CPUs (ringcast "
+            f"--http-procs {args.http_procs} --coalesce {args.coalesce} --coalesce-ms "
+            f"{args.coalesce_ms:g}; {args.client} client)",
         )
 
 
