@@ -168,7 +168,7 @@ class ManagerCounter(enum.IntEnum):
 ROW_WORDS = 16  # 128 bytes: one row never shares a cache line pair with another process's
 ROW_LOOP = ROW_WORDS - 1
 """The last word of every child's row: the event loop it runs, an index into LOOP_NAMES,
-written once by :func:`child_main` from inside the running loop."""
+written once by :func:`open_child_counters` from inside the running loop."""
 LOOP_NAMES = ("", "asyncio", "uvloop")  # 0: not recorded yet
 
 assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter)) < ROW_LOOP
@@ -276,12 +276,7 @@ def child_main(
     logging.basicConfig(
         level=cfg.log_level, format=f"%(asctime)s ringcast.{role}[{index}] %(message)s"
     )
-
-    async def main() -> None:
-        record_loop(cfg, child_row(cfg, role, index))
-        await serve(cfg, index)
-
-    run_loop(cfg, main())
+    run_loop(cfg, serve(cfg, index))
 
 
 def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:
@@ -299,12 +294,14 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def record_loop(cfg: ServeConfig, row: int) -> None:
-    """Store the running loop's kind in this process's counter row (``ROW_LOOP``), so
-    ``/metrics`` and the manager's start-up line report the loop each child really runs."""
+def open_child_counters(cfg: ServeConfig, role: str, index: int) -> SharedCounters:
+    """A child's counters, bound to its row, with the kind of the running loop stored in the
+    row (``ROW_LOOP``) so ``/metrics`` and the manager's start-up line report the loop each
+    child really runs. Called by the child's main coroutine, inside its loop."""
     counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
-    counters.bind_row(row)
+    counters.bind_row(child_row(cfg, role, index))
     counters.set(ROW_LOOP, LOOP_NAMES.index(loop_name(asyncio.get_running_loop())))
+    return counters
 
 
 def last_used(info: SessionInfo) -> float:
@@ -424,7 +421,7 @@ class Manager:
         return False
 
     def event_loops(self) -> str:
-        """The event loop the children run, as they recorded it (see :func:`record_loop`):
+        """The event loop the children run, as they recorded it (see :func:`open_child_counters`):
         one name, or each child's if they differ."""
         names = {
             f"{c.role} {c.index}": loop_of(

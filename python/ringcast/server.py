@@ -64,10 +64,10 @@ from ringcast.manager import (
     SharedCounters,
     WorkerCounter,
     child_main,
-    counter_rows,
     evict_lru,
     http_row,
     loop_of,
+    open_child_counters,
     worker_row,
 )
 from ringcast.protocol import (
@@ -1479,8 +1479,7 @@ def _listen(cfg: ServeConfig) -> socket.socket:
 
 async def serve_http(cfg: ServeConfig, index: int) -> None:
     seg = Segment.open(cfg.segment)
-    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
-    counters.bind_row(http_row(index))
+    counters = open_child_counters(cfg, "http", index)
     counters.set(HttpCounter.READERS_ACTIVE, 0)
     app = App(cfg, index, seg, counters)
     loop = asyncio.get_running_loop()

@@ -70,9 +70,8 @@ from ringcast.manager import (
     SharedCounters,
     WorkerCounter,
     child_main,
-    counter_rows,
     default_port,
-    worker_row,
+    open_child_counters,
 )
 from ringcast.protocol import (
     DONE_EVENT,
@@ -700,8 +699,7 @@ class WorkerApp:
 
 async def serve_worker(cfg: ServeConfig, index: int) -> None:
     seg = Segment.open(cfg.segment)
-    counters = SharedCounters(os.path.join(cfg.run_dir, "counters"), counter_rows(cfg))
-    counters.bind_row(worker_row(cfg, index))
+    counters = open_child_counters(cfg, "worker", index)
     counters.set(WorkerCounter.ACTIVE, 0)
     generate = load_generator(cfg.generator) if cfg.generator else None
     if cfg.replay:
