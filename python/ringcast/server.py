@@ -695,15 +695,14 @@ class App:
         doubles (from LINGER_START) up to half the ``--coalesce-ms`` cap (coming down to it
         by LINGER_DECAY per sample from above), and while a slower average (over ~0.2 s,
         where a process far behind shows its long stalls) is above LAG_SEVERE, up to the
-        whole cap;
-        below LAG_LOW it decays by LINGER_DECAY per sample (from the cap to nothing in
-        ~0.4 s), and in between it holds. It climbs fast and
-        comes down slowly, so a loaded process keeps the batching that gives it headroom
-        instead of oscillating at the edge of saturation; an idle one goes back to writing
-        every event at once. The two ceilings: a process that is merely busy (a loop ~1 ms
-        late) needs a little batching and keeps its latency; one that is far behind (at 2.5 M
-        events/s on 2 cores its loop was 2-6 ms late at the median, 10-130 ms at p90) needs
-        all the batching it can get, or its backlog, not the linger, sets the latency."""
+        whole cap; below LAG_LOW it decays by LINGER_DECAY per sample (from the cap to
+        nothing in ~0.4 s), and in between it holds. It climbs fast and comes down slowly, so
+        a loaded process keeps the batching that gives it headroom instead of oscillating at
+        the edge of saturation; an idle one goes back to writing every event at once. The two
+        ceilings: a process that is merely busy (a loop ~1 ms late) needs a little batching
+        and keeps its latency; one that is far behind (at 2.5 M events/s on 2 cores its loop
+        was 2-6 ms late at the median, 10-130 ms at p90) needs all the batching it can get,
+        or its backlog, not the linger, sets the latency."""
         cap = self.cfg.coalesce_ms / 1000.0
         avg = slow = 0.0
         while True:
@@ -1466,13 +1465,13 @@ class App:
         return ("\n".join(out) + "\n").encode()
 
 
-def _listen(cfg: ServeConfig) -> socket.socket:
+def _bound_socket(cfg: ServeConfig) -> socket.socket:
+    """The port, shared with the other HTTP processes; ``create_server`` listens on it."""
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((cfg.host, cfg.port))
-    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -1485,9 +1484,10 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     loop = asyncio.get_running_loop()
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         app.track(loop.create_task(app.adapt_coalescing()))
-    # create_server listens again with its own backlog (asyncio's and uvloop's default: 100).
+    # create_server calls listen() itself, with its own backlog (asyncio's and uvloop's
+    # default: 100) unless given one.
     server = await loop.create_server(
-        lambda: Connection(app), sock=_listen(cfg), backlog=LISTEN_BACKLOG
+        lambda: Connection(app), sock=_bound_socket(cfg), backlog=LISTEN_BACKLOG
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
