@@ -908,16 +908,17 @@ def main() -> None:
         ap.error("--sweep replaces --tokens-per-s: give one of them")
     if args.plot and not args.sweep:
         ap.error("--plot draws a sweep: give --sweep too")
-    try:
-        rates = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.tokens_per_s]
-    except ValueError:
-        ap.error(f"--sweep wants numbers separated by commas, got {args.sweep!r}")
+
+    def numbers(text: str, flag: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",")]
+        except ValueError:
+            ap.error(f"{flag} wants numbers separated by commas, got {text!r}")
+
+    rates = numbers(args.sweep, "--sweep") if args.sweep else [args.tokens_per_s]
     if any(r < 0 for r in rates):
         ap.error("a rate cannot be negative (0 = unpaced)")
-    try:
-        slos = [float(x) for x in args.slo_ms.split(",")]
-    except ValueError:
-        ap.error(f"--slo-ms wants numbers separated by commas, got {args.slo_ms!r}")
+    slos = numbers(args.slo_ms, "--slo-ms")
     systems = args.systems.split(",")
     known = {"ringcast", "memory", "memory-broadcast", "redis", "redis-per-reader"}
     if not systems or not set(systems) <= known:
