@@ -918,6 +918,8 @@ def main() -> None:
     rates = numbers(args.sweep, "--sweep") if args.sweep else [args.tokens_per_s]
     if any(r < 0 for r in rates):
         ap.error("a rate cannot be negative (0 = unpaced)")
+    if args.plot and not any(r > 0 for r in rates):
+        ap.error("--plot draws the paced rates of a sweep: give at least one rate above 0")
     slos = numbers(args.slo_ms, "--slo-ms")
     systems = args.systems.split(",")
     known = {"ringcast", "memory", "memory-broadcast", "redis", "redis-per-reader"}
@@ -956,7 +958,7 @@ def main() -> None:
             else:
                 shown = f"{b[1]:>12.0f} events/s at {b[0]:g} tok/s"
                 if b[0] == top:
-                    shown += " (the fastest rate swept: the limit is higher)"
+                    shown += " (the fastest rate swept: the limit may be higher)"
             print(f"{name:<18}{shown}")
         rc = best.get("ringcast")
         for name, b in best.items():
