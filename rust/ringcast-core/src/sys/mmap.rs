@@ -74,7 +74,7 @@ impl Mapping {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let len = match file_size(fd).and_then(|(len, uid, mode)| private(uid, mode).map(|()| len))
+        let len = match file_stat(fd).and_then(|(len, uid, mode)| private(uid, mode).map(|()| len))
         {
             Ok(l) => l,
             Err(e) => {
@@ -127,7 +127,7 @@ impl Mapping {
 
     /// Current size of the file (another process may have truncated it).
     pub fn file_len(&self) -> io::Result<usize> {
-        file_size(self.fd).map(|(len, _, _)| len)
+        file_stat(self.fd).map(|(len, _, _)| len)
     }
 
     /// Bytes of the file really backed by memory (allocated blocks).
@@ -163,7 +163,7 @@ impl Mapping {
 }
 
 /// Size, owner and permission bits of an open file.
-fn file_size(fd: RawFd) -> io::Result<(usize, u32, u32)> {
+fn file_stat(fd: RawFd) -> io::Result<(usize, u32, u32)> {
     // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
