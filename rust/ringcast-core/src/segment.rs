@@ -708,10 +708,19 @@ impl Registry<'_> {
         }
         m.last_end.store(gen << 8 | reason as u64, Ordering::SeqCst);
         m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
+        self.free_ended(slot);
+        true
+    }
+
+    /// The last steps of `end`, once the generation is marked ended: free the slot, tell its
+    /// readers (their wait ends) and give its pages back. Recovery repeats them for an `end`
+    /// cut short.
+    fn free_ended(&self, slot: u32) {
+        let inner = self.inner;
+        let m = inner.slot(slot);
         m.state.store(state::FREE, Ordering::SeqCst);
         notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
         inner.release_pages(slot);
-        true
     }
 
     /// After a lock holder died: undo what it can have left half done.
@@ -732,9 +741,7 @@ impl Registry<'_> {
                 _ if m.generation.load(Ordering::Acquire) & ENDED_BIT != 0 => {
                     // Died inside `end`, between marking the generation ended and freeing the
                     // slot: finish the job, so the session is not listed as live.
-                    m.state.store(state::FREE, Ordering::SeqCst);
-                    notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
-                    inner.release_pages(slot);
+                    self.free_ended(slot);
                 }
                 _ => {}
             }
