@@ -95,6 +95,25 @@ impl fmt::Display for Error {
 }
 impl std::error::Error for Error {}
 
+impl Error {
+    /// A system call on the segment file at `path` failed while doing `op`.
+    pub(crate) fn io(path: &str, op: &'static str, source: io::Error) -> Error {
+        Error::Segment(SegmentError::Io {
+            path: path.to_string(),
+            op,
+            source,
+        })
+    }
+
+    /// The file at `path` is not a usable segment, for the reason `why`.
+    pub(crate) fn invalid_segment(path: &str, why: impl Into<String>) -> Error {
+        Error::Segment(SegmentError::Invalid {
+            path: path.to_string(),
+            why: why.into(),
+        })
+    }
+}
+
 impl From<SegmentError> for Error {
     fn from(e: SegmentError) -> Error {
         Error::Segment(e)

@@ -21,17 +21,23 @@ pub mod ring;
 pub(crate) mod sync;
 
 #[cfg(not(loom))]
+mod backoff;
+#[cfg(not(loom))]
 mod error;
 #[cfg(not(loom))]
 pub mod layout;
 #[cfg(not(loom))]
 mod notify;
 #[cfg(not(loom))]
+mod registry;
+#[cfg(not(loom))]
 mod segment;
 #[cfg(not(loom))]
 mod stream;
 #[cfg(not(loom))]
 mod sys;
+#[cfg(not(loom))]
+mod view;
 
 #[cfg(not(loom))]
 pub use error::{EndReason, Error, Result, SegmentError};
@@ -40,7 +46,9 @@ pub use layout::{arm_state, LAYOUT_VERSION, MAX_PROCESSES};
 #[cfg(not(loom))]
 pub use notify::Notifier;
 #[cfg(not(loom))]
-pub use segment::{Segment, SegmentConfig, SegmentStats, SessionInfo, SessionState};
+pub use registry::{SessionInfo, SessionState};
+#[cfg(not(loom))]
+pub use segment::{Segment, SegmentConfig, SegmentStats};
 #[cfg(not(loom))]
 pub use stream::{Poll, Reader, Writer};
 #[cfg(not(loom))]

@@ -1,5 +1,6 @@
-//! Waking readers: the per-session futex word for blocking readers, and one datagram socket
-//! per process (segment handle) for event loops.
+//! Waking readers: the per-session futex word for blocking readers (the waiting side too:
+//! [`wait_for_publish`]), and one datagram socket per process (segment handle) for event
+//! loops ([`Notifier`]). Every change a reader can wait for goes through [`publish`].
 //!
 //! After every publish the producer bumps the session's `seq` and then:
 //! - if a thread sleeps on `seq` (`waiters > 0`), one `FUTEX_WAKE` for all of them;
@@ -31,13 +32,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use crate::error::{Error, Result};
-use crate::layout::{arm_state, Geometry, ProcEntry, SlotMeta};
-use crate::segment::proc_entry;
+use crate::layout::{arm_state, ProcEntry, SlotMeta};
 use crate::sync::Ordering;
 use crate::sys::dgram::{self, AbstractAddr, Receiver, Sent};
-use crate::sys::futex;
-use crate::sys::mmap::Mapping;
+use crate::sys::futex::{self, WaitOutcome};
+use crate::view::SegmentView;
 
 /// The abstract socket name of row `row`'s notifier.
 fn wake_addr(epoch: u64, row: usize, nonce: u64) -> AbstractAddr {
@@ -49,8 +51,24 @@ fn wake_addr(epoch: u64, row: usize, nonce: u64) -> AbstractAddr {
     AbstractAddr::new(&buf[..len]).expect("wake name fits sun_path")
 }
 
-/// Tells every kind of waiter that `m` changed (new bytes or a new state).
-pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
+/// Sleeps until `m` is published again (its `seq` moves from `seen`, read before the caller
+/// last checked its condition), at most `timeout` (`None` = no limit). Spurious returns happen:
+/// the caller re-checks its condition.
+pub(crate) fn wait_for_publish(m: &SlotMeta, seen: u32, timeout: Option<Duration>) -> WaitOutcome {
+    // SeqCst: pairs with `publish` (bump `seq`, then load `waiters`): either the publisher
+    // sees us counted and wakes the futex, or our re-check below sees its bump.
+    m.waiters.fetch_add(1, Ordering::SeqCst);
+    let outcome = if m.seq.load(Ordering::SeqCst) == seen {
+        futex::wait(&m.seq, seen, timeout)
+    } else {
+        WaitOutcome::Woken
+    };
+    m.waiters.fetch_sub(1, Ordering::SeqCst);
+    outcome
+}
+
+/// Tells every kind of waiter that `m`, a slot of `view`, changed (new bytes or a new state).
+pub(crate) fn publish(view: &SegmentView, m: &SlotMeta) {
     // SeqCst: pairs with the waiter's SeqCst increment of `waiters` (or subscription, or the
     // notifier's store of `armed`) followed by its load of `seq`: either it sees the new seq,
     // or we see it waiting (armed).
@@ -62,7 +80,7 @@ pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
     while mask != 0 {
         let row = mask.trailing_zeros() as usize;
         mask &= mask - 1;
-        let e = proc_entry(base, geo, row);
+        let e = view.proc_entry(row);
         // The plain (SeqCst) load first keeps a busy, disarmed row's cache line shared instead
         // of claiming it on every append; it is as good as the exchange for the ordering
         // argument in `Notifier::arm`: a value other than ARMED read before the arm's swap
@@ -82,7 +100,7 @@ pub(crate) fn publish(base: *mut u8, geo: &Geometry, epoch: u64, m: &SlotMeta) {
         let nonce = e.wake_nonce.load(Ordering::SeqCst);
         // Not delivered and the process may still be there: leave it armed for the next
         // publish. Otherwise the datagram is in the socket (or the name is gone): IDLE.
-        let after = match dgram::send_wake(&wake_addr(epoch, row, nonce)) {
+        let after = match dgram::send_wake(&wake_addr(view.epoch(), row, nonce)) {
             Sent::Failed => arm_state::ARMED,
             _ => arm_state::IDLE,
         };
@@ -105,8 +123,7 @@ struct Subscription {
 
 /// One per segment handle: the datagram socket its event loop watches, and its subscriptions.
 pub struct Notifier {
-    map: Arc<Mapping>,
-    geo: Geometry,
+    view: Arc<SegmentView>,
     index: usize,
     /// The process that created it; in a forked child the notifier is inert (the row and the
     /// socket's name are the parent's).
@@ -121,17 +138,12 @@ pub struct Notifier {
 impl Notifier {
     /// Binds this row's socket under a fresh nonce and arms the row. The row has just been
     /// claimed (or was ours already): nobody else writes its `wake_nonce` or arms it.
-    pub(crate) fn start(
-        map: Arc<Mapping>,
-        geo: Geometry,
-        epoch: u64,
-        index: usize,
-    ) -> Result<Notifier> {
-        let e = proc_entry(map.as_ptr(), &geo, index);
+    pub(crate) fn start(view: Arc<SegmentView>, index: usize) -> Result<Notifier> {
+        let e = view.proc_entry(index);
         let mut tries = 0;
         let (nonce, socket) = loop {
             let nonce = dgram::random_u64();
-            match Receiver::bind(&wake_addr(epoch, index, nonce)) {
+            match Receiver::bind(&wake_addr(view.epoch(), index, nonce)) {
                 Ok(s) => break (nonce, s),
                 Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
                 Err(err) => {
@@ -146,12 +158,12 @@ impl Notifier {
         e.wake_nonce.store(nonce, Ordering::SeqCst);
         // A new notifier starts armed: its first wake-up needs a datagram.
         e.armed.store(arm_state::ARMED, Ordering::SeqCst);
+        let start_time = e.start_time.load(Ordering::SeqCst);
         Ok(Notifier {
-            map,
-            geo,
+            view,
             index,
             pid: std::process::id(),
-            start_time: e.start_time.load(Ordering::SeqCst),
+            start_time,
             nonce,
             socket,
             subs: Mutex::new(HashMap::new()),
@@ -164,7 +176,7 @@ impl Notifier {
     }
 
     fn entry(&self) -> &ProcEntry {
-        proc_entry(self.map.as_ptr(), &self.geo, self.index)
+        self.view.proc_entry(self.index)
     }
 
     fn owned(&self) -> bool {
@@ -184,15 +196,9 @@ impl Notifier {
     }
 
     fn slot(&self, slot: u32) -> Result<&SlotMeta> {
-        if slot >= self.geo.max_sessions {
-            return Err(Error::InvalidArgument(format!(
-                "slot {slot} is out of range"
-            )));
-        }
-        let off = self.geo.slots_offset + slot as u64 * self.geo.slot_stride;
-        // SAFETY: slot index checked; offsets from the validated geometry lie in the mapping,
-        // which `self.map` keeps alive; SlotMeta is all atomics and padding.
-        Ok(unsafe { &*(self.map.as_ptr().add(off as usize) as *const SlotMeta) })
+        self.view
+            .try_slot(slot)
+            .ok_or_else(|| Error::InvalidArgument(format!("slot {slot} is out of range")))
     }
 
     /// Subscribes to a session, reference counted per slot. A slot holds one generation: a

@@ -1,5 +1,5 @@
-//! The ring algorithm, generic over where its bytes live (the segment mapping in production,
-//! a heap array of atomics under loom).
+//! The ring algorithm, generic over where its bytes live (a slot's region of the segment
+//! mapping in production, a heap array of atomics under loom and in unit tests).
 //!
 //! One producer appends; any number of readers copy without locks and validate afterwards.
 //! Two monotonic counters describe the ring:
@@ -31,6 +31,17 @@ pub trait RingBytes {
 pub struct Cursors<'a> {
     pub cursor: &'a AtomicU64,
     pub head: &'a AtomicU64,
+}
+
+#[cfg(not(loom))]
+impl<'a> Cursors<'a> {
+    /// The counters of a segment slot's ring.
+    pub(crate) fn of(slot: &'a crate::layout::SlotMeta) -> Cursors<'a> {
+        Cursors {
+            cursor: &slot.cursor,
+            head: &slot.head,
+        }
+    }
 }
 
 /// Result of a read attempt.
@@ -126,6 +137,20 @@ fn copy_out<M: RingBytes>(mem: &M, offset: u64, dst: &mut [u8]) {
     mem.load(pos, &mut dst[..first]);
     if first < dst.len() {
         mem.load(0, &mut dst[first..]);
+    }
+}
+
+/// The production memory: a slot's ring bytes in the segment mapping.
+#[cfg(not(loom))]
+impl RingBytes for crate::view::RingRegion<'_> {
+    fn capacity(&self) -> u64 {
+        crate::view::RingRegion::capacity(self)
+    }
+    fn store(&self, pos: usize, src: &[u8]) {
+        crate::view::RingRegion::store(self, pos, src)
+    }
+    fn load(&self, pos: usize, dst: &mut [u8]) {
+        crate::view::RingRegion::load(self, pos, dst)
     }
 }
 

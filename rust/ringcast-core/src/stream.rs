@@ -1,37 +1,27 @@
 //! Session handles: the producer's [`Writer`] and a [`Reader`] at an absolute byte offset.
+//! They hold a slot and generation from the registry, append and copy through the ring, and
+//! wait through `notify`; every handle re-checks its generation after each operation, so none
+//! ever touches a newer session in a reused slot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::error::{EndReason, Error, Result};
-use crate::layout::state;
-use crate::notify;
-use crate::ring::{self, ReadOutcome};
-use crate::segment::{busy_holder_alive, Inner, SessionState};
+use crate::layout::{state, SlotMeta};
+use crate::notify::{self, Notifier};
+use crate::registry::{busy_holder_alive, ProducerClaim, Registry, SessionState};
+use crate::ring::{self, Cursors, ReadOutcome};
 use crate::sync::Ordering;
-use crate::sys::futex::{self, WaitOutcome};
-use crate::sys::process::{self, ProcessId};
+use crate::sys::futex::WaitOutcome;
+use crate::sys::process;
 
 /// The producer of one session.
 pub struct Writer {
-    inner: Arc<Inner>,
-    slot: u32,
-    generation: u64,
-    busy_tag: u64,
-    token: u64,
+    reg: Arc<Registry>,
+    claim: ProducerClaim,
     conversation_id: String,
     owner: String,
-}
-
-/// A producer token unique to one Writer handle (process identity plus a local counter).
-fn new_token(me: ProcessId) -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // splitmix64 of the three, so tokens of different processes do not collide in practice.
-    let mut z = (me.pid as u64) << 40 ^ me.start_time << 8 ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | 1
 }
 
 /// Outcome of a non-blocking read.
@@ -45,32 +35,29 @@ pub enum Poll {
     Pending,
 }
 
+/// What is left of a wait until `deadline` (`None` = no limit); `Err(())` once it has passed.
+fn time_left(deadline: Option<Instant>) -> std::result::Result<Option<Duration>, ()> {
+    match deadline {
+        Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(l) if !l.is_zero() => Ok(Some(l)),
+            _ => Err(()),
+        },
+        None => Ok(None),
+    }
+}
+
 impl Writer {
-    pub(crate) fn new(
-        inner: Arc<Inner>,
-        slot: u32,
-        generation: u64,
-        me: ProcessId,
-        id: &str,
-        owner: &str,
-    ) -> Writer {
-        let busy_tag = me.pid as u64 | (me.start_time & 0xffff_ffff) << 32;
-        let token = new_token(me);
-        // Callers hold the registry lock: no adopt or take-over can interleave with this store,
-        // and from now on only this handle appends (an older Writer's appends fail).
-        inner
-            .slot(slot)
-            .producer_token
-            .store(token, Ordering::Release);
+    pub(crate) fn new(reg: Arc<Registry>, claim: ProducerClaim, id: &str, owner: &str) -> Writer {
         Writer {
-            inner,
-            slot,
-            generation,
-            busy_tag,
-            token,
+            reg,
+            claim,
             conversation_id: id.to_string(),
             owner: owner.to_string(),
         }
+    }
+
+    fn meta(&self) -> &SlotMeta {
+        self.reg.view().slot(self.claim.slot)
     }
 
     pub fn conversation_id(&self) -> &str {
@@ -80,53 +67,48 @@ impl Writer {
         &self.owner
     }
     pub fn slot(&self) -> u32 {
-        self.slot
+        self.claim.slot
     }
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.claim.generation
     }
     pub fn total_bytes(&self) -> u64 {
-        self.inner.slot(self.slot).cursor.load(Ordering::Acquire)
+        self.meta().cursor.load(Ordering::Acquire)
     }
 
     /// True once the session was cancelled, replaced or evicted.
     pub fn cancelled(&self) -> bool {
-        let m = self.inner.slot(self.slot);
-        m.generation.load(Ordering::Acquire) != self.generation
+        let m = self.meta();
+        m.generation.load(Ordering::Acquire) != self.claim.generation
             || m.cancel.load(Ordering::Acquire) != 0
     }
 
     /// Runs `f` holding the slot's append lock, if this writer is still the producer of a
     /// running session. `None` otherwise.
     fn with_append_lock<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
-        let m = self.inner.slot(self.slot);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut spins = 0u32;
+        let m = self.meta();
+        let mut backoff = Backoff::with_limit(Duration::from_secs(2));
         loop {
             // SeqCst: pairs with the allocator's SeqCst load of `busy` after freeing (see
-            // `Registry::alloc`): either it sees us busy, or we see the new generation below.
-            match m
-                .busy
-                .compare_exchange(0, self.busy_tag, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            // `RegistryGuard::alloc`): either it sees us busy, or we see the new generation.
+            match m.busy.compare_exchange(
+                0,
+                self.claim.busy_tag,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => break,
                 Err(holder) => {
                     if !self.is_producer() || self.gone() {
                         return None;
                     }
-                    if spins > 64 && !busy_holder_alive(holder) {
+                    if backoff.steps() > 64 && !busy_holder_alive(holder) {
                         let _ =
                             m.busy
                                 .compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst);
                     }
-                    if Instant::now() > deadline {
+                    if !backoff.snooze() {
                         return None;
-                    }
-                    spins += 1;
-                    if spins < 16 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
                     }
                 }
             }
@@ -139,15 +121,11 @@ impl Writer {
     }
 
     fn gone(&self) -> bool {
-        self.inner.slot(self.slot).generation.load(Ordering::SeqCst) != self.generation
+        self.meta().generation.load(Ordering::SeqCst) != self.claim.generation
     }
 
     fn is_producer(&self) -> bool {
-        self.inner
-            .slot(self.slot)
-            .producer_token
-            .load(Ordering::Acquire)
-            == self.token
+        self.meta().producer_token.load(Ordering::Acquire) == self.claim.token
     }
 
     /// Appends bytes; false (nothing written) once the session ended or another producer took
@@ -163,24 +141,18 @@ impl Writer {
     }
 
     fn append(&self, data: &[u8], progress: bool) -> Result<bool> {
-        let inner = &*self.inner;
-        inner.check_open()?;
+        self.reg.check_open()?;
+        let view = self.reg.view();
+        let m = self.meta();
         let done = self.with_append_lock(|| {
-            ring::append(&inner.cursors(self.slot), &inner.ring(self.slot), data);
+            ring::append(&Cursors::of(m), &view.ring(self.claim.slot), data);
             if progress {
-                inner
-                    .slot(self.slot)
-                    .last_write_ns
+                m.last_write_ns
                     .store(process::unix_nanos(), Ordering::Relaxed);
             }
         });
         if done.is_some() {
-            notify::publish(
-                inner.map.as_ptr(),
-                &inner.geo,
-                inner.epoch,
-                inner.slot(self.slot),
-            );
+            notify::publish(view, m);
         }
         Ok(done.is_some())
     }
@@ -192,9 +164,8 @@ impl Writer {
                 "finalize takes \"done\", \"failed\" or \"cancelled\", not \"running\"".into(),
             ));
         }
-        let inner = &*self.inner;
-        inner.check_open()?;
-        let m = inner.slot(self.slot);
+        self.reg.check_open()?;
+        let m = self.meta();
         let done = self.with_append_lock(|| {
             m.completed_at_ns
                 .store(process::unix_nanos(), Ordering::Relaxed);
@@ -202,39 +173,33 @@ impl Writer {
             m.state.store(end.raw(), Ordering::Release);
         });
         if done.is_some() {
-            notify::publish(inner.map.as_ptr(), &inner.geo, inner.epoch, m);
+            notify::publish(self.reg.view(), m);
         }
         Ok(done.is_some())
     }
 
     /// Blocks until the session is cancelled (true) or `timeout` passes (false).
     pub fn wait_cancelled(&self, timeout: Option<Duration>) -> bool {
-        let m = self.inner.slot(self.slot);
+        let m = self.meta();
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let seen = m.seq.load(Ordering::SeqCst);
             if self.cancelled() {
                 return true;
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
-                    _ => return false,
-                },
-                None => None,
+            let Ok(left) = time_left(deadline) else {
+                return false;
             };
-            m.waiters.fetch_add(1, Ordering::SeqCst);
-            if m.seq.load(Ordering::SeqCst) == seen && !self.cancelled() {
-                futex::wait(&m.seq, seen, left);
-            }
-            m.waiters.fetch_sub(1, Ordering::SeqCst);
+            // A cancel is published (`seq` bumped) after it is stored, so a cancel after the
+            // check above ends this wait.
+            notify::wait_for_publish(m, seen, left);
         }
     }
 }
 
 /// A cursor into one session.
 pub struct Reader {
-    inner: Arc<Inner>,
+    reg: Arc<Registry>,
     slot: u32,
     generation: u64,
     offset: u64,
@@ -244,8 +209,10 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// A reader of the session (slot, generation) that `Registry::attach_reader` attached (and
+    /// counted, if `counted`).
     pub(crate) fn new(
-        inner: Arc<Inner>,
+        reg: Arc<Registry>,
         slot: u32,
         generation: u64,
         offset: u64,
@@ -253,7 +220,7 @@ impl Reader {
         counted: bool,
     ) -> Reader {
         Reader {
-            inner,
+            reg,
             slot,
             generation,
             offset,
@@ -275,28 +242,31 @@ impl Reader {
         self.offset
     }
     pub fn epoch(&self) -> u64 {
-        self.inner.epoch
+        self.reg.view().epoch()
+    }
+
+    fn meta(&self) -> &SlotMeta {
+        self.reg.view().slot(self.slot)
     }
 
     fn ended(&self) -> Error {
-        Error::Ended(self.inner.end_reason(self.slot, self.generation))
+        Error::Ended(self.reg.end_reason(self.slot, self.generation))
     }
 
     /// The session's state, or why it is gone.
     pub fn state(&self) -> std::result::Result<SessionState, EndReason> {
-        let m = self.inner.slot(self.slot);
+        let m = self.meta();
         let s = m.state.load(Ordering::Acquire);
         if m.generation.load(Ordering::Acquire) != self.generation {
-            return Err(self.inner.end_reason(self.slot, self.generation));
+            return Err(self.reg.end_reason(self.slot, self.generation));
         }
         SessionState::from_raw(s).ok_or(EndReason::Evicted)
     }
 
     /// Copies what is available now into `dst` without waiting.
     pub fn poll_into(&mut self, dst: &mut [u8]) -> Result<Poll> {
-        let inner = &*self.inner;
-        inner.check_open()?;
-        let m = inner.slot(self.slot);
+        self.reg.check_open()?;
+        let m = self.meta();
         if m.generation.load(Ordering::Acquire) != self.generation {
             return Err(self.ended());
         }
@@ -304,8 +274,8 @@ impl Reader {
         // the last publish; so a final state implies the cursor read below is final too.
         let st = m.state.load(Ordering::Acquire);
         let out = ring::read(
-            &inner.cursors(self.slot),
-            &inner.ring(self.slot),
+            &Cursors::of(m),
+            &self.reg.view().ring(self.slot),
             self.offset,
             dst,
         );
@@ -330,7 +300,7 @@ impl Reader {
 
     /// True if `poll_into` would not return `Pending`.
     pub fn ready(&self) -> bool {
-        let m = self.inner.slot(self.slot);
+        let m = self.meta();
         let st = m.state.load(Ordering::Acquire);
         m.generation.load(Ordering::Acquire) != self.generation
             || st != state::RUNNING
@@ -339,7 +309,7 @@ impl Reader {
 
     /// True when the session is finished and this reader has every byte.
     pub fn at_end(&self) -> bool {
-        let m = self.inner.slot(self.slot);
+        let m = self.meta();
         let st = m.state.load(Ordering::Acquire);
         m.generation.load(Ordering::Acquire) == self.generation
             && matches!(st, state::DONE | state::FAILED | state::CANCELLED)
@@ -355,7 +325,7 @@ impl Reader {
 
     /// `wait_ready` up to an instant (None = forever).
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
-        let m = self.inner.slot(self.slot);
+        let m = self.meta();
         let mut yielded = false;
         loop {
             let seen = m.seq.load(Ordering::SeqCst);
@@ -374,21 +344,10 @@ impl Reader {
                 std::thread::yield_now();
                 continue;
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
-                    _ => return false,
-                },
-                None => None,
+            let Ok(left) = time_left(deadline) else {
+                return false;
             };
-            // SeqCst: pairs with `notify::publish` (bump seq, then load waiters).
-            m.waiters.fetch_add(1, Ordering::SeqCst);
-            let outcome = if m.seq.load(Ordering::SeqCst) == seen {
-                futex::wait(&m.seq, seen, left)
-            } else {
-                WaitOutcome::Woken
-            };
-            m.waiters.fetch_sub(1, Ordering::SeqCst);
+            let outcome = notify::wait_for_publish(m, seen, left);
             if outcome == WaitOutcome::TimedOut && deadline.is_some() {
                 return self.ready();
             }
@@ -415,7 +374,7 @@ impl Reader {
     pub fn close(&mut self) {
         if self.counted {
             self.counted = false;
-            let _ = self.inner.count_reader(self.slot, self.generation, false);
+            let _ = self.reg.count_reader(self.slot, self.generation, false);
         }
     }
 }
@@ -427,21 +386,19 @@ impl Drop for Reader {
 }
 
 impl Reader {
-    /// A handle on the segment this reader reads (for its notifier).
-    pub fn segment(&self) -> crate::segment::Segment {
-        crate::segment::Segment {
-            inner: self.inner.clone(),
-        }
+    /// The notifier of the segment handle this reader came from (what `aread` waits on).
+    pub fn notifier(&self) -> Result<Arc<Notifier>> {
+        self.reg.notifier()
     }
 
     /// Bytes that could be returned right now from the reader's offset (0 if none or gone).
     /// Never more than the ring holds: a larger distance (the reader fell behind, or a
     /// scribbled cursor) is not bytes to size a buffer for; reading reports it.
     pub fn available(&self) -> u64 {
-        let m = self.inner.slot(self.slot);
-        m.cursor
+        self.meta()
+            .cursor
             .load(Ordering::Acquire)
             .saturating_sub(self.offset)
-            .min(self.inner.geo.session_bytes)
+            .min(self.reg.view().geometry().session_bytes)
     }
 }

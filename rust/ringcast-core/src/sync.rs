@@ -1,9 +1,11 @@
 //! The only place atomics are imported from: `std` normally, `loom` under `--cfg loom`, so the
-//! ring protocol can be model-checked with the very code that runs in production.
+//! ring protocol can be model-checked with the very code that runs in production. Process-local
+//! flags and counters (`AtomicBool`, a static token counter) come from here too: no other module
+//! names `std::sync::atomic`.
 
-// Under loom only the ring is compiled, which needs no AtomicU32.
+// Under loom only the ring is compiled, which needs no AtomicU32 or AtomicBool.
 #[cfg(loom)]
 #[allow(unused_imports)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};

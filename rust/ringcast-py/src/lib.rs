@@ -792,7 +792,7 @@ impl Reader {
         }
         let n = {
             let me = slf.borrow();
-            me.get_ref(py)?.segment().notifier().py_err(py)?
+            me.get_ref(py)?.notifier().py_err(py)?
         };
         let notifier = Notifier { n };
         py.import("ringcast._aio")?

@@ -4,7 +4,7 @@
 //! operations are used: the kernel keys them by inode and offset, and a waiter in one process
 //! is woken by a waker in another.
 
-use std::sync::atomic::AtomicU32;
+use crate::sync::AtomicU32;
 use std::time::Duration;
 
 /// Outcome of [`wait`].
