@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Static checks: rustfmt, clippy (warnings denied, incl. undocumented unsafe blocks), ruff,
-# mypy (strict) and mypy.stubtest of the hand-written _core.pyi against the built extension.
+# Static checks: rustfmt, clippy (warnings denied, incl. undocumented unsafe blocks), the
+# one-way module layers of ringcast-core, ruff, mypy (strict) and mypy.stubtest of the
+# hand-written _core.pyi against the built extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . .venv/bin/activate
 echo "== cargo fmt --check"; cargo fmt --all -- --check
 echo "== cargo clippy"; cargo clippy --all-targets --quiet -- -D warnings
+echo "== core module layers"; python3 ci/check-core-layers.py
 echo "== ruff"; ruff check python tests bench
 echo "== ruff format --check"; ruff format --check python tests bench
 echo "== mypy"; mypy

@@ -16,6 +16,25 @@
 //! let mut buf = [0u8; 64];
 //! r.read_into(&mut buf, None).unwrap();
 //! ```
+//!
+//! # Layers
+//! Lowest first; a module uses only modules before it (`ci/check-core-layers.py` fails CI on
+//! an upward use or a cycle):
+//!
+//! sync → backoff → sys → layout → error → view → ring → notify → registry → stream → segment
+//!
+//! - `sync`: the only import of atomics (`std`, or `loom` under `--cfg loom`);
+//!   `backoff`: bounded spin-then-yield waits.
+//! - `sys`: the system calls (`sys/futex.rs` the only `SYS_futex` caller, `sys/mmap.rs` the
+//!   only mapping, the robust mutex, datagram sockets, process identity).
+//! - `layout`: the `#[repr(C)]` shared structs and the validated `Geometry`; `error`.
+//! - `view`: the typed view of the mapping, the only place that computes an address, with its
+//!   safety argument.
+//! - `ring`: the ring algorithm, generic over its memory (heap under loom, the view in
+//!   production).
+//! - `notify`: publishing changes and waiting for them (futex words, notifier sockets).
+//! - `registry`: sessions in slots: allocation, install, end, recovery, lookups, reader counts.
+//! - `stream`: `Writer` and `Reader`; `segment`: the public `Segment` facade.
 
 pub mod ring;
 pub(crate) mod sync;
