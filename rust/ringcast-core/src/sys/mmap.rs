@@ -65,8 +65,9 @@ impl Mapping {
         })
     }
 
-    /// Opens and maps an existing file of at least `min_len` bytes; the mapping spans the whole
-    /// file. Returns the mapping; the caller validates the contents.
+    /// Opens and maps an existing, non-empty file that is this user's alone (mode 0600); the
+    /// mapping spans the whole file. An empty file is `InvalidData` (a segment being created
+    /// right now is empty for a moment). The caller validates the contents.
     pub fn open(path: &str) -> io::Result<Mapping> {
         let c = cpath(path)?;
         // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
