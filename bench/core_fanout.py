@@ -48,7 +48,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ringcast.replay import private_redis_argv
+from ringcast.replay.loadtest import private_redis_argv
 
 CLOCK = time.CLOCK_MONOTONIC
 HEAD = struct.Struct("<QQ")  # sequence number, CLOCK_MONOTONIC ns at append

@@ -58,7 +58,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ringcast.protocol import frame_event
+from ringcast.wire.sse import frame_event
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -1,8 +1,10 @@
 """The ``ringcast`` command line: a thin dispatcher over subcommand modules.
 
-Each module listed in ``SUBCOMMAND_MODULES`` exposes ``register(subparsers)``, which adds
-its subcommand(s) with ``subparsers.add_parser(...)`` and sets ``func`` (``args -> int``)
-through ``set_defaults``. Adding a subcommand is one line here.
+A subcommand's module is imported only when that subcommand runs (``ringcast serve`` never
+loads the replay tools, ``ringcast trace info`` never loads the server); ``ringcast --help``
+lists them from :data:`SUBCOMMANDS` alone. Each module exposes ``register(parser)``, which
+gives the subcommand's parser its description, epilog and arguments and sets ``func``
+(``args -> int``) through ``set_defaults``. Adding a subcommand is one line here.
 """
 
 from __future__ import annotations
@@ -11,28 +13,42 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "ringcast.manager",  # serve
-    "ringcast.trace",  # record, trace synth|info
-    "ringcast.replay",  # replay
-)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("ringcast.server.command", "run the resumable streaming server"),
+    "record": (
+        "ringcast.replay.record",
+        "record streams from an OpenAI-compatible server into a trace",
+    ),
+    "trace": ("ringcast.replay.synth", "make a synthetic trace, or check one"),
+    "replay": (
+        "ringcast.replay.loadtest",
+        "fan-out load test: replay a trace, check every reader's bytes, report",
+    ),
+}
+"""name: (module that registers it, one-line help)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the subcommand it names (its first word) is registered by its
+    module, the others only by name and help."""
     parser = argparse.ArgumentParser(
         prog="ringcast",
         description="Resumable, fan-out token streaming for LLM serving.",
         epilog="Run 'ringcast <command> --help' for the options of a command.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = subparsers.add_parser(name, help=help_)
+        if name == chosen:
+            importlib.import_module(module).register(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args_in = sys.argv[1:] if argv is None else argv
+    parser = build_parser(args_in)
+    args = parser.parse_args(args_in)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

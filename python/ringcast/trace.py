@@ -1,11 +1,22 @@
-"""Stream traces: record real SSE streams with their timing, synthesize realistic ones, load them.
+"""Stream traces: the file format (record and synth write it, ``ringcast serve --replay`` and
+``ringcast replay`` read it), and the player that answers requests with recorded streams.
 
 A trace is JSON Lines (spec: ``docs/REPLAY.md``). Line 1 is a :class:`TraceHeader` naming the
 format and its version; every further line is one :class:`Stream`: the request that was sent,
 the response status and headers, the time to first byte, and every SSE event's exact text with
 the time (seconds since the request was sent) at which its last byte arrived.
 
->>> from ringcast.trace import SynthParams, synthesize
+The player (:class:`ReplaySource`) answers a completion request with one recorded stream,
+event by event at the recorded pace (or ``speed`` times faster, or as fast as possible). Which
+stream: the request's ``replay_stream`` field if it has one (an index into the trace), else
+the recorded stream whose request body has the same messages/prompt, else the next one in
+turn.
+
+This module sits below both the server (whose workers replay with
+:func:`replay_generator`) and the ``ringcast.replay`` tools (record, synth, the load tester),
+so neither imports the other.
+
+>>> from ringcast.replay.synth import SynthParams, synthesize
 >>> trace = synthesize(SynthParams(streams=2, seed=1))
 >>> trace.streams[0].events[-1].data
 'data: [DONE]\\n\\n'
@@ -15,39 +26,37 @@ True
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import itertools
 import math
 import os
-import random
-import string
-import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from ringcast import _http
 from ringcast._core import RingcastError
+from ringcast.wire.sse import frame_event, strip_id_lines
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "Event",
+    "ReplaySource",
     "Stream",
-    "SynthParams",
     "Trace",
     "TraceError",
     "TraceHeader",
+    "check_trace",
+    "expected_body",
+    "iter_trace",
     "load_trace",
-    "record",
-    "register",
-    "split_events",
-    "synthesize",
+    "parse_speed",
+    "replay_events",
+    "replay_generator",
     "write_trace",
 ]
 
@@ -223,534 +232,164 @@ def write_trace(path: str | os.PathLike[str], trace: Trace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# SSE splitting
+# Playing a trace
 
 
-def split_events(buf: bytearray) -> Iterator[bytes]:
-    """Pop every complete SSE event (ending in a blank line) from the front of ``buf``."""
-    while True:
-        a = buf.find(b"\n\n")
-        b = buf.find(b"\r\n\r\n")
-        if a < 0 and b < 0:
-            return
-        end = a + 2 if b < 0 or (0 <= a < b) else b + 4
-        event = bytes(buf[:end])
-        del buf[:end]
-        yield event
-
-
-def _make_stream(
-    index: int, request: Any, path: str, events: list[tuple[float, bytes]], **kw: Any
-) -> Stream:
+def parse_speed(text: str | float | None) -> float:
+    """``"max"`` (or 0) = no pacing, as ``math.inf``; else a positive factor (``2`` = twice
+    as fast as recorded)."""
+    if text is None:
+        return 1.0
+    if isinstance(text, str) and text.strip().lower() in ("max", "inf", "0"):
+        return math.inf
     try:
-        evs = [Event(t, d.decode()) for t, d in events]
-        encoding: Literal["utf-8", "base64"] = "utf-8"
-    except UnicodeDecodeError:
-        evs = [Event(t, base64.b64encode(d).decode()) for t, d in events]
-        encoding = "base64"
-    return Stream(index=index, request=request, path=path, events=evs, encoding=encoding, **kw)
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"--speed must be a positive number or 'max', got {text!r}") from None
+    if v == 0:
+        return math.inf
+    if not v > 0:
+        raise ValueError(f"--speed must be a positive number or 'max', got {text!r}")
+    return v
 
 
-# --------------------------------------------------------------------------------------------
-# Recording
+_replay_body = msgspec.json.Decoder(dict[str, Any])
 
 
-def upstream_path(url: str) -> tuple[str, str]:
-    """``(base_url, path)`` for an OpenAI-style base URL: ``http://h:p`` and ``.../v1`` both
-    map to ``/v1/chat/completions``; a URL that already names a route is used as it is."""
-    target = _http.parse_url(url)
-    base = target.origin
-    p = target.path
-    if p.endswith("/completions"):
-        return base, p
-    if p.endswith("/v1"):
-        return base, p + "/chat/completions"
-    return base, p + "/v1/chat/completions"
+class ReplaySource:
+    """Answers requests with recorded streams, at recorded pace divided by ``speed``.
 
+    ``events(body)`` is an async iterator of SSE event bytes (exact recorded bytes, unframed);
+    ``iter_events(body)`` is the same for threaded producers (it sleeps with ``time.sleep``).
+    """
 
-def read_requests(path: str | os.PathLike[str]) -> list[Any]:
-    """A JSON Lines file of request bodies (``stream`` is forced on); blank lines skipped."""
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError as exc:
-        raise TraceError(f"cannot read requests {str(path)!r}: {exc.strerror}") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            body = msgspec.json.decode(line)
-        except msgspec.DecodeError as exc:
-            raise TraceError(f"{path}:{i}: request is not valid JSON ({exc})") from None
+    def __init__(self, trace: Trace | str | os.PathLike[str], speed: float | str = 1.0) -> None:
+        self.trace = trace if isinstance(trace, Trace) else load_trace(trace)
+        self.speed = parse_speed(speed) if isinstance(speed, str) else float(speed)
+        if not self.speed > 0:
+            raise ValueError(f"speed must be positive, got {speed!r}")
+        self._playable = [s for s in self.trace.streams if s.events]
+        self._by_key: dict[bytes, Stream] = {}
+        for s in self._playable:
+            key = self._key(s.request)
+            if key is not None:
+                self._by_key.setdefault(key, s)
+        self._turn = itertools.count()
+
+    @staticmethod
+    def _key(body: Any) -> bytes | None:
         if not isinstance(body, dict):
-            raise TraceError(f"{path}:{i}: a request line must be a JSON object")
-        body["stream"] = True
-        out.append(body)
-    if not out:
-        raise TraceError(f"{path}: no requests in file")
-    return out
+            return None
+        what = body.get("messages", body.get("prompt"))
+        return None if what is None else msgspec.json.encode(what)
+
+    def pick(self, body: bytes | dict[str, Any] | None) -> Stream:
+        """The recorded stream that answers this request body."""
+        req: Any = body
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            try:
+                req = _replay_body.decode(body)
+            except msgspec.DecodeError:
+                req = None
+        if isinstance(req, dict):
+            idx = req.get("replay_stream")
+            if isinstance(idx, int) and not isinstance(idx, bool):
+                streams = self.trace.streams
+                s = streams[idx % len(streams)]
+                if s.events:
+                    return s
+            key = self._key(req)
+            if key is not None and key in self._by_key:
+                return self._by_key[key]
+        return self._playable[next(self._turn) % len(self._playable)]
+
+    def schedule(self, body: bytes | dict[str, Any] | None) -> list[tuple[float, bytes]]:
+        """``(seconds after start, event bytes)`` for the stream that answers ``body``."""
+        s = self.pick(body)
+        inv = 0.0 if math.isinf(self.speed) else 1.0 / self.speed
+        return [(e.t * inv, b) for e, b in zip(s.events, replay_events(s), strict=True)]
+
+    async def events(self, body: bytes | dict[str, Any] | None) -> AsyncIterator[bytes]:
+        """Yield the recorded events at their recorded times (relative to this call)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for at, data in self.schedule(body):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield data
+
+    def iter_events(
+        self, body: bytes | dict[str, Any] | None, cancelled: Any = None
+    ) -> Iterator[bytes]:
+        """Blocking version of :meth:`events`; ``cancelled()`` is polled between events."""
+        start = time.monotonic()
+        for at, data in self.schedule(body):
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if cancelled is not None and cancelled():
+                return
+            yield data
 
 
-async def record_one(
-    index: int, url: str, path: str, body: Any, headers: dict[str, str], timeout: float
-) -> Stream:
-    payload = msgspec.json.encode(body)
-    hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream", **headers}
-    events: list[tuple[float, bytes]] = []
-    buf = bytearray()
-    status = 0
-    resp_headers: list[str] = []
-    ttfb = 0.0
-    t0 = time.perf_counter()
-    error = None
+def check_trace(path: str) -> str | None:
+    """Load a trace once up front (``ringcast serve --replay``): the error message, or None."""
     try:
-        async with asyncio.timeout(timeout):
-            async for now, st, hd, piece in _http.stream(url, path, headers=hdrs, body=payload):
-                if not status:
-                    status = st
-                    ttfb = now - t0
-                    resp_headers = [f"{k}: {v}" for k, v in hd]
-                if piece:
-                    buf += piece
-                    events.extend((now - t0, e) for e in split_events(buf))
-    except (OSError, _http.HTTPError, TimeoutError) as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    end = time.perf_counter() - t0
-    if buf:  # bytes after the last blank line: keep them, so the body stays exact
-        events.append((end, bytes(buf)))
-    return _make_stream(
-        index,
-        body,
-        path,
-        events,
-        status=status,
-        headers=resp_headers,
-        ttfb=ttfb,
-        duration=end,
-        error=error,
-    )
-
-
-async def record(
-    upstream: str,
-    requests: list[Any],
-    out: str | os.PathLike[str],
-    *,
-    headers: dict[str, str] | None = None,
-    concurrency: int = 1,
-    timeout: float = 300.0,
-    progress: bool = True,
-) -> Trace:
-    """Send every request (streaming) to ``upstream`` and write the trace to ``out``."""
-    base, path = upstream_path(upstream)
-    sem = asyncio.Semaphore(max(1, concurrency))
-    done = 0
-
-    async def one(i: int, body: Any) -> Stream:
-        nonlocal done
-        async with sem:
-            s = await record_one(i, base, path, body, headers or {}, timeout)
-        done += 1
-        if progress and sys.stderr.isatty():
-            sys.stderr.write(f"\rrecorded {done}/{len(requests)}")
-            sys.stderr.flush()
-        return s
-
-    streams = await asyncio.gather(*(one(i, b) for i, b in enumerate(requests)))
-    if progress and sys.stderr.isatty():
-        sys.stderr.write("\n")
-    header = TraceHeader(
-        format=FORMAT_NAME,
-        version=FORMAT_VERSION,
-        source="record",
-        streams=len(streams),
-        created=time.time(),
-        upstream=base + path,
-        params={"concurrency": concurrency},
-    )
-    trace = Trace(header, list(streams))
-    write_trace(out, trace)
-    return trace
-
-
-# --------------------------------------------------------------------------------------------
-# Synthesis
-
-# Defaults measured on the llama-server capture in shared/data/llama-server (8 chat streams,
-# ~50 tokens/s on CPU): time to first token 48-103 ms (median ~81 ms); inter-token gaps
-# lognormal with median 19.8 ms and log-sd 0.10; 46-145 tokens; content events 235-250 bytes.
-
-
-class SynthParams(msgspec.Struct, kw_only=True):
-    streams: int = 100
-    ttft_ms: float = 80.0
-    """Median time to first token (lognormal)."""
-    ttft_sigma: float = 0.25
-    """Log-space standard deviation of the time to first token."""
-    itl_ms: float = 19.8
-    """Median gap between tokens (lognormal)."""
-    itl_sigma: float = 0.10
-    tokens_min: int = 40
-    tokens_max: int = 150
-    """Completion length, uniform in [tokens_min, tokens_max]."""
-    model: str = "synthetic"
-    usage: bool = False
-    """Add a usage chunk before ``[DONE]`` (``stream_options.include_usage``)."""
-    seed: int = 0
-
-
-_PIECES = (
-    " the",
-    " a",
-    " of",
-    " and",
-    " to",
-    " in",
-    " is",
-    " light",
-    "house",
-    " keeper",
-    " storm",
-    " wave",
-    " night",
-    " lamp",
-    " ship",
-    " rock",
-    " sea",
-    ",",
-    ".",
-    " she",
-    " he",
-    " it",
-    " was",
-    " watched",
-    " through",
-    " every",
-    " cold",
-    " bright",
-    " beam",
-    " har",
-    "bour",
-    " synchron",
-    "ized",
-    " hash",
-    " map",
-    " bucket",
-    " key",
-    " value",
-    " futex",
-    " kernel",
-)
-_ID_CHARS = string.ascii_letters + string.digits
-
-
-def _chunk(cid: str, created: int, model: str, choices: str, extra: str = "") -> str:
-    return (
-        f'data: {{"choices":[{choices}],"created":{created},"id":"{cid}","model":"{model}",'
-        f'"system_fingerprint":"b1-ringcast","object":"chat.completion.chunk"{extra}}}\n\n'
-    )
-
-
-def _content(text: str) -> str:
-    return msgspec.json.encode(text).decode()
-
-
-def synth_stream(index: int, p: SynthParams, rng: random.Random, created: int) -> Stream:
-    cid = "chatcmpl-" + "".join(rng.choice(_ID_CHARS) for _ in range(32))
-    n = rng.randint(p.tokens_min, p.tokens_max)
-    prompt_n = rng.randint(12, 48)
-    ttft = rng.lognormvariate(math.log(p.ttft_ms / 1000), p.ttft_sigma)
-    model = p.model
-    # llama-server sends the role chunk and the first token in one write, at the first token.
-    events = [
-        Event(
-            ttft,
-            _chunk(
-                cid,
-                created,
-                model,
-                '{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}',
-            ),
-        )
-    ]
-    t = ttft
-    for k in range(n):
-        if k:
-            t += rng.lognormvariate(math.log(p.itl_ms / 1000), p.itl_sigma)
-        text = _content(rng.choice(_PIECES))
-        events.append(
-            Event(
-                t,
-                _chunk(
-                    cid,
-                    created + int(t),
-                    model,
-                    f'{{"finish_reason":null,"index":0,"delta":{{"content":{text}}}}}',
-                ),
-            )
-        )
-    t_end = t + 0.0004
-    predicted_ms = (t - ttft) * 1000
-    timings = (
-        f',"timings":{{"cache_n":0,"prompt_n":{prompt_n},"prompt_ms":{ttft * 1000:.3f},'
-        f'"prompt_per_token_ms":{ttft * 1000 / prompt_n:.6f},'
-        f'"prompt_per_second":{prompt_n / ttft:.6f},"predicted_n":{n},'
-        f'"predicted_ms":{predicted_ms:.3f},'
-        f'"predicted_per_token_ms":{predicted_ms / n:.6f},'
-        f'"predicted_per_second":{n * 1000 / max(predicted_ms, 1e-3):.6f}}}'
-    )
-    final = '{"finish_reason":"length","index":0,"delta":{}}'
-    created_end = created + int(t_end)
-    if p.usage:
-        events.append(Event(t_end, _chunk(cid, created_end, model, final)))
-        usage = (
-            f',"usage":{{"completion_tokens":{n},"prompt_tokens":{prompt_n},'
-            f'"total_tokens":{n + prompt_n}}}'
-        )
-        events.append(Event(t_end, _chunk(cid, created_end, model, "", usage + timings)))
-    else:
-        events.append(Event(t_end, _chunk(cid, created_end, model, final, timings)))
-    events.append(Event(t_end + 0.00005, "data: [DONE]\n\n"))
-    request = {
-        "model": model,
-        "stream": True,
-        "max_tokens": n,
-        "messages": [{"role": "user", "content": f"synthetic request {index}"}],
-    }
-    return Stream(
-        index=index,
-        request=request,
-        status=200,
-        headers=["Content-Type: text/event-stream"],
-        ttfb=ttft,
-        duration=t_end + 0.00005,
-        events=events,
-    )
-
-
-def synthesize(p: SynthParams) -> Trace:
-    """A trace of ``p.streams`` chat completion streams with lognormal timing."""
-    if p.streams < 1 or p.tokens_min < 1 or p.tokens_max < p.tokens_min:
-        raise ValueError(f"bad synthesis parameters: {p}")
-    if p.ttft_ms <= 0 or p.itl_ms <= 0 or p.ttft_sigma < 0 or p.itl_sigma < 0:
-        raise ValueError(f"times must be positive and sigmas non-negative: {p}")
-    rng = random.Random(p.seed)
-    created = 1_795_000_000 + p.seed
-    streams = [synth_stream(i, p, rng, created + i) for i in range(p.streams)]
-    header = TraceHeader(
-        format=FORMAT_NAME,
-        version=FORMAT_VERSION,
-        source="synth",
-        streams=len(streams),
-        created=time.time(),
-        params=msgspec.structs.asdict(p),
-    )
-    return Trace(header, streams)
-
-
-def stream_summary(streams: Iterable[Stream]) -> dict[str, float]:
-    """Counts and medians of a trace, for ``ringcast trace info``."""
-    ss = [s for s in streams if s.events]
-    ttft = sorted(s.events[0].t for s in ss)
-    gaps = sorted(b.t - a.t for s in ss for a, b in itertools.pairwise(s.events[1:-2]))
-    nbytes = sum(len(b) for s in ss for b in s.event_bytes())
-    nevents = sum(len(s.events) for s in ss)
-
-    def med(xs: list[float]) -> float:
-        return xs[len(xs) // 2] if xs else 0.0
-
-    return {
-        "streams": len(ss),
-        "events": nevents,
-        "bytes": nbytes,
-        "ttft_median_ms": med(ttft) * 1000,
-        "gap_median_ms": med(gaps) * 1000,
-        "duration_max_s": max((s.events[-1].t for s in ss), default=0.0),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: ``ringcast record`` and ``ringcast trace ...``
-
-
-def _parse_header_arg(values: list[str]) -> dict[str, str]:
-    out = {}
-    for v in values:
-        name, sep, value = v.partition(":")
-        if not sep or not name.strip():
-            raise SystemExit(f"ringcast record: --header expects 'Name: value', got {v!r}")
-        out[name.strip()] = value.strip()
-    return out
-
-
-_RECORD_DESCRIPTION = (
-    "Send each request of a JSON Lines file (one chat/completions body a line; 'stream' is "
-    "forced to true) to an OpenAI-compatible server and store every SSE event's exact bytes "
-    "with its arrival time in a trace (format: docs/REPLAY.md). Replay it with "
-    "'ringcast serve --replay' or 'ringcast replay'."
-)
-_SYNTH_DESCRIPTION = (
-    "Write a trace of chat.completion.chunk streams shaped like llama-server's, with "
-    "lognormal time to first token and inter-token gaps (defaults measured on a real "
-    "llama-server capture: ~80 ms TTFT, ~20 ms between tokens, 40-150 tokens). For machines "
-    "with no model."
-)
-
-
-def configure_record(ap: argparse.ArgumentParser) -> None:
-    """Arguments of ``ringcast record``."""
-    ap.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
-    ap.add_argument("--requests", required=True, help="JSON Lines file of request bodies")
-    ap.add_argument("--out", required=True, help="trace file to write")
-    ap.add_argument(
-        "--header",
-        action="append",
-        default=[],
-        metavar="'NAME: VALUE'",
-        help="extra request header (repeatable)",
-    )
-    ap.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)",
-    )
-    ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-
-
-def run_record(args: argparse.Namespace) -> int:
-    """``ringcast record``: capture streams from an OpenAI-compatible server into a trace."""
-    try:
-        headers = _parse_header_arg(args.header)
-        if args.api_key:
-            headers.setdefault("Authorization", f"Bearer {args.api_key}")
-        requests = read_requests(args.requests)
-        _http.parse_url(args.upstream)
-    except (TraceError, ValueError) as exc:
-        print(f"ringcast record: {exc}", file=sys.stderr)
-        return 2
-    trace = asyncio.run(
-        record(
-            args.upstream,
-            requests,
-            args.out,
-            headers=headers,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-        )
-    )
-    failed = [s for s in trace.streams if s.error or s.status != 200]
-    summary = stream_summary(trace.streams)
-    print(
-        f"wrote {args.out}: {len(trace.streams)} streams, {summary['events']} events, "
-        f"{summary['bytes']} bytes, median TTFT {summary['ttft_median_ms']:.1f} ms"
-        + (f"; {len(failed)} failed" if failed else ""),
-        file=sys.stderr,
-    )
-    for s in failed[:5]:
-        print(f"  request {s.index}: status {s.status} {s.error or ''}", file=sys.stderr)
-    return 1 if len(failed) == len(trace.streams) else 0
-
-
-def configure_trace(ap: argparse.ArgumentParser) -> None:
-    """Arguments of ``ringcast trace synth|info``."""
-    d = SynthParams()
-    sub = ap.add_subparsers(dest="trace_cmd", required=True, metavar="<synth|info>")
-    sp = sub.add_parser(
-        "synth",
-        help="write a synthetic trace with realistic timing",
-        description=_SYNTH_DESCRIPTION,
-        epilog="example: ringcast trace synth --streams 100 --out trace.jsonl",
-    )
-    sp.add_argument("--streams", type=int, required=True, help="number of streams")
-    sp.add_argument("--out", required=True, help="trace file to write")
-    sp.add_argument(
-        "--ttft-ms", type=float, default=d.ttft_ms, help="median TTFT, ms (%(default)s)"
-    )
-    sp.add_argument(
-        "--ttft-sigma", type=float, default=d.ttft_sigma, help="log-sd of TTFT (%(default)s)"
-    )
-    sp.add_argument(
-        "--itl-ms", type=float, default=d.itl_ms, help="median inter-token gap, ms (%(default)s)"
-    )
-    sp.add_argument(
-        "--itl-sigma", type=float, default=d.itl_sigma, help="log-sd of the gap (%(default)s)"
-    )
-    sp.add_argument("--tokens-min", type=int, default=d.tokens_min, help="fewest tokens")
-    sp.add_argument("--tokens-max", type=int, default=d.tokens_max, help="most tokens")
-    sp.add_argument("--model", default=d.model, help="model name in the chunks")
-    sp.add_argument("--usage", action="store_true", help="add a usage chunk before [DONE]")
-    sp.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
-    sp.set_defaults(func=run_trace_synth)
-    ip = sub.add_parser(
-        "info",
-        help="check a trace and print its summary",
-        description="Validate a trace file and print counts and median timings as JSON. A "
-        "missing, truncated, corrupt or wrong-version file exits with status 2 and names "
-        "the line.",
-    )
-    ip.add_argument("trace", help="trace file")
-    ip.set_defaults(func=run_trace_info)
-
-
-def run_trace_info(args: argparse.Namespace) -> int:
-    try:
-        tr = load_trace(args.trace, require_events=False)
+        load_trace(path)
     except TraceError as exc:
-        print(f"ringcast trace info: {exc}", file=sys.stderr)
-        return 2
-    info: dict[str, Any] = {
-        "format": tr.header.format,
-        "version": tr.header.version,
-        "source": tr.header.source,
-        **stream_summary(tr.streams),
-        "failed": sum(1 for s in tr.streams if s.error or s.status != 200),
-    }
-    print(msgspec.json.encode(info).decode())
-    return 0
+        return str(exc)
+    return None
 
 
-def run_trace_synth(args: argparse.Namespace) -> int:
-    try:
-        params = SynthParams(
-            streams=args.streams,
-            ttft_ms=args.ttft_ms,
-            ttft_sigma=args.ttft_sigma,
-            itl_ms=args.itl_ms,
-            itl_sigma=args.itl_sigma,
-            tokens_min=args.tokens_min,
-            tokens_max=args.tokens_max,
-            model=args.model,
-            usage=args.usage,
-            seed=args.seed,
-        )
-        trace = synthesize(params)
-    except ValueError as exc:
-        print(f"ringcast trace synth: {exc}", file=sys.stderr)
-        return 2
-    write_trace(args.out, trace)
-    s = stream_summary(trace.streams)
-    print(
-        f"wrote {args.out}: {s['streams']} streams, {s['events']} events, {s['bytes']} bytes",
-        file=sys.stderr,
-    )
-    return 0
+def replay_generator(trace: str | os.PathLike[str], speed: float | str = 1.0) -> Any:
+    """A generator for ``ringcast serve``'s plug-in API (``ringcast.worker``) that answers
+    every request with a recorded stream. It yields whole recorded SSE events (``bytes``), and
+    is marked ``ringcast_raw_stream`` so the worker adds no role chunk, final chunk or
+    ``[DONE]`` of its own: readers get exactly the recorded events, each framed with its
+    ``id:`` line."""
+    if speed == 0:
+        speed = math.inf
+    source = ReplaySource(trace, speed)
+
+    async def generate(ctx: Any) -> AsyncIterator[bytes]:
+        async for event in source.events(ctx.body):
+            yield event
+
+    generate.ringcast_raw_stream = True  # type: ignore[attr-defined]
+    generate.source = source  # type: ignore[attr-defined]
+    return generate
 
 
-def register(subparsers: Any) -> None:
-    """Add ``record`` and ``trace`` to the ``ringcast`` command line (see ``ringcast.cli``)."""
-    p = subparsers.add_parser(
-        "record",
-        help="record streams from an OpenAI-compatible server into a trace",
-        description=_RECORD_DESCRIPTION,
-        epilog="example: ringcast record --upstream http://127.0.0.1:8080/v1 "
-        "--requests prompts.jsonl --out trace.jsonl",
-    )
-    configure_record(p)
-    p.set_defaults(func=run_record)
-    t = subparsers.add_parser(
-        "trace",
-        help="make a synthetic trace, or check one",
-        description="Make and inspect stream traces (format: docs/REPLAY.md).",
-    )
-    configure_trace(t)
+def generate(ctx: Any) -> AsyncIterator[bytes]:
+    """``--generator ringcast.replay:generate``: replay ``$RINGCAST_REPLAY`` at
+    ``$RINGCAST_REPLAY_SPEED`` (default 1) through the plain plug-in API."""
+    global _env_generator
+    if _env_generator is None:
+        path = os.environ.get("RINGCAST_REPLAY")
+        if not path:
+            raise RuntimeError("ringcast.replay:generate needs $RINGCAST_REPLAY (a trace file)")
+        _env_generator = replay_generator(path, os.environ.get("RINGCAST_REPLAY_SPEED", "1"))
+    result: AsyncIterator[bytes] = _env_generator(ctx)
+    return result
+
+
+generate.ringcast_raw_stream = True  # type: ignore[attr-defined]
+_env_generator: Any = None
+
+
+def replay_events(stream: Stream) -> list[bytes]:
+    """The events a replay sends: recorded bytes less any ``id:`` lines (ringcast frames
+    every event with its own, as the upstream proxy does)."""
+    return [strip_id_lines(b) for b in stream.event_bytes()]
+
+
+def expected_body(stream: Stream) -> tuple[bytes, list[int]]:
+    """What a ringcast-protocol server sends for this stream: every event framed with its
+    ``id: <offset>`` line. Returns the body and the end offset of each event in it."""
+    out = bytearray()
+    ends = []
+    for ev in replay_events(stream):
+        out += frame_event(len(out), ev)
+        ends.append(len(out))
+    return bytes(out), ends

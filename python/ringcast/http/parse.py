@@ -1,0 +1,163 @@
+"""Request parsing of the HTTP/1.1 server: request line, headers, body length, query strings.
+
+The errors it raises (:class:`HttpError`) carry the status to answer and whether the
+connection must close after it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_plus
+
+REASONS = {
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    410: "Gone",
+    411: "Length Required",
+    413: "Payload Too Large",
+    416: "Range Not Satisfiable",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    410: "offset_lost",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    416: "invalid_request_error",
+    431: "invalid_request_error",
+    500: "server_error",
+    503: "unavailable_error",
+    505: "invalid_request_error",
+}
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DECIMAL = re.compile(r"^[0-9]{1,19}$")
+
+
+class HttpError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str | None = None,
+        close: bool = False,
+        first_available: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error")
+        self.close = close
+        self.first_available = first_available
+
+
+class Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "version")
+
+    def __init__(
+        self, method: str, path: str, query: str, version: bytes, headers: dict[str, str]
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        conn = headers.get("connection", "").lower()
+        if version == b"HTTP/1.1":
+            self.keep_alive = "close" not in conn
+        else:
+            self.keep_alive = "keep-alive" in conn
+
+    def query_params(self) -> dict[str, str]:
+        """First value of each parameter, percent- and plus-decoded; 400 on bad UTF-8."""
+        out: dict[str, str] = {}
+        if not self.query:
+            return out
+        for part in self.query.split("&"):
+            if not part:
+                continue
+            name, _, value = part.partition("=")
+            try:
+                name = unquote_plus(name, errors="strict")
+                value = unquote_plus(value, errors="strict")
+            except UnicodeDecodeError:
+                raise HttpError(400, "query string is not valid UTF-8") from None
+            out.setdefault(name, value)
+        return out
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request line and headers (without the final blank line)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, "malformed request line", close=True)
+    method_b, target_b, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+    if not _TOKEN.match(method_b) or not target_b.startswith(b"/"):
+        raise HttpError(400, "malformed request line", close=True)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name_b, sep, value_b = line.partition(b":")
+        if not sep or not _TOKEN.match(name_b):
+            raise HttpError(400, "malformed header line", close=True)
+        name = name_b.decode("ascii").lower()
+        value = value_b.strip(b" \t").decode("latin-1")
+        if any(c in value for c in "\r\n\x00"):
+            raise HttpError(400, "malformed header value", close=True)
+        if name in headers:
+            if name == "content-length" and headers[name] != value:
+                raise HttpError(400, "conflicting Content-Length headers", close=True)
+            if name != "content-length":
+                headers[name] = headers[name] + ", " + value
+        else:
+            headers[name] = value
+    target = target_b.decode("latin-1")
+    path, _, query = target.partition("?")
+    return Request(method_b.decode("ascii"), path, query, version, headers)
+
+
+def body_length(req: Request, max_body: int) -> int:
+    """The length of ``req``'s body from its ``Content-Length`` (0 without one); 411 for a
+    chunked body, 400 for a malformed length, 413 above ``max_body``."""
+    if "transfer-encoding" in req.headers:
+        raise HttpError(
+            411, "chunked request bodies are not supported; send Content-Length", close=True
+        )
+    cl = req.headers.get("content-length")
+    if cl is None:
+        return 0
+    if not _DECIMAL.match(cl):
+        raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
+    n = int(cl)
+    if n > max_body:
+        raise HttpError(
+            413,
+            f"request body of {n} bytes exceeds the limit of {max_body} bytes",
+            close=True,
+        )
+    return n
+
+
+def parse_offset(value: str, what: str) -> int:
+    """A byte offset from a query parameter or header (``""`` is 0); 400 if malformed."""
+    if value == "":
+        return 0
+    if not _DECIMAL.match(value):
+        raise HttpError(
+            400, f"invalid {what} {value[:32]!r}: expected a non-negative decimal byte offset"
+        )
+    return int(value)

@@ -1,0 +1,317 @@
+"""The ``asyncio.Protocol`` of one server connection: HTTP/1.1 keep-alive and pipelining,
+request bodies, and response framing.
+
+- keep-alive and pipelining: one request at a time per connection; later requests wait in the
+  buffer, and reading pauses when that buffer grows;
+- ``Content-Length`` bodies up to ``max_body`` (413 beyond, ``100-continue`` honoured);
+  chunked request bodies are refused with 411, since no OpenAI client sends them;
+- responses: sized (:meth:`Connection.send`) or streamed (:meth:`Connection.start_stream`,
+  chunked on HTTP/1.1, delimited by closing on HTTP/1.0). A fan-out writes one pre-framed
+  chunk to many connections (:meth:`Connection.write_framed`): framing once per pass is what
+  keeps a thousand readers cheap.
+
+The class holds connection state only. What a request means is the application's business:
+an :class:`HttpApp` gets each parsed :class:`~ringcast.http.parse.Request` with this
+connection as its response channel, and says which headers every response carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from ringcast.http.flow import FlowControl
+from ringcast.http.parse import REASONS, HttpError, Request, body_length, parse_head
+from ringcast.wire.openai import error_json
+
+log = logging.getLogger("ringcast.http")
+
+MAX_HEAD = 16 * 1024
+PIPELINE_BUFFER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    max_body: int
+    """Largest request body accepted (413 beyond)."""
+    keepalive_timeout: float
+    """Seconds an idle keep-alive connection is kept open."""
+    write_timeout: float
+    """Seconds a client may take nothing from a full write buffer before it is reset."""
+
+
+class HttpApp(Protocol):
+    """What a :class:`Connection` needs from the application behind it."""
+
+    http: HttpSettings
+    connections: set[Connection]
+    """Open connections (a connection adds and removes itself), for shutdown."""
+
+    async def handle(self, req: Request, conn: Connection) -> None:
+        """Answer ``req`` through ``conn``; raise :class:`HttpError` to answer an error."""
+
+    def response_headers(self, req: Request | None) -> list[tuple[str, str]]:
+        """Headers every response to ``req`` carries (``None``: a request that could not be
+        parsed)."""
+
+    def count_status(self, status: int) -> None:
+        """An error response was sent."""
+
+    def count_bytes_sent(self, n: int) -> None:
+        """``n`` body bytes of a streamed response were written."""
+
+    def count_write_timeout(self) -> None:
+        """A connection was reset by the write watchdog."""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parser state, response writing and flow control."""
+
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self.buf = bytearray()
+        self.pending: Request | None = None
+        self.need = 0
+        self.busy = False
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+        self.reading_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.keep_alive = True
+        self.chunked = False
+        self.extra_headers = app.response_headers(None)
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport's write buffer is above its high-water mark."""
+        return self.flow is not None and self.flow.paused
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.flow = FlowControl(
+            self.transport, self.app.http.write_timeout, self.app.count_write_timeout
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.app.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.busy:
+            if len(self.buf) > PIPELINE_BUFFER and not self.reading_paused:
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._parse()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes is treated as gone: that is how disconnects show up.
+        self._lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+    def pause_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.resume_writing()
+
+    # -- internals
+
+    def _lost(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.app.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.flow is not None:
+            self.flow.close()
+
+    def _arm_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = asyncio.get_running_loop().call_later(
+            self.app.http.keepalive_timeout, self._idle_close
+        )
+
+    def _idle_close(self) -> None:
+        if not self.busy and self.transport is not None:
+            self.transport.close()
+
+    def _parse(self) -> None:
+        while not self.busy and not self.closed:
+            if self.pending is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        self._reject(HttpError(431, "request head too large", close=True))
+                    return
+                if end > MAX_HEAD:
+                    self._reject(HttpError(431, "request head too large", close=True))
+                    return
+                head = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                try:
+                    req = parse_head(head)
+                    self.need = body_length(req, self.app.http.max_body)
+                except HttpError as e:
+                    self._reject(e)
+                    return
+                self.pending = req
+                if self.need and req.headers.get("expect", "").lower() == "100-continue":
+                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if len(self.buf) < self.need:
+                return
+            req = self.pending
+            req.body = bytes(self.buf[: self.need])
+            del self.buf[: self.need]
+            self.pending = None
+            self.need = 0
+            self.busy = True
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+            self.task = asyncio.get_running_loop().create_task(self._run(req))
+
+    def _reject(self, e: HttpError) -> None:
+        self.keep_alive = False
+        self.app.count_status(e.status)
+        self.send(e.status, error_json(e.status, e.message, e.type), close=True)
+        self.busy = True  # nothing more is parsed on this connection
+
+    async def _run(self, req: Request) -> None:
+        self.keep_alive = req.keep_alive
+        self.chunked = False
+        self.extra_headers = self.app.response_headers(req)
+        try:
+            await self.app.handle(req, self)
+        except HttpError as e:
+            self.app.count_status(e.status)
+            if e.close:
+                self.keep_alive = False
+            self.send(e.status, error_json(e.status, e.message, e.type, e.first_available))
+        except asyncio.CancelledError:
+            return
+        except ConnectionError:
+            return
+        except Exception:
+            log.exception("unhandled error in %s %s", req.method, req.path.split("/")[1:3])
+            self.app.count_status(500)
+            if not self.closed:
+                self.keep_alive = False
+                self.send(500, error_json(500, "internal server error", "server_error"))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if not self.keep_alive:
+            self.transport.close()
+            return
+        self.busy = False
+        self.task = None
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self._arm_idle()
+        if self.buf:
+            self._parse()
+
+    # -- writing
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        lines.append("Connection: keep-alive" if self.keep_alive else "Connection: close")
+        lines += [f"{k}: {v}" for k, v in self.extra_headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+        close: bool = False,
+    ) -> None:
+        if close:
+            self.keep_alive = False
+        hs = list(headers or [])
+        if status != 204:
+            hs.append(("Content-Type", content_type))
+            hs.append(("Content-Length", str(len(body))))
+        self._write(self._head(status, hs) + body)
+        if close and self.transport is not None:
+            self.transport.close()
+
+    def start_stream(self, headers: list[tuple[str, str]], version: bytes) -> None:
+        """Send a 200 ``text/event-stream`` head; the body is chunked on HTTP/1.1 and
+        delimited by closing the connection on HTTP/1.0."""
+        hs = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            *headers,
+        ]
+        if version == b"HTTP/1.1":
+            self.chunked = True
+            hs.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.keep_alive = False
+        self._write(self._head(200, hs))
+
+    def write_body(self, data: bytes) -> None:
+        if not data or self.transport is None or self.closed:
+            return
+        if self.chunked:
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+        self.app.count_bytes_sent(len(data))
+
+    def write_framed(self, framed: bytes, data: bytes) -> int:
+        """Like :meth:`write_body` for a fan-out pass: ``framed`` is ``data`` already in its
+        chunk framing (:func:`frame_chunk`), shared by every connection. Returns the body
+        bytes sent (0 if closed); the caller counts them once for the pass."""
+        if self.transport is None or self.closed:
+            return 0
+        self.transport.write(framed if self.chunked else data)
+        return len(data)
+
+    def end_stream(self) -> None:
+        if self.chunked:
+            self._write(b"0\r\n\r\n")
+            self.chunked = False
+
+    async def drain(self) -> None:
+        if self.flow is None or self.closed:
+            return
+        await self.flow.drain()
+
+
+def frame_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)

@@ -1,0 +1,70 @@
+"""``ringcast serve`` on the command line: check the arguments, build the config, start the
+supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from ringcast.server.config import SERVE_DESCRIPTION, SERVE_EPILOG, config_from_args, configure
+from ringcast.server.upstream import check_upstream, upstream_is_self
+from ringcast.trace import check_trace
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with parsed ``ringcast serve`` arguments (a message naming the option),
+    or None. Checked before anything starts."""
+    for name in ("http_procs", "workers", "max_sessions", "session_bytes", "max_body"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0"
+    if args.workers == 0:
+        return "--workers must be at least 1"
+    if not 0 < args.write_timeout < math.inf:
+        return f"--write-timeout must be a number of seconds > 0 (got {args.write_timeout})"
+    if not 0 <= args.coalesce_ms <= 1000:
+        return "--coalesce-ms must be between 0 and 1000"
+    if args.speed != 1.0 and not args.replay:
+        return "--speed only applies with --replay TRACE"
+    if args.upstream and args.generator:
+        return "--upstream and --generator both choose what the workers run; give one"
+    if args.upstream or args.upstream_ca_file:
+        if (problem := check_upstream(args.upstream or "", args.upstream_ca_file)) is not None:
+            return problem
+        if args.upstream and upstream_is_self(args.upstream, args.host, args.port):
+            # Easy to do now that the default port is llama-server's: every job would proxy
+            # to this server again, each one a new request.
+            return (
+                f"--upstream {args.upstream} is this server's own address "
+                f"(--port {args.port}); run the model server on another port (e.g. "
+                "llama-server --port 8081) or give ringcast another --port"
+            )
+    if args.replay and (problem := check_trace(args.replay)) is not None:
+        return f"--replay: {problem}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if (problem := check_args(args)) is not None:
+        print(f"ringcast serve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_from_args(args)
+    except OSError as e:
+        print(f"ringcast serve: cannot read --api-key-file: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"ringcast serve: {e}", file=sys.stderr)
+        return 2
+    from ringcast.server.supervisor import serve
+
+    return serve(cfg)
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """``ringcast serve`` (see ``ringcast.cli``)."""
+    p.description = SERVE_DESCRIPTION
+    p.epilog = SERVE_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    configure(p)
+    p.set_defaults(func=run)

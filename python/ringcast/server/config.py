@@ -1,0 +1,399 @@
+"""The configuration of ``ringcast serve``, defined once: :class:`ServeConfig` holds every
+setting and its default; the command line (:func:`configure`) takes its defaults from it, and
+:func:`config_from_args` builds it from the parsed arguments. The supervisor writes it to the
+run directory (``config.json``, mode 0600) and every child reads it from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+
+import msgspec
+
+from ringcast.trace import parse_speed
+
+ANON_OWNER = "~anon"
+"""Owner namespace of requests without ``X-Conversation-Id``: never listed, never addressable
+by clients (their ids are random), cancelled when the client disconnects."""
+
+KEEPALIVE_TIMEOUT = 75.0
+"""Seconds an idle keep-alive connection stays open (nginx's default). Not an option: no
+client has needed another value."""
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 of an API key, as the config carries it (the key itself never leaves the
+    supervisor); a key's owner namespace is the first 16 hex digits."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ServeConfig(msgspec.Struct, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    http_procs: int = 0
+    workers: int = 1
+    segment: str = ""
+    max_sessions: int = 1024
+    session_bytes: int = 4 * 1024 * 1024
+    max_id_len: int = 256
+    ttl: float = 300.0
+    idle_timeout: float = 600.0
+    max_memory: int = 0
+    evict_running: bool = False
+    keep_segment: bool = False
+    key_digests: list[str] = msgspec.field(default_factory=list)
+    model_name: str = "ringcast-synthetic"
+    tokens_per_s: float = 50.0
+    prefill_s: float = 0.0
+    default_max_tokens: int = 64
+    upstream: str = ""
+    upstream_api_key: str = ""
+    upstream_ca_file: str = ""
+    generator: str = ""
+    replay: str = ""
+    replay_speed: float = 1.0  # 0 = as fast as possible
+    max_body: int = 1 << 20
+    write_timeout: float = 120.0
+    sse_ping_interval: float = 30.0
+    coalesce_ms: float = 40.0
+    coalesce: str = "adaptive"  # or "always"
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    run_dir: str = ""
+    log_level: str = "INFO"
+    event_loop: str = "uvloop"
+
+
+_D = ServeConfig()
+config_decoder = msgspec.json.Decoder(ServeConfig)
+
+
+def load_config(path: str) -> ServeConfig:
+    with open(path, "rb") as f:
+        return config_decoder.decode(f.read())
+
+
+def dump_config(cfg: ServeConfig) -> bytes:
+    return msgspec.json.encode(cfg)
+
+
+def speed_arg(text: str) -> float:
+    """argparse type of ``ringcast serve --speed``: a positive factor, or 0.0 for ``max``
+    (JSON has no infinity, and the value travels to the workers in the config)."""
+    try:
+        v = parse_speed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return 0.0 if math.isinf(v) else v
+
+
+SERVE_DESCRIPTION = """\
+Serve OpenAI-compatible streaming completions whose streams survive disconnects.
+
+A request with an X-Conversation-Id header creates a session: its SSE bytes are kept in a
+shared-memory ring, generation continues if the client goes away, and any number of clients
+can read it from any byte offset through any HTTP process:
+
+  POST   /v1/chat/completions, /v1/completions   (stream true or false)
+  GET    /v1/stream?conv_id=ID&from=N            (or /v1/stream/ID?from=N, or Last-Event-ID)
+  POST   /v1/streams/lookup   {"conversation_ids": [...]}
+  GET    /v1/streams[?conversation_id=X]         (only the caller's key's sessions)
+  DELETE /v1/stream?conv_id=ID                   (cancel; 204 also for unknown ids)
+  GET    /health, /v1/models, /metrics
+
+Without --upstream or --generator the workers run a synthetic model (deterministic text at
+--tokens-per-s), which is handy for testing clients and for benchmarks.
+"""
+
+SERVE_EPILOG = """\
+examples:
+  ringcast serve --port 8080
+  ringcast serve --upstream http://127.0.0.1:8081 --workers 2 --api-key-file keys.txt
+      (llama-server started with --port 8081, since ringcast takes llama-server's 8080)
+  ringcast serve --generator mypkg.model:generate --ttl 600 --keep-segment
+
+Each SSE event carries `id: <byte offset after it>`, so a client resumes with
+from=<bytes received> or Last-Event-ID. An offset that was dropped answers 410 with the first
+available offset; one past the end of a finished stream, 416 with its length. Sessions belong
+to the API key that created them.
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ringcast serve``."""
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=_D.host, help="address to listen on (%(default)s)")
+    net.add_argument(
+        "--port",
+        type=int,
+        default=_D.port,
+        help="TCP port, shared by all HTTP processes, llama-server's default; 0 = pick a "
+        "free one (%(default)s)",
+    )
+    net.add_argument(
+        "--http-procs",
+        type=int,
+        default=_D.http_procs,
+        metavar="N",
+        help="HTTP processes sharing the port via SO_REUSEPORT (default: one per CPU core)",
+    )
+    net.add_argument(
+        "--max-body",
+        type=int,
+        default=_D.max_body,
+        metavar="BYTES",
+        help="largest request body accepted; larger gets 413 (%(default)s)",
+    )
+    net.add_argument(
+        "--write-timeout",
+        type=float,
+        default=_D.write_timeout,
+        metavar="S",
+        help="close a connection whose client has read nothing for this long while its "
+        "write buffer is full, releasing its reader (%(default)s)",
+    )
+    net.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=_D.coalesce_ms,
+        metavar="MS",
+        help="the most a stream's next write to its readers waits for more bytes to send "
+        "along (one send per client per write is the cost of fan-out); only streams whose "
+        "events come faster than half the wait are held; adaptive waits up to half of it "
+        "while a process is behind and all of it while far behind; 0 = never wait "
+        "(%(default)s)",
+    )
+    net.add_argument(
+        "--coalesce",
+        choices=["adaptive", "always"],
+        default=_D.coalesce,
+        help="adaptive: wait only while this HTTP process falls behind (event-loop lag), "
+        "from 0 when it keeps up to --coalesce-ms; always: wait --coalesce-ms (%(default)s)",
+    )
+    net.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browser pages from this origin (or '*') to call the API; "
+        "repeatable. Default: no CORS headers",
+    )
+    auth = parser.add_argument_group("authentication")
+    auth.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accept this key (Bearer or X-Api-Key); repeatable. Sessions are "
+        "namespaced per key. Also read from $RINGCAST_API_KEY",
+    )
+    auth.add_argument(
+        "--api-key-file", metavar="PATH", help="file with one key per line (# comments allowed)"
+    )
+    model = parser.add_argument_group("generation")
+    model.add_argument(
+        "--workers",
+        type=int,
+        default=_D.workers,
+        metavar="N",
+        help="inference worker processes (%(default)s)",
+    )
+    model.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="proxy to this OpenAI-compatible server instead of the synthetic model: "
+        "http://HOST[:PORT][/PATH] (e.g. llama-server) or https://... (certificates "
+        "checked against the system's CAs)",
+    )
+    model.add_argument(
+        "--upstream-ca-file",
+        metavar="PEM",
+        help="trust the CA certificates in this PEM file (instead of the system's) for an "
+        "https upstream, e.g. a private CA or a self-signed server",
+    )
+    model.add_argument(
+        "--upstream-api-key",
+        metavar="KEY",
+        help="Bearer key sent upstream (or $RINGCAST_UPSTREAM_KEY)",
+    )
+    model.add_argument(
+        "--generator",
+        metavar="MODULE:FUNC",
+        help="your async generator of text pieces; see ringcast.worker",
+    )
+    model.add_argument(
+        "--replay",
+        metavar="TRACE",
+        help="answer requests by replaying a recorded trace (ringcast record, "
+        "ringcast trace synth) at recorded pace; see docs/REPLAY.md",
+    )
+    model.add_argument(
+        "--speed",
+        type=speed_arg,
+        default=_D.replay_speed,
+        metavar="X|max",
+        help="with --replay: X times the recorded pace, or max (%(default)s)",
+    )
+    model.add_argument(
+        "--model-name",
+        default=_D.model_name,
+        help="model id reported by /v1/models (%(default)s)",
+    )
+    model.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=_D.tokens_per_s,
+        help="synthetic model speed; 0 = as fast as possible (%(default)s)",
+    )
+    model.add_argument(
+        "--prefill-s",
+        type=float,
+        default=_D.prefill_s,
+        help="synthetic prompt-processing delay before the first token",
+    )
+    model.add_argument(
+        "--sse-ping-interval",
+        type=float,
+        default=_D.sse_ping_interval,
+        metavar="S",
+        help="append ': ping' to a running stream silent for this long, so slow "
+        "prefills do not look dead; 0 = never (%(default)s)",
+    )
+    model.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=_D.default_max_tokens,
+        help="synthetic tokens when the request sets no max_tokens",
+    )
+    store = parser.add_argument_group("sessions and memory")
+    store.add_argument(
+        "--segment",
+        metavar="PATH",
+        help="segment file (default /dev/shm/ringcast-<port>.seg); an existing "
+        "segment with the same sizes is re-attached",
+    )
+    store.add_argument(
+        "--max-sessions",
+        type=int,
+        default=_D.max_sessions,
+        help="session table slots (%(default)s)",
+    )
+    store.add_argument(
+        "--session-bytes",
+        type=int,
+        default=_D.session_bytes,
+        help="ring size per session; older bytes are dropped (%(default)s)",
+    )
+    store.add_argument(
+        "--max-id-len",
+        type=int,
+        default=_D.max_id_len,
+        help="longest conversation id in bytes (%(default)s)",
+    )
+    store.add_argument(
+        "--ttl",
+        type=float,
+        default=_D.ttl,
+        help="seconds a completed session is kept (%(default)s)",
+    )
+    store.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=_D.idle_timeout,
+        help="evict a running session without progress for this long; 0 = never (%(default)s)",
+    )
+    store.add_argument(
+        "--max-memory",
+        type=int,
+        default=_D.max_memory,
+        metavar="BYTES",
+        help="evict completed sessions (LRU) above this many buffered bytes",
+    )
+    store.add_argument(
+        "--evict-running",
+        action="store_true",
+        help="when full, evict running sessions too (after completed ones)",
+    )
+    store.add_argument(
+        "--keep-segment",
+        action="store_true",
+        help="keep the segment file at shutdown, so a restart re-attaches",
+    )
+    parser.add_argument(
+        "--event-loop",
+        default=_D.event_loop,
+        choices=["uvloop", "asyncio"],
+        help="event loop of the HTTP processes and workers (%(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default=_D.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+
+def _read_keys(args: argparse.Namespace) -> list[str]:
+    """The API keys; ValueError for an empty key or a key file without one (either would
+    start a server with no authentication at all, which the caller evidently did not want)."""
+    keys = list(args.api_key or [])
+    if any(not k.strip() for k in keys):
+        raise ValueError("--api-key is empty")
+    if args.api_key_file:
+        from_file = []
+        with open(args.api_key_file, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    from_file.append(line)
+        if not from_file:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += from_file
+    env_key = os.environ.get("RINGCAST_API_KEY")
+    if env_key is not None:
+        if not env_key.strip():
+            raise ValueError("$RINGCAST_API_KEY is set but empty")
+        keys.append(env_key)
+    return keys
+
+
+_SAME_NAME = (
+    "host",
+    "port",
+    "workers",
+    "max_sessions",
+    "session_bytes",
+    "max_id_len",
+    "ttl",
+    "idle_timeout",
+    "max_memory",
+    "evict_running",
+    "keep_segment",
+    "model_name",
+    "tokens_per_s",
+    "prefill_s",
+    "default_max_tokens",
+    "max_body",
+    "log_level",
+    "sse_ping_interval",
+    "write_timeout",
+    "coalesce_ms",
+    "coalesce",
+    "event_loop",
+)
+"""Settings whose option has the field's name and is taken as it is."""
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The config of parsed ``ringcast serve`` arguments; ``OSError`` if the key file cannot
+    be read, ``ValueError`` for an empty key."""
+    return ServeConfig(
+        **{name: getattr(args, name) for name in _SAME_NAME},
+        http_procs=args.http_procs or (os.cpu_count() or 1),
+        segment=args.segment or "",
+        key_digests=[key_digest(k) for k in _read_keys(args)],
+        upstream=args.upstream or "",
+        upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
+        upstream_ca_file=os.path.abspath(args.upstream_ca_file) if args.upstream_ca_file else "",
+        generator=args.generator or "",
+        cors_origins=args.cors_origin or [],
+        replay=os.path.abspath(args.replay) if args.replay else "",
+        replay_speed=args.speed,
+    )

@@ -1,0 +1,148 @@
+"""Counters shared across the processes of one ``ringcast serve``: a small memory-mapped file
+in the run directory, one 128-byte row of 16 little-endian ``u64`` per process (row 0 the
+supervisor, then the HTTP processes, then the workers), each row written by its process only
+and summed by whichever HTTP process serves ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import mmap
+import os
+import struct
+
+from ringcast.server import rundir
+from ringcast.server.config import ServeConfig
+
+
+class HttpCounter(enum.IntEnum):
+    REQUESTS = 0
+    ERRORS_4XX = 1
+    ERRORS_5XX = 2
+    STREAMS_STARTED = 3
+    RESUMES = 4
+    OFFSETS_LOST = 5
+    FELL_BEHIND = 6
+    """Also counted in OFFSETS_LOST; not exposed on its own."""
+    BYTES_SENT = 7
+    READERS_ACTIVE = 8
+    EVICTIONS_LRU = 9
+    HANDOFF_FAILED = 10
+    DETACHED = 11
+    COALESCE_US = 12
+    WRITE_TIMEOUTS = 13
+
+
+class WorkerCounter(enum.IntEnum):
+    JOBS_STARTED = 0
+    JOBS_DONE = 1
+    JOBS_FAILED = 2
+    JOBS_CANCELLED = 3
+    TOKENS = 4
+    ACTIVE = 5
+
+
+class ManagerCounter(enum.IntEnum):
+    EVICTIONS_TTL = 0
+    EVICTIONS_IDLE = 1
+    EVICTIONS_LRU = 2
+    DEAD_PRODUCERS = 3
+    RESTARTS_HTTP = 4
+    RESTARTS_WORKER = 5
+
+
+ROW_WORDS = 16  # 128 bytes: one row never shares a cache line pair with another process's
+ROW_LOOP = ROW_WORDS - 1
+"""The last word of every child's row: the event loop it runs, an index into LOOP_NAMES,
+written once by :func:`open_child_counters` from inside the running loop."""
+LOOP_NAMES = ("", "asyncio", "uvloop")  # 0: not recorded yet
+
+assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter)) < ROW_LOOP
+
+
+class SharedCounters:
+    """Rows of 64-bit counters in a shared file; each row has exactly one writing process.
+
+    Row 0 is the manager, rows ``1..H`` the HTTP processes, then the workers. A process keeps
+    its own values in Python ints and stores them whole (aligned 8-byte stores, which x86-64
+    and aarch64 do not tear), so there is no cross-process read-modify-write. A restarted
+    process continues its row's counters; gauges are reset by the new process. The last word
+    of a child's row (``ROW_LOOP``) says which event loop it runs.
+    """
+
+    def __init__(self, path: str, rows: int, create: bool = False) -> None:
+        size = rows * ROW_WORDS * 8
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.rows = rows
+        self._row = -1
+        self._vals: list[int] = []
+
+    def bind_row(self, row: int) -> None:
+        self._row = row
+        base = row * ROW_WORDS * 8
+        self._vals = list(struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, base))
+
+    def inc(self, idx: int, n: int = 1) -> None:
+        v = self._vals[idx] + n
+        if v < 0:
+            v = 0
+        self._vals[idx] = v
+        struct.pack_into("<Q", self._mm, (self._row * ROW_WORDS + idx) * 8, v)
+
+    def set(self, idx: int, v: int) -> None:
+        self._vals[idx] = v
+        struct.pack_into("<Q", self._mm, (self._row * ROW_WORDS + idx) * 8, v)
+
+    def read_row(self, row: int) -> tuple[int, ...]:
+        return struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, row * ROW_WORDS * 8)
+
+    def read(self, row: int, idx: int) -> int:
+        """One counter of any row (another process's too)."""
+        value: int = struct.unpack_from("<Q", self._mm, (row * ROW_WORDS + idx) * 8)[0]
+        return value
+
+
+def counter_rows(cfg: ServeConfig) -> int:
+    return 1 + cfg.http_procs + cfg.workers
+
+
+def http_row(index: int) -> int:
+    return 1 + index
+
+
+def worker_row(cfg: ServeConfig, index: int) -> int:
+    return 1 + cfg.http_procs + index
+
+
+def child_row(cfg: ServeConfig, role: str, index: int) -> int:
+    """The counter row of HTTP process or worker ``index`` (``role`` "http" or "worker")."""
+    return http_row(index) if role == "http" else worker_row(cfg, index)
+
+
+def loop_of(row: tuple[int, ...]) -> str:
+    """The event loop a child's counter row says it runs (``"unknown"`` before it starts)."""
+    value = row[ROW_LOOP]
+    return LOOP_NAMES[value] if 0 < value < len(LOOP_NAMES) else "unknown"
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``"uvloop"`` or ``"asyncio"``: whose loop class this is."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def open_child_counters(cfg: ServeConfig, role: str, index: int) -> SharedCounters:
+    """A child's counters, bound to its row, with the kind of the running loop stored in the
+    row (``ROW_LOOP``) so ``/metrics`` and the manager's start-up line report the loop each
+    child really runs. Called by the child's main coroutine, inside its loop."""
+    counters = SharedCounters(rundir.counters_path(cfg.run_dir), counter_rows(cfg))
+    counters.bind_row(child_row(cfg, role, index))
+    counters.set(ROW_LOOP, LOOP_NAMES.index(loop_name(asyncio.get_running_loop())))
+    return counters

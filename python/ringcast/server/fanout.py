@@ -1,0 +1,308 @@
+"""Serving a stream to clients inside one HTTP process: each client's relay, the live-edge
+pump that one stream's clients share, and the controller that decides how long pumps batch
+(coalescing).
+
+Flow control: a relay whose connection reaches the transport's high-water mark waits for it
+to drain before reading more. The producer never waits for a reader: a client that stops
+reading only falls behind in the store, and if it falls past the dropped prefix it gets an
+in-band ``offset_lost`` event (the bytes it missed are gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+from ringcast._core import OffsetLost, SessionEnded, SessionNotFound
+from ringcast.http.protocol import Connection, frame_chunk
+from ringcast.server.counters import HttpCounter, SharedCounters
+from ringcast.server.store import StreamReader, StreamStore, StreamView
+from ringcast.wire.sse import error_event
+
+RELAY_READ = 256 * 1024
+# Adaptive coalescing (Coalescing.run): sample period and moving-average weight of the
+# event-loop lag; the lag above which a process is behind (the linger may climb to half the
+# cap), far behind (to the whole cap), and below which it keeps up (an idle uvloop shows
+# ~0.2 ms); the first linger when it falls behind and the decay per sample after.
+LAG_PERIOD = 0.010
+LAG_SMOOTHING = 0.25
+LAG_SLOW_SMOOTHING = 0.05
+LAG_HIGH = 0.001
+LAG_SEVERE = 0.004
+LAG_LOW = 0.0005
+LINGER_START = 0.002
+LINGER_DECAY = 0.85
+
+
+class Coalescing:
+    """How long this process's pumps wait after a pass before the next one (``linger``,
+    seconds), and the cap it may reach (``cap``). Fixed at the cap with ``--coalesce always``;
+    moved by :meth:`run` with ``--coalesce adaptive``."""
+
+    def __init__(self, cap_ms: float, always: bool, counters: SharedCounters) -> None:
+        self.cap = cap_ms / 1000.0
+        self.counters = counters
+        self.linger = self.cap if always else 0.0
+        self.counters.set(HttpCounter.COALESCE_US, int(self.linger * 1e6))
+
+    async def run(self) -> None:
+        """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
+        every wake-up while this process keeps up, and batch more while it falls behind.
+
+        Every 10 ms, how late the loop woke this task (its lag: time spent running other
+        callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
+        doubles (from LINGER_START) up to half the ``--coalesce-ms`` cap (coming down to it
+        by LINGER_DECAY per sample from above), and while a slower average (over ~0.2 s,
+        where a process far behind shows its long stalls) is above LAG_SEVERE, up to the
+        whole cap; below LAG_LOW it decays by LINGER_DECAY per sample (from the cap to
+        nothing in ~0.4 s), and in between it holds. It climbs fast and comes down slowly, so
+        a loaded process keeps the batching that gives it headroom instead of oscillating at
+        the edge of saturation; an idle one goes back to writing every event at once. The two
+        ceilings: a process that is merely busy (a loop ~1 ms late) needs a little batching
+        and keeps its latency; one that is far behind (at 2.5 M events/s on 2 cores its loop
+        was 2-6 ms late at the median, 10-130 ms at p90) needs all the batching it can get,
+        or its backlog, not the linger, sets the latency."""
+        cap = self.cap
+        avg = slow = 0.0
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PERIOD)
+            lag = max(0.0, time.monotonic() - t0 - LAG_PERIOD)
+            avg += (lag - avg) * LAG_SMOOTHING
+            slow += (lag - slow) * LAG_SLOW_SMOOTHING
+            linger = self.linger
+            if avg > LAG_HIGH:
+                ceiling = cap if slow > LAG_SEVERE else cap / 2
+                if linger > ceiling:  # no longer far behind: back down to the lower ceiling
+                    linger = max(ceiling, linger * LINGER_DECAY)
+                else:
+                    linger = min(ceiling, max(linger * 2.0, LINGER_START))
+            elif avg < LAG_LOW:
+                linger = linger * LINGER_DECAY if linger > LINGER_START / 4 else 0.0
+            if linger != self.linger:
+                self.linger = linger
+                self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
+
+
+# Terminal events for readers whose session ended without finishing: (code, message).
+END_EVENTS = {
+    "cancelled": (410, "the stream was cancelled"),
+    "replaced": (409, "the stream was replaced by a newer request with the same conversation id"),
+    "evicted": (410, "the stream was evicted (expired, idle or memory full)"),
+    "failed": (500, "the stream failed"),
+}
+
+Outcome = tuple[str, int | str | None]
+"""How a pump lets a connection go: ("done", None), ("ended", reason) or ("solo", offset)."""
+
+
+class Pump:
+    """Live-edge fan-out of one session inside one HTTP process.
+
+    Waking a reader task per client costs a notifier round and a task switch per event; with a
+    thousand clients on a stream that dominates. A pump holds one ``Reader`` at the live edge,
+    and on each wake-up writes the new bytes straight into every joined connection's
+    transport (a synchronous call). A joined connection's relay task sleeps on one future
+    until the stream ends or the pump detaches it (its write buffer reached the high-water
+    mark, or the pump itself fell behind); it then continues on its own reader.
+    """
+
+    def __init__(self, fanout: FanOut, key: tuple[int, int], reader: StreamReader) -> None:
+        self.fanout = fanout
+        self.key = key
+        self.reader = reader
+        self.offset = reader.offset
+        self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def join(self, conn: Connection) -> asyncio.Future[Outcome]:
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.subs[conn] = fut
+        fut.add_done_callback(functools.partial(self._left, conn))
+        return fut
+
+    def _left(self, conn: Connection, fut: asyncio.Future[Outcome]) -> None:
+        if self.subs.get(conn) is fut:
+            del self.subs[conn]
+        if not self.subs and not self.task.done():
+            self.task.cancel()
+
+    async def run(self) -> None:
+        outcome: Outcome = ("solo", 0)
+        loop = asyncio.get_running_loop()
+        coalescing = self.fanout.coalescing
+        counters = self.fanout.counters
+        last_write = 0.0
+        # Moving average of the time between this stream's events; it starts at the cap, as
+        # if the stream were slow, so one early burst (the role chunk and the first token come
+        # together) does not make a model-paced stream wait.
+        spacing = coalescing.cap
+        try:
+            while True:
+                # Coalescing: no fan-out pass within `coalescing.linger` of the previous one, so a
+                # fast stream reaches each client in fewer, larger writes (one send per client
+                # per pass is the cost that dominates fan-out). `coalescing.linger` is 0 while the
+                # process keeps up (see `Coalescing.run`), and a stream whose events come
+                # further apart than half of it (a model's pace) never waits: it would gain no
+                # batching, only delay.
+                linger = coalescing.linger
+                if linger and spacing < linger / 2:
+                    wait = last_write + linger - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                try:
+                    data = await self.reader.aread(RELAY_READ)
+                except OffsetLost:
+                    break  # each connection goes on alone and finds out for itself
+                except SessionEnded as e:
+                    outcome = ("ended", e.reason)
+                    break
+                if not data:
+                    outcome = ("done", None)
+                    break
+                self.offset += len(data)
+                # Framed once for every chunked connection of this pass.
+                framed = frame_chunk(data)
+                sent = 0
+                for conn, fut in list(self.subs.items()):
+                    if fut.done():
+                        continue
+                    sent += conn.write_framed(framed, data)
+                    if conn.write_paused or conn.closed:
+                        fut.set_result(("solo", self.offset))
+                        counters.inc(HttpCounter.DETACHED)
+                if sent:
+                    counters.inc(HttpCounter.BYTES_SENT, sent)
+                now = loop.time()
+                if last_write:
+                    gap = (now - last_write) / max(1, data.count(b"\n\n"))
+                    spacing += (gap - spacing) / 4
+                last_write = now
+        finally:
+            pumps = self.fanout.pumps
+            if pumps.get(self.key) is self:
+                del pumps[self.key]
+            self.reader.close()
+            for fut in list(self.subs.values()):
+                if not fut.done():
+                    fut.set_result(outcome if outcome[0] != "solo" else ("solo", self.offset))
+
+
+class FanOut:
+    """The relays and pumps of one HTTP process."""
+
+    def __init__(
+        self, store: StreamStore, coalescing: Coalescing, counters: SharedCounters
+    ) -> None:
+        self.store = store
+        self.coalescing = coalescing
+        self.counters = counters
+        self.pumps: dict[tuple[int, int], Pump] = {}
+
+    async def relay(self, conn: Connection, reader: StreamReader, owner: str) -> bool:
+        """Copy ring bytes to the client until the stream ends; True if it finished.
+
+        A reader behind the ring's end catches up on its own (``solo``); at the end it joins
+        the process's :class:`Pump` for the session, which reads once per wake-up and writes to
+        every joined connection. A connection whose write buffer fills is detached again and
+        goes on solo from where it was, so it never holds up the others.
+        """
+        self.counters.inc(HttpCounter.READERS_ACTIVE)
+        finished = False
+        key = (reader.slot, reader.generation)
+        conv = reader.conversation_id
+        start = reader.offset
+        try:
+            while True:
+                try:
+                    data = reader.read_nowait(RELAY_READ)
+                    if data is None:
+                        pump = self.pumps.get(key)
+                        if pump is None:
+                            # Not counted: its clients' own readers are.
+                            edge = await self.store.open_reader(
+                                conv, reader.offset, owner, counted=False
+                            )
+                            pump = self.pumps.get(key)
+                            if pump is None:
+                                pump = self.pumps[key] = Pump(self, key, edge)
+                            else:  # another relay made one while a remote store answered
+                                edge.close()
+                        if pump.offset == reader.offset:
+                            outcome, value = await pump.join(conn)
+                            if outcome == "done":
+                                finished = True
+                                break
+                            if outcome == "ended":
+                                write_end(conn, str(value))
+                                break
+                            # Detached at offset `value`: drain, then go on alone.
+                            if conn.write_paused:
+                                await conn.drain()
+                            assert isinstance(value, int)
+                            reader.close()
+                            reader = await self.store.open_reader(conv, value, owner)
+                            continue
+                        data = await reader.aread(RELAY_READ)
+                except OffsetLost as e:
+                    self.counters.inc(HttpCounter.OFFSETS_LOST)
+                    self.counters.inc(HttpCounter.FELL_BEHIND)
+                    conn.write_body(
+                        error_event(
+                            410,
+                            f"this reader fell behind: bytes before offset "
+                            f"{e.first_available} were dropped; resume from there",
+                            "offset_lost",
+                            e.first_available,
+                        )
+                    )
+                    break
+                except SessionEnded as e:
+                    write_end(conn, e.reason)
+                    break
+                except SessionNotFound:
+                    write_end(conn, "evicted")
+                    break
+                if not data:
+                    finished = True
+                    break
+                conn.write_body(data)
+                if conn.write_paused:
+                    await conn.drain()
+            if finished and start > 0:
+                # Held beyond the end of a running stream (as llama-server does), which then
+                # finished short of that offset: say so instead of ending silently.
+                total = final_total(reader, await self.store.get(reader.conversation_id, owner))
+                if total is not None and start > total:
+                    conn.write_body(
+                        error_event(
+                            416,
+                            f"the stream finished with {total} bytes, short of offset {start} "
+                            f"that this read asked for; resume from an offset of at most {total}",
+                            "invalid_request_error",
+                        )
+                    )
+            conn.end_stream()
+        finally:
+            reader.close()
+            self.counters.inc(HttpCounter.READERS_ACTIVE, -1)
+        return finished
+
+
+def final_total(reader: StreamReader, info: StreamView | None) -> int | None:
+    """``total_bytes`` of the reader's session if it is finalized, else None (running, or
+    gone: collected, or replaced by a newer session with the same id); ``info`` is what
+    ``Segment.get`` gives for its id."""
+    if (
+        info is None
+        or (info.slot, info.generation) != (reader.slot, reader.generation)
+        or not info.is_done
+    ):
+        return None
+    return info.total_bytes
+
+
+def write_end(conn: Connection, reason: str) -> None:
+    code, message = END_EVENTS.get(reason, (410, f"stream ended: {reason}"))
+    conn.write_body(error_event(code, message, reason))

@@ -1,0 +1,104 @@
+"""Garbage collection of sessions: LRU eviction, the dead-producer sweep, TTL and idle eviction.
+
+The supervisor runs :func:`sweep_dead_producers` every 200 ms and :func:`collect` every
+second; an HTTP process calls :func:`evict_lru` when a create finds the table full.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ringcast._core import Segment, SessionInfo
+from ringcast.server.config import ANON_OWNER, ServeConfig
+from ringcast.server.counters import ManagerCounter, SharedCounters
+from ringcast.wire.sse import error_event, frame_event
+
+log = logging.getLogger("ringcast.gc")
+
+
+def last_used(info: SessionInfo) -> float:
+    """When a completed session was last used: its completion, or a reader attaching after
+    it (``last_access_at``; a reader attaches for every GET, resume and replay)."""
+    return max(info.completed_at, info.last_access_at)
+
+
+def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:
+    """Evict up to ``count`` sessions, least recently used first: completed sessions without
+    readers (by :func:`last_used`), then completed ones with readers, then (only if
+    ``evict_running``) running ones by last progress. Returns how many were evicted."""
+    infos = seg.list()
+    done = [i for i in infos if i.is_done]
+    done.sort(key=lambda i: (i.readers > 0, last_used(i)))
+    order: list[SessionInfo] = done
+    if evict_running:
+        running = [i for i in infos if not i.is_done]
+        running.sort(key=lambda i: i.last_write_at)
+        order = done + running
+    evicted = 0
+    for info in order:
+        if evicted >= count:
+            break
+        if seg.evict_slot(info.slot, info.generation, "evicted"):
+            evicted += 1
+    return evicted
+
+
+def fail_session(seg: Segment, info: SessionInfo, message: str, type_: str) -> bool:
+    """Take over a running session whose producer is dead, append an SSE error event and
+    finalize it ``failed``. False if the producer is alive or the session is gone."""
+    w = seg.take_over_dead(info.conversation_id, info.owner)
+    if w is None:
+        return False
+    w.write(frame_event(w.total_bytes, error_event(500, message, type_)))
+    w.finalize("failed")
+    return True
+
+
+def sweep_dead_producers(seg: Segment, now: float) -> int:
+    n = 0
+    for info in seg.list():
+        if info.is_done:
+            continue
+        if not info.producer_alive:
+            if fail_session(seg, info, "the producer process died", "producer_died"):
+                n += 1
+        elif info.owner == ANON_OWNER and info.readers == 0 and now - info.started_at > 2.0:
+            # An anonymous stream nobody can read any more (its HTTP process died).
+            seg.evict_and_cancel(info.conversation_id, info.owner)
+    return n
+
+
+def sweep(seg: Segment, counters: SharedCounters) -> None:
+    """Fail the sessions whose producer died, and count them."""
+    n = sweep_dead_producers(seg, time.time())
+    if n:
+        log.info("failed %d session(s) whose producer died", n)
+        counters.inc(ManagerCounter.DEAD_PRODUCERS, n)
+
+
+def collect(seg: Segment, cfg: ServeConfig, counters: SharedCounters) -> None:
+    """TTL, idle and LRU eviction (see SERVER.md, "The manager's sweeps")."""
+    now = time.time()
+    for info in seg.list():
+        if info.is_done:
+            if now - info.completed_at >= cfg.ttl and seg.evict_slot(
+                info.slot, info.generation, "evicted"
+            ):
+                counters.inc(ManagerCounter.EVICTIONS_TTL)
+        elif (
+            cfg.idle_timeout > 0
+            and now - info.last_write_at >= cfg.idle_timeout
+            and seg.evict_slot(info.slot, info.generation, "evicted")
+        ):
+            log.info("evicted a running session idle for %.0f s", cfg.idle_timeout)
+            counters.inc(ManagerCounter.EVICTIONS_IDLE)
+    stats = seg.stats()
+    headroom = max(1, stats.max_sessions // 16)
+    over = stats.sessions_used - (stats.max_sessions - headroom)
+    if cfg.max_memory and stats.bytes_buffered > cfg.max_memory:
+        over = max(over, 1)
+    if over > 0:
+        n = evict_lru(seg, over, cfg.evict_running)
+        if n:
+            counters.inc(ManagerCounter.EVICTIONS_LRU, n)

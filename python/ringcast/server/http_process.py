@@ -1,0 +1,80 @@
+"""An HTTP process of ``ringcast serve`` (``python -m ringcast.server.http_process CONFIG
+INDEX``, spawned by the supervisor): listens on the shared port with ``SO_REUSEPORT`` and
+serves :class:`~ringcast.server.routes.App` through :class:`~ringcast.http.protocol.Connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from ringcast.http.protocol import Connection
+from ringcast.server import rundir
+from ringcast.server.child import child_main
+from ringcast.server.config import ServeConfig
+from ringcast.server.counters import HttpCounter, open_child_counters
+from ringcast.server.routes import App
+from ringcast.server.segment_store import open_store
+
+log = logging.getLogger("ringcast.server")
+
+# Connections the kernel may hold for an HTTP process before it accepts them (it caps this at
+# net.core.somaxconn). A network blip reconnects every client of a stream at once; with a
+# queue of 100 (asyncio's default) the SYNs past the hundredth were dropped and each of those
+# clients waited for its retransmission, 1 s and then 3 s.
+LISTEN_BACKLOG = 4096
+
+
+def _bound_socket(cfg: ServeConfig) -> socket.socket:
+    """The port, shared with the other HTTP processes; ``create_server`` listens on it."""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((cfg.host, cfg.port))
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(cfg: ServeConfig, index: int) -> None:
+    counters = open_child_counters(cfg, "http", index)
+    counters.set(HttpCounter.READERS_ACTIVE, 0)
+    store = open_store(cfg, lambda n: counters.inc(HttpCounter.EVICTIONS_LRU, n))
+    app = App(cfg, index, store, counters)
+    loop = asyncio.get_running_loop()
+    if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
+        app.track(loop.create_task(app.coalescing.run()))
+    # create_server calls listen() itself, with its own backlog (asyncio's and uvloop's
+    # default: 100) unless given one.
+    server = await loop.create_server(
+        lambda: Connection(app), sock=_bound_socket(cfg), backlog=LISTEN_BACKLOG
+    )
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
+    log.debug("HTTP process %d listening", index)
+    await stop.wait()
+    # Stop accepting, close idle keep-alive connections, let streams end as workers
+    # finalize their sessions, then close whatever is left.
+    server.close()
+    for c in list(app.connections):
+        if not c.busy and c.transport is not None:
+            c.transport.close()
+    deadline = loop.time() + 5.0
+    while any(c.busy for c in app.connections) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for c in list(app.connections):
+        if c.transport is not None:
+            c.transport.abort()
+
+
+def main(argv: list[str] | None = None) -> None:
+    child_main("http", serve_http, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""The routes of an HTTP process of ``ringcast serve``: the OpenAI completions, the resumable
+stream routes, the stream registry, health, models and metrics.
+
+:class:`App` is the :class:`~ringcast.http.protocol.HttpApp` behind every connection. Before
+any route runs, one step resolves the route (404, 405), answers CORS preflights, and
+authenticates the caller into an owner namespace (401); a route gets that owner and never
+looks at keys. Streams are reached through the process's
+:class:`~ringcast.server.store.StreamStore` only.
+
+A streaming POST creates the session here (so DELETE works before the first token), attaches
+this process's reader at offset 0, and hands the job to a worker
+(:mod:`ringcast.server.handoff`); the worker adopts the session and becomes its producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import msgspec
+
+from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
+from ringcast.http.parse import HttpError, Request, parse_offset
+from ringcast.http.protocol import Connection, HttpSettings
+from ringcast.server import metrics
+from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
+from ringcast.server.counters import HttpCounter, SharedCounters
+from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
+from ringcast.server.handoff import Dispatcher
+from ringcast.server.store import StreamReader, StreamStore, StreamView, StreamWriter
+from ringcast.wire.jobs import Job
+from ringcast.wire.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    Completion,
+    CompletionChoice,
+    Health,
+    ModelCard,
+    ModelList,
+    StreamInfo,
+    Usage,
+    chat_request_decoder,
+    chunk_decoder,
+    completion_request_decoder,
+    json_encoder,
+    lookup_request_decoder,
+)
+from ringcast.wire.sse import iter_sse_data
+
+log = logging.getLogger("ringcast.server")
+
+EXPOSED_HEADERS = (
+    "X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, X-Ringcast-Process"
+)
+
+Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    methods: dict[str, Handler]
+    """Handler per method; the first is named in a 405."""
+    keyed: bool = True
+    """Callers must authenticate (when keys are configured)."""
+
+
+class App:
+    """Routes and the state of one HTTP process."""
+
+    def __init__(
+        self, cfg: ServeConfig, index: int, store: StreamStore, counters: SharedCounters
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.store = store
+        self.counters = counters
+        self.http = HttpSettings(cfg.max_body, KEEPALIVE_TIMEOUT, cfg.write_timeout)
+        self.connections: set[Connection] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
+        self.fanout = FanOut(store, self.coalescing, counters)
+        self.dispatcher = Dispatcher(cfg, index, counters)
+        self.key_owners = {d: d[:16] for d in cfg.key_digests}
+        self.created = int(time.time())
+
+    # -- HttpApp
+
+    def response_headers(self, req: Request | None) -> list[tuple[str, str]]:
+        hs = [("X-Ringcast-Process", str(self.index))]
+        origin = self.cors_origin(req) if req is not None else ""
+        if origin:
+            hs.append(("Access-Control-Allow-Origin", origin))
+            hs.append(("Access-Control-Expose-Headers", EXPOSED_HEADERS))
+            hs.append(("Vary", "Origin"))
+        return hs
+
+    def count_status(self, status: int) -> None:
+        if 400 <= status < 500:
+            self.counters.inc(HttpCounter.ERRORS_4XX)
+        elif status >= 500:
+            self.counters.inc(HttpCounter.ERRORS_5XX)
+
+    def count_bytes_sent(self, n: int) -> None:
+        self.counters.inc(HttpCounter.BYTES_SENT, n)
+
+    def count_write_timeout(self) -> None:
+        self.counters.inc(HttpCounter.WRITE_TIMEOUTS)
+
+    async def handle(self, req: Request, conn: Connection) -> None:
+        """The pre-routing step (route, CORS preflight, authentication), then the route."""
+        self.counters.inc(HttpCounter.REQUESTS)
+        if req.method == "OPTIONS" and self.cfg.cors_origins:
+            # CORS preflight (a browser page on another origin sending keys or a conv id).
+            return conn.send(
+                204,
+                b"",
+                headers=[
+                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                    (
+                        "Access-Control-Allow-Headers",
+                        "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID",
+                    ),
+                    ("Access-Control-Max-Age", "600"),
+                ],
+            )
+        path = req.path
+        route = ROUTES.get(path)
+        if route is None and path.startswith("/v1/stream/"):
+            route = ROUTES["/v1/stream"]
+        if route is None:
+            raise HttpError(404, "File Not Found")
+        handler = route.methods.get(req.method)
+        if handler is None:
+            expected = next(iter(route.methods))
+            raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
+        owner = self.owner(req) if route.keyed else ""
+        await handler(self, req, conn, owner)
+
+    # -- background tasks
+
+    def track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Keeps a background task alive until it ends, and logs it if it ends by an
+        exception: an error in the coalescing controller would otherwise leave the process
+        writing every event at once, and only a garbage collection would ever say why."""
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "HTTP process %d: background task %s failed",
+                self.index,
+                task.get_coro().__qualname__,  # type: ignore[union-attr]
+                exc_info=exc,
+            )
+
+    # -- request helpers
+
+    def owner(self, req: Request) -> str:
+        """The caller's owner namespace; 401 if keys are configured and none matches."""
+        if not self.key_owners:
+            return ""
+        key = req.headers.get("x-api-key", "")
+        auth = req.headers.get("authorization", "")
+        if not key and auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+        if key:
+            owner = self.key_owners.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
+            if owner is not None:
+                return owner
+        raise HttpError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+        )
+
+    def check_conv_id(self, raw: str) -> str:
+        """Validate a conversation id: bounded, no control characters; anything else
+        printable (``/``, ``:``, spaces, non-ASCII) is accepted."""
+        if len(raw.encode("utf-8", "surrogatepass")) > self.cfg.max_id_len:
+            raise HttpError(400, f"conversation id is longer than {self.cfg.max_id_len} bytes")
+        for c in raw:
+            o = ord(c)
+            if o < 0x20 or 0x7F <= o < 0xA0 or 0xD800 <= o < 0xE000:
+                raise HttpError(400, f"conversation id contains a control character (U+{o:04X})")
+        return raw
+
+    def header_conv_id(self, req: Request) -> str | None:
+        raw = req.headers.get("x-conversation-id", "")
+        if not raw:
+            return None
+        try:
+            value = raw.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "X-Conversation-Id is not valid UTF-8") from None
+        return self.check_conv_id(value)
+
+    def stream_id(self, req: Request, prefix: str) -> str:
+        """The id from ``/v1/stream/{id}`` (may contain ``/``) or ``?conv_id=``."""
+        if req.path.startswith(prefix + "/") and len(req.path) > len(prefix) + 1:
+            try:
+                raw = unquote(req.path[len(prefix) + 1 :], errors="strict")
+            except UnicodeDecodeError:
+                raise HttpError(400, "conversation id is not valid UTF-8") from None
+        else:
+            raw = req.query_params().get("conv_id", "")
+        if not raw:
+            raise HttpError(400, "missing conversation id: use ?conv_id=ID or /v1/stream/ID")
+        return self.check_conv_id(raw)
+
+    def stream_info(self, i: StreamView) -> StreamInfo:
+        return StreamInfo(
+            conversation_id=i.conversation_id,
+            is_done=i.is_done,
+            total_bytes=i.total_bytes,
+            started_at=int(i.started_at),
+            completed_at=int(i.completed_at),
+            state=i.state,
+            first_available=i.first_available,
+            epoch=self.store.epoch,
+            readers=i.readers,
+        )
+
+    def send_json(self, conn: Connection, obj: object, status: int = 200) -> None:
+        conn.send(status, json_encoder.encode(obj))
+
+    def cors_origin(self, req: Request) -> str:
+        """The ``Access-Control-Allow-Origin`` value for this request, or ``""``."""
+        allowed = self.cfg.cors_origins
+        if not allowed:
+            return ""
+        if "*" in allowed:
+            return "*"
+        origin = req.headers.get("origin", "")
+        return origin if origin in allowed else ""
+
+    # -- completions
+
+    def create_session(self, conv: str, owner: str) -> StreamWriter:
+        try:
+            return self.store.create(conv, owner)
+        except RegistryFull:
+            raise HttpError(
+                503, "every session slot holds a running stream; retry later", "unavailable_error"
+            ) from None
+        except InvalidArgument as e:
+            raise HttpError(400, str(e)) from None
+
+    async def post_chat(self, req: Request, conn: Connection, owner: str) -> None:
+        await self.post_completion(req, conn, owner, "chat")
+
+    async def post_completions(self, req: Request, conn: Connection, owner: str) -> None:
+        await self.post_completion(req, conn, owner, "completions")
+
+    async def post_completion(self, req: Request, conn: Connection, owner: str, route: str) -> None:
+        stream = self.validate_body(req.body, route)
+        conv = self.header_conv_id(req)
+        anonymous = conv is None
+        if conv is None:
+            conv, owner = "anon-" + secrets.token_hex(12), ANON_OWNER
+        writer = self.create_session(conv, owner)
+        reader = await self.store.open_reader(conv, 0, owner)
+        self.counters.inc(HttpCounter.STREAMS_STARTED)
+        job = Job(conv, owner, writer.generation, route, req.body)
+        self.track(asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer)))
+        finished = False
+        try:
+            if stream:
+                info = await self.store.get(reader.conversation_id, owner)
+                conn.start_stream(self.resume_headers(reader, info, 0), req.version)
+                finished = await self.fanout.relay(conn, reader, owner)
+            else:
+                finished = await self.aggregate(conn, reader, route)
+        finally:
+            if anonymous:
+                # The plain OpenAI contract: the generation dies with the connection.
+                if finished:
+                    await self.store.remove(conv, owner)
+                else:
+                    await self.store.cancel(conv, owner)
+
+    def validate_body(self, body: bytes, route: str) -> bool:
+        try:
+            if route == "chat":
+                c = chat_request_decoder.decode(body)
+                mt = c.max_tokens if c.max_tokens is not None else c.max_completion_tokens
+                stream, n = c.stream, c.n
+            else:
+                p = completion_request_decoder.decode(body)
+                mt, stream, n = p.max_tokens, p.stream, p.n
+        except msgspec.ValidationError as e:
+            raise HttpError(400, f"invalid request body: {e}") from None
+        except msgspec.DecodeError as e:
+            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+        if mt is not None and mt < 0:
+            raise HttpError(400, "max_tokens must be >= 0")
+        if n != 1:
+            raise HttpError(400, "only n=1 is supported")
+        return stream
+
+    @staticmethod
+    def resume_headers(
+        reader: StreamReader, info: StreamView | None, offset: int
+    ) -> list[tuple[str, str]]:
+        """Epoch, served-from offset and first available offset of a stream response (``info``:
+        the session as the store's ``get`` gives it)."""
+        first = info.first_available if info is not None else 0
+        return [
+            ("X-Ringcast-Epoch", str(reader.epoch)),
+            ("X-Ringcast-Offset", str(offset)),
+            ("X-Ringcast-First-Available", str(first)),
+        ]
+
+    async def aggregate(self, conn: Connection, reader: StreamReader, route: str) -> bool:
+        """Non-streaming: read the whole session and answer one JSON completion."""
+        body = bytearray()
+        try:
+            while True:
+                data = await reader.aread(RELAY_READ)
+                if not data:
+                    break
+                body += data
+        except SessionEnded as e:
+            code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
+            raise HttpError(code if code != 409 else 410, message, e.reason) from None
+        except OffsetLost:
+            raise HttpError(
+                500, "response larger than the session buffer", "server_error"
+            ) from None
+        finally:
+            reader.close()
+        text: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        cid, model, created = "", self.cfg.model_name, int(time.time())
+        for data in iter_sse_data(bytes(body)):
+            if data == b"[DONE]":
+                break
+            try:
+                chunk = chunk_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if chunk.error is not None:
+                code = chunk.error.code if 400 <= chunk.error.code < 600 else 500
+                raise HttpError(code, chunk.error.message, chunk.error.type)
+            cid, model, created = chunk.id or cid, chunk.model or model, chunk.created or created
+            usage = chunk.usage or usage
+            for ch in chunk.choices:
+                if ch.index != 0:
+                    continue
+                piece = ch.delta.content if ch.delta is not None else ch.text
+                if piece:
+                    text.append(piece)
+                finish = ch.finish_reason or finish
+        content = "".join(text)
+        result: ChatCompletion | Completion
+        if route == "chat":
+            result = ChatCompletion(
+                cid or "chatcmpl-" + secrets.token_hex(12),
+                "chat.completion",
+                created,
+                model,
+                [ChatChoice(0, AssistantMessage("assistant", content), finish)],
+                usage=usage,
+            )
+        else:
+            result = Completion(
+                cid or "cmpl-" + secrets.token_hex(12),
+                "text_completion",
+                created,
+                model,
+                [CompletionChoice(0, content, finish)],
+                usage=usage,
+            )
+        self.send_json(conn, result)
+        return True
+
+    # -- resumable stream routes
+
+    async def get_stream(self, req: Request, conn: Connection, owner: str) -> None:
+        conv = self.stream_id(req, "/v1/stream")
+        last_id = req.headers.get("last-event-id")
+        if last_id is not None and last_id != "":
+            what = "Last-Event-ID"
+            offset = parse_offset(last_id, what)
+        else:
+            what = "'from'"
+            offset = parse_offset(req.query_params().get("from", ""), what)
+        try:
+            reader = await self.store.open_reader(conv, offset, owner)
+        except SessionNotFound:
+            raise HttpError(404, "Stream not found or expired") from None
+        except OffsetLost as e:
+            self.counters.inc(HttpCounter.OFFSETS_LOST)
+            raise HttpError(
+                410,
+                f"offset {offset} was dropped from the stream; the first "
+                f"available offset is {e.first_available}",
+                "offset_lost",
+                first_available=e.first_available,
+            ) from None
+        except InvalidArgument as e:
+            raise HttpError(400, str(e)) from None
+        # One lookup serves both the end check and the response headers (a lookup reads the
+        # process table and the producer's /proc entry).
+        info = await self.store.get(conv, owner)
+        total = final_total(reader, info)
+        if total is not None and offset > total:
+            # llama-server answers an empty 200 here, so a client with a wrong byte count
+            # learns nothing; an offset equal to the total (it has everything) stays a 200.
+            reader.close()
+            raise HttpError(
+                416,
+                f"{what} {offset} is beyond the end of the stream, which finished with "
+                f"{total} bytes; resume from an offset of at most {total}",
+            )
+        if offset > 0:
+            self.counters.inc(HttpCounter.RESUMES)
+        conn.start_stream(self.resume_headers(reader, info, offset), req.version)
+        await self.fanout.relay(conn, reader, owner)
+
+    async def delete_stream(self, req: Request, conn: Connection, owner: str) -> None:
+        conv = self.stream_id(req, "/v1/stream")
+        with contextlib.suppress(InvalidArgument):
+            await self.store.cancel(conv, owner)
+        conn.send(204, b"")
+
+    async def lookup(self, req: Request, conn: Connection, owner: str) -> None:
+        try:
+            body = lookup_request_decoder.decode(req.body) if req.body.strip() else None
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise HttpError(400, f"invalid body: {e}") from None
+        out: list[StreamInfo] = []
+        seen: set[tuple[int, int]] = set()
+        for cid in (body.conversation_ids or []) if body is not None else []:
+            if not cid:
+                continue
+            try:
+                infos = await self.store.lookup_prefix(cid, owner)
+            except InvalidArgument:
+                continue
+            for i in infos:
+                if (i.slot, i.generation) not in seen:
+                    seen.add((i.slot, i.generation))
+                    out.append(self.stream_info(i))
+        self.send_json(conn, out)
+
+    async def list_streams(self, req: Request, conn: Connection, owner: str) -> None:
+        conv = req.query_params().get("conversation_id")
+        if conv:
+            try:
+                infos = await self.store.lookup_prefix(self.check_conv_id(conv), owner)
+            except InvalidArgument:
+                infos = []
+        else:
+            infos = await self.store.list(owner)
+        self.send_json(conn, [self.stream_info(i) for i in infos])
+
+    # -- the rest
+
+    async def health(self, req: Request, conn: Connection, owner: str) -> None:
+        self.send_json(conn, Health("ok", self.index, os.getpid(), self.store.epoch))
+
+    async def models(self, req: Request, conn: Connection, owner: str) -> None:
+        self.send_json(conn, ModelList([ModelCard(self.cfg.model_name, self.created)]))
+
+    async def metrics(self, req: Request, conn: Connection, owner: str) -> None:
+        body = await metrics.render(self.cfg, self.store, self.counters)
+        conn.send(200, body, "text/plain; version=0.0.4")
+
+
+ROUTES: dict[str, Route] = {
+    "/v1/chat/completions": Route({"POST": App.post_chat}),
+    "/v1/completions": Route({"POST": App.post_completions}),
+    # Also /v1/stream/{id} (the id may contain '/').
+    "/v1/stream": Route({"GET": App.get_stream, "DELETE": App.delete_stream}),
+    "/v1/streams/lookup": Route({"POST": App.lookup}),
+    "/v1/streams": Route({"GET": App.list_streams}),
+    "/health": Route({"GET": App.health}, keyed=False),
+    "/v1/models": Route({"GET": App.models}),
+    "/metrics": Route({"GET": App.metrics}, keyed=False),
+}

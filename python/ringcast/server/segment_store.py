@@ -1,0 +1,77 @@
+"""The local stream store: sessions in the shared-memory segment of this machine.
+
+Every process of one ``ringcast serve`` opens the same segment file; a ``ringcast.Reader``,
+``Writer`` and ``SessionInfo`` already are a :class:`~ringcast.server.store.StreamReader`,
+``StreamWriter`` and ``StreamView``, so this store hands them out unwrapped (the fan-out's
+reads cost nothing extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ringcast._core import Reader, RegistryFull, Segment, SegmentStats, SessionInfo, Writer
+from ringcast.server.config import ServeConfig
+from ringcast.server.gc import evict_lru
+from ringcast.server.store import StreamStore
+
+
+class SegmentStore:
+    """:class:`~ringcast.server.store.StreamStore` over a ``ringcast.Segment``."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        evict_running: bool = False,
+        on_evicted: Callable[[int], None] | None = None,
+    ) -> None:
+        self.segment = segment
+        self.evict_running = evict_running
+        self.on_evicted = on_evicted
+        """Called with the number of sessions a full create evicted (``/metrics`` counts
+        them)."""
+
+    @property
+    def epoch(self) -> int:
+        return self.segment.epoch
+
+    def create(self, conversation_id: str, owner: str) -> Writer:
+        try:
+            return self.segment.create_or_replace(conversation_id, owner)
+        except RegistryFull:
+            n = evict_lru(self.segment, 1, self.evict_running)
+            if self.on_evicted is not None:
+                self.on_evicted(n)
+            return self.segment.create_or_replace(conversation_id, owner)
+
+    def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
+        return self.segment.adopt(conversation_id, owner, generation)
+
+    async def open_reader(
+        self, conversation_id: str, offset: int, owner: str, *, counted: bool = True
+    ) -> Reader:
+        return self.segment.reader(conversation_id, offset, owner, counted=counted)
+
+    async def get(self, conversation_id: str, owner: str) -> SessionInfo | None:
+        return self.segment.get(conversation_id, owner)
+
+    async def lookup_prefix(self, prefix: str, owner: str) -> list[SessionInfo]:
+        return self.segment.lookup_prefix(prefix, owner)
+
+    async def list(self, owner: str | None = None) -> list[SessionInfo]:
+        return self.segment.list(owner)
+
+    async def cancel(self, conversation_id: str, owner: str) -> None:
+        self.segment.evict_and_cancel(conversation_id, owner)
+
+    async def remove(self, conversation_id: str, owner: str) -> None:
+        self.segment.evict(conversation_id, owner)
+
+    def stats(self) -> SegmentStats:
+        return self.segment.stats()
+
+
+def open_store(cfg: ServeConfig, on_evicted: Callable[[int], None] | None = None) -> StreamStore:
+    """The stream store of a child process of ``ringcast serve`` (see
+    :mod:`ringcast.server.store`, "Selecting a store")."""
+    return SegmentStore(Segment.open(cfg.segment), cfg.evict_running, on_evicted)

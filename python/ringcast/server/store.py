@@ -1,0 +1,240 @@
+"""The stream store: the one seam between the server's routes and where a stream's bytes live.
+
+The routes (:mod:`ringcast.server.routes`), the fan-out (:mod:`ringcast.server.fanout`) and the
+workers talk to a :class:`StreamStore` and nothing else; they never see a ``Segment``. The
+local shared-memory segment is one implementation (:class:`ringcast.server.segment_store.
+SegmentStore`); a store for streams that live on other nodes (Redis Streams, issue 12) is
+another, and plugs in here without touching the routes or the HTTP layer.
+
+**Selecting a store.** :func:`ringcast.server.segment_store.open_store` builds the store of a
+process from its :class:`~ringcast.server.config.ServeConfig`: today always the segment at
+``cfg.segment``. A second store adds its settings to ``ServeConfig`` (say ``redis_url``) and a
+branch there; nothing else chooses. The tests build stores directly (an in-process fake in
+``tests/server/conftest.py`` runs the route tests against the same routes).
+
+**Names.** A stream is keyed by ``(owner, conversation_id)``: the owner is the caller's key
+namespace (``""`` without keys), so two keys never see each other's streams, not even their
+existence. One key's conversation id names at most one live stream; creating it again
+*replaces* the old one. An incarnation of a stream is ``(slot, generation)``: the pair changes
+when the stream is replaced, so a reader of the old one is never handed the new one's bytes.
+A remote store chooses its own pair (a local index for the stream and its epoch, say); only
+equality matters.
+
+**Offsets.** Byte offsets are absolute since the stream began: ``offset`` of a reader is the
+next byte it returns; ``total_bytes`` counts every byte ever appended;
+``first_available`` is the lowest offset still readable (older bytes were dropped, locally
+from the ring, remotely by trimming). Every SSE event carries ``id: <offset after it>``, so
+an offset is also a resume point.
+
+**Errors** are the library's own (:mod:`ringcast`), whatever the store:
+
+- ``SessionNotFound``: no such stream for this owner (never created, deleted, expired);
+- ``OffsetLost`` with ``first_available``: the offset was dropped;
+- ``SessionEnded`` with ``reason`` (``"cancelled"``, ``"replaced"``, ``"evicted"``,
+  ``"failed"``; a remote store adds its own, e.g. ``"node_lost"``): the stream ended without
+  finishing, raised by a reader's next read;
+- ``InvalidArgument``: an id the store cannot hold (too long, ...);
+- ``RegistryFull``: no room for another stream, even after eviction.
+
+:func:`offset_lost` and :func:`session_ended` build the two that carry a value, for stores
+written in Python.
+
+**Terminal events.** A stream ends *finished* (its producer finalized it ``done``: reads then
+return ``b""`` at the end), *failed* (the producer, or whoever found it dead, appended an SSE
+error event and finalized it ``failed``: readers get that event in the bytes, then ``b""``),
+or *ended* (cancelled, replaced, evicted: reads raise ``SessionEnded`` and the routes write
+the terminal event of :data:`ringcast.server.routes.END_EVENTS`). A store never invents bytes
+in a stream; a remote store whose producer node died ends the stream failed with an error
+event, as the dead-producer sweep does locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Protocol
+
+from ringcast._core import OffsetLost, SessionEnded
+
+
+class StreamReader(Protocol):
+    """A reader of one stream incarnation from an absolute offset (``ringcast.Reader`` is
+    one). Not shared between tasks; :meth:`close` releases it (a counted reader stops being
+    counted in ``readers``)."""
+
+    @property
+    def conversation_id(self) -> str: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def epoch(self) -> int:
+        """The store's epoch (``X-Ringcast-Epoch``): it changes when the store is recreated,
+        so a client can tell that its offsets refer to another store."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """The next byte this reader returns."""
+        ...
+
+    def read_nowait(self, max_bytes: int = ...) -> bytes | None:
+        """The bytes from :attr:`offset` on that are there now (at most ``max_bytes``),
+        ``b""`` at the end of a finished stream, or None if it must wait. Raises
+        ``OffsetLost``, ``SessionEnded``, ``SessionNotFound``."""
+        ...
+
+    def aread(self, max_bytes: int = ...) -> Awaitable[bytes]:
+        """Like :meth:`read_nowait`, but waits for bytes instead of returning None."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StreamWriter(Protocol):
+    """The producer's handle of one stream incarnation (``ringcast.Writer`` is one). A store
+    hands it out by :meth:`StreamStore.create` (to the HTTP process that took the request) and
+    :meth:`StreamStore.adopt` (to the worker the job was handed to: from then on the first
+    handle's writes fail)."""
+
+    @property
+    def generation(self) -> int: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def cancelled(self) -> bool:
+        """The stream was cancelled, replaced or evicted: stop producing."""
+        ...
+
+    def write(self, data: bytes, progress: bool = True) -> bool:
+        """Append ``data``; False if the stream is no longer this writer's (cancelled,
+        replaced, evicted, or adopted by another handle). ``progress=False``: keep-alive bytes
+        that do not count as progress for the idle timeout."""
+        ...
+
+    def finalize(self, state: str = "done") -> bool:
+        """End the stream ``"done"`` or ``"failed"``; False if it was no longer this
+        writer's."""
+        ...
+
+
+class StreamView(Protocol):
+    """What a lookup, a listing or the GC sees of one stream (``ringcast.SessionInfo`` is
+    one). Times are unix seconds; ``completed_at`` is 0 while running."""
+
+    @property
+    def conversation_id(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def state(self) -> str:
+        """``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``."""
+        ...
+
+    @property
+    def is_done(self) -> bool: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def first_available(self) -> int: ...
+    @property
+    def readers(self) -> int:
+        """Counted readers attached, in every process (and, for a remote store, node)."""
+        ...
+
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def completed_at(self) -> float: ...
+
+
+class StoreStats(Protocol):
+    """Capacity figures for ``/metrics`` (``ringcast.SegmentStats`` is one)."""
+
+    @property
+    def max_sessions(self) -> int: ...
+    @property
+    def bytes_buffered(self) -> int: ...
+    @property
+    def resident_bytes(self) -> int: ...
+
+
+class StreamStore(Protocol):
+    """Where streams live, as the routes and workers see it. See the module docstring for
+    names, offsets, errors and terminal events.
+
+    Methods that may need a network round trip in a remote store are coroutines; the local
+    store answers them at once. The synchronous ones are on paths that must not wait
+    (a worker adopting a job, a pump's reads)."""
+
+    @property
+    def epoch(self) -> int:
+        """This store's epoch (see :attr:`StreamReader.epoch`)."""
+        ...
+
+    def create(self, conversation_id: str, owner: str) -> StreamWriter:
+        """Create the stream, replacing (``SessionEnded("replaced")`` for its readers) a live
+        one with the same name; one winner under concurrent creates. Full: the store evicts
+        what its policy allows (completed streams least recently used first) and retries,
+        then raises ``RegistryFull``. ``InvalidArgument`` for an id it cannot hold."""
+        ...
+
+    def adopt(self, conversation_id: str, owner: str, generation: int) -> StreamWriter:
+        """Take over the producer role of incarnation ``generation`` (the hand-off of a job
+        to a worker). ``SessionNotFound`` / ``SessionEnded`` if it was deleted or replaced
+        meanwhile."""
+        ...
+
+    async def open_reader(
+        self, conversation_id: str, offset: int, owner: str, *, counted: bool = True
+    ) -> StreamReader:
+        """A reader of the current incarnation from ``offset``. Raises ``SessionNotFound``,
+        ``OffsetLost`` (offset below ``first_available``), ``InvalidArgument``. An offset past
+        the end is allowed (the reader waits for it; the routes answer 416 for a finished
+        stream). ``counted=False``: not counted in ``readers`` (the fan-out's own reader)."""
+        ...
+
+    async def get(self, conversation_id: str, owner: str) -> StreamView | None:
+        """The current incarnation, or None."""
+        ...
+
+    async def lookup_prefix(self, prefix: str, owner: str) -> Sequence[StreamView]:
+        """The stream of ``owner`` with exactly this id plus every one whose id starts with
+        ``prefix + "::"`` (llama-server's lookup rule). ``InvalidArgument`` for an id it
+        cannot hold."""
+        ...
+
+    async def list(self, owner: str | None = None) -> Sequence[StreamView]:
+        """Every stream of ``owner``; ``None``: of every owner (``/metrics``)."""
+        ...
+
+    async def cancel(self, conversation_id: str, owner: str) -> None:
+        """Delete the stream: readers end with ``"cancelled"``, its producer sees
+        ``cancelled`` (a remote store sends the producing node a control message). Unknown
+        ids are fine; ``InvalidArgument`` for an id it cannot hold."""
+        ...
+
+    async def remove(self, conversation_id: str, owner: str) -> None:
+        """Drop a stream nobody will read again (an anonymous request's, once answered):
+        like :meth:`cancel` without waking a producer that has already finished."""
+        ...
+
+    def stats(self) -> StoreStats: ...
+
+
+def offset_lost(first_available: int) -> OffsetLost:
+    """An ``OffsetLost`` as the library raises it, for stores written in Python."""
+    e = OffsetLost(f"offset dropped; the first available offset is {first_available}")
+    e.first_available = first_available
+    return e
+
+
+def session_ended(reason: str) -> SessionEnded:
+    """A ``SessionEnded`` as the library raises it, for stores written in Python."""
+    e = SessionEnded(f"the session ended: {reason}")
+    e.reason = reason
+    return e

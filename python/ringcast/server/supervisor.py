@@ -1,0 +1,313 @@
+"""The supervisor of ``ringcast serve`` (the "manager" process): segment, children, garbage
+collection, shutdown.
+
+One manager process owns the deployment:
+
+- creates the shared-memory segment, or re-attaches to an existing one of the same layout and
+  sizes (so finished streams survive a manager restart or crash);
+- reserves the TCP port (a bound, non-listening ``SO_REUSEPORT`` socket) and spawns
+  ``--http-procs`` HTTP processes that each listen on it with ``SO_REUSEPORT`` — the kernel
+  spreads connections over them — and ``--workers`` inference workers on Unix sockets;
+- restarts any child that dies (with back-off if it keeps dying);
+- sweeps for sessions whose producer died (``SessionInfo.producer_alive``) every 200 ms, takes
+  them over, appends an in-band SSE error event and finalizes them ``failed``;
+- collects garbage every second: completed sessions older than ``--ttl``, running sessions
+  without progress for ``--idle-timeout``, and — when the table or ``--max-memory`` is nearly
+  full — completed sessions least recently used first (running ones only with
+  ``--evict-running``);
+- on SIGINT/SIGTERM stops the HTTP processes' listeners, lets the workers finalize their
+  running sessions with an error event, and removes the segment unless ``--keep-segment``.
+
+Children are separate interpreters (``python -m ringcast.server.http_process`` /
+``ringcast.server.worker``), not
+forks: the manager maps the segment, and forking a process with a mapped segment and runtime
+threads is a trap. They read their configuration from a 0600 JSON file in the run directory
+(API key digests and an upstream key must not appear in ``ps``), and die with the manager
+(``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ringcast._core import Segment, SegmentError
+from ringcast.server import gc, rundir
+from ringcast.server.config import ServeConfig, dump_config
+from ringcast.server.counters import (
+    ManagerCounter,
+    SharedCounters,
+    child_row,
+    counter_rows,
+    loop_of,
+)
+
+log = logging.getLogger("ringcast.manager")
+
+CHILD_MODULES = {"http": "ringcast.server.http_process", "worker": "ringcast.server.worker"}
+"""The module each child role runs as (``python -m MODULE CONFIG INDEX``)."""
+
+
+class Child:
+    def __init__(self, role: str, index: int) -> None:
+        self.role = role
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = 0.1
+        self.restart_at = 0.0
+
+
+class Manager:
+    def __init__(
+        self, cfg: ServeConfig, config_path: str, seg: Segment, counters: SharedCounters
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.seg = seg
+        self.counters = counters
+        self.children = [Child("http", i) for i in range(cfg.http_procs)]
+        self.children += [Child("worker", i) for i in range(cfg.workers)]
+        self.stopping = False
+
+    # -- children
+
+    def spawn(self, child: Child) -> None:
+        module = CHILD_MODULES[child.role]
+        env = dict(os.environ, RINGCAST_MANAGER_PID=str(os.getpid()))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rundir.ready_file(self.cfg.run_dir, child.role, child.index))
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", module, self.config_path, str(child.index)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.started = time.monotonic()
+        log.debug("started %s %d pid %d", child.role, child.index, child.proc.pid)
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            missing = [
+                c
+                for c in self.children
+                if not os.path.exists(rundir.ready_file(self.cfg.run_dir, c.role, c.index))
+            ]
+            if not missing:
+                return True
+            for c in missing:
+                if c.proc is not None and c.proc.poll() is not None:
+                    log.error(
+                        "%s process %d exited with %s during start-up",
+                        c.role,
+                        c.index,
+                        c.proc.returncode,
+                    )
+                    return False
+            time.sleep(0.02)
+        return False
+
+    def event_loops(self) -> str:
+        """The event loop the children run, as they recorded it (see :func:`open_child_counters`):
+        one name, or each child's if they differ."""
+        names = {
+            f"{c.role} {c.index}": loop_of(
+                self.counters.read_row(child_row(self.cfg, c.role, c.index))
+            )
+            for c in self.children
+        }
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        return ", ".join(f"{who}: {name}" for who, name in names.items())
+
+    def check_children(self, now: float) -> None:
+        for c in self.children:
+            if c.proc is None:
+                if now >= c.restart_at:
+                    self.spawn(c)
+                continue
+            rc = c.proc.poll()
+            if rc is None:
+                continue
+            log.warning(
+                "%s process %d (pid %d) exited with %s; restarting", c.role, c.index, c.proc.pid, rc
+            )
+            self.counters.inc(
+                ManagerCounter.RESTARTS_HTTP if c.role == "http" else ManagerCounter.RESTARTS_WORKER
+            )
+            lived = now - c.started
+            c.backoff = 0.1 if lived > 5.0 else min(c.backoff * 2, 5.0)
+            c.proc = None
+            c.restart_at = now + (0.0 if lived > 5.0 else c.backoff)
+            if c.role == "worker":
+                # Its sessions are orphaned now: fail them at once, not at the next sweep.
+                self.sweep()
+
+    # -- collection
+
+    def sweep(self) -> None:
+        gc.sweep(self.seg, self.counters)
+
+    def collect(self) -> None:
+        gc.collect(self.seg, self.cfg, self.counters)
+
+    # -- main loop
+
+    def run(self) -> None:
+        last_sweep = last_gc = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            self.check_children(now)
+            if now - last_sweep >= 0.2:
+                last_sweep = now
+                self.sweep()
+            if now - last_gc >= 1.0:
+                last_gc = now
+                self.collect()
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """Stop listeners first, then workers (they finalize their sessions), then wait."""
+        procs = [c.proc for c in self.children if c.proc is not None]
+        for role in ("http", "worker"):
+            for c in self.children:
+                if c.role == role and c.proc is not None and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 8.0
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        # Whatever is still running lost its producer: finalize it with an error event.
+        for info in self.seg.list():
+            if not info.is_done:
+                gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) with ``SO_REUSEPORT``, after checking that nobody listens there.
+
+    ``SO_REUSEPORT`` lets any process of the same user join a port, so a second server on a
+    busy port would silently share its connections; a plain bind first refuses that (and
+    resolves port 0).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+def _lock_segment(path: str) -> int | None:
+    """An exclusive ``flock`` on the segment file for the manager's lifetime (released by the
+    kernel if it dies), so two managers never drive one segment. None if another holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _default_segment(port: int) -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"ringcast-{port}.seg")
+
+
+def serve(cfg: ServeConfig) -> int:
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(message)s")
+    try:
+        reservation = _reserve_port(cfg.host, cfg.port)
+    except OSError as e:
+        print(
+            f"ringcast serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}; pick another --port",
+            file=sys.stderr,
+        )
+        return 2
+    cfg.port = reservation.getsockname()[1]
+    cfg.segment = cfg.segment or _default_segment(cfg.port)
+    try:
+        existed = os.path.exists(cfg.segment)
+        seg = Segment.open_or_create(
+            cfg.segment,
+            max_sessions=cfg.max_sessions,
+            session_bytes=cfg.session_bytes,
+            max_id_len=cfg.max_id_len,
+        )
+    except (SegmentError, OSError, ValueError) as e:
+        print(f"ringcast serve: cannot use segment {cfg.segment}: {e}", file=sys.stderr)
+        return 2
+    lock_fd = _lock_segment(cfg.segment)
+    if lock_fd is None:
+        seg.close()
+        print(
+            f"ringcast serve: segment {cfg.segment} is in use by another ringcast serve; "
+            "stop it or pick another --segment",
+            file=sys.stderr,
+        )
+        return 2
+    for stale in rundir.sweep_stale_run_dirs(tempfile.gettempdir()):
+        log.info("removed %s, left by a manager that was killed", stale)
+    cfg.run_dir = tempfile.mkdtemp(prefix=f"{rundir.RUN_DIR_PREFIX}{os.getpid()}-")
+    run_lock_fd = rundir.lock_run_dir(cfg.run_dir)
+    config_path = rundir.config_path(cfg.run_dir)
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(dump_config(cfg))
+    counters = SharedCounters(rundir.counters_path(cfg.run_dir), counter_rows(cfg), create=True)
+    counters.bind_row(0)
+    mgr = Manager(cfg, config_path, seg, counters)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        mgr.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if existed:
+        # Re-attached: sessions left running by a previous manager have no producer now.
+        mgr.sweep()
+    try:
+        for c in mgr.children:
+            mgr.spawn(c)
+        if not mgr.wait_ready(60.0):
+            print("ringcast serve: children failed to start", file=sys.stderr)
+            mgr.stopping = True
+        else:
+            print(
+                f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
+                f"({cfg.http_procs} HTTP processes, {cfg.workers} workers, "
+                f"{mgr.event_loops()} event loop, "
+                f"segment {cfg.segment}, {'re-attached' if existed else 'created'})",
+                flush=True,
+            )
+            mgr.run()
+    finally:
+        mgr.shutdown()
+        reservation.close()
+        if not cfg.keep_segment:
+            with contextlib.suppress(OSError):
+                seg.unlink()
+        seg.close()
+        os.close(lock_fd)
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        os.close(run_lock_fd)
+        log.info("stopped")
+    return 0

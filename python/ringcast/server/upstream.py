@@ -1,0 +1,330 @@
+"""The upstream proxy of the workers (``--upstream URL``, ``http://`` or ``https://``).
+
+It forwards the request (forced to ``stream: true``) to any OpenAI-compatible server and
+appends each SSE event as it arrives, unchanged except for ringcast's own ``id:`` line;
+cancelling closes the upstream connection, which is how llama-server and vLLM learn to stop.
+Certificates are checked against the system's CAs or ``--upstream-ca-file``. An upstream that
+sends nothing for ``$RINGCAST_UPSTREAM_READ_TIMEOUT`` seconds (default 600) fails the job with
+a 504 error event, and a stream that ends without ``data: [DONE]`` (the upstream died, a proxy
+cut it) with a 502 one: a cut answer is never passed off as a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from ringcast.server.config import ServeConfig
+from ringcast.server.counters import WorkerCounter
+from ringcast.server.emitter import Emitter
+from ringcast.wire.jobs import Job
+from ringcast.wire.sse import iter_sse_data, strip_id_lines
+
+log = logging.getLogger("ringcast.worker")
+
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+# Seconds an upstream may send nothing (no line of its head, no body bytes) before the job
+# fails. Generous, because a long prompt's prefill can be silent: no default here can know the
+# model. $RINGCAST_UPSTREAM_READ_TIMEOUT overrides it (upstream_read_timeout).
+UPSTREAM_READ_TIMEOUT = 600.0
+
+T = TypeVar("T")
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def upstream_read_timeout() -> float:
+    """``$RINGCAST_UPSTREAM_READ_TIMEOUT`` if it is a positive number of seconds, else
+    ``UPSTREAM_READ_TIMEOUT`` (with a warning if the variable is set to anything else)."""
+    raw = os.environ.get("RINGCAST_UPSTREAM_READ_TIMEOUT", "").strip()
+    if not raw:
+        return UPSTREAM_READ_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if math.isfinite(seconds) and seconds > 0:
+        return seconds
+    log.warning(
+        "RINGCAST_UPSTREAM_READ_TIMEOUT=%r is not a positive number of seconds; "
+        "using the default, %g s",
+        raw,
+        UPSTREAM_READ_TIMEOUT,
+    )
+    return UPSTREAM_READ_TIMEOUT
+
+
+class UpstreamReader:
+    """The upstream connection's reader, where a read that waits ``timeout`` seconds for a
+    byte fails the job (504) instead of hanging it: a stalled upstream never says so."""
+
+    def __init__(self, reader: asyncio.StreamReader, name: str, timeout: float) -> None:
+        self._reader = reader
+        self.name = name
+        self.timeout = timeout
+        self.waiting_for = "its response head"
+
+    async def readline(self) -> bytes:
+        return await self._within(self._reader.readline())
+
+    async def read(self, n: int) -> bytes:
+        return await self._within(self._reader.read(n))
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self._within(self._reader.readexactly(n))
+        except asyncio.IncompleteReadError:
+            raise UpstreamError(502, "upstream closed the connection mid-response") from None
+
+    async def _within(self, read: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await read
+        except TimeoutError:
+            raise UpstreamError(
+                504,
+                f"upstream {self.name} sent nothing for {self.timeout:g} s while ringcast "
+                f"waited for {self.waiting_for}; if its prefills take longer, raise "
+                "$RINGCAST_UPSTREAM_READ_TIMEOUT (and --idle-timeout, which also ends a "
+                "stream that makes no progress)",
+            ) from None
+        except OSError as e:  # reset, or a TLS error (ssl.SSLError is an OSError)
+            raise UpstreamError(
+                502, f"upstream {self.name}: the connection was lost ({e})"
+            ) from None
+
+
+def _is_done_event(event: bytes) -> bool:
+    return b"[DONE]" in event and iter_sse_data(event) == [b"[DONE]"]
+
+
+async def _read_body(reader: UpstreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """Yield response body bytes as they arrive (chunked, Content-Length or until close)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise UpstreamError(502, "upstream closed the connection mid-response")
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise UpstreamError(502, "upstream sent a malformed chunk") from None
+            if size == 0:
+                while (await reader.readline()).strip():
+                    pass
+                return
+            while size:
+                data = await reader.read(min(size, 65536))
+                if not data:
+                    raise UpstreamError(502, "upstream closed the connection mid-response")
+                size -= len(data)
+                yield data
+            await reader.readexactly(2)
+    elif "content-length" in headers:
+        left = int(headers["content-length"])
+        while left > 0:
+            data = await reader.read(min(left, 65536))
+            if not data:
+                raise UpstreamError(502, "upstream closed the connection mid-response")
+            left -= len(data)
+            yield data
+    else:
+        while data := await reader.read(65536):
+            yield data
+
+
+def check_upstream(upstream: str, ca_file: str | None) -> str | None:
+    """What is wrong with ``--upstream`` / ``--upstream-ca-file``, or None (checked by
+    ``ringcast serve`` before it starts anything)."""
+    if not upstream:
+        return "--upstream-ca-file only applies with an https --upstream"
+    try:
+        url = urlsplit(upstream)
+        url.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        return f"--upstream {upstream!r} is not a valid URL ({e})"
+    if url.scheme not in ("http", "https"):
+        return f"--upstream {upstream!r}: the URL must start with http:// or https://"
+    if not url.hostname:
+        return f"--upstream {upstream!r} names no host"
+    if url.query or url.fragment or url.username or url.password:
+        return (
+            f"--upstream {upstream!r}: give scheme, host, port and path only "
+            "(the key goes in --upstream-api-key)"
+        )
+    if ca_file:
+        if url.scheme != "https":
+            return "--upstream-ca-file only applies with an https --upstream"
+        try:
+            upstream_tls(ca_file)
+        except (OSError, ssl.SSLError) as e:
+            return f"--upstream-ca-file {ca_file!r}: cannot load CA certificates ({e})"
+    return None
+
+
+@functools.cache
+def upstream_tls(ca_file: str) -> ssl.SSLContext:
+    """The client TLS context for an https upstream: certificate and host name checked,
+    against ``ca_file`` if given, else the system's CAs (made once per process)."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+async def proxy_upstream(
+    cfg: ServeConfig, job: Job, emitter: Emitter, read_timeout: float = UPSTREAM_READ_TIMEOUT
+) -> None:
+    """Forward ``job`` to ``cfg.upstream`` and append its SSE events as they arrive.
+
+    Raises ``UpstreamError`` if the upstream cannot be reached, answers anything but 200,
+    sends nothing for ``read_timeout`` seconds, or ends its stream without ``data: [DONE]``.
+    """
+    url = urlsplit(cfg.upstream)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        # `ringcast serve` refuses such a URL at start-up (check_upstream).
+        raise UpstreamError(500, f"unsupported upstream URL {cfg.upstream!r}")
+    tls = url.scheme == "https"
+    base = url.path.rstrip("/")
+    route = "/chat/completions" if job.route == "chat" else "/completions"
+    path = (base if base.endswith("/v1") else base + "/v1") + route
+    body = msgspec.json.decode(job.body)
+    if isinstance(body, dict):
+        body["stream"] = True
+    payload = msgspec.json.encode(body)
+    host = url.hostname
+    port = url.port or default_port(url.scheme)
+    # Host header: brackets around an IPv6 literal, no port when it is the scheme's default.
+    authority = f"[{host}]" if ":" in host else host
+    if port != default_port(url.scheme):
+        authority += f":{port}"
+    try:
+        raw_reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=upstream_tls(cfg.upstream_ca_file) if tls else None,
+                server_hostname=host if tls else None,
+            ),
+            UPSTREAM_CONNECT_TIMEOUT,
+        )
+    except TimeoutError:
+        raise UpstreamError(504, f"upstream {host}:{port} did not accept a connection") from None
+    except ssl.SSLCertVerificationError as e:
+        raise UpstreamError(
+            502,
+            f"upstream {host}:{port}: TLS certificate not trusted ({e.verify_message}); "
+            "for a private CA or a self-signed server give --upstream-ca-file",
+        ) from None
+    except ssl.SSLError as e:
+        raise UpstreamError(502, f"upstream {host}:{port}: TLS handshake failed ({e})") from None
+    except OSError as e:
+        raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
+    reader = UpstreamReader(raw_reader, f"{host}:{port}", read_timeout)
+    try:
+        auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
+                f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                f"Content-Length: {len(payload)}\r\n{auth}Connection: close\r\n\r\n"
+            ).encode("latin-1")
+            + payload
+        )
+        status_line = await reader.readline()
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise UpstreamError(502, "upstream sent a malformed status line")
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status != 200:
+            raw = bytearray()
+            async for data in _read_body(reader, headers):
+                raw += data
+                if len(raw) > 4096:
+                    break
+            message = raw.decode("utf-8", "replace")[:1000]
+            try:
+                err = msgspec.json.decode(bytes(raw))
+                message = str(err["error"]["message"])
+            except Exception:
+                pass
+            raise UpstreamError(status, f"upstream answered {status}: {message}")
+        reader.waiting_for = "more of its stream"
+        buf = b""
+        done = False
+        async for data in _read_body(reader, headers):
+            buf += data
+            if b"\r" in buf and not buf.endswith(b"\r"):
+                buf = buf.replace(b"\r\n", b"\n")
+            while (end := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[: end + 2], buf[end + 2 :]
+                event = strip_id_lines(event)
+                if event.strip():
+                    done = done or _is_done_event(event)
+                    emitter.raw(event)
+                    emitter.counters.inc(WorkerCounter.TOKENS)
+            if done:
+                # The answer is whole: do not wait on an upstream that keeps the connection
+                # open after it (the `finally` closes it).
+                buf = b""
+                break
+        if buf.strip():
+            event = strip_id_lines(buf.rstrip(b"\n") + b"\n\n")
+            done = done or _is_done_event(event)
+            emitter.raw(event)
+        if not done:
+            # The end of a body is no proof the answer is whole: a close-delimited body ends at
+            # any EOF, and a proxy in between may end a chunked one cleanly when its upstream dies.
+            raise UpstreamError(
+                502,
+                f"upstream {host}:{port} closed the stream before `data: [DONE]`: the answer "
+                "was cut short (the upstream or a proxy in between failed); see its logs",
+            )
+    finally:
+        # On cancellation this is what tells the upstream to stop generating.
+        writer.transport.abort()
+
+
+# Loopback and wildcard addresses and the IP versions they reach this host by ("::" is
+# dual-stack on Linux unless IPV6_V6ONLY is set).
+_LOCAL_HOSTS = {
+    "localhost": {4, 6},
+    "127.0.0.1": {4},
+    "0.0.0.0": {4},
+    "::1": {6},
+    "::": {4, 6},
+}
+
+
+def default_port(scheme: str) -> int:
+    """The port an upstream URL of this scheme means when it names none."""
+    return 443 if scheme == "https" else 80
+
+
+def upstream_is_self(upstream: str, host: str, port: int) -> bool:
+    """Whether ``upstream`` (already checked by ``check_upstream``) names the address this
+    server listens on: the same port, and the same host or local addresses of one IP version.
+    Other names of this host (its LAN address, say) are not recognised."""
+    u = urlsplit(upstream)
+    up_port = u.port or default_port(u.scheme)
+    if port == 0 or up_port != port:
+        return False
+    up_host, host = (u.hostname or "").lower(), host.lower()
+    return up_host == host or bool(_LOCAL_HOSTS.get(up_host, set()) & _LOCAL_HOSTS.get(host, set()))

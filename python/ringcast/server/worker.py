@@ -1,0 +1,239 @@
+"""Inference workers of ``ringcast serve``: the producers that append SSE bytes to sessions.
+
+A worker (``python -m ringcast.server.worker CONFIG INDEX``, spawned by the manager) listens on a
+Unix socket for jobs from the HTTP processes, adopts each job's session
+(``Segment.adopt``), answers ``A`` and then generates on its own: the HTTP process and its
+client may go away, the generation continues until it ends or the session is cancelled.
+Cancellation (DELETE, replacement, eviction, an anonymous client's disconnect) is seen by
+polling ``Writer.cancelled`` — an atomic load — every 20 ms for every active job, so it
+stops a job also while it waits for its first token or for an upstream server.
+
+Four sources of tokens:
+
+- the **synthetic model** (default): deterministic text derived from the prompt, paced at
+  ``--tokens-per-s`` after an optional ``--prefill-s``, honouring ``max_tokens``;
+- the **upstream proxy** (``--upstream URL``): see :mod:`ringcast.server.upstream`;
+- a **plug-in** (``--generator module:function``): see :mod:`ringcast.server.plugin`;
+- a **recorded trace** (``--replay trace.jsonl``): see :mod:`ringcast.trace`.
+
+Every event is framed ``id: <offset after it>\\n...`` (see ``ringcast.wire.sse.frame_event``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import msgspec
+
+from ringcast._core import RingcastError, SessionEnded, SessionNotFound
+from ringcast.server import rundir
+from ringcast.server.child import child_main
+from ringcast.server.config import ServeConfig
+from ringcast.server.counters import SharedCounters, WorkerCounter, open_child_counters
+from ringcast.server.emitter import Emitter, Gone
+from ringcast.server.plugin import GenerateFn, JobContext, load_generator
+from ringcast.server.segment_store import open_store
+from ringcast.server.store import StreamStore, StreamWriter
+from ringcast.server.synthetic import synthetic_model
+from ringcast.server.upstream import (
+    UPSTREAM_READ_TIMEOUT,
+    UpstreamError,
+    proxy_upstream,
+    upstream_read_timeout,
+)
+from ringcast.wire.jobs import (
+    JOB_ACK_ADOPTED,
+    JOB_ACK_GONE,
+    LENGTH_SIZE,
+    Job,
+    decode_job,
+    frame_length,
+)
+from ringcast.wire.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_request_decoder,
+    completion_request_decoder,
+)
+from ringcast.wire.sse import error_event, frame_event
+
+log = logging.getLogger("ringcast.worker")
+
+CANCEL_POLL = 0.02
+PING_EVENT = b": ping\n\n"
+
+
+class WorkerApp:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        store: StreamStore,
+        counters: SharedCounters,
+        generate: GenerateFn | None,
+        upstream_read_timeout: float = UPSTREAM_READ_TIMEOUT,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.counters = counters
+        self.generate = generate
+        self.upstream_read_timeout = upstream_read_timeout
+        self.active: dict[asyncio.Task[None], StreamWriter] = {}
+        self.shutting_down = False
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            n = frame_length(await r.readexactly(LENGTH_SIZE))
+            job = decode_job(await r.readexactly(n))
+        except (asyncio.IncompleteReadError, msgspec.DecodeError):
+            w.close()
+            return
+        if self.shutting_down:
+            w.close()  # the HTTP process fails the session itself
+            return
+        try:
+            writer = self.store.adopt(job.conversation_id, job.owner, job.generation)
+        except (SessionNotFound, SessionEnded):
+            w.write(JOB_ACK_GONE)
+            w.close()
+            return
+        except RingcastError:
+            log.exception("could not adopt a session")
+            w.close()  # no ack: the HTTP process fails the session itself
+            return
+        task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
+        self.active[task] = writer
+        self.counters.inc(WorkerCounter.ACTIVE)
+        task.add_done_callback(self._job_done)
+        w.write(JOB_ACK_ADOPTED)
+        with contextlib.suppress(OSError):
+            await w.drain()
+        w.close()
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self.active.pop(task, None)
+        self.counters.inc(WorkerCounter.ACTIVE, -1)
+
+    async def run_job(self, job: Job, writer: StreamWriter) -> None:
+        self.counters.inc(WorkerCounter.JOBS_STARTED)
+        emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters)
+        try:
+            if self.generate is None and self.cfg.upstream:
+                await proxy_upstream(self.cfg, job, emitter, self.upstream_read_timeout)
+            else:
+                await self.run_generator(job, writer, emitter)
+            writer.finalize("done")
+            self.counters.inc(WorkerCounter.JOBS_DONE)
+        except (Gone, asyncio.CancelledError):
+            if self.shutting_down and not writer.cancelled:
+                self._fail(writer, 503, "the server is shutting down", "server_shutdown")
+            else:
+                self.counters.inc(WorkerCounter.JOBS_CANCELLED)
+        except UpstreamError as e:
+            self._fail(writer, e.code, str(e), "upstream_error")
+        except Exception as e:
+            log.exception("generator failed")
+            self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+    def _fail(self, writer: StreamWriter, code: int, message: str, type_: str) -> None:
+        self.counters.inc(WorkerCounter.JOBS_FAILED)
+        if writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
+            writer.finalize("failed")
+
+    async def run_generator(self, job: Job, writer: StreamWriter, emitter: Emitter) -> None:
+        request: ChatCompletionRequest | CompletionRequest
+        if job.route == "chat":
+            request = chat_request_decoder.decode(job.body)
+        else:
+            request = completion_request_decoder.decode(job.body)
+        ctx = JobContext(job.route, job.body, request, writer)
+        gen_fn = self.generate or synthetic_model(self.cfg)
+        # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
+        # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
+        raw = getattr(gen_fn, "ringcast_raw_stream", False)
+        gen = gen_fn(ctx)
+        try:
+            async for piece in gen:
+                if isinstance(piece, str):
+                    emitter.text(piece)
+                else:
+                    if not raw:
+                        emitter.start()
+                    emitter.raw(piece)
+                self.counters.inc(WorkerCounter.TOKENS)
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        if not raw:
+            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+
+    async def watch_cancel(self) -> None:
+        """Cancel jobs whose session was cancelled; ping streams that stay silent."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.sse_ping_interval
+        progress: dict[asyncio.Task[None], tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(CANCEL_POLL)
+            now = loop.time()
+            for task, writer in list(self.active.items()):
+                if writer.cancelled:
+                    if not task.done():
+                        task.cancel()
+                    continue
+                if interval <= 0:
+                    continue
+                total = writer.total_bytes
+                last = progress.get(task)
+                if last is None or last[0] != total:
+                    progress[task] = (total, now)
+                elif now - last[1] >= interval and writer.write(PING_EVENT, progress=False):
+                    # A comment, not an event: no id line, the next event's id counts it. Not
+                    # progress either: a stream that only pings can still be found idle.
+                    progress[task] = (writer.total_bytes, now)
+            for task in [t for t in progress if t not in self.active]:
+                del progress[task]
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        for task in list(self.active):
+            task.cancel()
+        if self.active:
+            await asyncio.wait(list(self.active), timeout=3.0)
+
+
+async def serve_worker(cfg: ServeConfig, index: int) -> None:
+    store = open_store(cfg)
+    counters = open_child_counters(cfg, "worker", index)
+    counters.set(WorkerCounter.ACTIVE, 0)
+    generate = load_generator(cfg.generator) if cfg.generator else None
+    if cfg.replay:
+        from ringcast.trace import replay_generator
+
+        generate = replay_generator(cfg.replay, cfg.replay_speed)
+    # Read here, once logging is set up, so a bad value is reported when the worker starts.
+    read_timeout = upstream_read_timeout() if cfg.upstream else UPSTREAM_READ_TIMEOUT
+    app = WorkerApp(cfg, store, counters, generate, read_timeout)
+    path = rundir.worker_socket(cfg.run_dir, index)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(app.handle, path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    watcher = loop.create_task(app.watch_cancel())
+    Path(rundir.ready_file(cfg.run_dir, "worker", index)).write_text(str(os.getpid()))
+    await stop.wait()
+    server.close()
+    await app.shutdown()
+    watcher.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    child_main("worker", serve_worker, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``ringcast record`` against a fake upstream that serves llama-server's captured bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ringcast.trace import FORMAT_NAME, FORMAT_VERSION, load_trace
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_record_stores_every_event_byte_for_byte(
+    tmp_path: Path, capture, load_capture, ringcast_cli, fake_upstream
+) -> None:
+    captured = load_capture(capture)
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text("".join(json.dumps(c["request"]) + "\n" for c in captured))
+    out = tmp_path / "trace.jsonl"
+    with fake_upstream(capture) as (_, url):
+        res = ringcast_cli(
+            "record",
+            "--upstream",
+            url + "/v1",
+            "--requests",
+            str(requests),
+            "--out",
+            str(out),
+            "--concurrency",
+            "4",
+        )
+    assert res.returncode == 0, res.stderr
+    header_line = json.loads(out.read_text().splitlines()[0])
+    assert header_line["format"] == FORMAT_NAME and header_line["version"] == FORMAT_VERSION
+    trace = load_trace(out)
+    assert trace.header.source == "record" and trace.header.streams == len(captured)
+    for cap, s in zip(captured, trace.streams, strict=True):
+        assert s.error is None and s.status == 200
+        assert s.request["messages"] == cap["request"]["messages"]
+        assert s.body() == "".join(e["data"] for e in cap["events"]).encode()
+        assert [e.data for e in s.events] == [e["data"] for e in cap["events"]]
+        times = [e.t for e in s.events]
+        assert times == sorted(times)
+        assert 0 < s.ttfb <= times[0] <= s.duration
+        assert "Content-Type: text/event-stream" in s.headers
+
+
+def test_record_keeps_failed_requests_with_their_error(
+    tmp_path: Path, capture, ringcast_cli, fake_upstream
+) -> None:
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text('{"messages": [{"role": "user", "content": "not captured"}]}\n')
+    out = tmp_path / "trace.jsonl"
+    with fake_upstream(capture) as (_, url):
+        res = ringcast_cli(
+            "record", "--upstream", url, "--requests", str(requests), "--out", str(out)
+        )
+    assert res.returncode == 1  # every request failed
+    trace = load_trace(out, require_events=False)
+    assert trace.streams[0].status == 404
+
+
+def test_record_unreachable_upstream_is_an_error_per_request(tmp_path: Path, ringcast_cli) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "trace.jsonl"
+    res = ringcast_cli(
+        "record",
+        "--upstream",
+        f"http://127.0.0.1:{port}",
+        "--requests",
+        str(requests),
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 1
+    assert "failed" in res.stderr and "request 0" in res.stderr
+    assert load_trace(out, require_events=False).streams[0].error
+
+
+def test_record_rejects_a_bad_requests_file_with_its_line(tmp_path: Path, ringcast_cli) -> None:
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text('{"messages": []}\n{not json\n')
+    res = ringcast_cli(
+        "record",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--requests",
+        str(requests),
+        "--out",
+        str(tmp_path / "t.jsonl"),
+    )
+    assert res.returncode == 2
+    assert f"{requests}:2:" in res.stderr

@@ -1,0 +1,738 @@
+"""Fixtures of the server tests (``tests/server``): real ``ringcast serve`` process trees on
+free ports, raw HTTP clients that see every byte, SSE helpers.
+
+Nothing here sleeps for a fixed time to "let things happen": waits poll a condition and are
+bounded by the test's timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _head(
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str] | None,
+    version: str = "HTTP/1.1",
+) -> bytes:
+    hs = {"Host": "127.0.0.1", **(headers or {})}
+    if body is not None:
+        hs.setdefault("Content-Type", "application/json")
+        hs.setdefault("Content-Length", str(len(body)))
+    lines = [f"{method} {path} {version}", *(f"{k}: {v}" for k, v in hs.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + (body or b"")
+
+
+class Response:
+    """A response read incrementally from a raw socket; the body is de-chunked."""
+
+    def __init__(self, sock: socket.socket, buf: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = buf
+        while b"\r\n\r\n" not in self.buf:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"connection closed before the response head: {self.buf!r}")
+            self.buf += data
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
+        self.left = int(self.headers.get("content-length", "-1"))
+        self.chunk_left = 0
+        self.done = self.left == 0 or self.status in (204, 304)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_some(self) -> bytes:
+        """Next body bytes (b"" at the end of the body)."""
+        while not self.done:
+            if not self.chunked:
+                if not self.buf and not self._fill():
+                    self.done = True
+                    return b""
+                data = self.buf if self.left < 0 else self.buf[: self.left]
+                self.buf = self.buf[len(data) :]
+                if self.left >= 0:
+                    self.left -= len(data)
+                    self.done = self.left == 0
+                return data
+            if self.chunk_left == 0:
+                while b"\r\n" not in self.buf:
+                    if not self._fill():
+                        raise ConnectionError("connection closed inside a chunk header")
+                line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(line.split(b";")[0], 16)
+                if size == 0:
+                    while b"\r\n" not in self.buf:
+                        if not self._fill():
+                            break
+                    self.done = True
+                    return b""
+                self.chunk_left = size + 2  # data plus its CRLF
+            if not self.buf and not self._fill():
+                raise ConnectionError("connection closed inside a chunk")
+            before = self.chunk_left
+            take = self.buf[:before]
+            self.buf = self.buf[len(take) :]
+            self.chunk_left -= len(take)
+            data = take[: max(0, before - 2)]  # the chunk's trailing CRLF is not body
+            if data:
+                return data
+        return b""
+
+    def read_all(self) -> bytes:
+        out = bytearray()
+        while data := self.read_some():
+            out += data
+        return bytes(out)
+
+    def read_at_least(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            data = self.read_some()
+            if not data:
+                break
+            out += data
+        return bytes(out)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read_all_and_close(self) -> bytes:
+        try:
+            return self.read_all()
+        finally:
+            self.close()
+
+
+class Client:
+    """Raw HTTP/1.1 to a server on a local port: what a test needs to see every byte."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def open_request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        version: str = "HTTP/1.1",
+        raw: bytes | None = None,
+    ) -> Response:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        try:
+            sock.sendall(raw if raw is not None else _head(method, path, body, headers, version))
+            return Response(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, Any] | list[Any] | None = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request on its own connection: status, headers, the whole (de-chunked) body."""
+        if isinstance(body, dict | list):
+            body = json.dumps(body).encode()
+        r = self.open_request(
+            method, path, body, {"Connection": "close", **(headers or {})}, raw=raw
+        )
+        try:
+            return r.status, r.headers, r.read_all()
+        finally:
+            r.close()
+
+    def post_chat(
+        self,
+        conv: str | None,
+        max_tokens: int = 16,
+        headers: dict[str, str] | None = None,
+        prompt: str = "hello",
+    ) -> Response:
+        hs = dict(headers or {})
+        if conv is not None:
+            hs["X-Conversation-Id"] = conv
+        return self.open_request(
+            "POST", "/v1/chat/completions", _chat_body(max_tokens, prompt=prompt), hs
+        )
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of ``ringcast_<name>`` (any labels)."""
+        _, _, body = self.request("GET", "/metrics")
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(f"ringcast_{name}{{") or line.startswith(f"ringcast_{name} "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+class Server(Client):
+    """A ``ringcast serve`` process tree on a free port."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        http_procs: int = 2,
+        workers: int = 1,
+        segment: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.segment = segment or tmp / "seg"
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringcast.cli",
+            "serve",
+            "--port",
+            "0",
+            "--http-procs",
+            str(http_procs),
+            "--workers",
+            str(workers),
+            "--segment",
+            str(self.segment),
+            "--log-level",
+            "WARNING",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, cwd=str(tmp), env={**os.environ, **(env or {})}
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on http://([^:]+):(\d+)", line)
+        if not m:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+            raise RuntimeError(f"ringcast serve did not start: {line!r}")
+        self.host = m.group(1)
+        super().__init__(int(m.group(2)))
+        self.url = f"http://{self.host}:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def children(self, role: str) -> list[int]:
+        """Pids of the live ``http`` or ``worker`` children."""
+        import psutil
+
+        module = "ringcast.server.http_process" if role == "http" else "ringcast.server.worker"
+        out = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for c in psutil.Process(self.proc.pid).children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if module in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
+                        out.append(c.pid)
+        return out
+
+
+def _wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _chat_body(max_tokens: int = 16, stream: bool = True, prompt: str = "hello") -> bytes:
+    return json.dumps(
+        {
+            "model": "m",
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+    ).encode()
+
+
+def _sse_events(body: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in body.split(b"\n\n") if e]
+
+
+def _data_of(event: bytes) -> bytes:
+    return b"\n".join(ln[6:] for ln in event.split(b"\n") if ln.startswith(b"data: "))
+
+
+def _check_ids(body: bytes, start: int = 0) -> None:
+    """Every ``id:`` names the absolute offset just after its event."""
+    pos = start
+    for ev in _sse_events(body):
+        pos += len(ev)
+        if ev.startswith(b"id: "):
+            assert int(ev[4 : ev.index(b"\n")]) == pos, ev[:80]
+
+
+def _error_of(event: bytes) -> dict[str, Any]:
+    obj: dict[str, Any] = json.loads(_data_of(event))["error"]
+    return obj
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+class Serve:
+    """The ``serve`` fixture: ``with serve(*args, http_procs=.., workers=.., env=..) as s``
+    runs ``ringcast serve ARGS`` for the block; ``serve.start(...)`` leaves stopping to the
+    test (for kill and restart tests)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def at(self, tmp: Path) -> Serve:
+        """The same, with its segment and working directory in ``tmp``."""
+        return Serve(tmp)
+
+    def start(self, *args: str, **kw: Any) -> Server:
+        return Server(self.tmp, *args, **kw)
+
+    @contextlib.contextmanager
+    def __call__(self, *args: str, **kw: Any) -> Iterator[Server]:
+        s = Server(self.tmp, *args, **kw)
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Serve:
+    return Serve(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def serve_module(tmp_path_factory: pytest.TempPathFactory) -> Serve:
+    """``serve`` for module-scoped servers."""
+    return Serve(tmp_path_factory.mktemp("srv"))
+
+
+@pytest.fixture(scope="session")
+def raw_client() -> Callable[[int], Client]:
+    """``raw_client(port)``: raw HTTP to any local port."""
+    return Client
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(cond, what, timeout=30)``: poll ``cond`` until it is true (its value)."""
+    return _wait_for
+
+
+@pytest.fixture(scope="session")
+def kill() -> Callable[[int], None]:
+    """``kill(pid)``: SIGKILL, fine if it is gone."""
+    return _kill
+
+
+@pytest.fixture(scope="session")
+def chat_body() -> Callable[..., bytes]:
+    return _chat_body
+
+
+@pytest.fixture(scope="session")
+def sse_events() -> Callable[[bytes], list[bytes]]:
+    """The events of an SSE body, each with its blank line."""
+    return _sse_events
+
+
+@pytest.fixture(scope="session")
+def data_of() -> Callable[[bytes], bytes]:
+    """The ``data:`` payload of one event."""
+    return _data_of
+
+
+@pytest.fixture(scope="session")
+def error_of() -> Callable[[bytes], dict[str, Any]]:
+    """The ``error`` object of an SSE error event."""
+    return _error_of
+
+
+@pytest.fixture(scope="session")
+def check_ids() -> Callable[..., None]:
+    """``check_ids(body, start=0)``: every ``id:`` names the offset just after its event."""
+    return _check_ids
+
+
+@pytest.fixture(scope="session")
+def response() -> type[Response]:
+    """``response(sock, buf=b"")``: the next response on an open connection."""
+    return Response
+
+
+# --------------------------------------------------------------------------------------------
+# A second stream store: in-process, in memory
+
+
+class _MemSession:
+    """One incarnation of a stream in :class:`MemoryStore`."""
+
+    def __init__(self, conv: str, owner: str, slot: int, generation: int) -> None:
+        self.conversation_id = conv
+        self.owner = owner
+        self.slot = slot
+        self.generation = generation
+        self.buf = bytearray()
+        self.state = "running"
+        self.ended: str | None = None  # cancelled / replaced / evicted
+        self.producer = 0  # token of the writer handle that may write
+        self.started_at = time.time()
+        self.completed_at = 0.0
+        self.readers = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def is_done(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.buf)
+
+    first_available = 0  # nothing is ever dropped
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+
+class _MemWriter:
+    def __init__(self, s: _MemSession, token: int) -> None:
+        self.s = s
+        self.token = token
+        s.producer = token
+
+    @property
+    def generation(self) -> int:
+        return self.s.generation
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.s.buf)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.s.ended is not None
+
+    def _mine(self) -> bool:
+        s = self.s
+        return s.ended is None and s.state == "running" and s.producer == self.token
+
+    def write(self, data: bytes, progress: bool = True) -> bool:
+        if not self._mine():
+            return False
+        self.s.buf += data
+        self.s.wake()
+        return True
+
+    def finalize(self, state: str = "done") -> bool:
+        if not self._mine():
+            return False
+        self.s.state = state
+        self.s.completed_at = time.time()
+        self.s.wake()
+        return True
+
+
+class _MemReader:
+    def __init__(self, store: MemoryStore, s: _MemSession, offset: int, counted: bool) -> None:
+        self.store = store
+        self.s = s
+        self.offset = offset
+        self.counted = counted
+        if counted:
+            s.readers += 1
+
+    @property
+    def conversation_id(self) -> str:
+        return self.s.conversation_id
+
+    @property
+    def slot(self) -> int:
+        return self.s.slot
+
+    @property
+    def generation(self) -> int:
+        return self.s.generation
+
+    @property
+    def epoch(self) -> int:
+        return self.store.epoch
+
+    def read_nowait(self, max_bytes: int = 1 << 20) -> bytes | None:
+        s = self.s
+        if s.ended is not None:
+            raise _ended(s.ended)
+        if self.offset < len(s.buf):
+            data = bytes(s.buf[self.offset : self.offset + max_bytes])
+            self.offset += len(data)
+            return data
+        return b"" if s.is_done else None
+
+    async def _aread(self, max_bytes: int) -> bytes:
+        while (data := self.read_nowait(max_bytes)) is None:
+            f = asyncio.get_running_loop().create_future()
+            self.s.waiters.append(f)
+            await f
+        return data
+
+    def aread(self, max_bytes: int = 1 << 20) -> Any:
+        return self._aread(max_bytes)
+
+    def close(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.s.readers -= 1
+
+
+def _ended(reason: str) -> Exception:
+    from ringcast.server.store import session_ended
+
+    return session_ended(reason)
+
+
+class _MemStats:
+    max_sessions = 1024
+    bytes_buffered = 0
+    resident_bytes = 0
+
+
+class MemoryStore:
+    """A :class:`ringcast.server.store.StreamStore` in one process's memory: the fake second
+    store the route tests run against, beside the segment. It keeps every byte (no
+    ``OffsetLost``), has no capacity limit, and is reachable only from the loop of the
+    in-process server that owns it."""
+
+    epoch = 7
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[str, str], _MemSession] = {}
+        self.incarnations = 0
+        self.tokens = 0
+
+    def _end(self, s: _MemSession, reason: str) -> None:
+        s.ended = reason
+        s.wake()
+        if self.sessions.get((s.owner, s.conversation_id)) is s:
+            del self.sessions[(s.owner, s.conversation_id)]
+
+    def _check(self, conv: str) -> None:
+        from ringcast import InvalidArgument
+
+        if len(conv.encode()) > 256:
+            raise InvalidArgument(f"conversation id longer than 256 bytes: {conv[:20]!r}...")
+
+    def create(self, conversation_id: str, owner: str) -> _MemWriter:
+        self._check(conversation_id)
+        old = self.sessions.get((owner, conversation_id))
+        if old is not None:
+            self._end(old, "replaced")
+        self.incarnations += 1
+        s = _MemSession(conversation_id, owner, self.incarnations, self.incarnations)
+        self.sessions[(owner, conversation_id)] = s
+        self.tokens += 1
+        return _MemWriter(s, self.tokens)
+
+    def adopt(self, conversation_id: str, owner: str, generation: int) -> _MemWriter:
+        from ringcast import SessionNotFound
+
+        s = self.sessions.get((owner, conversation_id))
+        if s is None or s.generation != generation:
+            raise SessionNotFound(conversation_id)
+        self.tokens += 1
+        return _MemWriter(s, self.tokens)
+
+    async def open_reader(
+        self, conversation_id: str, offset: int, owner: str, *, counted: bool = True
+    ) -> _MemReader:
+        from ringcast import SessionNotFound
+
+        self._check(conversation_id)
+        s = self.sessions.get((owner, conversation_id))
+        if s is None:
+            raise SessionNotFound(conversation_id)
+        return _MemReader(self, s, offset, counted)
+
+    async def get(self, conversation_id: str, owner: str) -> _MemSession | None:
+        return self.sessions.get((owner, conversation_id))
+
+    async def lookup_prefix(self, prefix: str, owner: str) -> list[_MemSession]:
+        self._check(prefix)
+        return [
+            s
+            for (o, c), s in self.sessions.items()
+            if o == owner and (c == prefix or c.startswith(prefix + "::"))
+        ]
+
+    async def list(self, owner: str | None = None) -> list[_MemSession]:
+        return [s for (o, _), s in self.sessions.items() if owner is None or o == owner]
+
+    async def cancel(self, conversation_id: str, owner: str) -> None:
+        self._check(conversation_id)
+        s = self.sessions.get((owner, conversation_id))
+        if s is not None:
+            self._end(s, "cancelled")
+
+    async def remove(self, conversation_id: str, owner: str) -> None:
+        s = self.sessions.get((owner, conversation_id))
+        if s is not None:
+            self._end(s, "evicted")
+
+    def stats(self) -> _MemStats:
+        stats = _MemStats()
+        stats.bytes_buffered = sum(len(s.buf) for s in self.sessions.values())
+        return stats
+
+
+class InProcessServer(Client):
+    """The routes and one worker of ``ringcast serve ARGS`` in a thread of this process, on a
+    :class:`MemoryStore` instead of the segment: the same ``App``, ``Connection`` and
+    ``WorkerApp``, started with the same command line, one HTTP process and one worker."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        from ringcast.server.config import config_from_args, configure
+
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        cfg = config_from_args(parser.parse_args(list(args)))
+        cfg.http_procs, cfg.workers = 1, 1
+        cfg.run_dir = str(tmp)
+        self.cfg = cfg
+        self.store = MemoryStore()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError(f"in-process server did not start: {self._error!r}")
+
+    def _run(self) -> None:
+        from ringcast.server.child import run_loop
+
+        try:
+            run_loop(self.cfg, self._main())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from ringcast.http.protocol import Connection
+        from ringcast.server import rundir
+        from ringcast.server.counters import SharedCounters, counter_rows, open_child_counters
+        from ringcast.server.routes import App
+        from ringcast.server.worker import WorkerApp
+
+        cfg = self.cfg
+        SharedCounters(rundir.counters_path(cfg.run_dir), counter_rows(cfg), create=True)
+        loop = asyncio.get_running_loop()
+        self._loop, self._stop = loop, asyncio.Event()
+        app = App(cfg, 0, self.store, open_child_counters(cfg, "http", 0))
+        if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
+            app.track(loop.create_task(app.coalescing.run()))
+        worker = WorkerApp(cfg, self.store, open_child_counters(cfg, "worker", 0), None)
+        jobs = await asyncio.start_unix_server(worker.handle, rundir.worker_socket(cfg.run_dir, 0))
+        watcher = loop.create_task(worker.watch_cancel())
+        server = await loop.create_server(lambda: Connection(app), "127.0.0.1", 0)
+        super().__init__(server.sockets[0].getsockname()[1])
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        jobs.close()
+        await worker.shutdown()
+        watcher.cancel()
+        for c in list(app.connections):
+            if c.transport is not None:
+                c.transport.abort()
+        for t in list(app.background):
+            t.cancel()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+@contextlib.contextmanager
+def serve_on_store(store: str, tmp: Path, *args: str, **kw: Any) -> Iterator[Client]:
+    """``ringcast serve ARGS`` on ``store``: the segment (a real process tree; ``kw`` as for
+    ``serve``) or the in-memory fake (one HTTP process and one worker, in this process)."""
+    s: Server | InProcessServer = (
+        Server(tmp, *args, **kw) if store == "segment" else InProcessServer(tmp, *args)
+    )
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+STORES = ["segment", "memory"]
+
+
+@pytest.fixture(scope="module", params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The stream store a module's route tests run against: each test runs once per store."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def serve_store(
+    store_kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., contextlib.AbstractContextManager[Client]]:
+    """``with serve_store(*args, **kw) as s``: ``ringcast serve ARGS`` on ``store_kind``
+    (the segment: a real process tree; the in-memory fake: in this process)."""
+    return lambda *args, **kw: serve_on_store(
+        store_kind, tmp_path_factory.mktemp(store_kind), *args, **kw
+    )

@@ -1,0 +1,178 @@
+"""``ringcast serve`` command line: help, refusals with a clear message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ringcast(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ringcast.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_explains_itself() -> None:
+    top = ringcast("--help")
+    assert top.returncode == 0
+    assert "serve" in top.stdout
+    out = ringcast("serve", "--help")
+    assert out.returncode == 0
+    for flag in (
+        "--http-procs",
+        "--workers",
+        "--upstream",
+        "--upstream-ca-file",
+        "--api-key",
+        "--ttl",
+        "--idle-timeout",
+        "--evict-running",
+        "--keep-segment",
+        "--write-timeout",
+        "--event-loop",
+        "Last-Event-ID",
+    ):
+        assert flag in out.stdout, flag
+    assert "(8080)" in out.stdout  # llama-server's default port
+
+
+def test_no_command_prints_help() -> None:
+    out = ringcast()
+    assert out.returncode == 2
+    assert "serve" in out.stdout
+
+
+def test_bad_values_are_refused(tmp_path: Path) -> None:
+    out = ringcast("serve", "--port", "0", "--workers", "0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--workers" in out.stderr
+    out = ringcast("serve", "--port", "0", "--api-key-file", str(tmp_path / "nope"))
+    assert out.returncode == 2
+    assert "api-key-file" in out.stderr
+    out = ringcast("serve", "--port", "0", "--api-key", "k1", "--api-key", " ", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--api-key is empty" in out.stderr
+    comments = tmp_path / "keys.txt"
+    comments.write_text("# no keys yet\n\n")
+    out = ringcast("serve", "--port", "0", "--api-key-file", str(comments), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "holds no key" in out.stderr
+    out = ringcast("serve", "--port", "0", cwd=tmp_path, env={"RINGCAST_API_KEY": ""})
+    assert out.returncode == 2
+    assert "$RINGCAST_API_KEY is set but empty" in out.stderr
+    out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--speed only applies with --replay" in out.stderr
+    for bad in ("0", "-1", "nan", "inf"):
+        out = ringcast("serve", "--port", "0", "--write-timeout", bad, cwd=tmp_path)
+        assert out.returncode == 2, bad
+        assert f"--write-timeout must be a number of seconds > 0 (got {float(bad)})" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--upstream", "http://127.0.0.1:8080"),  # the default port is llama-server's
+        ("--upstream", "http://localhost:8080/v1"),
+        ("--port", "9123", "--upstream", "http://127.0.0.1:9123"),
+        ("--host", "0.0.0.0", "--port", "9123", "--upstream", "http://127.0.0.1:9123"),
+        ("--host", "::", "--port", "9123", "--upstream", "https://localhost:9123"),
+    ],
+)
+def test_upstream_at_its_own_address_is_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = ringcast("serve", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "is this server's own address" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_event_loop_reaches_every_child(tmp_path: Path, serve) -> None:
+    with serve("--event-loop", "asyncio", "--tokens-per-s", "0", workers=2) as s:
+        for role, index in (("http", 0), ("http", 1), ("worker", 0), ("worker", 1)):
+            labels = f'role="{role}",index="{index}"'
+            assert s.metric(f'event_loop_info{{{labels},loop="asyncio"}}') == 1, labels
+        assert s.metric("event_loop_info") == 4  # and no other line
+        body = s.post_chat("on-asyncio", max_tokens=3).read_all_and_close()
+        assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_segment_of_other_sizes_is_refused_not_replaced(tmp_path: Path, serve) -> None:
+    s = serve.start("--max-sessions", "16", "--keep-segment")
+    assert s.stop() == 0
+    before = s.segment.read_bytes()[:4096]
+    out = ringcast("serve", "--port", "0", "--segment", str(s.segment), "--max-sessions", "32")
+    assert out.returncode == 2
+    assert str(s.segment) in out.stderr
+    assert s.segment.read_bytes()[:4096] == before
+    s.segment.unlink()
+
+
+def test_busy_port_is_refused(tmp_path: Path, serve) -> None:
+    s = serve.start()
+    try:
+        out = ringcast("serve", "--port", str(s.port), "--segment", str(tmp_path / "other"))
+        assert out.returncode == 2
+        assert "cannot bind" in out.stderr
+    finally:
+        s.stop()
+
+
+def test_segment_in_use_by_a_live_server_is_refused(tmp_path: Path, serve) -> None:
+    s = serve.start()
+    try:
+        out = ringcast("serve", "--port", "0", "--segment", str(s.segment))
+        assert out.returncode == 2
+        assert "in use" in out.stderr
+        assert s.segment.exists()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--upstream", "ftp://127.0.0.1:21"), "must start with http:// or https://"),
+        (("--upstream", "127.0.0.1:8080"), "must start with http:// or https://"),
+        (("--upstream", "http://"), "names no host"),
+        (("--upstream", "http://127.0.0.1:99999"), "not a valid URL"),
+        (("--upstream", "http://user:pw@127.0.0.1:8080"), "--upstream-api-key"),
+        (("--upstream", "http://127.0.0.1:8080/v1?x=1"), "scheme, host, port and path only"),
+        (("--upstream-ca-file", "/etc/hostname"), "only applies with an https --upstream"),
+        (
+            ("--upstream", "http://127.0.0.1:8080", "--upstream-ca-file", "/etc/hostname"),
+            "only applies with an https --upstream",
+        ),
+        (
+            ("--upstream", "https://127.0.0.1:8443", "--upstream-ca-file", "/nonexistent.pem"),
+            "cannot load CA certificates",
+        ),
+        (
+            ("--upstream", "https://127.0.0.1:8443", "--upstream-ca-file", "/etc/hostname"),
+            "cannot load CA certificates",
+        ),
+        (
+            ("--upstream", "http://127.0.0.1:8080", "--generator", "ringcast.worker:x"),
+            "give one",
+        ),
+    ],
+)
+def test_bad_upstream_is_refused_at_start(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    out = ringcast("serve", "--port", "0", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
