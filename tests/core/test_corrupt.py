@@ -224,3 +224,28 @@ def test_segment_scribbled_while_closed_opens_or_is_refused(
     proc = run_python(_REOPEN_SCRIPT, 60, seg_path, str(seed))
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert proc.stdout in ("survived\n", "refused\n")
+
+
+def test_a_symbolic_link_at_the_segment_path_is_refused(seg_path: str) -> None:
+    target = seg_path + "-target"
+    os.symlink(target, seg_path)
+    try:
+        for call in (
+            lambda: ringcast.Segment.open_or_create(
+                seg_path, max_sessions=8, session_bytes=64 * KiB
+            ),
+            lambda: ringcast.Segment.create(seg_path, max_sessions=8, session_bytes=64 * KiB),
+            lambda: ringcast.Segment.open(seg_path),
+        ):
+            with pytest.raises(ringcast.SegmentError, match="symbolic link"):
+                call()
+        assert not os.path.exists(target)
+        # To a real segment: refused, and the segment is left as it was.
+        _make(target)
+        with pytest.raises(ringcast.SegmentError, match="symbolic link"):
+            ringcast.Segment.open(seg_path)
+        ringcast.Segment.open(target).close()
+    finally:
+        os.unlink(seg_path)
+        if os.path.exists(target):
+            os.unlink(target)

@@ -120,6 +120,16 @@ def test_segment_of_other_sizes_is_refused_not_replaced(tmp_path: Path, serve) -
     s.segment.unlink()
 
 
+def test_a_dangling_symbolic_link_at_the_segment_path_is_refused(tmp_path: Path) -> None:
+    # It used to recurse in open_or_create until the stack overflowed (exit 139).
+    link = tmp_path / "seg"
+    link.symlink_to(tmp_path / "nowhere")
+    out = ringcast("serve", "--port", "0", "--segment", str(link))
+    assert out.returncode == 2, out.stderr
+    assert "symbolic link" in out.stderr and str(link) in out.stderr
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_busy_port_is_refused(tmp_path: Path, serve) -> None:
     s = serve.start()
     try:

@@ -72,6 +72,27 @@ fn new_epoch() -> u64 {
     (u64::from_le_bytes(buf) ^ t ^ ((std::process::id() as u64) << 32)) & (u64::MAX >> 11) | 1
 }
 
+/// The error for a failed `op` on the file at `path`; a symbolic link there gets its own
+/// message (`O_NOFOLLOW` reports it as `ELOOP` on open, `O_EXCL` as `EEXIST` on create).
+fn file_error(path: &str, op: &'static str, e: std::io::Error) -> Error {
+    let link = matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EEXIST))
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !link {
+        return Error::io(path, op, e);
+    }
+    let target = std::fs::read_link(path)
+        .map(|t| format!(" (to {t:?})"))
+        .unwrap_or_default();
+    Error::invalid_segment(
+        path,
+        format!(
+            "is a symbolic link{target}: a segment is never reached through a link (one planted \
+             at a predictable path could point anywhere); remove the link or give the real \
+             file's path"
+        ),
+    )
+}
+
 impl Segment {
     /// Creates a new segment file (fails if `path` exists).
     pub fn create(path: &str, cfg: SegmentConfig) -> Result<Segment> {
@@ -99,7 +120,7 @@ impl Segment {
                 Error::InvalidArgument("max_sessions × session_bytes is too large".into())
             })?;
         let map = Mapping::create(path, geo.file_bytes as usize)
-            .map_err(|e| Error::io(path, "create", e))?;
+            .map_err(|e| file_error(path, "create", e))?;
         let view = SegmentView::create(map, geo, new_epoch())
             .map_err(|e| Error::io(path, "initialise the lock of", e))?;
         Ok(Segment::from_view(view, path))
@@ -133,7 +154,7 @@ impl Segment {
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 return Err(Opening::Unfinished(blank))
             }
-            Err(e) => return Err(Opening::Failed(Error::io(path, "open", e))),
+            Err(e) => return Err(Opening::Failed(file_error(path, "open", e))),
         };
         let Some(h) = view::header_of(&map) else {
             return Err(Opening::Failed(Error::invalid_segment(
@@ -155,41 +176,54 @@ impl Segment {
     }
 
     /// Opens `path` if it is a segment with exactly this configuration, else creates it.
+    ///
+    /// Another process may create or remove the file between our open and create; each race
+    /// costs one more try, and a path that keeps flipping is an error, never a recursion (a
+    /// dangling symbolic link, which open finds missing and create finds present, once sent
+    /// this into unbounded recursion; links are now refused outright).
     pub fn open_or_create(path: &str, cfg: SegmentConfig) -> Result<Segment> {
-        match Segment::open(path) {
-            Ok(seg) => {
-                let g = seg.geometry();
-                if g.max_sessions != cfg.max_sessions
-                    || g.session_bytes != cfg.session_bytes
-                    || g.max_id_len != cfg.max_id_len
-                {
-                    return Err(Error::invalid_segment(
-                        path,
-                        format!(
-                            "exists with max_sessions={} session_bytes={} max_id_len={}, not the requested \
-                             {} / {} / {}; remove it or ask for the same sizes",
-                            g.max_sessions, g.session_bytes, g.max_id_len,
-                            cfg.max_sessions, cfg.session_bytes, cfg.max_id_len
-                        ),
-                    ));
-                }
-                Ok(seg)
+        const ATTEMPTS: u32 = 8;
+        for _ in 0..ATTEMPTS {
+            match Segment::open(path) {
+                Ok(seg) => return seg.with_config(cfg),
+                Err(Error::Segment(SegmentError::Io { source, .. }))
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-            Err(Error::Segment(SegmentError::Io { source, .. }))
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                match Segment::create(path, cfg) {
-                    // Another process created it between our open and create: use theirs.
-                    Err(Error::Segment(SegmentError::Io { source, .. }))
-                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                    {
-                        Segment::open_or_create(path, cfg)
-                    }
-                    other => other,
-                }
+            match Segment::create(path, cfg) {
+                // Another process created it between our open and create: use theirs.
+                Err(Error::Segment(SegmentError::Io { source, .. }))
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => return other,
             }
-            Err(e) => Err(e),
         }
+        Err(Error::invalid_segment(
+            path,
+            format!(
+                "the file appeared and vanished {ATTEMPTS} times while opening or creating it: \
+                 another process keeps creating and removing it; stop it or use another path"
+            ),
+        ))
+    }
+
+    /// This segment if it has exactly the sizes `cfg` asks for.
+    fn with_config(self, cfg: SegmentConfig) -> Result<Segment> {
+        let g = self.geometry();
+        if g.max_sessions != cfg.max_sessions
+            || g.session_bytes != cfg.session_bytes
+            || g.max_id_len != cfg.max_id_len
+        {
+            return Err(Error::invalid_segment(
+                self.path(),
+                format!(
+                    "exists with max_sessions={} session_bytes={} max_id_len={}, not the requested \
+                     {} / {} / {}; remove it or ask for the same sizes",
+                    g.max_sessions, g.session_bytes, g.max_id_len,
+                    cfg.max_sessions, cfg.session_bytes, cfg.max_id_len
+                ),
+            ));
+        }
+        Ok(self)
     }
 
     fn from_view(view: SegmentView, path: &str) -> Segment {
@@ -219,9 +253,15 @@ impl Segment {
         *self.reg.view().geometry()
     }
 
-    /// Removes the segment file; mapped processes keep their mapping.
+    /// Removes the segment file if its path still names it; mapped processes keep their
+    /// mapping.
     pub fn unlink(&self) -> Result<()> {
-        mmap::unlink(self.path()).map_err(|e| Error::io(self.path(), "remove", e))
+        let path = self.path();
+        self.reg
+            .view()
+            .mapping()
+            .unlink(path)
+            .map_err(|e| file_error(path, "remove", e))
     }
 
     pub fn stats(&self) -> SegmentStats {

@@ -218,6 +218,75 @@ fn foreign_and_corrupt_files_are_refused() {
     assert!(e.to_string().contains("truncated"), "{e}");
 }
 
+/// The message of a refusal, which must be a `SegmentError`.
+fn segment_refusal(r: ringcast_core::Result<Segment>) -> String {
+    match r {
+        Err(Error::Segment(e)) => e.to_string(),
+        Err(e) => panic!("not a segment error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
+#[test]
+fn a_symbolic_link_at_the_segment_path_is_refused_never_followed() {
+    let t = TempSeg::new("link");
+    // Dangling: open finds nothing, create finds the link; this used to recurse until the
+    // stack overflowed.
+    let target = format!("{}-target", t.0);
+    std::os::unix::fs::symlink(&target, &t.0).unwrap();
+    for e in [
+        segment_refusal(Segment::open_or_create(&t.0, cfg(2, 4096))),
+        segment_refusal(Segment::create(&t.0, cfg(2, 4096))),
+        segment_refusal(Segment::open(&t.0)),
+    ] {
+        assert!(e.contains("symbolic link") && e.contains(&t.0), "{e}");
+    }
+    assert!(
+        !std::path::Path::new(&target).exists(),
+        "nothing created at the target"
+    );
+    // To a real segment: refused too, the segment left as it was.
+    let real = TempSeg::new("link-target");
+    drop(Segment::create(&real.0, cfg(2, 4096)).unwrap());
+    std::fs::remove_file(&t.0).unwrap();
+    std::os::unix::fs::symlink(&real.0, &t.0).unwrap();
+    let e = segment_refusal(Segment::open_or_create(&t.0, cfg(2, 4096)));
+    assert!(e.contains("symbolic link"), "{e}");
+    Segment::open(&real.0).expect("the target is untouched");
+    std::fs::remove_file(&t.0).unwrap();
+}
+
+#[test]
+fn only_a_regular_file_is_opened() {
+    let t = TempSeg::new("notfile");
+    std::fs::create_dir(&t.0).unwrap();
+    let e = segment_refusal(Segment::open_or_create(&t.0, cfg(2, 4096)));
+    assert!(e.contains(&t.0), "{e}");
+    std::fs::remove_dir(&t.0).unwrap();
+    let c = std::ffi::CString::new(t.0.as_str()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = segment_refusal(Segment::open_or_create(&t.0, cfg(2, 4096)));
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn unlink_removes_only_the_file_it_opened() {
+    let t = TempSeg::new("unlink");
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    // Replaced under us: the new file stays.
+    std::fs::remove_file(&t.0).unwrap();
+    std::fs::write(&t.0, b"someone else's").unwrap();
+    let e = seg.unlink().expect_err("must not remove another file");
+    assert!(e.to_string().contains("replaced"), "{e}");
+    assert_eq!(std::fs::read(&t.0).unwrap(), b"someone else's");
+    std::fs::remove_file(&t.0).unwrap();
+    // Still ours: removed.
+    let seg = Segment::create(&t.0, cfg(2, 4096)).unwrap();
+    seg.unlink().unwrap();
+    assert!(!std::path::Path::new(&t.0).exists());
+}
+
 #[test]
 fn scribbled_slot_metadata_never_escapes_bounds() {
     let t = TempSeg::new("scribble");

@@ -1,5 +1,7 @@
 //! The only place that maps memory: the segment file, created exclusively with mode 0600,
 //! sized once (sparse), mapped `MAP_SHARED`, and given back page by page with hole punching.
+//! The file is never reached through a symbolic link (`O_NOFOLLOW` on create and open), must
+//! be a regular file, and is removed only while the path still names it.
 
 use std::ffi::CString;
 use std::io;
@@ -12,6 +14,8 @@ pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     fd: RawFd,
+    /// Device and inode of the file, to remove it only while the path still names it.
+    identity: (u64, u64),
 }
 
 // SAFETY: the mapping is plain shared memory; all concurrent access to it goes through
@@ -34,7 +38,8 @@ impl Mapping {
         let fd = unsafe {
             libc::open(
                 c.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                // O_EXCL already refuses an existing link; O_NOFOLLOW says so for the reader.
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
                 0o600,
             )
         };
@@ -65,18 +70,24 @@ impl Mapping {
         })
     }
 
-    /// Opens and maps an existing, non-empty file that is this user's alone (mode 0600); the
-    /// mapping spans the whole file. An empty file is `InvalidData` (a segment being created
-    /// right now is empty for a moment). The caller validates the contents.
+    /// Opens and maps an existing, non-empty regular file that is this user's alone (mode
+    /// 0600); the mapping spans the whole file. A symbolic link at `path` fails with `ELOOP`
+    /// (`O_NOFOLLOW`). An empty file is `InvalidData` (a segment being created right now is
+    /// empty for a moment). The caller validates the contents.
     pub fn open(path: &str) -> io::Result<Mapping> {
         let c = cpath(path)?;
-        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call. O_NONBLOCK: a
+        // FIFO planted at the path must not block the open (it is refused just below).
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let len = match file_stat(fd).and_then(|(len, uid, mode)| private(uid, mode).map(|()| len))
-        {
+        let len = match file_stat(fd).and_then(|st| private(&st).map(|()| st.len)) {
             Ok(l) => l,
             Err(e) => {
                 // SAFETY: closing the descriptor we own.
@@ -115,7 +126,23 @@ impl Mapping {
             return Err(e);
         }
         let ptr = NonNull::new(p as *mut u8).expect("mmap returned null without MAP_FAILED");
-        Ok(Mapping { ptr, len, fd })
+        let identity = match file_stat(fd) {
+            Ok(st) => st.identity,
+            Err(e) => {
+                // SAFETY: unmapping what we just mapped and closing the descriptor we own.
+                unsafe {
+                    libc::munmap(p, len);
+                    libc::close(fd);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Mapping {
+            ptr,
+            len,
+            fd,
+            identity,
+        })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -128,7 +155,7 @@ impl Mapping {
 
     /// Current size of the file (another process may have truncated it).
     pub fn file_len(&self) -> io::Result<usize> {
-        file_stat(self.fd).map(|(len, _, _)| len)
+        file_stat(self.fd).map(|st| st.len)
     }
 
     /// Bytes of the file really backed by memory (allocated blocks).
@@ -163,22 +190,46 @@ impl Mapping {
     }
 }
 
-/// Size, owner and permission bits of an open file.
-fn file_stat(fd: RawFd) -> io::Result<(usize, u32, u32)> {
+/// What `fstat` says of an open file.
+struct FileStat {
+    len: usize,
+    uid: u32,
+    /// Permission bits.
+    mode: u32,
+    regular: bool,
+    /// (device, inode).
+    identity: (u64, u64),
+}
+
+fn file_stat(fd: RawFd) -> io::Result<FileStat> {
     // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat.
-    unsafe {
+    let st = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(fd, &mut st) != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((st.st_size as usize, st.st_uid, st.st_mode & 0o7777))
-    }
+        st
+    };
+    Ok(FileStat {
+        len: st.st_size as usize,
+        uid: st.st_uid,
+        mode: st.st_mode & 0o7777,
+        regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        identity: (st.st_dev, st.st_ino),
+    })
 }
 
-/// A segment is this user's alone, as `create` makes it (mode 0600): another user's file, or
-/// one that others may read or write (say, planted at a predictable path in `/dev/shm` with
-/// mode 0666), would let them read every stream or scribble into it.
-fn private(uid: u32, mode: u32) -> io::Result<()> {
+/// A segment is a regular file and this user's alone, as `create` makes it (mode 0600):
+/// another user's file, or one that others may read or write (say, planted at a predictable
+/// path in `/dev/shm` with mode 0666), would let them read every stream or scribble into it.
+fn private(st: &FileStat) -> io::Result<()> {
+    let (uid, mode) = (st.uid, st.mode);
+    if !st.regular {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not a regular file (a directory, device, FIFO or socket); refusing it",
+        ));
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if uid != me {
@@ -209,14 +260,35 @@ impl Drop for Mapping {
     }
 }
 
-/// Removes a file by path.
-pub fn unlink(path: &str) -> io::Result<()> {
-    let c = cpath(path)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    if unsafe { libc::unlink(c.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
+impl Mapping {
+    /// Removes `path` if it still names this mapping's file; a path that now names something
+    /// else (replaced since it was opened) is left alone, with an error saying so.
+    /// (Between the check and the removal only this user or root can swap the name in a
+    /// sticky directory such as `/dev/shm`.)
+    pub fn unlink(&self, path: &str) -> io::Result<()> {
+        let c = cpath(path)?;
+        // SAFETY: `st` is a plain-old-data out parameter fully written by a successful lstat;
+        // `c` is a valid NUL-terminated string.
+        let st = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::lstat(c.as_ptr(), &mut st) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            st
+        };
+        if (st.st_dev, st.st_ino) != self.identity {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the path no longer names the file this segment was opened from (it was \
+                 replaced); leaving it",
+            ));
+        }
+        // SAFETY: `c` is a valid NUL-terminated string.
+        if unsafe { libc::unlink(c.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Page size of this machine.
