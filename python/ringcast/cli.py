@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from ringcast._args import HelpFormatter
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ringcast.server.command", "run the resumable streaming server"),
     "record": (
@@ -35,11 +37,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="ringcast",
         description="Resumable, fan-out token streaming for LLM serving.",
         epilog="Run 'ringcast <command> --help' for the options of a command.",
+        formatter_class=HelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in SUBCOMMANDS.items():
-        p = subparsers.add_parser(name, help=help_)
+        p = subparsers.add_parser(name, help=help_, formatter_class=HelpFormatter)
         if name == chosen:
             importlib.import_module(module).register(p)
     return parser

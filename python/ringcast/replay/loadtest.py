@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import msgspec
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
+from ringcast._extras import require
 from ringcast.http import client as _http
 from ringcast.trace import Trace, TraceError, expected_body, load_trace, parse_speed
 
@@ -397,6 +399,11 @@ def baselines_script() -> Path:
     return BASELINES
 
 
+REDIS_SERVER_MISSING = (
+    "--compare redis needs redis-server on PATH (Debian: apt install redis-server)"
+)
+
+
 def private_redis_argv(exe: str, port: int, data_dir: str) -> list[str]:
     """Command line of a throw-away ``redis-server`` for a benchmark: loopback only, on
     ``port``, nothing persisted (``data_dir`` only holds what Redis insists on writing)."""
@@ -532,7 +539,7 @@ async def _start_server(name: str, opts: ReplayOptions, workdir: str) -> _Server
         if name == "redis":
             exe = shutil.which("redis-server")
             if exe is None:
-                raise RuntimeError("--compare redis needs redis-server on PATH (apt install redis)")
+                raise RuntimeError(REDIS_SERVER_MISSING)
             rport = _free_port()
             tmp = tempfile.mkdtemp(prefix="ringcast-redis-")
             rcmd = [*private_redis_argv(exe, rport, tmp), "--maxclients", "20000"]
@@ -563,8 +570,6 @@ class _ProcSampler:
     """Samples CPU time and RSS of the given processes and their children (psutil)."""
 
     def __init__(self, roots: list[int], include_self: bool = True) -> None:
-        import psutil  # type: ignore[import-untyped,unused-ignore]
-
         self._psutil = psutil
         self.roots = roots
         self.include_self = include_self
@@ -988,7 +993,9 @@ def configure(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--ramp", type=float, default=0.5, help="spread stream starts over N s")
     ap.add_argument("--seed", type=int, default=0, help="seed for the resume cut points")
-    ap.add_argument("--timeout", type=float, help="give up on a run after this many seconds")
+    ap.add_argument(
+        "--timeout", type=float, help="give up on a run after this many seconds (default: no limit)"
+    )
     ap.add_argument(
         "--repeat",
         type=int,
@@ -1005,6 +1012,20 @@ def configure(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def check_requirements(compare: list[str], png_out: str | None) -> None:
+    """What the options need beyond ringcast's own dependencies, checked before any run
+    (a missing one used to surface after minutes of load test, losing the report):
+    ``RuntimeError`` (:class:`~ringcast._extras.MissingExtra` for a package) naming it."""
+    if png_out:
+        require("matplotlib", "--png")
+    if compare:
+        baselines_script()
+    if "redis" in compare:
+        require("redis", "--compare redis")
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(REDIS_SERVER_MISSING)
+
+
 def run(args: argparse.Namespace) -> int:
     """``ringcast replay``: fan-out replay load test with byte-exact checks."""
     try:
@@ -1019,7 +1040,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume-share must be within 0..1, got {args.resume_share}")
         if args.url:
             _http.parse_url(args.url)
-    except ValueError as exc:
+        check_requirements(compare, args.png_out)
+    except (ValueError, RuntimeError) as exc:
         print(f"ringcast replay: {exc}", file=sys.stderr)
         return 2
     opts = ReplayOptions(

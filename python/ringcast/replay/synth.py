@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from ringcast._args import HelpFormatter
 from ringcast.trace import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -244,6 +245,7 @@ def configure_trace(ap: argparse.ArgumentParser) -> None:
     sub = ap.add_subparsers(dest="trace_cmd", required=True, metavar="<synth|info>")
     sp = sub.add_parser(
         "synth",
+        formatter_class=HelpFormatter,
         help="write a synthetic trace with realistic timing",
         description=_SYNTH_DESCRIPTION,
         epilog="example: ringcast trace synth --streams 100 --out trace.jsonl",
@@ -270,6 +272,7 @@ def configure_trace(ap: argparse.ArgumentParser) -> None:
     sp.set_defaults(func=run_trace_synth)
     ip = sub.add_parser(
         "info",
+        formatter_class=HelpFormatter,
         help="check a trace and print its summary",
         description="Validate a trace file and print counts and median timings as JSON. A "
         "missing, truncated, corrupt or wrong-version file exits with status 2 and names "

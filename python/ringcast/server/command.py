@@ -65,6 +65,5 @@ def register(p: argparse.ArgumentParser) -> None:
     """``ringcast serve`` (see ``ringcast.cli``)."""
     p.description = SERVE_DESCRIPTION
     p.epilog = SERVE_EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     configure(p)
     p.set_defaults(func=run)

@@ -13,6 +13,7 @@ import os
 
 import msgspec
 
+from ringcast._args import size_arg
 from ringcast.trace import parse_speed
 
 ANON_OWNER = "~anon"
@@ -141,10 +142,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--max-body",
-        type=int,
+        type=size_arg,
         default=_D.max_body,
-        metavar="BYTES",
-        help="largest request body accepted; larger gets 413 (%(default)s)",
+        metavar="SIZE",
+        help="largest request body accepted; larger gets 413",
     )
     net.add_argument(
         "--write-timeout",
@@ -249,6 +250,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--prefill-s",
         type=float,
         default=_D.prefill_s,
+        metavar="S",
         help="synthetic prompt-processing delay before the first token",
     )
     model.add_argument(
@@ -280,9 +282,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--session-bytes",
-        type=int,
+        type=size_arg,
         default=_D.session_bytes,
-        help="ring size per session; older bytes are dropped (%(default)s)",
+        metavar="SIZE",
+        help="ring size per session, e.g. 4M or 64KiB; older bytes are dropped",
     )
     store.add_argument(
         "--max-id-len",
@@ -304,10 +307,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--max-memory",
-        type=int,
+        type=size_arg,
         default=_D.max_memory,
-        metavar="BYTES",
-        help="evict completed sessions (LRU) above this many buffered bytes",
+        metavar="SIZE",
+        help="evict completed sessions (LRU) above this many buffered bytes, e.g. 1G; 0 = no limit",
     )
     store.add_argument(
         "--evict-running",
@@ -326,7 +329,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="event loop of the HTTP processes and workers (%(default)s)",
     )
     parser.add_argument(
-        "--log-level", default=_D.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default=_D.log_level,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log messages of this level and above",
     )
 
 
