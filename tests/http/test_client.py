@@ -55,3 +55,24 @@ def test_errors() -> None:
         p.eof()
     with pytest.raises(HTTPError, match="chunk size"):
         ResponseParser().feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+    ],
+)
+def test_bytes_after_a_response_are_kept_for_the_next(first: bytes) -> None:
+    """A pipelined (or interim 1xx) response is followed by the next one on the same
+    connection: its bytes are the parser's ``rest``, never part of this body."""
+    following = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    p = ResponseParser()
+    body = b"".join(p.feed(first + following))
+    assert p.done and body == (b"abc" if b"abc" in first else b"")
+    assert p.rest == following
+    nxt = ResponseParser()
+    assert b"".join(nxt.feed(p.rest)) == b"ok" and nxt.done

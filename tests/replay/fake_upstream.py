@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ringcast.http.parse import body_length, parse_head
+
 
 def load_capture(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -27,11 +29,8 @@ async def _serve_capture(capture: Path) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             t0 = asyncio.get_running_loop().time()
-            length = 0
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                k, _, v = line.partition(":")
-                if k.strip().lower() == "content-length":
-                    length = int(v)
+            req = parse_head(head[:-4])
+            length = body_length(req, 1 << 20)
             body = json.loads(await reader.readexactly(length)) if length else {}
             s = by_messages.get(json.dumps(body.get("messages"), sort_keys=True))
             if s is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ringcast.http.client import HTTPError, ResponseParser
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,68 +45,46 @@ def _head(
 
 
 class Response:
-    """A response read incrementally from a raw socket; the body is de-chunked."""
+    """A response read incrementally from a raw socket (by ``ringcast.http.client``'s parser);
+    the body is de-chunked. ``buf`` is what arrived after it (a pipelined next response)."""
 
     def __init__(self, sock: socket.socket, buf: bytes = b"") -> None:
         self.sock = sock
-        self.buf = buf
-        while b"\r\n\r\n" not in self.buf:
+        self.parser = ResponseParser()
+        self.pending: list[bytes] = self._feed(buf) if buf else []
+        while not self.parser.head_done:
             data = sock.recv(65536)
             if not data:
-                raise ConnectionError(f"connection closed before the response head: {self.buf!r}")
-            self.buf += data
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split(" ")[1])
-        self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "")
-        self.left = int(self.headers.get("content-length", "-1"))
-        self.chunk_left = 0
-        self.done = self.left == 0 or self.status in (204, 304)
+                raise ConnectionError(f"connection closed before the response head: {buf!r}")
+            self.pending += self._feed(data)
+        self.status = self.parser.status
+        self.headers = {k.lower(): v for k, v in self.parser.headers}
 
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
+    def _feed(self, data: bytes) -> list[bytes]:
+        try:
+            return self.parser.feed(data)
+        except HTTPError as e:
+            raise ConnectionError(str(e)) from None
+
+    @property
+    def buf(self) -> bytes:
+        return self.parser.rest
 
     def read_some(self) -> bytes:
         """Next body bytes (b"" at the end of the body)."""
-        while not self.done:
-            if not self.chunked:
-                if not self.buf and not self._fill():
-                    self.done = True
-                    return b""
-                data = self.buf if self.left < 0 else self.buf[: self.left]
-                self.buf = self.buf[len(data) :]
-                if self.left >= 0:
-                    self.left -= len(data)
-                    self.done = self.left == 0
-                return data
-            if self.chunk_left == 0:
-                while b"\r\n" not in self.buf:
-                    if not self._fill():
-                        raise ConnectionError("connection closed inside a chunk header")
-                line, self.buf = self.buf.split(b"\r\n", 1)
-                size = int(line.split(b";")[0], 16)
-                if size == 0:
-                    while b"\r\n" not in self.buf:
-                        if not self._fill():
-                            break
-                    self.done = True
-                    return b""
-                self.chunk_left = size + 2  # data plus its CRLF
-            if not self.buf and not self._fill():
-                raise ConnectionError("connection closed inside a chunk")
-            before = self.chunk_left
-            take = self.buf[:before]
-            self.buf = self.buf[len(take) :]
-            self.chunk_left -= len(take)
-            data = take[: max(0, before - 2)]  # the chunk's trailing CRLF is not body
-            if data:
-                return data
-        return b""
+        while not self.pending and not self.parser.done:
+            data = self.sock.recv(65536)
+            if not data:
+                try:
+                    self.parser.eof()
+                except HTTPError as e:
+                    raise ConnectionError(str(e)) from None
+                break
+            self.pending += self._feed(data)
+        if not self.pending:
+            return b""
+        data, self.pending = b"".join(self.pending), []
+        return data
 
     def read_all(self) -> bytes:
         out = bytearray()

@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+from ringcast.server.rundir import RUN_DIR_LOCK, RUN_DIR_PREFIX, sweep_stale_run_dirs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -114,7 +115,7 @@ def test_kill_manager_children_exit_and_a_new_manager_reattaches(
     s = serve.start("--tokens-per-s", "20", env=env)
     first_run_dir = [d.name for d in tmp.iterdir()]
     assert first_run_dir == [
-        d for d in first_run_dir if d.startswith(f"ringcast-run-{s.proc.pid}-")
+        d for d in first_run_dir if d.startswith(f"{RUN_DIR_PREFIX}{s.proc.pid}-")
     ]
     assert len(first_run_dir) == 1
     children = s.children("http") + s.children("worker")
@@ -135,7 +136,7 @@ def test_kill_manager_children_exit_and_a_new_manager_reattaches(
         assert state(s2, "interrupted") == "failed"
         # The new manager removed the dead one's run directory and made its own.
         left = [d.name for d in tmp.iterdir()]
-        assert len(left) == 1 and left[0].startswith(f"ringcast-run-{s2.proc.pid}-"), left
+        assert len(left) == 1 and left[0].startswith(f"{RUN_DIR_PREFIX}{s2.proc.pid}-"), left
     finally:
         s2.stop()
     assert list(tmp.iterdir()) == []
@@ -145,16 +146,15 @@ def test_only_run_directories_of_gone_managers_are_swept(tmp_path: Path) -> None
     """A run directory is stale when no manager holds its lock; one whose lock is held stays
     even if the pid in its name does not exist here (a manager in another pid namespace
     sharing /tmp), and one not locked yet stays while the pid in its name runs."""
-    from ringcast.server.rundir import RUN_DIR_LOCK, sweep_stale_run_dirs
 
     child = subprocess.Popen(["true"])
     child.wait()
     dead = child.pid  # exited and reaped: no such process any more
     names = {
-        "dead-unlocked": f"ringcast-run-{dead}-a",
-        "dead-lock-free": f"ringcast-run-{dead}-b",
-        "lock-held": f"ringcast-run-{dead}-c",
-        "alive-unlocked": f"ringcast-run-{os.getpid()}-d",
+        "dead-unlocked": f"{RUN_DIR_PREFIX}{dead}-a",
+        "dead-lock-free": f"{RUN_DIR_PREFIX}{dead}-b",
+        "lock-held": f"{RUN_DIR_PREFIX}{dead}-c",
+        "alive-unlocked": f"{RUN_DIR_PREFIX}{os.getpid()}-d",
         "not-a-run-dir": "ringcast-other",
     }
     for name in names.values():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from ringcast.http.parse import body_length, parse_head
 from ringcast.server.upstream import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
 from ringcast.wire.sse import strip_id_lines
 
@@ -69,11 +70,8 @@ def read_request(rfile: BinaryIO) -> dict[str, Any] | None:
         if not line:
             return None
         head += line
-    length = 0
-    for line in head.decode().split("\r\n"):
-        if line.lower().startswith("content-length:"):
-            length = int(line.split(":")[1])
-    body: dict[str, Any] = json.loads(rfile.read(length))
+    req = parse_head(head[:-4])
+    body: dict[str, Any] = json.loads(rfile.read(body_length(req, 1 << 20)))
     return body
 
 

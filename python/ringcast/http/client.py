@@ -65,7 +65,9 @@ class ResponseParser:
     """Feed raw socket bytes; get back body pieces once the head is parsed.
 
     ``feed`` returns the body bytes that the given data completed (de-chunked). ``done`` is set
-    when the body ended by its own framing; a read-to-close body ends at ``eof()``.
+    when the body ended by its own framing; a read-to-close body ends at ``eof()``. Bytes fed
+    past the end of the response (the next response on a kept-alive connection) are kept in
+    :attr:`rest`.
     """
 
     status: int = 0
@@ -76,6 +78,14 @@ class ResponseParser:
     _chunked: bool = False
     _remaining: int = -1  # bytes left in a sized body or the current chunk; -1 = read to close
     _chunk_state: int = 0  # 0: size line, 1: data, 2: CRLF after data, 3: trailers
+    _rest: bytes = b""
+
+    @property
+    def rest(self) -> bytes:
+        """What was fed after the end of this response (empty until it is done)."""
+        if not self.done:
+            return b""
+        return self._rest + (bytes(self._buf) if self._chunked else b"")
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -97,7 +107,10 @@ class ResponseParser:
             self._parse_head(bytes(self._buf[:end]))
             data = bytes(self._buf[end + 4 :])
             self._buf.clear()
-            if not data and not self.done:
+            if self.done:  # a response without a body (1xx, 204, 304, Content-Length: 0)
+                self._rest = data
+                return []
+            if not data:
                 return []
         if not self._chunked:
             if self._remaining < 0:
@@ -106,6 +119,7 @@ class ResponseParser:
             self._remaining -= len(piece)
             if self._remaining == 0:
                 self.done = True
+                self._rest = data[len(piece) :]
             return [piece] if piece else []
         return self._feed_chunked(data)
 

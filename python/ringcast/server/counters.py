@@ -23,8 +23,8 @@ class HttpCounter(enum.IntEnum):
     STREAMS_STARTED = 3
     RESUMES = 4
     OFFSETS_LOST = 5
-    FELL_BEHIND = 6
-    """Also counted in OFFSETS_LOST; not exposed on its own."""
+    # 6 is free: it counted readers ended for falling behind, which OFFSETS_LOST counts too,
+    # and was never exposed.
     BYTES_SENT = 7
     READERS_ACTIVE = 8
     EVICTIONS_LRU = 9

@@ -247,7 +247,6 @@ class FanOut:
                         data = await reader.aread(RELAY_READ)
                 except OffsetLost as e:
                     self.counters.inc(HttpCounter.OFFSETS_LOST)
-                    self.counters.inc(HttpCounter.FELL_BEHIND)
                     conn.write_body(
                         error_event(
                             410,

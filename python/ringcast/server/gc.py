@@ -12,7 +12,7 @@ import time
 from ringcast._core import Segment, SessionInfo
 from ringcast.server.config import ANON_OWNER, ServeConfig
 from ringcast.server.counters import ManagerCounter, SharedCounters
-from ringcast.wire.sse import error_event, frame_event
+from ringcast.server.store import fail_stream
 
 log = logging.getLogger("ringcast.gc")
 
@@ -50,8 +50,7 @@ def fail_session(seg: Segment, info: SessionInfo, message: str, type_: str) -> b
     w = seg.take_over_dead(info.conversation_id, info.owner)
     if w is None:
         return False
-    w.write(frame_event(w.total_bytes, error_event(500, message, type_)))
-    w.finalize("failed")
+    fail_stream(w, 500, message, type_)
     return True
 
 

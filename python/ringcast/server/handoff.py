@@ -9,9 +9,8 @@ import asyncio
 from ringcast.server import rundir
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import HttpCounter, SharedCounters, WorkerCounter, worker_row
-from ringcast.server.store import StreamWriter
+from ringcast.server.store import StreamWriter, fail_stream
 from ringcast.wire.jobs import JOB_ACK_ADOPTED, JOB_ACK_GONE, Job, encode_job
-from ringcast.wire.sse import error_event, frame_event
 
 HANDOFF_TIMEOUT = 30.0
 
@@ -82,7 +81,4 @@ class Dispatcher:
             break
         # Still the producer (adoption never happened): end the stream visibly.
         self.counters.inc(HttpCounter.HANDOFF_FAILED)
-        if writer.write(
-            frame_event(writer.total_bytes, error_event(503, reason, "worker_unavailable"))
-        ):
-            writer.finalize("failed")
+        fail_stream(writer, 503, reason, "worker_unavailable")

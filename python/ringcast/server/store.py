@@ -54,6 +54,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from ringcast._core import OffsetLost, SessionEnded
+from ringcast.wire.sse import error_event, frame_event
 
 
 class StreamReader(Protocol):
@@ -238,3 +239,14 @@ def session_ended(reason: str) -> SessionEnded:
     e = SessionEnded(f"the session ended: {reason}")
     e.reason = reason
     return e
+
+
+def fail_stream(writer: StreamWriter, code: int, message: str, type_: str) -> bool:
+    """End a stream *failed*, visibly: append an SSE error event (``{"error": {code, message,
+    type}}``, framed with its ``id:``) and finalize it ``failed``. Whoever holds the producer
+    role does this: the worker when its job fails, the HTTP process when no worker adopted the
+    job, the GC for a stream whose producer died. False if the stream was no longer this
+    writer's (its readers then learn why from the store)."""
+    if not writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
+        return False
+    return writer.finalize("failed")

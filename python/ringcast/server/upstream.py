@@ -27,7 +27,7 @@ from ringcast.server.config import ServeConfig
 from ringcast.server.counters import WorkerCounter
 from ringcast.server.emitter import Emitter
 from ringcast.wire.jobs import Job
-from ringcast.wire.sse import iter_sse_data, strip_id_lines
+from ringcast.wire.sse import iter_sse_data, split_events, strip_id_lines
 
 log = logging.getLogger("ringcast.worker")
 
@@ -267,15 +267,12 @@ async def proxy_upstream(
                 pass
             raise UpstreamError(status, f"upstream answered {status}: {message}")
         reader.waiting_for = "more of its stream"
-        buf = b""
+        buf = bytearray()
         done = False
         async for data in _read_body(reader, headers):
             buf += data
-            if b"\r" in buf and not buf.endswith(b"\r"):
-                buf = buf.replace(b"\r\n", b"\n")
-            while (end := buf.find(b"\n\n")) >= 0:
-                event, buf = buf[: end + 2], buf[end + 2 :]
-                event = strip_id_lines(event)
+            for piece in split_events(buf):
+                event = strip_id_lines(piece.replace(b"\r\n", b"\n"))
                 if event.strip():
                     done = done or _is_done_event(event)
                     emitter.raw(event)
@@ -283,10 +280,11 @@ async def proxy_upstream(
             if done:
                 # The answer is whole: do not wait on an upstream that keeps the connection
                 # open after it (the `finally` closes it).
-                buf = b""
+                buf.clear()
                 break
         if buf.strip():
-            event = strip_id_lines(buf.rstrip(b"\n") + b"\n\n")
+            tail = bytes(buf).replace(b"\r\n", b"\n")
+            event = strip_id_lines(tail.rstrip(b"\n") + b"\n\n")
             done = done or _is_done_event(event)
             emitter.raw(event)
         if not done:

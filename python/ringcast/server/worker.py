@@ -38,7 +38,7 @@ from ringcast.server.counters import SharedCounters, WorkerCounter, open_child_c
 from ringcast.server.emitter import Emitter, Gone
 from ringcast.server.plugin import GenerateFn, JobContext, load_generator
 from ringcast.server.segment_store import open_store
-from ringcast.server.store import StreamStore, StreamWriter
+from ringcast.server.store import StreamStore, StreamWriter, fail_stream
 from ringcast.server.synthetic import synthetic_model
 from ringcast.server.upstream import (
     UPSTREAM_READ_TIMEOUT,
@@ -60,7 +60,6 @@ from ringcast.wire.openai import (
     chat_request_decoder,
     completion_request_decoder,
 )
-from ringcast.wire.sse import error_event, frame_event
 
 log = logging.getLogger("ringcast.worker")
 
@@ -141,8 +140,7 @@ class WorkerApp:
 
     def _fail(self, writer: StreamWriter, code: int, message: str, type_: str) -> None:
         self.counters.inc(WorkerCounter.JOBS_FAILED)
-        if writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
-            writer.finalize("failed")
+        fail_stream(writer, code, message, type_)
 
     async def run_generator(self, job: Job, writer: StreamWriter, emitter: Emitter) -> None:
         request: ChatCompletionRequest | CompletionRequest
