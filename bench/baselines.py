@@ -1,95 +1,165 @@
-"""Baseline servers for comparisons: the same HTTP API as ``ringcast serve`` (the parts a
-replay uses), built the way one would without ringcast.
+"""Baseline servers for the benchmarks: the HTTP API of ``ringcast serve`` that a benchmark
+uses (``POST /v1/chat/completions`` with ``X-Conversation-Id``, ``GET /v1/stream?conv_id=&from=``
+or ``/v1/stream/{id}``), built the way one would without ringcast. ``bench/http_fanout.py`` and
+``ringcast replay --compare`` both run them from here.
 
-- ``asyncio``: one process, sessions are ``bytearray``s in a dict, readers wait on an
-  ``asyncio.Condition``-like future per session. The simplest correct design; bound to one core.
-- ``redis``: one HTTP process, sessions are Redis Streams (one entry per SSE event, carrying
-  its start offset). All producers' ``XADD``s go out pipelined together; for each session
-  with readers in the process, one ``XREAD BLOCK`` loop mirrors the stream into memory and
-  wakes the local readers (Redis round trips per event per process, not per reader). The
-  usual way to make streams resumable across processes and machines.
+- ``memory`` (alias ``asyncio``, its name in ``ringcast replay``): one process, each session a
+  ``bytearray``, a task per reader woken by a future: the simplest correct design.
+- ``memory-broadcast``: the same without a task per reader: the producer writes each event
+  straight into every attached reader's transport (one flush per loop turn), the strongest
+  single-process design we could write; what ringcast's pumps do inside each process.
+- ``redis``: sessions in Redis Streams (one entry per event with its start offset; every
+  producer's ``XADD``s go out pipelined together); per session with readers in the process,
+  one ``XREAD BLOCK`` loop mirrors the stream into memory and wakes them.
+- ``redis-per-reader``: every reader tails with its own ``XREAD BLOCK``: the naive design.
 
-Both frame events exactly like ringcast (``id: <offset>`` lines, :func:`ringcast.wire.sse.
-frame_event`), so a reader receives the same bytes from all three and the replay can check them.
+Events come from a trace (``--replay TRACE [--speed X]``, as ``ringcast serve --replay``) or,
+without one, from :func:`timestamps`: chat chunks whose content is the producer's clock
+(``$BENCH_TPS`` events/s after ``$BENCH_PREFILL`` s, as many as the request's
+``max_tokens``), the source ``http_fanout.py`` measures latency with; ``ringcast serve
+--generator baselines:timestamped`` produces the same for ringcast. Every event is framed
+exactly like ringcast's (``id: <offset>`` lines), so a reader gets the same bytes from all.
 
-Run: ``python bench/baselines.py asyncio --port 8101 --replay trace.jsonl [--speed max]``
-or ``python bench/baselines.py redis --redis-url redis://127.0.0.1:6379/0 ...``.
+    python bench/baselines.py memory --port 0 --replay bench/sample-trace.jsonl --speed max
+    python bench/baselines.py redis --redis-url redis://127.0.0.1:6379/0
+
+It prints ``... listening on http://HOST:PORT`` once it serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import sys
-import urllib.parse
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+from ringcast.http.parse import HttpError, Request, body_length, parse_head, parse_offset
 from ringcast.trace import ReplaySource, parse_speed
 from ringcast.wire.openai import error_json
-from ringcast.wire.sse import frame_event
+from ringcast.wire.sse import DONE_EVENT, frame_event
 
-__all__ = ["MemoryStore", "RedisStore", "main", "serve"]
-
-_SSE_HEAD = (
+KINDS = ("memory", "asyncio", "memory-broadcast", "redis", "redis-per-reader")
+MAX_BODY = 16 * 1024 * 1024
+SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 )
-_MAX_BODY = 16 * 1024 * 1024
+
+# --------------------------------------------------------------------------------------------
+# Event sources
+
+
+def _pace() -> tuple[float, float]:
+    return (float(os.environ.get("BENCH_TPS", "50")), float(os.environ.get("BENCH_PREFILL", "1.0")))
+
+
+async def timestamps(n: int) -> AsyncIterator[str]:
+    """Event contents: when paced, each event's *scheduled* time (``t0 + i / tps``), so a
+    producer that runs late because its process is busy (the single-process baselines' readers
+    share its loop) shows that delay as latency instead of hiding it (coordinated omission);
+    unpaced, the time it was produced."""
+    tps, prefill = _pace()
+    await asyncio.sleep(prefill)
+    loop = asyncio.get_running_loop()
+    t0, t0_ns = loop.time(), time.time_ns()
+    for i in range(n):
+        if tps > 0:
+            delay = t0 + i / tps - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield str(t0_ns + int(i * 1e9 / tps))
+            continue
+        if i % 16 == 15:
+            await asyncio.sleep(0)
+        yield str(time.time_ns())
+
+
+async def timestamped(ctx: Any) -> AsyncIterator[str]:
+    """``ringcast serve --generator baselines:timestamped`` plug-in."""
+    async for piece in timestamps(ctx.max_tokens or 16):
+        yield piece
+
+
+def chunk_event(content: str) -> bytes:
+    """One unframed ``chat.completion.chunk`` event carrying ``content``."""
+    return (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
+        b'"model":"bench","choices":[{"index":0,"delta":{"content":"%s"},'
+        b'"finish_reason":null,"logprobs":null}]}\n\n' % content.encode()
+    )
+
+
+async def timestamp_events(body: bytes) -> AsyncIterator[bytes]:
+    """The :func:`timestamps` stream for a request body, as events, then ``[DONE]``."""
+    async for piece in timestamps(int(json.loads(body).get("max_tokens") or 16)):
+        yield chunk_event(piece)
+    yield DONE_EVENT
+
+
+Events = Callable[[bytes], AsyncIterator[bytes]]
+"""The unframed events that answer a request body."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stores
 
 
 class NotFound(Exception):
     pass
 
 
-class _MemSession:
-    __slots__ = ("buf", "done", "task", "waiter")
+class Session:
+    """A session's framed bytes in this process, and the readers waiting for more."""
+
+    __slots__ = ("buf", "done", "task", "waiters")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.done = False
         self.task: asyncio.Task[None] | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiters: list[asyncio.Future[None]] = []
 
     def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-        self.waiter = None
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
-    async def wait(self) -> None:
-        if self.waiter is None:
-            self.waiter = asyncio.get_running_loop().create_future()
-        await self.waiter
-
-
-async def _tail(s: _MemSession, pos: int) -> AsyncIterator[bytes]:
-    """Every byte of ``s`` from ``pos`` on, as it arrives, until the session is done."""
-    while True:
-        if pos < len(s.buf):
-            chunk = bytes(s.buf[pos:])
-            pos += len(chunk)
-            yield chunk
-        elif s.done:
-            return
-        else:
-            await s.wait()
+    async def tail(self, pos: int) -> AsyncIterator[bytes]:
+        """Every byte from ``pos`` on, as it arrives, until the session is done."""
+        while True:
+            if pos < len(self.buf):
+                data = bytes(self.buf[pos:])
+                pos += len(data)
+                yield data
+            elif self.done:
+                return
+            else:
+                fut = asyncio.get_running_loop().create_future()
+                self.waiters.append(fut)
+                await fut
 
 
 class MemoryStore:
-    """Every session's bytes in this process's memory."""
+    """Every session's bytes in this process's memory; a task per reader."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, _MemSession] = {}
+        self.sessions: dict[str, Session] = {}
 
     async def start(self, conv: str, events: AsyncIterator[bytes]) -> None:
         old = self.sessions.get(conv)
         if old is not None and old.task is not None:
             old.task.cancel()
-        s = self.sessions[conv] = _MemSession()
+        s = self.sessions[conv] = Session()
         s.task = asyncio.ensure_future(self._produce(s, events))
 
-    async def _produce(self, s: _MemSession, events: AsyncIterator[bytes]) -> None:
+    @staticmethod
+    async def _produce(s: Session, events: AsyncIterator[bytes]) -> None:
         try:
             async for ev in events:
                 s.buf += frame_event(len(s.buf), ev)
@@ -102,21 +172,106 @@ class MemoryStore:
         s = self.sessions.get(conv)
         if s is None:
             raise NotFound(conv)
-        return _tail(s, offset)
+        return s.tail(offset)
+
+
+class Broadcast:
+    """A session of :class:`BroadcastStore`: its bytes and the transports of the readers at
+    its live edge."""
+
+    __slots__ = ("buf", "done", "pending", "readers", "scheduled")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pending = bytearray()
+        self.scheduled = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.readers: list[asyncio.WriteTransport] = []
+
+
+class BroadcastStore:
+    """No task per reader. The producer appends each event and schedules one flush for the
+    loop's next turn; the flush frames what accumulated once and writes it straight into every
+    attached reader's transport (uvloop sends at once and buffers only what the socket does
+    not take), the way ringcast's pumps do: one write per reader per event while the process
+    keeps up, the backlog in one write when it falls behind. A reader that attaches gets
+    everything so far in one write. With ``linger`` a flusher writes what accumulated at most
+    once per linger instead."""
+
+    def __init__(self, linger: float) -> None:
+        self.sessions: dict[str, Broadcast] = {}
+        self.linger = linger
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def send(s: Broadcast) -> None:
+        s.scheduled = False
+        if s.pending:
+            framed = b"%x\r\n%s\r\n" % (len(s.pending), s.pending)
+            s.pending = bytearray()
+            for t in s.readers:
+                if not t.is_closing():
+                    t.write(framed)
+
+    async def flusher(self, s: Broadcast) -> None:
+        while not s.done.done():
+            await asyncio.sleep(self.linger)
+            self.send(s)
+
+    async def start(self, conv: str, events: AsyncIterator[bytes]) -> None:
+        s = self.sessions[conv] = Broadcast()
+        task = asyncio.ensure_future(self._produce(s, events))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _produce(self, s: Broadcast, events: AsyncIterator[bytes]) -> None:
+        flusher = asyncio.ensure_future(self.flusher(s)) if self.linger else None
+        try:
+            async for ev in events:
+                framed = frame_event(len(s.buf), ev)
+                s.buf += framed
+                s.pending += framed
+                if flusher is None and not s.scheduled:
+                    s.scheduled = True
+                    asyncio.get_running_loop().call_soon(self.send, s)
+        finally:
+            self.send(s)
+            s.done.set_result(None)
+            if flusher is not None:
+                await flusher
+
+    async def attach(self, conv: str, offset: int, w: asyncio.StreamWriter) -> None:
+        s = self.sessions.get(conv)
+        if s is None:
+            raise NotFound(conv)
+        w.write(SSE_HEAD)
+        if s.done.done():
+            if offset < len(s.buf):
+                w.write(b"%x\r\n%s\r\n" % (len(s.buf) - offset, s.buf[offset:]))
+            return
+        # Everything up to the bytes not yet sent to the live readers, then live.
+        sent = bytes(s.buf[offset : len(s.buf) - len(s.pending)])
+        if sent:
+            w.write(b"%x\r\n%s\r\n" % (len(sent), sent))
+        s.readers.append(w.transport)
+        await s.done
 
 
 class RedisStore:
     """Sessions as Redis Streams: entry fields ``o`` (start offset) and ``d`` (framed event);
-    an entry with ``end`` marks the end. Keys expire ``ttl`` seconds after the last write."""
+    an entry with ``end`` marks the end. Keys expire ``ttl`` seconds after the last write.
+    Readers share one mirror per session and process, or (``per_reader``) each tail the
+    stream themselves."""
 
-    def __init__(self, url: str, ttl: int = 300) -> None:
+    def __init__(self, url: str, per_reader: bool, ttl: int = 300) -> None:
         import redis.asyncio as aioredis
 
         # A plain pool: redis-py's BlockingConnectionPool costs ~140 us per checkout here.
         self.redis = aioredis.Redis.from_url(url, max_connections=20000)
+        self.per_reader = per_reader
         self.ttl = ttl
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.mirrors: dict[str, _MemSession] = {}
+        self.mirrors: dict[str, Session] = {}
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
 
@@ -170,17 +325,22 @@ class RedisStore:
 
     async def read(self, conv: str, offset: int) -> AsyncIterator[bytes]:
         key = self._key(conv)
+        if self.per_reader:
+            if not await self.redis.exists(key):
+                raise NotFound(conv)
+            s = Session()
+            s.task = asyncio.ensure_future(self._mirror(key, s))
+            return s.tail(offset)
         mirror = self.mirrors.get(conv)
         if mirror is None:
             if not await self.redis.exists(key):
                 raise NotFound(conv)
-            mirror = self.mirrors[conv] = _MemSession()
-            mirror.task = asyncio.ensure_future(self._mirror(conv, key, mirror))
-        return _tail(mirror, offset)
+            mirror = self.mirrors[conv] = Session()
+            mirror.task = asyncio.ensure_future(self._mirror(key, mirror))
+        return mirror.tail(offset)
 
-    async def _mirror(self, conv: str, key: str, m: _MemSession) -> None:
-        """Copy the stream into this process as it grows: one XREAD BLOCK loop per session,
-        however many local readers it has."""
+    async def _mirror(self, key: str, m: Session) -> None:
+        """Copy the stream into ``m`` as it grows, one ``XREAD BLOCK`` loop."""
         last = "0-0"
         try:
             while True:
@@ -202,81 +362,99 @@ class RedisStore:
             m.done = True
             m.task = None
             m.wake()
-            # A finished mirror stays for later readers until the session is replaced.
-            if self.mirrors.get(conv) is not m:
-                m.buf.clear()
 
 
-Store = MemoryStore | RedisStore
+Store = MemoryStore | BroadcastStore | RedisStore
 
 
-async def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(b"%x\r\n%b\r\n" % (len(data), data))
-    await writer.drain()
+# --------------------------------------------------------------------------------------------
+# HTTP
 
 
-def _simple(status: int, reason: str, body: bytes) -> bytes:
+def _simple(status: int, reason: str, message: str, type_: str) -> bytes:
+    body = error_json(status, message, type_)
     return (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
 
+def _stream_id(req: Request) -> str:
+    if req.path.startswith("/v1/stream/"):
+        from urllib.parse import unquote
+
+        return unquote(req.path[len("/v1/stream/") :])
+    return req.query_params().get("conv_id", "")
+
+
 async def _handle(
-    store: Store, source: ReplaySource, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    store: Store,
+    events: Events,
+    linger: float,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
 ) -> None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            if k:
-                headers[k.strip().lower()] = v.strip()
-        n = int(headers.get("content-length", "0") or 0)
-        if n > _MAX_BODY:
-            writer.write(_simple(413, "Payload Too Large", error_json(413, "too large", "x")))
-            return
-        body = await reader.readexactly(n) if n else b""
-        url = urllib.parse.urlsplit(target)
-        query = urllib.parse.parse_qs(url.query)
-        if method == "POST" and url.path in ("/v1/chat/completions", "/v1/completions"):
-            conv = headers.get("x-conversation-id") or f"anon-{id(writer)}"
-            await store.start(conv, source.events(body))
-            stream = await store.read(conv, 0)
-        elif method == "GET" and url.path.startswith("/v1/stream"):
-            conv = url.path[len("/v1/stream/") :] if url.path.startswith("/v1/stream/") else ""
-            conv = urllib.parse.unquote(conv) or query.get("conv_id", [""])[0]
-            frm = query.get("from", ["0"])[0] or "0"
-            if not frm.isdigit():
-                msg = error_json(400, "from must be a non-negative integer", "invalid_request")
-                writer.write(_simple(400, "Bad Request", msg))
+        try:
+            req = parse_head(head[:-4])
+            req.body = await reader.readexactly(body_length(req, MAX_BODY))
+            if req.method == "POST" and req.path in ("/v1/chat/completions", "/v1/completions"):
+                conv = req.headers.get("x-conversation-id") or f"anon-{id(writer)}"
+                await store.start(conv, events(req.body))
+                offset = 0
+            elif req.method == "GET" and (
+                req.path == "/v1/stream" or req.path.startswith("/v1/stream/")
+            ):
+                conv = _stream_id(req)
+                offset = parse_offset(req.query_params().get("from", ""), "'from'")
+            else:
+                writer.write(_simple(404, "Not Found", "no such route", "not_found_error"))
                 return
-            try:
-                stream = await store.read(conv, int(frm))
-            except NotFound:
-                msg = error_json(404, "Stream not found or expired", "not_found_error")
-                writer.write(_simple(404, "Not Found", msg))
-                return
-        else:
-            writer.write(_simple(404, "Not Found", error_json(404, "no such route", "not_found")))
+        except HttpError as e:
+            writer.write(_simple(e.status, "Error", e.message, e.type))
             return
-        writer.write(_SSE_HEAD)
-        async for chunk in stream:
-            await _write_chunk(writer, chunk)
+        try:
+            if isinstance(store, BroadcastStore):
+                await store.attach(conv, offset, writer)
+            else:
+                stream = await store.read(conv, offset)
+                writer.write(SSE_HEAD)
+                async for data in stream:
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await writer.drain()
+                    if linger:  # the coalescing of ringcast's --coalesce-ms, when asked
+                        await asyncio.sleep(linger)
+        except NotFound:
+            writer.write(
+                _simple(404, "Not Found", "Stream not found or expired", "not_found_error")
+            )
+            return
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+    except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
         writer.close()
 
 
-async def serve(kind: str, host: str, port: int, source: ReplaySource, redis_url: str) -> None:
-    store: Store = MemoryStore() if kind == "asyncio" else RedisStore(redis_url)
+async def serve(
+    kind: str, host: str, port: int, events: Events, redis_url: str, linger: float
+) -> None:
+    store: Store
+    if kind in ("memory", "asyncio"):
+        store = MemoryStore()
+    elif kind == "memory-broadcast":
+        store = BroadcastStore(linger)
+    else:
+        store = RedisStore(redis_url, per_reader=kind == "redis-per-reader")
+    reader_linger = 0.0 if kind == "memory-broadcast" else linger
     server = await asyncio.start_server(
-        lambda r, w: _handle(store, source, r, w), host, port, backlog=4096, limit=1 << 20
+        lambda r, w: _handle(store, events, reader_linger, r, w),
+        host,
+        port,
+        backlog=4096,
+        limit=1 << 20,
     )
     addr = server.sockets[0].getsockname()
     print(f"ringcast baseline {kind} listening on http://{addr[0]}:{addr[1]}", flush=True)
@@ -291,20 +469,34 @@ async def serve(kind: str, host: str, port: int, source: ReplaySource, redis_url
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python bench/baselines.py",
-        description="Baseline SSE fan-out servers (in-memory asyncio, Redis Streams) that "
-        "replay a trace through the same HTTP API as 'ringcast serve --replay'.",
+        description="Baseline SSE fan-out servers (in memory, in Redis Streams) with the HTTP "
+        "API of 'ringcast serve' that the benchmarks use.",
     )
-    ap.add_argument("kind", choices=["asyncio", "redis"])
+    ap.add_argument("kind", choices=KINDS)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8101)
-    ap.add_argument("--replay", required=True, help="trace file to answer requests from")
-    ap.add_argument("--speed", default="1", help="factor over recorded pace, or 'max'")
+    ap.add_argument("--port", type=int, default=8101, help="0 = pick a free one")
+    ap.add_argument("--replay", help="answer requests from this trace (default: timestamps)")
+    ap.add_argument("--speed", default="1", help="with --replay: factor over recorded pace, or max")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=0.0,
+        help="each reader waits this long after a write before the next (broadcast: one "
+        "flush per this long); default 0: written as a hand-written server does",
+    )
     args = ap.parse_args(argv)
-    source = ReplaySource(args.replay, parse_speed(args.speed))
+    events: Events
+    if args.replay:
+        source = ReplaySource(args.replay, parse_speed(args.speed))
+        events = source.events
+    else:
+        events = timestamp_events
     import uvloop
 
-    uvloop.run(serve(args.kind, args.host, args.port, source, args.redis_url))
+    uvloop.run(
+        serve(args.kind, args.host, args.port, events, args.redis_url, args.coalesce_ms / 1000)
+    )
     return 0
 
 

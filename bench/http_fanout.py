@@ -1,8 +1,9 @@
 """HTTP fan-out: S streams x R readers over real HTTP connections, three servers compared.
 
 - ``ringcast``: ``ringcast serve`` (``--http-procs`` HTTP processes, one worker), the events
-  produced by a plug-in generator defined in this file (``--generator http_fanout:timestamped``);
-- ``memory``: a single-process asyncio server on uvloop written by hand below: sessions are
+  produced by a plug-in generator (``--generator baselines:timestamped``);
+- the baselines, all in ``bench/baselines.py`` (the event source too):
+- ``memory``: a single-process asyncio server on uvloop written by hand: sessions are
   ``bytearray``s, readers wait on futures woken by the producer (a task per reader, what one
   writes first);
 - ``memory-broadcast``: the same server without a task per reader: the producer writes each
@@ -49,327 +50,17 @@ import gc
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from ringcast.wire.sse import frame_event
+from ringcast.http.client import HTTPError, ResponseParser
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONTENT = re.compile(rb'"content":"(\d+)"')
-
-
-# --------------------------------------------------------------------------------------------
-# The event source, shared by all three servers
-
-
-def _pace() -> tuple[float, float]:
-    return (float(os.environ.get("BENCH_TPS", "50")), float(os.environ.get("BENCH_PREFILL", "1.0")))
-
-
-async def timestamps(n: int) -> AsyncIterator[str]:
-    """Event contents: when paced, each event's *scheduled* time (``t0 + i / tps``), so a
-    producer that runs late because its process is busy (the single-process baselines' readers
-    share its loop) shows that delay as latency instead of hiding it (coordinated omission);
-    unpaced, the time it was produced."""
-    tps, prefill = _pace()
-    await asyncio.sleep(prefill)
-    loop = asyncio.get_running_loop()
-    t0, t0_ns = loop.time(), time.time_ns()
-    for i in range(n):
-        if tps > 0:
-            delay = t0 + i / tps - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            yield str(t0_ns + int(i * 1e9 / tps))
-            continue
-        if i % 16 == 15:
-            await asyncio.sleep(0)
-        yield str(time.time_ns())
-
-
-async def timestamped(ctx: Any) -> AsyncIterator[str]:
-    """``ringcast serve --generator http_fanout:timestamped`` plug-in."""
-    async for piece in timestamps(ctx.max_tokens or 16):
-        yield piece
-
-
-# --------------------------------------------------------------------------------------------
-# Baseline servers (memory, memory-broadcast, redis)
-
-
-class Session:
-    __slots__ = ("buf", "done", "waiters")
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.done = False
-        self.waiters: list[asyncio.Future[None]] = []
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-
-DONE = b"data: [DONE]\n\n"
-
-
-def chunk_bytes(total: int, content: str) -> bytes:
-    ev = (
-        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
-        b'"model":"bench","choices":[{"index":0,"delta":{"content":"%s"},'
-        b'"finish_reason":null,"logprobs":null}]}\n\n' % content.encode()
-    )
-    return frame_event(total, ev)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.sessions: dict[str, Session] = {}
-
-    async def produce(self, conv: str, n: int) -> None:
-        s = self.sessions[conv] = Session()
-        async for piece in timestamps(n):
-            s.buf += chunk_bytes(len(s.buf), piece)
-            s.wake()
-        s.buf += frame_event(len(s.buf), DONE)
-        s.done = True
-        s.wake()
-
-    async def read(self, conv: str) -> AsyncIterator[bytes]:
-        async for data in self.tail(self.sessions[conv]):
-            yield data
-
-    @staticmethod
-    async def tail(s: Session) -> AsyncIterator[bytes]:
-        pos = 0
-        while True:
-            if pos < len(s.buf):
-                data = bytes(s.buf[pos:])
-                pos += len(data)
-                yield data
-                continue
-            if s.done:
-                return
-            fut = asyncio.get_running_loop().create_future()
-            s.waiters.append(fut)
-            await fut
-
-
-class Broadcast:
-    """A session of the ``memory-broadcast`` server: its bytes and the transports of the
-    readers at its live edge."""
-
-    __slots__ = ("buf", "done", "pending", "readers", "scheduled")
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.pending = bytearray()
-        self.scheduled = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.readers: list[asyncio.WriteTransport] = []
-
-
-class BroadcastStore:
-    """The strongest single-process design we could write by hand: no task per reader. The
-    producer appends each event and schedules one flush for the loop's next turn; the flush
-    frames what accumulated once and writes it straight into every attached reader's transport
-    (uvloop sends at once and buffers only what the socket does not take), the way ringcast's
-    pumps do: one write per reader per event while the process keeps up, the backlog in one
-    write when it falls behind. A reader that attaches gets everything so far in one write.
-    With ``linger`` (``--baseline-coalesce-ms``) a flusher writes what accumulated at most
-    once per linger instead."""
-
-    def __init__(self, linger: float) -> None:
-        self.sessions: dict[str, Broadcast] = {}
-        self.linger = linger
-
-    @staticmethod
-    def send(s: Broadcast) -> None:
-        s.scheduled = False
-        if s.pending:
-            framed = b"%x\r\n%s\r\n" % (len(s.pending), s.pending)
-            s.pending = bytearray()
-            for t in s.readers:
-                if not t.is_closing():
-                    t.write(framed)
-
-    async def flusher(self, s: Broadcast) -> None:
-        while not s.done.done():
-            await asyncio.sleep(self.linger)
-            self.send(s)
-
-    async def produce(self, conv: str, n: int) -> None:
-        s = self.sessions[conv] = Broadcast()
-        flusher = asyncio.ensure_future(self.flusher(s)) if self.linger else None
-        async for piece in timestamps(n):
-            ev = chunk_bytes(len(s.buf), piece)
-            s.buf += ev
-            s.pending += ev
-            if flusher is None and not s.scheduled:
-                s.scheduled = True
-                asyncio.get_running_loop().call_soon(self.send, s)
-        ev = frame_event(len(s.buf), DONE)
-        s.buf += ev
-        s.pending += ev
-        self.send(s)
-        s.done.set_result(None)
-        if flusher is not None:
-            await flusher
-
-    async def attach(self, conv: str, w: asyncio.StreamWriter) -> None:
-        s = self.sessions[conv]
-        if s.done.done():
-            w.write(b"%x\r\n%s\r\n" % (len(s.buf), s.buf))
-            return
-        # Everything up to the bytes not yet sent to the live readers, then live.
-        sent = bytes(s.buf[: len(s.buf) - len(s.pending)])
-        if sent:
-            w.write(b"%x\r\n%s\r\n" % (len(sent), sent))
-        s.readers.append(w.transport)
-        await s.done
-
-
-class RedisStore:
-    def __init__(self, per_reader: bool) -> None:
-        import redis.asyncio as aioredis
-
-        self.per_reader = per_reader
-        self.mirrors: dict[str, Session] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.r = aioredis.Redis(host="127.0.0.1", port=6379, max_connections=4096)
-        self.pending: list[tuple[str, bytes]] = []
-        self.flushing: asyncio.Event = asyncio.Event()
-        self.started: set[str] = set()
-        self.flusher: asyncio.Task[None] | None = None
-
-    async def flush_loop(self) -> None:
-        while True:
-            await self.flushing.wait()
-            self.flushing.clear()
-            batch, self.pending = self.pending, []
-            pipe = self.r.pipeline(transaction=False)
-            for key, data in batch:
-                pipe.xadd(key, {b"d": data})
-            await pipe.execute()
-
-    def append(self, key: str, data: bytes) -> None:
-        self.pending.append((key, data))
-        self.flushing.set()
-
-    async def produce(self, conv: str, n: int) -> None:
-        if self.flusher is None:
-            self.flusher = asyncio.get_running_loop().create_task(self.flush_loop())
-        key = "bench:" + conv
-        await self.r.delete(key)
-        self.started.add(conv)
-        total = 0
-        async for piece in timestamps(n):
-            ev = chunk_bytes(total, piece)
-            total += len(ev)
-            self.append(key, ev)
-        self.append(key, frame_event(total, DONE))
-
-    async def read(self, conv: str) -> AsyncIterator[bytes]:
-        if self.per_reader:
-            async for data in self._xread(conv):
-                yield data
-            return
-        # One XREAD loop per session in this process mirrors the stream into memory and
-        # wakes the local readers: one Redis round trip per batch, not per reader.
-        mirror = self.mirrors.get(conv)
-        if mirror is None:
-            mirror = self.mirrors[conv] = Session()
-            t = asyncio.get_running_loop().create_task(self._mirror(conv, mirror))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
-        async for data in MemoryStore.tail(mirror):
-            yield data
-
-    async def _mirror(self, conv: str, s: Session) -> None:
-        async for data in self._xread(conv):
-            s.buf += data
-            s.wake()
-        s.done = True
-        s.wake()
-
-    async def _xread(self, conv: str) -> AsyncIterator[bytes]:
-        key = "bench:" + conv
-        last = b"0-0"
-        while True:
-            res = await self.r.xread({key: last}, block=0, count=1000)
-            for _, entries in res:
-                out = bytearray()
-                for eid, fields in entries:
-                    last = eid
-                    out += fields[b"d"]
-                yield bytes(out)
-                if out.endswith(DONE):
-                    return
-
-
-async def baseline_server(kind: str, port: int, linger: float) -> None:
-    store: MemoryStore | BroadcastStore | RedisStore
-    if kind == "memory":
-        store = MemoryStore()
-    elif kind == "memory-broadcast":
-        store = BroadcastStore(linger)
-    else:
-        store = RedisStore(per_reader=kind == "redis-per-reader")
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            head = await r.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, target = lines[0].split(" ")[:2]
-            hs = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
-            }
-            body = await r.readexactly(int(hs.get("content-length", "0")))
-            if method == "POST":
-                conv = hs["x-conversation-id"]
-                n = json.loads(body)["max_tokens"]
-                t = asyncio.get_running_loop().create_task(store.produce(conv, n))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-                await asyncio.sleep(0)  # the session exists before the reader starts
-            else:
-                conv = target.split("conv_id=")[1].split("&")[0]
-                while isinstance(store, RedisStore) and conv not in store.started:
-                    await asyncio.sleep(0.001)
-            w.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            )
-            if isinstance(store, BroadcastStore):
-                await store.attach(conv, w)
-            else:
-                async for data in store.read(conv):
-                    w.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    await w.drain()
-                    if linger:  # the same coalescing as ringcast's --coalesce-ms, when asked
-                        await asyncio.sleep(linger)
-            w.write(b"0\r\n\r\n")
-            await w.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            w.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
-    print("ready", flush=True)
-    async with server:
-        await server.serve_forever()
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,10 +88,11 @@ class Stats:
 
 
 class ChunkedEvents(asyncio.Protocol):
-    """One client connection: de-chunks the response body as bytes arrive and records the
-    producer timestamps of every complete event (a partial event waits for its rest).
+    """One client connection: de-chunks the response body as bytes arrive (with
+    ``ringcast.http.client``'s parser) and records the producer timestamps of every complete
+    event (a partial event waits for its rest).
 
-    Work per TCP read is one C-level ``findall`` plus a few operations per HTTP chunk, so the
+    Work per TCP read is the parser's per-chunk steps plus one C-level ``findall``, so the
     client's cost barely depends on how a server chunks its writes (a ``StreamReader`` loop
     of ``readline``/``readexactly`` costs several coroutine steps per chunk and made the
     client the bottleneck of every saturated run)."""
@@ -411,10 +103,8 @@ class ChunkedEvents(asyncio.Protocol):
         self.head = head
         self.done: asyncio.Future[None] = head.get_loop().create_future()
         self.transport: asyncio.Transport | None = None
-        self.raw = b""  # bytes not yet decoded: a partial head or chunk-size line
+        self.parser = ResponseParser()
         self.body = b""  # decoded body after the last complete event
-        self.left = 0  # payload bytes left in the current chunk
-        self.skip = 0  # framing bytes (the CRLF after a chunk) still to skip
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -422,53 +112,30 @@ class ChunkedEvents(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
-        raw = self.raw + data if self.raw else data
-        pos, n = 0, len(raw)
+        p = self.parser
+        try:
+            pieces = p.feed(data)
+        except HTTPError as e:
+            self._finish(RuntimeError(f"bad response: {e}"))
+            return
+        if not p.head_done:
+            return
         if not self.head.done():
-            i = raw.find(b"\r\n\r\n")
-            if i < 0:
-                self.raw = raw
-                return
-            if not raw.startswith(b"HTTP/1.1 200"):
-                self._finish(RuntimeError(f"bad response: {raw[:200]!r}"))
+            if p.status != 200:
+                self._finish(RuntimeError(f"bad response: status {p.status}"))
                 return
             self.head.set_result(None)
-            pos = i + 4
-        parts = [self.body]
-        finished = False
-        while pos < n:
-            if self.skip:
-                step = min(self.skip, n - pos)
-                pos += step
-                self.skip -= step
-            elif self.left:
-                step = min(self.left, n - pos)
-                parts.append(raw[pos : pos + step])
-                pos += step
-                self.left -= step
-                if not self.left:
-                    self.skip = 2
-            else:
-                j = raw.find(b"\r\n", pos)
-                if j < 0:
-                    break
-                size = int(raw[pos:j].split(b";")[0], 16)
-                pos = j + 2
-                if size == 0:
-                    finished = True
-                    break
-                self.left = size
-        self.raw = raw[pos:] if pos < n and not finished else b""
-        body = b"".join(parts)
-        complete, sep, self.body = body.rpartition(b"\n\n")
-        if sep:
-            self.stats.arrivals.append((now, CONTENT.findall(complete)))
-            self.stats.bytes += len(complete) + 2
-            t = time.monotonic()
-            if t < self.stats.first:
-                self.stats.first = t
-            self.stats.last = t
-        if finished:
+        if pieces:
+            body = self.body + b"".join(pieces) if self.body else b"".join(pieces)
+            complete, sep, self.body = body.rpartition(b"\n\n")
+            if sep:
+                self.stats.arrivals.append((now, CONTENT.findall(complete)))
+                self.stats.bytes += len(complete) + 2
+                t = time.monotonic()
+                if t < self.stats.first:
+                    self.stats.first = t
+                self.stats.last = t
+        if p.done:
             self._finish(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -532,14 +199,6 @@ async def run_clients(port: int, streams: int, readers: int, tokens: int) -> Sta
 # Driver
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.Popen[str], int]:
     env = dict(
         os.environ,
@@ -564,7 +223,7 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
             "--log-level",
             "WARNING",
             "--generator",
-            "http_fanout:timestamped",
+            "baselines:timestamped",
             "--max-sessions",
             str(max(64, args.streams * 4)),
             "--coalesce-ms",
@@ -579,26 +238,27 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
         if not m:
             raise SystemExit(f"ringcast serve did not start: {line!r}")
         return p, int(m.group(1))
-    port = free_port()
     p = subprocess.Popen(
         [
             sys.executable,
-            __file__,
-            "--baseline",
+            str(HERE / "baselines.py"),
             system,
             "--port",
-            str(port),
-            "--baseline-coalesce-ms",
+            "0",
+            "--coalesce-ms",
             str(args.baseline_coalesce_ms),
+            "--redis-url",
+            "redis://127.0.0.1:6379/0",
         ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
     assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
+    m = re.search(r"listening on http://[\w.]+:(\d+)", p.stdout.readline())
+    if not m:
         raise SystemExit(f"{system} baseline did not start")
-    return p, port
+    return p, int(m.group(1))
 
 
 def runqueue_wait_s(pid: int) -> float:
@@ -890,18 +550,7 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
     ap.add_argument("--systems", default="ringcast,memory,memory-broadcast,redis")
-    ap.add_argument(
-        "--baseline",
-        choices=["memory", "memory-broadcast", "redis", "redis-per-reader"],
-        help=argparse.SUPPRESS,
-    )
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.baseline:
-        import uvloop
-
-        uvloop.run(baseline_server(args.baseline, args.port, args.baseline_coalesce_ms / 1000))
-        return
     import tempfile
 
     if args.sweep and args.tokens_per_s != ap.get_default("tokens_per_s"):
