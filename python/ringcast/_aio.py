@@ -1,5 +1,8 @@
 """Awaitable reads: one notifier socket per process, one future per waiting reader.
 
+``aread`` here is the wait behind ``Reader.aread``, which ``ringcast/__init__.py`` installs on
+the extension's ``Reader`` class (the extension imports no Python code).
+
 The Rust ``Notifier`` owns a datagram socket; a producer sends it one byte when a session this
 process subscribed to advances and the notifier is armed (no thread in between: the loop's own
 thread is the one woken). Sending disarms it; it is re-armed lazily, when a reader is about to
@@ -235,7 +238,7 @@ def _hub_for(notifier: Notifier) -> _LoopHub:
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:
-    """Implementation of ``Reader.aread``: read now, else wait for the notifier, repeat."""
+    """The wait behind ``Reader.aread``: read now, else wait for the notifier, repeat."""
     hub = _hub_for(notifier)
     while True:
         data = reader.read_nowait(max_bytes)

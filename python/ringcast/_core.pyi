@@ -10,6 +10,9 @@ from typing import Final, Literal, final
 
 from typing_extensions import Buffer
 
+__version__: Final[str]
+"""Version of the ringcast package this extension was built for."""
+
 LAYOUT_VERSION: Final[int]
 """Version of the shared-memory layout this build reads and writes."""
 
@@ -21,7 +24,8 @@ class RingcastError(Exception):
     """Base class of every error raised by ringcast."""
 
 class SegmentError(RingcastError):
-    """The segment file is missing, not a ringcast segment, of another layout, or corrupt."""
+    """The segment file is missing, not a ringcast segment, of another layout, or corrupt;
+    or the segment was closed."""
 
 class SessionNotFound(RingcastError, KeyError):
     """No live session has this conversation id (for this owner)."""
@@ -29,7 +33,7 @@ class SessionNotFound(RingcastError, KeyError):
 class SessionEnded(RingcastError):
     """The session a handle pointed at is gone: cancelled, replaced or evicted.
 
-    ``reason`` is one of ``"cancelled"``, ``"replaced"``, ``"evicted"``, ``"failed"``.
+    ``reason`` is one of ``"cancelled"``, ``"replaced"``, ``"evicted"``.
     """
 
     reason: str
@@ -37,7 +41,8 @@ class SessionEnded(RingcastError):
 class OffsetLost(RingcastError):
     """The requested offset was dropped from the front of the ring.
 
-    ``first_available`` is the lowest offset that can still be read.
+    ``first_available`` is the lowest offset that can still be read; ``requested`` the
+    offset asked for.
     """
 
     first_available: int
@@ -82,6 +87,8 @@ class SessionInfo:
 
 @final
 class SegmentStats:
+    """Whole-segment figures."""
+
     max_sessions: int
     session_bytes: int
     max_id_len: int
@@ -96,7 +103,11 @@ class SegmentStats:
 
 @final
 class Segment:
-    """A mapped ringcast segment: session registry plus one ring per session."""
+    """A mapped ringcast segment: session registry plus one ring per session.
+
+    Sessions are byte rings keyed by (owner, conversation id). One producer (``Writer``)
+    appends; any number of ``Reader``s, in any process, read from any absolute offset.
+    """
 
     @staticmethod
     def create(
@@ -139,7 +150,8 @@ class Segment:
     def session_bytes(self) -> int: ...
     @property
     def max_id_len(self) -> int: ...
-    def stats(self) -> SegmentStats: ...
+    def stats(self) -> SegmentStats:
+        """Whole-segment figures: sessions in use, bytes buffered, file and resident size."""
     def create_or_replace(self, conversation_id: str, owner: str = "") -> Writer:
         """Install a new running session; a live session with the same (owner, id) is
         cancelled with reason ``"replaced"`` and its readers end. The caller becomes producer.
@@ -155,7 +167,9 @@ class Segment:
     def take_over_dead(self, conversation_id: str, owner: str = "") -> Writer | None:
         """If the session's producer process is dead, become its producer (bytes of an
         append that was cut short are discarded) and return a Writer; else ``None``."""
-    def get(self, conversation_id: str, owner: str = "") -> SessionInfo | None: ...
+    def get(self, conversation_id: str, owner: str = "") -> SessionInfo | None:
+        """The session's snapshot, or ``None`` if no live session has this id (for this
+        owner)."""
     def list(self, owner: str | None = None) -> builtins.list[SessionInfo]:
         """Every live session, or only ``owner``'s."""
     def lookup_prefix(self, conversation_id: str, owner: str = "") -> builtins.list[SessionInfo]:
@@ -178,11 +192,12 @@ class Segment:
         serves other, counted readers (as the HTTP server's fan-out pump does).
         """
     def notifier(self) -> Notifier:
-        """This process's notifier (one per process, created on first use)."""
+        """This segment handle's notifier (one per handle, normally one per process; created
+        on first use)."""
     def close(self) -> None:
-        """Invalidate the segment: this handle and every Writer, Reader and Notifier made from
-        it raise ``SegmentError`` afterwards. The memory is unmapped once the last of them is
-        garbage-collected."""
+        """Invalidate the segment: this handle, and the Writers and Readers made from it, raise
+        ``SegmentError`` on their next read, write or registry call. The memory is unmapped
+        once the last of them is garbage-collected."""
     def unlink(self) -> None:
         """Remove the segment file (mapped processes keep their mapping)."""
 
@@ -210,13 +225,18 @@ class Writer:
         others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
         buffer is copied without the GIL: no other thread may change it until this returns."""
     def finalize(self, state: str = "done") -> bool:
-        """End the stream as ``"done"`` or ``"failed"``; idempotent. False if already ended."""
+        """End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if
+        it had already ended."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Block (GIL released) until the session is cancelled or the timeout passes."""
+        """Block (GIL released) until the session is cancelled (True) or the timeout passes
+        (False; ``None`` = no limit)."""
 
 @final
 class Reader:
-    """A cursor into one session, at an absolute byte offset."""
+    """A cursor into one session, at an absolute byte offset.
+
+    ``await reader.aread()`` reads without blocking the event loop (see ``aread``).
+    """
 
     @property
     def conversation_id(self) -> str: ...
@@ -241,7 +261,13 @@ class Reader:
     def aread(self, max_bytes: int = 1 << 20) -> Awaitable[bytes]:
         """Awaitable ``read``: waits through this process's ``Notifier`` without blocking the
         event loop or holding a thread. Returns ``b""`` only at the end of a finished stream.
+        Bad arguments and a closed reader or segment fail when this is called, not when
+        awaited. (Written in Python, ``ringcast._aio``; ``ringcast/__init__.py`` installs it
+        on this class.)
         """
+    def notifier(self) -> Notifier:
+        """The ``Notifier`` of the segment handle this reader came from (the one
+        ``Segment.notifier()`` returns): what ``aread`` waits on."""
     def read_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         """Like ``read`` but fills a writable buffer; returns the byte count. The copy runs
         without the GIL: no other thread may use ``buffer`` until this returns."""
@@ -271,11 +297,13 @@ class Notifier:
     there.
     """
 
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """The socket's descriptor, to watch for readability."""
     def subscribe(self, slot: int, generation: int) -> None:
         """Ask to be told when this session advances (reference counted per slot; a newer
         generation of the slot replaces the subscription)."""
-    def unsubscribe(self, slot: int, generation: int) -> None: ...
+    def unsubscribe(self, slot: int, generation: int) -> None:
+        """Drop one reference to a subscription made by ``subscribe``."""
     def drain(self) -> list[int]:
         """Empty the socket and return the subscribed slots that advanced (or ended) since
         the last drain. Does not re-arm."""

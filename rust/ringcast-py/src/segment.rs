@@ -1,0 +1,401 @@
+//! `ringcast.Segment` and the snapshots it returns (`SessionInfo`, `SegmentStats`).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use ringcast_core as core;
+
+use crate::errors::IntoPyResult;
+use crate::notifier::Notifier;
+use crate::stream::{Reader, Writer};
+
+/// A consistent snapshot of one session's registry entry.
+#[pyclass(module = "ringcast", frozen, get_all)]
+pub(crate) struct SessionInfo {
+    conversation_id: String,
+    owner: String,
+    /// ``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
+    state: &'static str,
+    /// Every byte ever appended (dropped prefix plus buffered bytes).
+    total_bytes: u64,
+    /// Lowest readable offset: the size of the dropped prefix.
+    first_available: u64,
+    /// Unix time (seconds) the session was created.
+    started_at: f64,
+    /// Unix time the session was finalized; 0.0 while running.
+    completed_at: f64,
+    /// Unix time of the last append (or creation).
+    last_write_at: f64,
+    /// Unix time a reader last attached (used to evict least recently used sessions).
+    last_access_at: f64,
+    producer_pid: u32,
+    /// Whether the producer process (pid plus start time) still exists.
+    producer_alive: bool,
+    /// Readers attached right now, across every live process.
+    readers: u32,
+    generation: u64,
+    slot: u32,
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+#[pymethods]
+impl SessionInfo {
+    /// True once the session is finalized (done, cancelled or failed).
+    #[getter]
+    fn is_done(&self) -> bool {
+        self.state != "running"
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "SessionInfo(conversation_id={:?}, state={:?}, total_bytes={}, first_available={}, readers={})",
+            self.conversation_id, self.state, self.total_bytes, self.first_available, self.readers
+        )
+    }
+}
+
+impl From<core::SessionInfo> for SessionInfo {
+    fn from(i: core::SessionInfo) -> Self {
+        SessionInfo {
+            conversation_id: i.conversation_id,
+            owner: i.owner,
+            state: i.state.as_str(),
+            total_bytes: i.total_bytes,
+            first_available: i.first_available,
+            started_at: secs(i.started_at_ns),
+            completed_at: secs(i.completed_at_ns),
+            last_write_at: secs(i.last_write_ns),
+            last_access_at: secs(i.last_access_ns),
+            producer_pid: i.producer.pid,
+            producer_alive: i.producer_alive,
+            readers: i.readers,
+            generation: i.generation,
+            slot: i.slot,
+        }
+    }
+}
+
+/// Whole-segment figures.
+#[pyclass(module = "ringcast", frozen, get_all)]
+pub(crate) struct SegmentStats {
+    max_sessions: u32,
+    session_bytes: u64,
+    max_id_len: u32,
+    epoch: u64,
+    sessions_used: u32,
+    /// Sum over live sessions of the bytes held in their rings.
+    bytes_buffered: u64,
+    /// Apparent size of the segment file (it is sparse).
+    file_bytes: u64,
+    /// Bytes the file really occupies in memory (allocated blocks).
+    resident_bytes: u64,
+}
+
+#[pymethods]
+impl SegmentStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "SegmentStats(sessions_used={}/{}, bytes_buffered={}, resident_bytes={})",
+            self.sessions_used, self.max_sessions, self.bytes_buffered, self.resident_bytes
+        )
+    }
+}
+
+impl From<core::SegmentStats> for SegmentStats {
+    fn from(s: core::SegmentStats) -> Self {
+        SegmentStats {
+            max_sessions: s.max_sessions,
+            session_bytes: s.session_bytes,
+            max_id_len: s.max_id_len,
+            epoch: s.epoch,
+            sessions_used: s.sessions_used,
+            bytes_buffered: s.bytes_buffered,
+            file_bytes: s.file_bytes,
+            resident_bytes: s.resident_bytes,
+        }
+    }
+}
+
+fn config(max_sessions: u32, session_bytes: u64, max_id_len: u32) -> core::SegmentConfig {
+    core::SegmentConfig {
+        max_sessions,
+        session_bytes,
+        max_id_len,
+    }
+}
+
+fn end_reason(reason: &str) -> PyResult<core::EndReason> {
+    match reason {
+        "evicted" => Ok(core::EndReason::Evicted),
+        "cancelled" => Ok(core::EndReason::Cancelled),
+        "replaced" => Ok(core::EndReason::Replaced),
+        other => Err(PyValueError::new_err(format!(
+            "reason must be \"evicted\", \"cancelled\" or \"replaced\", got {other:?}"
+        ))),
+    }
+}
+
+/// A mapped ringcast segment: session registry plus one ring per session.
+///
+/// Sessions are byte rings keyed by (owner, conversation id). One producer (``Writer``)
+/// appends; any number of ``Reader``s, in any process, read from any absolute offset.
+#[pyclass(module = "ringcast", frozen)]
+pub(crate) struct Segment {
+    seg: core::Segment,
+}
+
+#[pymethods]
+impl Segment {
+    /// Create a new segment file (``O_EXCL``, mode 0600). Fails if ``path`` exists.
+    ///
+    /// Limits: ``1 <= max_sessions <= 2**20``, ``1 <= session_bytes <= 2**40``,
+    /// ``256 <= max_id_len <= 65536`` (bytes of UTF-8); ``InvalidArgument`` otherwise.
+    /// Owner tags are at most 128 bytes.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4*1024*1024, max_id_len=256))]
+    fn create(
+        py: Python<'_>,
+        path: &str,
+        max_sessions: u32,
+        session_bytes: u64,
+        max_id_len: u32,
+    ) -> PyResult<Segment> {
+        let seg = core::Segment::create(path, config(max_sessions, session_bytes, max_id_len))
+            .py_err(py)?;
+        Ok(Segment { seg })
+    }
+
+    /// Map an existing segment; ``SegmentError`` if it is not a segment of this layout.
+    #[staticmethod]
+    fn open(py: Python<'_>, path: &str) -> PyResult<Segment> {
+        Ok(Segment {
+            seg: core::Segment::open(path).py_err(py)?,
+        })
+    }
+
+    /// Open ``path`` if it is a segment with exactly these sizes, else create it.
+    ///
+    /// A file that exists but is not a compatible segment raises ``SegmentError``; it is
+    /// never silently replaced.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4*1024*1024, max_id_len=256))]
+    fn open_or_create(
+        py: Python<'_>,
+        path: &str,
+        max_sessions: u32,
+        session_bytes: u64,
+        max_id_len: u32,
+    ) -> PyResult<Segment> {
+        let seg =
+            core::Segment::open_or_create(path, config(max_sessions, session_bytes, max_id_len))
+                .py_err(py)?;
+        Ok(Segment { seg })
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        self.seg.path()
+    }
+    /// Random identity chosen when the segment was created.
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.seg.epoch()
+    }
+    #[getter]
+    fn max_sessions(&self) -> u32 {
+        self.seg.geometry().max_sessions
+    }
+    #[getter]
+    fn session_bytes(&self) -> u64 {
+        self.seg.geometry().session_bytes
+    }
+    #[getter]
+    fn max_id_len(&self) -> u32 {
+        self.seg.geometry().max_id_len
+    }
+
+    /// Whole-segment figures: sessions in use, bytes buffered, file and resident size.
+    fn stats(&self, py: Python<'_>) -> PyResult<SegmentStats> {
+        self.seg.check_open().py_err(py)?;
+        Ok(py.detach(|| self.seg.stats()).into())
+    }
+
+    /// Install a new running session; a live session with the same (owner, id) is
+    /// cancelled with reason ``"replaced"`` and its readers end. The caller becomes producer.
+    ///
+    /// Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``.
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn create_or_replace(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<Writer> {
+        let w = py
+            .detach(|| self.seg.create_or_replace(conversation_id, owner))
+            .py_err(py)?;
+        Ok(Writer::from(w))
+    }
+
+    /// Become the producer of a running session created elsewhere (e.g. by the HTTP
+    /// process that accepted the request). ``generation`` must match, so a handle never
+    /// adopts a newer session with the same id. Raises ``SessionNotFound`` or
+    /// ``SessionEnded``.
+    fn adopt(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+        generation: u64,
+    ) -> PyResult<Writer> {
+        let w = py
+            .detach(|| self.seg.adopt(conversation_id, owner, generation))
+            .py_err(py)?;
+        Ok(Writer::from(w))
+    }
+
+    /// If the session's producer process is dead, become its producer (bytes of an
+    /// append that was cut short are discarded) and return a Writer; else ``None``.
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn take_over_dead(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<Option<Writer>> {
+        let w = py
+            .detach(|| self.seg.take_over_dead(conversation_id, owner))
+            .py_err(py)?;
+        Ok(w.map(Writer::from))
+    }
+
+    /// The session's snapshot, or ``None`` if no live session has this id (for this owner).
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn get(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<Option<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        Ok(py
+            .detach(|| self.seg.get(conversation_id, owner))
+            .map(Into::into))
+    }
+
+    /// Every live session, or only ``owner``'s.
+    #[pyo3(signature = (owner=None))]
+    fn list(&self, py: Python<'_>, owner: Option<&str>) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        Ok(py
+            .detach(|| self.seg.list(owner))
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// The session with exactly this id plus every session whose id starts with
+    /// ``conversation_id + "::"`` (llama-server's lookup rule).
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn lookup_prefix(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        let found = py.detach(|| self.seg.lookup_prefix(conversation_id, owner));
+        Ok(found.into_iter().map(Into::into).collect())
+    }
+
+    /// Remove the session (its readers end with reason ``"evicted"``). True if it existed.
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn evict(&self, py: Python<'_>, conversation_id: &str, owner: &str) -> PyResult<bool> {
+        py.detach(|| {
+            self.seg
+                .evict(conversation_id, owner, core::EndReason::Evicted)
+        })
+        .py_err(py)
+    }
+
+    /// Cancel the producer and remove the session (readers end with ``"cancelled"``).
+    #[pyo3(signature = (conversation_id, owner=""))]
+    fn evict_and_cancel(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        owner: &str,
+    ) -> PyResult<bool> {
+        py.detach(|| {
+            self.seg
+                .evict(conversation_id, owner, core::EndReason::Cancelled)
+        })
+        .py_err(py)
+    }
+
+    /// Remove exactly this session if it is still that generation (manager GC).
+    #[pyo3(signature = (slot, generation, reason="evicted"))]
+    fn evict_slot(
+        &self,
+        py: Python<'_>,
+        slot: u32,
+        generation: u64,
+        reason: &str,
+    ) -> PyResult<bool> {
+        let r = end_reason(reason)?;
+        py.detach(|| self.seg.evict_slot(slot, generation, r))
+            .py_err(py)
+    }
+
+    /// Attach a reader at an absolute byte offset.
+    ///
+    /// Raises ``SessionNotFound``, or ``OffsetLost`` when ``offset`` was already dropped.
+    /// An offset beyond the current end is allowed: the reader waits until it is reached.
+    /// ``counted=False`` leaves it out of ``SessionInfo.readers``: for a reader that only
+    /// serves other, counted readers (as the HTTP server's fan-out pump does).
+    #[pyo3(signature = (conversation_id, offset=0, owner="", counted=true))]
+    fn reader(
+        &self,
+        py: Python<'_>,
+        conversation_id: &str,
+        offset: u64,
+        owner: &str,
+        counted: bool,
+    ) -> PyResult<Reader> {
+        let r = py
+            .detach(|| {
+                self.seg
+                    .reader_counted(conversation_id, owner, offset, counted)
+            })
+            .py_err(py)?;
+        Ok(Reader::from(r))
+    }
+
+    /// This segment handle's notifier (one per handle, normally one per process; created on
+    /// first use).
+    fn notifier(&self, py: Python<'_>) -> PyResult<Notifier> {
+        Ok(Notifier::from(self.seg.notifier().py_err(py)?))
+    }
+
+    /// Invalidate the segment: this handle, and the Writers and Readers made from it, raise
+    /// ``SegmentError`` on their next read, write or registry call. The memory is unmapped
+    /// once the last of them is garbage-collected.
+    fn close(&self) {
+        self.seg.close()
+    }
+
+    /// Remove the segment file (mapped processes keep their mapping).
+    fn unlink(&self, py: Python<'_>) -> PyResult<()> {
+        self.seg.unlink().py_err(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Segment(path={:?}, epoch={})",
+            self.seg.path(),
+            self.seg.epoch()
+        )
+    }
+}

@@ -1,0 +1,375 @@
+//! `ringcast.Writer` and `ringcast.Reader`: the session handles. Blocking waits and large copies
+//! run with the GIL released and touch no Python object. `Reader.aread` is Python
+//! (`ringcast._aio`, installed on this class by `ringcast/__init__.py`): it waits on the
+//! `Notifier` that `Reader.notifier()` returns.
+
+use std::time::{Duration, Instant};
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyMemoryView};
+
+use ringcast_core as core;
+
+use crate::errors::{reader_closed, to_py, IntoPyResult};
+use crate::notifier::Notifier;
+
+/// Copies above this size release the GIL.
+const DETACH_COPY_BYTES: u64 = 256 * 1024;
+
+fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s.min(1e9)))),
+        Some(s) => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, got {s}"
+        ))),
+    }
+}
+
+/// A byte view of any buffer object: typed buffers (`array('i')`, numpy) are viewed as their
+/// raw bytes, as `os.write` would.
+fn byte_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
+    match PyBuffer::<u8>::get(obj) {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let Ok(view) = PyMemoryView::from(obj) else {
+                return Err(e);
+            };
+            match view.call_method1("cast", ("B",)) {
+                Ok(bytes_view) => PyBuffer::<u8>::get(&bytes_view),
+                Err(_) => Err(e),
+            }
+        }
+    }
+}
+
+/// The producer handle of one session: the only one that appends.
+#[pyclass(module = "ringcast", frozen)]
+pub(crate) struct Writer {
+    w: core::Writer,
+}
+
+impl From<core::Writer> for Writer {
+    fn from(w: core::Writer) -> Self {
+        Writer { w }
+    }
+}
+
+#[pymethods]
+impl Writer {
+    #[getter]
+    fn conversation_id(&self) -> &str {
+        self.w.conversation_id()
+    }
+    #[getter]
+    fn owner(&self) -> &str {
+        self.w.owner()
+    }
+    #[getter]
+    fn slot(&self) -> u32 {
+        self.w.slot()
+    }
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.w.generation()
+    }
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.w.total_bytes()
+    }
+    /// True once the session was cancelled, replaced or evicted (cheap atomic load).
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.w.cancelled()
+    }
+
+    /// Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
+    /// session is finalized or gone, or once another handle became its producer (``adopt``).
+    /// ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
+    /// others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
+    /// buffer is copied without the GIL: no other thread may change it until this returns.
+    #[pyo3(signature = (data, progress=true))]
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>, progress: bool) -> PyResult<bool> {
+        let w = &self.w;
+        let append = |bytes: &[u8]| {
+            if progress {
+                w.write(bytes)
+            } else {
+                w.write_keepalive(bytes)
+            }
+        };
+        if let Ok(b) = data.cast::<PyBytes>() {
+            let bytes = b.as_bytes();
+            if (bytes.len() as u64) < DETACH_COPY_BYTES {
+                return append(bytes).py_err(py);
+            }
+            return py.detach(|| append(bytes)).py_err(py);
+        }
+        let buf = byte_buffer(data)?;
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "write needs a C-contiguous buffer of bytes",
+            ));
+        }
+        let len = buf.len_bytes();
+        let ptr = buf.buf_ptr() as usize;
+        // SAFETY: the PyBuffer export keeps the memory alive and its size fixed until `buf` is
+        // dropped (after this call); the buffer is contiguous and `len` bytes long. Its bytes
+        // are not changed meanwhile: that is the documented contract of `write` (`_core.pyi`),
+        // since the copy runs without the GIL and Python cannot enforce it.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        py.detach(|| append(bytes)).py_err(py)
+    }
+
+    /// End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if it
+    /// had already ended.
+    #[pyo3(signature = (state="done"))]
+    fn finalize(&self, py: Python<'_>, state: &str) -> PyResult<bool> {
+        let s = match state {
+            "done" => core::SessionState::Done,
+            "failed" => core::SessionState::Failed,
+            "cancelled" => core::SessionState::Cancelled,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "state must be \"done\", \"failed\" or \"cancelled\", got {other:?}"
+                )))
+            }
+        };
+        self.w.finalize(s).py_err(py)
+    }
+
+    /// Block (GIL released) until the session is cancelled (True) or the timeout passes
+    /// (False; ``None`` = no limit).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_cancelled(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let t = timeout_of(timeout)?;
+        Ok(py.detach(|| self.w.wait_cancelled(t)))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Writer(conversation_id={:?}, total_bytes={})",
+            self.w.conversation_id(),
+            self.w.total_bytes()
+        )
+    }
+}
+
+/// A cursor into one session, at an absolute byte offset.
+///
+/// ``await reader.aread()`` reads without blocking the event loop (see ``aread``).
+#[pyclass(module = "ringcast")]
+pub(crate) struct Reader {
+    r: Option<core::Reader>,
+}
+
+impl From<core::Reader> for Reader {
+    fn from(r: core::Reader) -> Self {
+        Reader { r: Some(r) }
+    }
+}
+
+impl Reader {
+    fn get(&mut self, py: Python<'_>) -> PyResult<&mut core::Reader> {
+        self.r.as_mut().ok_or_else(|| reader_closed(py))
+    }
+    fn get_ref(&self, py: Python<'_>) -> PyResult<&core::Reader> {
+        self.r.as_ref().ok_or_else(|| reader_closed(py))
+    }
+}
+
+/// Copies what is available now (at most `max`) into a new bytes object; `None` if pending.
+fn take_now(py: Python<'_>, r: &mut core::Reader, max: u64) -> PyResult<Option<Py<PyBytes>>> {
+    let avail = r.available().min(max);
+    if avail > 0 && avail < DETACH_COPY_BYTES {
+        let mut got = core::Poll::Pending;
+        let mut err = None;
+        let b = PyBytes::new_with(py, avail as usize, |buf| {
+            match r.poll_into(buf) {
+                Ok(p) => got = p,
+                Err(e) => err = Some(e),
+            }
+            Ok(())
+        })?;
+        if let Some(e) = err {
+            return Err(to_py(py, e));
+        }
+        if got == core::Poll::Data(avail as usize) {
+            return Ok(Some(b.unbind()));
+        }
+        // The session moved under us (cannot shrink, so this is an end): report it below.
+    }
+    let mut buf = vec![0u8; avail.max(1) as usize];
+    let polled = if avail >= DETACH_COPY_BYTES {
+        py.detach(|| r.poll_into(&mut buf))
+    } else {
+        r.poll_into(&mut buf)
+    };
+    match polled.py_err(py)? {
+        core::Poll::Data(n) => Ok(Some(PyBytes::new(py, &buf[..n]).unbind())),
+        core::Poll::End => Ok(Some(PyBytes::new(py, b"").unbind())),
+        core::Poll::Pending => Ok(None),
+    }
+}
+
+fn check_max_bytes(max_bytes: u64) -> PyResult<()> {
+    if max_bytes == 0 {
+        return Err(PyValueError::new_err("max_bytes must be at least 1"));
+    }
+    Ok(())
+}
+
+#[pymethods]
+impl Reader {
+    #[getter]
+    fn conversation_id(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.get_ref(py)?.conversation_id().to_string())
+    }
+    /// Next offset this reader will return.
+    #[getter]
+    fn offset(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.get_ref(py)?.offset())
+    }
+    #[getter]
+    fn slot(&self, py: Python<'_>) -> PyResult<u32> {
+        Ok(self.get_ref(py)?.slot())
+    }
+    #[getter]
+    fn generation(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.get_ref(py)?.generation())
+    }
+    #[getter]
+    fn epoch(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.get_ref(py)?.epoch())
+    }
+    /// True when the session is finalized and this reader has every byte.
+    #[getter]
+    fn at_end(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.get_ref(py)?.at_end())
+    }
+
+    /// True if ``read_nowait`` would not return ``None``.
+    fn ready(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.get_ref(py)?.ready())
+    }
+
+    /// The session's state, or the end reason if it is gone.
+    fn state(&self, py: Python<'_>) -> PyResult<&'static str> {
+        Ok(match self.get_ref(py)?.state() {
+            Ok(s) => s.as_str(),
+            Err(r) => r.as_str(),
+        })
+    }
+
+    /// Bytes available now, ``b""`` at the end, ``None`` if it would have to wait.
+    #[pyo3(signature = (max_bytes=1<<20))]
+    fn read_nowait(&mut self, py: Python<'_>, max_bytes: u64) -> PyResult<Option<Py<PyBytes>>> {
+        check_max_bytes(max_bytes)?;
+        take_now(py, self.get(py)?, max_bytes)
+    }
+
+    /// Bytes available from ``offset`` (waiting up to ``timeout``; ``None`` = forever).
+    ///
+    /// Returns ``b""`` at the end of a finished stream *and* when the timeout passes with no
+    /// data: check ``at_end`` to tell which. Raises ``OffsetLost`` if the reader fell behind
+    /// the ring and ``SessionEnded`` if the session was cancelled, replaced or evicted.
+    #[pyo3(signature = (max_bytes=1<<20, timeout=None))]
+    fn read(
+        &mut self,
+        py: Python<'_>,
+        max_bytes: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyBytes>> {
+        check_max_bytes(max_bytes)?;
+        let t = timeout_of(timeout)?;
+        let r = self.get(py)?;
+        if let Some(b) = take_now(py, r, max_bytes)? {
+            return Ok(b);
+        }
+        // Wait with the GIL released and no buffer (allocating `max_bytes` per wait, e.g.
+        // 1 MiB, cost every wake-up a zeroed megabyte), then copy exactly what is there into
+        // the bytes object. The wait is interrupted now and then so that Ctrl-C reaches Python.
+        let deadline = t.map(|t| Instant::now() + t);
+        loop {
+            let slice = Duration::from_millis(200);
+            let step = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(slice),
+                None => slice,
+            };
+            let reader = &*r;
+            if py.detach(|| reader.wait_ready(Some(step))) {
+                if let Some(b) = take_now(py, r, max_bytes)? {
+                    return Ok(b);
+                }
+                // Ready yet nothing to take can only come from a segment scribbled under us:
+                // go on, but still bounded by the timeout and interruptible.
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(PyBytes::new(py, b"").unbind());
+            }
+        }
+    }
+
+    /// Like ``read`` but fills a writable buffer; returns the byte count. The copy runs
+    /// without the GIL: no other thread may use ``buffer`` until this returns.
+    #[pyo3(signature = (buffer, timeout=None))]
+    fn read_into(
+        &mut self,
+        py: Python<'_>,
+        buffer: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
+        let t = timeout_of(timeout)?;
+        let buf = byte_buffer(buffer)?;
+        if buf.readonly() || !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "read_into needs a writable, C-contiguous buffer",
+            ));
+        }
+        let len = buf.len_bytes();
+        if len == 0 {
+            return Err(PyValueError::new_err("read_into needs a non-empty buffer"));
+        }
+        let ptr = buf.buf_ptr() as usize;
+        let r = self.get(py)?;
+        let polled = py.detach(|| {
+            // SAFETY: the buffer export (`buf`, alive until after this closure) pins the
+            // writable, contiguous memory of `len` bytes; nothing else touches it meanwhile:
+            // the caller handed it to us for this call, and `read_into`'s documented contract
+            // (`_core.pyi`) is that no other thread uses it until the call returns.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            r.read_into(dst, t)
+        });
+        match polled.py_err(py)? {
+            core::Poll::Data(n) => Ok(n),
+            core::Poll::End | core::Poll::Pending => Ok(0),
+        }
+    }
+
+    /// The ``Notifier`` of the segment handle this reader came from (the one
+    /// ``Segment.notifier()`` returns): what ``aread`` waits on.
+    fn notifier(&self, py: Python<'_>) -> PyResult<Notifier> {
+        Ok(Notifier::from(self.get_ref(py)?.notifier().py_err(py)?))
+    }
+
+    /// Detach (the reader no longer counts in ``SessionInfo.readers``).
+    fn close(&mut self) {
+        if let Some(mut r) = self.r.take() {
+            r.close();
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.r {
+            Some(r) => format!(
+                "Reader(conversation_id={:?}, offset={})",
+                r.conversation_id(),
+                r.offset()
+            ),
+            None => "Reader(closed)".into(),
+        }
+    }
+}
