@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -715,3 +716,44 @@ def serve_store(
     return lambda *args, **kw: serve_on_store(
         store_kind, tmp_path_factory.mktemp(store_kind), *args, **kw
     )
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def _chromium(url: str, profile: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Headless Chromium showing ``url`` for the length of the block (its own profile in
+    ``profile``); the test skips where Chromium is not installed (ci/setup.sh installs it)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield browser
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait()
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Callable[[str], contextlib.AbstractContextManager[Any]]:
+    """``with chromium(url):`` a headless browser on the page at ``url``."""
+    return lambda url: _chromium(url, tmp_path / "chromium-profile")

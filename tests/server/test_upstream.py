@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import pytest
 from ringcast.http.parse import body_length, parse_head
-from ringcast.server.upstream import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
+from ringcast.server.upstream_link import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
 from ringcast.wire.sse import strip_id_lines
 
 pytestmark = pytest.mark.timeout(90)

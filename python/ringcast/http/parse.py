@@ -7,6 +7,7 @@ connection must close after it.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote_plus
 
 REASONS = {
@@ -63,7 +64,16 @@ class HttpError(Exception):
 
 
 class Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "version")
+    __slots__ = (
+        "body",
+        "body_stream",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "version",
+    )
 
     def __init__(
         self, method: str, path: str, query: str, version: bytes, headers: dict[str, str]
@@ -74,6 +84,9 @@ class Request:
         self.version = version
         self.headers = headers
         self.body = b""
+        self.body_stream: Any = None
+        """With an application that streams this request's body: its
+        :class:`~ringcast.http.protocol.BodyStream` (``body`` stays empty)."""
         conn = headers.get("connection", "").lower()
         if version == b"HTTP/1.1":
             self.keep_alive = "close" not in conn
@@ -130,9 +143,10 @@ def parse_head(head: bytes) -> Request:
     return Request(method_b.decode("ascii"), path, query, version, headers)
 
 
-def body_length(req: Request, max_body: int) -> int:
+def body_length(req: Request, max_body: int | None) -> int:
     """The length of ``req``'s body from its ``Content-Length`` (0 without one); 411 for a
-    chunked body, 400 for a malformed length, 413 above ``max_body``."""
+    chunked body, 400 for a malformed length, 413 above ``max_body`` (None: no limit, for a
+    body that is streamed, not held)."""
     if "transfer-encoding" in req.headers:
         raise HttpError(
             411, "chunked request bodies are not supported; send Content-Length", close=True
@@ -143,7 +157,7 @@ def body_length(req: Request, max_body: int) -> int:
     if not _DECIMAL.match(cl):
         raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
     n = int(cl)
-    if n > max_body:
+    if max_body is not None and n > max_body:
         raise HttpError(
             413,
             f"request body of {n} bytes exceeds the limit of {max_body} bytes",

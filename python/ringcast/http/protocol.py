@@ -5,10 +5,14 @@ request bodies, and response framing.
   buffer, and reading pauses when that buffer grows;
 - ``Content-Length`` bodies up to ``max_body`` (413 beyond, ``100-continue`` honoured);
   chunked request bodies are refused with 411, since no OpenAI client sends them;
+- a body the application streams instead of holding (:meth:`HttpApp.streams_body`: a
+  request it forwards elsewhere) is handed over as it arrives, as a :class:`BodyStream`, with
+  reading paused while more than ``PIPELINE_BUFFER`` of it waits;
 - responses: sized (:meth:`Connection.send`) or streamed (:meth:`Connection.start_stream`,
-  chunked on HTTP/1.1, delimited by closing on HTTP/1.0). A fan-out writes one pre-framed
-  chunk to many connections (:meth:`Connection.write_framed`): framing once per pass is what
-  keeps a thousand readers cheap.
+  :meth:`Connection.start_response`; chunked on HTTP/1.1, delimited by closing on HTTP/1.0).
+  A fan-out writes one pre-framed chunk to many connections
+  (:meth:`Connection.write_framed`): framing once per pass is what keeps a thousand readers
+  cheap.
 
 The class holds connection state only. What a request means is the application's business:
 an :class:`HttpApp` gets each parsed :class:`~ringcast.http.parse.Request` with this
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol, cast
 
 from ringcast.http.flow import FlowControl
@@ -58,6 +63,10 @@ class HttpApp(Protocol):
         """Headers every response to ``req`` carries (``None``: a request that could not be
         parsed)."""
 
+    def streams_body(self, req: Request) -> bool:
+        """Whether ``req``'s body is handed over as it arrives (``req.body_stream``) rather
+        than read whole into ``req.body`` first (and limited by ``max_body``)."""
+
     def count_status(self, status: int) -> None:
         """An error response was sent."""
 
@@ -86,6 +95,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = True
         self.chunked = False
         self.extra_headers = app.response_headers(None)
+        self.body_stream: BodyStream | None = None
 
     @property
     def write_paused(self) -> bool:
@@ -108,6 +118,13 @@ class Connection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        stream = self.body_stream
+        if stream is not None and stream.left:
+            take = stream.left
+            stream.feed(data[:take])
+            data = data[take:]
+            if not data:
+                return
         self.buf += data
         if self.busy:
             if len(self.buf) > PIPELINE_BUFFER and not self.reading_paused:
@@ -146,6 +163,8 @@ class Connection(asyncio.Protocol):
             self.task.cancel()
         if self.flow is not None:
             self.flow.close()
+        if self.body_stream is not None:
+            self.body_stream.close()
 
     def _arm_idle(self) -> None:
         if self.idle_timer is not None:
@@ -173,13 +192,22 @@ class Connection(asyncio.Protocol):
                 del self.buf[: end + 4]
                 try:
                     req = parse_head(head)
-                    self.need = body_length(req, self.app.http.max_body)
+                    streamed = self.app.streams_body(req)
+                    self.need = body_length(req, None if streamed else self.app.http.max_body)
                 except HttpError as e:
                     self._reject(e)
                     return
                 self.pending = req
                 if self.need and req.headers.get("expect", "").lower() == "100-continue":
                     self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if streamed:
+                    # The body goes to the application as it arrives: what is here now, then
+                    # data_received feeds the rest.
+                    self.body_stream = req.body_stream = BodyStream(self, self.need)
+                    take = bytes(self.buf[: self.need])
+                    del self.buf[: self.need]
+                    self.body_stream.feed(take)
+                    self.need = 0
             if len(self.buf) < self.need:
                 return
             req = self.pending
@@ -219,6 +247,11 @@ class Connection(asyncio.Protocol):
             if not self.closed:
                 self.keep_alive = False
                 self.send(500, error_json(500, "internal server error", "server_error"))
+        if self.body_stream is not None:
+            if self.body_stream.left:
+                # The rest of an unread body would be parsed as the next request.
+                self.keep_alive = False
+            self.body_stream = None
         self._finish()
 
     def _finish(self) -> None:
@@ -243,7 +276,7 @@ class Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+        lines = [f"HTTP/1.1 {status} {reason(status)}"]
         lines += [f"{k}: {v}" for k, v in headers]
         lines.append("Connection: keep-alive" if self.keep_alive else "Connection: close")
         lines += [f"{k}: {v}" for k, v in self.extra_headers]
@@ -283,6 +316,27 @@ class Connection(asyncio.Protocol):
             self.keep_alive = False
         self._write(self._head(200, hs))
 
+    def start_response(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        version: bytes,
+        length: int | None,
+        bodyless: bool = False,
+    ) -> None:
+        """Send a response head for a body written with :meth:`write_body`: of ``length``
+        bytes (its ``Content-Length`` among ``headers``), else chunked on HTTP/1.1 and
+        delimited by closing on HTTP/1.0. ``bodyless``: a response without a body whatever
+        its headers say (to HEAD, a 204 or a 304), sent as they are."""
+        hs = list(headers)
+        if not bodyless and length is None:
+            if version == b"HTTP/1.1":
+                self.chunked = True
+                hs.append(("Transfer-Encoding", "chunked"))
+            else:
+                self.keep_alive = False
+        self._write(self._head(status, hs))
+
     def write_body(self, data: bytes) -> None:
         if not data or self.transport is None or self.closed:
             return
@@ -310,6 +364,74 @@ class Connection(asyncio.Protocol):
         if self.flow is None or self.closed:
             return
         await self.flow.drain()
+
+
+class BodyStream:
+    """A request body handed to the application as it arrives (:meth:`HttpApp.streams_body`).
+
+    At most ``PIPELINE_BUFFER`` bytes wait here unread: above that the connection stops
+    reading until the application takes them, so a large upload costs bounded memory and
+    slows to the pace of whoever consumes it.
+    """
+
+    def __init__(self, conn: Connection, length: int) -> None:
+        self.conn = conn
+        self.left = length
+        """Body bytes not yet received."""
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost = False
+        self._paused = False
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self.left -= len(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > PIPELINE_BUFFER and not self._paused and self.conn.transport:
+            self._paused = True
+            self.conn.transport.pause_reading()
+        self._wake()
+
+    def close(self) -> None:
+        """The connection is gone: a pending :meth:`read` fails."""
+        self._lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next body bytes as they came; ``b""`` once the whole body was read.
+        ``ConnectionResetError`` if the client went away before sending all of it."""
+        while not self._chunks:
+            if self.left == 0:
+                return b""
+            if self._lost:
+                raise ConnectionResetError("client went away while sending the request body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = False
+            self.conn.transport.resume_reading()
+        return data
+
+
+def reason(status: int) -> str:
+    """The reason phrase of ``status`` (a passed-through upstream's may be any status)."""
+    if status in REASONS:
+        return REASONS[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def frame_chunk(data: bytes) -> bytes:

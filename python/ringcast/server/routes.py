@@ -35,6 +35,7 @@ from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
 from ringcast.server.counters import HttpCounter, SharedCounters
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
+from ringcast.server.passthrough import passthrough
 from ringcast.server.store import StreamReader, StreamStore, StreamView, StreamWriter
 from ringcast.wire.jobs import Job
 from ringcast.wire.openai import (
@@ -71,6 +72,17 @@ class Route:
     """Handler per method; the first is named in a 405."""
     keyed: bool = True
     """Callers must authenticate (when keys are configured)."""
+    passed_through: bool = False
+    """With ``--upstream``, the upstream answers it instead (``/v1/models``)."""
+
+
+PUBLIC_PAGES = frozenset({"/", "/index.html", "/favicon.ico"})
+"""Passed-through pages that need no key with ``--api-key``: llama-server's WebUI shell,
+which holds no data (its API calls carry the key), and which a browser loads without one."""
+
+
+def is_public_page(req: Request) -> bool:
+    return req.method in ("GET", "HEAD") and req.path in PUBLIC_PAGES
 
 
 class App:
@@ -132,18 +144,28 @@ class App:
                     ("Access-Control-Max-Age", "600"),
                 ],
             )
-        path = req.path
-        route = ROUTES.get(path)
-        if route is None and path.startswith("/v1/stream/"):
-            route = ROUTES["/v1/stream"]
-        if route is None:
-            raise HttpError(404, "File Not Found")
+        route = resolve(req.path)
+        if route is None or (route.passed_through and self.cfg.upstream):
+            if not self.cfg.upstream:
+                raise HttpError(404, "File Not Found")
+            if not is_public_page(req):
+                self.owner(req)
+            # ringcast's key, if it has keys, is its own; the upstream gets its own key or
+            # the caller's headers as they came (ringcast.server.passthrough).
+            return await passthrough(self.cfg, req, conn, strip_auth=bool(self.key_owners))
         handler = route.methods.get(req.method)
         if handler is None:
             expected = next(iter(route.methods))
             raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
         owner = self.owner(req) if route.keyed else ""
         await handler(self, req, conn, owner)
+
+    def streams_body(self, req: Request) -> bool:
+        """Passed-through requests stream their body to the upstream."""
+        if not self.cfg.upstream:
+            return False
+        route = resolve(req.path)
+        return route is None or route.passed_through
 
     # -- background tasks
 
@@ -487,6 +509,14 @@ ROUTES: dict[str, Route] = {
     "/v1/streams/lookup": Route({"POST": App.lookup}),
     "/v1/streams": Route({"GET": App.list_streams}),
     "/health": Route({"GET": App.health}, keyed=False),
-    "/v1/models": Route({"GET": App.models}),
+    "/v1/models": Route({"GET": App.models}, passed_through=True),
     "/metrics": Route({"GET": App.metrics}, keyed=False),
 }
+
+
+def resolve(path: str) -> Route | None:
+    """ringcast's route for ``path``, or None."""
+    route = ROUTES.get(path)
+    if route is None and path.startswith("/v1/stream/"):
+        route = ROUTES["/v1/stream"]
+    return route

@@ -11,14 +11,9 @@ cut it) with a 502 one: a cut answer is never passed off as a whole one.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import math
-import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import msgspec
@@ -26,85 +21,19 @@ import msgspec
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import WorkerCounter
 from ringcast.server.emitter import Emitter
+from ringcast.server.upstream_link import (
+    UPSTREAM_READ_TIMEOUT,
+    UpstreamError,
+    UpstreamReader,
+    connect_upstream,
+    default_port,
+    upstream_target,
+    upstream_tls,
+)
 from ringcast.wire.jobs import Job
 from ringcast.wire.sse import iter_sse_data, split_events, strip_id_lines
 
 log = logging.getLogger("ringcast.worker")
-
-UPSTREAM_CONNECT_TIMEOUT = 10.0
-# Seconds an upstream may send nothing (no line of its head, no body bytes) before the job
-# fails. Generous, because a long prompt's prefill can be silent: no default here can know the
-# model. $RINGCAST_UPSTREAM_READ_TIMEOUT overrides it (upstream_read_timeout).
-UPSTREAM_READ_TIMEOUT = 600.0
-
-T = TypeVar("T")
-
-
-class UpstreamError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def upstream_read_timeout() -> float:
-    """``$RINGCAST_UPSTREAM_READ_TIMEOUT`` if it is a positive number of seconds, else
-    ``UPSTREAM_READ_TIMEOUT`` (with a warning if the variable is set to anything else)."""
-    raw = os.environ.get("RINGCAST_UPSTREAM_READ_TIMEOUT", "").strip()
-    if not raw:
-        return UPSTREAM_READ_TIMEOUT
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if math.isfinite(seconds) and seconds > 0:
-        return seconds
-    log.warning(
-        "RINGCAST_UPSTREAM_READ_TIMEOUT=%r is not a positive number of seconds; "
-        "using the default, %g s",
-        raw,
-        UPSTREAM_READ_TIMEOUT,
-    )
-    return UPSTREAM_READ_TIMEOUT
-
-
-class UpstreamReader:
-    """The upstream connection's reader, where a read that waits ``timeout`` seconds for a
-    byte fails the job (504) instead of hanging it: a stalled upstream never says so."""
-
-    def __init__(self, reader: asyncio.StreamReader, name: str, timeout: float) -> None:
-        self._reader = reader
-        self.name = name
-        self.timeout = timeout
-        self.waiting_for = "its response head"
-
-    async def readline(self) -> bytes:
-        return await self._within(self._reader.readline())
-
-    async def read(self, n: int) -> bytes:
-        return await self._within(self._reader.read(n))
-
-    async def readexactly(self, n: int) -> bytes:
-        try:
-            return await self._within(self._reader.readexactly(n))
-        except asyncio.IncompleteReadError:
-            raise UpstreamError(502, "upstream closed the connection mid-response") from None
-
-    async def _within(self, read: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await read
-        except TimeoutError:
-            raise UpstreamError(
-                504,
-                f"upstream {self.name} sent nothing for {self.timeout:g} s while ringcast "
-                f"waited for {self.waiting_for}; if its prefills take longer, raise "
-                "$RINGCAST_UPSTREAM_READ_TIMEOUT (and --idle-timeout, which also ends a "
-                "stream that makes no progress)",
-            ) from None
-        except OSError as e:  # reset, or a TLS error (ssl.SSLError is an OSError)
-            raise UpstreamError(
-                502, f"upstream {self.name}: the connection was lost ({e})"
-            ) from None
 
 
 def _is_done_event(event: bytes) -> bool:
@@ -175,13 +104,6 @@ def check_upstream(upstream: str, ca_file: str | None) -> str | None:
     return None
 
 
-@functools.cache
-def upstream_tls(ca_file: str) -> ssl.SSLContext:
-    """The client TLS context for an https upstream: certificate and host name checked,
-    against ``ca_file`` if given, else the system's CAs (made once per process)."""
-    return ssl.create_default_context(cafile=ca_file or None)
-
-
 async def proxy_upstream(
     cfg: ServeConfig, job: Job, emitter: Emitter, read_timeout: float = UPSTREAM_READ_TIMEOUT
 ) -> None:
@@ -190,46 +112,15 @@ async def proxy_upstream(
     Raises ``UpstreamError`` if the upstream cannot be reached, answers anything but 200,
     sends nothing for ``read_timeout`` seconds, or ends its stream without ``data: [DONE]``.
     """
-    url = urlsplit(cfg.upstream)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        # `ringcast serve` refuses such a URL at start-up (check_upstream).
-        raise UpstreamError(500, f"unsupported upstream URL {cfg.upstream!r}")
-    tls = url.scheme == "https"
-    base = url.path.rstrip("/")
+    target = upstream_target(cfg.upstream)
     route = "/chat/completions" if job.route == "chat" else "/completions"
-    path = (base if base.endswith("/v1") else base + "/v1") + route
+    path = target.root + "/v1" + route
     body = msgspec.json.decode(job.body)
     if isinstance(body, dict):
         body["stream"] = True
     payload = msgspec.json.encode(body)
-    host = url.hostname
-    port = url.port or default_port(url.scheme)
-    # Host header: brackets around an IPv6 literal, no port when it is the scheme's default.
-    authority = f"[{host}]" if ":" in host else host
-    if port != default_port(url.scheme):
-        authority += f":{port}"
-    try:
-        raw_reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                host,
-                port,
-                ssl=upstream_tls(cfg.upstream_ca_file) if tls else None,
-                server_hostname=host if tls else None,
-            ),
-            UPSTREAM_CONNECT_TIMEOUT,
-        )
-    except TimeoutError:
-        raise UpstreamError(504, f"upstream {host}:{port} did not accept a connection") from None
-    except ssl.SSLCertVerificationError as e:
-        raise UpstreamError(
-            502,
-            f"upstream {host}:{port}: TLS certificate not trusted ({e.verify_message}); "
-            "for a private CA or a self-signed server give --upstream-ca-file",
-        ) from None
-    except ssl.SSLError as e:
-        raise UpstreamError(502, f"upstream {host}:{port}: TLS handshake failed ({e})") from None
-    except OSError as e:
-        raise UpstreamError(502, f"upstream {host}:{port} unreachable: {e.strerror}") from None
+    host, port, authority = target.host, target.port, target.authority
+    raw_reader, writer = await connect_upstream(cfg, target)
     reader = UpstreamReader(raw_reader, f"{host}:{port}", read_timeout)
     try:
         auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
@@ -309,11 +200,6 @@ _LOCAL_HOSTS = {
     "::1": {6},
     "::": {4, 6},
 }
-
-
-def default_port(scheme: str) -> int:
-    """The port an upstream URL of this scheme means when it names none."""
-    return 443 if scheme == "https" else 80
 
 
 def upstream_is_self(upstream: str, host: str, port: int) -> bool:

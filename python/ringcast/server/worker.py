@@ -40,10 +40,10 @@ from ringcast.server.plugin import GenerateFn, JobContext, load_generator
 from ringcast.server.segment_store import open_store
 from ringcast.server.store import StreamStore, StreamWriter, fail_stream
 from ringcast.server.synthetic import synthetic_model
-from ringcast.server.upstream import (
+from ringcast.server.upstream import proxy_upstream
+from ringcast.server.upstream_link import (
     UPSTREAM_READ_TIMEOUT,
     UpstreamError,
-    proxy_upstream,
     upstream_read_timeout,
 )
 from ringcast.wire.jobs import (

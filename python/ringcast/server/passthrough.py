@@ -1,0 +1,154 @@
+"""The passthrough of ``--upstream``: every route ringcast does not own goes to the upstream
+unchanged, so ringcast on llama-server's port is a drop-in for all of it (its WebUI ``/``,
+``/props``, ``/slots``, ``/tokenize``, ``/v1/embeddings``, ``/v1/messages``, ...).
+
+Runs in the HTTP process, one upstream connection per request. The method, path, query,
+headers and body go up as they are; status, headers and body come back as they are. Both
+bodies stream: the request's as the client sends it (:class:`~ringcast.http.protocol.BodyStream`),
+the response's as the upstream sends it, each side waiting for the other's buffers to drain,
+so a request costs a few buffers of memory whatever its size. Hop-by-hop headers (RFC 9110
+7.6.1: ``Connection`` and those it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``,
+``Transfer-Encoding``, ``Upgrade``) are not forwarded, in either direction: each connection
+frames its own body. ``Host`` names the upstream. ringcast's own API key, if it has keys, is
+checked by the routes before this and not forwarded; ``--upstream-api-key`` replaces the
+caller's ``Authorization`` if given, and otherwise the caller's headers, key included, go up
+unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ringcast.http.client import HTTPError, ResponseParser
+from ringcast.http.parse import HttpError, Request
+from ringcast.http.protocol import Connection
+from ringcast.server.config import ServeConfig
+from ringcast.server.upstream_link import (
+    UpstreamError,
+    UpstreamReader,
+    connect_upstream,
+    upstream_read_timeout,
+    upstream_target,
+)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+READ_SIZE = 65536
+
+
+def _end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` without the hop-by-hop ones (and those their ``Connection`` names)."""
+    named = {
+        token.strip().lower()
+        for k, v in headers
+        if k.lower() == "connection"
+        for token in v.split(",")
+    }
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+def request_head(
+    cfg: ServeConfig, req: Request, path: str, authority: str, strip_auth: bool
+) -> bytes:
+    """The request head sent upstream: the caller's, end to end, with ``Host`` naming the
+    upstream, one connection per request, and the key as the module docstring says."""
+    headers = _end_to_end(list(req.headers.items()))
+    drop = {"host", "expect"}  # ringcast answered the client's 100-continue itself
+    if strip_auth or cfg.upstream_api_key:
+        drop |= {"authorization", "x-api-key"}
+    lines = [f"{req.method} {path} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{k}: {v}" for k, v in headers if k not in drop]
+    if cfg.upstream_api_key:
+        lines.append(f"Authorization: Bearer {cfg.upstream_api_key}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _send_body(req: Request, writer: asyncio.StreamWriter) -> None:
+    """Forward the request body as it arrives, at the pace the upstream takes it."""
+    if req.body_stream is None:
+        if req.body:
+            writer.write(req.body)
+        return
+    while data := await req.body_stream.read():
+        writer.write(data)
+        await writer.drain()
+
+
+async def passthrough(
+    cfg: ServeConfig,
+    req: Request,
+    conn: Connection,
+    strip_auth: bool,
+) -> None:
+    """Answer ``req`` with the upstream's answer to it. Before the response head: an
+    :class:`HttpError` (502, 504) if the upstream cannot be reached or answers nothing
+    valid. After it: a failure cuts the client's connection, so the body reads as cut short,
+    never as whole."""
+    target = upstream_target(cfg.upstream)
+    path = target.root + req.path + ("?" + req.query if req.query else "")
+    try:
+        raw_reader, writer = await connect_upstream(cfg, target)
+    except UpstreamError as e:
+        raise HttpError(e.code, str(e), "upstream_error") from None
+    reader = UpstreamReader(raw_reader, target.name, upstream_read_timeout())
+    sender: asyncio.Task[None] | None = None
+    started = False
+    try:
+        writer.write(request_head(cfg, req, path, target.authority, strip_auth))
+        sender = asyncio.get_running_loop().create_task(_send_body(req, writer))
+        parser = ResponseParser()
+        while not parser.done:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                parser.eof()
+                break
+            pieces = parser.feed(data)
+            if parser.head_done and not started:
+                started = True
+                bodyless = req.method == "HEAD" or parser.status in (204, 304)
+                length = parser.header("content-length")
+                # Headers ringcast sets on every response (its process, its CORS answer) are
+                # not sent twice.
+                ours = {k.lower() for k, _ in conn.extra_headers} - {"vary"}
+                conn.start_response(
+                    parser.status,
+                    [(k, v) for k, v in _end_to_end(parser.headers) if k.lower() not in ours],
+                    req.version,
+                    int(length) if length is not None and not bodyless else None,
+                    bodyless,
+                )
+                reader.waiting_for = "more of its response"
+                if bodyless:
+                    break
+            for piece in pieces:
+                conn.write_body(piece)
+            await conn.drain()
+        conn.end_stream()
+    except (UpstreamError, HTTPError) as e:
+        if not started:
+            code = e.code if isinstance(e, UpstreamError) else 502
+            raise HttpError(code, f"upstream {target.name}: {e}", "upstream_error") from None
+        # Mid-body: cut the client off; a clean end would pass a cut answer off as whole.
+        conn.keep_alive = False
+        if conn.transport is not None:
+            conn.transport.abort()
+    finally:
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
+                await sender
+        writer.transport.abort()

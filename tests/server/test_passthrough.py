@@ -1,0 +1,321 @@
+"""``ringcast serve --upstream``: every route ringcast does not own is passed through to the
+upstream unchanged, so ringcast on llama-server's port serves all of llama-server.
+
+The fake llama-server answers its routes with an echo of what reached it (method, path,
+query, headers, body), its WebUI with an HTML page, ``/v1/models`` and the streaming
+``/chat/completions`` with llama-server's recorded bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ringcast.http.parse import parse_head
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = Path(__file__).resolve().parents[2]
+# shared/ beside the repository (the workspace layout and CI's), or beside its worktree.
+SHARED = next(
+    (
+        c / "data" / "llama-server"
+        for c in (REPO.parent / "shared", REPO / "shared", REPO.parent.parent / "shared")
+        if (c / "data" / "llama-server").is_dir()
+    ),
+    None,
+)
+if SHARED is None:
+    pytest.skip("shared/data/llama-server not found beside the repository", allow_module_level=True)
+
+
+def _jsonl(name: str) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in (SHARED / name).read_text().splitlines() if ln.strip()]
+
+
+STREAMS = _jsonl("llama-server-chat-streams.jsonl")
+EXCHANGES = _jsonl("llama-server-exchanges.jsonl")
+MODELS = next(e["response"] for e in EXCHANGES if e["request"]["path"] == "/v1/models")
+
+WEBUI = b"""<!doctype html><meta charset="utf-8"><title>llama.cpp - chat</title><script>
+(async () => {
+  const props = await (await fetch("/props")).json();
+  const models = await (await fetch("/v1/models")).json();
+  const tok = await (await fetch("/tokenize", {method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({content: "hi"})})).json();
+  await fetch("/report", {method: "POST", body: JSON.stringify({props, models, tok})});
+})();
+</script>"""
+
+LLAMA_ROUTES = [
+    ("GET", "/props"),
+    ("GET", "/slots"),
+    ("POST", "/completion"),
+    ("POST", "/infill"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/chat/completions"),
+    ("POST", "/completions"),
+    ("DELETE", "/slots/0"),
+    ("PUT", "/lora-adapters"),
+]
+
+
+class FakeLlamaServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.seen: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+        self.reported = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHandler(socketserver.StreamRequestHandler):
+    server: FakeLlamaServer
+
+    def reply(
+        self, status: str, body: bytes, ctype: str = "application/json", extra: str = ""
+    ) -> None:
+        self.wfile.write(
+            (
+                f"HTTP/1.1 {status}\r\nServer: llama.cpp\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+            ).encode()
+            + body
+        )
+
+    def handle(self) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return
+            head += line
+        req = parse_head(head[:-4])
+        body = self.rfile.read(int(req.headers.get("content-length", "0")))
+        self.server.seen.append({"method": req.method, "path": req.path, "headers": req.headers})
+        if req.path == "/":
+            self.reply("200 OK", WEBUI, "text/html; charset=utf-8")
+        elif req.path == "/report":
+            self.server.report = json.loads(body)
+            self.server.reported.set()
+            self.reply("200 OK", b"{}")
+        elif req.path == "/v1/models":
+            self.wfile.write(
+                (MODELS["status"] + "\r\n" + "\r\n".join(MODELS["headers"]) + "\r\n\r\n").encode()
+                + MODELS["body"].encode()
+            )
+        elif req.path == "/chat/completions" and json.loads(body).get("stream"):
+            self.stream(json.loads(body))
+        elif req.path == "/upload":
+            digest = hashlib.sha256(body).hexdigest()
+            self.reply("200 OK", json.dumps({"bytes": len(body), "sha256": digest}).encode())
+        else:
+            echo = {
+                "method": req.method,
+                "path": req.path,
+                "query": req.query,
+                "headers": req.headers,
+                "body": body.decode(),
+            }
+            status = "201 Created" if req.method == "PUT" else "200 OK"
+            self.reply(status, json.dumps(echo).encode(), extra="X-Llama: yes\r\n")
+
+    def stream(self, body: dict[str, Any]) -> None:
+        rec = next(s for s in STREAMS if s["request"]["messages"] == body["messages"])
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        start = time.monotonic()
+        for ev in rec["events"]:
+            if (delay := start + ev["t"] / 4 - time.monotonic()) > 0:
+                time.sleep(delay)
+            data = ev["data"].encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[FakeLlamaServer]:
+    up = FakeLlamaServer()
+    t = threading.Thread(target=up.serve_forever, daemon=True)
+    t.start()
+    yield up
+    up.shutdown()
+    up.server_close()
+
+
+@pytest.fixture(scope="module")
+def srv(llama: FakeLlamaServer, serve_module: Any) -> Iterator[Any]:
+    with serve_module("--upstream", llama.url, "--http-procs", "1") as s:
+        yield s
+
+
+def test_every_llama_server_route_passes_through_unchanged(
+    srv: Any, llama: FakeLlamaServer
+) -> None:
+    for method, path in LLAMA_ROUTES:
+        body = json.dumps({"route": path, "text": "héllo"}).encode()
+        status, headers, got = srv.request(
+            method,
+            path + "?a=1&b=x%2Fy",
+            body,
+            headers={
+                "Authorization": "Bearer llama-key",
+                "X-Custom": "kept",
+                "Connection": "close, X-Hop",
+                "X-Hop": "dropped",
+                "Keep-Alive": "timeout=5",
+            },
+        )
+        assert status == (201 if method == "PUT" else 200), (path, got)
+        assert headers["x-llama"] == "yes" and headers["server"] == "llama.cpp"
+        assert headers["content-type"] == "application/json"
+        echo = json.loads(got)
+        assert (echo["method"], echo["path"], echo["query"]) == (method, path, "a=1&b=x%2Fy")
+        assert echo["body"] == body.decode()
+        up = echo["headers"]
+        # The upstream's own key goes up as the caller sent it (ringcast has no keys here).
+        assert up["authorization"] == "Bearer llama-key"
+        assert up["x-custom"] == "kept"
+        assert up["host"] == llama.url.removeprefix("http://")
+        assert up["content-length"] == str(len(body))
+        # Hop-by-hop headers, and those Connection names, stop at ringcast.
+        assert "x-hop" not in up and "keep-alive" not in up
+        assert up["connection"] == "close"
+
+
+def test_models_are_the_upstreams(srv: Any) -> None:
+    status, headers, body = srv.request("GET", "/v1/models")
+    assert status == 200
+    assert body == MODELS["body"].encode()
+    assert headers["content-type"] == "application/json; charset=utf-8"
+
+
+def test_a_streamed_answer_comes_back_as_llama_server_sent_it(srv: Any) -> None:
+    rec = STREAMS[0]
+    r = srv.open_request(
+        "POST", "/chat/completions", json.dumps(rec["request"]).encode(), {"Connection": "close"}
+    )
+    assert r.status == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.headers["transfer-encoding"] == "chunked"
+    first = r.read_some()
+    assert first and rec["events"][0]["data"].encode().startswith(first[:20])
+    assert first + r.read_all_and_close() == "".join(e["data"] for e in rec["events"]).encode()
+
+
+def test_a_large_body_streams_through_past_max_body(
+    tmp_path: Path, llama: FakeLlamaServer, serve: Any
+) -> None:
+    # 3 MiB up through a server whose own routes take 64 KiB: the passthrough holds no body.
+    with serve("--upstream", llama.url, "--max-body", "64K", "--http-procs", "1") as s:
+        body = bytes(range(256)) * (3 * 4096)
+        status, _, got = s.request(
+            "POST", "/upload", body, headers={"Content-Type": "application/octet-stream"}
+        )
+        assert status == 200
+        assert json.loads(got) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        status, _, _ = s.request("POST", "/v1/completions", body[:100_000])
+        assert status == 413  # ringcast's own route keeps its limit
+
+
+def test_head_and_keep_alive(srv: Any) -> None:
+    """A HEAD answer has no body, and the connection serves the next request."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    with contextlib.closing(sock):
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET /props HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = srv_response_head(sock)
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % len(WEBUI) in head
+        second = srv_response_head(sock)
+        assert second.startswith(b"HTTP/1.1 200")
+
+
+def srv_response_head(sock: socket.socket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(1)
+        assert data, buf
+        buf += data
+    return buf
+
+
+def test_ringcast_keeps_its_own_routes(srv: Any, llama: FakeLlamaServer) -> None:
+    before = len(llama.seen)
+    for method, path in [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/streams")]:
+        status, _, _ = srv.request(method, path)
+        assert status == 200, path
+    status, _, _ = srv.request("GET", "/v1/stream?conv_id=nope")
+    assert status == 404
+    assert len(llama.seen) == before
+
+
+def test_without_upstream_unknown_routes_stay_404(serve: Any) -> None:
+    with serve("--http-procs", "1") as s:
+        for _, path in LLAMA_ROUTES[:3]:
+            status, _, _ = s.request("GET", path)
+            assert status == 404
+        _, _, body = s.request("GET", "/v1/models")
+        assert json.loads(body)["data"][0]["id"] == "ringcast-synthetic"
+
+
+def test_api_key_gates_passthrough_and_stays_ringcasts(llama: FakeLlamaServer, serve: Any) -> None:
+    with serve("--upstream", llama.url, "--api-key", "rc-key", "--http-procs", "1") as s:
+        status, _, _ = s.request("GET", "/props")
+        assert status == 401
+        status, _, body = s.request("GET", "/props", headers={"Authorization": "Bearer rc-key"})
+        assert status == 200
+        assert "authorization" not in json.loads(body)["headers"]  # ringcast's key stays here
+        status, _, page = s.request("GET", "/")  # the WebUI shell loads without a key
+        assert status == 200 and page == WEBUI
+    with serve("--upstream", llama.url, "--upstream-api-key", "up-key", "--http-procs", "1") as s:
+        _, _, body = s.request("GET", "/props", headers={"Authorization": "Bearer other"})
+        assert json.loads(body)["headers"]["authorization"] == "Bearer up-key"
+
+
+def test_an_unreachable_upstream_is_a_502(serve: Any) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with serve("--upstream", f"http://127.0.0.1:{port}", "--http-procs", "1") as s:
+        status, _, body = s.request("GET", "/props")
+        assert status == 502
+        assert json.loads(body)["error"]["type"] == "upstream_error"
+
+
+def test_a_browser_loads_the_webui_through_ringcast(
+    srv: Any, llama: FakeLlamaServer, chromium: Any
+) -> None:
+    """Chromium opens ringcast's address; the page (the upstream's) calls the upstream's API
+    through ringcast and reports what it got."""
+    llama.reported.clear()
+    with chromium(f"http://127.0.0.1:{srv.port}/"):
+        assert llama.reported.wait(60), "the page never reported"
+    report = llama.report
+    assert report is not None
+    assert report["models"] == json.loads(MODELS["body"])
+    assert report["props"]["path"] == "/props"
+    assert report["tok"]["method"] == "POST" and json.loads(report["tok"]["body"]) == {
+        "content": "hi"
+    }
