@@ -25,7 +25,8 @@ CAPTURE_NAME = "data/llama-server/llama-server-chat-streams.jsonl"
 
 def _capture_path() -> Path | None:
     """The llama-server capture in ``shared/`` beside the repository (workspace and CI)."""
-    for cand in (REPO.parent / "shared", REPO / "shared"):
+    # beside the repository (workspace, CI), or beside the worktree it is checked out in
+    for cand in (REPO.parent / "shared", REPO / "shared", REPO.parent.parent / "shared"):
         if (cand / CAPTURE_NAME).is_file():
             return cand / CAPTURE_NAME
     return None

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = next(
     (
         c
-        for c in (REPO.parent / "shared", REPO / "shared")
+        for c in (REPO.parent / "shared", REPO / "shared", REPO.parent.parent / "shared")
         if (c / "data" / "llama-server").is_dir()
     ),
     None,
