@@ -285,7 +285,8 @@ class Reader:
 class Notifier:
     """One per process: turns session wake-ups into one readable file descriptor.
 
-    ``fileno()`` is a datagram socket (abstract ``AF_UNIX`` name, no thread behind it); a
+    ``fileno()`` is a datagram socket (an ``AF_UNIX`` file in ``<segment>.wake/``, a directory
+    only this user can enter; no thread behind it); a
     producer sends it one byte when a session this process subscribed to advances and the
     notifier is armed; sending disarms it until ``arm()``. An event loop watches ``fileno()``
     and calls ``drain()`` to learn which sessions advanced; before a reader waits, ``arm()``,

@@ -483,6 +483,8 @@ def test_a_stolen_process_row_is_reported_and_rescued(
     """If another process claimed this one's process-table row (taking it for dead), producers
     signal the wrong socket. The notifier can tell (``owns_row``); the rescan logs it as an
     error, and still wakes the readers (logging the lost wake-up)."""
+    import socket
+
     from ringcast import _aio
 
     monkeypatch.setattr(_aio, "RESCAN_S", 0.2)
@@ -492,8 +494,14 @@ def test_a_stolen_process_row_is_reported_and_rescued(
     assert n.owns_row()
     mm, row = _my_proc_row(seg_path)
     nonce = struct.unpack_from("<Q", mm, row + NONCE_AT)[0]
-    struct.pack_into("<Q", mm, row + NONCE_AT, nonce ^ 1)  # a thief's socket name
+    struct.pack_into("<Q", mm, row + NONCE_AT, nonce ^ 1)  # the thief's nonce
     assert not n.owns_row()
+    # The thief binds the row's socket name, replacing ours, as a new owner of a row does.
+    (name,) = os.listdir(seg_path + ".wake")
+    thief_path = os.path.join(seg_path + ".wake", name)
+    os.unlink(thief_path)
+    thief = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    thief.bind(thief_path)
 
     async def main() -> None:
         task = asyncio.create_task(r.aread())
@@ -507,6 +515,8 @@ def test_a_stolen_process_row_is_reported_and_rescued(
     errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
     assert len(errors) == 1 and "claimed this process's row" in errors[0].getMessage()
     assert "whose wake-up datagram never came" in caplog.text
+    thief.close()
+    os.unlink(thief_path)
     struct.pack_into("<Q", mm, row + NONCE_AT, nonce)
     assert n.owns_row()
     mm.close()

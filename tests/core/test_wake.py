@@ -1,8 +1,9 @@
 """Event-loop wake-ups through the notifier socket: no thread, dead and stopped subscribers,
 and fork.
 
-A notifier is a datagram socket with an abstract name; a producer sends it one byte when a
-subscribed session advances and the notifier is armed. These tests check what that design
+A notifier is a datagram socket bound to a file in the segment's private (0700) wake
+directory; a producer sends it one byte when a subscribed session advances and the notifier is
+armed. These tests check what that design
 promises beyond "aread wakes up" (test_core_async.py covers that).
 """
 
@@ -211,3 +212,72 @@ def test_aread_across_fork(seg: ringcast.Segment) -> None:
     # The parent's notifier is still armed and subscribed after the child went away.
     assert seg.notifier().fileno() == parent_fd
     assert asyncio.run(_aread_soon(r, w, b"after fork")) == b"after fork"
+
+
+def _send_from_child(paths: list[str], uid: int | None, tries: int) -> dict[str, int]:
+    """Sends `tries` datagrams to each path from a forked child running as `uid` (None: as
+    this user); returns how many were sent and how many failed with which error."""
+    import json
+    import socket
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(rfd)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            out: dict[str, int] = {"sent": 0}
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            for _ in range(tries):
+                for p in paths:
+                    try:
+                        s.sendto(b"x", p)
+                        out["sent"] += 1
+                    except OSError as e:
+                        name = type(e).__name__
+                        out[name] = out.get(name, 0) + 1
+            os.write(wfd, json.dumps(out).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the sending child failed"
+    return dict(json.loads(data))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_another_user_cannot_wake_or_busy_a_notifier(seg: ringcast.Segment) -> None:
+    # Abstract names were listed in /proc/net/unix and any local user could flood them (89 %
+    # CPU of an HTTP process). Now the name is a file in a 0700 directory.
+    w = seg.create_or_replace("c")
+    r = seg.reader("c")
+    n = seg.notifier()
+    n.subscribe(r.slot, r.generation)
+    wake_dir = seg.path + ".wake"
+    assert os.stat(wake_dir).st_mode & 0o777 == 0o700
+    with open("/proc/net/unix") as f:
+        listed = [line.split()[-1] for line in f if wake_dir + "/" in line]
+    assert listed, "the attacker can still see the name: it must not be enough"
+    nobody = 65534
+    got = _send_from_child(listed, nobody, 2000)
+    assert got == {"sent": 0, "PermissionError": 2000 * len(listed)}, got
+    assert not select.select([n.fileno()], [], [], 0)[0], "another user's datagram arrived"
+    assert n.arm_state == "armed"
+    assert n.drain() == []
+    # The same names from this user do reach it: the attack above aimed at the real socket.
+    assert _send_from_child(listed, None, 1)["sent"] == len(listed)
+    assert select.select([n.fileno()], [], [], 10)[0]
+    # And a publish still wakes it.
+    n.drain()
+    n.arm(False)
+    w.write(b"x")
+    assert select.select([n.fileno()], [], [], 10)[0]
+    assert n.drain() == [r.slot]

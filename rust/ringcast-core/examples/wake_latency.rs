@@ -4,6 +4,8 @@
 //! - `ringcast-core`: a `Writer` appends 16-byte events (sequence, `CLOCK_MONOTONIC` ns) one
 //!   every INTERVAL; N forked processes block in `Reader::read_into` and compute the latency of
 //!   every event they receive;
+//! - `notifier`: the same, but each reader waits as an event loop does: on its process's
+//!   `Notifier` socket (subscribe, arm, `poll(2)` on the descriptor, drain), not on the futex;
 //! - `bare futex`: the floor of any futex design: a counter in shared memory bumped and woken
 //!   the same way, N processes in `FUTEX_WAIT` doing nothing else.
 //!
@@ -85,7 +87,24 @@ fn report(what: &str, readers: usize, mut lat: Vec<u64>, expected: usize) {
     );
 }
 
-fn ringcast_core(readers: usize, events: u64, interval: Duration) {
+/// Waits for the next change as `_aio` does: arm (yielding once), and if that found the
+/// process disarmed, rescan instead of sleeping; else sleep in `poll(2)` on the socket.
+fn wait_on_notifier(n: &ringcast_core::Notifier) {
+    if n.arm(true) {
+        n.drain();
+        return;
+    }
+    let mut pfd = libc::pollfd {
+        fd: n.fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, -1) };
+    n.drain();
+}
+
+fn ringcast_core(readers: usize, events: u64, interval: Duration, notifier: bool) {
     let path = format!("/dev/shm/ringcast-wake-latency-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
     let cfg = SegmentConfig {
@@ -101,10 +120,24 @@ fn ringcast_core(readers: usize, events: u64, interval: Duration) {
             spawn(move || {
                 let seg = Segment::open(&path).expect("open segment");
                 let mut r = seg.reader("bench", "", 0).expect("reader");
+                let n = notifier.then(|| {
+                    let n = r.notifier().expect("notifier");
+                    n.subscribe(r.slot(), r.generation()).expect("subscribe");
+                    n
+                });
                 let mut buf = vec![0u8; 1 << 16];
                 let mut lat = Vec::new();
                 loop {
-                    match r.read_into(&mut buf, None).expect("read") {
+                    let got = match &n {
+                        None => r.read_into(&mut buf, None),
+                        Some(n) => loop {
+                            match r.poll_into(&mut buf) {
+                                Ok(Poll::Pending) => wait_on_notifier(n),
+                                other => break other,
+                            }
+                        },
+                    };
+                    match got.expect("read") {
                         Poll::Data(n) => {
                             let t = now_ns();
                             for ev in buf[..n].chunks_exact(16) {
@@ -138,7 +171,12 @@ fn ringcast_core(readers: usize, events: u64, interval: Duration) {
     w.finalize(SessionState::Done).expect("finalize");
     let lat = collect(children);
     let _ = std::fs::remove_file(&path);
-    report("ringcast-core", readers, lat, readers * events as usize);
+    let what = if notifier {
+        "notifier"
+    } else {
+        "ringcast-core"
+    };
+    report(what, readers, lat, readers * events as usize);
 }
 
 #[repr(C)]
@@ -220,6 +258,7 @@ fn main() {
     let interval = Duration::from_micros(*args.get(2).unwrap_or(&1000));
     assert!((1..=64).contains(&readers), "READERS must be 1..=64");
     println!("# {events} events, one every {interval:?}, to {readers} sleeping reader processes");
-    ringcast_core(readers, events, interval);
+    ringcast_core(readers, events, interval, false);
+    ringcast_core(readers, events, interval, true);
     bare_futex(readers, events, interval);
 }

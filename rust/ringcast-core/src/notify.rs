@@ -7,10 +7,11 @@
 //! - for each process subscribed to the session (bit `i` in `subscribers`) whose row is
 //!   ARMED, moves it to SENDING; if that succeeded, sends one byte to the row's notifier
 //!   socket and moves the row on to IDLE (see `layout::arm_state`). The socket is an
-//!   abstract-namespace `AF_UNIX` datagram socket named
-//!   `"\0ringcast-<epoch:016x>-<row>-<nonce:016x>"` (nonce from the row, drawn by the notifier
-//!   with `getrandom`). The event loop watches that socket directly, so a wake-up is one
-//!   hop: producer → the loop's thread. There is no notifier thread.
+//!   `AF_UNIX` datagram socket bound to the file `<segment>.wake/<row>`, in a directory of
+//!   mode 0700 ([`WakeDir`]): only this user's processes (and root) can send to it, where an
+//!   abstract name, listed in `/proc/net/unix`, let any local user flood a process's event
+//!   loop. The event loop watches that socket directly, so a wake-up is one hop: producer →
+//!   the loop's thread. There is no notifier thread.
 //!
 //! A notifier is disarmed from the first datagram until one of its loop's readers is about to
 //! wait again (`arm`, then a `drain` to see what came meanwhile), so a burst of appends while
@@ -19,36 +20,93 @@
 //! futex word: an append to N *idle* subscribed processes costs N `sendto`s, not one wake.
 //!
 //! The socket name, not a descriptor, is what a producer needs, so no fds are passed between
-//! processes. Abstract names belong to the network namespace: every process attached to a
-//! segment must share one (see docs/ARCHITECTURE.md). The row index comes from the mask
-//! (always < 64) and the nonce is untrusted segment data: a scribbled nonce at worst sends a
-//! spurious byte to another socket named `ringcast-…`, whose drain finds nothing changed.
-//! Sending never blocks and never fails the publish: a full receive queue (`EAGAIN`) means a
-//! datagram is already pending, and a name nobody holds (`ECONNREFUSED`; the process died)
-//! is skipped. Any other failure re-arms the row, so the next publish tries again.
+//! processes; the name follows from the segment's path and the row (which comes from the mask,
+//! always < 64), nothing read from the segment. The row's nonce (from `getrandom`) only tells
+//! a notifier whether its row is still its own (`owns_row`). Sending never blocks and never
+//! fails the publish: a full receive queue (`EAGAIN`) means a datagram is already pending, and
+//! a name nobody holds (`ECONNREFUSED`, `ENOENT`: the process died) is skipped. Any other
+//! failure re-arms the row, so the next publish tries again.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::layout::MAX_PROCESSES;
 use crate::layout::{arm_state, ProcEntry, SlotMeta};
 use crate::sync::Ordering;
-use crate::sys::dgram::{self, AbstractAddr, Receiver, Sent};
+use crate::sys::dgram::{self, Receiver, Senders, Sent, SocketAddr};
 use crate::sys::futex::{self, WaitOutcome};
 use crate::view::SegmentView;
 
-/// The abstract socket name of row `row`'s notifier.
-fn wake_addr(epoch: u64, row: usize, nonce: u64) -> AbstractAddr {
-    let mut buf = [0u8; 64];
-    let mut w = &mut buf[..];
-    // Fits: 9 + 16 + 1 + 2 + 1 + 16 bytes.
-    let _ = write!(w, "ringcast-{epoch:016x}-{row}-{nonce:016x}");
-    let len = 64 - w.len();
-    AbstractAddr::new(&buf[..len]).expect("wake name fits sun_path")
+/// Where a segment's notifier sockets live: the directory `<segment path>.wake` (made absolute,
+/// so every process finds the same files whatever its working directory), mode 0700, holding
+/// one socket file per process-table row, named by the row's index.
+#[derive(Clone, Debug)]
+pub(crate) struct WakeDir {
+    dir: Vec<u8>,
+}
+
+impl WakeDir {
+    pub(crate) fn of_segment(segment_path: &str) -> WakeDir {
+        let abs = std::path::absolute(segment_path)
+            .unwrap_or_else(|_| std::path::PathBuf::from(segment_path));
+        let mut dir = abs.as_os_str().as_bytes().to_vec();
+        dir.extend_from_slice(b".wake");
+        WakeDir { dir }
+    }
+
+    /// Removes the directory if no socket is left in it (best effort).
+    pub(crate) fn remove_if_empty(&self) {
+        dgram::remove_dir_if_empty(&self.dir);
+    }
+
+    fn path_text(&self) -> String {
+        String::from_utf8_lossy(&self.dir).into_owned()
+    }
+
+    /// The socket file of row `row`, written into `buf`.
+    fn socket_path<'b>(&self, row: usize, buf: &'b mut [u8; 160]) -> Option<&'b [u8]> {
+        let mut w = &mut buf[..];
+        w.write_all(&self.dir).ok()?;
+        write!(w, "/{row}").ok()?;
+        let len = 160 - w.len();
+        Some(&buf[..len])
+    }
+
+    /// The address of row `row`'s socket; `None` if the path is too long for a socket address
+    /// (then no notifier can exist there: `Notifier::start` refuses it).
+    fn addr(&self, row: usize) -> Option<SocketAddr> {
+        let mut buf = [0u8; 160];
+        SocketAddr::new(self.socket_path(row, &mut buf)?)
+    }
+}
+
+/// The sending side of a segment's wake-ups: where the sockets are, and this handle's sockets
+/// connected to them.
+pub(crate) struct Wakers {
+    pub(crate) dir: WakeDir,
+    senders: Senders,
+}
+
+impl Wakers {
+    pub(crate) fn of_segment(segment_path: &str) -> Wakers {
+        Wakers {
+            dir: WakeDir::of_segment(segment_path),
+            senders: Senders::new(MAX_PROCESSES),
+        }
+    }
+
+    fn send(&self, row: usize) -> Sent {
+        match self.dir.addr(row) {
+            Some(a) => self.senders.send(row, &a),
+            None => Sent::NoReceiver,
+        }
+    }
 }
 
 /// Sleeps until `m` is published again (its `seq` moves from `seen`, read before the caller
@@ -67,8 +125,9 @@ pub(crate) fn wait_for_publish(m: &SlotMeta, seen: u32, timeout: Option<Duration
     outcome
 }
 
-/// Tells every kind of waiter that `m`, a slot of `view`, changed (new bytes or a new state).
-pub(crate) fn publish(view: &SegmentView, m: &SlotMeta) {
+/// Tells every kind of waiter that `m`, a slot of `view` (whose notifiers `wake` reaches),
+/// changed (new bytes or a new state).
+pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
     // SeqCst: pairs with the waiter's SeqCst increment of `waiters` (or subscription, or the
     // notifier's store of `armed`) followed by its load of `seq`: either it sees the new seq,
     // or we see it waiting (armed).
@@ -97,10 +156,9 @@ pub(crate) fn publish(view: &SegmentView, m: &SlotMeta) {
         {
             continue; // a datagram is pending or on its way, or that process has no notifier
         }
-        let nonce = e.wake_nonce.load(Ordering::SeqCst);
         // Not delivered and the process may still be there: leave it armed for the next
         // publish. Otherwise the datagram is in the socket (or the name is gone): IDLE.
-        let after = match dgram::send_wake(&wake_addr(view.epoch(), row, nonce)) {
+        let after = match wake.send(row) {
             Sent::Failed => arm_state::ARMED,
             _ => arm_state::IDLE,
         };
@@ -124,6 +182,7 @@ struct Subscription {
 /// One per segment handle: the datagram socket its event loop watches, and its subscriptions.
 pub struct Notifier {
     view: Arc<SegmentView>,
+    wake: WakeDir,
     index: usize,
     /// The process that created it; in a forked child the notifier is inert (the row and the
     /// socket's name are the parent's).
@@ -136,23 +195,33 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Binds this row's socket under a fresh nonce and arms the row. The row has just been
-    /// claimed (or was ours already): nobody else writes its `wake_nonce` or arms it.
-    pub(crate) fn start(view: Arc<SegmentView>, index: usize) -> Result<Notifier> {
+    /// Binds this row's socket (in `wake`, made private first) under a fresh nonce and arms
+    /// the row. The row has just been claimed (or was ours already): nobody else writes its
+    /// `wake_nonce`, arms it or holds its socket name (a file left there by a dead owner is
+    /// replaced).
+    pub(crate) fn start(view: Arc<SegmentView>, wake: WakeDir, index: usize) -> Result<Notifier> {
         let e = view.proc_entry(index);
-        let mut tries = 0;
-        let (nonce, socket) = loop {
-            let nonce = dgram::random_u64();
-            match Receiver::bind(&wake_addr(view.epoch(), index, nonce)) {
-                Ok(s) => break (nonce, s),
-                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
-                Err(err) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "cannot bind the notifier socket: {err}"
-                    )))
-                }
-            }
-        };
+        dgram::private_dir(&wake.dir).map_err(|err| {
+            Error::InvalidArgument(format!(
+                "cannot use the notifier directory {:?}: {err}",
+                wake.path_text()
+            ))
+        })?;
+        let addr = wake.addr(index).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the segment's path is too long for its notifier sockets ({:?} plus \"/{index}\" \
+                 must fit in {} bytes); use a shorter segment path",
+                wake.path_text(),
+                SocketAddr::max_path_len()
+            ))
+        })?;
+        let socket = Receiver::bind_replacing(&addr).map_err(|err| {
+            Error::InvalidArgument(format!(
+                "cannot bind the notifier socket in {:?}: {err}",
+                wake.path_text()
+            ))
+        })?;
+        let nonce = dgram::random_u64();
         // The nonce is visible before the row is armed: a producer that moves `armed` from
         // ARMED (SeqCst) then loads the nonce (SeqCst) gets this one.
         e.wake_nonce.store(nonce, Ordering::SeqCst);
@@ -161,6 +230,7 @@ impl Notifier {
         let start_time = e.start_time.load(Ordering::SeqCst);
         Ok(Notifier {
             view,
+            wake,
             index,
             pid: std::process::id(),
             start_time,
@@ -344,6 +414,14 @@ impl Drop for Notifier {
                 m.subscribers
                     .fetch_and(!(1 << self.index), Ordering::SeqCst);
             }
+        }
+        // The socket file, unless another process has taken the row (and the name) over.
+        if self.owns_row() {
+            let mut buf = [0u8; 160];
+            if let Some(p) = self.wake.socket_path(self.index, &mut buf) {
+                dgram::remove_file(p);
+            }
+            self.wake.remove_if_empty();
         }
     }
 }

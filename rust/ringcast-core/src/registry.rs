@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::backoff::Backoff;
 use crate::error::{EndReason, Error, Result, SegmentError};
 use crate::layout::{end_reason, state, SlotMeta, ENDED_BIT, MAX_OWNER_LEN, MAX_PROCESSES};
-use crate::notify::{self, Notifier};
+use crate::notify::{self, Notifier, Wakers};
 use crate::ring::{self, Cursors};
 use crate::sync::{fence, AtomicBool, AtomicU64, Ordering};
 use crate::sys::process::{self, ProcessId};
@@ -142,6 +142,7 @@ fn read_stable<T>(m: &SlotMeta, read: impl FnOnce(u64) -> Option<T>) -> Option<(
 pub(crate) struct Registry {
     view: Arc<SegmentView>,
     path: String,
+    wake: Wakers,
     /// Set by `close`: every handle of this mapping refuses further use.
     closed: AtomicBool,
     local: Mutex<Local>,
@@ -162,6 +163,7 @@ impl Registry {
         Registry {
             view: Arc::new(view),
             path: path.to_string(),
+            wake: Wakers::of_segment(path),
             closed: AtomicBool::new(false),
             local: Mutex::new(Local::default()),
         }
@@ -173,6 +175,11 @@ impl Registry {
 
     pub(crate) fn path(&self) -> &str {
         &self.path
+    }
+
+    /// This handle's way to this segment's notifiers.
+    pub(crate) fn wakers(&self) -> &Wakers {
+        &self.wake
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
@@ -597,7 +604,11 @@ impl Registry {
             return Ok(n.clone());
         }
         let index = self.proc_index(&mut local)?;
-        let n = Arc::new(Notifier::start(self.view.clone(), index)?);
+        let n = Arc::new(Notifier::start(
+            self.view.clone(),
+            self.wake.dir.clone(),
+            index,
+        )?);
         local.notifier = Some(n.clone());
         Ok(n)
     }
@@ -739,7 +750,7 @@ impl RegistryGuard<'_> {
         let view = self.view();
         let m = view.slot(slot);
         m.state.store(state::FREE, Ordering::SeqCst);
-        notify::publish(view, m);
+        notify::publish(view, &self.reg.wake, m);
         view.release_pages(slot);
     }
 

@@ -254,14 +254,16 @@ impl Segment {
     }
 
     /// Removes the segment file if its path still names it; mapped processes keep their
-    /// mapping.
+    /// mapping. Its notifier directory goes too once no notifier is left in it.
     pub fn unlink(&self) -> Result<()> {
         let path = self.path();
         self.reg
             .view()
             .mapping()
             .unlink(path)
-            .map_err(|e| file_error(path, "remove", e))
+            .map_err(|e| file_error(path, "remove", e))?;
+        self.reg.wakers().dir.remove_if_empty();
+        Ok(())
     }
 
     pub fn stats(&self) -> SegmentStats {

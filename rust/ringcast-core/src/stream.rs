@@ -152,7 +152,7 @@ impl Writer {
             }
         });
         if done.is_some() {
-            notify::publish(view, m);
+            notify::publish(view, self.reg.wakers(), m);
         }
         Ok(done.is_some())
     }
@@ -173,7 +173,7 @@ impl Writer {
             m.state.store(end.raw(), Ordering::Release);
         });
         if done.is_some() {
-            notify::publish(self.reg.view(), m);
+            notify::publish(self.reg.view(), self.reg.wakers(), m);
         }
         Ok(done.is_some())
     }

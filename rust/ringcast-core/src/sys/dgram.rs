@@ -1,42 +1,123 @@
-//! Wake-up datagrams: non-blocking `AF_UNIX` `SOCK_DGRAM` sockets bound to abstract names (no
-//! file, gone with the last descriptor), one per notifier, plus one unbound process-wide sender.
-//! Also the one `getrandom` call (the names' nonces).
+//! Wake-up datagrams: non-blocking `AF_UNIX` `SOCK_DGRAM` sockets bound to file names in a
+//! private (0700) directory, one per notifier, and on the sending side one socket per
+//! receiver, connected to it on first use ([`Senders`]). Also the one `getrandom` call (the
+//! notifiers' nonces).
+//!
+//! Why files in a private directory and not abstract names: every abstract name is listed in
+//! `/proc/net/unix` and any local user may send to it, so any user could keep a process's event
+//! loop busy draining datagrams. Sending to a file name takes search permission on its
+//! directory, which only its owner (and root) has.
 
+use std::ffi::CString;
 use std::io;
 use std::os::unix::io::RawFd;
-use std::sync::OnceLock;
 
-/// Longest abstract name we build (without the leading NUL); `sun_path` holds 108 bytes.
-const MAX_NAME: usize = 100;
+use crate::sync::{AtomicI32, Ordering};
 
-/// An abstract socket address: `sun_path` = NUL + `name`.
-pub struct AbstractAddr {
+/// A socket file's address.
+pub struct SocketAddr {
     addr: libc::sockaddr_un,
     len: libc::socklen_t,
 }
 
-impl AbstractAddr {
-    /// `None` if `name` is too long.
-    pub fn new(name: &[u8]) -> Option<AbstractAddr> {
-        if name.len() > MAX_NAME {
-            return None;
-        }
+impl SocketAddr {
+    /// `None` if `path` (with its terminating NUL) does not fit `sun_path` or holds a NUL.
+    pub fn new(path: &[u8]) -> Option<SocketAddr> {
         // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
+            return None;
+        }
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        // sun_path[0] stays 0: the abstract namespace.
-        for (dst, src) in addr.sun_path[1..].iter_mut().zip(name) {
+        for (dst, src) in addr.sun_path.iter_mut().zip(path) {
             *dst = *src as libc::c_char;
         }
-        let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
-        Some(AbstractAddr {
+        let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+        Some(SocketAddr {
             addr,
             len: len as libc::socklen_t,
         })
     }
 
+    /// The longest path that fits.
+    pub fn max_path_len() -> usize {
+        // SAFETY: as in `new`.
+        let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_path.len() - 1
+    }
+
     fn as_ptr(&self) -> *const libc::sockaddr {
         &self.addr as *const libc::sockaddr_un as *const libc::sockaddr
+    }
+
+    fn c_path(&self) -> &std::ffi::CStr {
+        // SAFETY: `new` copied a path without NUL bytes into a zeroed `sun_path` that is
+        // longer than the path, so it is NUL-terminated inside the array.
+        unsafe { std::ffi::CStr::from_ptr(self.addr.sun_path.as_ptr()) }
+    }
+}
+
+fn c_string(path: &[u8]) -> io::Result<CString> {
+    CString::new(path)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+}
+
+/// Makes sure `dir` is a directory only this user can enter: creates it with mode 0700, or
+/// accepts an existing one that is a real directory (not a link), owned by this user, with no
+/// permission for anyone else. Anything else is refused: a directory another user planted or
+/// can enter would let them send to (or replace) the sockets in it.
+pub fn private_dir(dir: &[u8]) -> io::Result<()> {
+    let c = c_string(dir)?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::mkdir(c.as_ptr(), 0o700) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() != io::ErrorKind::AlreadyExists {
+        return Err(e);
+    }
+    // SAFETY: `st` is a plain-old-data out parameter fully written by a successful lstat;
+    // `c` is a valid NUL-terminated string.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::lstat(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let why = if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        "exists and is not a directory (a link or a file)".to_string()
+    } else if st.st_uid != me {
+        format!("belongs to uid {}, not to this user (uid {me})", st.st_uid)
+    } else if st.st_mode & 0o077 != 0 {
+        format!(
+            "has mode {:04o}: other users may enter it; it must be 0700",
+            st.st_mode & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{why}; refusing it (remove it)"),
+    ))
+}
+
+/// Removes `path` (a socket file); best effort, for cleaning up.
+pub fn remove_file(path: &[u8]) {
+    if let Ok(c) = c_string(path) {
+        // SAFETY: `c` is a valid NUL-terminated string.
+        unsafe { libc::unlink(c.as_ptr()) };
+    }
+}
+
+/// Removes `dir` if it is empty; best effort (another notifier may still have its socket in it).
+pub fn remove_dir_if_empty(dir: &[u8]) {
+    if let Ok(c) = c_string(dir) {
+        // SAFETY: `c` is a valid NUL-terminated string.
+        unsafe { libc::rmdir(c.as_ptr()) };
     }
 }
 
@@ -61,14 +142,18 @@ fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
-/// A bound, non-blocking datagram socket: the descriptor an event loop watches.
+/// A bound, non-blocking datagram socket: the descriptor an event loop watches. Dropping it
+/// closes the socket but leaves its file (a forked child's copy must not remove its parent's).
 #[derive(Debug)]
 pub struct Receiver(RawFd);
 
 impl Receiver {
-    /// Binds a new socket to `addr`; `AddrInUse` if the name is taken.
-    pub fn bind(addr: &AbstractAddr) -> io::Result<Receiver> {
+    /// Binds a new socket to `addr`, first removing a file left there (by a process that
+    /// held the name and died: the caller owns the name now).
+    pub fn bind_replacing(addr: &SocketAddr) -> io::Result<Receiver> {
         let fd = dgram_socket()?;
+        // SAFETY: the path is NUL-terminated (see `c_path`).
+        unsafe { libc::unlink(addr.c_path().as_ptr()) };
         // SAFETY: `addr` points to a sockaddr_un valid for `len` bytes for the whole call.
         let rc = unsafe { libc::bind(fd, addr.as_ptr(), addr.len) };
         if rc != 0 {
@@ -122,64 +207,132 @@ impl Drop for Receiver {
 pub enum Sent {
     /// Queued (or the receiver's queue is full: a datagram is already pending).
     Delivered,
-    /// Nobody is bound to that name (the process is gone).
+    /// Nobody is bound to that name (the process is gone), or it is not ours to reach.
     NoReceiver,
-    /// Anything else (no sender socket, out of memory): the caller may want to retry later.
+    /// Anything else (no socket, out of memory): the caller may want to retry later.
     Failed,
 }
 
-/// The process-wide unbound sender, created on first use (a failed creation is retried by the
-/// next send). A child inherits it across fork and shares it with its parent, which is fine
-/// for an unbound socket that only calls `sendto`.
+/// Sending sockets, one per receiver (process-table row), each connected to its receiver's
+/// name on first use and again whenever that receiver has gone (a new process may hold the
+/// name now). Connected, a send looks nothing up: measured, `sendto` a file name cost ~3.5 µs
+/// more per datagram than `sendto` an abstract name, and a connected `send` no more than the
+/// latter (bench/RESULTS.md). The permission to reach the name is checked once, at connect.
 ///
-/// Datagrams waiting in a receiver's queue are charged to this socket's send buffer until read.
-/// A full send buffer would also return `EAGAIN` (taken for "already pending"), but at most one
-/// datagram per armed process row is ever queued (64 per segment, ~1 KiB each in kernel memory
-/// against a default send buffer of ~200 KiB), so that cannot happen.
-static SENDER: OnceLock<RawFd> = OnceLock::new();
+/// A socket, once made, stays in its cell until the table is dropped (it is only ever
+/// re-connected, never closed and replaced, so a sender holding its number cannot race a
+/// close). A forked child shares them with its parent: both only ever connect a cell to the
+/// same name. Datagrams waiting in a receiver's queue are charged to the sending socket's
+/// buffer until read; at most one per armed receiver is queued, so a send buffer never fills.
+#[derive(Debug)]
+pub struct Senders {
+    fds: Vec<AtomicI32>,
+}
 
-fn sender() -> Option<RawFd> {
-    if let Some(fd) = SENDER.get() {
-        return Some(*fd);
+impl Senders {
+    pub fn new(receivers: usize) -> Senders {
+        Senders {
+            fds: (0..receivers).map(|_| AtomicI32::new(-1)).collect(),
+        }
     }
-    let new = dgram_socket().ok()?;
-    match SENDER.set(new) {
-        Ok(()) => Some(new),
-        Err(_) => {
-            close(new); // another thread won the race
-            SENDER.get().copied()
+
+    /// Sends one byte to receiver `index`, whose name is `addr`, without ever blocking; never
+    /// raises SIGPIPE.
+    pub fn send(&self, index: usize, addr: &SocketAddr) -> Sent {
+        let Some(cell) = self.fds.get(index) else {
+            return Sent::Failed;
+        };
+        let mut fd = cell.load(Ordering::Acquire);
+        if fd < 0 {
+            let Ok(new) = dgram_socket() else {
+                return Sent::Failed;
+            };
+            // Relaxed/Acquire: the number is all that is shared; the socket is the kernel's.
+            match cell.compare_exchange(-1, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => fd = new,
+                Err(theirs) => {
+                    close(new); // never shared: another thread installed its socket first
+                    fd = theirs;
+                }
+            }
+        }
+        match send_byte(fd) {
+            // Never connected, or its receiver has gone: (re)connect to whoever holds the name
+            // now, and try once more.
+            Err(libc::ENOTCONN | libc::ECONNREFUSED | libc::ECONNRESET) => {
+                match connect(fd, addr) {
+                    Ok(()) => classify(send_byte(fd)),
+                    Err(e) => classify(Err(e)),
+                }
+            }
+            other => classify(other),
         }
     }
 }
 
-/// Sends one byte to `addr` without ever blocking; never raises SIGPIPE.
-pub fn send_wake(addr: &AbstractAddr) -> Sent {
-    let Some(fd) = sender() else {
-        return Sent::Failed;
-    };
+impl Drop for Senders {
+    fn drop(&mut self) {
+        for cell in &self.fds {
+            let fd = cell.load(Ordering::Acquire);
+            if fd >= 0 {
+                close(fd);
+            }
+        }
+    }
+}
+
+fn connect(fd: RawFd, addr: &SocketAddr) -> Result<(), i32> {
+    loop {
+        // SAFETY: `addr` points to a sockaddr_un valid for `len` bytes for the whole call.
+        if unsafe { libc::connect(fd, addr.as_ptr(), addr.len) } == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            e => return Err(e.unwrap_or(libc::EIO)),
+        }
+    }
+}
+
+/// One byte on a connected socket; the errno on failure.
+fn send_byte(fd: RawFd) -> Result<(), i32> {
     let byte = 1u8;
     loop {
-        // SAFETY: sends the one byte of `byte` to the address `addr` holds; both live across
-        // the call.
+        // SAFETY: sends the one byte of `byte`, which lives across the call.
         let rc = unsafe {
-            libc::sendto(
+            libc::send(
                 fd,
                 &byte as *const u8 as *const libc::c_void,
                 1,
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                addr.as_ptr(),
-                addr.len,
             )
         };
         if rc >= 0 {
-            return Sent::Delivered;
+            return Ok(());
         }
-        return match io::Error::last_os_error().raw_os_error() {
+        match io::Error::last_os_error().raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => Sent::Delivered,
-            Some(libc::ECONNREFUSED | libc::ENOENT) => Sent::NoReceiver,
-            _ => Sent::Failed,
-        };
+            e => return Err(e.unwrap_or(libc::EIO)),
+        }
+    }
+}
+
+fn classify(r: Result<(), i32>) -> Sent {
+    match r {
+        // EAGAIN: the receiver's queue is full, so a datagram is already pending there.
+        Ok(()) | Err(libc::EAGAIN) => Sent::Delivered,
+        // No such file, nobody bound to it (its process died), or not ours to reach:
+        // retrying would never succeed.
+        Err(
+            libc::ECONNREFUSED
+            | libc::ECONNRESET
+            | libc::ENOTCONN
+            | libc::ENOENT
+            | libc::ENOTDIR
+            | libc::EACCES
+            | libc::EPERM,
+        ) => Sent::NoReceiver,
+        Err(_) => Sent::Failed,
     }
 }
 
@@ -205,13 +358,15 @@ mod tests {
 
     #[test]
     fn datagrams_reach_the_bound_name_and_a_gone_name_is_refused() {
-        let name = format!("ringcast-test-{:016x}", random_u64());
-        let addr = AbstractAddr::new(name.as_bytes()).unwrap();
-        let rx = Receiver::bind(&addr).unwrap();
-        assert_eq!(
-            Receiver::bind(&addr).unwrap_err().kind(),
-            io::ErrorKind::AddrInUse
-        );
+        let dir = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
+        private_dir(dir.as_bytes()).unwrap();
+        private_dir(dir.as_bytes()).expect("our own 0700 directory is accepted again");
+        let path = format!("{dir}/3");
+        let addr = SocketAddr::new(path.as_bytes()).unwrap();
+        let senders = Senders::new(4);
+        let send_wake = |a: &SocketAddr| senders.send(3, a);
+        assert_eq!(send_wake(&addr), Sent::NoReceiver);
+        let rx = Receiver::bind_replacing(&addr).unwrap();
         assert_eq!(rx.drain(), 0);
         assert_eq!(send_wake(&addr), Sent::Delivered);
         assert_eq!(send_wake(&addr), Sent::Delivered);
@@ -223,7 +378,44 @@ mod tests {
         }
         assert!(rx.drain() > 0);
         drop(rx);
+        // The file stays, nobody is bound: refused. (Once a child forked meanwhile by another
+        // test of this binary, which holds a copy of the socket until it exits, is gone.)
+        assert!(
+            (0..5000).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                send_wake(&addr) == Sent::NoReceiver
+            }),
+            "a closed socket's name is refused"
+        );
+        // A new owner of the name replaces the stale file.
+        let rx = Receiver::bind_replacing(&addr).unwrap();
+        assert_eq!(send_wake(&addr), Sent::Delivered);
+        drop(rx);
+        remove_file(path.as_bytes());
         assert_eq!(send_wake(&addr), Sent::NoReceiver);
-        assert!(AbstractAddr::new(&[b'x'; 101]).is_none());
+        remove_dir_if_empty(dir.as_bytes());
+        assert!(!std::path::Path::new(&dir).exists());
+        assert_eq!(
+            senders.send(4, &addr),
+            Sent::Failed,
+            "no such receiver index"
+        );
+        assert!(SocketAddr::new(&[b'x'; 108]).is_none());
+        assert!(SocketAddr::new(&[b'x'; 107]).is_some());
+    }
+
+    #[test]
+    fn a_directory_others_can_enter_is_refused() {
+        let dir = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
+        std::fs::create_dir(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = private_dir(dir.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("0755"), "{e}");
+        std::fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/tmp", &dir).unwrap();
+        let e = private_dir(dir.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        std::fs::remove_file(&dir).unwrap();
     }
 }
