@@ -133,11 +133,12 @@ impl SegmentView {
         &self.map
     }
 
-    /// A pointer into the mapping, `offset` bytes in.
+    /// A pointer into the mapping, `offset` bytes in; panics past the file (callers compute
+    /// offsets inside the layout, so that would be a bug of ours).
     fn at(&self, offset: u64) -> *mut u8 {
-        debug_assert!(offset < self.geo.file_bytes);
-        // SAFETY: every caller passes an offset inside the validated layout (see the module
-        // doc), so the result stays inside the mapping.
+        assert!(offset < self.geo.file_bytes, "offset past the segment");
+        // SAFETY: offset < file_bytes <= the mapping's length (checked in `new`), so the
+        // result points inside the mapping.
         unsafe { self.map.as_ptr().add(offset as usize) }
     }
 
