@@ -14,6 +14,7 @@ import socket
 import socketserver
 import subprocess
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,126 @@ def test_eventsource_resumes_by_last_event_id(
     resumed_from = front.stream_requests[1].get("last-event-id")
     assert resumed_from is not None and resumed_from in report["ids"]
     assert 0 < int(resumed_from) < len(whole)
+
+
+# -- a browser on a finished stream, and a browser resuming with a resume token
+
+PAGE_STOPS = b"""<!doctype html><meta charset="utf-8"><title>ringcast</title><script>
+const q = new URLSearchParams(location.search);
+let url = q.get("ringcast") + "/v1/stream?conv_id=" + encodeURIComponent(q.get("conv"));
+if (q.get("token")) url += "&token=" + encodeURIComponent(q.get("token"));
+const events = [];
+let opened = 0, errors = 0;
+const es = new EventSource(url);
+es.onopen = () => { opened += 1; };
+es.onmessage = (e) => { events.push(e.data); };
+es.onerror = () => {
+  errors += 1;
+  // CONNECTING: it will try again; CLOSED: the server told it to stop.
+  if (es.readyState === EventSource.CLOSED) {
+    fetch("/report", {method: "POST", body: JSON.stringify({events, opened, errors})});
+  }
+};
+</script>"""
+
+
+class PageServer(socketserver.ThreadingTCPServer):
+    """The page's origin: serves it and takes its report; the page reads the stream from
+    ringcast, another origin (``ringcast serve --cors-origin``)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), PageHandler)
+        self.report: dict[str, Any] | None = None
+        self.reported = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class PageHandler(socketserver.StreamRequestHandler):
+    server: PageServer
+
+    def handle(self) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return
+            head += line
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            (int(ln.split(":")[1]) for ln in lines if ln.lower().startswith("content-length:")), 0
+        )
+        body = self.rfile.read(length)
+        if lines[0].startswith("POST /report"):
+            self.server.report = json.loads(body)
+            self.server.reported.set()
+            page = b""
+        else:
+            page = PAGE_STOPS
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(page), page)
+        )
+
+
+@pytest.fixture
+def page_server() -> Iterator[PageServer]:
+    ps = PageServer()
+    threading.Thread(target=ps.serve_forever, daemon=True).start()
+    yield ps
+    ps.shutdown()
+    ps.server_close()
+
+
+def _page_url(port: int, page_server: PageServer, **params: str) -> str:
+    query = urllib.parse.urlencode({**params, "ringcast": f"http://127.0.0.1:{port}"})
+    return f"{page_server.url}/?{query}"
+
+
+def test_eventsource_stops_at_the_end_of_a_finished_stream(
+    serve: Any, page_server: PageServer, chromium: Any, sse_events: Any, data_of: Any
+) -> None:
+    """The stream ends; EventSource reconnects with Last-Event-ID = its total; the 204 it
+    gets makes it stop (CLOSED) instead of reconnecting for ever."""
+    with serve("--cors-origin", page_server.url, "--tokens-per-s", "0", http_procs=1) as s:
+        whole = s.post_chat("done-1", max_tokens=8).read_all_and_close()
+        with chromium(_page_url(s.port, page_server, conv="done-1")):
+            assert page_server.reported.wait(60), "EventSource never stopped"
+        report = page_server.report
+        assert report is not None
+        assert report["events"] == [data_of(e).decode() for e in sse_events(whole)]
+        assert report["opened"] == 1  # the reconnect got the 204: never opened again
+        status, _, _ = s.request(
+            "GET", "/v1/stream?conv_id=done-1", headers={"Last-Event-ID": str(len(whole))}
+        )
+        assert status == 204
+
+
+def test_eventsource_resumes_with_a_resume_token_not_the_key(
+    serve: Any, page_server: PageServer, chromium: Any, sse_events: Any, data_of: Any
+) -> None:
+    """With --api-key, the page gets the POST's resume token (never the key) and reads the
+    stream with it."""
+    with serve(
+        "--cors-origin",
+        page_server.url,
+        "--api-key",
+        "sk-browser",
+        "--tokens-per-s",
+        "40",
+        http_procs=1,
+    ) as s:
+        r = s.post_chat("tok-1", max_tokens=30, headers={"Authorization": "Bearer sk-browser"})
+        token = r.headers["x-ringcast-resume-token"]
+        assert "sk-browser" not in token
+        with chromium(_page_url(s.port, page_server, conv="tok-1", token=token)):
+            assert page_server.reported.wait(60), "the page never finished"
+        whole = r.read_all_and_close()
+        report = page_server.report
+        assert report is not None
+        assert report["events"] == [data_of(e).decode() for e in sse_events(whole)]

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import math
 import os
+import secrets
 
 import msgspec
 
@@ -46,6 +47,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     evict_running: bool = False
     keep_segment: bool = False
     key_digests: list[str] = msgspec.field(default_factory=list)
+    resume_secret: str = ""
+    """Hex key of the resume tokens' HMAC (ringcast.server.resume_token): random per run,
+    made with the keys."""
     model_name: str = "ringcast-synthetic"
     tokens_per_s: float = 50.0
     prefill_s: float = 0.0
@@ -394,7 +398,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         **{name: getattr(args, name) for name in _SAME_NAME},
         http_procs=args.http_procs or (os.cpu_count() or 1),
         segment=args.segment or "",
-        key_digests=[key_digest(k) for k in _read_keys(args)],
+        key_digests=(digests := [key_digest(k) for k in _read_keys(args)]),
+        resume_secret=secrets.token_hex(32) if digests else "",
         upstream=args.upstream or "",
         upstream_api_key=args.upstream_api_key or os.environ.get("RINGCAST_UPSTREAM_KEY", ""),
         upstream_ca_file=os.path.abspath(args.upstream_ca_file) if args.upstream_ca_file else "",

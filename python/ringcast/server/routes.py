@@ -30,7 +30,7 @@ import msgspec
 from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
 from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
-from ringcast.server import metrics
+from ringcast.server import metrics, resume_token
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
 from ringcast.server.counters import HttpCounter, SharedCounters
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
@@ -60,7 +60,8 @@ from ringcast.wire.sse import iter_sse_data
 log = logging.getLogger("ringcast.server")
 
 EXPOSED_HEADERS = (
-    "X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, X-Ringcast-Process"
+    "X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, X-Ringcast-Process, "
+    "X-Ringcast-Resume-Token"
 )
 
 Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
@@ -157,7 +158,12 @@ class App:
         if handler is None:
             expected = next(iter(route.methods))
             raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
-        owner = self.owner(req) if route.keyed else ""
+        if not route.keyed:
+            owner = ""
+        elif route is STREAM_ROUTE and req.method == "GET" and "token=" in req.query:
+            owner = self.token_owner(req)
+        else:
+            owner = self.owner(req)
         await handler(self, req, conn, owner)
 
     def streams_body(self, req: Request) -> bool:
@@ -189,22 +195,44 @@ class App:
 
     # -- request helpers
 
-    def owner(self, req: Request) -> str:
-        """The caller's owner namespace; 401 if keys are configured and none matches."""
-        if not self.key_owners:
-            return ""
+    def caller_digest(self, req: Request) -> str | None:
+        """The digest of the configured key the caller sent, or None."""
         key = req.headers.get("x-api-key", "")
         auth = req.headers.get("authorization", "")
         if not key and auth[:7].lower() == "bearer ":
             key = auth[7:].strip()
-        if key:
-            owner = self.key_owners.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
-            if owner is not None:
-                return owner
+        if not key:
+            return None
+        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
+        return digest if digest in self.key_owners else None
+
+    def owner(self, req: Request) -> str:
+        """The caller's owner namespace; 401 if keys are configured and none matches."""
+        if not self.key_owners:
+            return ""
+        digest = self.caller_digest(req)
+        if digest is not None:
+            return self.key_owners[digest]
         raise HttpError(
             401,
             "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
         )
+
+    def token_owner(self, req: Request) -> str:
+        """The owner namespace a resume token (``?token=``, a browser's way to authenticate
+        a stream read) was issued to for this conversation; 401 if it is not valid for it."""
+        if not self.key_owners:
+            return ""
+        conv = self.stream_id(req, "/v1/stream")
+        token = req.query_params().get("token", "")
+        digest = resume_token.verify(self.cfg.resume_secret, self.key_owners, conv, token)
+        if digest is None:
+            raise HttpError(
+                401,
+                "resume token invalid, expired, or not for this conversation: take a new one "
+                "from the X-Ringcast-Resume-Token header of a streaming POST",
+            )
+        return self.key_owners[digest]
 
     def check_conv_id(self, raw: str) -> str:
         """Validate a conversation id: bounded, no control characters; anything else
@@ -299,7 +327,12 @@ class App:
         try:
             if stream:
                 info = await self.store.get(reader.conversation_id, owner)
-                conn.start_stream(self.resume_headers(reader, info, 0), req.version)
+                headers = self.resume_headers(reader, info, 0)
+                digest = None if anonymous else self.caller_digest(req)
+                if digest is not None:
+                    token = resume_token.issue(self.cfg.resume_secret, digest, conv)
+                    headers.append(("X-Ringcast-Resume-Token", token))
+                conn.start_stream(headers, req.version)
                 finished = await self.fanout.relay(conn, reader, owner)
             else:
                 finished = await self.aggregate(conn, reader, route)
@@ -437,6 +470,12 @@ class App:
         # process table and the producer's /proc entry).
         info = await self.store.get(conv, owner)
         total = final_total(reader, info)
+        if total is not None and offset >= total and what == "Last-Event-ID":
+            # A browser's EventSource reconnecting to a finished stream it has read to the
+            # end: 204 is the one answer that stops it (an empty 200 makes it reconnect
+            # every few seconds for ever).
+            reader.close()
+            return conn.send(204, b"")
         if total is not None and offset > total:
             # llama-server answers an empty 200 here, so a client with a wrong byte count
             # learns nothing; an offset equal to the total (it has everything) stays a 200.
@@ -501,11 +540,13 @@ class App:
         conn.send(200, body, "text/plain; version=0.0.4")
 
 
+STREAM_ROUTE = Route({"GET": App.get_stream, "DELETE": App.delete_stream})
+
 ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route({"POST": App.post_chat}),
     "/v1/completions": Route({"POST": App.post_completions}),
     # Also /v1/stream/{id} (the id may contain '/').
-    "/v1/stream": Route({"GET": App.get_stream, "DELETE": App.delete_stream}),
+    "/v1/stream": STREAM_ROUTE,
     "/v1/streams/lookup": Route({"POST": App.lookup}),
     "/v1/streams": Route({"GET": App.list_streams}),
     "/health": Route({"GET": App.health}, keyed=False),
