@@ -1,0 +1,214 @@
+"""docs/RECIPES.md, run as written: the openai SDK with a resume over its HTTP client, the
+browser page that survives a reload (in Chromium), the 20-line ``--generator`` plug-in."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+RECIPES = (Path(__file__).resolve().parents[2] / "docs" / "RECIPES.md").read_text()
+
+
+def recipe(title: str, lang: str) -> str:
+    start = RECIPES.index(f"## {title}")
+    (block,) = re.findall(rf"```{lang}\n(.*?)```", RECIPES[start:].split("\n## ")[0], re.S)
+    return block
+
+
+def content_of(body: bytes) -> str:
+    """The answer's text, from a whole stream's bytes."""
+    text = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(text)
+
+
+class CuttingProxy(socketserver.ThreadingTCPServer):
+    """A TCP relay to ringcast that cuts each of its first ``cuts`` connections after
+    ``after`` bytes of response, as a flaky network would."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, backend_port: int, cuts: int, after: int) -> None:
+        super().__init__(("127.0.0.1", 0), CuttingHandler)
+        self.backend_port = backend_port
+        self.cuts = cuts
+        self.after = after
+        self.requests: list[bytes] = []
+        self.lock = threading.Lock()
+
+
+class CuttingHandler(socketserver.BaseRequestHandler):
+    server: CuttingProxy
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        with self.server.lock:
+            cut = len(self.server.requests) < self.server.cuts
+            self.server.requests.append(b"")
+            index = len(self.server.requests) - 1
+        back = socket.create_connection(("127.0.0.1", self.server.backend_port))
+
+        def upstream() -> None:
+            try:
+                while data := client.recv(65536):
+                    if not self.server.requests[index]:
+                        self.server.requests[index] = data.split(b"\r\n", 1)[0]
+                    back.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=upstream, daemon=True).start()
+        sent = 0
+        try:
+            while data := back.recv(65536):
+                if cut and sent + len(data) > self.server.after:
+                    client.sendall(data[: self.server.after - sent])
+                    client.shutdown(socket.SHUT_RDWR)
+                    return
+                client.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            back.close()
+
+
+@pytest.fixture
+def srv(serve: Any) -> Iterator[Any]:
+    with serve("--tokens-per-s", "100", http_procs=1) as s:
+        yield s
+
+
+def test_openai_sdk_with_resume(srv: Any) -> None:
+    pytest.importorskip("openai")
+    namespace: dict[str, Any] = {}
+    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+    proxy = CuttingProxy(srv.port, cuts=2, after=1500)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        text = namespace["chat_with_resume"](
+            f"http://127.0.0.1:{proxy.server_address[1]}",
+            "recipe-sdk",
+            [{"role": "user", "content": "a story"}],
+        )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    _, _, whole = srv.request("GET", "/v1/stream?conv_id=recipe-sdk")
+    assert text == content_of(whole) and len(text) > 20
+    # The POST was cut, then the first resume; the second resume finished it.
+    lines = proxy.requests
+    assert lines[0].startswith(b"POST /v1/chat/completions")
+    resumes = [int(m.group(1)) for ln in lines[1:] if (m := re.search(rb"from=(\d+)", ln))]
+    assert len(resumes) >= 2 and 0 < resumes[0] < resumes[1] < len(whole)
+
+
+PAGE_HOOK = """<script>
+// The test's part: reload the page once, mid-stream; report when the recipe shows "done".
+const hook = setInterval(() => {
+  if (!sessionStorage.getItem("reloaded-at") && saved.offset > 0) {
+    sessionStorage.setItem("reloaded-at", String(saved.offset));
+    location.reload();
+  } else if (status.textContent === "done") {
+    clearInterval(hook);
+    fetch("/report", {method: "POST", body: JSON.stringify(
+      {conv: saved.conv, text: saved.text, reloadedAt: sessionStorage.getItem("reloaded-at")})});
+  }
+}, 20);
+</script>"""
+
+
+class PageServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, page: bytes) -> None:
+        super().__init__(("127.0.0.1", 0), PageHandler)
+        self.page = page
+        self.report: dict[str, Any] | None = None
+        self.reported = threading.Event()
+        self.loads = 0
+
+
+class PageHandler(socketserver.StreamRequestHandler):
+    server: PageServer
+
+    def handle(self) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return
+            head += line
+        m = re.search(rb"content-length: *(\d+)", head, re.I)
+        body = self.rfile.read(int(m.group(1))) if m else b""
+        page = b""
+        if head.startswith(b"POST /report"):
+            self.server.report = json.loads(body)
+            self.server.reported.set()
+        elif head.startswith(b"GET / "):
+            self.server.loads += 1
+            page = self.server.page
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(page), page)
+        )
+
+
+def test_browser_page_resumes_after_reload(serve: Any, chromium: Any) -> None:
+    html = recipe("A browser page that resumes after a reload", "html")
+    pages = PageServer(b"")
+    origin = f"http://127.0.0.1:{pages.server_address[1]}"
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    try:
+        with serve("--cors-origin", origin, "--tokens-per-s", "20", http_procs=1) as s:
+            assert 'const RINGCAST = "http://localhost:8080";' in html
+            page = html.replace("http://localhost:8080", f"http://127.0.0.1:{s.port}")
+            pages.page = (page + PAGE_HOOK).encode()
+            with chromium(origin + "/"):
+                assert pages.reported.wait(90), "the page never finished"
+            report = pages.report
+            assert report is not None
+            _, _, whole = s.request("GET", f"/v1/stream?conv_id={report['conv']}")
+    finally:
+        pages.shutdown()
+        pages.server_close()
+    assert pages.loads == 2  # loaded, reloaded mid-stream
+    assert 0 < int(report["reloadedAt"]) < len(whole)
+    # Every piece exactly once across the reload.
+    assert report["text"] == content_of(whole) and report["text"]
+
+
+def test_generator_plugin_in_20_lines(
+    tmp_path: Path, serve: Any, sse_events: Any, data_of: Any
+) -> None:
+    code = recipe("A `--generator` plug-in in 20 lines", "python")
+    assert len(code.strip().splitlines()) <= 20
+    (tmp_path / "slow_echo.py").write_text(code)
+    with serve(
+        "--generator", "slow_echo:generate", http_procs=1, env={"PYTHONPATH": str(tmp_path)}
+    ) as s:
+        body = s.post_chat("plug-1", max_tokens=2, prompt="one two three").read_all_and_close()
+        assert content_of(body) == "one two "
+        final = json.loads(data_of(sse_events(body)[-2]))
+        assert final["choices"][0]["finish_reason"] == "length"
+        body = s.post_chat("plug-2", max_tokens=10, prompt="one two three").read_all_and_close()
+        assert content_of(body) == "one two three "
+        assert json.loads(data_of(sse_events(body)[-2]))["choices"][0]["finish_reason"] == "stop"
+        # Resumable like any stream.
+        _, _, again = s.request("GET", "/v1/stream?conv_id=plug-2&from=100")
+        assert again == body[100:]
