@@ -36,6 +36,7 @@ from ringcast._core import (
     Writer,
     __version__,
 )
+from ringcast._resume import reader_at_event
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing adds ~15 ms to `import ringcast`
 if TYPE_CHECKING:
@@ -81,4 +82,5 @@ __all__ = [
     "SessionNotFound",
     "Writer",
     "__version__",
+    "reader_at_event",
 ]
