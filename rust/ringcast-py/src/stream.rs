@@ -264,7 +264,7 @@ impl Reader {
     }
 
     /// Bytes available now, ``b""`` at the end, ``None`` if it would have to wait.
-    #[pyo3(signature = (max_bytes=1<<20))]
+    #[pyo3(signature = (max_bytes=1<<20), text_signature = "($self, max_bytes=1048576)")]
     fn read_nowait(&mut self, py: Python<'_>, max_bytes: u64) -> PyResult<Option<Py<PyBytes>>> {
         check_max_bytes(max_bytes)?;
         take_now(py, self.get(py)?, max_bytes)
@@ -275,7 +275,10 @@ impl Reader {
     /// Returns ``b""`` at the end of a finished stream *and* when the timeout passes with no
     /// data: check ``at_end`` to tell which. Raises ``OffsetLost`` if the reader fell behind
     /// the ring and ``SessionEnded`` if the session was cancelled, replaced or evicted.
-    #[pyo3(signature = (max_bytes=1<<20, timeout=None))]
+    #[pyo3(
+        signature = (max_bytes=1<<20, timeout=None),
+        text_signature = "($self, max_bytes=1048576, timeout=None)"
+    )]
     fn read(
         &mut self,
         py: Python<'_>,
