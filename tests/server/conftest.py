@@ -189,9 +189,14 @@ class Server(Client):
         workers: int = 1,
         segment: Path | None = None,
         env: dict[str, str] | None = None,
+        log: Path | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
+        """``log``: a file that gets the server's stderr (its log), instead of the test's;
+        ``prefix``: a command that runs the server (e.g. ``prlimit --nofile=256``)."""
         self.segment = segment or tmp / "seg"
         cmd = [
+            *(prefix or []),
             sys.executable,
             "-m",
             "ringcast.cli",
@@ -208,8 +213,14 @@ class Server(Client):
             "WARNING",
             *args,
         ]
+        self.log = open(log, "w") if log is not None else None
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, text=True, cwd=str(tmp), env={**os.environ, **(env or {})}
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=str(tmp),
+            env={**os.environ, **(env or {})},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -218,6 +229,8 @@ class Server(Client):
             self.proc.kill()
             self.proc.wait()
             self.proc.stdout.close()
+            if self.log is not None:
+                self.log.close()
             raise RuntimeError(f"ringcast serve did not start: {line!r}")
         self.host = m.group(1)
         super().__init__(int(m.group(2)))
@@ -234,6 +247,8 @@ class Server(Client):
         finally:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
+            if self.log is not None:
+                self.log.close()
 
     def children(self, role: str) -> list[int]:
         """Pids of the live ``http`` or ``worker`` children."""
@@ -757,3 +772,19 @@ def _chromium(url: str, profile: Path) -> Iterator[subprocess.Popen[bytes]]:
 def chromium(tmp_path: Path) -> Callable[[str], contextlib.AbstractContextManager[Any]]:
     """``with chromium(url):`` a headless browser on the page at ``url``."""
     return lambda url: _chromium(url, tmp_path / "chromium-profile")
+
+
+@pytest.fixture
+def serve_in_memory(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
+    """``serve_in_memory(*args)``: ``ringcast serve ARGS`` in this process on the in-memory
+    store (``.store`` is the :class:`MemoryStore`, for a test to watch), stopped after."""
+    started: list[InProcessServer] = []
+
+    def start(*args: str) -> InProcessServer:
+        s = InProcessServer(tmp_path, *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

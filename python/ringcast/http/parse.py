@@ -22,6 +22,7 @@ REASONS = {
     411: "Length Required",
     413: "Payload Too Large",
     416: "Range Not Satisfiable",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -36,14 +37,17 @@ ERROR_TYPES = {
     411: "invalid_request_error",
     413: "invalid_request_error",
     416: "invalid_request_error",
+    429: "rate_limit_error",
     431: "invalid_request_error",
     500: "server_error",
     503: "unavailable_error",
     505: "invalid_request_error",
 }
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_DECIMAL = re.compile(r"^[0-9]{1,19}$")
+# Matched with fullmatch: ``$`` also matches before a final newline, and so let "5\n"
+# (``from=5%0A``) through as 5.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 
 
 class HttpError(Exception):
@@ -65,6 +69,7 @@ class HttpError(Exception):
 
 class Request:
     __slots__ = (
+        "admitted",
         "body",
         "body_stream",
         "headers",
@@ -87,6 +92,9 @@ class Request:
         self.body_stream: Any = None
         """With an application that streams this request's body: its
         :class:`~ringcast.http.protocol.BodyStream` (``body`` stays empty)."""
+        self.admitted: object = None
+        """What the application's admission step (``HttpApp.admit``) made of the head: its
+        route and caller, handed back to it with the whole request."""
         conn = headers.get("connection", "").lower()
         if version == b"HTTP/1.1":
             self.keep_alive = "close" not in conn
@@ -111,6 +119,16 @@ class Request:
         return out
 
 
+def bare_line_end(head: bytes | bytearray) -> bool:
+    """``head`` (a request head so far, without its final blank line) has a line ended by a
+    bare LF or a bare CR. Such a head never ends in CRLF CRLF, so without this check the
+    connection would wait for the idle timeout instead of answering 400."""
+    if head.endswith(b"\r"):
+        head = head[:-1]  # its LF may be in the next packet
+    crlf = head.count(b"\r\n")
+    return head.count(b"\n") != crlf or head.count(b"\r") != crlf
+
+
 def parse_head(head: bytes) -> Request:
     """Parse a request line and headers (without the final blank line)."""
     lines = head.split(b"\r\n")
@@ -120,12 +138,12 @@ def parse_head(head: bytes) -> Request:
     method_b, target_b, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
-    if not _TOKEN.match(method_b) or not target_b.startswith(b"/"):
+    if not _TOKEN.fullmatch(method_b) or not target_b.startswith(b"/"):
         raise HttpError(400, "malformed request line", close=True)
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name_b, sep, value_b = line.partition(b":")
-        if not sep or not _TOKEN.match(name_b):
+        if not sep or not _TOKEN.fullmatch(name_b):
             raise HttpError(400, "malformed header line", close=True)
         name = name_b.decode("ascii").lower()
         value = value_b.strip(b" \t").decode("latin-1")
@@ -138,7 +156,12 @@ def parse_head(head: bytes) -> Request:
                 headers[name] = headers[name] + ", " + value
         else:
             headers[name] = value
-    target = target_b.decode("latin-1")
+    try:
+        # Raw non-ASCII bytes in a target are UTF-8 (what curl and browsers send for a path
+        # typed as ``/v1/stream/café``), as are its percent-escapes.
+        target = target_b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpError(400, "request target is not valid UTF-8", close=True) from None
     path, _, query = target.partition("?")
     return Request(method_b.decode("ascii"), path, query, version, headers)
 
@@ -154,7 +177,7 @@ def body_length(req: Request, max_body: int | None) -> int:
     cl = req.headers.get("content-length")
     if cl is None:
         return 0
-    if not _DECIMAL.match(cl):
+    if not _DECIMAL.fullmatch(cl):
         raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
     n = int(cl)
     if max_body is not None and n > max_body:
@@ -170,7 +193,7 @@ def parse_offset(value: str, what: str) -> int:
     """A byte offset from a query parameter or header (``""`` is 0); 400 if malformed."""
     if value == "":
         return 0
-    if not _DECIMAL.match(value):
+    if not _DECIMAL.fullmatch(value):
         raise HttpError(
             400, f"invalid {what} {value[:32]!r}: expected a non-negative decimal byte offset"
         )

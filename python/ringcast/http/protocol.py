@@ -30,7 +30,15 @@ from http import HTTPStatus
 from typing import Protocol, cast
 
 from ringcast.http.flow import FlowControl
-from ringcast.http.parse import REASONS, HttpError, Request, body_length, parse_head
+from ringcast.http.logs import log_failure
+from ringcast.http.parse import (
+    REASONS,
+    HttpError,
+    Request,
+    bare_line_end,
+    body_length,
+    parse_head,
+)
 from ringcast.wire.openai import error_json
 
 log = logging.getLogger("ringcast.http")
@@ -47,6 +55,9 @@ class HttpSettings:
     """Seconds an idle keep-alive connection is kept open."""
     write_timeout: float
     """Seconds a client may take nothing from a full write buffer before it is reset."""
+    max_conns_per_client: int = 0
+    """Open connections one remote address may hold in this process; a connection past it
+    is answered 429 and closed at once. 0: no limit."""
 
 
 class HttpApp(Protocol):
@@ -55,9 +66,18 @@ class HttpApp(Protocol):
     http: HttpSettings
     connections: set[Connection]
     """Open connections (a connection adds and removes itself), for shutdown."""
+    connections_per_client: dict[str, int]
+    """Open connections per remote address (a connection counts itself in and out)."""
+
+    def admit(self, req: Request) -> None:
+        """Decide from the head alone whether ``req`` will be served (route, method, key),
+        before its body is read: raise :class:`HttpError` to refuse it. What it resolved may
+        be left in ``req.admitted`` for :meth:`handle`. A request announcing
+        ``Expect: 100-continue`` gets its ``100 Continue`` only once admitted."""
 
     async def handle(self, req: Request, conn: Connection) -> None:
-        """Answer ``req`` through ``conn``; raise :class:`HttpError` to answer an error."""
+        """Answer an admitted ``req`` through ``conn``; raise :class:`HttpError` to answer an
+        error."""
 
     def response_headers(self, req: Request | None) -> list[tuple[str, str]]:
         """Headers every response to ``req`` carries (``None``: a request that could not be
@@ -96,6 +116,10 @@ class Connection(asyncio.Protocol):
         self.chunked = False
         self.extra_headers = app.response_headers(None)
         self.body_stream: BodyStream | None = None
+        self.refusal: HttpError | None = None
+        """The admission step's answer to the pending request, sent once its body is in."""
+        self.client = ""
+        """The remote address, as counted in ``app.connections_per_client``."""
 
     @property
     def write_paused(self) -> bool:
@@ -115,6 +139,24 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        per_client = self.app.connections_per_client
+        per_client[self.client] = per_client.get(self.client, 0) + 1
+        limit = self.app.http.max_conns_per_client
+        if limit and per_client[self.client] > limit:
+            # One client holding every file descriptor of the process would lock everyone
+            # else out; it gets this answer on its extra connections instead.
+            self._reject(
+                HttpError(
+                    429,
+                    f"too many connections from {self.client}: at most {limit} open at once "
+                    "per client address and HTTP process (--max-conns-per-client); close "
+                    "idle ones or reuse them",
+                    close=True,
+                )
+            )
+            return
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -157,6 +199,12 @@ class Connection(asyncio.Protocol):
             return
         self.closed = True
         self.app.connections.discard(self)
+        per_client = self.app.connections_per_client
+        left = per_client.get(self.client, 1) - 1
+        if left > 0:
+            per_client[self.client] = left
+        else:
+            per_client.pop(self.client, None)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.task is not None and not self.task.done():
@@ -181,6 +229,9 @@ class Connection(asyncio.Protocol):
         while not self.busy and not self.closed:
             if self.pending is None:
                 end = self.buf.find(b"\r\n\r\n")
+                if bare_line_end(self.buf[:end] if end >= 0 else self.buf[:MAX_HEAD]):
+                    self._reject(HttpError(400, "request head lines must end in CRLF", close=True))
+                    return
                 if end < 0:
                     if len(self.buf) > MAX_HEAD:
                         self._reject(HttpError(431, "request head too large", close=True))
@@ -197,8 +248,18 @@ class Connection(asyncio.Protocol):
                 except HttpError as e:
                     self._reject(e)
                     return
+                expects = self.need and req.headers.get("expect", "").lower() == "100-continue"
+                try:
+                    self.app.admit(req)
+                except HttpError as e:
+                    if expects:
+                        # The client waits for our word before sending the body: it gets
+                        # the refusal instead, and the connection ends with it.
+                        self._reject(e)
+                        return
+                    self.refusal = e  # answered once the body that is on its way is read
                 self.pending = req
-                if self.need and req.headers.get("expect", "").lower() == "100-continue":
+                if expects:
                     self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if streamed:
                     # The body goes to the application as it arrives: what is here now, then
@@ -230,7 +291,10 @@ class Connection(asyncio.Protocol):
         self.keep_alive = req.keep_alive
         self.chunked = False
         self.extra_headers = self.app.response_headers(req)
+        refusal, self.refusal = self.refusal, None
         try:
+            if refusal is not None:
+                raise refusal
             await self.app.handle(req, self)
         except HttpError as e:
             self.app.count_status(e.status)
@@ -241,8 +305,9 @@ class Connection(asyncio.Protocol):
             return
         except ConnectionError:
             return
-        except Exception:
-            log.exception("unhandled error in %s %s", req.method, req.path.split("/")[1:3])
+        except Exception as e:
+            # The path's first two segments only: past them may be a conversation id.
+            log_failure(log, f"unhandled error in {req.method} {req.path.split('/')[1:3]}", e)
             self.app.count_status(500)
             if not self.closed:
                 self.keep_alive = False

@@ -8,6 +8,7 @@ import math
 import sys
 
 from ringcast.server.config import SERVE_DESCRIPTION, SERVE_EPILOG, config_from_args, configure
+from ringcast.server.plugin import check_generator
 from ringcast.server.upstream import check_upstream, upstream_is_self
 from ringcast.trace import check_trace
 
@@ -15,7 +16,15 @@ from ringcast.trace import check_trace
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with parsed ``ringcast serve`` arguments (a message naming the option),
     or None. Checked before anything starts."""
-    for name in ("http_procs", "workers", "max_sessions", "session_bytes", "max_body"):
+    for name in (
+        "http_procs",
+        "workers",
+        "max_sessions",
+        "max_sessions_per_key",
+        "session_bytes",
+        "max_body",
+        "max_conns_per_client",
+    ):
         if getattr(args, name) < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
     if args.workers == 0:
@@ -39,6 +48,8 @@ def check_args(args: argparse.Namespace) -> str | None:
                 f"(--port {args.port}); run the model server on another port (e.g. "
                 "llama-server --port 8081) or give ringcast another --port"
             )
+    if args.generator and (problem := check_generator(args.generator)) is not None:
+        return problem
     if args.replay and (problem := check_trace(args.replay)) is not None:
         return f"--replay: {problem}"
     return None

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import math
 import os
+import resource
 import secrets
 
 import msgspec
@@ -39,6 +40,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     workers: int = 1
     segment: str = ""
     max_sessions: int = 1024
+    max_sessions_per_key: int = 0  # 0: half of max_sessions (session_quota)
     session_bytes: int = 4 * 1024 * 1024
     max_id_len: int = 256
     ttl: float = 300.0
@@ -61,6 +63,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     replay: str = ""
     replay_speed: float = 1.0  # 0 = as fast as possible
     max_body: int = 1 << 20
+    max_conns_per_client: int = 0  # 0: a quarter of the open-file limit (conns_per_client)
     write_timeout: float = 120.0
     sse_ping_interval: float = 30.0
     coalesce_ms: float = 40.0
@@ -69,6 +72,20 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     run_dir: str = ""
     log_level: str = "INFO"
     event_loop: str = "uvloop"
+
+    def session_quota(self) -> int:
+        """Running sessions one key may hold at once (``--max-sessions-per-key``; by default
+        half the table, so no one key can fill it and lock the others out)."""
+        return self.max_sessions_per_key or max(1, self.max_sessions // 2)
+
+    def conns_per_client(self) -> int:
+        """Connections one remote address may hold open in one HTTP process
+        (``--max-conns-per-client``; by default a quarter of the process's open-file limit,
+        so one client cannot take every descriptor and lock the others out)."""
+        if self.max_conns_per_client:
+            return self.max_conns_per_client
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, soft // 4) if soft != resource.RLIM_INFINITY else 0
 
 
 _D = ServeConfig()
@@ -150,6 +167,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.max_body,
         metavar="SIZE",
         help="largest request body accepted; larger gets 413",
+    )
+    net.add_argument(
+        "--max-conns-per-client",
+        type=int,
+        default=_D.max_conns_per_client,
+        metavar="N",
+        help="open connections one client address may hold per HTTP process; more are "
+        "answered 429 and closed (default: a quarter of the open-file limit)",
     )
     net.add_argument(
         "--write-timeout",
@@ -285,6 +310,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="session table slots (%(default)s)",
     )
     store.add_argument(
+        "--max-sessions-per-key",
+        type=int,
+        default=_D.max_sessions_per_key,
+        metavar="N",
+        help="running sessions one API key (or, without keys, all clients together) may "
+        "hold at once; a create past it gets 429 (default: half of --max-sessions)",
+    )
+    store.add_argument(
         "--session-bytes",
         type=size_arg,
         default=_D.session_bytes,
@@ -340,12 +373,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_key_spaces(key: str, where: str) -> None:
+    """ValueError for a key with white space at either end: HTTP strips a header value's, so
+    no request could ever send that key, and it would lock out whoever was given it."""
+    if key != key.strip():
+        raise ValueError(
+            f"{where} has white space at its start or end, which no request can send "
+            "(HTTP strips it from header values); remove it"
+        )
+
+
 def _read_keys(args: argparse.Namespace) -> list[str]:
     """The API keys; ValueError for an empty key or a key file without one (either would
     start a server with no authentication at all, which the caller evidently did not want)."""
     keys = list(args.api_key or [])
     if any(not k.strip() for k in keys):
         raise ValueError("--api-key is empty")
+    for k in keys:
+        _check_key_spaces(k, "--api-key")
     if args.api_key_file:
         from_file = []
         with open(args.api_key_file, encoding="utf-8") as f:
@@ -360,6 +405,7 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
     if env_key is not None:
         if not env_key.strip():
             raise ValueError("$RINGCAST_API_KEY is set but empty")
+        _check_key_spaces(env_key, "$RINGCAST_API_KEY")
         keys.append(env_key)
     return keys
 
@@ -369,6 +415,7 @@ _SAME_NAME = (
     "port",
     "workers",
     "max_sessions",
+    "max_sessions_per_key",
     "session_bytes",
     "max_id_len",
     "ttl",
@@ -381,6 +428,7 @@ _SAME_NAME = (
     "prefill_s",
     "default_max_tokens",
     "max_body",
+    "max_conns_per_client",
     "log_level",
     "sse_ping_interval",
     "write_timeout",

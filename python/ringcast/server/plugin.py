@@ -26,6 +26,7 @@ role chunk, final chunk or ``[DONE]`` of its own.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 
 from ringcast.server.store import StreamWriter
@@ -80,6 +81,22 @@ class JobContext:
 
 
 GenerateFn = Callable[[JobContext], AsyncIterator[str | bytes]]
+
+
+def check_generator(spec: str) -> str | None:
+    """What is wrong with a ``--generator`` value that can be told without running its
+    module (the form, a module that is not there), or None. The manager checks this before
+    starting anything; the module itself is imported only by the workers."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        return f"--generator {spec!r}: expected 'module:function'"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        return f"--generator {spec!r}: cannot import {module}: {type(e).__name__}: {e}"
+    if not found:
+        return f"--generator {spec!r}: no module named {module!r} (check PYTHONPATH)"
+    return None
 
 
 def load_generator(spec: str) -> GenerateFn:

@@ -23,11 +23,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 from urllib.parse import unquote
 
 import msgspec
 
 from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
+from ringcast.http.logs import log_failure
 from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
 from ringcast.server import metrics, resume_token
@@ -64,6 +66,8 @@ EXPOSED_HEADERS = (
     "X-Ringcast-Resume-Token"
 )
 
+T = TypeVar("T")
+
 Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
@@ -96,8 +100,11 @@ class App:
         self.index = index
         self.store = store
         self.counters = counters
-        self.http = HttpSettings(cfg.max_body, KEEPALIVE_TIMEOUT, cfg.write_timeout)
+        self.http = HttpSettings(
+            cfg.max_body, KEEPALIVE_TIMEOUT, cfg.write_timeout, cfg.conns_per_client()
+        )
         self.connections: set[Connection] = set()
+        self.connections_per_client: dict[str, int] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
@@ -128,43 +135,60 @@ class App:
     def count_write_timeout(self) -> None:
         self.counters.inc(HttpCounter.WRITE_TIMEOUTS)
 
-    async def handle(self, req: Request, conn: Connection) -> None:
-        """The pre-routing step (route, CORS preflight, authentication), then the route."""
+    def admit(self, req: Request) -> None:
+        """The pre-routing step, on the head alone: CORS preflight, then the key (before the
+        route, so a caller without a key learns nothing of which paths exist), then route
+        and method (404, 405). Leaves ``(handler, owner)`` in ``req.admitted``."""
         self.counters.inc(HttpCounter.REQUESTS)
         if req.method == "OPTIONS" and self.cfg.cors_origins:
-            # CORS preflight (a browser page on another origin sending keys or a conv id).
-            return conn.send(
-                204,
-                b"",
-                headers=[
-                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                    (
-                        "Access-Control-Allow-Headers",
-                        "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID",
-                    ),
-                    ("Access-Control-Max-Age", "600"),
-                ],
-            )
+            req.admitted = (App.preflight, "")
+            return
         route = resolve(req.path)
         if route is None or (route.passed_through and self.cfg.upstream):
             if not self.cfg.upstream:
+                self.owner(req)  # 401 first: no key, no word on which paths exist
                 raise HttpError(404, "File Not Found")
             if not is_public_page(req):
                 self.owner(req)
-            # ringcast's key, if it has keys, is its own; the upstream gets its own key or
-            # the caller's headers as they came (ringcast.server.passthrough).
-            return await passthrough(self.cfg, req, conn, strip_auth=bool(self.key_owners))
-        handler = route.methods.get(req.method)
-        if handler is None:
-            expected = next(iter(route.methods))
-            raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
+            req.admitted = (App.pass_through, "")
+            return
         if not route.keyed:
             owner = ""
         elif route is STREAM_ROUTE and req.method == "GET" and "token=" in req.query:
             owner = self.token_owner(req)
         else:
             owner = self.owner(req)
+        handler = route.methods.get(req.method)
+        if handler is None:
+            expected = next(iter(route.methods))
+            raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
+        req.admitted = (handler, owner)
+
+    async def handle(self, req: Request, conn: Connection) -> None:
+        """The route :meth:`admit` chose, for the owner it authenticated."""
+        handler, owner = cast(tuple[Handler, str], req.admitted)
         await handler(self, req, conn, owner)
+
+    async def pass_through(self, req: Request, conn: Connection, owner: str) -> None:
+        """A request for the upstream (``--upstream``): ringcast's key, if it has keys, is
+        its own; the upstream gets its own key or the caller's headers as they came
+        (:mod:`ringcast.server.passthrough`)."""
+        await passthrough(self.cfg, req, conn, strip_auth=bool(self.key_owners))
+
+    async def preflight(self, req: Request, conn: Connection, owner: str) -> None:
+        """A CORS preflight (a browser page on another origin sending keys or a conv id)."""
+        conn.send(
+            204,
+            b"",
+            headers=[
+                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                (
+                    "Access-Control-Allow-Headers",
+                    "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID",
+                ),
+                ("Access-Control-Max-Age", "600"),
+            ],
+        )
 
     def streams_body(self, req: Request) -> bool:
         """Passed-through requests stream their body to the upstream."""
@@ -186,12 +210,8 @@ class App:
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self.background.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error(
-                "HTTP process %d: background task %s failed",
-                self.index,
-                task.get_coro().__qualname__,  # type: ignore[union-attr]
-                exc_info=exc,
-            )
+            name = task.get_coro().__qualname__  # type: ignore[union-attr]
+            log_failure(log, f"HTTP process {self.index}: background task {name} failed", exc)
 
     # -- request helpers
 
@@ -296,7 +316,31 @@ class App:
 
     # -- completions
 
-    def create_session(self, conv: str, owner: str) -> StreamWriter:
+    async def check_quota(self, conv: str, owner: str, quota_owner: str) -> None:
+        """429 if ``quota_owner`` (the caller's key namespace) already holds its quota of
+        running sessions (``--max-sessions-per-key``), counting its anonymous ones, unless
+        this create replaces one of them. Two creates racing in two processes may both pass:
+        the quota is exceeded by at most the creates in flight, never without bound."""
+        quota = self.cfg.session_quota()
+        running = [i for i in await self.store.list(quota_owner) if not i.is_done]
+        anon_prefix = anon_id_prefix(quota_owner)
+        running += [
+            i
+            for i in await self.store.list(ANON_OWNER)
+            if not i.is_done and i.conversation_id.startswith(anon_prefix)
+        ]
+        if len(running) < quota:
+            return
+        if owner == quota_owner and any(i.conversation_id == conv for i in running):
+            return  # a replacement: the count does not grow
+        raise HttpError(
+            429,
+            f"this API key already has {len(running)} running streams, its limit "
+            f"(--max-sessions-per-key {quota}); wait for one to finish or DELETE one",
+        )
+
+    async def create_session(self, conv: str, owner: str, quota_owner: str) -> StreamWriter:
+        await self.check_quota(conv, owner, quota_owner)
         try:
             return self.store.create(conv, owner)
         except RegistryFull:
@@ -316,17 +360,27 @@ class App:
         stream = self.validate_body(req.body, route)
         conv = self.header_conv_id(req)
         anonymous = conv is None
+        key_owner = owner
         if conv is None:
-            conv, owner = "anon-" + secrets.token_hex(12), ANON_OWNER
-        writer = self.create_session(conv, owner)
-        reader = await self.store.open_reader(conv, 0, owner)
+            conv, owner = anon_id_prefix(key_owner) + secrets.token_hex(12), ANON_OWNER
+        writer = await self.create_session(conv, owner, key_owner)
+        try:
+            reader = await self.store.open_reader(conv, 0, owner)
+        except (SessionNotFound, SessionEnded):
+            # A DELETE or a newer request with the same id came first (from any process).
+            raise HttpError(
+                409,
+                "the stream was deleted or replaced by another request with the same "
+                "conversation id before it started",
+                "conflict",
+            ) from None
         self.counters.inc(HttpCounter.STREAMS_STARTED)
         job = Job(conv, owner, writer.generation, route, req.body)
         self.track(asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer)))
         finished = False
         try:
             if stream:
-                info = await self.store.get(reader.conversation_id, owner)
+                info = await self.store.get(conv, owner)
                 headers = self.resume_headers(reader, info, 0)
                 digest = None if anonymous else self.caller_digest(req)
                 if digest is not None:
@@ -345,18 +399,13 @@ class App:
                     await self.store.cancel(conv, owner)
 
     def validate_body(self, body: bytes, route: str) -> bool:
-        try:
-            if route == "chat":
-                c = chat_request_decoder.decode(body)
-                mt = c.max_tokens if c.max_tokens is not None else c.max_completion_tokens
-                stream, n = c.stream, c.n
-            else:
-                p = completion_request_decoder.decode(body)
-                mt, stream, n = p.max_tokens, p.stream, p.n
-        except msgspec.ValidationError as e:
-            raise HttpError(400, f"invalid request body: {e}") from None
-        except msgspec.DecodeError as e:
-            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+        if route == "chat":
+            c = decode_body(chat_request_decoder, body)
+            mt = c.max_tokens if c.max_tokens is not None else c.max_completion_tokens
+            stream, n = c.stream, c.n
+        else:
+            p = decode_body(completion_request_decoder, body)
+            mt, stream, n = p.max_tokens, p.stream, p.n
         if mt is not None and mt < 0:
             raise HttpError(400, "max_tokens must be >= 0")
         if n != 1:
@@ -377,21 +426,30 @@ class App:
         ]
 
     async def aggregate(self, conn: Connection, reader: StreamReader, route: str) -> bool:
-        """Non-streaming: read the whole session and answer one JSON completion."""
+        """Non-streaming: read the whole session and answer one JSON completion. At most
+        ``--session-bytes`` of it are held (the most a session can buffer anyway): a longer
+        answer is refused with 413 as soon as it gets there, instead of growing this
+        process's memory for as long as the generation runs."""
         body = bytearray()
+        limit = self.cfg.session_bytes
+        too_large = HttpError(
+            413,
+            f"the answer is longer than {limit} bytes, the most a non-streaming response "
+            'holds (--session-bytes); ask with "stream": true or a lower max_tokens',
+        )
         try:
             while True:
                 data = await reader.aread(RELAY_READ)
                 if not data:
                     break
                 body += data
+                if len(body) > limit:
+                    raise too_large
         except SessionEnded as e:
             code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
             raise HttpError(code if code != 409 else 410, message, e.reason) from None
         except OffsetLost:
-            raise HttpError(
-                500, "response larger than the session buffer", "server_error"
-            ) from None
+            raise too_large from None
         finally:
             reader.close()
         text: list[str] = []
@@ -403,7 +461,7 @@ class App:
                 break
             try:
                 chunk = chunk_decoder.decode(data)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 continue
             if chunk.error is not None:
                 code = chunk.error.code if 400 <= chunk.error.code < 600 else 500
@@ -464,6 +522,10 @@ class App:
                 "offset_lost",
                 first_available=e.first_available,
             ) from None
+        except SessionEnded as e:
+            # Deleted, replaced or evicted between its lookup and the reader's attach.
+            code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
+            raise HttpError(code if code < 500 else 410, message, e.reason) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
         # One lookup serves both the end check and the response headers (a lookup reads the
@@ -497,22 +559,24 @@ class App:
         conn.send(204, b"")
 
     async def lookup(self, req: Request, conn: Connection, owner: str) -> None:
-        try:
-            body = lookup_request_decoder.decode(req.body) if req.body.strip() else None
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise HttpError(400, f"invalid body: {e}") from None
+        """llama-server's lookup: each id matches the session with exactly that id and every
+        one whose id starts with ``<id>::``. At most :data:`MAX_LOOKUP_IDS` ids; the caller's
+        sessions are listed once per request, whatever the number of ids, and each session
+        is matched by its own id's prefixes (so the work is ids + sessions, not their
+        product: 250,000 ids once froze a process for 23 s)."""
+        body = decode_body(lookup_request_decoder, req.body) if req.body.strip() else None
+        ids = set((body.conversation_ids or []) if body is not None else [])
+        ids.discard("")
+        if len(ids) > MAX_LOOKUP_IDS:
+            raise HttpError(
+                413,
+                f"{len(ids)} conversation ids in one lookup; at most {MAX_LOOKUP_IDS} are "
+                "accepted per request: split the list",
+            )
         out: list[StreamInfo] = []
-        seen: set[tuple[int, int]] = set()
-        for cid in (body.conversation_ids or []) if body is not None else []:
-            if not cid:
-                continue
-            try:
-                infos = await self.store.lookup_prefix(cid, owner)
-            except InvalidArgument:
-                continue
-            for i in infos:
-                if (i.slot, i.generation) not in seen:
-                    seen.add((i.slot, i.generation))
+        if ids:
+            for i in await self.store.list(owner):
+                if any(p in ids for p in lookup_keys(i.conversation_id)):
                     out.append(self.stream_info(i))
         self.send_json(conn, out)
 
@@ -538,6 +602,42 @@ class App:
     async def metrics(self, req: Request, conn: Connection, owner: str) -> None:
         body = await metrics.render(self.cfg, self.store, self.counters)
         conn.send(200, body, "text/plain; version=0.0.4")
+
+
+MAX_LOOKUP_IDS = 10_000
+"""Most conversation ids one ``POST /v1/streams/lookup`` may ask for (a WebUI asks for its
+stored conversations; thousands is plenty, and the cap bounds the work of one request)."""
+
+
+def lookup_keys(conversation_id: str) -> list[str]:
+    """The lookup ids that match a session with this id: the id itself and each prefix that
+    ends where a ``::`` begins (``a::b::c`` is found by ``a``, ``a::b`` and ``a::b::c``)."""
+    keys = [conversation_id]
+    at = conversation_id.find("::")
+    while at > 0:
+        keys.append(conversation_id[:at])
+        at = conversation_id.find("::", at + 2)
+    return keys
+
+
+def anon_id_prefix(owner: str) -> str:
+    """Start of the random id of an anonymous request made under ``owner``'s key: the
+    sessions live under :data:`ANON_OWNER`, and this is how they count against that key's
+    quota."""
+    return f"anon-{owner}-"
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A JSON request body, or 400 saying what is wrong with it (also for nesting deeper
+    than the decoder's recursion limit, which raises RecursionError)."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise HttpError(400, f"invalid request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise HttpError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HttpError(400, "request body is nested too deeply") from None
 
 
 STREAM_ROUTE = Route({"GET": App.get_stream, "DELETE": App.delete_stream})

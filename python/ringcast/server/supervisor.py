@@ -281,6 +281,7 @@ def serve(cfg: ServeConfig) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    failed = False
     if existed:
         # Re-attached: sessions left running by a previous manager have no producer now.
         mgr.sweep()
@@ -290,6 +291,7 @@ def serve(cfg: ServeConfig) -> int:
         if not mgr.wait_ready(60.0):
             print("ringcast serve: children failed to start", file=sys.stderr)
             mgr.stopping = True
+            failed = True
         else:
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
@@ -310,4 +312,4 @@ def serve(cfg: ServeConfig) -> int:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         os.close(run_lock_fd)
         log.info("stopped")
-    return 0
+    return 1 if failed else 0

@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from ringcast._core import RingcastError, SessionEnded, SessionNotFound
+from ringcast.http.logs import log_failure
 from ringcast.server import rundir
 from ringcast.server.child import child_main
 from ringcast.server.config import ServeConfig
@@ -100,8 +101,8 @@ class WorkerApp:
             w.write(JOB_ACK_GONE)
             w.close()
             return
-        except RingcastError:
-            log.exception("could not adopt a session")
+        except RingcastError as e:
+            log_failure(log, "could not adopt a session", e)
             w.close()  # no ack: the HTTP process fails the session itself
             return
         task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
@@ -135,7 +136,7 @@ class WorkerApp:
         except UpstreamError as e:
             self._fail(writer, e.code, str(e), "upstream_error")
         except Exception as e:
-            log.exception("generator failed")
+            log_failure(log, "a generation failed", e)
             self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
     def _fail(self, writer: StreamWriter, code: int, message: str, type_: str) -> None:
@@ -206,7 +207,12 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
     store = open_store(cfg)
     counters = open_child_counters(cfg, "worker", index)
     counters.set(WorkerCounter.ACTIVE, 0)
-    generate = load_generator(cfg.generator) if cfg.generator else None
+    try:
+        generate = load_generator(cfg.generator) if cfg.generator else None
+    except Exception as e:
+        # One line, not the import's traceback; the manager then stops with an error.
+        log.error("cannot load --generator %s: %s: %s", cfg.generator, type(e).__name__, e)
+        raise SystemExit(2) from None
     if cfg.replay:
         from ringcast.trace import replay_generator
 
