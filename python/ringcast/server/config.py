@@ -40,7 +40,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     workers: int = 1
     segment: str = ""
     max_sessions: int = 1024
-    max_sessions_per_key: int = 0  # 0: half of max_sessions (session_quota)
+    max_sessions_per_key: int = 0  # 0: half of max_sessions with 2+ keys (session_quota)
     session_bytes: int = 4 * 1024 * 1024
     max_id_len: int = 256
     ttl: float = 300.0
@@ -74,9 +74,13 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     event_loop: str = "uvloop"
 
     def session_quota(self) -> int:
-        """Running sessions one key may hold at once (``--max-sessions-per-key``; by default
-        half the table, so no one key can fill it and lock the others out)."""
-        return self.max_sessions_per_key or max(1, self.max_sessions // 2)
+        """Running sessions one key may hold at once, 0 for no limit but the table's
+        (``--max-sessions-per-key``; by default, with two keys or more, half the table, so
+        no one key can fill it and lock the others out; with one key or none there is no
+        other key to lock out)."""
+        if self.max_sessions_per_key:
+            return self.max_sessions_per_key
+        return max(1, self.max_sessions // 2) if len(self.key_digests) >= 2 else 0
 
     def conns_per_client(self) -> int:
         """Connections one remote address may hold open in one HTTP process
@@ -315,7 +319,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.max_sessions_per_key,
         metavar="N",
         help="running sessions one API key (or, without keys, all clients together) may "
-        "hold at once; a create past it gets 429 (default: half of --max-sessions)",
+        "hold at once; a create past it gets 429 (default: half of --max-sessions when "
+        "two or more keys are configured, else no limit but the table)",
     )
     store.add_argument(
         "--session-bytes",

@@ -322,6 +322,8 @@ class App:
         this create replaces one of them. Two creates racing in two processes may both pass:
         the quota is exceeded by at most the creates in flight, never without bound."""
         quota = self.cfg.session_quota()
+        if not quota:
+            return
         running = [i for i in await self.store.list(quota_owner) if not i.is_done]
         anon_prefix = anon_id_prefix(quota_owner)
         running += [
@@ -339,8 +341,9 @@ class App:
             f"(--max-sessions-per-key {quota}); wait for one to finish or DELETE one",
         )
 
-    async def create_session(self, conv: str, owner: str, quota_owner: str) -> StreamWriter:
-        await self.check_quota(conv, owner, quota_owner)
+    def create_session(self, conv: str, owner: str) -> StreamWriter:
+        """Create (or replace) the session ``(owner, conv)``; 503 when every slot holds a
+        running stream."""
         try:
             return self.store.create(conv, owner)
         except RegistryFull:
@@ -363,7 +366,8 @@ class App:
         key_owner = owner
         if conv is None:
             conv, owner = anon_id_prefix(key_owner) + secrets.token_hex(12), ANON_OWNER
-        writer = await self.create_session(conv, owner, key_owner)
+        await self.check_quota(conv, owner, key_owner)
+        writer = self.create_session(conv, owner)
         try:
             reader = await self.store.open_reader(conv, 0, owner)
         except (SessionNotFound, SessionEnded):

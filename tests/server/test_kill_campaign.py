@@ -1,0 +1,30 @@
+"""The kill -9 campaign (``bench/kill_campaign.py``) at a CI size: every kind of process,
+the manager included, killed at random points while clients stream; every client, resumed
+after each drop, ends with exactly its stream's bytes. The full campaign (200 kills, with
+the time from each kill to the terminal event) is run by hand; its figures are in
+``bench/RESULTS.md``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kill_campaign.py"
+
+
+def test_kill_campaign_resumes_every_client_byte_for_byte() -> None:
+    spec = importlib.util.spec_from_file_location("kill_campaign", BENCH)
+    assert spec is not None and spec.loader is not None
+    campaign = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = campaign  # its dataclasses look their module up there
+    spec.loader.exec_module(campaign)
+    kills = asyncio.run(campaign.campaign(rounds=9, seed=1, clients=3, tokens=40, tps=100.0))
+    assert {k.kind for k in kills} == {"worker", "http", "manager"}
+    assert len(kills) == 9
+    print(campaign.summary(kills))
