@@ -30,12 +30,28 @@ import logging
 import select
 import weakref
 
-from ringcast._core import Notifier, Reader
+from ringcast._core import Notifier, Reader, SessionEnded
 
 log = logging.getLogger("ringcast.aio")
 
 RESCAN_S = 1.0
 """How often a loop with waiting readers scans their sessions without being told to."""
+
+PRODUCER_CHECK_S = 0.5
+"""How often a loop with waiting readers looks at their sessions' producers. A producer
+found dead twice in a row (so that a sweeping ``ringcast serve`` manager has had its chance to
+take the session over and end it in-band) fails the waiting reads with
+``SessionEnded("producer_died")``: without a manager, a reader learns of the death within
+about a second instead of waiting for ever. Blocking ``Reader.read`` does the same."""
+
+
+def _producer_died(pid: int) -> SessionEnded:
+    exc = SessionEnded(
+        f"the producer of this session (pid {pid}) died without finalizing it; no more bytes "
+        "will come unless another process takes the session over (Segment.take_over_dead)"
+    )
+    exc.reason = "producer_died"
+    return exc
 
 
 def _release(notifier: Notifier, subscribed: dict[int, int]) -> None:
@@ -72,6 +88,10 @@ class _LoopHub:
         self._finalizer = weakref.finalize(loop, _release, notifier, self._subscribed)
         loop.add_reader(notifier.fileno(), self._on_ready)
         self._rescan_handle = loop.call_later(RESCAN_S, self._rescan)
+        # (slot, generation) -> one waiting reader of it, whose producer is checked.
+        self._watched: dict[tuple[int, int], Reader] = {}
+        self._dead_once: set[tuple[int, int]] = set()
+        self._check_handle: asyncio.TimerHandle | None = None
 
     def _rescan(self) -> None:
         """Safety net: every RESCAN_S, re-arm and scan for readers still waiting. The wake-up
@@ -129,6 +149,37 @@ class _LoopHub:
                 "async readers here are now woken only by the once-a-second rescan"
             )
 
+    def _check_producers(self) -> None:
+        """Every PRODUCER_CHECK_S while readers wait: fail the waits of sessions whose
+        producer was found dead at this check and the one before."""
+        self._check_handle = None
+        for key, reader in list(self._watched.items()):
+            pid = reader.dead_producer()
+            if pid is None:
+                self._dead_once.discard(key)
+            elif key not in self._dead_once:
+                self._dead_once.add(key)
+            else:
+                self._dead_once.discard(key)
+                self._fail(key, pid)
+        self._arm_check()
+
+    def _arm_check(self) -> None:
+        loop = self._loop()
+        if self._watched and self._check_handle is None and loop is not None:
+            self._check_handle = loop.call_later(PRODUCER_CHECK_S, self._check_producers)
+
+    def _fail(self, key: tuple[int, int], pid: int) -> None:
+        slot, generation = key
+        self._watched.pop(key, None)
+        by_gen = self._waiters.get(slot)
+        futures = by_gen.pop(generation, []) if by_gen is not None else []
+        if by_gen is not None and not by_gen:
+            del self._waiters[slot]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(_producer_died(pid))
+
     def _on_ready(self) -> None:
         self._wake(self._notifier.drain())
         # Readers still waiting need the next change signalled. (Readers just woken re-arm when
@@ -155,6 +206,9 @@ class _LoopHub:
         woken = 0
         for slot in changed:
             by_gen = self._waiters.pop(slot, None)
+            if by_gen is not None:
+                for gen in by_gen:
+                    self._watched.pop((slot, gen), None)
             if by_gen is None:
                 # Advanced with nobody waiting: stop listening to it.
                 generation = self._subscribed.pop(slot, None)
@@ -179,6 +233,8 @@ class _LoopHub:
             self._subscribed[slot] = generation
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
+        self._watched.setdefault((slot, generation), reader)
+        self._arm_check()
         # About to wait: if a producer disarmed this process, yield the CPU once first (what
         # it appends meanwhile needs no wake-up).
         self._rearm(yield_first=True)
@@ -208,11 +264,14 @@ class _LoopHub:
             return
         if not futures:
             del by_gen[generation]
+            self._watched.pop((slot, generation), None)
             if not by_gen:
                 del self._waiters[slot]
 
     def close(self) -> None:
         self._rescan_handle.cancel()
+        if self._check_handle is not None:
+            self._check_handle.cancel()
         loop = self._loop()
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self._notifier.fileno())

@@ -31,9 +31,11 @@ class SessionNotFound(RingcastError, KeyError):
     """No live session has this conversation id (for this owner)."""
 
 class SessionEnded(RingcastError):
-    """The session a handle pointed at is gone: cancelled, replaced or evicted.
+    """The session a handle pointed at is gone: cancelled, replaced or evicted; or its
+    producer died.
 
-    ``reason`` is one of ``"cancelled"``, ``"replaced"``, ``"evicted"``.
+    ``reason`` is one of ``"cancelled"``, ``"replaced"``, ``"evicted"``, ``"producer_died"``
+    (a reader waiting on a running session whose producer process is gone).
     """
 
     reason: str
@@ -254,13 +256,22 @@ class Reader:
 
         Returns ``b""`` at the end of a finished stream *and* when the timeout passes with no
         data: check ``at_end`` to tell which. Raises ``OffsetLost`` if the reader fell behind
-        the ring and ``SessionEnded`` if the session was cancelled, replaced or evicted.
+        the ring and ``SessionEnded`` if the session was cancelled, replaced or evicted, or
+        (``reason == "producer_died"``) if, while it waits, the running session's producer
+        process is found gone twice half a second apart: within about a second of the death,
+        with or without a ``ringcast serve`` manager (which would take the session over and
+        end it in-band first).
         """
+    def dead_producer(self) -> int | None:
+        """The pid of the session's producer if the session is running but that process is
+        gone (no byte will come unless another process takes the session over), else
+        ``None``. Reads ``/proc``: for a waiting reader now and then, not per read."""
     def read_nowait(self, max_bytes: int = 1 << 20) -> bytes | None:
         """Bytes available now, ``b""`` at the end, ``None`` if it would have to wait."""
     def aread(self, max_bytes: int = 1 << 20) -> Awaitable[bytes]:
         """Awaitable ``read``: waits through this process's ``Notifier`` without blocking the
         event loop or holding a thread. Returns ``b""`` only at the end of a finished stream.
+        Raises what ``read`` raises, ``SessionEnded("producer_died")`` included.
         Bad arguments and a closed reader or segment fail when this is called, not when
         awaited. (Written in Python, ``ringcast._aio``; ``ringcast/__init__.py`` installs it
         on this class.)

@@ -307,6 +307,24 @@ impl Reader {
             || m.cursor.load(Ordering::Acquire) > self.offset
     }
 
+    /// The pid of this session's producer if the session is still running but its producer
+    /// process (pid and start time) is gone: no byte will come unless another process takes
+    /// the session over (`Segment::take_over_dead`, what `ringcast serve`'s manager does).
+    /// Reads `/proc/<pid>/stat`, so a waiting reader asks now and then, not per wake-up.
+    pub fn dead_producer(&self) -> Option<u32> {
+        let m = self.meta();
+        let producer = process::ProcessId {
+            pid: m.producer_pid.load(Ordering::Acquire),
+            start_time: m.producer_start.load(Ordering::Acquire),
+        };
+        let running = m.state.load(Ordering::Acquire) == state::RUNNING;
+        // The generation is checked last: the producer fields read above belong to it.
+        if !running || m.generation.load(Ordering::Acquire) != self.generation {
+            return None;
+        }
+        (producer.pid != 0 && !producer.is_alive()).then_some(producer.pid)
+    }
+
     /// True when the session is finished and this reader has every byte.
     pub fn at_end(&self) -> bool {
         let m = self.meta();

@@ -62,8 +62,11 @@ pub(crate) fn add_exceptions<'py>(py: Python<'py>, m: &Bound<'py, PyModule>) -> 
         ended: mk(
             "SessionEnded",
             one()?,
-            "The session a handle pointed at is gone: cancelled, replaced or evicted.\n\n\
-             ``reason`` is one of ``\"cancelled\"``, ``\"replaced\"``, ``\"evicted\"``.",
+            "The session a handle pointed at is gone: cancelled, replaced or evicted; or its \
+             producer died.\n\n\
+             ``reason`` is one of ``\"cancelled\"``, ``\"replaced\"``, ``\"evicted\"``, \
+             ``\"producer_died\"`` (a reader waiting on a running session whose producer \
+             process is gone).",
         )?,
         offset_lost: mk(
             "OffsetLost",
@@ -128,6 +131,23 @@ pub(crate) fn to_py(py: Python<'_>, e: core::Error) -> PyErr {
         ),
         core::Error::RegistryFull { .. } => build(&x.full, &[]),
         core::Error::TooManyProcesses => build(&x.base, &[]),
+    }
+}
+
+/// `SessionEnded("producer_died")`: the session is still running in the segment, but the
+/// process producing it is gone.
+pub(crate) fn producer_died(py: Python<'_>, pid: u32) -> PyErr {
+    let msg = format!(
+        "the producer of this session (pid {pid}) died without finalizing it; no more bytes \
+         will come unless another process takes the session over (Segment.take_over_dead)"
+    );
+    let cls = exceptions(py).ended.bind(py);
+    match cls.call1((msg,)) {
+        Ok(obj) => match obj.setattr("reason", "producer_died") {
+            Ok(()) => PyErr::from_value(obj),
+            Err(err) => err,
+        },
+        Err(err) => err,
     }
 }
 

@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyMemoryView};
 
 use ringcast_core as core;
 
-use crate::errors::{reader_closed, to_py, IntoPyResult};
+use crate::errors::{producer_died, reader_closed, to_py, IntoPyResult};
 use crate::notifier::Notifier;
 
 /// Copies above this size release the GIL.
@@ -295,6 +295,7 @@ impl Reader {
         // 1 MiB, cost every wake-up a zeroed megabyte), then copy exactly what is there into
         // the bytes object. The wait is interrupted now and then so that Ctrl-C reaches Python.
         let deadline = t.map(|t| Instant::now() + t);
+        let mut watch = ProducerWatch::default();
         loop {
             let slice = Duration::from_millis(200);
             let step = match deadline {
@@ -310,10 +311,19 @@ impl Reader {
                 // go on, but still bounded by the timeout and interruptible.
             }
             py.check_signals()?;
+            if let Some(pid) = watch.check(&*r) {
+                return Err(producer_died(py, pid));
+            }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(PyBytes::new(py, b"").unbind());
             }
         }
+    }
+
+    /// The pid of this session's producer if the session is running but that process is
+    /// gone (no byte will come unless another process takes the session over), else None.
+    fn dead_producer(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        Ok(self.get_ref(py)?.dead_producer())
     }
 
     /// Like ``read`` but fills a writable buffer; returns the byte count. The copy runs
@@ -373,6 +383,40 @@ impl Reader {
                 r.offset()
             ),
             None => "Reader(closed)".into(),
+        }
+    }
+}
+
+/// How a blocking ``read`` learns that its producer died when no manager sweeps the segment:
+/// every ``PRODUCER_CHECK`` of waiting it looks at the producer, and a producer found dead
+/// twice in a row (so a sweeping manager has had its chance to take the session over and end
+/// it in-band) ends the read with ``SessionEnded("producer_died")``: within about a second.
+#[derive(Default)]
+struct ProducerWatch {
+    last: Option<Instant>,
+    dead_once: bool,
+}
+
+const PRODUCER_CHECK: Duration = Duration::from_millis(500);
+
+impl ProducerWatch {
+    fn check(&mut self, r: &core::Reader) -> Option<u32> {
+        let now = Instant::now();
+        let last = *self.last.get_or_insert(now);
+        if now.duration_since(last) < PRODUCER_CHECK {
+            return None;
+        }
+        self.last = Some(now);
+        match r.dead_producer() {
+            Some(pid) if self.dead_once => Some(pid),
+            Some(_) => {
+                self.dead_once = true;
+                None
+            }
+            None => {
+                self.dead_once = false;
+                None
+            }
         }
     }
 }
