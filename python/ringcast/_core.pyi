@@ -54,7 +54,7 @@ class InvalidArgument(RingcastError, ValueError):
     """A bad argument: an over-long or empty conversation id, a zero size, and so on."""
 
 class RegistryFull(RingcastError):
-    """Every session slot is in use; evict something first."""
+    """Every session slot holds a running stream (finished sessions are evicted to make room)."""
 
 @final
 class SessionInfo:
@@ -102,6 +102,12 @@ class SegmentStats:
     """Apparent size of the segment file (it is sparse)."""
     resident_bytes: int
     """Bytes the file really occupies in memory (allocated blocks)."""
+    registry_rebuilds: int
+    """Times the registry (index, free stack, finished list) was rebuilt from the slots: after
+    a process died holding its lock, or when it was found damaged."""
+    lru_evictions: int
+    """Finished sessions evicted, least recently used first, by creates that found every slot
+    taken (since the segment was created)."""
 
 @final
 class Segment:

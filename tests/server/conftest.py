@@ -541,6 +541,7 @@ class _MemStats:
     max_sessions = 1024
     bytes_buffered = 0
     resident_bytes = 0
+    lru_evictions = 0
 
 
 class MemoryStore:

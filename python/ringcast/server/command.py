@@ -25,7 +25,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         "max_body",
         "max_conns_per_client",
     ):
-        if getattr(args, name) < 0:
+        value = getattr(args, name)  # None: not given, a default applies
+        if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
     if args.workers == 0:
         return "--workers must be at least 1"

@@ -33,13 +33,28 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Hours of resumable sessions at a busy node (a million at 300 streams/s is ~58 min): the
+# registry's cost does not grow with the table, and the segment is sparse (memory follows the
+# sessions held, ~5 KiB per small finished one; see docs/ARCHITECTURE.md).
+DEFAULT_MAX_SESSIONS = 1 << 20
+# The file is sparse, but its apparent size still meets limits (16 TiB per file on ext4, the
+# address space of every process that maps it): a default table keeps it within this.
+DEFAULT_SEGMENT_LIMIT = 4 << 40
+
+
+def default_max_sessions(session_bytes: int) -> int:
+    """The table size when ``--max-sessions`` is not given: ``DEFAULT_MAX_SESSIONS``, fewer
+    for rings so large that the segment file would pass ``DEFAULT_SEGMENT_LIMIT``."""
+    return max(1024, min(DEFAULT_MAX_SESSIONS, DEFAULT_SEGMENT_LIMIT // max(session_bytes, 1)))
+
+
 class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     http_procs: int = 0
     workers: int = 1
     segment: str = ""
-    max_sessions: int = 1024
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # from the command line: default_max_sessions()
     max_sessions_per_key: int = 0  # 0: half of max_sessions with 2+ keys (session_quota)
     session_bytes: int = 4 * 1024 * 1024
     max_id_len: int = 256
@@ -310,8 +325,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     store.add_argument(
         "--max-sessions",
         type=int,
-        default=_D.max_sessions,
-        help="session table slots (%(default)s)",
+        default=None,
+        help=f"session table slots (default {DEFAULT_MAX_SESSIONS}, fewer if --session-bytes "
+        f"would make the sparse segment file larger than {DEFAULT_SEGMENT_LIMIT >> 40} TiB)",
     )
     store.add_argument(
         "--max-sessions-per-key",
@@ -419,7 +435,6 @@ _SAME_NAME = (
     "host",
     "port",
     "workers",
-    "max_sessions",
     "max_sessions_per_key",
     "session_bytes",
     "max_id_len",
@@ -450,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         **{name: getattr(args, name) for name in _SAME_NAME},
         http_procs=args.http_procs or (os.cpu_count() or 1),
+        max_sessions=args.max_sessions or default_max_sessions(args.session_bytes),
         segment=args.segment or "",
         key_digests=(digests := [key_digest(k) for k in _read_keys(args)]),
         resume_secret=secrets.token_hex(32) if digests else "",

@@ -79,7 +79,11 @@ async def render(cfg: ServeConfig, store: StreamStore, counters: SharedCounters)
             ('{reason="idle"}', mgr[ManagerCounter.EVICTIONS_IDLE]),
             (
                 '{reason="lru"}',
-                mgr[ManagerCounter.EVICTIONS_LRU] + total(http, HttpCounter.EVICTIONS_LRU),
+                # The manager's sweep, --evict-running's creates, and the segment's own count
+                # of finished sessions its creates evicted.
+                mgr[ManagerCounter.EVICTIONS_LRU]
+                + total(http, HttpCounter.EVICTIONS_LRU)
+                + stats.lru_evictions,
             ),
         ],
     )

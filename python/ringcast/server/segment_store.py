@@ -37,8 +37,12 @@ class SegmentStore:
 
     def create(self, conversation_id: str, owner: str) -> Writer:
         try:
+            # A full table evicts its least recently used finished session inside this call.
             return self.segment.create_or_replace(conversation_id, owner)
         except RegistryFull:
+            # Every slot holds a running stream: only ``--evict-running`` may end one.
+            if not self.evict_running:
+                raise
             n = evict_lru(self.segment, 1, self.evict_running)
             if self.on_evicted is not None:
                 self.on_evicted(n)

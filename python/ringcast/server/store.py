@@ -162,6 +162,10 @@ class StoreStats(Protocol):
     def bytes_buffered(self) -> int: ...
     @property
     def resident_bytes(self) -> int: ...
+    @property
+    def lru_evictions(self) -> int:
+        """Finished streams the store itself evicted to make room for a create."""
+        ...
 
 
 class StreamStore(Protocol):

@@ -83,7 +83,9 @@ impl fmt::Display for Error {
             ),
             Error::RegistryFull { max_sessions } => write!(
                 f,
-                "all {max_sessions} session slots are in use; evict finished sessions or create the segment with a larger max_sessions"
+                "all {max_sessions} session slots hold running streams (finished sessions are \
+                 evicted to make room); retry once one finishes, or create the segment with a \
+                 larger max_sessions"
             ),
             Error::TooManyProcesses => write!(
                 f,

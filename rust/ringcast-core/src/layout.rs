@@ -6,6 +6,7 @@
 //! procs_offset      ProcEntry × MAX_PROCESSES (liveness, wake-ups)    128 B each
 //! counts_offset     reader counts: AtomicU64 × MAX_PROCESSES × slots  row per process
 //! slots_offset      SlotMeta + id bytes + owner bytes, × slots         slot_stride each
+//! index_offset      session index: AtomicU64 × index_buckets           (see `index`)
 //! rings_offset      ring bytes, × slots                                ring_stride each (pages)
 //! ```
 //! Only the header's constants are read without atomics, once, at open; they are copied into a
@@ -17,7 +18,7 @@ use crate::sys::robust_mutex::MUTEX_BYTES;
 
 pub const MAGIC: [u8; 8] = *b"RINGCAST";
 /// Bumped on every incompatible change of anything in this file.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
 pub const MAX_PROCESSES: usize = 64;
 /// Longest owner (tenant) tag, in bytes.
@@ -26,6 +27,16 @@ pub const MAX_OWNER_LEN: usize = 128;
 pub const MIN_ID_LEN: u32 = 256;
 pub const MAX_ID_LEN: u32 = 64 * 1024;
 pub const MAX_SESSIONS: u32 = 1 << 20;
+
+/// Which registry list holds a slot, as stored in `SlotMeta::list`.
+pub mod list {
+    /// On no list: a live running session, an INIT slot, or a slot never used.
+    pub const NONE: u32 = 0;
+    /// On the free stack (`RegistryHead::free_head`).
+    pub const FREE: u32 = 1;
+    /// On the list of finished sessions, least recently used first (`RegistryHead::lru_head`).
+    pub const FINISHED: u32 = 2;
+}
 
 /// Session states as stored in `SlotMeta::state`.
 pub mod state {
@@ -66,18 +77,55 @@ pub struct HeaderConsts {
     /// Written last at creation: a segment whose creator died mid-way is never opened.
     pub ready: AtomicU32,
     pub _reserved: u32,
+    // Added in layout 4, after the fields older tools poke at.
+    pub index_offset: u64,
+    pub index_buckets: u64,
+    /// Key of the index's keyed hash (from `getrandom` at creation; never leaves the file).
+    pub hash_key: [u64; 2],
 }
 const _: () = assert!(std::mem::size_of::<HeaderConsts>() <= LOCK_OFFSET);
 pub const LOCK_OFFSET: usize = 256;
-/// Allocation hint for the next free slot (spreads sessions, avoids rescanning).
-pub const HINT_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
 /// Source of generations (u64, bumped under the registry lock): a generation names one
 /// session in the whole segment, not just within its slot.
-pub const GENERATION_OFFSET: usize = HINT_OFFSET + 8;
+pub const GENERATION_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
 /// Set in a slot's `generation` when its session has left (the slot is free).
 pub const ENDED_BIT: u64 = 1 << 63;
+/// Where the [`RegistryHead`] lives in the header page.
+pub const REGISTRY_OFFSET: usize = 512;
 pub const HEADER_BYTES: usize = 4096;
-const _: () = assert!(GENERATION_OFFSET + 8 <= HEADER_BYTES);
+const _: () = assert!(GENERATION_OFFSET + 8 <= REGISTRY_OFFSET);
+const _: () = assert!(REGISTRY_OFFSET + std::mem::size_of::<RegistryHead>() <= HEADER_BYTES);
+
+/// The registry's own state, beside the index: written under the registry lock, rebuilt from
+/// the slots by a locker that finds it torn (its previous holder died) or damaged. Slot numbers
+/// are stored `+ 1`, so 0 means none.
+#[repr(C, align(128))]
+pub struct RegistryHead {
+    /// The index's seqlock word (odd while a removal moves entries; see `index`).
+    pub index_version: AtomicU64,
+    /// Slots `[0, high_water)` have held a session at some point; the rest were never touched
+    /// (allocation takes the free stack first, so the used part stays dense and small).
+    pub high_water: AtomicU32,
+    /// Top of the stack of free slots (linked through `SlotMeta::next`).
+    pub free_head: AtomicU32,
+    /// Least and most recently used finished sessions (linked through `prev` / `next`).
+    pub lru_head: AtomicU32,
+    pub lru_tail: AtomicU32,
+    /// Sessions installed (running or finished), and how many of them are finished.
+    pub live: AtomicU32,
+    pub finished: AtomicU32,
+    /// Times the registry was rebuilt from its slots (a dead lock holder or damage found).
+    pub rebuilds: AtomicU64,
+    /// Finished sessions evicted by creates that found the table full.
+    pub lru_evictions: AtomicU64,
+    /// Set by a lock-free reader that saw the index disagree with a slot: the next locker
+    /// rebuilds.
+    pub damaged: AtomicU32,
+    /// A second copy of `high_water`: the larger of the two counts, so one scribbled word
+    /// cannot hide sessions from a rebuild (which scans only the slots ever used).
+    pub high_water_copy: AtomicU32,
+}
+const _: () = assert!(std::mem::size_of::<RegistryHead>() == 128);
 
 /// One process's row (one per segment handle): who owns it, and how to wake its event loop
 /// (see `notify`). Written by its owner, except `armed`, which producers move to SENDING and IDLE.
@@ -147,7 +195,16 @@ pub struct SlotMeta {
     pub completed_at_ns: AtomicU64,
     /// Identity of the one Writer handle allowed to append (set at create, adopt, take-over).
     pub producer_token: AtomicU64,
-    pub _pad2b: [u64; 5],
+    /// The index bucket holding this live session's entry.
+    pub index_pos: AtomicU32,
+    /// Which registry list the slot is on (`list::*`), and its neighbours there (slot + 1).
+    pub list: AtomicU32,
+    pub prev: AtomicU32,
+    pub next: AtomicU32,
+    /// When the slot joined the finished list's tail: a reader attaching later
+    /// (`last_access_ns` newer) earns it a second chance before LRU eviction.
+    pub queued_at_ns: AtomicU64,
+    pub _pad2b: [u64; 2],
 }
 const _: () = assert!(std::mem::size_of::<SlotMeta>() == 384);
 const _: () = assert!(std::mem::align_of::<SlotMeta>() == 128);
@@ -164,6 +221,8 @@ pub struct Geometry {
     pub procs_offset: u64,
     pub counts_offset: u64,
     pub slots_offset: u64,
+    pub index_offset: u64,
+    pub index_buckets: u64,
     pub rings_offset: u64,
     pub file_bytes: u64,
 }
@@ -190,10 +249,12 @@ impl Geometry {
             std::mem::size_of::<SlotMeta>() as u64 + max_id_len as u64 + MAX_OWNER_LEN as u64,
             128,
         )?;
-        let rings_offset = round_up(
+        let index_offset = round_up(
             slots_offset.checked_add(slot_stride.checked_mul(n)?)?,
             page64,
         )?;
+        let index_buckets = crate::index::buckets_for(max_sessions);
+        let rings_offset = round_up(index_offset.checked_add(index_buckets * 8)?, page64)?;
         let ring_stride = round_up(session_bytes, page64)?;
         let file_bytes = rings_offset.checked_add(ring_stride.checked_mul(n)?)?;
         if file_bytes > isize::MAX as u64 {
@@ -209,6 +270,8 @@ impl Geometry {
             procs_offset,
             counts_offset,
             slots_offset,
+            index_offset,
+            index_buckets,
             rings_offset,
             file_bytes,
         })
@@ -243,6 +306,8 @@ impl Geometry {
             procs_offset: h.procs_offset,
             counts_offset: h.counts_offset,
             slots_offset: h.slots_offset,
+            index_offset: h.index_offset,
+            index_buckets: h.index_buckets,
             rings_offset: h.rings_offset,
             file_bytes: h.file_bytes,
             ..g

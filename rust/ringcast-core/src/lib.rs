@@ -21,12 +21,14 @@
 //! Lowest first; a module uses only modules before it (`ci/check-core-layers.py` fails CI on
 //! an upward use or a cycle):
 //!
-//! sync → backoff → sys → layout → error → view → ring → notify → registry → stream → segment
+//! sync → backoff → sys → index → layout → error → view → ring → notify → registry → stream → segment
 //!
 //! - `sync`: the only import of atomics (`std`, or `loom` under `--cfg loom`);
 //!   `backoff`: bounded spin-then-yield waits.
 //! - `sys`: the system calls (`sys/futex.rs` the only `SYS_futex` caller, `sys/mmap.rs` the
 //!   only mapping, the robust mutex, datagram sockets, process identity).
+//! - `index`: the session index's algorithm (open addressing, keyed hash), generic over its
+//!   buckets (heap under loom and proptest, the view in production).
 //! - `layout`: the `#[repr(C)]` shared structs and the validated `Geometry`; `error`.
 //! - `view`: the typed view of the mapping, the only place that computes an address, with its
 //!   safety argument.
@@ -36,6 +38,7 @@
 //! - `registry`: sessions in slots: allocation, install, end, recovery, lookups, reader counts.
 //! - `stream`: `Writer` and `Reader`; `segment`: the public `Segment` facade.
 
+pub mod index;
 pub mod ring;
 pub(crate) mod sync;
 

@@ -5,16 +5,26 @@
 //! registry lock), the lock-free lookups (`find`, `snapshot`: seqlock-style reads that trust
 //! only what did not change under them), producer claims (which Writer may append), reader
 //! counts, and the process-table row and notifier of this handle.
+//!
+//! Every operation on one session costs O(1) whatever the number of slots: lookups go through
+//! the index (`index`, its buckets in the segment), free slots are a stack, finished sessions a
+//! list in least-recently-used order (both linked through the slots), and the slots ever used
+//! are `[0, high_water)`, so whole-table views scan only those. Those structures are written
+//! under the lock in steps a crash can cut anywhere; the next locker (`Locked::OwnerDied`)
+//! rebuilds them all from the slots' own states, as does any locker that finds them damaged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backoff::Backoff;
 use crate::error::{EndReason, Error, Result, SegmentError};
-use crate::layout::{end_reason, state, SlotMeta, ENDED_BIT, MAX_OWNER_LEN, MAX_PROCESSES};
+use crate::index::{self, Index, Lookup};
+use crate::layout::{
+    end_reason, list, state, RegistryHead, SlotMeta, ENDED_BIT, MAX_OWNER_LEN, MAX_PROCESSES,
+};
 use crate::notify::{self, Notifier, Wakers};
 use crate::ring::{self, Cursors};
-use crate::sync::{fence, AtomicBool, AtomicU64, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::sys::process::{self, ProcessId};
 use crate::sys::robust_mutex::Locked;
 use crate::view::SegmentView;
@@ -100,16 +110,6 @@ fn new_token(me: ProcessId) -> u64 {
 /// Whether the process encoded in a `busy` word (`pid | start_low32 << 32`) still runs.
 pub(crate) fn busy_holder_alive(busy: u64) -> bool {
     process::alive_with_start_low32(busy as u32, (busy >> 32) as u32)
-}
-
-/// FNV-1a over owner, a separator, and id: a cheap filter before comparing bytes.
-fn id_hash(owner: &[u8], id: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in owner.iter().chain(&[0xffu8]).chain(id) {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h | 1 // never 0, so a zeroed slot never matches
 }
 
 fn reason_code(r: EndReason) -> u8 {
@@ -228,30 +228,93 @@ impl Registry {
             .map_err(|e| Error::io(&self.path, "lock the registry of", e))?;
         let guard = RegistryGuard { reg: self };
         if how == Locked::OwnerDied {
-            guard.recover();
+            guard.rebuild(true, "its lock holder died");
             // SAFETY: we hold the lock, obtained with EOWNERDEAD, and repaired the registry.
             unsafe { self.view.mark_registry_consistent() }
                 .map_err(|e| Error::io(&self.path, "repair the registry of", e))?;
+        } else if self.head().damaged.load(Ordering::Relaxed) != 0 {
+            guard.rebuild(false, "a reader found the index disagreeing with a slot");
         }
         Ok(guard)
     }
 
-    /// Finds the live session of (owner, id) without locking.
-    pub(crate) fn find(&self, id: &str, owner: &str) -> Option<(u32, u64)> {
-        let h = id_hash(owner.as_bytes(), id.as_bytes());
-        for slot in 0..self.view.geometry().max_sessions {
-            let m = self.view.slot(slot);
-            if m.id_hash.load(Ordering::Relaxed) != h {
-                continue;
-            }
-            let found = read_stable(m, |_| self.view.read_key(slot));
-            if let Some((gen, (kid, kowner))) = found {
-                if kid == id.as_bytes() && kowner == owner.as_bytes() {
-                    return Some((slot, gen));
-                }
-            }
+    fn head(&self) -> &RegistryHead {
+        self.view.registry_head()
+    }
+
+    fn index(&self) -> Index<'_, SegmentView> {
+        Index {
+            buckets: &self.view,
+            version: &self.head().index_version,
         }
-        None
+    }
+
+    fn key_hash(&self, id: &str, owner: &str) -> u64 {
+        index::key_hash(self.view.hash_key(), owner.as_bytes(), id.as_bytes())
+    }
+
+    /// Slots that ever held a session (`high_water`, clamped: it is segment data). Whole-table
+    /// views (list, usage, a process row's cleanup) scan only these.
+    fn used_slots(&self) -> u32 {
+        let head = self.head();
+        let copies = [&head.high_water, &head.high_water_copy];
+        copies
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+            .min(self.view.geometry().max_sessions)
+    }
+
+    /// Whether `slot` holds the live session of (owner, id) now: its generation if so.
+    fn holds(&self, slot: u32, hash: u64, id: &str, owner: &str) -> Option<u64> {
+        let m = self.view.slot(slot);
+        if m.id_hash.load(Ordering::Relaxed) != hash {
+            return None;
+        }
+        let (gen, ()) = read_stable(m, |_| {
+            let (kid, kowner) = self.view.read_key(slot)?;
+            (kid == id.as_bytes() && kowner == owner.as_bytes()).then_some(())
+        })?;
+        // Generation marked ended, slot not freed yet: an `end` in progress.
+        (gen & ENDED_BIT == 0).then_some(gen)
+    }
+
+    /// Whether a process with a row (dead or not: no liveness check, this is a hint for
+    /// eviction) counts a reader of `gen` in `slot`.
+    fn has_readers(&self, slot: u32, gen: u64) -> bool {
+        (0..MAX_PROCESSES).any(|i| {
+            self.view.proc_entry(i).pid.load(Ordering::Relaxed) != 0 && {
+                let cell = self.view.count_cell(i, slot).load(Ordering::Acquire);
+                cell >> 32 == gen & 0xffff_ffff && cell as u32 > 0
+            }
+        })
+    }
+
+    /// Finds the live session of (owner, id) without locking: O(1), through the index. Only
+    /// when removals keep moving entries under it does it look again under the lock.
+    pub(crate) fn find(&self, id: &str, owner: &str) -> Option<(u32, u64)> {
+        let hash = self.key_hash(id, owner);
+        let mut gen = 0;
+        let max_sessions = self.view.geometry().max_sessions;
+        let found = self.index().find(hash, max_sessions, |slot| {
+            self.holds(slot, hash, id, owner).map(|g| gen = g).is_some()
+        });
+        match found {
+            Lookup::Hit { slot, pos, version } => {
+                if self.view.slot(slot).index_pos.load(Ordering::Relaxed) as usize != pos
+                    && !self.index().moved_since(version)
+                {
+                    // The right session (its slot said so), found through a bucket the slot
+                    // does not name while nothing moved: the index was damaged. The next
+                    // locker rebuilds it.
+                    self.head().damaged.store(1, Ordering::Relaxed);
+                }
+                Some((slot, gen))
+            }
+            Lookup::Miss => None,
+            Lookup::Unsure => self.lock().ok()?.find(hash, id, owner),
+        }
     }
 
     fn not_found(id: &str) -> Error {
@@ -354,7 +417,7 @@ impl Registry {
         let alive = self.alive_procs();
         let mut cache = HashMap::new();
         let mut out = Vec::new();
-        for slot in 0..self.view.geometry().max_sessions {
+        for slot in 0..self.used_slots() {
             let m = self.view.slot(slot);
             if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_none() {
                 continue;
@@ -384,7 +447,7 @@ impl Registry {
         let g = self.view.geometry();
         let mut used = 0;
         let mut buffered = 0;
-        for i in 0..g.max_sessions {
+        for i in 0..self.used_slots() {
             let m = self.view.slot(i);
             if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some() {
                 used += 1;
@@ -399,7 +462,8 @@ impl Registry {
         self.check_key(id, owner)?;
         let me = ProcessId::current();
         let reg = self.lock()?;
-        let mut existing = self.find(id, owner);
+        let hash = self.key_hash(id, owner);
+        let mut existing = reg.find(hash, id, owner);
         let slot = match reg.alloc() {
             Ok(slot) => slot,
             Err(Error::RegistryFull { .. }) if existing.is_some() => {
@@ -409,9 +473,12 @@ impl Registry {
                 reg.end(old, old_gen, end_reason::REPLACED);
                 reg.alloc_waiting()?
             }
+            // Full: the least recently used finished session makes room, in this same locked
+            // step. Only a table of running streams refuses.
+            Err(Error::RegistryFull { .. }) if reg.evict_lru() => reg.alloc_waiting()?,
             Err(e) => return Err(e),
         };
-        let gen = reg.install(slot, id, owner);
+        let gen = reg.install(slot, id, owner, hash);
         if let Some((old, old_gen)) = existing {
             reg.end(old, old_gen, end_reason::REPLACED);
         }
@@ -421,6 +488,7 @@ impl Registry {
             .slot(slot)
             .state
             .store(state::RUNNING, Ordering::Release);
+        reg.index_live(slot, hash);
         Ok(claim)
     }
 
@@ -429,7 +497,7 @@ impl Registry {
         self.check_key(id, owner)?;
         let me = ProcessId::current();
         let reg = self.lock()?;
-        let Some((slot, gen)) = self.find(id, owner) else {
+        let Some((slot, gen)) = reg.find(self.key_hash(id, owner), id, owner) else {
             return Err(Self::not_found(id));
         };
         if gen != generation {
@@ -448,7 +516,7 @@ impl Registry {
         self.check_key(id, owner)?;
         let me = ProcessId::current();
         let reg = self.lock()?;
-        let Some((slot, gen)) = self.find(id, owner) else {
+        let Some((slot, gen)) = reg.find(self.key_hash(id, owner), id, owner) else {
             return Err(Self::not_found(id));
         };
         let m = self.view.slot(slot);
@@ -474,7 +542,7 @@ impl Registry {
     pub(crate) fn evict(&self, id: &str, owner: &str, reason: EndReason) -> Result<bool> {
         self.check_key(id, owner)?;
         let reg = self.lock()?;
-        Ok(match self.find(id, owner) {
+        Ok(match reg.find(self.key_hash(id, owner), id, owner) {
             Some((slot, gen)) => reg.end(slot, gen, reason_code(reason)),
             None => false,
         })
@@ -550,7 +618,7 @@ impl Registry {
             return Ok(i);
         }
         let me = ProcessId::current();
-        let _reg = self.lock()?;
+        let reg = self.lock()?;
         let Some(i) = (0..MAX_PROCESSES).find(|&i| !self.row_alive(i)) else {
             return Err(Error::TooManyProcesses);
         };
@@ -560,13 +628,21 @@ impl Registry {
         // Not armed until this handle starts a notifier, which draws a fresh nonce.
         e.armed.store(0, Ordering::SeqCst);
         e.wake_nonce.store(0, Ordering::SeqCst);
-        let bit = !(1u64 << i);
-        for slot in 0..self.view.geometry().max_sessions {
-            self.view.count_cell(i, slot).store(0, Ordering::Relaxed);
-            self.view
-                .slot(slot)
-                .subscribers
-                .fetch_and(bit, Ordering::SeqCst);
+        // The row is ours now: forget its last owner's counts and subscriptions outside the
+        // lock (a pass over every slot ever used must not hold up everyone's creates). Until
+        // then a stale count or bit costs a wrong reader count or a spurious datagram, nothing
+        // worse; only slots ever used can hold either.
+        drop(reg);
+        let bit = 1u64 << i;
+        for slot in 0..self.used_slots() {
+            let cell = self.view.count_cell(i, slot);
+            if cell.load(Ordering::Relaxed) != 0 {
+                cell.store(0, Ordering::Relaxed);
+            }
+            let subscribers = &self.view.slot(slot).subscribers;
+            if subscribers.load(Ordering::Relaxed) & bit != 0 {
+                subscribers.fetch_and(!bit, Ordering::SeqCst);
+            }
         }
         local.proc_index = Some(i);
         Ok(i)
@@ -644,31 +720,106 @@ impl RegistryGuard<'_> {
         &self.reg.view
     }
 
-    /// Picks a free slot nobody is still appending to and marks it INIT.
+    /// The live session of (owner, id), looked up under the lock (nothing moves meanwhile).
+    fn find(&self, hash: u64, id: &str, owner: &str) -> Option<(u32, u64)> {
+        let reg = self.reg;
+        let mut gen = 0;
+        reg.index()
+            .find_locked(hash, reg.view.geometry().max_sessions, |slot| {
+                reg.holds(slot, hash, id, owner).map(|g| gen = g).is_some()
+            })
+            .map(|(slot, _)| (slot, gen))
+    }
+
+    /// Picks a free slot nobody is still appending to and marks it INIT: the top of the free
+    /// stack, else the first slot never used. O(1) but for slots with an append in flight.
     fn alloc(&self) -> Result<u32> {
-        let view = self.view();
-        let n = view.geometry().max_sessions;
-        let hint = view.hint().load(Ordering::Relaxed) % n;
-        for k in 0..n {
-            let slot = (hint + k) % n;
-            let m = view.slot(slot);
-            if m.state.load(Ordering::Acquire) != state::FREE {
-                continue;
+        match self.try_alloc() {
+            Err(Damage(why)) => {
+                self.rebuild(false, why);
+                self.try_alloc().map_err(|_| Error::RegistryFull {
+                    max_sessions: self.reg.view.geometry().max_sessions,
+                })?
             }
-            // SeqCst pairs with the producer's SeqCst CAS of `busy` followed by its load of
-            // `generation`: either we see it busy, or it sees the generation bump of the free.
-            let busy = m.busy.load(Ordering::SeqCst);
-            if busy != 0 {
-                if busy_holder_alive(busy) {
-                    continue;
-                }
-                m.busy.store(0, Ordering::SeqCst);
-            }
-            m.state.store(state::INIT, Ordering::SeqCst);
-            view.hint().store(slot + 1, Ordering::Relaxed);
-            return Ok(slot);
+            Ok(found) => found,
         }
-        Err(Error::RegistryFull { max_sessions: n })
+    }
+
+    fn try_alloc(&self) -> std::result::Result<Result<u32>, Damage> {
+        let reg = self.reg;
+        let head = reg.head();
+        let n = reg.view.geometry().max_sessions;
+        // Slots whose previous session's producer is still inside an append: put back after.
+        let mut in_flight = Vec::new();
+        let mut found = None;
+        while found.is_none() {
+            let top = head.free_head.load(Ordering::Relaxed);
+            let Some(slot) = top.checked_sub(1) else {
+                break;
+            };
+            let m = reg
+                .view
+                .try_slot(slot)
+                .ok_or(Damage("free stack names no slot"))?;
+            if m.list.load(Ordering::Relaxed) != list::FREE
+                || m.state.load(Ordering::Acquire) != state::FREE
+            {
+                return Err(Damage("free stack holds a slot that is not free"));
+            }
+            head.free_head
+                .store(m.next.load(Ordering::Relaxed), Ordering::Relaxed);
+            m.list.store(list::NONE, Ordering::Relaxed);
+            if self.busy_elsewhere(m) {
+                in_flight.push(slot);
+            } else {
+                found = Some(slot);
+            }
+        }
+        let busy = in_flight.len() as u32;
+        for slot in in_flight.into_iter().rev() {
+            self.push_free(slot);
+        }
+        if found.is_none() {
+            // Slots never used: zeroed, on no list, nobody can be appending to them.
+            let hw = reg.used_slots();
+            if hw < n {
+                head.high_water.store(hw + 1, Ordering::Relaxed);
+                head.high_water_copy.store(hw + 1, Ordering::Relaxed);
+                let m = reg.view.slot(hw);
+                if m.state.load(Ordering::Acquire) != state::FREE {
+                    return Err(Damage("a slot above the high-water mark is in use"));
+                }
+                found = Some(hw);
+            }
+        }
+        let Some(slot) = found else {
+            if head.live.load(Ordering::Relaxed).saturating_add(busy) < n {
+                return Err(Damage(
+                    "no free slot found, yet not every slot holds a session",
+                ));
+            }
+            return Ok(Err(Error::RegistryFull { max_sessions: n }));
+        };
+        reg.view
+            .slot(slot)
+            .state
+            .store(state::INIT, Ordering::SeqCst);
+        Ok(Ok(slot))
+    }
+
+    /// Whether a live process other than a finished append holds `busy` (clears a dead one's).
+    fn busy_elsewhere(&self, m: &SlotMeta) -> bool {
+        // SeqCst pairs with the producer's SeqCst CAS of `busy` followed by its load of
+        // `generation`: either we see it busy, or it sees the generation bump of the free.
+        let busy = m.busy.load(Ordering::SeqCst);
+        if busy == 0 {
+            return false;
+        }
+        if busy_holder_alive(busy) {
+            return true;
+        }
+        m.busy.store(0, Ordering::SeqCst);
+        false
     }
 
     /// Like `alloc`, but waits (briefly) for an append still in flight on a freed slot.
@@ -683,7 +834,7 @@ impl RegistryGuard<'_> {
     }
 
     /// Writes a new session's metadata into an INIT slot; returns its generation.
-    fn install(&self, slot: u32, id: &str, owner: &str) -> u64 {
+    fn install(&self, slot: u32, id: &str, owner: &str, hash: u64) -> u64 {
         let view = self.view();
         let m = view.slot(slot);
         // Under the registry lock, so a plain load/store pair is a unique increment.
@@ -706,8 +857,7 @@ impl RegistryGuard<'_> {
         view.write_key(slot, id.as_bytes(), owner.as_bytes());
         m.id_len.store(id.len() as u32, Ordering::Relaxed);
         m.owner_len.store(owner.len() as u32, Ordering::Relaxed);
-        m.id_hash
-            .store(id_hash(owner.as_bytes(), id.as_bytes()), Ordering::Release);
+        m.id_hash.store(hash, Ordering::Release);
         gen
     }
 
@@ -727,9 +877,24 @@ impl RegistryGuard<'_> {
         }
     }
 
+    /// Enters the running session of `slot` into the index (the last step of a create).
+    fn index_live(&self, slot: u32, hash: u64) {
+        let head = self.reg.head();
+        head.live
+            .store(head.live.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let m = self.reg.view.slot(slot);
+        let placed = |pos: usize| m.index_pos.store(pos as u32, Ordering::Relaxed);
+        match self.reg.index().insert(hash, slot, placed) {
+            Ok(_) => {}
+            // The rebuild enters every live session, this one included.
+            Err(index::Corrupt(why)) => self.rebuild(false, why),
+        }
+    }
+
     /// Ends the session in `slot` if it is still `gen`: readers and the producer see it gone.
     fn end(&self, slot: u32, gen: u64, reason: u8) -> bool {
-        let m = self.view().slot(slot);
+        let reg = self.reg;
+        let m = reg.view.slot(slot);
         let s = m.state.load(Ordering::Acquire);
         if SessionState::from_raw(s).is_none() || m.generation.load(Ordering::Acquire) != gen {
             return false;
@@ -743,39 +908,379 @@ impl RegistryGuard<'_> {
         true
     }
 
-    /// The last steps of `end`, once the generation is marked ended: free the slot, tell its
-    /// readers (their wait ends) and give its pages back. Recovery repeats them for an `end`
-    /// cut short.
+    /// The last steps of `end`, once the generation is marked ended: take the session out of
+    /// the index and the finished list, free the slot, tell its readers (their wait ends) and
+    /// give its pages back. A rebuild repeats them for an `end` cut short.
     fn free_ended(&self, slot: u32) {
-        let view = self.view();
-        let m = view.slot(slot);
+        let reg = self.reg;
+        let m = reg.view.slot(slot);
+        let pos = m.index_pos.load(Ordering::Relaxed) as usize;
+        let unindexed = reg.index().remove(pos, slot, |moved, to| {
+            if let Some(o) = reg.view.try_slot(moved) {
+                o.index_pos.store(to as u32, Ordering::Relaxed)
+            }
+        });
+        let unlisted = if m.list.load(Ordering::Relaxed) == list::FINISHED {
+            self.unlink_finished(slot)
+        } else {
+            Ok(())
+        };
         m.state.store(state::FREE, Ordering::SeqCst);
-        notify::publish(view, &self.reg.wake, m);
-        view.release_pages(slot);
+        let head = reg.head();
+        head.live.store(
+            head.live.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+        notify::publish(&reg.view, &reg.wake, m);
+        reg.view.release_pages(slot);
+        match (unindexed, unlisted) {
+            (Ok(()), Ok(())) => self.push_free(slot),
+            // The rebuild puts the slot on the free stack with the others.
+            (Err(index::Corrupt(why)), _) | (_, Err(Damage(why))) => self.rebuild(false, why),
+        }
     }
 
-    /// After a lock holder died: undo what it can have left half done.
-    fn recover(&self) {
-        let view = self.view();
-        for slot in 0..view.geometry().max_sessions {
-            let m = view.slot(slot);
-            match m.state.load(Ordering::Acquire) {
-                state::INIT => {
-                    let gen = m.generation.load(Ordering::Acquire);
-                    m.last_end
-                        .store(gen << 8 | end_reason::EVICTED as u64, Ordering::SeqCst);
-                    m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
-                    m.state.store(state::FREE, Ordering::SeqCst);
-                    view.release_pages(slot);
+    fn push_free(&self, slot: u32) {
+        let head = self.reg.head();
+        let m = self.reg.view.slot(slot);
+        m.next
+            .store(head.free_head.load(Ordering::Relaxed), Ordering::Relaxed);
+        m.list.store(list::FREE, Ordering::Relaxed);
+        head.free_head.store(slot + 1, Ordering::Relaxed);
+    }
+
+    /// Puts a session that just finished at the most recently used end of the finished list.
+    pub(crate) fn link_finished(&self, slot: u32) {
+        let m = self.reg.view.slot(slot);
+        if m.list.load(Ordering::Relaxed) != list::NONE {
+            return self.rebuild(false, "a session that just finished was already on a list");
+        }
+        m.queued_at_ns
+            .store(process::unix_nanos(), Ordering::Relaxed);
+        self.append_finished(slot);
+    }
+
+    fn append_finished(&self, slot: u32) {
+        let head = self.reg.head();
+        let m = self.reg.view.slot(slot);
+        let tail = head.lru_tail.load(Ordering::Relaxed);
+        m.prev.store(tail, Ordering::Relaxed);
+        m.next.store(0, Ordering::Relaxed);
+        m.list.store(list::FINISHED, Ordering::Relaxed);
+        match tail.checked_sub(1).and_then(|t| self.reg.view.try_slot(t)) {
+            Some(t) => t.next.store(slot + 1, Ordering::Relaxed),
+            None => head.lru_head.store(slot + 1, Ordering::Relaxed),
+        }
+        head.lru_tail.store(slot + 1, Ordering::Relaxed);
+        head.finished.store(
+            head.finished.load(Ordering::Relaxed).saturating_add(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The word that points at a finished-list member from one side: its neighbour's link
+    /// (`side` of slot `neighbour - 1`), or the list's `end` word if it has no neighbour there.
+    fn list_link<'v>(
+        &'v self,
+        neighbour: u32,
+        end: &'v AtomicU32,
+        side: fn(&SlotMeta) -> &AtomicU32,
+    ) -> std::result::Result<&'v AtomicU32, Damage> {
+        match neighbour.checked_sub(1) {
+            None => Ok(end),
+            Some(n) => self
+                .reg
+                .view
+                .try_slot(n)
+                .map(side)
+                .ok_or(Damage("finished list link")),
+        }
+    }
+
+    /// Takes `slot` off the finished list, checking that its neighbours agree.
+    fn unlink_finished(&self, slot: u32) -> std::result::Result<(), Damage> {
+        let reg = self.reg;
+        let head = reg.head();
+        let m = reg.view.slot(slot);
+        let (prev, next) = (
+            m.prev.load(Ordering::Relaxed),
+            m.next.load(Ordering::Relaxed),
+        );
+        let before = self.list_link(prev, &head.lru_head, |m| &m.next)?;
+        let after = self.list_link(next, &head.lru_tail, |m| &m.prev)?;
+        if before.load(Ordering::Relaxed) != slot + 1 || after.load(Ordering::Relaxed) != slot + 1 {
+            return Err(Damage("the finished list's links disagree"));
+        }
+        before.store(next, Ordering::Relaxed);
+        after.store(prev, Ordering::Relaxed);
+        m.list.store(list::NONE, Ordering::Relaxed);
+        head.finished.store(
+            head.finished.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Ends the least recently used finished session to make room; false if none is finished.
+    ///
+    /// LRU with a second chance: a session a reader attached to since it was queued
+    /// (`last_access_ns` newer than `queued_at_ns`) goes back to the tail instead, once per
+    /// attach, so that cost is paid by the attaches (amortized O(1)). One with readers right
+    /// now is spared too, but only a few times per call, so the call stays O(1).
+    fn evict_lru(&self) -> bool {
+        let reg = self.reg;
+        let head = reg.head();
+        let mut spared_for_readers = 0;
+        // At most one lap of the list (its count is segment data: clamp it).
+        let mut visits = head.finished.load(Ordering::Relaxed).min(reg.used_slots());
+        loop {
+            let Some(slot) = head.lru_head.load(Ordering::Relaxed).checked_sub(1) else {
+                if head.lru_tail.load(Ordering::Relaxed) != 0
+                    || head.finished.load(Ordering::Relaxed) != 0
+                {
+                    self.rebuild(false, "the finished list is empty but says it is not");
+                    return self.evict_lru_after_rebuild();
                 }
-                state::FREE => view.release_pages(slot),
-                _ if m.generation.load(Ordering::Acquire) & ENDED_BIT != 0 => {
-                    // Died inside `end`, between marking the generation ended and freeing the
-                    // slot: finish the job, so the session is not listed as live.
-                    self.free_ended(slot);
+                return false;
+            };
+            let Some(m) = reg.view.try_slot(slot) else {
+                self.rebuild(false, "the finished list names no slot");
+                return self.evict_lru_after_rebuild();
+            };
+            let st = SessionState::from_raw(m.state.load(Ordering::Acquire));
+            let gen = m.generation.load(Ordering::Acquire);
+            if m.list.load(Ordering::Relaxed) != list::FINISHED
+                || !matches!(st, Some(s) if s != SessionState::Running)
+                || gen & ENDED_BIT != 0
+            {
+                self.rebuild(false, "the finished list holds a slot that is not finished");
+                return self.evict_lru_after_rebuild();
+            }
+            if visits > 0 {
+                visits -= 1;
+                let touched = m.last_access_ns.load(Ordering::Relaxed)
+                    > m.queued_at_ns.load(Ordering::Relaxed);
+                let read_now = !touched && spared_for_readers < 4 && reg.has_readers(slot, gen);
+                if touched || read_now {
+                    spared_for_readers += read_now as u32;
+                    if self.unlink_finished(slot).is_err() {
+                        self.rebuild(false, "the finished list's links disagree");
+                        return self.evict_lru_after_rebuild();
+                    }
+                    m.queued_at_ns
+                        .store(process::unix_nanos(), Ordering::Relaxed);
+                    self.append_finished(slot);
+                    continue;
+                }
+            }
+            head.lru_evictions.fetch_add(1, Ordering::Relaxed);
+            return self.end(slot, gen, end_reason::EVICTED);
+        }
+    }
+
+    /// After a rebuild the list is sound: evict its head without second chances.
+    fn evict_lru_after_rebuild(&self) -> bool {
+        let reg = self.reg;
+        let Some(slot) = reg.head().lru_head.load(Ordering::Relaxed).checked_sub(1) else {
+            return false;
+        };
+        let gen = reg.view.slot(slot).generation.load(Ordering::Acquire);
+        reg.head().lru_evictions.fetch_add(1, Ordering::Relaxed);
+        self.end(slot, gen, end_reason::EVICTED)
+    }
+
+    /// Rebuilds the index, the free stack and the finished list from the slots, in one pass
+    /// over the slots ever used. `dead_owner`: the previous lock holder died, so INIT slots
+    /// are abandoned creates (freed); otherwise an INIT slot belongs to the caller's create.
+    fn rebuild(&self, dead_owner: bool, why: &str) {
+        let reg = self.reg;
+        let head = reg.head();
+        if !dead_owner {
+            eprintln!(
+                "ringcast: segment {}: the registry was damaged ({why}); rebuilding it from the slots",
+                reg.path
+            );
+        }
+        let ix = reg.index();
+        ix.begin_rebuild();
+        let used = reg.used_slots();
+        head.high_water.store(used, Ordering::Relaxed);
+        head.high_water_copy.store(used, Ordering::Relaxed);
+        head.free_head.store(0, Ordering::Relaxed);
+        head.lru_head.store(0, Ordering::Relaxed);
+        head.lru_tail.store(0, Ordering::Relaxed);
+        head.finished.store(0, Ordering::Relaxed);
+        let mut live = 0u32;
+        let mut finished = Vec::new();
+        // Backwards, so the free stack hands out low slots first and the used part stays dense.
+        for slot in (0..used).rev() {
+            let m = reg.view.slot(slot);
+            m.list.store(list::NONE, Ordering::Relaxed);
+            let s = m.state.load(Ordering::Acquire);
+            let gen = m.generation.load(Ordering::Acquire);
+            let st = SessionState::from_raw(s);
+            let key = reg.view.read_key(slot);
+            match (s, st) {
+                (state::INIT, _) if !dead_owner => continue,
+                (state::FREE, _) => {
+                    if dead_owner {
+                        reg.view.release_pages(slot);
+                    }
+                    self.push_free(slot);
+                    continue;
+                }
+                (_, Some(st)) if gen & ENDED_BIT == 0 && key.is_some() => {
+                    let (id, owner) = key.expect("checked");
+                    let hash = index::key_hash(reg.view.hash_key(), &owner, &id);
+                    m.id_hash.store(hash, Ordering::Relaxed);
+                    // A second live session of one key cannot come from a crash; only damage
+                    // makes one. Keep the first found; the other leaves below.
+                    let dup = ix
+                        .find_locked(hash, reg.view.geometry().max_sessions, |other| {
+                            reg.view.read_key(other) == Some((id.clone(), owner.clone()))
+                        })
+                        .is_some();
+                    let placed = |pos: usize| m.index_pos.store(pos as u32, Ordering::Relaxed);
+                    if !dup && ix.insert(hash, slot, placed).is_ok() {
+                        live += 1;
+                        if st != SessionState::Running {
+                            finished.push((m.queued_at_ns.load(Ordering::Relaxed), slot));
+                        }
+                        continue;
+                    }
                 }
                 _ => {}
             }
+            // An abandoned create, an `end` cut short after marking the generation ended (its
+            // reason is already stored), a duplicate, or a slot whose state or key is garbage:
+            // it leaves.
+            if gen & ENDED_BIT == 0 {
+                m.last_end
+                    .store(gen << 8 | end_reason::EVICTED as u64, Ordering::SeqCst);
+            }
+            m.generation.store(gen | ENDED_BIT, Ordering::SeqCst);
+            m.state.store(state::FREE, Ordering::SeqCst);
+            notify::publish(&reg.view, &reg.wake, m);
+            reg.view.release_pages(slot);
+            self.push_free(slot);
         }
+        finished.sort_unstable();
+        for (_, slot) in finished {
+            self.append_finished(slot);
+        }
+        head.live.store(live, Ordering::Relaxed);
+        head.damaged.store(0, Ordering::Relaxed);
+        head.rebuilds.fetch_add(1, Ordering::Relaxed);
+        ix.end_rebuild();
     }
 }
+
+impl Registry {
+    /// Checks every invariant of the registry's structures against the slots, under the lock
+    /// (so a dead holder's leftovers are repaired first): the index holds exactly the live
+    /// sessions, each where its slot says and reachable from its home bucket; the free stack
+    /// holds exactly the free slots ever used; the finished list holds exactly the finished
+    /// sessions, its links agreeing both ways; the counters match; no slot past the high-water
+    /// mark is in use. Returns the number of live sessions, or what is wrong.
+    pub(crate) fn check(&self) -> std::result::Result<u32, String> {
+        let _guard = self.lock().map_err(|e| e.to_string())?;
+        let view = &self.view;
+        let head = self.head();
+        let n = view.geometry().max_sessions;
+        let used = head.high_water.load(Ordering::Relaxed);
+        if used > n || head.high_water_copy.load(Ordering::Relaxed) != used {
+            return Err(format!(
+                "high-water mark {used} past {n} slots or not copied"
+            ));
+        }
+        let live_at = |slot: u32| {
+            let m = view.slot(slot);
+            SessionState::from_raw(m.state.load(Ordering::Acquire))
+                .filter(|_| m.generation.load(Ordering::Acquire) & ENDED_BIT == 0)
+        };
+        let entries = self
+            .index()
+            .verify(
+                n,
+                |slot| live_at(slot).map(|_| view.slot(slot).id_hash.load(Ordering::Relaxed)),
+                |slot| view.slot(slot).index_pos.load(Ordering::Relaxed) as usize,
+            )
+            .map_err(|index::Corrupt(why)| why.to_string())?;
+        let (mut live, mut free, mut finished) = (0u32, 0u32, 0u32);
+        for slot in 0..n {
+            let m = view.slot(slot);
+            let s = m.state.load(Ordering::Acquire);
+            if slot >= used {
+                if s != state::FREE {
+                    return Err(format!(
+                        "slot {slot} past the high-water mark is in state {s}"
+                    ));
+                }
+                continue;
+            }
+            let on = m.list.load(Ordering::Relaxed);
+            let want = match live_at(slot) {
+                Some(SessionState::Running) => list::NONE,
+                Some(_) => list::FINISHED,
+                None if s == state::FREE => list::FREE,
+                None => return Err(format!("slot {slot} is in state {s} at rest")),
+            };
+            if on != want {
+                return Err(format!(
+                    "slot {slot} (state {s}) is on list {on}, not {want}"
+                ));
+            }
+            live += (want != list::FREE) as u32;
+            free += (want == list::FREE) as u32;
+            finished += (want == list::FINISHED) as u32;
+        }
+        if entries as u32 != live || head.live.load(Ordering::Relaxed) != live {
+            return Err(format!(
+                "{live} live sessions, {entries} in the index, {} counted",
+                head.live.load(Ordering::Relaxed)
+            ));
+        }
+        let mut seen = 0u32;
+        let mut at = head.free_head.load(Ordering::Relaxed);
+        while let Some(slot) = at.checked_sub(1) {
+            let m = view.try_slot(slot).ok_or("free stack names no slot")?;
+            if m.list.load(Ordering::Relaxed) != list::FREE || seen > free {
+                return Err(format!(
+                    "free stack reaches slot {slot}, not free (or a cycle)"
+                ));
+            }
+            seen += 1;
+            at = m.next.load(Ordering::Relaxed);
+        }
+        if seen != free {
+            return Err(format!("{free} free slots, {seen} on the free stack"));
+        }
+        let (mut seen, mut prev) = (0u32, 0u32);
+        let mut at = head.lru_head.load(Ordering::Relaxed);
+        while let Some(slot) = at.checked_sub(1) {
+            let m = view.try_slot(slot).ok_or("finished list names no slot")?;
+            if m.list.load(Ordering::Relaxed) != list::FINISHED
+                || m.prev.load(Ordering::Relaxed) != prev
+                || seen > finished
+            {
+                return Err(format!("finished list broken at slot {slot}"));
+            }
+            seen += 1;
+            prev = at;
+            at = m.next.load(Ordering::Relaxed);
+        }
+        if seen != finished
+            || head.lru_tail.load(Ordering::Relaxed) != prev
+            || head.finished.load(Ordering::Relaxed) != finished
+        {
+            return Err(format!(
+                "{finished} finished sessions, {seen} on the list, {} counted",
+                head.finished.load(Ordering::Relaxed)
+            ));
+        }
+        Ok(live)
+    }
+}
+
+/// The registry's lists are in a state no sequence of its own steps leaves them in.
+struct Damage(&'static str);

@@ -12,6 +12,7 @@ use crate::notify::Notifier;
 use crate::registry::{Registry, SessionInfo};
 use crate::stream::{Reader, Writer};
 use crate::sync::Ordering;
+use crate::sys::dgram::random_u64;
 use crate::sys::mmap::{self, Mapping};
 use crate::sys::process;
 use crate::view::{self, SegmentView};
@@ -45,6 +46,12 @@ pub struct SegmentStats {
     pub bytes_buffered: u64,
     pub file_bytes: u64,
     pub resident_bytes: u64,
+    /// Times the registry was rebuilt from its slots: after a process died holding its lock,
+    /// or when its structures were found damaged.
+    pub registry_rebuilds: u64,
+    /// Finished sessions evicted (least recently used first) by creates that found every
+    /// slot taken, since the segment was created.
+    pub lru_evictions: u64,
 }
 
 /// Why one attempt to open a segment failed.
@@ -121,7 +128,9 @@ impl Segment {
             })?;
         let map = Mapping::create(path, geo.file_bytes as usize)
             .map_err(|e| file_error(path, "create", e))?;
-        let view = SegmentView::create(map, geo, new_epoch())
+        // The index's hash key: secret to clients, so they cannot aim ids at one bucket.
+        let hash_key = [random_u64(), random_u64()];
+        let view = SegmentView::create(map, geo, new_epoch(), hash_key)
             .map_err(|e| Error::io(path, "initialise the lock of", e))?;
         Ok(Segment::from_view(view, path))
     }
@@ -171,8 +180,11 @@ impl Segment {
         }
         let geo = Geometry::from_header(h, map.len() as u64)
             .map_err(|why| Opening::Failed(Error::invalid_segment(path, why)))?;
-        let epoch = h.epoch;
-        Ok(Segment::from_view(SegmentView::open(map, geo, epoch), path))
+        let (epoch, hash_key) = (h.epoch, h.hash_key);
+        Ok(Segment::from_view(
+            SegmentView::open(map, geo, epoch, hash_key),
+            path,
+        ))
     }
 
     /// Opens `path` if it is a segment with exactly this configuration, else creates it.
@@ -266,6 +278,14 @@ impl Segment {
         Ok(())
     }
 
+    /// Checks the registry's internal structures (index, free stack, finished list) against
+    /// the slots, after repairing what a dead lock holder left: the number of live sessions,
+    /// or what is inconsistent. For tests and diagnostics; walks every slot under the lock.
+    #[doc(hidden)]
+    pub fn check_registry(&self) -> std::result::Result<u32, String> {
+        self.reg.check()
+    }
+
     pub fn stats(&self) -> SegmentStats {
         let view = self.reg.view();
         let g = view.geometry();
@@ -279,6 +299,8 @@ impl Segment {
             bytes_buffered,
             file_bytes: view.mapping().file_len().unwrap_or(0) as u64,
             resident_bytes: view.mapping().resident_bytes(),
+            registry_rebuilds: view.registry_head().rebuilds.load(Ordering::Relaxed),
+            lru_evictions: view.registry_head().lru_evictions.load(Ordering::Relaxed),
         }
     }
 

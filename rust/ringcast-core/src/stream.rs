@@ -166,12 +166,19 @@ impl Writer {
         }
         self.reg.check_open()?;
         let m = self.meta();
+        // Under the registry lock: the session joins the finished list (what eviction takes
+        // from) in the same step as it changes state, so a crash leaves both or neither.
+        let reg = self.reg.lock()?;
         let done = self.with_append_lock(|| {
             m.completed_at_ns
                 .store(process::unix_nanos(), Ordering::Relaxed);
             // Release: a reader that sees the final state sees the final cursor too.
             m.state.store(end.raw(), Ordering::Release);
         });
+        if done.is_some() {
+            reg.link_finished(self.claim.slot);
+        }
+        drop(reg);
         if done.is_some() {
             notify::publish(self.reg.view(), self.reg.wakers(), m);
         }
@@ -287,10 +294,14 @@ impl Reader {
                 self.offset += n as u64;
                 Ok(Poll::Data(n))
             }
-            ReadOutcome::Empty { .. } => {
-                let finished = matches!(st, state::DONE | state::FAILED | state::CANCELLED);
-                Ok(if finished { Poll::End } else { Poll::Pending })
-            }
+            ReadOutcome::Empty { .. } => match st {
+                state::RUNNING => Ok(Poll::Pending),
+                state::DONE | state::FAILED | state::CANCELLED => Ok(Poll::End),
+                // A state no installed session has, under its generation: the slot is damaged.
+                // Report the session gone (as `ready` does) rather than wait for a change that
+                // will never come.
+                _ => Err(Error::Ended(EndReason::Evicted)),
+            },
             ReadOutcome::Lost { first_available } => Err(Error::OffsetLost {
                 requested: self.offset,
                 first_available,

@@ -1,7 +1,7 @@
 //! The typed view of a mapped segment: the one place that turns offsets into references. Every
 //! other module asks it, by index, for a slot's [`SlotMeta`], a [`ProcEntry`], a reader-count
-//! cell, a slot's key bytes or ring bytes, or the header's lock, hint and generation counter;
-//! none of them computes an address.
+//! cell, a slot's key bytes or ring bytes, an index bucket, or the header's lock, generation
+//! counter and registry head; none of them computes an address.
 //!
 //! # The safety argument, made once
 //! A [`SegmentView`] exists only through [`SegmentView::create`] (a new file, sized for its
@@ -9,10 +9,11 @@
 //! became a `Geometry` via `Geometry::from_header`), and both check, before any reference is
 //! made, that:
 //! 1. the geometry is exactly `Geometry::compute` of its own sizes, so the regions follow each
-//!    other without overlap: header (`HEADER_BYTES`, holding the lock, the hint and the
-//!    generation counter at fixed offsets) ≤ process table ≤ counts ≤ slots ≤ rings, the last
-//!    ending at `file_bytes`; the table, counts and slot offsets and the slot stride are
-//!    multiples of 128 (the alignment of every shared struct), the rings' of the page size;
+//!    other without overlap: header (`HEADER_BYTES`, holding the lock, the generation counter
+//!    and the registry head at fixed offsets) ≤ process table ≤ counts ≤ slots ≤ index ≤
+//!    rings, the last ending at `file_bytes`; the table, counts and slot offsets and the slot
+//!    stride are multiples of 128 (the alignment of every shared struct), the index's and the
+//!    rings' of the page size;
 //! 2. the mapping is at least `file_bytes` long.
 //!
 //! The view owns the mapping and unmaps it only when dropped, and every reference it returns
@@ -26,9 +27,10 @@
 use std::io;
 use std::marker::PhantomData;
 
+use crate::index::Buckets;
 use crate::layout::{
-    Geometry, HeaderConsts, ProcEntry, SlotMeta, GENERATION_OFFSET, HEADER_BYTES, HINT_OFFSET,
-    LAYOUT_VERSION, LOCK_OFFSET, MAGIC, MAX_OWNER_LEN, MAX_PROCESSES,
+    Geometry, HeaderConsts, ProcEntry, RegistryHead, SlotMeta, GENERATION_OFFSET, HEADER_BYTES,
+    LAYOUT_VERSION, LOCK_OFFSET, MAGIC, MAX_OWNER_LEN, MAX_PROCESSES, REGISTRY_OFFSET,
 };
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::sys::mmap::Mapping;
@@ -40,6 +42,8 @@ pub(crate) struct SegmentView {
     map: Mapping,
     geo: Geometry,
     epoch: u64,
+    /// Key of the index's hash (from the header; constant for the segment's life).
+    hash_key: [u64; 2],
 }
 
 /// The header of a mapping not validated yet (to decide whether it is a segment at all); `None`
@@ -56,7 +60,7 @@ pub(crate) fn header_of(map: &Mapping) -> Option<&HeaderConsts> {
 
 impl SegmentView {
     /// Checks what the safety argument (module doc) rests on; a failure is a bug of ours.
-    fn new(map: Mapping, geo: Geometry, epoch: u64) -> SegmentView {
+    fn new(map: Mapping, geo: Geometry, epoch: u64, hash_key: [u64; 2]) -> SegmentView {
         assert_eq!(
             Geometry::compute(
                 geo.max_sessions,
@@ -71,13 +75,23 @@ impl SegmentView {
             map.len() as u64 >= geo.file_bytes,
             "a mapping shorter than its geometry"
         );
-        SegmentView { map, geo, epoch }
+        SegmentView {
+            map,
+            geo,
+            epoch,
+            hash_key,
+        }
     }
 
     /// Writes a new segment's header into `map` (just created: nobody else can have opened it
     /// while `ready` is 0), initialises the registry lock, and marks the header ready last.
-    pub(crate) fn create(map: Mapping, geo: Geometry, epoch: u64) -> io::Result<SegmentView> {
-        let view = SegmentView::new(map, geo, epoch);
+    pub(crate) fn create(
+        map: Mapping,
+        geo: Geometry,
+        epoch: u64,
+        hash_key: [u64; 2],
+    ) -> io::Result<SegmentView> {
+        let view = SegmentView::new(map, geo, epoch, hash_key);
         let h = view.map.as_ptr() as *mut HeaderConsts;
         // SAFETY: the mapping holds the header page (`new` checked file_bytes, which starts
         // with it), page aligned; nobody reads the header before `ready` is 1.
@@ -102,6 +116,9 @@ impl SegmentView {
                     created_at_ns: process::unix_nanos(),
                     ready: AtomicU32::new(0),
                     _reserved: 0,
+                    index_offset: geo.index_offset,
+                    index_buckets: geo.index_buckets,
+                    hash_key,
                 },
             );
         }
@@ -117,8 +134,12 @@ impl SegmentView {
 
     /// Wraps a mapping whose header was found ready (Acquire load of `ready` == 1) and gave
     /// `geo` through `Geometry::from_header`.
-    pub(crate) fn open(map: Mapping, geo: Geometry, epoch: u64) -> SegmentView {
-        SegmentView::new(map, geo, epoch)
+    pub(crate) fn open(map: Mapping, geo: Geometry, epoch: u64, hash_key: [u64; 2]) -> SegmentView {
+        SegmentView::new(map, geo, epoch, hash_key)
+    }
+
+    pub(crate) fn hash_key(&self) -> [u64; 2] {
+        self.hash_key
     }
 
     pub(crate) fn geometry(&self) -> &Geometry {
@@ -172,11 +193,12 @@ impl SegmentView {
         unsafe { robust_mutex::make_consistent(self.lock_ptr()) }
     }
 
-    /// The allocation hint in the header.
-    pub(crate) fn hint(&self) -> &AtomicU32 {
-        // SAFETY: HINT_OFFSET is inside the header page and 4-byte aligned (asserted in
-        // `layout`); an AtomicU32 is valid for any bit pattern.
-        unsafe { &*(self.at(HINT_OFFSET as u64) as *const AtomicU32) }
+    /// The registry's state beside the index (free stack, finished list, counts, index
+    /// version) in the header.
+    pub(crate) fn registry_head(&self) -> &RegistryHead {
+        // SAFETY: REGISTRY_OFFSET + size_of::<RegistryHead>() lies inside the header page
+        // (asserted in `layout`), 128-aligned like the struct; it is atomics and padding.
+        unsafe { &*(self.at(REGISTRY_OFFSET as u64) as *const RegistryHead) }
     }
 
     /// The segment-wide source of generations in the header.
@@ -283,6 +305,25 @@ impl SegmentView {
         let off = self.geo.rings_offset + slot as u64 * self.geo.ring_stride;
         self.map
             .punch_hole(off as usize, self.geo.ring_stride as usize);
+    }
+}
+
+/// The index's buckets are the mapping's index region.
+impl Buckets for SegmentView {
+    fn count(&self) -> usize {
+        self.geo.index_buckets as usize
+    }
+
+    /// Panics past the last bucket (indices come from the index's own masking).
+    fn bucket(&self, i: usize) -> &AtomicU64 {
+        assert!(
+            i < self.geo.index_buckets as usize,
+            "bucket index out of range"
+        );
+        // SAFETY: the index region `[index_offset, index_offset + 8 * index_buckets)` lies
+        // between the slots and the rings (module doc), `i` is checked above; index_offset is
+        // page aligned, so the bucket is 8-byte aligned; AtomicU64 is valid for any bit pattern.
+        unsafe { &*(self.at(self.geo.index_offset + i as u64 * 8) as *const AtomicU64) }
     }
 }
 

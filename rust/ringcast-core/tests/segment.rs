@@ -4,39 +4,10 @@
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use ringcast_core::{EndReason, Error, Poll, Segment, SegmentConfig, SessionState};
+use ringcast_core::{EndReason, Error, Poll, Segment, SessionState};
 
-struct TempSeg(String);
-impl TempSeg {
-    fn new(tag: &str) -> TempSeg {
-        let p = format!(
-            "/dev/shm/ringcast-test-{}-{}-{tag}",
-            std::process::id(),
-            rand_suffix()
-        );
-        let _ = std::fs::remove_file(&p);
-        TempSeg(p)
-    }
-}
-impl Drop for TempSeg {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-fn cfg(n: u32, bytes: u64) -> SegmentConfig {
-    SegmentConfig {
-        max_sessions: n,
-        session_bytes: bytes,
-        max_id_len: 256,
-    }
-}
+mod common;
+use common::{cfg, TempSeg};
 
 /// Deterministic stream content: byte at offset `o`.
 fn byte_at(o: u64) -> u8 {

@@ -83,7 +83,7 @@ pub(crate) fn add_exceptions<'py>(py: Python<'py>, m: &Bound<'py, PyModule>) -> 
         full: mk(
             "RegistryFull",
             one()?,
-            "Every session slot is in use; evict something first.",
+            "Every session slot holds a running stream (finished sessions are evicted to make room).",
         )?,
         base,
     };

@@ -91,6 +91,8 @@ pub(crate) struct SegmentStats {
     file_bytes: u64,
     /// Bytes the file really occupies in memory (allocated blocks).
     resident_bytes: u64,
+    registry_rebuilds: u64,
+    lru_evictions: u64,
 }
 
 #[pymethods]
@@ -114,6 +116,8 @@ impl From<core::SegmentStats> for SegmentStats {
             bytes_buffered: s.bytes_buffered,
             file_bytes: s.file_bytes,
             resident_bytes: s.resident_bytes,
+            registry_rebuilds: s.registry_rebuilds,
+            lru_evictions: s.lru_evictions,
         }
     }
 }

@@ -337,7 +337,8 @@ fn classify(r: Result<(), i32>) -> Sent {
 }
 
 /// 64 random bits from the kernel (`getrandom`); falls back to mixing time and pid if the
-/// call is unavailable (only uniqueness matters, not secrecy).
+/// call is unavailable: unique, but guessable (enough for the notifier names; the index's hash
+/// key then only spreads ordinary ids, not ids chosen to collide).
 pub fn random_u64() -> u64 {
     let mut v = 0u64;
     // SAFETY: writes at most 8 bytes into `v`, which lives across the call.
