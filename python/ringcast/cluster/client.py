@@ -1,0 +1,109 @@
+"""Connecting to Redis (one server or a Redis Cluster) and running the scripts.
+
+``redis`` is imported only here, and only when a node is configured to use it: a server without
+``--redis``/``--redis-cluster`` never imports it and never touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    import redis.asyncio.cluster as aiocluster
+
+    Client: TypeAlias = aioredis.Redis | aiocluster.RedisCluster
+    Pipeline: TypeAlias = aioredis.client.Pipeline | aiocluster.ClusterPipeline
+else:
+    Client = Any
+    Pipeline = Any
+
+INSTALL_HINT = "pip install 'ringcast[redis]'"
+
+SOCKET_TIMEOUT_S = 5.0
+"""A command that waits longer than this fails (Redis paused or unreachable); blocking reads
+block for less."""
+CONNECT_TIMEOUT_S = 2.0
+
+
+class RedisMissing(RuntimeError):
+    pass
+
+
+def require_redis() -> None:
+    """Fail with one clear line if the optional ``redis`` extra is not installed."""
+    try:
+        importlib.import_module("redis.asyncio")
+    except ImportError as e:
+        raise RedisMissing(
+            f"--redis and --redis-cluster need the redis client: {INSTALL_HINT} ({e})"
+        ) from None
+
+
+def parse_seeds(spec: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT…]`` → seed nodes; ``ValueError`` naming the bad part."""
+    seeds: list[tuple[str, int]] = []
+    for part in spec.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--redis-cluster: {part!r} is not HOST:PORT")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds
+
+
+def connect(url: str = "", cluster_seeds: str = "") -> Client:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; password in the URL) or,
+    with ``cluster_seeds``, a Redis Cluster client that discovers the shards from them.
+    Connections are made lazily, on the first command."""
+    require_redis()
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    if cluster_seeds:
+        nodes = [ClusterNode(h, p) for h, p in parse_seeds(cluster_seeds)]
+        return RedisCluster(
+            startup_nodes=nodes,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+        )
+    return aioredis.Redis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
+    )
+
+
+class Script:
+    """One Lua script, called by its SHA1 (``EVALSHA``) and loaded on demand: a Redis that
+    restarted, or a cluster shard that never saw it, answers NOSCRIPT once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Queue a call in a pipeline; a NOSCRIPT reply comes back as that command's result
+        (:func:`is_noscript`) and the caller retries it with :meth:`__call__`."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def is_noscript(result: object) -> bool:
+    from redis.exceptions import NoScriptError
+
+    return isinstance(result, NoScriptError)
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "Redis is unavailable or refused this", not a bug here."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, TimeoutError)

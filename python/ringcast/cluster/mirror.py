@@ -1,0 +1,490 @@
+"""The producing node's side: mirror every session to Redis, obey control, hold the lease.
+
+One mirror per node (``python -m ringcast.cluster.mirror CONFIG``, started by the server's
+manager), off the producers' and the fan-out's paths: it reads the rings like any reader.
+
+- **Flush loop.** Every ``mirror_ms`` it lists the segment's sessions, reads each one's new
+  bytes (``Reader.read_nowait``, no waiting) and sends every session's change as one ``SYNC``
+  script call, all of them in one pipeline. A session's first call claims it (epoch bumped in
+  Redis; a session running elsewhere under the same key is ended ``replaced`` there). The
+  mirror advances a session's offset only when Redis acknowledged the bytes, so after an error
+  (Redis down, paused, restarted empty) it reads the same bytes again from the ring; a range
+  the ring dropped meanwhile is sent as a gap, which remote readers answer with 410.
+- **Control.** A ``cancel`` or ``replace`` sent to this node's control stream (a DELETE, or a
+  POST that took over the conversation, on another node) ends the local session at once.
+- **Lease.** ``SET lease instance PX lease_ms`` every third of the lease. Readers elsewhere take
+  a missing lease (or another instance's) as the node lost: its running sessions end with
+  ``node_lost`` after their mirrored bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ringcast import OffsetLost, Reader, Segment, SessionEnded, SessionInfo, SessionNotFound
+from ringcast.cluster import keys, scripts
+from ringcast.cluster.client import Client, Script, connect, is_noscript, redis_errors
+
+log = logging.getLogger("ringcast.cluster.mirror")
+
+ENTRY_MAX = 256 * 1024
+"""Largest stream entry: a window's new bytes of one session are split into entries of at most
+this size (a burst after a stall would otherwise make one huge entry), and of at most an
+eighth of ``session_bytes``, so trimming (whole entries) keeps at least 7/8 of the budget."""
+WINDOW_MAX = 4 * ENTRY_MAX
+"""Most bytes of one session sent in one window; a session further behind catches up over the
+next windows, so one fast session cannot hold up the window of all the others."""
+CONTROL_BLOCK_MS = 1000
+CONTROL_MAXLEN = 10_000
+
+SYNC = Script(scripts.SYNC)
+END = Script(scripts.END)
+FORGET = Script(scripts.FORGET)
+
+
+class MirrorConfig(msgspec.Struct, kw_only=True):
+    """What a node's mirror needs; the server's configuration fills it in."""
+
+    segment: str
+    node_id: str
+    instance: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
+    """Identity of this run of the node: a restarted node is a new instance, and the sessions
+    of the old one are lost; a restarted mirror process of the same run is not."""
+    redis_url: str = ""
+    redis_cluster: str = ""
+    mirror_ms: float = 25.0
+    lease_ms: int = 3000
+    session_bytes: int = 4 * 1024 * 1024
+    ttl: float = 300.0
+    exclude_owners: list[str] = msgspec.field(default_factory=list)
+    status_path: str = ""
+    log_level: str = "INFO"
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    @property
+    def keep_ms(self) -> int:
+        """Expiry of a running session's keys, pushed back on every sync: what a session whose
+        node vanished without anyone reading it leaves behind, and for how long."""
+        return self.ttl_ms + 60_000
+
+
+@dataclass
+class Tracked:
+    """The mirror's view of one local session (slot, generation)."""
+
+    info: SessionInfo
+    keys: keys.SessionKeys
+    src: str
+    reader: Reader | None = None
+    next: int = 0
+    """First byte not yet acknowledged by Redis."""
+    gap_from: int | None = None
+    epoch: int = 0
+    finished: bool = False
+    """Its end is in Redis (or Redis ended it): nothing more to send."""
+    behind_since: float = 0.0
+    last_sync: float = 0.0
+    sent: int = 0
+    """Bytes in the call in flight."""
+    ending: tuple[str, str] | None = None
+
+
+@dataclass
+class MirrorStats:
+    windows: int = 0
+    entries: int = 0
+    bytes: int = 0
+    gaps: int = 0
+    gap_bytes: int = 0
+    redis_errors: int = 0
+    reconnects: int = 0
+    controls: int = 0
+    connected: bool = False
+    lag_bytes: int = 0
+    lag_seconds: float = 0.0
+    sessions: int = 0
+    last_window_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Mirror:
+    def __init__(self, cfg: MirrorConfig, seg: Segment, client: Client) -> None:
+        self.cfg = cfg
+        self.seg = seg
+        self.client = client
+        self.tracked: dict[tuple[int, int], Tracked] = {}
+        self.by_key: dict[tuple[str, str], Tracked] = {}
+        self.stats = MirrorStats()
+        self.exclude = frozenset(cfg.exclude_owners)
+        self.wake = asyncio.Event()
+        self.entry_max = max(1, min(ENTRY_MAX, cfg.session_bytes // 8))
+
+    # -- flush loop
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self.flush_loop()),
+            asyncio.create_task(self.control_loop()),
+            asyncio.create_task(self.lease_loop()),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def flush_loop(self) -> None:
+        period = self.cfg.mirror_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await self.flush()
+            self.stats.last_window_s = loop.time() - start
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.0, period - (loop.time() - start)))
+            self.wake.clear()
+
+    def _refresh(self, now: float) -> list[Tracked]:
+        """Update the tracked set from the segment's list; the sessions to send this window."""
+        seen: set[tuple[int, int]] = set()
+        for info in self.seg.list():
+            if info.owner in self.exclude:
+                continue
+            k = (info.slot, info.generation)
+            seen.add(k)
+            t = self.tracked.get(k)
+            if t is None:
+                src = f"{self.cfg.node_id}|{self.seg.epoch:x}|{info.slot}|{info.generation}"
+                t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src)
+                self.tracked[k] = t
+                self.by_key[(info.owner, info.conversation_id)] = t
+            t.info = info
+        for k in [k for k, t in self.tracked.items() if k not in seen and t.finished]:
+            t = self.tracked.pop(k)
+            if self.by_key.get((t.info.owner, t.info.conversation_id)) is t:
+                del self.by_key[(t.info.owner, t.info.conversation_id)]
+            if t.reader is not None:
+                t.reader.close()
+        lag, oldest = 0, now
+        for k, t in self.tracked.items():
+            if t.finished:
+                continue
+            behind = t.info.total_bytes - t.next if k in seen else 1
+            if behind > 0:
+                lag += max(0, behind)
+                t.behind_since = t.behind_since or now
+                oldest = min(oldest, t.behind_since)
+            else:
+                t.behind_since = 0.0
+        self.stats.lag_bytes, self.stats.lag_seconds = lag, now - oldest
+        self.stats.sessions = len(self.tracked)
+        return [t for t in self.tracked.values() if not t.finished]
+
+    def _collect(self, t: Tracked) -> tuple[list[bytes], str, str]:
+        """Read what the session's ring has beyond ``t.next`` (at most WINDOW_MAX bytes);
+        returns the entries and the state to send (``running`` unless it ended)."""
+        conv, owner = t.info.conversation_id, t.info.owner
+        chunks: list[bytes] = []
+        budget = WINDOW_MAX
+        while t.reader is None:
+            try:
+                t.reader = self.seg.reader(conv, t.next, owner, counted=False)
+            except OffsetLost as e:
+                if t.gap_from is None:
+                    t.gap_from = t.next
+                t.next = e.first_available
+            except SessionNotFound:
+                return chunks, "cancelled", "evicted"
+        try:
+            while budget > 0:
+                data = t.reader.read_nowait(min(budget, self.entry_max))
+                if data is None:
+                    break
+                if not data:
+                    return chunks, t.reader.state(), ""
+                chunks.append(data)
+                budget -= len(data)
+        except OffsetLost:
+            # Dropped while this window read: send what was read; the reopen finds the gap.
+            t.reader.close()
+            t.reader = None
+        except SessionEnded as e:
+            reason = e.reason if e.reason in ("cancelled", "replaced", "evicted") else "evicted"
+            if e.reason == "failed":
+                return chunks, "failed", ""
+            return chunks, "cancelled", reason
+        return chunks, "running", ""
+
+    async def flush(self) -> None:
+        now = time.time()
+        calls: list[tuple[Tracked, list[Any]]] = []
+        for t in self._refresh(now):
+            chunks, state, reason = self._collect(t)
+            due = now - t.last_sync > min(30.0, self.cfg.keep_ms / 4000)
+            if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
+                continue
+            start = t.next if t.gap_from is None else t.gap_from
+            t.sent = sum(len(c) for c in chunks)
+            t.ending = (state, reason) if state != "running" else None
+            info = t.info
+            args = [
+                t.src,
+                self.cfg.node_id,
+                self.cfg.instance,
+                t.epoch,
+                info.conversation_id,
+                info.owner,
+                self.seg.epoch,
+                f"{info.started_at:.3f}",
+                f"{now:.3f}",
+                self.cfg.session_bytes,
+                self.cfg.keep_ms,
+                self.cfg.ttl_ms,
+                start,
+                t.next,
+                state,
+                reason,
+                *chunks,
+            ]
+            calls.append((t, args))
+        if not calls:
+            return
+        results = await self._execute(calls)
+        for (t, args), res in zip(calls, results, strict=True):
+            await self._apply(t, args, res, now)
+        self.stats.windows += 1
+
+    async def _execute(self, calls: list[tuple[Tracked, list[Any]]]) -> list[Any]:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for t, args in calls:
+                SYNC.queue(pipe, (t.keys.meta, t.keys.base), args)
+                if t.epoch == 0:
+                    pipe.zadd(t.keys.owner_index, {t.info.conversation_id: 0})
+                    pipe.pexpire(t.keys.owner_index, self.cfg.keep_ms)
+            raw = await pipe.execute(raise_on_error=False)
+        except redis_errors() as e:
+            self._failed(e)
+            return [e] * len(calls)
+        # Pick out the SYNC replies (the owner-index commands ride along).
+        results: list[Any] = []
+        i = 0
+        for t, args in calls:
+            res = raw[i]
+            i += 3 if t.epoch == 0 else 1
+            if is_noscript(res):
+                try:
+                    res = await SYNC(self.client, (t.keys.meta, t.keys.base), args)
+                except redis_errors() as e:
+                    res = e
+            results.append(res)
+        self._ok()
+        return results
+
+    def _failed(self, e: BaseException) -> None:
+        self.stats.redis_errors += 1
+        if self.stats.connected:
+            log.warning("mirror: Redis unavailable (%s); local serving goes on", e)
+        self.stats.connected = False
+
+    def _ok(self) -> None:
+        if not self.stats.connected:
+            if self.stats.windows or self.stats.redis_errors:
+                self.stats.reconnects += 1
+                log.warning("mirror: Redis is back; catching up from the rings")
+            self.stats.connected = True
+
+    async def _apply(self, t: Tracked, args: list[Any], res: Any, now: float) -> None:
+        if isinstance(res, BaseException):
+            if not isinstance(res, redis_errors()):
+                raise res
+            self.stats.redis_errors += 1
+            # Unknown whether it was applied: read again from the acknowledged offset.
+            self._reopen(t)
+            return
+        status, epoch, total, _first, old_node, old_inst, rstate = res
+        old_node = old_node.decode() if isinstance(old_node, bytes) else old_node
+        old_inst = old_inst.decode() if isinstance(old_inst, bytes) else old_inst
+        rstate = rstate.decode() if isinstance(rstate, bytes) else rstate
+        t.last_sync = now
+        if old_node and (old_node, old_inst) != (self.cfg.node_id, self.cfg.instance):
+            await self._send_control(old_node, "replace", t.info, int(epoch) - 1)
+        if status == scripts.SYNC_OK:
+            if t.gap_from is not None:
+                self.stats.gaps += 1
+                self.stats.gap_bytes += int(args[13]) - t.gap_from
+                log.warning(
+                    "mirror: bytes %d..%d of a session were dropped from the ring before they "
+                    "could be mirrored; remote readers get 410 for them",
+                    t.gap_from,
+                    int(args[13]),
+                )
+            t.epoch, t.gap_from = int(epoch), None
+            self.stats.bytes += t.sent
+            self.stats.entries += len(args) - 16
+            if int(total) != t.next + t.sent:
+                self._reopen(t, int(total))
+            else:
+                t.next = int(total)
+            if t.ending is not None:
+                t.finished = True
+        elif status == scripts.SYNC_RESYNC:
+            t.epoch = int(epoch)
+            self._reopen(t, int(total))
+        elif status == scripts.SYNC_GONE:
+            # Expired or lost with a Redis restart: claim again and send what the ring holds.
+            t.epoch = 0
+            self._reopen(t, 0)
+        else:
+            # Ended in Redis (DELETE elsewhere, or this node was declared lost), or another
+            # producer took the conversation over: stop mirroring it, and end it here too.
+            t.finished = True
+            reason = "replaced" if status == scripts.SYNC_REPLACED else rstate
+            if reason in ("cancelled", "replaced") and not t.info.is_done:
+                self.seg.evict_slot(t.info.slot, t.info.generation, reason)
+            elif reason == "failed":
+                log.warning(
+                    "mirror: this node was declared lost; a running session is no longer mirrored"
+                )
+
+    def _reopen(self, t: Tracked, offset: int | None = None) -> None:
+        if t.reader is not None:
+            t.reader.close()
+            t.reader = None
+        if offset is not None:
+            t.next = offset
+        t.gap_from = None
+
+    # -- control
+
+    async def _send_control(self, node: str, op: str, info: SessionInfo, epoch: int) -> None:
+        with contextlib.suppress(*redis_errors()):
+            await send_control(self.client, node, op, info.conversation_id, info.owner, epoch)
+
+    async def control_loop(self) -> None:
+        key = keys.control_key(self.cfg.node_id)
+        last = "$"
+        while True:
+            try:
+                res: Any = await self.client.xread({key: last}, count=100, block=CONTROL_BLOCK_MS)
+            except redis_errors() as e:
+                self._failed(e)
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in res or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    self.control(fields)
+
+    def control(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            op = fields[b"op"].decode()
+            conv = fields[b"conv"].decode("utf-8", "surrogatepass")
+            owner = fields[b"owner"].decode("utf-8", "surrogatepass")
+            epoch = int(fields[b"epoch"])
+        except (KeyError, ValueError):
+            log.warning("mirror: malformed control message ignored")
+            return
+        t = self.by_key.get((owner, conv))
+        if t is None or t.epoch != epoch or t.info.is_done:
+            return
+        self.stats.controls += 1
+        reason = "cancelled" if op == "cancel" else "replaced"
+        self.seg.evict_slot(t.info.slot, t.info.generation, reason)
+        self.wake.set()
+
+    # -- lease
+
+    async def lease_loop(self) -> None:
+        key = keys.lease_key(self.cfg.node_id)
+        period = self.cfg.lease_ms / 3000.0
+        while True:
+            try:
+                await self.client.set(key, self.cfg.instance, px=self.cfg.lease_ms)
+            except redis_errors() as e:
+                self._failed(e)
+            await asyncio.sleep(period)
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "node_id": self.cfg.node_id,
+            "connected": s.connected,
+            "lag_bytes": s.lag_bytes,
+            "lag_seconds": round(s.lag_seconds, 4),
+            "redis_errors": s.redis_errors,
+            "reconnects": s.reconnects,
+            "gaps": s.gaps,
+            "gap_bytes": s.gap_bytes,
+            "windows": s.windows,
+            "entries": s.entries,
+            "bytes": s.bytes,
+            "controls": s.controls,
+            "sessions": s.sessions,
+            "updated_at": time.time(),
+        }
+
+
+async def send_control(
+    client: Client, node: str, op: str, conv: str, owner: str, epoch: int
+) -> None:
+    await client.xadd(
+        keys.control_key(node),
+        {"op": op, "conv": conv, "owner": owner, "epoch": str(epoch)},
+        maxlen=CONTROL_MAXLEN,
+        approximate=True,
+    )
+
+
+def write_status(path: str, status: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
+async def run_mirror(cfg: MirrorConfig) -> None:
+    seg = Segment.open(cfg.segment)
+    client = connect(cfg.redis_url, cfg.redis_cluster)
+    mirror = Mirror(cfg, seg, client)
+    task = asyncio.create_task(mirror.run())
+    try:
+        while not task.done():
+            if cfg.status_path:
+                write_status(cfg.status_path, mirror.status())
+            await asyncio.wait([task], timeout=0.25)
+        task.result()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    with open(args[0], "rb") as f:
+        cfg = msgspec.json.decode(f.read(), type=MirrorConfig)
+    logging.basicConfig(
+        level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    asyncio.run(run_mirror(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""The reading node's side: sessions that this node does not hold, answered from Redis.
+
+:class:`RemoteStore` (one per HTTP process) looks sessions up, lists them, opens readers and
+cancels. A :class:`RemoteReader` yields exactly the bytes a reader on the producing node would
+(every entry is a verbatim slice of the ring), from any offset: behind the live edge it reads
+entries itself (``XREVRANGE`` finds the entry holding the offset, ``XRANGE`` pages on); at the
+edge it waits on the session's one :class:`RemoteTail` in this process, which reads new entries
+once (``XREAD BLOCK``) for every reader of the session, like the local fan-out pump.
+
+A running session whose producing node's lease is gone (or belongs to another run of that
+node) is ended here: the ``END`` script marks it ``failed`` / ``node_lost`` (only if it is still
+that node instance's), so its readers get every mirrored byte and then a ``node_lost`` event,
+and lookups show it ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ringcast.cluster import keys
+from ringcast.cluster.client import Client, redis_errors
+from ringcast.cluster.mirror import END, FORGET, send_control
+
+log = logging.getLogger("ringcast.cluster.remote")
+
+TAIL_BLOCK_MS = 200
+"""How long a tail's ``XREAD`` blocks; on every silent return it checks the session's state
+and its node's lease, so a lost node is noticed within its lease plus this."""
+TAIL_KEEP = 1 << 20
+"""Bytes a tail keeps behind its edge for readers a little behind; older ones read entries."""
+PAGE_ENTRIES = 64
+LEASE_CACHE_S = 0.1
+VISIBLE = ("running", "done", "failed")
+"""States a lookup shows; a cancelled session is gone, as it is locally."""
+
+
+class RemoteOffsetLost(Exception):
+    """The offset was trimmed from the Redis copy, or lies in a gap the mirror could not fill."""
+
+    def __init__(self, first_available: int) -> None:
+        super().__init__(f"bytes before offset {first_available} are not available")
+        self.first_available = first_available
+
+
+class RemoteEnded(Exception):
+    """The stream ended without finishing: ``reason`` is ``cancelled``, ``replaced``,
+    ``evicted`` or ``node_lost``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class RemoteInfo:
+    conversation_id: str
+    owner: str
+    state: str
+    end: str
+    total_bytes: int
+    first_available: int
+    started_at: float
+    completed_at: float
+    segment_epoch: int
+    node: str
+    instance: str
+    epoch: int
+
+    @property
+    def is_done(self) -> bool:
+        return self.state != "running"
+
+
+def _s(v: Any) -> str:
+    return v.decode("utf-8", "surrogatepass") if isinstance(v, bytes) else str(v)
+
+
+def parse_info(h: dict[Any, Any]) -> RemoteInfo | None:
+    if not h or b"conv" not in h:
+        return None
+
+    def g(f: bytes, d: str = "0") -> str:
+        return _s(h.get(f, d))
+
+    return RemoteInfo(
+        conversation_id=g(b"conv", ""),
+        owner=g(b"owner", ""),
+        state=g(b"state", "running"),
+        end=g(b"end", ""),
+        total_bytes=int(g(b"total")),
+        first_available=int(g(b"first")),
+        started_at=float(g(b"created")),
+        completed_at=float(g(b"completed")),
+        segment_epoch=int(g(b"segepoch")),
+        node=g(b"node", ""),
+        instance=g(b"inst", ""),
+        epoch=int(g(b"epoch")),
+    )
+
+
+@dataclass
+class RemoteStats:
+    redis_errors: int = 0
+    opened: int = 0
+    tails: int = 0
+    nodes_lost: int = 0
+
+
+class RemoteStore:
+    def __init__(self, client: Client, node_id: str, ttl_ms: int) -> None:
+        self.client = client
+        self.node_id = node_id
+        self.ttl_ms = ttl_ms
+        self.tails: dict[str, RemoteTail] = {}
+        self.leases: dict[str, tuple[float, str | None]] = {}
+        self.stats = RemoteStats()
+
+    # -- lookups
+
+    async def _lease(self, node: str) -> str | None:
+        now = time.monotonic()
+        hit = self.leases.get(node)
+        if hit is not None and now - hit[0] < LEASE_CACHE_S:
+            return hit[1]
+        v = await self.client.get(keys.lease_key(node))
+        value = _s(v) if v is not None else None
+        self.leases[node] = (now, value)
+        return value
+
+    async def _settle(self, k: keys.SessionKeys, info: RemoteInfo) -> RemoteInfo:
+        """A running session whose node lost its lease is ended ``node_lost`` (atomically, and
+        only if it is still that node instance's), then read again."""
+        if info.state != "running" or await self._lease(info.node) == info.instance:
+            return info
+        res = await END(
+            self.client,
+            (k.meta, k.base),
+            (f"{time.time():.3f}", self.ttl_ms, "node_lost", "failed", info.node, info.instance),
+        )
+        if int(res[0]) == 1:
+            self.stats.nodes_lost += 1
+            log.warning("a stream's producing node lost its lease; the stream ends node_lost")
+        again = parse_info(await self.client.hgetall(k.meta))
+        return again if again is not None else info
+
+    async def info(self, conv: str, owner: str) -> RemoteInfo | None:
+        """The session as Redis has it (None if unknown there or cancelled)."""
+        k = keys.SessionKeys(conv, owner)
+        info = parse_info(await self.client.hgetall(k.meta))
+        if info is None or info.owner != owner or info.conversation_id != conv:
+            return None
+        info = await self._settle(k, info)
+        return info if info.state in VISIBLE else None
+
+    async def _infos(self, owner: str, convs: list[str]) -> list[RemoteInfo]:
+        if not convs:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        ks = [keys.SessionKeys(c, owner) for c in convs]
+        for k in ks:
+            pipe.hgetall(k.meta)
+        raw = await pipe.execute()
+        out: list[RemoteInfo] = []
+        stale: list[str] = []
+        for conv, k, h in zip(convs, ks, raw, strict=True):
+            info = parse_info(h)
+            if info is None:
+                stale.append(conv)
+                continue
+            if info.owner != owner or info.conversation_id != conv:
+                continue
+            info = await self._settle(k, info)
+            if info.state in VISIBLE:
+                out.append(info)
+        if stale:
+            # Expired sessions leave their id in the owner's index; drop them lazily.
+            await self.client.zrem(keys.owner_index(owner), *stale)
+        return out
+
+    async def sessions(self, owner: str) -> list[RemoteInfo]:
+        convs = [_s(c) for c in await self.client.zrange(keys.owner_index(owner), 0, -1)]
+        return await self._infos(owner, convs)
+
+    async def lookup_prefix(self, conv: str, owner: str) -> list[RemoteInfo]:
+        """The session ``conv`` and every ``conv::…`` (llama-server's lookup rule)."""
+        prefix = (conv + "::").encode("utf-8", "surrogatepass")
+        index = keys.owner_index(owner)
+        found = await self.client.zrangebylex(index, b"[" + prefix, b"[" + prefix + b"\xff")
+        return await self._infos(owner, [conv, *(_s(c) for c in found)])
+
+    # -- control
+
+    async def cancel(self, conv: str, owner: str) -> bool:
+        """DELETE: a running session is ended ``cancelled`` here and its producing node told to
+        stop it; a finished one is removed. True if Redis had it."""
+        k = keys.SessionKeys(conv, owner)
+        info = parse_info(await self.client.hgetall(k.meta))
+        if info is None or info.owner != owner or info.conversation_id != conv:
+            return False
+        res = await END(
+            self.client,
+            (k.meta, k.base),
+            (f"{time.time():.3f}", min(self.ttl_ms, 60_000), "cancelled", "cancelled", "", ""),
+        )
+        if int(res[0]) == 1:
+            node, epoch = _s(res[1]), int(res[3])
+            if node != self.node_id:
+                await send_control(self.client, node, "cancel", conv, owner, epoch)
+        else:
+            await FORGET(self.client, (k.meta, k.base), ())
+        await self.client.zrem(k.owner_index, conv)
+        return True
+
+    # -- reading
+
+    async def open(self, conv: str, owner: str, offset: int) -> RemoteReader:
+        """A reader at ``offset``; raises :class:`RemoteOffsetLost` if it is not available,
+        ``KeyError`` if Redis has no such session. The caller checks ``offset`` against a
+        finished session's total (416) with :attr:`RemoteReader.info`."""
+        info = await self.info(conv, owner)
+        if info is None:
+            raise KeyError(conv)
+        if offset < info.first_available:
+            raise RemoteOffsetLost(info.first_available)
+        reader = RemoteReader(self, keys.SessionKeys(conv, owner), info, offset)
+        if not (info.is_done and offset > info.total_bytes):
+            # A gap or a trim at the offset is a 410 now, not an error event later.
+            reader.pending = await reader.read_entries(offset, PAGE_ENTRIES)
+        self.stats.opened += 1
+        return reader
+
+    def tail(self, k: keys.SessionKeys, info: RemoteInfo) -> RemoteTail:
+        name = k.stream(info.epoch)
+        tail = self.tails.get(name)
+        if tail is None:
+            tail = self.tails[name] = RemoteTail(self, k, info)
+            self.stats.tails += 1
+        tail.refs += 1
+        return tail
+
+    def release(self, tail: RemoteTail) -> None:
+        tail.refs -= 1
+        if tail.refs == 0:
+            tail.task.cancel()
+            if self.tails.get(tail.stream) is tail:
+                del self.tails[tail.stream]
+
+
+def _walk(entries: list[Any], offset: int) -> tuple[list[bytes], int, str | None]:
+    """Bytes from ``offset`` in ``entries`` (ascending), stopping at a gap or an end marker:
+    (chunks, offset after them, end marker reason or None). Raises RemoteOffsetLost if
+    ``offset`` itself is in a gap or before the first entry."""
+    out: list[bytes] = []
+    for entry_id, fields in entries:
+        start = keys.entry_start(entry_id)
+        if b"d" in fields:
+            data = fields[b"d"]
+            if start + len(data) <= offset:
+                continue
+            if start > offset:
+                if out:
+                    break
+                raise RemoteOffsetLost(start)
+            out.append(data[offset - start :] if offset > start else data)
+            offset = start + len(data)
+        elif b"g" in fields:
+            end = int(fields[b"g"])
+            if end <= offset:
+                continue
+            if out:
+                break
+            raise RemoteOffsetLost(end)
+        elif b"e" in fields:
+            return out, offset, _s(fields[b"e"])
+    return out, offset, None
+
+
+class RemoteReader:
+    def __init__(
+        self, store: RemoteStore, k: keys.SessionKeys, info: RemoteInfo, offset: int
+    ) -> None:
+        self.store = store
+        self.keys = k
+        self.info = info
+        self.stream = k.stream(info.epoch)
+        self.offset = offset
+        self.pending: tuple[list[bytes], int, str | None] | None = None
+        self._tail: RemoteTail | None = None
+
+    async def read_entries(self, offset: int, count: int) -> tuple[list[bytes], int, str | None]:
+        c = self.store.client
+        back = await c.xrevrange(self.stream, f"{offset}-1", "-", count=1)
+        start = _s(back[0][0]) if back else "-"
+        entries = await c.xrange(self.stream, start, "+", count=count)
+        if not entries:
+            return [], offset, None
+        return _walk(entries, offset)
+
+    def _end(self, reason: str) -> bytes:
+        if reason in ("done", "failed"):
+            return b""
+        raise RemoteEnded(reason)
+
+    async def aread(self, max_bytes: int = 1 << 20) -> bytes:
+        """The next bytes; ``b""`` once a finished stream is read to its end. Raises
+        :class:`RemoteEnded` for an ending that is not part of the stream, and
+        :class:`RemoteOffsetLost` when the reader runs into a gap or a trim."""
+        while True:
+            if self.pending is not None:
+                chunks, end, reason = self.pending
+                self.pending = None
+            else:
+                tail = self._attach()
+                got = tail.take(self.offset, max_bytes)
+                if got is not None:
+                    data, reason = got
+                    if data:
+                        self.offset += len(data)
+                        return data
+                    if reason is not None:
+                        return self._end(reason)
+                    await tail.wait()
+                    continue
+                chunks, end, reason = await self.read_entries(self.offset, PAGE_ENTRIES)
+            if chunks:
+                data = b"".join(chunks)
+                self.offset = end
+                return data
+            if reason is not None:
+                return self._end(reason)
+            # Nothing beyond the offset yet: wait at the live edge.
+            await self._attach().wait()
+
+    def _attach(self) -> RemoteTail:
+        if self._tail is None:
+            self._tail = self.store.tail(self.keys, self.info)
+        return self._tail
+
+    @property
+    def final_total(self) -> int | None:
+        t = self._tail
+        if t is not None and t.reason is not None:
+            return t.end
+        return self.info.total_bytes if self.info.is_done else None
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self.store.release(self._tail)
+            self._tail = None
+
+
+class RemoteTail:
+    """The live edge of one session's Redis stream in this process, read once for all its
+    readers."""
+
+    def __init__(self, store: RemoteStore, k: keys.SessionKeys, info: RemoteInfo) -> None:
+        self.store = store
+        self.keys = k
+        self.info = info
+        self.stream = k.stream(info.epoch)
+        self.base = self.end = info.total_bytes
+        self.buf = bytearray()
+        self.gaps: list[tuple[int, int]] = []
+        self.reason: str | None = info.end or info.state if info.is_done else None
+        self.refs = 0
+        self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def take(self, offset: int, max_bytes: int) -> tuple[bytes, str | None] | None:
+        """(bytes at ``offset``, end reason if nothing more comes) or None if ``offset`` is
+        behind what this tail holds (the reader reads entries itself)."""
+        if offset < self.base:
+            return None
+        for a, b in self.gaps:
+            if a <= offset < b:
+                raise RemoteOffsetLost(b)
+        if offset < self.end:
+            i = offset - self.base
+            return bytes(self.buf[i : i + max_bytes]), None
+        return b"", self.reason
+
+    async def wait(self) -> None:
+        await asyncio.shield(self.changed)
+
+    def _wake(self) -> None:
+        if not self.changed.done():
+            self.changed.set_result(None)
+        self.changed = asyncio.get_running_loop().create_future()
+
+    def _finish(self, reason: str) -> None:
+        self.reason = reason
+        self._wake()
+
+    async def run(self) -> None:
+        c = self.store.client
+        last = f"{self.end}-0"
+
+        def take(res: Any) -> None:
+            nonlocal last
+            for _name, entries in res or []:
+                for entry_id, fields in entries:
+                    last = _s(entry_id)
+                    self._entry(keys.entry_start(entry_id), fields)
+
+        while self.reason is None:
+            try:
+                res = await c.xread({self.stream: last}, count=256, block=TAIL_BLOCK_MS)
+                if res:
+                    take(res)
+                    self._wake()
+                    continue
+                final = await self._check()
+                if final is None:
+                    continue
+                # Ended: what was appended before the end is in the stream; read it first.
+                while self.reason is None:
+                    res = await c.xread({self.stream: last}, count=256)
+                    if not res:
+                        break
+                    take(res)
+                if self.reason is None:
+                    self._finish(final)
+                self._wake()
+            except asyncio.CancelledError:
+                raise
+            except redis_errors() as e:
+                self.store.stats.redis_errors += 1
+                log.warning("remote tail: Redis error (%s); retrying", e)
+                await asyncio.sleep(0.2)
+
+    def _entry(self, start: int, fields: dict[bytes, bytes]) -> None:
+        if b"e" in fields:
+            self._finish(_s(fields[b"e"]))
+            return
+        if b"g" in fields:
+            end = int(fields[b"g"])
+            self.gaps.append((start, end))
+            self.buf.clear()
+            self.base = self.end = end
+            return
+        data = fields[b"d"]
+        if start != self.end:
+            # Never expected (entries are contiguous); readers re-read entries.
+            self.buf.clear()
+            self.base = start
+        self.buf += data
+        self.end = start + len(data)
+        if len(self.buf) > TAIL_KEEP:
+            drop = len(self.buf) - TAIL_KEEP
+            del self.buf[:drop]
+            self.base += drop
+
+    async def _check(self) -> str | None:
+        """Silence: is the session still this epoch, running, on a node that holds its lease?
+        The reason it ended, or None while it runs."""
+        info = parse_info(await self.store.client.hgetall(self.keys.meta))
+        if info is None:
+            return "evicted"
+        if info.epoch != self.info.epoch:
+            return "replaced"
+        if info.state == "running":
+            info = await self.store._settle(self.keys, info)
+        if info.state == "running":
+            return None
+        return info.end or info.state
+
+
+async def close_store(store: RemoteStore) -> None:
+    for tail in list(store.tails.values()):
+        tail.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tail.task
+    store.tails.clear()

@@ -1,0 +1,381 @@
+"""The mirror and the remote reader, in one process, against private Redis servers: a
+standalone ``redis-server`` and a 3-master Redis Cluster (same tests on both)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RedisServer, cli
+from ringcast import Segment, Writer
+from ringcast.cluster.client import Client, connect
+from ringcast.cluster.mirror import Mirror, MirrorConfig
+from ringcast.cluster.remote import RemoteEnded, RemoteOffsetLost, RemoteReader, RemoteStore
+
+
+@dataclass
+class Target:
+    url: str = ""
+    seeds: str = ""
+    server: RedisServer | None = None
+
+    def client(self) -> Client:
+        return connect(self.url, self.seeds)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "cluster":
+        return Target(seeds=request.getfixturevalue("redis_cluster").seeds)
+    server = request.getfixturevalue("redis_server")
+    return Target(url=server.url, server=server)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+class Node:
+    """A segment plus its running mirror (what one ``ringcast serve`` node has)."""
+
+    def __init__(self, tmp: Path, target: Target, **cfg: Any) -> None:
+        self.node_id = "node-" + uid()
+        self.seg = Segment.create(
+            str(tmp / self.node_id), max_sessions=16, session_bytes=cfg.pop("ring", 1 << 16)
+        )
+        self.cfg = MirrorConfig(
+            segment=self.seg.path,
+            node_id=self.node_id,
+            mirror_ms=20,
+            lease_ms=cfg.pop("lease_ms", 3000),
+            ttl=60,
+            **cfg,
+        )
+        self.client = target.client()
+        self.mirror = Mirror(self.cfg, self.seg, self.client)
+        self.task = asyncio.get_running_loop().create_task(self.mirror.run())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.aclose()
+        self.seg.unlink()
+
+
+async def until(cond: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``cond`` (bounded by the test's timeout, never a timed assertion)."""
+    while not await cond():
+        await asyncio.sleep(0.01)
+
+
+async def read_all(reader: RemoteReader) -> bytes:
+    out = bytearray()
+    while data := await reader.aread():
+        out += data
+    reader.close()
+    return bytes(out)
+
+
+def event(i: int) -> bytes:
+    return f"id: {i}\ndata: {{'token': {i}, 'pad': '{'x' * (i % 13)}'}}\n\n".encode()
+
+
+async def produce(w: Writer, start: int, n: int, pause: float = 0.002) -> bytes:
+    out = bytearray()
+    for i in range(start, start + n):
+        e = event(i)
+        assert w.write(e)
+        out += e
+        await asyncio.sleep(pause)
+    return bytes(out)
+
+
+async def mirrored(store: RemoteStore, conv: str, owner: str, total: int) -> None:
+    async def ok() -> bool:
+        info = await store.info(conv, owner)
+        return info is not None and info.total_bytes >= total
+
+    await until(ok)
+
+
+def test_remote_readers_get_the_bytes_of_a_local_reader(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a = Node(tmp_path, target)
+        store = RemoteStore(target.client(), "reader-node", 60_000)
+        conv, owner = "conv-" + uid(), "k1"
+        w = a.seg.create_or_replace(conv, owner)
+        first = await produce(w, 0, 40)
+        await mirrored(store, conv, owner, len(first))
+        readers = [await store.open(conv, owner, off) for off in (0, 7, len(first) - 3)]
+        rest_task = asyncio.create_task(produce(w, 40, 120))
+        got = [asyncio.create_task(read_all(r)) for r in readers]
+        rest = await rest_task
+        # One tail per session in this process, shared by the readers at the edge.
+        assert len(store.tails) == 1 and next(iter(store.tails.values())).refs >= 1
+        w.finalize()
+        expected = first + rest
+        assert a.seg.reader(conv, 0, owner).read() == expected
+        for r, off in zip(got, (0, 7, len(first) - 3), strict=True):
+            assert await r == expected[off:]
+        # A finished stream, read again from the middle, and at its end.
+        late = await store.open(conv, owner, 100)
+        assert await read_all(late) == expected[100:]
+        assert await read_all(await store.open(conv, owner, len(expected))) == b""
+        info = await store.info(conv, owner)
+        assert info is not None and info.state == "done"
+        assert info.total_bytes == len(expected) and info.node == a.node_id
+        assert not store.tails  # gone with its last reader
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
+
+
+def test_trimmed_to_session_bytes_gives_first_available(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a = Node(tmp_path, target, session_bytes=2048)
+        store = RemoteStore(target.client(), "reader-node", 60_000)
+        conv, owner = "conv-" + uid(), ""
+        w = a.seg.create_or_replace(conv, owner)
+        data = await produce(w, 0, 200, pause=0)
+        w.finalize()
+
+        async def done() -> bool:
+            i = await store.info(conv, owner)
+            return i is not None and i.state == "done"
+
+        await until(done)
+        info = await store.info(conv, owner)
+        assert info is not None
+        assert len(data) - 2048 <= info.first_available < len(data)
+        with pytest.raises(RemoteOffsetLost) as e:
+            await store.open(conv, owner, 0)
+        assert e.value.first_available == info.first_available
+        got = await read_all(await store.open(conv, owner, info.first_available))
+        assert got == data[info.first_available :]
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
+
+
+def test_keys_are_isolated(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a = Node(tmp_path, target)
+        store = RemoteStore(target.client(), "reader-node", 60_000)
+        conv = "shared-" + uid()
+        k1, k2 = "owner-" + uid(), "owner-" + uid()
+        w1, w2 = a.seg.create_or_replace(conv, k1), a.seg.create_or_replace(conv, k2)
+        d1, d2 = b"data: one\n\n" * 3, b"data: two\n\n" * 5
+        w1.write(d1)
+        w2.write(d2)
+        w1.finalize()
+        w2.finalize()
+        a.seg.create_or_replace(conv + "::sub", k1).finalize()
+        await mirrored(store, conv, k1, len(d1))
+        await mirrored(store, conv, k2, len(d2))
+        assert await read_all(await store.open(conv, k1, 0)) == d1
+        assert await read_all(await store.open(conv, k2, 0)) == d2
+        listed = {(i.owner, i.conversation_id) for i in await store.sessions(k1)}
+        assert listed == {(k1, conv), (k1, conv + "::sub")}
+        assert {i.conversation_id for i in await store.lookup_prefix(conv, k2)} == {conv}
+        assert await store.info(conv, "third") is None
+        assert await store.sessions("third") == []
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
+
+
+def test_delete_elsewhere_cancels_the_producer(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a = Node(tmp_path, target)
+        store = RemoteStore(target.client(), "node-b", 60_000)
+        conv, owner = "conv-" + uid(), "k"
+        w = a.seg.create_or_replace(conv, owner)
+        sent = await produce(w, 0, 5)
+        await mirrored(store, conv, owner, len(sent))
+        tail = await store.open(conv, owner, len(sent))
+        reading = asyncio.create_task(read_all(tail))
+        assert await store.cancel(conv, owner)
+
+        async def cancelled() -> bool:
+            return w.cancelled
+
+        await until(cancelled)
+        assert a.mirror.stats.controls == 1
+        with pytest.raises(RemoteEnded) as e:
+            await reading
+        assert e.value.reason == "cancelled"
+        assert await store.info(conv, owner) is None
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
+
+
+def test_replace_across_nodes_has_one_winner(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a, b = Node(tmp_path, target), Node(tmp_path, target)
+        store = RemoteStore(target.client(), "node-c", 60_000)
+        conv, owner = "conv-" + uid(), "k"
+        wa = a.seg.create_or_replace(conv, owner)
+        sent = await produce(wa, 0, 5)
+        await mirrored(store, conv, owner, len(sent))
+        old = await store.open(conv, owner, 0)
+        reading = asyncio.create_task(read_all(old))
+        wb = b.seg.create_or_replace(conv, owner)
+
+        async def replaced() -> bool:
+            return wa.cancelled
+
+        await until(replaced)
+        with pytest.raises(RemoteEnded) as e:
+            await reading
+        assert e.value.reason == "replaced"
+        new = await produce(wb, 100, 3)
+        await mirrored(store, conv, owner, len(new))
+        info = await store.info(conv, owner)
+        assert info is not None and info.node == b.node_id and not wb.cancelled
+        # Both at once: whichever claims last wins, the other is replaced.
+        for _ in range(5):
+            wa, wb = a.seg.create_or_replace(conv, owner), b.seg.create_or_replace(conv, owner)
+
+            async def one_left(wa: Writer = wa, wb: Writer = wb) -> bool:
+                return wa.cancelled != wb.cancelled
+
+            await until(one_left)
+            winner = (a if not wa.cancelled else b).node_id
+            await until(functools.partial(_node_is, store, conv, owner, winner))
+        await store.client.aclose()
+        await a.stop()
+        await b.stop()
+
+    run(body())
+
+
+async def _node_is(store: RemoteStore, conv: str, owner: str, node: str) -> bool:
+    info = await store.info(conv, owner)
+    return info is not None and info.node == node
+
+
+def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) -> None:
+    async def body() -> None:
+        a = Node(tmp_path, target, lease_ms=600)
+        store = RemoteStore(target.client(), "node-b", 60_000)
+        conv, owner = "conv-" + uid(), "k"
+        w = a.seg.create_or_replace(conv, owner)
+        sent = await produce(w, 0, 20)
+        await mirrored(store, conv, owner, len(sent))
+        r = await store.open(conv, owner, 3)
+        reading = asyncio.create_task(r.aread())
+        got = bytearray(await reading)
+        a.task.cancel()  # the node stops: no more flushes, no more lease renewals
+        await asyncio.gather(a.task, return_exceptions=True)
+        w.write(b"data: never mirrored\n\n")
+        with pytest.raises(RemoteEnded) as e:
+            while data := await r.aread():
+                got += data
+        assert e.value.reason == "node_lost"
+        assert bytes(got) == sent[3:]
+        info = await store.info(conv, owner)
+        assert info is not None and info.state == "failed" and info.end == "node_lost"
+        await store.client.aclose()
+        await a.client.aclose()
+        a.seg.unlink()
+
+    run(body())
+
+
+def test_redis_restarted_empty_is_caught_up_with_a_gap(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body() -> None:
+        a = Node(tmp_path, target, ring=8192)
+        conv, owner = "conv-" + uid(), "k"
+        w = a.seg.create_or_replace(conv, owner)
+        store = RemoteStore(target.client(), "node-b", 60_000)
+        before = await produce(w, 0, 10)
+        await mirrored(store, conv, owner, len(before))
+        redis_server.kill()
+        during = await produce(w, 10, 400, pause=0)  # far more than the 8 KiB ring
+        redis_server.start()
+        after = await produce(w, 410, 10)
+        w.finalize()
+        expected = before + during + after
+
+        async def done() -> bool:
+            try:
+                i = await store.info(conv, owner)
+            except Exception:
+                return False
+            return i is not None and i.state == "done"
+
+        await until(done)
+        info = await store.info(conv, owner)
+        assert info is not None and info.total_bytes == len(expected)
+        first = info.first_available
+        assert 0 < first <= len(expected) - 8192 + 512
+        with pytest.raises(RemoteOffsetLost):
+            await store.open(conv, owner, 0)
+        assert await read_all(await store.open(conv, owner, first)) == expected[first:]
+        s = a.mirror.stats
+        assert s.redis_errors >= 1 and s.reconnects >= 1 and s.gaps == 1
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
+
+
+def test_paused_redis_leaves_a_gap_that_remote_readers_see(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body() -> None:
+        a = Node(tmp_path, target, ring=8192)
+        conv, owner = "conv-" + uid(), "k"
+        w = a.seg.create_or_replace(conv, owner)
+        store = RemoteStore(target.client(), "node-b", 60_000)
+        before = await produce(w, 0, 10)
+        await mirrored(store, conv, owner, len(before))
+        cli(redis_server.port, "CLIENT", "PAUSE", "1000")  # every client, the mirror included
+        during = await produce(w, 10, 400, pause=0)  # far more than the 8 KiB ring
+        await asyncio.to_thread(cli, redis_server.port, "PING")  # answered once the pause ends
+        after = await produce(w, 410, 5)
+        w.finalize()
+        expected = before + during + after
+
+        async def done() -> bool:
+            i = await store.info(conv, owner)
+            return i is not None and i.state == "done"
+
+        await until(done)
+        r = await store.open(conv, owner, 0)
+        got = bytearray()
+        with pytest.raises(RemoteOffsetLost) as e:
+            while data := await r.aread():
+                got += data
+        r.close()
+        gap_end = e.value.first_available
+        assert len(got) >= len(before) and expected.startswith(bytes(got))
+        assert await read_all(await store.open(conv, owner, gap_end)) == expected[gap_end:]
+        with pytest.raises(RemoteOffsetLost):
+            await store.open(conv, owner, len(got))
+        assert a.mirror.stats.gaps == 1
+        await store.client.aclose()
+        await a.stop()
+
+    run(body())
