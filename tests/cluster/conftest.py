@@ -102,6 +102,8 @@ class RedisClusterNodes:
                     "yes",
                     "--cluster-config-file",
                     f"nodes-{port}.conf",
+                    "--cluster-port",  # the default, port + 10000, may not exist
+                    str(free_port()),
                     "--cluster-node-timeout",
                     "2000",
                     port=port,

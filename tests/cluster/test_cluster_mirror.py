@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, cli
-from ringcast import Segment, Writer
+from ringcast import OffsetLost, Segment, SessionEnded, Writer
 from ringcast.cluster.client import Client, connect
 from ringcast.cluster.mirror import Mirror, MirrorConfig
-from ringcast.cluster.remote import RemoteEnded, RemoteOffsetLost, RemoteReader, RemoteStore
+from ringcast.cluster.remote import RemoteReader, RemoteStore
 
 
 @dataclass
@@ -158,7 +158,7 @@ def test_trimmed_to_session_bytes_gives_first_available(tmp_path: Path, target: 
         info = await store.info(conv, owner)
         assert info is not None
         assert len(data) - 2048 <= info.first_available < len(data)
-        with pytest.raises(RemoteOffsetLost) as e:
+        with pytest.raises(OffsetLost) as e:
             await store.open(conv, owner, 0)
         assert e.value.first_available == info.first_available
         got = await read_all(await store.open(conv, owner, info.first_available))
@@ -214,7 +214,7 @@ def test_delete_elsewhere_cancels_the_producer(tmp_path: Path, target: Target) -
 
         await until(cancelled)
         assert a.mirror.stats.controls == 1
-        with pytest.raises(RemoteEnded) as e:
+        with pytest.raises(SessionEnded) as e:
             await reading
         assert e.value.reason == "cancelled"
         assert await store.info(conv, owner) is None
@@ -240,7 +240,7 @@ def test_replace_across_nodes_has_one_winner(tmp_path: Path, target: Target) -> 
             return wa.cancelled
 
         await until(replaced)
-        with pytest.raises(RemoteEnded) as e:
+        with pytest.raises(SessionEnded) as e:
             await reading
         assert e.value.reason == "replaced"
         new = await produce(wb, 100, 3)
@@ -283,7 +283,7 @@ def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) ->
         a.task.cancel()  # the node stops: no more flushes, no more lease renewals
         await asyncio.gather(a.task, return_exceptions=True)
         w.write(b"data: never mirrored\n\n")
-        with pytest.raises(RemoteEnded) as e:
+        with pytest.raises(SessionEnded) as e:
             while data := await r.aread():
                 got += data
         assert e.value.reason == "node_lost"
@@ -328,7 +328,7 @@ def test_redis_restarted_empty_is_caught_up_with_a_gap(
         assert info is not None and info.total_bytes == len(expected)
         first = info.first_available
         assert 0 < first <= len(expected) - 8192 + 512
-        with pytest.raises(RemoteOffsetLost):
+        with pytest.raises(OffsetLost):
             await store.open(conv, owner, 0)
         assert await read_all(await store.open(conv, owner, first)) == expected[first:]
         s = a.mirror.stats
@@ -365,14 +365,14 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
         await until(done)
         r = await store.open(conv, owner, 0)
         got = bytearray()
-        with pytest.raises(RemoteOffsetLost) as e:
+        with pytest.raises(OffsetLost) as e:
             while data := await r.aread():
                 got += data
         r.close()
         gap_end = e.value.first_available
         assert len(got) >= len(before) and expected.startswith(bytes(got))
         assert await read_all(await store.open(conv, owner, gap_end)) == expected[gap_end:]
-        with pytest.raises(RemoteOffsetLost):
+        with pytest.raises(OffsetLost):
             await store.open(conv, owner, len(got))
         assert a.mirror.stats.gaps == 1
         await store.client.aclose()

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ringcast import OffsetLost, SessionEnded, SessionNotFound
 from ringcast.cluster import keys
 from ringcast.cluster.client import Client, redis_errors
 from ringcast.cluster.mirror import END, FORGET, send_control
@@ -39,21 +40,18 @@ VISIBLE = ("running", "done", "failed")
 """States a lookup shows; a cancelled session is gone, as it is locally."""
 
 
-class RemoteOffsetLost(Exception):
-    """The offset was trimmed from the Redis copy, or lies in a gap the mirror could not fill."""
+def offset_lost(first_available: int) -> OffsetLost:
+    """The library's ``OffsetLost``, as a local reader raises it."""
+    e = OffsetLost(f"offset dropped; the first available offset is {first_available}")
+    e.first_available = first_available
+    return e
 
-    def __init__(self, first_available: int) -> None:
-        super().__init__(f"bytes before offset {first_available} are not available")
-        self.first_available = first_available
 
-
-class RemoteEnded(Exception):
-    """The stream ended without finishing: ``reason`` is ``cancelled``, ``replaced``,
-    ``evicted`` or ``node_lost``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+def session_ended(reason: str) -> SessionEnded:
+    """The library's ``SessionEnded``; ``reason`` may also be ``node_lost`` here."""
+    e = SessionEnded(f"the session ended: {reason}")
+    e.reason = reason
+    return e
 
 
 @dataclass
@@ -70,6 +68,19 @@ class RemoteInfo:
     node: str
     instance: str
     epoch: int
+    """The session's epoch in Redis: bumped by every claim (a new producer, anywhere)."""
+    slot: int = 0
+    """With ``generation``, the incarnation (as a local session's slot and generation): a
+    negative number from the key digest, so it never equals a local slot."""
+    readers: int = 0
+    """Readers on other nodes are not counted."""
+
+    def __post_init__(self) -> None:
+        self.slot = -1 - int(keys.digest(self.owner + chr(0) + self.conversation_id, 12), 16)
+
+    @property
+    def generation(self) -> int:
+        return self.epoch
 
     @property
     def is_done(self) -> bool:
@@ -219,18 +230,18 @@ class RemoteStore:
     # -- reading
 
     async def open(self, conv: str, owner: str, offset: int) -> RemoteReader:
-        """A reader at ``offset``; raises :class:`RemoteOffsetLost` if it is not available,
-        ``KeyError`` if Redis has no such session. The caller checks ``offset`` against a
-        finished session's total (416) with :attr:`RemoteReader.info`."""
+        """A reader at ``offset``; raises ``OffsetLost`` if it is not available,
+        ``SessionNotFound`` if Redis has no such session. The caller checks ``offset`` against
+        a finished session's total (416)."""
         info = await self.info(conv, owner)
         if info is None:
-            raise KeyError(conv)
+            raise SessionNotFound(conv)
         if offset < info.first_available:
-            raise RemoteOffsetLost(info.first_available)
+            raise offset_lost(info.first_available)
         reader = RemoteReader(self, keys.SessionKeys(conv, owner), info, offset)
         if not (info.is_done and offset > info.total_bytes):
             # A gap or a trim at the offset is a 410 now, not an error event later.
-            reader.pending = await reader.read_entries(offset, PAGE_ENTRIES)
+            await reader.fetch()
         self.stats.opened += 1
         return reader
 
@@ -253,7 +264,7 @@ class RemoteStore:
 
 def _walk(entries: list[Any], offset: int) -> tuple[list[bytes], int, str | None]:
     """Bytes from ``offset`` in ``entries`` (ascending), stopping at a gap or an end marker:
-    (chunks, offset after them, end marker reason or None). Raises RemoteOffsetLost if
+    (chunks, offset after them, end marker reason or None). Raises ``OffsetLost`` if
     ``offset`` itself is in a gap or before the first entry."""
     out: list[bytes] = []
     for entry_id, fields in entries:
@@ -265,7 +276,7 @@ def _walk(entries: list[Any], offset: int) -> tuple[list[bytes], int, str | None
             if start > offset:
                 if out:
                     break
-                raise RemoteOffsetLost(start)
+                raise offset_lost(start)
             out.append(data[offset - start :] if offset > start else data)
             offset = start + len(data)
         elif b"g" in fields:
@@ -274,13 +285,16 @@ def _walk(entries: list[Any], offset: int) -> tuple[list[bytes], int, str | None
                 continue
             if out:
                 break
-            raise RemoteOffsetLost(end)
+            raise offset_lost(end)
         elif b"e" in fields:
             return out, offset, _s(fields[b"e"])
     return out, offset, None
 
 
 class RemoteReader:
+    """A reader of a session held in Redis, with the surface of ``ringcast.Reader`` that the
+    server uses (``read_nowait``, ``aread``, ``close``, ``offset``, the incarnation)."""
+
     def __init__(
         self, store: RemoteStore, k: keys.SessionKeys, info: RemoteInfo, offset: int
     ) -> None:
@@ -289,64 +303,79 @@ class RemoteReader:
         self.info = info
         self.stream = k.stream(info.epoch)
         self.offset = offset
-        self.pending: tuple[list[bytes], int, str | None] | None = None
+        self.pending = b""
+        """Bytes read from entries at ``offset``, not yet returned."""
+        self.pending_end: str | None = None
+        """The end marker right after ``pending``."""
         self._tail: RemoteTail | None = None
 
-    async def read_entries(self, offset: int, count: int) -> tuple[list[bytes], int, str | None]:
+    @property
+    def conversation_id(self) -> str:
+        return self.info.conversation_id
+
+    @property
+    def slot(self) -> int:
+        return self.info.slot
+
+    @property
+    def generation(self) -> int:
+        return self.info.generation
+
+    @property
+    def epoch(self) -> int:
+        """The producing node's segment epoch, so ``X-Ringcast-Epoch`` is the same there."""
+        return self.info.segment_epoch
+
+    async def fetch(self) -> None:
+        """Read entries from ``offset`` into ``pending`` (one page)."""
         c = self.store.client
-        back = await c.xrevrange(self.stream, f"{offset}-1", "-", count=1)
+        back = await c.xrevrange(self.stream, f"{self.offset}-1", "-", count=1)
         start = _s(back[0][0]) if back else "-"
-        entries = await c.xrange(self.stream, start, "+", count=count)
-        if not entries:
-            return [], offset, None
-        return _walk(entries, offset)
+        entries: Any = await c.xrange(self.stream, start, "+", count=PAGE_ENTRIES)
+        chunks, _end, reason = _walk(entries, self.offset)
+        self.pending, self.pending_end = b"".join(chunks), reason
 
     def _end(self, reason: str) -> bytes:
         if reason in ("done", "failed"):
             return b""
-        raise RemoteEnded(reason)
+        raise session_ended(reason)
+
+    def read_nowait(self, max_bytes: int = 1 << 20) -> bytes | None:
+        """Bytes at ``offset`` that are here now, ``b""`` at the end of a finished stream,
+        None if they must be fetched or waited for. Raises ``SessionEnded`` for an ending
+        that is not part of the stream and ``OffsetLost`` at a gap or a trim."""
+        if self.pending:
+            data = self.pending[:max_bytes]
+            self.pending = self.pending[len(data) :]
+            self.offset += len(data)
+            return data
+        if self.pending_end is not None:
+            return self._end(self.pending_end)
+        got = self._attach().take(self.offset, max_bytes)
+        if got is None:
+            return None
+        data, reason = got
+        if data:
+            self.offset += len(data)
+            return data
+        return self._end(reason) if reason is not None else None
 
     async def aread(self, max_bytes: int = 1 << 20) -> bytes:
-        """The next bytes; ``b""`` once a finished stream is read to its end. Raises
-        :class:`RemoteEnded` for an ending that is not part of the stream, and
-        :class:`RemoteOffsetLost` when the reader runs into a gap or a trim."""
+        """The next bytes; ``b""`` once a finished stream is read to its end."""
         while True:
-            if self.pending is not None:
-                chunks, end, reason = self.pending
-                self.pending = None
-            else:
-                tail = self._attach()
-                got = tail.take(self.offset, max_bytes)
-                if got is not None:
-                    data, reason = got
-                    if data:
-                        self.offset += len(data)
-                        return data
-                    if reason is not None:
-                        return self._end(reason)
-                    await tail.wait()
-                    continue
-                chunks, end, reason = await self.read_entries(self.offset, PAGE_ENTRIES)
-            if chunks:
-                data = b"".join(chunks)
-                self.offset = end
+            data = self.read_nowait(max_bytes)
+            if data is not None:
                 return data
-            if reason is not None:
-                return self._end(reason)
-            # Nothing beyond the offset yet: wait at the live edge.
-            await self._attach().wait()
+            tail = self._attach()
+            if self.offset < tail.base:
+                await self.fetch()  # behind what the tail holds: read entries
+            else:
+                await tail.wait()
 
     def _attach(self) -> RemoteTail:
         if self._tail is None:
             self._tail = self.store.tail(self.keys, self.info)
         return self._tail
-
-    @property
-    def final_total(self) -> int | None:
-        t = self._tail
-        if t is not None and t.reason is not None:
-            return t.end
-        return self.info.total_bytes if self.info.is_done else None
 
     def close(self) -> None:
         if self._tail is not None:
@@ -378,7 +407,7 @@ class RemoteTail:
             return None
         for a, b in self.gaps:
             if a <= offset < b:
-                raise RemoteOffsetLost(b)
+                raise offset_lost(b)
         if offset < self.end:
             i = offset - self.base
             return bytes(self.buf[i : i + max_bytes]), None
