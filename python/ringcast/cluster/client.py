@@ -96,6 +96,12 @@ class Script:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
+def is_cluster(client: Client) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
 def is_noscript(result: object) -> bool:
     from redis.exceptions import NoScriptError
 

@@ -34,7 +34,14 @@ import msgspec
 
 from ringcast import OffsetLost, Reader, Segment, SessionEnded, SessionInfo, SessionNotFound
 from ringcast.cluster import keys, scripts
-from ringcast.cluster.client import Client, Script, connect, is_noscript, redis_errors
+from ringcast.cluster.client import (
+    Client,
+    Script,
+    connect,
+    is_cluster,
+    is_noscript,
+    redis_errors,
+)
 
 log = logging.getLogger("ringcast.cluster.mirror")
 
@@ -45,6 +52,10 @@ eighth of ``session_bytes``, so trimming (whole entries) keeps at least 7/8 of t
 WINDOW_MAX = 4 * ENTRY_MAX
 """Most bytes of one session sent in one window; a session further behind catches up over the
 next windows, so one fast session cannot hold up the window of all the others."""
+BATCH = 128
+"""Sessions per SYNC call on one Redis server: one reply to parse instead of 128 (the client's
+cost per reply is what limits a window), and a script short enough not to hold Redis up. A
+Redis Cluster gets one session per call (a script's keys must share a slot)."""
 CONTROL_BLOCK_MS = 1000
 CONTROL_MAXLEN = 10_000
 
@@ -123,6 +134,10 @@ class MirrorStats:
 
 class Mirror:
     def __init__(self, cfg: MirrorConfig, seg: Segment, client: Client) -> None:
+        if not cfg.node_id or any(ord(c) < 32 or ord(c) == 127 for c in cfg.node_id):
+            raise ValueError(
+                f"node id {cfg.node_id!r}: must be non-empty, without control characters"
+            )
         self.cfg = cfg
         self.seg = seg
         self.client = client
@@ -132,6 +147,7 @@ class Mirror:
         self.exclude = frozenset(cfg.exclude_owners)
         self.wake = asyncio.Event()
         self.entry_max = max(1, min(ENTRY_MAX, cfg.session_bytes // 8))
+        self.batch = 1 if is_cluster(client) else BATCH
 
     # -- flush loop
 
@@ -232,33 +248,38 @@ class Mirror:
 
     async def flush(self) -> None:
         now = time.time()
+        now_s = f"{now:.3f}"
         calls: list[tuple[Tracked, list[Any]]] = []
         for t in self._refresh(now):
             chunks, state, reason = self._collect(t)
             due = now - t.last_sync > min(30.0, self.cfg.keep_ms / 4000)
             if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
                 continue
+            claim = t.epoch == 0
             start = t.next if t.gap_from is None else t.gap_from
             t.sent = sum(len(c) for c in chunks)
             t.ending = (state, reason) if state != "running" else None
             info = t.info
-            args = [
+            header = (
                 t.src,
                 self.cfg.node_id,
                 self.cfg.instance,
                 t.epoch,
-                info.conversation_id,
-                info.owner,
                 self.seg.epoch,
                 f"{info.started_at:.3f}",
-                f"{now:.3f}",
+                now_s,
                 self.cfg.session_bytes,
-                self.cfg.keep_ms,
+                self.cfg.keep_ms if due else 0,
                 self.cfg.ttl_ms,
                 start,
                 t.next,
                 state,
                 reason,
+            )
+            args = [
+                "\x1f".join(map(str, header)),
+                info.conversation_id if claim else "",
+                info.owner if claim else "",
                 *chunks,
             ]
             calls.append((t, args))
@@ -270,10 +291,23 @@ class Mirror:
         self.stats.windows += 1
 
     async def _execute(self, calls: list[tuple[Tracked, list[Any]]]) -> list[Any]:
+        """One pipeline: a SYNC call per batch of sessions (plus, for a claim, the owner
+        index). Per session: its reply, or the exception its batch failed with."""
+        batches = [calls[i : i + self.batch] for i in range(0, len(calls), self.batch)]
+
+        def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[str], list[Any]]:
+            ks: list[str] = []
+            args: list[Any] = []
+            for t, a in batch:
+                ks += (t.keys.meta, t.keys.base)
+                args += (len(a), *a)
+            return ks, args
+
         try:
             pipe = self.client.pipeline(transaction=False)
-            for t, args in calls:
-                SYNC.queue(pipe, (t.keys.meta, t.keys.base), args)
+            for batch in batches:
+                SYNC.queue(pipe, *sync_args(batch))
+            for t, _ in calls:
                 if t.epoch == 0:
                     pipe.zadd(t.keys.owner_index, {t.info.conversation_id: 0})
                     pipe.pexpire(t.keys.owner_index, self.cfg.keep_ms)
@@ -281,18 +315,14 @@ class Mirror:
         except redis_errors() as e:
             self._failed(e)
             return [e] * len(calls)
-        # Pick out the SYNC replies (the owner-index commands ride along).
         results: list[Any] = []
-        i = 0
-        for t, args in calls:
-            res = raw[i]
-            i += 3 if t.epoch == 0 else 1
+        for batch, res in zip(batches, raw, strict=False):
             if is_noscript(res):
                 try:
-                    res = await SYNC(self.client, (t.keys.meta, t.keys.base), args)
+                    res = await SYNC(self.client, *sync_args(batch))
                 except redis_errors() as e:
                     res = e
-            results.append(res)
+            results += [res] * len(batch) if isinstance(res, BaseException) else res
         self._ok()
         return results
 
@@ -327,16 +357,16 @@ class Mirror:
         if status == scripts.SYNC_OK:
             if t.gap_from is not None:
                 self.stats.gaps += 1
-                self.stats.gap_bytes += int(args[13]) - t.gap_from
+                self.stats.gap_bytes += t.next - t.gap_from
                 log.warning(
                     "mirror: bytes %d..%d of a session were dropped from the ring before they "
                     "could be mirrored; remote readers get 410 for them",
                     t.gap_from,
-                    int(args[13]),
+                    t.next,
                 )
             t.epoch, t.gap_from = int(epoch), None
             self.stats.bytes += t.sent
-            self.stats.entries += len(args) - 16
+            self.stats.entries += len(args) - 3
             if int(total) != t.next + t.sent:
                 self._reopen(t, int(total))
             else:

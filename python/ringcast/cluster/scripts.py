@@ -22,76 +22,104 @@ local function marker_id(total) if total == 0 then return '0-1' end return n(tot
 SYNC = (
     _COMMON
     + """
--- KEYS: meta, stream base. ARGV: 1 src, 2 node, 3 inst, 4 epoch (0: claim), 5 conversation id,
--- 6 owner, 7 segment epoch, 8 created, 9 now, 10 session bytes, 11 keep ms (running),
--- 12 ttl ms (after the end), 13 start, 14 data start (> start: [start, data start) is a gap),
--- 15 state, 16 end reason, 17.. data entries.
-local meta, base = KEYS[1], KEYS[2]
-local src, epoch = ARGV[1], tonumber(ARGV[4])
-local cur = redis.call('HMGET', meta, 'src', 'epoch', 'state', 'total', 'node', 'inst', 'first')
-local old_node, old_inst = '', ''
-if cur[1] ~= src then
-  if epoch ~= 0 then
-    if not cur[1] then return {4, 0, 0, 0, '', '', ''} end
-    return {3, tonumber(cur[2]) or 0, 0, 0, '', '', cur[3] or ''}
+-- One call syncs a batch of sessions: KEYS = meta1, stream base1, meta2, base2, ... and ARGV =
+-- n1, <n1 arguments of session 1>, n2, <...>. (In a Redis Cluster a batch is one session: a
+-- script's keys must share a slot.) A session's arguments: a header of fields joined by \x1f
+-- (one argument instead of fourteen: the client's cost is per argument), the conversation id
+-- and the owner (only read by a claim), then the data entries. Header fields: 1 src, 2 node,
+-- 3 inst, 4 epoch (0: claim), 5 segment epoch, 6 created, 7 now, 8 session bytes, 9 keep ms
+-- (expiry while running; 0: leave it), 10 ttl ms (after the end), 11 start, 12 data start
+-- (> start: [start, data start) is a gap), 13 state, 14 end reason. Reply: one {status, epoch,
+-- total, first, replaced node, its instance, state} per session.
+local function split(s)
+  local t, i = {}, 1
+  while true do
+    local j = string.find(s, '\\31', i, true)
+    if not j then t[#t + 1] = string.sub(s, i); return t end
+    t[#t + 1] = string.sub(s, i, j - 1)
+    i = j + 1
   end
-  if cur[3] == 'running' then
-    old_node, old_inst = cur[5], cur[6]
-    local old = base .. ':' .. cur[2]
-    redis.call('XADD', old, marker_id(tonumber(cur[4]) or 0), 'e', 'replaced')
-    redis.call('PEXPIRE', old, ARGV[12])
-  end
-  epoch = redis.call('HINCRBY', meta, 'epoch', 1)
-  redis.call('HSET', meta, 'src', src, 'conv', ARGV[5], 'owner', ARGV[6], 'segepoch', ARGV[7],
-    'created', ARGV[8], 'state', 'running', 'end', '', 'total', 0, 'first', 0, 'completed', 0)
-  cur[3], cur[4], cur[7] = 'running', '0', '0'
-else
-  epoch = tonumber(cur[2])
 end
-if cur[3] ~= 'running' then
-  return {2, epoch, tonumber(cur[4]) or 0, tonumber(cur[7]) or 0, old_node, old_inst, cur[3]}
-end
-redis.call('HSET', meta, 'node', ARGV[2], 'inst', ARGV[3])
-local total, first = tonumber(cur[4]), tonumber(cur[7])
-local start, dstart = tonumber(ARGV[13]), tonumber(ARGV[14])
-if start ~= total then
-  redis.call('PEXPIRE', meta, ARGV[11])
-  return {1, epoch, total, first, old_node, old_inst, 'running'}
-end
-local s = base .. ':' .. epoch
-if dstart > start then
-  redis.call('XADD', s, n(start) .. '-1', 'g', n(dstart))
-  if first == start then first = dstart end
-  total = dstart
-end
-for i = 17, #ARGV do
-  redis.call('XADD', s, n(total) .. '-1', 'd', ARGV[i])
-  total = total + #ARGV[i]
-end
-local floor = total - tonumber(ARGV[10])
-if floor > first then
-  redis.call('XTRIM', s, 'MINID', n(floor))
-  local head = redis.call('XRANGE', s, '-', '+', 'COUNT', 1)
-  if #head == 0 then
-    first = total
+
+local function sync(meta, base, off, nargs)
+  local h = split(ARGV[off + 1])
+  local conv, owner = ARGV[off + 2], ARGV[off + 3]
+  local function a(k) return h[k] end
+  local src, epoch = a(1), tonumber(a(4))
+  local cur = redis.call('HMGET', meta, 'src', 'epoch', 'state', 'total', 'node', 'inst', 'first')
+  local old_node, old_inst = '', ''
+  local keep = tonumber(a(9))
+  if cur[1] ~= src then
+    if epoch ~= 0 then
+      if not cur[1] then return {4, 0, 0, 0, '', '', ''} end
+      return {3, tonumber(cur[2]) or 0, 0, 0, '', '', cur[3] or ''}
+    end
+    if cur[3] == 'running' then
+      old_node, old_inst = cur[5], cur[6]
+      local old = base .. ':' .. cur[2]
+      redis.call('XADD', old, marker_id(tonumber(cur[4]) or 0), 'e', 'replaced')
+      redis.call('PEXPIRE', old, a(10))
+    end
+    epoch = redis.call('HINCRBY', meta, 'epoch', 1)
+    redis.call('HSET', meta, 'src', src, 'conv', conv, 'owner', owner, 'segepoch', a(5),
+      'created', a(6), 'state', 'running', 'end', '', 'total', 0, 'first', 0, 'completed', 0)
+    cur[3], cur[4], cur[6], cur[7] = 'running', '0', false, '0'
   else
-    first = tonumber(string.match(head[1][1], '^(%d+)'))
-    if head[1][2][1] == 'g' then first = tonumber(head[1][2][2]) end
+    epoch = tonumber(cur[2])
   end
+  if cur[3] ~= 'running' then
+    return {2, epoch, tonumber(cur[4]) or 0, tonumber(cur[7]) or 0, old_node, old_inst, cur[3]}
+  end
+  if cur[6] ~= a(3) then redis.call('HSET', meta, 'node', a(2), 'inst', a(3)) end
+  local total, first = tonumber(cur[4]), tonumber(cur[7])
+  local start, dstart = tonumber(a(11)), tonumber(a(12))
+  if start ~= total then
+    return {1, epoch, total, first, old_node, old_inst, 'running'}
+  end
+  local s = base .. ':' .. epoch
+  if dstart > start then
+    redis.call('XADD', s, n(start) .. '-1', 'g', n(dstart))
+    if first == start then first = dstart end
+    total = dstart
+  end
+  for i = 4, nargs do
+    local d = ARGV[off + i]
+    redis.call('XADD', s, n(total) .. '-1', 'd', d)
+    total = total + #d
+  end
+  local floor = total - tonumber(a(8))
+  if floor > first then
+    redis.call('XTRIM', s, 'MINID', n(floor))
+    local head = redis.call('XRANGE', s, '-', '+', 'COUNT', 1)
+    if #head == 0 then
+      first = total
+    else
+      first = tonumber(string.match(head[1][1], '^(%d+)'))
+      if head[1][2][1] == 'g' then first = tonumber(head[1][2][2]) end
+    end
+  end
+  redis.call('HSET', meta, 'total', n(total), 'first', n(first))
+  local state, reason = a(13), a(14)
+  if state ~= 'running' then
+    redis.call('HSET', meta, 'state', state, 'end', reason, 'completed', a(7))
+    if reason == '' then reason = state end
+    redis.call('XADD', s, marker_id(total), 'e', reason)
+    redis.call('PEXPIRE', meta, a(10))
+    redis.call('PEXPIRE', s, a(10))
+  elseif keep > 0 then
+    redis.call('PEXPIRE', meta, keep)
+    redis.call('PEXPIRE', s, keep)
+  end
+  return {0, epoch, total, first, old_node, old_inst, state}
 end
-redis.call('HSET', meta, 'total', n(total), 'first', n(first))
-local state, reason = ARGV[15], ARGV[16]
-if state ~= 'running' then
-  redis.call('HSET', meta, 'state', state, 'end', reason, 'completed', ARGV[9])
-  if reason == '' then reason = state end
-  redis.call('XADD', s, marker_id(total), 'e', reason)
-  redis.call('PEXPIRE', meta, ARGV[12])
-  redis.call('PEXPIRE', s, ARGV[12])
-else
-  redis.call('PEXPIRE', meta, ARGV[11])
-  redis.call('PEXPIRE', s, ARGV[11])
+
+local out, off = {}, 0
+for k = 1, #KEYS / 2 do
+  local nargs = tonumber(ARGV[off + 1])
+  out[k] = sync(KEYS[2 * k - 1], KEYS[2 * k], off + 1, nargs)
+  off = off + 1 + nargs
 end
-return {0, epoch, total, first, old_node, old_inst, state}
+return out
 """
 )
 
