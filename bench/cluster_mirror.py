@@ -2,7 +2,7 @@
 
 One producer process appends events to ``--streams`` sessions of a segment at
 ``--tokens-per-s`` each (events of ~``--event-bytes`` bytes, each carrying the wall-clock ns
-at which it was appended). A mirror process (``python -m ringcast.cluster.mirror``, as a node
+at which it was appended). A mirror process (``python -m ringcast.server.cluster.mirror``, as a node
 runs it) copies them to a private ``redis-server`` every ``--mirror-ms``. This process reads
 ``--remote-readers`` of the streams back from Redis with one :class:`RemoteStore` (what a node
 that does not hold them does: shared tails, ``XREAD BLOCK``), and measures:
@@ -34,9 +34,9 @@ from typing import Any
 
 import msgspec
 from ringcast import Segment
-from ringcast.cluster.client import connect
-from ringcast.cluster.mirror import MirrorConfig
-from ringcast.cluster.remote import RemoteStore
+from ringcast.server.cluster.client import connect
+from ringcast.server.cluster.mirror import MirrorConfig
+from ringcast.server.cluster.remote import RemoteStore
 
 OWNER = "bench"
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = os.path.join(tmp, "mirror.json")
     with open(cfg_path, "wb") as f:
         f.write(msgspec.json.encode(cfg))
-    mirror = subprocess.Popen([sys.executable, "-m", "ringcast.cluster.mirror", cfg_path])
+    mirror = subprocess.Popen([sys.executable, "-m", "ringcast.server.cluster.mirror", cfg_path])
     try:
         result = asyncio.run(run(args, cfg, mirror.pid, redis.pid, seg_path))
     finally:

@@ -7,6 +7,7 @@ import argparse
 import math
 import sys
 
+from ringcast.server.cluster.client import check_cluster_args
 from ringcast.server.config import SERVE_DESCRIPTION, SERVE_EPILOG, config_from_args, configure
 from ringcast.server.plugin import check_generator
 from ringcast.server.upstream import check_upstream, upstream_is_self
@@ -53,7 +54,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return problem
     if args.replay and (problem := check_trace(args.replay)) is not None:
         return f"--replay: {problem}"
-    return None
+    return check_cluster_args(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -87,6 +87,23 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     run_dir: str = ""
     log_level: str = "INFO"
     event_loop: str = "uvloop"
+    redis_url: str = ""
+    """Mirror every stream to this Redis (``--redis``); empty with ``redis_cluster`` empty:
+    no mirror, nothing touches the network."""
+    redis_cluster: str = ""
+    """Seed nodes ``HOST:PORT[,HOST:PORT...]`` of a Redis Cluster (``--redis-cluster``)."""
+    node_id: str = ""
+    """This node's name in Redis (default: host name and port, filled in by the supervisor)."""
+    node_instance: str = ""
+    """Identity of this run of the node, drawn by the supervisor: the sessions a previous run
+    left running in Redis are that run's, and end ``node_lost``."""
+    mirror_ms: float = 25.0
+    node_lease_ms: int = 3000
+
+    @property
+    def clustered(self) -> bool:
+        """Streams are mirrored to Redis and served from it on other nodes."""
+        return bool(self.redis_url or self.redis_cluster)
 
     def session_quota(self) -> int:
         """Running sessions one key may hold at once, 0 for no limit but the table's
@@ -380,6 +397,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the segment file at shutdown, so a restart re-attaches",
     )
+    cluster = parser.add_argument_group(
+        "several nodes (Redis Streams; see docs/CLUSTER.md)",
+        "Without --redis or --redis-cluster nothing touches the network. Needs the redis "
+        "extra: pip install 'ringcast[redis]'.",
+    )
+    cluster.add_argument(
+        "--redis",
+        metavar="URL",
+        help="mirror every stream to this Redis (redis://[:PASSWORD@]HOST:PORT/DB, rediss://, "
+        "unix://), so any node sharing it serves, resumes and cancels it; also "
+        "$RINGCAST_REDIS_URL",
+    )
+    cluster.add_argument(
+        "--redis-cluster",
+        metavar="HOST:PORT[,...]",
+        help="the same on a Redis Cluster, given some of its nodes",
+    )
+    cluster.add_argument(
+        "--node-id",
+        help="this node's name in Redis; unique per node (default: host name and port)",
+    )
+    cluster.add_argument(
+        "--mirror-ms",
+        type=float,
+        default=_D.mirror_ms,
+        help="flush window of the mirror: what a node's loss can cost (%(default)s)",
+    )
+    cluster.add_argument(
+        "--node-lease-ms",
+        type=int,
+        default=_D.node_lease_ms,
+        help="a node that has not renewed its lease for this long is lost: its running "
+        "streams end node_lost on the other nodes (%(default)s)",
+    )
     parser.add_argument(
         "--event-loop",
         default=_D.event_loop,
@@ -455,6 +506,8 @@ _SAME_NAME = (
     "coalesce_ms",
     "coalesce",
     "event_loop",
+    "mirror_ms",
+    "node_lease_ms",
 )
 """Settings whose option has the field's name and is taken as it is."""
 
@@ -476,4 +529,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         cors_origins=args.cors_origin or [],
         replay=os.path.abspath(args.replay) if args.replay else "",
         replay_speed=args.speed,
+        redis_url=args.redis or ("" if args.redis_cluster else redis_url_from_env()),
+        redis_cluster=args.redis_cluster or "",
+        node_id=args.node_id or "",
     )
+
+
+def redis_url_from_env() -> str:
+    return os.environ.get("RINGCAST_REDIS_URL", "")

@@ -1,6 +1,7 @@
 """Counters shared across the processes of one ``ringcast serve``: a small memory-mapped file
 in the run directory, one 128-byte row of 16 little-endian ``u64`` per process (row 0 the
-supervisor, then the HTTP processes, then the workers), each row written by its process only
+supervisor, then the HTTP processes, then the workers, then the mirror of a node with
+``--redis``), each row written by its process only
 and summed by whichever HTTP process serves ``/metrics``.
 """
 
@@ -32,6 +33,8 @@ class HttpCounter(enum.IntEnum):
     DETACHED = 11
     COALESCE_US = 12
     WRITE_TIMEOUTS = 13
+    REDIS_ERRORS = 14
+    """Lookups, reads and cancels through Redis that failed (``--redis``)."""
 
 
 class WorkerCounter(enum.IntEnum):
@@ -50,6 +53,24 @@ class ManagerCounter(enum.IntEnum):
     DEAD_PRODUCERS = 3
     RESTARTS_HTTP = 4
     RESTARTS_WORKER = 5
+    RESTARTS_MIRROR = 6
+
+
+class MirrorCounter(enum.IntEnum):
+    """The row of the mirror process (``--redis``; :mod:`ringcast.server.cluster.mirror`)."""
+
+    WINDOWS = 0
+    ENTRIES = 1
+    BYTES = 2
+    GAPS = 3
+    GAP_BYTES = 4
+    REDIS_ERRORS = 5
+    RECONNECTS = 6
+    CONTROLS = 7
+    LAG_BYTES = 8
+    LAG_US = 9
+    CONNECTED = 10
+    SESSIONS = 11
 
 
 ROW_WORDS = 16  # 128 bytes: one row never shares a cache line pair with another process's
@@ -58,7 +79,7 @@ ROW_LOOP = ROW_WORDS - 1
 written once by :func:`open_child_counters` from inside the running loop."""
 LOOP_NAMES = ("", "asyncio", "uvloop")  # 0: not recorded yet
 
-assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter)) < ROW_LOOP
+assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter), max(MirrorCounter)) < ROW_LOOP
 
 
 class SharedCounters:
@@ -111,7 +132,7 @@ class SharedCounters:
 
 
 def counter_rows(cfg: ServeConfig) -> int:
-    return 1 + cfg.http_procs + cfg.workers
+    return 1 + cfg.http_procs + cfg.workers + (1 if cfg.clustered else 0)
 
 
 def http_row(index: int) -> int:
@@ -122,8 +143,15 @@ def worker_row(cfg: ServeConfig, index: int) -> int:
     return 1 + cfg.http_procs + index
 
 
+def mirror_row(cfg: ServeConfig) -> int:
+    return 1 + cfg.http_procs + cfg.workers
+
+
 def child_row(cfg: ServeConfig, role: str, index: int) -> int:
-    """The counter row of HTTP process or worker ``index`` (``role`` "http" or "worker")."""
+    """The counter row of HTTP process or worker ``index`` (``role`` "http" or "worker"), or
+    of the mirror (``role`` "mirror")."""
+    if role == "mirror":
+        return mirror_row(cfg)
     return http_row(index) if role == "http" else worker_row(cfg, index)
 
 

@@ -91,6 +91,11 @@ END_EVENTS = {
     "replaced": (409, "the stream was replaced by a newer request with the same conversation id"),
     "evicted": (410, "the stream was evicted (expired, idle or memory full)"),
     "failed": (500, "the stream failed"),
+    "node_lost": (
+        502,
+        "the node producing this stream was lost; every byte it had mirrored was sent, the "
+        "rest is gone; retry the request",
+    ),
 }
 
 Outcome = tuple[str, int | str | None]

@@ -15,10 +15,12 @@ from pathlib import Path
 from ringcast.http.protocol import Connection
 from ringcast.server import rundir
 from ringcast.server.child import child_main
+from ringcast.server.cluster.store import open_cluster_store
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import HttpCounter, open_child_counters
 from ringcast.server.routes import App
 from ringcast.server.segment_store import open_store
+from ringcast.server.store import StreamStore
 
 log = logging.getLogger("ringcast.server")
 
@@ -43,7 +45,12 @@ def _bound_socket(cfg: ServeConfig) -> socket.socket:
 async def serve_http(cfg: ServeConfig, index: int) -> None:
     counters = open_child_counters(cfg, "http", index)
     counters.set(HttpCounter.READERS_ACTIVE, 0)
-    store = open_store(cfg, lambda n: counters.inc(HttpCounter.EVICTIONS_LRU, n))
+    on_evicted = lambda n: counters.inc(HttpCounter.EVICTIONS_LRU, n)  # noqa: E731
+    store: StreamStore = (
+        open_cluster_store(cfg, on_evicted, lambda: counters.inc(HttpCounter.REDIS_ERRORS))
+        if cfg.clustered
+        else open_store(cfg, on_evicted)
+    )
     app = App(cfg, index, store, counters)
     loop = asyncio.get_running_loop()
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:

@@ -3,14 +3,18 @@ store's figures (see docs/SERVER.md, "Metrics")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import (
     HttpCounter,
     ManagerCounter,
+    MirrorCounter,
     SharedCounters,
     WorkerCounter,
     http_row,
     loop_of,
+    mirror_row,
     worker_row,
 )
 from ringcast.server.store import StreamStore
@@ -100,6 +104,7 @@ async def render(cfg: ServeConfig, store: StreamStore, counters: SharedCounters)
         [
             ('{role="http"}', mgr[ManagerCounter.RESTARTS_HTTP]),
             ('{role="worker"}', mgr[ManagerCounter.RESTARTS_WORKER]),
+            ('{role="mirror"}', mgr[ManagerCounter.RESTARTS_MIRROR]),
         ],
     )
     metric(
@@ -197,4 +202,46 @@ async def render(cfg: ServeConfig, store: StreamStore, counters: SharedCounters)
             for i, r in enumerate(rows)
         ],
     )
+    if cfg.clustered:
+        mirror_metrics(
+            metric, counters.read_row(mirror_row(cfg)), total(http, HttpCounter.REDIS_ERRORS)
+        )
     return ("\n".join(out) + "\n").encode()
+
+
+def mirror_metrics(
+    metric: Callable[[str, str, str, list[tuple[str, int | float]]], None],
+    row: tuple[int, ...],
+    http_redis_errors: int,
+) -> None:
+    """The figures of a node with ``--redis``: its mirror's (from the mirror's counter row)
+    and the HTTP processes' failed calls to Redis."""
+    m = MirrorCounter
+    for name, kind, help_, value in (
+        ("mirror_connected", "gauge", "1 while the mirror's last call to Redis succeeded.",
+         row[m.CONNECTED]),
+        ("mirror_lag_bytes", "gauge", "Bytes produced here and not yet in Redis.",
+         row[m.LAG_BYTES]),
+        ("mirror_lag_seconds", "gauge", "Age of the oldest byte not yet in Redis.",
+         row[m.LAG_US] / 1e6),
+        ("mirror_sessions", "gauge", "Local sessions the mirror tracks.", row[m.SESSIONS]),
+        ("mirror_windows_total", "counter", "Flush windows that sent something.",
+         row[m.WINDOWS]),
+        ("mirror_entries_total", "counter", "Stream entries written to Redis.", row[m.ENTRIES]),
+        ("mirror_bytes_total", "counter", "Stream bytes written to Redis.", row[m.BYTES]),
+        ("mirror_gaps_total", "counter",
+         "Ranges dropped from a ring before they could be mirrored (remote readers get 410).",
+         row[m.GAPS]),
+        ("mirror_gap_bytes_total", "counter", "Bytes in those ranges.", row[m.GAP_BYTES]),
+        ("mirror_controls_total", "counter",
+         "Cancels and replaces from other nodes carried out here.", row[m.CONTROLS]),
+        ("redis_reconnects_total", "counter", "Times the mirror found Redis back after errors.",
+         row[m.RECONNECTS]),
+    ):  # fmt: skip
+        metric(name, kind, help_, [("", value)])
+    metric(
+        "redis_errors_total",
+        "counter",
+        "Failed calls to Redis, by process role.",
+        [('{role="mirror"}', row[m.REDIS_ERRORS]), ('{role="http"}', http_redis_errors)],
+    )

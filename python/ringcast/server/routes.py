@@ -34,11 +34,17 @@ from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
 from ringcast.server import metrics, resume_token
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
-from ringcast.server.counters import HttpCounter, SharedCounters
+from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, mirror_row
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
 from ringcast.server.passthrough import passthrough
-from ringcast.server.store import StreamReader, StreamStore, StreamView, StreamWriter
+from ringcast.server.store import (
+    StoreUnavailable,
+    StreamReader,
+    StreamStore,
+    StreamView,
+    StreamWriter,
+)
 from ringcast.wire.jobs import Job
 from ringcast.wire.openai import (
     AssistantMessage,
@@ -47,6 +53,7 @@ from ringcast.wire.openai import (
     Completion,
     CompletionChoice,
     Health,
+    MirrorHealth,
     ModelCard,
     ModelList,
     StreamInfo,
@@ -532,6 +539,8 @@ class App:
             raise HttpError(code if code < 500 else 410, message, e.reason) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
+        except StoreUnavailable as e:
+            raise HttpError(503, str(e), "unavailable_error") from None
         # One lookup serves both the end check and the response headers (a lookup reads the
         # process table and the producer's /proc entry).
         info = await self.store.get(conv, owner)
@@ -598,7 +607,19 @@ class App:
     # -- the rest
 
     async def health(self, req: Request, conn: Connection, owner: str) -> None:
-        self.send_json(conn, Health("ok", self.index, os.getpid(), self.store.epoch))
+        mirror = None
+        if self.cfg.clustered:
+            row = self.counters.read_row(mirror_row(self.cfg))
+            mirror = MirrorHealth(
+                self.cfg.node_id,
+                bool(row[MirrorCounter.CONNECTED]),
+                row[MirrorCounter.LAG_BYTES],
+                row[MirrorCounter.LAG_US] / 1e6,
+                row[MirrorCounter.REDIS_ERRORS],
+                row[MirrorCounter.RECONNECTS],
+                row[MirrorCounter.GAPS],
+            )
+        self.send_json(conn, Health("ok", self.index, os.getpid(), self.store.epoch, mirror))
 
     async def models(self, req: Request, conn: Connection, owner: str) -> None:
         self.send_json(conn, ModelList([ModelCard(self.cfg.model_name, self.created)]))

@@ -231,6 +231,11 @@ class StreamStore(Protocol):
     def stats(self) -> StoreStats: ...
 
 
+class StoreUnavailable(Exception):
+    """A store that needs another system (Redis) for this stream cannot reach it: the routes
+    answer 503. Never raised for a stream this node holds."""
+
+
 def offset_lost(first_available: int) -> OffsetLost:
     """An ``OffsetLost`` as the library raises it, for stores written in Python."""
     e = OffsetLost(f"offset dropped; the first available offset is {first_available}")

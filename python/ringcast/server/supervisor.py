@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -54,7 +55,16 @@ from ringcast.server.counters import (
 
 log = logging.getLogger("ringcast.manager")
 
-CHILD_MODULES = {"http": "ringcast.server.http_process", "worker": "ringcast.server.worker"}
+CHILD_MODULES = {
+    "http": "ringcast.server.http_process",
+    "worker": "ringcast.server.worker",
+    "mirror": "ringcast.server.cluster.mirror",
+}
+RESTARTS = {
+    "http": ManagerCounter.RESTARTS_HTTP,
+    "worker": ManagerCounter.RESTARTS_WORKER,
+    "mirror": ManagerCounter.RESTARTS_MIRROR,
+}
 """The module each child role runs as (``python -m MODULE CONFIG INDEX``)."""
 
 
@@ -78,6 +88,8 @@ class Manager:
         self.counters = counters
         self.children = [Child("http", i) for i in range(cfg.http_procs)]
         self.children += [Child("worker", i) for i in range(cfg.workers)]
+        if cfg.clustered:
+            self.children.append(Child("mirror", 0))
         self.stopping = False
 
     # -- children
@@ -142,9 +154,7 @@ class Manager:
             log.warning(
                 "%s process %d (pid %d) exited with %s; restarting", c.role, c.index, c.proc.pid, rc
             )
-            self.counters.inc(
-                ManagerCounter.RESTARTS_HTTP if c.role == "http" else ManagerCounter.RESTARTS_WORKER
-            )
+            self.counters.inc(RESTARTS[c.role])
             lived = now - c.started
             c.backoff = 0.1 if lived > 5.0 else min(c.backoff * 2, 5.0)
             c.proc = None
@@ -177,23 +187,29 @@ class Manager:
             time.sleep(0.05)
 
     def shutdown(self) -> None:
-        """Stop listeners first, then workers (they finalize their sessions), then wait."""
-        procs = [c.proc for c in self.children if c.proc is not None]
-        for role in ("http", "worker"):
-            for c in self.children:
+        """Stop listeners first, then workers (they finalize their sessions), then wait; the
+        mirror last, so that it copies every stream's end to Redis."""
+        self._stop([c for c in self.children if c.role in ("http", "worker")], 8.0)
+        # Whatever is still running lost its producer: finalize it with an error event.
+        for info in self.seg.list():
+            if not info.is_done:
+                gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
+        self._stop([c for c in self.children if c.role == "mirror"], 8.0)
+
+    @staticmethod
+    def _stop(children: list[Child], timeout: float) -> None:
+        procs = [c.proc for c in children if c.proc is not None]
+        for role in ("http", "worker", "mirror"):
+            for c in children:
                 if c.role == role and c.proc is not None and c.proc.poll() is None:
                     c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 8.0
+        deadline = time.monotonic() + timeout
         for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        # Whatever is still running lost its producer: finalize it with an error event.
-        for info in self.seg.list():
-            if not info.is_done:
-                gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -244,6 +260,9 @@ def serve(cfg: ServeConfig) -> int:
         return 2
     cfg.port = reservation.getsockname()[1]
     cfg.segment = cfg.segment or _default_segment(cfg.port)
+    if cfg.clustered:
+        cfg.node_id = cfg.node_id or f"{socket.gethostname()}:{cfg.port}"
+        cfg.node_instance = secrets.token_hex(8)
     try:
         existed = os.path.exists(cfg.segment)
         seg = Segment.open_or_create(

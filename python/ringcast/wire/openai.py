@@ -212,12 +212,26 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
-class Health(msgspec.Struct):
+class MirrorHealth(msgspec.Struct):
+    """A node's mirror to Redis (``--redis``), as ``/health`` reports it."""
+
+    node_id: str
+    connected: bool
+    lag_bytes: int
+    lag_seconds: float
+    redis_errors: int
+    reconnects: int
+    gaps: int
+
+
+class Health(msgspec.Struct, omit_defaults=True):
     status: str
     process: int
     """Index of the HTTP process that answered (also in the ``X-Ringcast-Process`` header)."""
     pid: int
     epoch: int
+    mirror: MirrorHealth | None = None
+    """Only on a node with ``--redis`` / ``--redis-cluster``."""
 
 
 # --------------------------------------------------------------------------------------------

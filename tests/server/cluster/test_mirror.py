@@ -12,18 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, cli
 from ringcast import OffsetLost, Segment, SessionEnded, Writer
-from ringcast.cluster.client import Client, connect
-from ringcast.cluster.mirror import Mirror, MirrorConfig
-from ringcast.cluster.remote import RemoteReader, RemoteStore
+from ringcast.server.cluster.client import Client, connect
+from ringcast.server.cluster.mirror import Mirror, MirrorConfig
+from ringcast.server.cluster.remote import RemoteReader, RemoteStore
 
 
 @dataclass
 class Target:
     url: str = ""
     seeds: str = ""
-    server: RedisServer | None = None
+    server: Any = None
 
     def client(self) -> Client:
         return connect(self.url, self.seeds)
@@ -297,9 +296,7 @@ def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) ->
     run(body())
 
 
-def test_redis_restarted_empty_is_caught_up_with_a_gap(
-    tmp_path: Path, redis_server: RedisServer
-) -> None:
+def test_redis_restarted_empty_is_caught_up_with_a_gap(tmp_path: Path, redis_server: Any) -> None:
     target = Target(url=redis_server.url, server=redis_server)
 
     async def body() -> None:
@@ -340,7 +337,7 @@ def test_redis_restarted_empty_is_caught_up_with_a_gap(
 
 
 def test_paused_redis_leaves_a_gap_that_remote_readers_see(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: Any
 ) -> None:
     target = Target(url=redis_server.url, server=redis_server)
 
@@ -351,9 +348,9 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
         store = RemoteStore(target.client(), "node-b", 60_000)
         before = await produce(w, 0, 10)
         await mirrored(store, conv, owner, len(before))
-        cli(redis_server.port, "CLIENT", "PAUSE", "1000")  # every client, the mirror included
+        redis_server.cli("CLIENT", "PAUSE", "1000")  # every client, the mirror included
         during = await produce(w, 10, 400, pause=0)  # far more than the 8 KiB ring
-        await asyncio.to_thread(cli, redis_server.port, "PING")  # answered once the pause ends
+        await asyncio.to_thread(redis_server.cli, "PING")  # answered once the pause ends
         after = await produce(w, 410, 5)
         w.finalize()
         expected = before + during + after

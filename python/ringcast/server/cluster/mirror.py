@@ -1,7 +1,7 @@
 """The producing node's side: mirror every session to Redis, obey control, hold the lease.
 
-One mirror per node (``python -m ringcast.cluster.mirror CONFIG``, started by the server's
-manager), off the producers' and the fan-out's paths: it reads the rings like any reader.
+One mirror per node (``python -m ringcast.server.cluster.mirror CONFIG 0``, started by the
+supervisor), off the producers' and the fan-out's paths: it reads the rings like any reader.
 
 - **Flush loop.** Every ``mirror_ms`` it lists the segment's sessions, reads each one's new
   bytes (``Reader.read_nowait``, no waiting) and sends every session's change as one ``SYNC``
@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
-import sys
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ringcast import OffsetLost, Reader, Segment, SessionEnded, SessionInfo, SessionNotFound
-from ringcast.cluster import keys, scripts
-from ringcast.cluster.client import (
+from ringcast.server import rundir
+from ringcast.server.child import child_main
+from ringcast.server.cluster import keys, scripts
+from ringcast.server.cluster.client import (
     Client,
     Script,
     connect,
@@ -42,8 +44,10 @@ from ringcast.cluster.client import (
     is_noscript,
     redis_errors,
 )
+from ringcast.server.config import ANON_OWNER, ServeConfig
+from ringcast.server.counters import MirrorCounter, SharedCounters, open_child_counters
 
-log = logging.getLogger("ringcast.cluster.mirror")
+log = logging.getLogger("ringcast.server.cluster.mirror")
 
 ENTRY_MAX = 256 * 1024
 """Largest stream entry: a window's new bytes of one session are split into entries of at most
@@ -79,8 +83,6 @@ class MirrorConfig(msgspec.Struct, kw_only=True):
     session_bytes: int = 4 * 1024 * 1024
     ttl: float = 300.0
     exclude_owners: list[str] = msgspec.field(default_factory=list)
-    status_path: str = ""
-    log_level: str = "INFO"
 
     @property
     def ttl_ms(self) -> int:
@@ -129,7 +131,6 @@ class MirrorStats:
     lag_seconds: float = 0.0
     sessions: int = 0
     last_window_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Mirror:
@@ -246,7 +247,8 @@ class Mirror:
             return chunks, "cancelled", reason
         return chunks, "running", ""
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """One window; False if a call to Redis failed."""
         now = time.time()
         now_s = f"{now:.3f}"
         calls: list[tuple[Tracked, list[Any]]] = []
@@ -284,11 +286,12 @@ class Mirror:
             ]
             calls.append((t, args))
         if not calls:
-            return
+            return True
         results = await self._execute(calls)
         for (t, args), res in zip(calls, results, strict=True):
             await self._apply(t, args, res, now)
         self.stats.windows += 1
+        return not any(isinstance(r, BaseException) for r in results)
 
     async def _execute(self, calls: list[tuple[Tracked, list[Any]]]) -> list[Any]:
         """One pipeline: a SYNC call per batch of sessions (plus, for a claim, the owner
@@ -446,28 +449,23 @@ class Mirror:
         while True:
             try:
                 await self.client.set(key, self.cfg.instance, px=self.cfg.lease_ms)
+                self._ok()
             except redis_errors() as e:
                 self._failed(e)
             await asyncio.sleep(period)
 
-    def status(self) -> dict[str, Any]:
-        s = self.stats
-        return {
-            "node_id": self.cfg.node_id,
-            "connected": s.connected,
-            "lag_bytes": s.lag_bytes,
-            "lag_seconds": round(s.lag_seconds, 4),
-            "redis_errors": s.redis_errors,
-            "reconnects": s.reconnects,
-            "gaps": s.gaps,
-            "gap_bytes": s.gap_bytes,
-            "windows": s.windows,
-            "entries": s.entries,
-            "bytes": s.bytes,
-            "controls": s.controls,
-            "sessions": s.sessions,
-            "updated_at": time.time(),
-        }
+    async def drain(self, timeout: float) -> None:
+        """Shutting down: flush until every local session's end is in Redis (the workers end
+        theirs with ``server_shutdown``), at most ``timeout`` seconds; then give up the lease,
+        so whatever is left ends ``node_lost`` elsewhere at once rather than at its expiry."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if await self.flush() and all(t.finished for t in self.tracked.values()):
+                break
+            await asyncio.sleep(self.cfg.mirror_ms / 1000.0)
+        with contextlib.suppress(*redis_errors()):
+            await self.client.delete(keys.lease_key(self.cfg.node_id))
 
 
 async def send_control(
@@ -481,39 +479,83 @@ async def send_control(
     )
 
 
-def write_status(path: str, status: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, path)
+def mirror_config(cfg: ServeConfig) -> MirrorConfig:
+    """The mirror settings of a ``ringcast serve`` node."""
+    return MirrorConfig(
+        segment=cfg.segment,
+        node_id=cfg.node_id,
+        instance=cfg.node_instance,
+        redis_url=cfg.redis_url,
+        redis_cluster=cfg.redis_cluster,
+        mirror_ms=cfg.mirror_ms,
+        lease_ms=cfg.node_lease_ms,
+        session_bytes=cfg.session_bytes,
+        ttl=cfg.ttl,
+        exclude_owners=[ANON_OWNER],
+    )
+
+
+def publish(stats: MirrorStats, counters: SharedCounters) -> None:
+    """The mirror's figures into its counter row (``/metrics`` reads them from there)."""
+    for idx, value in (
+        (MirrorCounter.WINDOWS, stats.windows),
+        (MirrorCounter.ENTRIES, stats.entries),
+        (MirrorCounter.BYTES, stats.bytes),
+        (MirrorCounter.GAPS, stats.gaps),
+        (MirrorCounter.GAP_BYTES, stats.gap_bytes),
+        (MirrorCounter.REDIS_ERRORS, stats.redis_errors),
+        (MirrorCounter.RECONNECTS, stats.reconnects),
+        (MirrorCounter.CONTROLS, stats.controls),
+        (MirrorCounter.LAG_BYTES, stats.lag_bytes),
+        (MirrorCounter.LAG_US, int(stats.lag_seconds * 1e6)),
+        (MirrorCounter.CONNECTED, int(stats.connected)),
+        (MirrorCounter.SESSIONS, stats.sessions),
+    ):
+        counters.set(idx, value)
+
+
+async def serve_mirror(cfg: ServeConfig, index: int) -> None:
+    """The mirror process of a node (``python -m ringcast.server.cluster.mirror CONFIG 0``,
+    spawned and restarted by the supervisor)."""
+    counters = open_child_counters(cfg, "mirror", index)
+    seg = Segment.open(cfg.segment)
+    client = connect(cfg.redis_url, cfg.redis_cluster)
+    mirror = Mirror(mirror_config(cfg), seg, client)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    task = loop.create_task(mirror.run())
+    Path(rundir.ready_file(cfg.run_dir, "mirror", index)).write_text(str(os.getpid()))
+    try:
+        while not task.done() and not stop.is_set():
+            publish(mirror.stats, counters)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+        if task.done():
+            task.result()  # a bug, not Redis trouble: let the supervisor restart the mirror
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # Shutting down: the supervisor has ended every local stream by now; mirror the ends.
+        await mirror.drain(5.0)
+        publish(mirror.stats, counters)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
 
 
 async def run_mirror(cfg: MirrorConfig) -> None:
+    """A mirror on its own (benchmarks): until cancelled."""
     seg = Segment.open(cfg.segment)
     client = connect(cfg.redis_url, cfg.redis_cluster)
-    mirror = Mirror(cfg, seg, client)
-    task = asyncio.create_task(mirror.run())
     try:
-        while not task.done():
-            if cfg.status_path:
-                write_status(cfg.status_path, mirror.status())
-            await asyncio.wait([task], timeout=0.25)
-        task.result()
+        await Mirror(cfg, seg, client).run()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await client.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    with open(args[0], "rb") as f:
-        cfg = msgspec.json.decode(f.read(), type=MirrorConfig)
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    asyncio.run(run_mirror(cfg))
+    child_main("mirror", serve_mirror, argv)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ringcast import OffsetLost, SessionEnded, SessionNotFound
-from ringcast.cluster import keys
-from ringcast.cluster.client import Client, redis_errors
-from ringcast.cluster.mirror import END, FORGET, send_control
+from ringcast import SessionNotFound
+from ringcast.server.cluster import keys
+from ringcast.server.cluster.client import Client, redis_errors
+from ringcast.server.cluster.mirror import END, FORGET, send_control
+from ringcast.server.store import offset_lost, session_ended
 
-log = logging.getLogger("ringcast.cluster.remote")
+log = logging.getLogger("ringcast.server.cluster.remote")
 
 TAIL_BLOCK_MS = 200
 """How long a tail's ``XREAD`` blocks; on every silent return it checks the session's state
@@ -38,20 +39,6 @@ PAGE_ENTRIES = 64
 LEASE_CACHE_S = 0.1
 VISIBLE = ("running", "done", "failed")
 """States a lookup shows; a cancelled session is gone, as it is locally."""
-
-
-def offset_lost(first_available: int) -> OffsetLost:
-    """The library's ``OffsetLost``, as a local reader raises it."""
-    e = OffsetLost(f"offset dropped; the first available offset is {first_available}")
-    e.first_available = first_available
-    return e
-
-
-def session_ended(reason: str) -> SessionEnded:
-    """The library's ``SessionEnded``; ``reason`` may also be ``node_lost`` here."""
-    e = SessionEnded(f"the session ended: {reason}")
-    e.reason = reason
-    return e
 
 
 @dataclass

@@ -43,6 +43,45 @@ def require_redis() -> None:
         ) from None
 
 
+def check_cluster_args(args: Any) -> str | None:
+    """What is wrong with ``ringcast serve``'s Redis options (parsed arguments), or None;
+    checked before anything starts, including that the ``redis`` extra is installed."""
+    import os
+    from urllib.parse import urlsplit
+
+    url = args.redis or ("" if args.redis_cluster else os.environ.get("RINGCAST_REDIS_URL", ""))
+    if args.redis and args.redis_cluster:
+        return "--redis and --redis-cluster both name the Redis to use; give one"
+    if not (url or args.redis_cluster):
+        for opt in ("node_id",):
+            if getattr(args, opt):
+                return f"--{opt.replace('_', '-')} only applies with --redis or --redis-cluster"
+        return None
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        return f"--redis {urlsplit(url).scheme or url!r}: the URL must be redis://, rediss:// or unix://"
+    if args.redis_cluster:
+        try:
+            parse_seeds(args.redis_cluster)
+        except ValueError as e:
+            return str(e)
+    if not 1 <= args.mirror_ms <= 1000:
+        return f"--mirror-ms must be between 1 and 1000 (got {args.mirror_ms})"
+    if args.node_lease_ms < 3 * args.mirror_ms or args.node_lease_ms < 300:
+        return (
+            f"--node-lease-ms {args.node_lease_ms} is too short: at least 300 and three flush "
+            "windows (a node renews its lease every third of it)"
+        )
+    if args.node_id is not None and (
+        not args.node_id or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)
+    ):
+        return f"--node-id {args.node_id!r}: must be non-empty, without control characters"
+    try:
+        require_redis()
+    except RedisMissing as e:
+        return str(e)
+    return None
+
+
 def parse_seeds(spec: str) -> list[tuple[str, int]]:
     """``HOST:PORT[,HOST:PORT…]`` → seed nodes; ``ValueError`` naming the bad part."""
     seeds: list[tuple[str, int]] = []

@@ -1,6 +1,8 @@
-"""Private Redis servers for the cluster tests: a standalone ``redis-server`` and a 3-master
-Redis Cluster on loopback ports, started by the tests in their own directories and killed
-after (the machine's shared Redis is never touched)."""
+"""Fixtures shared by every test directory: private Redis servers for the cluster tests, a
+standalone ``redis-server`` (``redis_server``) and a 3-master Redis Cluster
+(``redis_cluster``) on loopback ports, started in the tests' own directories and killed after
+(a Redis the machine already runs is never touched). Tests that use them are skipped where
+``redis-server`` is not installed."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-    pytest.skip("redis-server and redis-cli are needed", allow_module_level=True)
+
+def _need_redis() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed")
 
 
 def free_port() -> int:
@@ -76,6 +80,9 @@ class RedisServer:
                 raise RuntimeError(f"redis-server on {self.port} did not start")
             time.sleep(0.02)
 
+    def cli(self, *args: str) -> str:
+        return cli(self.port, *args)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -128,6 +135,7 @@ class RedisClusterNodes:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    _need_redis()
     server = RedisServer(tmp_path / "redis")
     try:
         yield server
@@ -137,6 +145,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    _need_redis()
     nodes = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
     try:
         yield nodes

@@ -1,0 +1,119 @@
+"""The cluster stream store: this node's segment first, then Redis.
+
+A :class:`ClusterStore` is the :class:`~ringcast.server.store.StreamStore` of an HTTP process of
+a node started with ``--redis`` or ``--redis-cluster``. Streams produced here are created,
+adopted, read and fanned out from the local segment exactly as without Redis (the mirror
+process copies them to Redis off these paths); a stream this node does not hold is looked up,
+read, listed and cancelled through Redis (:class:`~ringcast.server.cluster.remote.RemoteStore`).
+
+Redis trouble never breaks local serving: lookups and listings merge what Redis answers within
+:data:`REMOTE_LOOKUP_S` and otherwise show the local streams alone; a DELETE always cancels
+locally. Only a read of a stream that is not here needs Redis, and fails with
+:class:`StoreUnavailable` (503) when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from ringcast._core import Segment, SegmentStats, SessionNotFound, Writer
+from ringcast.server.cluster.client import connect, redis_errors
+from ringcast.server.cluster.remote import RemoteInfo, RemoteReader, RemoteStore
+from ringcast.server.config import ServeConfig
+from ringcast.server.segment_store import SegmentStore
+from ringcast.server.store import StoreUnavailable, StreamReader, StreamView
+
+log = logging.getLogger("ringcast.server.cluster")
+
+REMOTE_LOOKUP_S = 1.0
+"""How long a lookup or listing waits for Redis before answering with the local streams."""
+
+T = TypeVar("T")
+
+
+class ClusterStore:
+    def __init__(
+        self, local: SegmentStore, remote: RemoteStore, on_error: Callable[[], None]
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.on_error = on_error
+
+    @property
+    def epoch(self) -> int:
+        return self.local.epoch
+
+    def create(self, conversation_id: str, owner: str) -> Writer:
+        return self.local.create(conversation_id, owner)
+
+    def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
+        return self.local.adopt(conversation_id, owner, generation)
+
+    async def _remote(self, call: Awaitable[T], default: T, wait: float | None) -> T:
+        errors: tuple[type[BaseException], ...] = (*redis_errors(), TimeoutError)
+        try:
+            return await asyncio.wait_for(call, wait)
+        except errors as e:
+            self.on_error()
+            log.warning("Redis: %s; answering with this node's streams", e or "timed out")
+            return default
+
+    async def open_reader(
+        self, conversation_id: str, offset: int, owner: str, *, counted: bool = True
+    ) -> StreamReader | RemoteReader:
+        try:
+            return await self.local.open_reader(conversation_id, offset, owner, counted=counted)
+        except SessionNotFound:
+            pass
+        try:
+            return await self.remote.open(conversation_id, owner, offset)
+        except redis_errors() as e:
+            self.on_error()
+            raise StoreUnavailable(f"the stream is not on this node and Redis failed: {e}") from e
+
+    async def get(self, conversation_id: str, owner: str) -> StreamView | RemoteInfo | None:
+        info = await self.local.get(conversation_id, owner)
+        if info is not None:
+            return info
+        return await self._remote(self.remote.info(conversation_id, owner), None, None)
+
+    @staticmethod
+    def _merge(
+        local: Sequence[StreamView], remote: Sequence[RemoteInfo]
+    ) -> list[StreamView | RemoteInfo]:
+        here = {i.conversation_id for i in local}
+        return [*local, *(i for i in remote if i.conversation_id not in here)]
+
+    async def lookup_prefix(self, prefix: str, owner: str) -> list[StreamView | RemoteInfo]:
+        local = await self.local.lookup_prefix(prefix, owner)
+        remote = await self._remote(self.remote.lookup_prefix(prefix, owner), [], REMOTE_LOOKUP_S)
+        return self._merge(local, remote)
+
+    async def list(self, owner: str | None = None) -> list[StreamView | RemoteInfo]:
+        local = await self.local.list(owner)
+        if owner is None:
+            return list(local)  # /metrics: this node's streams
+        remote = await self._remote(self.remote.sessions(owner), [], REMOTE_LOOKUP_S)
+        return self._merge(local, remote)
+
+    async def cancel(self, conversation_id: str, owner: str) -> None:
+        await self.local.cancel(conversation_id, owner)
+        await self._remote(self.remote.cancel(conversation_id, owner), False, None)
+
+    async def remove(self, conversation_id: str, owner: str) -> None:
+        await self.local.remove(conversation_id, owner)
+
+    def stats(self) -> SegmentStats:
+        return self.local.stats()
+
+
+def open_cluster_store(
+    cfg: ServeConfig, on_evicted: Callable[[int], None], on_error: Callable[[], None]
+) -> ClusterStore:
+    """The store of an HTTP process of a node with ``--redis`` / ``--redis-cluster``."""
+    local = SegmentStore(Segment.open(cfg.segment), cfg.evict_running, on_evicted)
+    client = connect(cfg.redis_url, cfg.redis_cluster)
+    return ClusterStore(local, RemoteStore(client, cfg.node_id, int(cfg.ttl * 1000)), on_error)
