@@ -2,10 +2,10 @@
 
 One producer process appends events to ``--streams`` sessions of a segment at
 ``--tokens-per-s`` each (events of ~``--event-bytes`` bytes, each carrying the wall-clock ns
-at which it was appended). A mirror process (``python -m ringcast.server.cluster.mirror``, as a node
-runs it) copies them to a private ``redis-server`` every ``--mirror-ms``. This process reads
-``--remote-readers`` of the streams back from Redis with one :class:`RemoteStore` (what a node
-that does not hold them does: shared tails, ``XREAD BLOCK``), and measures:
+at which it was appended). A mirror process (:func:`run_mirror`, what a node's mirror child
+runs) copies them to a private ``redis-server`` every ``--mirror-ms``. This process reads
+``--remote-readers`` of the streams back from Redis with one :class:`RemoteStore` (what a
+node that does not hold them does: shared tails, ``XREAD BLOCK``), and measures:
 
 - mirrored entries/s and bytes/s, the mirror process's CPU per mirrored MB and per second,
   and ``redis-server``'s CPU (``INFO cpu``) per mirrored MB;
@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,10 +31,9 @@ import tempfile
 import time
 from typing import Any
 
-import msgspec
 from ringcast import Segment
 from ringcast.server.cluster.client import connect
-from ringcast.server.cluster.mirror import MirrorConfig
+from ringcast.server.cluster.mirror import MirrorConfig, run_mirror
 from ringcast.server.cluster.remote import RemoteStore
 
 OWNER = "bench"
@@ -113,6 +111,11 @@ async def resume_ttfb(store: RemoteStore, streams: int, n: int) -> list[float]:
     return out
 
 
+def mirror_main(cfg: MirrorConfig) -> None:
+    """The mirror process (what ``ringcast serve --redis`` runs as its ``mirror`` child)."""
+    asyncio.run(run_mirror(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--streams", type=int, default=1000)
@@ -141,17 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         session_bytes=256 * 1024,
         ttl=600,
     )
-    cfg_path = os.path.join(tmp, "mirror.json")
-    with open(cfg_path, "wb") as f:
-        f.write(msgspec.json.encode(cfg))
-    mirror = subprocess.Popen([sys.executable, "-m", "ringcast.server.cluster.mirror", cfg_path])
+    mirror = mp.get_context("spawn").Process(target=mirror_main, args=(cfg,), daemon=True)
+    mirror.start()
     try:
+        assert mirror.pid is not None
         result = asyncio.run(run(args, cfg, mirror.pid, redis.pid, seg_path))
     finally:
-        for p in (mirror, redis):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+        mirror.kill()
+        mirror.join()
+        redis.kill()
+        redis.wait()
         seg.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=2))
