@@ -191,9 +191,11 @@ class Server(Client):
         env: dict[str, str] | None = None,
         log: Path | None = None,
         prefix: list[str] | None = None,
+        new_session: bool = False,
     ) -> None:
         """``log``: a file that gets the server's stderr (its log), instead of the test's;
-        ``prefix``: a command that runs the server (e.g. ``prlimit --nofile=256``)."""
+        ``prefix``: a command that runs the server (e.g. ``prlimit --nofile=256``);
+        ``new_session``: the tree gets its own process group (a test kills it whole)."""
         self.segment = segment or tmp / "seg"
         cmd = [
             *(prefix or []),
@@ -221,6 +223,7 @@ class Server(Client):
             text=True,
             cwd=str(tmp),
             env={**os.environ, **(env or {})},
+            start_new_session=new_session,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
