@@ -233,6 +233,58 @@ def test_without_redis_there_is_no_mirror(serve: Any) -> None:
         )
 
 
+def test_redis_killed_or_paused_never_stops_local_serving(
+    redis_server: Any, nodes: Nodes, wait_for: Any, check_ids: Any
+) -> None:
+    a, b = nodes(2, "--tokens-per-s", "100", redis=["--redis", redis_server.url])
+    conv = "conv-" + uid()
+    post = a.post_chat(conv, max_tokens=300)
+    first = post.read_at_least(1000)
+    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
+    redis_server.kill()
+    during = post.read_at_least(5000)  # the local client goes on
+    assert [i["conversation_id"] for i in lookup(a, conv)] == [conv]  # so do local lookups
+    redis_server.start()  # empty: the mirror claims the stream again and catches up
+    body = first + during + post.read_all_and_close()
+    check_ids(body)
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert follower.read_all_and_close() == body
+    wait_for(lambda: metric_sample(a, "redis_reconnects_total") >= 1, "the reconnect counted")
+    assert metric_sample(a, "redis_errors_total", '{role="mirror"}') >= 1
+    # Paused (every client blocked for a second): the same.
+    conv = "conv-" + uid()
+    post = a.post_chat(conv, max_tokens=200)
+    first = post.read_at_least(1000)
+    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
+    redis_server.cli("CLIENT", "PAUSE", "1000")
+    body = first + post.read_all_and_close()
+    assert follower.read_all_and_close() == body
+    _, _, health = a.request("GET", "/health")
+    assert json.loads(health)["mirror"]["node_id"] == a.node_id
+
+
+def test_bytes_dropped_before_they_were_mirrored_are_a_410_elsewhere(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    a, b = nodes(
+        2, "--tokens-per-s", "1000", "--session-bytes", "16384", redis=["--redis", redis_server.url]
+    )
+    conv = "conv-" + uid()
+    redis_server.kill()
+    body = a.post_chat(conv, max_tokens=400).read_all_and_close()  # ~90 KB through 16 KiB
+    redis_server.start()
+    wait_for(lambda: [i["state"] for i in lookup(b, conv)] == ["done"], "the catch-up")
+    status, _, err = b.request("GET", f"/v1/stream?conv_id={conv}&from=0")
+    assert status == 410
+    first = json.loads(err)["error"]["first_available"]
+    assert len(body) - 16384 <= first < len(body)
+    assert b.request("GET", f"/v1/stream?conv_id={conv}&from={first}")[2] == body[first:]
+    assert metric_sample(a, "mirror_gaps_total") == 1
+    assert metric_sample(a, "mirror_gap_bytes_total") == first
+
+
 def kill_group(node: Any) -> None:
     os.killpg(node.proc.pid, signal.SIGKILL)
     node.proc.wait()
@@ -271,11 +323,14 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
                 post.read_at_least(2000)
                 wait_for(lambda c=conv: lookup(b, c), "the stream to reach Redis")
                 follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
-                follower.read_at_least(1000 + 97 * round_)  # a different moment each round
+                seen = follower.read_at_least(1000 + 97 * round_)  # another moment each round
             finally:
                 kill_group(a)
-            got = follower.read_all_and_close()
-            ring = Segment.open(str(a.segment)).reader(conv, 0).read_nowait() or b""
+            post.close()
+            got = seen + follower.read_all_and_close()
+            dead = Segment.open(str(a.segment))
+            ring = dead.reader(conv, 0).read_nowait() or b""
+            dead.close()
             events = sse_events(got)
             assert error_of(events[-1])["type"] == "node_lost"
             mirrored = got[: len(got) - len(events[-1])]

@@ -249,6 +249,8 @@ class Mirror:
 
     async def flush(self) -> bool:
         """One window; False if a call to Redis failed."""
+        if not self.stats.connected and not await self.renew_lease():
+            return False  # before any claim: readers elsewhere must find this node alive
         now = time.time()
         now_s = f"{now:.3f}"
         calls: list[tuple[Tracked, list[Any]]] = []
@@ -443,16 +445,21 @@ class Mirror:
 
     # -- lease
 
+    async def renew_lease(self) -> bool:
+        try:
+            await self.client.set(
+                keys.lease_key(self.cfg.node_id), self.cfg.instance, px=self.cfg.lease_ms
+            )
+        except redis_errors() as e:
+            self._failed(e)
+            return False
+        self._ok()
+        return True
+
     async def lease_loop(self) -> None:
-        key = keys.lease_key(self.cfg.node_id)
-        period = self.cfg.lease_ms / 3000.0
         while True:
-            try:
-                await self.client.set(key, self.cfg.instance, px=self.cfg.lease_ms)
-                self._ok()
-            except redis_errors() as e:
-                self._failed(e)
-            await asyncio.sleep(period)
+            await self.renew_lease()
+            await asyncio.sleep(self.cfg.lease_ms / 3000.0)
 
     async def drain(self, timeout: float) -> None:
         """Shutting down: flush until every local session's end is in Redis (the workers end

@@ -36,7 +36,12 @@ and its node's lease, so a lost node is noticed within its lease plus this."""
 TAIL_KEEP = 1 << 20
 """Bytes a tail keeps behind its edge for readers a little behind; older ones read entries."""
 PAGE_ENTRIES = 64
+RETRY_S = 0.2
+"""Pause before a read that failed on a Redis error is tried again."""
 LEASE_CACHE_S = 0.1
+MISSING_GRACE_S = 5.0
+"""How long a tail waits for a running session that vanished from Redis (a Redis restarted
+empty) to be claimed again by its node before it takes the node for lost."""
 VISIBLE = ("running", "done", "failed")
 """States a lookup shows; a cancelled session is gone, as it is locally."""
 
@@ -216,10 +221,15 @@ class RemoteStore:
 
     # -- reading
 
-    async def open(self, conv: str, owner: str, offset: int) -> RemoteReader:
+    async def open(
+        self, conv: str, owner: str, offset: int, info: RemoteInfo | None = None
+    ) -> RemoteReader:
         """A reader at ``offset``; raises ``OffsetLost`` if it is not available,
         ``SessionNotFound`` if Redis has no such session. The caller checks ``offset`` against
-        a finished session's total (416)."""
+        a finished session's total (416). With ``info`` (the incarnation another reader of
+        this process opened), no round trip: a second reader of the same incarnation."""
+        if info is not None:
+            return RemoteReader(self, keys.SessionKeys(conv, owner), info, offset)
         info = await self.info(conv, owner)
         if info is None:
             raise SessionNotFound(conv)
@@ -348,16 +358,22 @@ class RemoteReader:
         return self._end(reason) if reason is not None else None
 
     async def aread(self, max_bytes: int = 1 << 20) -> bytes:
-        """The next bytes; ``b""`` once a finished stream is read to its end."""
+        """The next bytes; ``b""`` once a finished stream is read to its end. Redis trouble
+        is waited out (the client sees a pause, as in a slow stream), never raised."""
         while True:
             data = self.read_nowait(max_bytes)
             if data is not None:
                 return data
             tail = self._attach()
-            if self.offset < tail.base:
-                await self.fetch()  # behind what the tail holds: read entries
-            else:
+            if self.offset >= tail.base:
                 await tail.wait()
+                continue
+            try:
+                await self.fetch()  # behind what the tail holds: read entries
+            except redis_errors() as e:
+                self.store.stats.redis_errors += 1
+                log.warning("remote read: Redis error (%s); retrying", e)
+                await asyncio.sleep(RETRY_S)
 
     def _attach(self) -> RemoteTail:
         if self._tail is None:
@@ -384,6 +400,7 @@ class RemoteTail:
         self.gaps: list[tuple[int, int]] = []
         self.reason: str | None = info.end or info.state if info.is_done else None
         self.refs = 0
+        self.missing_since = 0.0
         self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task = asyncio.get_running_loop().create_task(self.run())
 
@@ -447,7 +464,7 @@ class RemoteTail:
             except redis_errors() as e:
                 self.store.stats.redis_errors += 1
                 log.warning("remote tail: Redis error (%s); retrying", e)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(RETRY_S)
 
     def _entry(self, start: int, fields: dict[bytes, bytes]) -> None:
         if b"e" in fields:
@@ -476,7 +493,16 @@ class RemoteTail:
         The reason it ended, or None while it runs."""
         info = parse_info(await self.store.client.hgetall(self.keys.meta))
         if info is None:
-            return "evicted"
+            # Gone from Redis while running: a Redis that restarted empty. The producing
+            # node's mirror claims it again (same epoch) within a window of reconnecting,
+            # unless that node is gone too.
+            now = time.monotonic()
+            self.missing_since = self.missing_since or now
+            if now - self.missing_since < MISSING_GRACE_S:
+                return None
+            alive = await self.store._lease(self.info.node) == self.info.instance
+            return None if alive else "node_lost"
+        self.missing_since = 0.0
         if info.epoch != self.info.epoch:
             return "replaced"
         if info.state == "running":

@@ -31,6 +31,7 @@ log = logging.getLogger("ringcast.server.cluster")
 REMOTE_LOOKUP_S = 1.0
 """How long a lookup or listing waits for Redis before answering with the local streams."""
 
+OPENED_KEEP = 4096
 T = TypeVar("T")
 
 
@@ -41,6 +42,8 @@ class ClusterStore:
         self.local = local
         self.remote = remote
         self.on_error = on_error
+        self.opened: dict[tuple[str, str], RemoteInfo] = {}
+        """The incarnation last opened from Redis, per stream (oldest first, bounded)."""
 
     @property
     def epoch(self) -> int:
@@ -68,11 +71,25 @@ class ClusterStore:
             return await self.local.open_reader(conversation_id, offset, owner, counted=counted)
         except SessionNotFound:
             pass
+        key = (owner, conversation_id)
+        known = self.opened.get(key)
+        if known is not None and not counted:
+            # The fan-out's reader at the edge, for the incarnation a client's reader of this
+            # process just opened: the same one, and no round trip.
+            return await self.remote.open(conversation_id, owner, offset, known)
         try:
-            return await self.remote.open(conversation_id, owner, offset)
+            reader = await self.remote.open(conversation_id, owner, offset)
         except redis_errors() as e:
             self.on_error()
+            if known is not None:
+                # A relay reopening where it was (after a slow client caught up): its reads
+                # wait Redis out.
+                return await self.remote.open(conversation_id, owner, offset, known)
             raise StoreUnavailable(f"the stream is not on this node and Redis failed: {e}") from e
+        self.opened[key] = reader.info
+        if len(self.opened) > OPENED_KEEP:
+            del self.opened[next(iter(self.opened))]
+        return reader
 
     async def get(self, conversation_id: str, owner: str) -> StreamView | RemoteInfo | None:
         info = await self.local.get(conversation_id, owner)
