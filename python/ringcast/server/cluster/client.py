@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from ringcast._extras import MissingExtra, require
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -21,26 +22,15 @@ else:
     Client = Any
     Pipeline = Any
 
-INSTALL_HINT = "pip install 'ringcast[redis]'"
-
 SOCKET_TIMEOUT_S = 5.0
 """A command that waits longer than this fails (Redis paused or unreachable); blocking reads
 block for less."""
 CONNECT_TIMEOUT_S = 2.0
 
 
-class RedisMissing(RuntimeError):
-    pass
-
-
 def require_redis() -> None:
-    """Fail with one clear line if the optional ``redis`` extra is not installed."""
-    try:
-        importlib.import_module("redis.asyncio")
-    except ImportError as e:
-        raise RedisMissing(
-            f"--redis and --redis-cluster need the redis client: {INSTALL_HINT} ({e})"
-        ) from None
+    """:class:`~ringcast._extras.MissingExtra` (one line naming the extra) without ``redis``."""
+    require("redis", "--redis and --redis-cluster")
 
 
 def check_cluster_args(args: Any) -> str | None:
@@ -77,7 +67,7 @@ def check_cluster_args(args: Any) -> str | None:
         return f"--node-id {args.node_id!r}: must be non-empty, without control characters"
     try:
         require_redis()
-    except RedisMissing as e:
+    except MissingExtra as e:
         return str(e)
     return None
 
