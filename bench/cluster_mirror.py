@@ -10,7 +10,8 @@ node that does not hold them does: shared tails, ``XREAD BLOCK``), and measures:
 - mirrored entries/s and bytes/s, the mirror process's CPU per mirrored MB and per second,
   and ``redis-server``'s CPU (``INFO cpu``) per mirrored MB;
 - append -> remote-reader latency, p50/p99 (the target: p99 <= flush window + 10 ms);
-- time to first byte of a resume from Redis (open at a mid offset + first read), p50/p99.
+- time to first byte of a resume from Redis (open at a mid offset + first read), p50/p99;
+- a DELETE's way to the producer: ``RemoteStore.cancel`` until ``Writer.cancelled``, p50/p99.
 
     python bench/cluster_mirror.py --streams 1000 --tokens-per-s 50 --seconds 10
 """
@@ -97,6 +98,25 @@ async def read_remote(store: RemoteStore, conv: str, lat: list[float]) -> int:
     return n
 
 
+async def cancel_latency(store: RemoteStore, seg_path: str, n: int) -> list[float]:
+    """DELETE on another node -> the producer's ``Writer.cancelled``: the control path (the
+    END script, the control stream, the mirror's ``XREAD BLOCK``, ``evict_slot``)."""
+    seg = Segment.open(seg_path)
+    out = []
+    for i in range(n):
+        conv = f"cancel-{i}"
+        w = seg.create_or_replace(conv, OWNER)
+        w.write(b"data: x\n\n")
+        while (await store.info(conv, OWNER)) is None:
+            await asyncio.sleep(0.005)
+        t0 = time.perf_counter()
+        await store.cancel(conv, OWNER)
+        while not w.cancelled:
+            await asyncio.sleep(0.0002)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 async def resume_ttfb(store: RemoteStore, streams: int, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mirror-ms", type=float, default=25.0)
     ap.add_argument("--remote-readers", type=int, default=50)
     ap.add_argument("--resumes", type=int, default=200)
+    ap.add_argument("--cancels", type=int, default=50)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="ringcast-bench-")
@@ -135,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     seg_path = os.path.join(tmp, "seg")
-    seg = Segment.create(seg_path, max_sessions=args.streams + 8, session_bytes=256 * 1024)
+    seg = Segment.create(
+        seg_path, max_sessions=args.streams + args.cancels + 8, session_bytes=256 * 1024
+    )
     cfg = MirrorConfig(
         segment=seg_path,
         node_id="bench-node",
@@ -194,6 +217,7 @@ async def run(
     cpu1 = (cpu_s(mirror_pid), cpu_s(redis_pid))
     info = await client.info("memory")
     ttfb = await resume_ttfb(store, args.streams, args.resumes)
+    cancels = await cancel_latency(store, seg_path, args.cancels)
     total = 0
     for i in range(args.streams):
         ri = await store.info(f"s{i}", OWNER)
@@ -221,6 +245,8 @@ async def run(
         "remote_latency_ms_p99": round(quantile(lat, 0.99), 2),
         "resume_ttfb_ms_p50": round(quantile(ttfb, 0.5), 2),
         "resume_ttfb_ms_p99": round(quantile(ttfb, 0.99), 2),
+        "remote_cancel_ms_p50": round(quantile(cancels, 0.5), 2),
+        "remote_cancel_ms_p99": round(quantile(cancels, 0.99), 2),
     }
 
 

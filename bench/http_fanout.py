@@ -14,7 +14,10 @@
   background task (no round trip per event); one ``XREAD BLOCK`` loop per session mirrors the
   stream into memory for the local readers;
 - ``redis-per-reader`` (not in the default set): every reader tails with its own
-  ``XREAD BLOCK`` — the naive design, for reference.
+  ``XREAD BLOCK`` — the naive design, for reference;
+- ``ringcast-redis`` (not in the default set): ``ringcast serve --redis`` on a private
+  ``redis-server`` started for each run (its CPU counted with the server's): what mirroring
+  every stream to Redis costs the same local fan-out (docs/CLUSTER.md).
 
 Every event is a ``chat.completion.chunk`` framed with ``id: <offset>`` whose content is the
 producer's ``time.time_ns()``; the client records producer-to-client latency of every event.
@@ -50,6 +53,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,7 @@ import time
 from pathlib import Path
 
 from ringcast.http.client import HTTPError, ResponseParser
+from ringcast.replay.loadtest import private_redis_argv
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -199,14 +204,39 @@ async def run_clients(port: int, streams: int, readers: int, tokens: int) -> Sta
 # Driver
 
 
-def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.Popen[str], int]:
+def start_private_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away ``redis-server`` for ``ringcast-redis`` (its CPU is the mirror's cost in
+    Redis), answering before this returns."""
+    import socket
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("ringcast-redis needs redis-server on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(private_redis_argv(exe, port, tmp), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("the private redis-server did not answer")
+
+
+def start(
+    system: str, args: argparse.Namespace, tmp: str, redis_url: str = ""
+) -> tuple[subprocess.Popen[str], int]:
     env = dict(
         os.environ,
         BENCH_TPS=str(args.tokens_per_s),
         BENCH_PREFILL=str(args.prefill),
         PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     )
-    if system == "ringcast":
+    if system in ("ringcast", "ringcast-redis"):
         cmd = [
             sys.executable,
             "-m",
@@ -230,6 +260,7 @@ def start(system: str, args: argparse.Namespace, tmp: str) -> tuple[subprocess.P
             str(args.coalesce_ms),
             "--coalesce",
             args.coalesce,
+            *(["--redis", redis_url] if redis_url else []),
         ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout is not None
@@ -279,16 +310,16 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
-def server_usage(pid: int, system: str) -> tuple[float, float]:
+def server_usage(pid: int, system: str, extra: tuple[int, ...] = ()) -> tuple[float, float]:
     """User + system CPU seconds and run-queue wait seconds of the server side of a run: the
     server process and its children, plus every ``redis-server`` for the Redis-backed
-    systems."""
+    systems, plus the ``extra`` processes (``ringcast-redis``'s private Redis)."""
     import psutil
 
     procs: list[psutil.Process] = []
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *root.children(recursive=True), *(psutil.Process(x) for x in extra)]
     except psutil.NoSuchProcess:
         pass
     if system.startswith("redis"):
@@ -354,9 +385,14 @@ def run_loadgen(loadgen: str, port: int, args: argparse.Namespace) -> dict[str, 
 def measure(
     system: str, args: argparse.Namespace, tmp: str, loadgen: str | None
 ) -> dict[str, float]:
-    proc, port = start(system, args, tmp)
+    redis: subprocess.Popen[bytes] | None = None
+    redis_url = ""
+    if system == "ringcast-redis":
+        redis, redis_url = start_private_redis(tmp)
+    extra = (redis.pid,) if redis is not None else ()
+    proc, port = start(system, args, tmp, redis_url)
     try:
-        cpu0, wait0 = server_usage(proc.pid, system)
+        cpu0, wait0 = server_usage(proc.pid, system, extra)
         if loadgen is not None:
             got = run_loadgen(loadgen, port, args)
             events, span = int(got["events"]), got["span_s"]
@@ -379,13 +415,16 @@ def measure(
             events, span = stats.events, stats.last - stats.first
             lat = sorted(stats.latencies_ms())
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        cpu1, wait1 = server_usage(proc.pid, system)
+        cpu1, wait1 = server_usage(proc.pid, system, extra)
         server_cpu, server_wait = cpu1 - cpu0, wait1 - wait0
     finally:
         proc.terminate()
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
+        if redis is not None:
+            redis.kill()
+            redis.wait()
     expected = args.streams * args.readers * args.tokens
     if events != expected:
         raise SystemExit(f"{system}: received {events} events, expected {expected}")
@@ -572,6 +611,7 @@ def main() -> None:
     slos = numbers(args.slo_ms, "--slo-ms")
     systems = args.systems.split(",")
     known = {"ringcast", "memory", "memory-broadcast", "redis", "redis-per-reader"}
+    known.add("ringcast-redis")  # ringcast serve --redis (a private redis-server per run)
     if not systems or not set(systems) <= known:
         ap.error(f"--systems: a comma-separated subset of {', '.join(sorted(known))}")
     loadgen = build_loadgen() if args.client == "rust" else None

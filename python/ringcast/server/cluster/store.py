@@ -29,7 +29,8 @@ from ringcast.server.store import StoreUnavailable, StreamReader, StreamView
 log = logging.getLogger("ringcast.server.cluster")
 
 REMOTE_LOOKUP_S = 1.0
-"""How long a lookup or listing waits for Redis before answering with the local streams."""
+"""How long a lookup, listing or DELETE waits for Redis before answering with what this node
+has (a DELETE has cancelled the local stream by then)."""
 
 OPENED_KEEP = 4096
 T = TypeVar("T")
@@ -118,7 +119,7 @@ class ClusterStore:
 
     async def cancel(self, conversation_id: str, owner: str) -> None:
         await self.local.cancel(conversation_id, owner)
-        await self._remote(self.remote.cancel(conversation_id, owner), False, None)
+        await self._remote(self.remote.cancel(conversation_id, owner), False, REMOTE_LOOKUP_S)
 
     async def remove(self, conversation_id: str, owner: str) -> None:
         await self.local.remove(conversation_id, owner)
