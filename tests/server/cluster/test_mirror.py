@@ -77,6 +77,26 @@ async def until(cond: Callable[[], Awaitable[bool]]) -> None:
         await asyncio.sleep(0.01)
 
 
+async def finished(store: RemoteStore, conv: str, owner: str) -> None:
+    """Wait until Redis has the session's end (Redis errors while it restarts included)."""
+
+    async def done() -> bool:
+        try:
+            i = await store.info(conv, owner)
+        except Exception:
+            return False
+        return i is not None and i.state == "done"
+
+    await until(done)
+
+
+async def until_cancelled(w: Writer) -> None:
+    async def cancelled() -> bool:
+        return w.cancelled
+
+    await until(cancelled)
+
+
 async def read_all(reader: RemoteReader) -> bytes:
     out = bytearray()
     while data := await reader.aread():
@@ -149,11 +169,7 @@ def test_trimmed_to_session_bytes_gives_first_available(tmp_path: Path, target: 
         data = await produce(w, 0, 200, pause=0)
         w.finalize()
 
-        async def done() -> bool:
-            i = await store.info(conv, owner)
-            return i is not None and i.state == "done"
-
-        await until(done)
+        await finished(store, conv, owner)
         info = await store.info(conv, owner)
         assert info is not None
         assert len(data) - 2048 <= info.first_available < len(data)
@@ -208,10 +224,7 @@ def test_delete_elsewhere_cancels_the_producer(tmp_path: Path, target: Target) -
         reading = asyncio.create_task(read_all(tail))
         assert await store.cancel(conv, owner)
 
-        async def cancelled() -> bool:
-            return w.cancelled
-
-        await until(cancelled)
+        await until_cancelled(w)
         assert a.mirror.stats.controls == 1
         with pytest.raises(SessionEnded) as e:
             await reading
@@ -235,10 +248,7 @@ def test_replace_across_nodes_has_one_winner(tmp_path: Path, target: Target) -> 
         reading = asyncio.create_task(read_all(old))
         wb = b.seg.create_or_replace(conv, owner)
 
-        async def replaced() -> bool:
-            return wa.cancelled
-
-        await until(replaced)
+        await until_cancelled(wa)
         with pytest.raises(SessionEnded) as e:
             await reading
         assert e.value.reason == "replaced"
@@ -313,14 +323,7 @@ def test_redis_restarted_empty_is_caught_up_with_a_gap(tmp_path: Path, redis_ser
         w.finalize()
         expected = before + during + after
 
-        async def done() -> bool:
-            try:
-                i = await store.info(conv, owner)
-            except Exception:
-                return False
-            return i is not None and i.state == "done"
-
-        await until(done)
+        await finished(store, conv, owner)
         info = await store.info(conv, owner)
         assert info is not None and info.total_bytes == len(expected)
         first = info.first_available
@@ -355,11 +358,7 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
         w.finalize()
         expected = before + during + after
 
-        async def done() -> bool:
-            i = await store.info(conv, owner)
-            return i is not None and i.state == "done"
-
-        await until(done)
+        await finished(store, conv, owner)
         r = await store.open(conv, owner, 0)
         got = bytearray()
         with pytest.raises(OffsetLost) as e:

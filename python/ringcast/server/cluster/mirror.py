@@ -114,6 +114,7 @@ class Tracked:
     sent: int = 0
     """Bytes in the call in flight."""
     ending: tuple[str, str] | None = None
+    reindex: bool = False
 
 
 @dataclass
@@ -260,6 +261,9 @@ class Mirror:
             if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
                 continue
             claim = t.epoch == 0
+            # The owner's index is another key (another slot): re-added with every expiry
+            # refresh, in case a lookup dropped it in the instant before the claim landed.
+            t.reindex = claim or due
             start = t.next if t.gap_from is None else t.gap_from
             t.sent = sum(len(c) for c in chunks)
             t.ending = (state, reason) if state != "running" else None
@@ -313,7 +317,7 @@ class Mirror:
             for batch in batches:
                 SYNC.queue(pipe, *sync_args(batch))
             for t, _ in calls:
-                if t.epoch == 0:
+                if t.reindex:
                     pipe.zadd(t.keys.owner_index, {t.info.conversation_id: 0})
                     pipe.pexpire(t.keys.owner_index, self.cfg.keep_ms)
             raw = await pipe.execute(raise_on_error=False)
