@@ -56,10 +56,10 @@ def check_cluster_args(args: Any) -> str | None:
             return str(e)
     if not 1 <= args.mirror_ms <= 1000:
         return f"--mirror-ms must be between 1 and 1000 (got {args.mirror_ms})"
-    if args.node_lease_ms < 3 * args.mirror_ms or args.node_lease_ms < 300:
+    if args.node_lease_ms < 4 * args.mirror_ms or args.node_lease_ms < 300:
         return (
-            f"--node-lease-ms {args.node_lease_ms} is too short: at least 300 and three flush "
-            "windows (a node renews its lease every third of it)"
+            f"--node-lease-ms {args.node_lease_ms} is too short: at least 300 and four flush "
+            "windows (a node renews its lease every quarter of it)"
         )
     if args.node_id is not None and (
         not args.node_id or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)

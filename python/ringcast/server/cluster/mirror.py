@@ -12,7 +12,7 @@ supervisor), off the producers' and the fan-out's paths: it reads the rings like
   the ring dropped meanwhile is sent as a gap, which remote readers answer with 410.
 - **Control.** A ``cancel`` or ``replace`` sent to this node's control stream (a DELETE, or a
   POST that took over the conversation, on another node) ends the local session at once.
-- **Lease.** ``SET lease instance PX lease_ms`` every third of the lease. Readers elsewhere take
+- **Lease.** ``SET lease instance PX lease_ms`` every quarter of the lease. Readers elsewhere take
   a missing lease (or another instance's) as the node lost: its running sessions end with
   ``node_lost`` after their mirrored bytes.
 """
@@ -148,6 +148,7 @@ class Mirror:
         self.stats = MirrorStats()
         self.exclude = frozenset(cfg.exclude_owners)
         self.wake = asyncio.Event()
+        self.lease_first = False
         self.entry_max = max(1, min(ENTRY_MAX, cfg.session_bytes // 8))
         self.batch = 1 if is_cluster(client) else BATCH
 
@@ -250,8 +251,9 @@ class Mirror:
 
     async def flush(self) -> bool:
         """One window; False if a call to Redis failed."""
-        if not self.stats.connected and not await self.renew_lease():
+        if (not self.stats.connected or self.lease_first) and not await self.renew_lease():
             return False  # before any claim: readers elsewhere must find this node alive
+        self.lease_first = False
         now = time.time()
         now_s = f"{now:.3f}"
         calls: list[tuple[Tracked, list[Any]]] = []
@@ -386,7 +388,9 @@ class Mirror:
             t.epoch = int(epoch)
             self._reopen(t, int(total))
         elif status == scripts.SYNC_GONE:
-            # Expired or lost with a Redis restart: claim again and send what the ring holds.
+            # Expired or lost with a Redis restart: claim again and send what the ring holds,
+            # after renewing the lease (a Redis that lost its keys lost that one too).
+            self.lease_first = True
             t.epoch = 0
             self._reopen(t, 0)
         else:
@@ -463,7 +467,7 @@ class Mirror:
     async def lease_loop(self) -> None:
         while True:
             await self.renew_lease()
-            await asyncio.sleep(self.cfg.lease_ms / 3000.0)
+            await asyncio.sleep(self.cfg.lease_ms / 4000.0)
 
     async def drain(self, timeout: float) -> None:
         """Shutting down: flush until every local session's end is in Redis (the workers end

@@ -39,6 +39,8 @@ PAGE_ENTRIES = 64
 RETRY_S = 0.2
 """Pause before a read that failed on a Redis error is tried again."""
 LEASE_CACHE_S = 0.1
+LOST_CONFIRM_S = 0.5
+"""A node whose lease is gone is taken for lost only if it is still gone this much later."""
 MISSING_GRACE_S = 5.0
 """How long a tail waits for a running session that vanished from Redis (a Redis restarted
 empty) to be claimed again by its node before it takes the node for lost."""
@@ -121,6 +123,8 @@ class RemoteStore:
         self.ttl_ms = ttl_ms
         self.tails: dict[str, RemoteTail] = {}
         self.leases: dict[str, tuple[float, str | None]] = {}
+        self.suspects: dict[tuple[str, str], float] = {}
+        """Node instances whose lease was found gone, and since when (monotonic)."""
         self.stats = RemoteStats()
 
     # -- lookups
@@ -138,8 +142,16 @@ class RemoteStore:
     async def _settle(self, k: keys.SessionKeys, info: RemoteInfo) -> RemoteInfo:
         """A running session whose node lost its lease is ended ``node_lost`` (atomically, and
         only if it is still that node instance's), then read again."""
+        suspect = (info.node, info.instance)
         if info.state != "running" or await self._lease(info.node) == info.instance:
+            self.suspects.pop(suspect, None)
             return info
+        # Seen gone once: confirm a moment later. Right after a Redis pause (or a restart
+        # that lost the keys) the node's renewal may simply not have landed yet.
+        now = time.monotonic()
+        if now - self.suspects.setdefault(suspect, now) < LOST_CONFIRM_S:
+            return info
+        del self.suspects[suspect]
         res = await END(
             self.client,
             (k.meta, k.base),
