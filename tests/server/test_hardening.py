@@ -382,3 +382,30 @@ def test_generator_that_cannot_load(tmp_path: Path) -> None:
         assert said in p.stderr, p.stderr
         assert "Traceback" not in p.stderr, p.stderr
         assert not re.search(r"listening on", p.stdout)
+
+
+def test_loop_errors_are_logged_without_their_message(caplog: pytest.LogCaptureFixture) -> None:
+    """What the event loop reports of an unhandled exception (its message, the task with its
+    arguments) stays out of ERROR: it may hold a conversation id."""
+    import asyncio
+
+    from ringcast._core import SessionNotFound
+    from ringcast.server.child import log_loop_error
+
+    try:
+        raise SessionNotFound("no live session with conversation id 'secret-conv-9'")
+    except SessionNotFound as e:
+        exc = e
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level("DEBUG", logger="ringcast.loop"):
+            log_loop_error(loop, {"message": "Task 'secret-conv-9' failed", "exception": exc})
+            log_loop_error(loop, {"message": "callback f('secret-conv-9') failed"})
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2
+    assert "SessionNotFound at test_hardening.py:" in errors[0].getMessage()
+    assert all("secret-conv-9" not in r.getMessage() and r.exc_info is None for r in errors)
+    debug = [r for r in caplog.records if r.levelname == "DEBUG"]
+    assert any("secret-conv-9" in r.getMessage() for r in debug)

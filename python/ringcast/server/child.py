@@ -14,7 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ringcast.http.logs import log_failure
 from ringcast.server.config import ServeConfig, load_config
+
+_loop_log = logging.getLogger("ringcast.loop")
 
 
 def die_with_parent() -> None:
@@ -47,10 +50,29 @@ def child_main(
 
 
 def run_loop(cfg: ServeConfig, main: Coroutine[Any, Any, None]) -> None:
-    """Run a child's main coroutine on uvloop (default) or the stdlib asyncio loop."""
+    """Run a child's main coroutine on uvloop (default) or the stdlib asyncio loop, with
+    :func:`log_loop_error` as the loop's exception handler."""
     if cfg.event_loop == "asyncio":
-        asyncio.run(main)
+        asyncio.run(_guarded(main))
     else:
         import uvloop
 
-        uvloop.run(main)
+        uvloop.run(_guarded(main))
+
+
+async def _guarded(main: Coroutine[Any, Any, None]) -> None:
+    asyncio.get_running_loop().set_exception_handler(log_loop_error)
+    await main
+
+
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's report of an exception nobody handled (a callback's, a task's never
+    retrieved). The default handler logs the context's message, the task or callback with
+    its arguments, and the traceback at ERROR, any of which may hold a conversation id; this
+    one logs the exception's type and raising line at ERROR and the rest at DEBUG."""
+    exc = context.get("exception")
+    if isinstance(exc, BaseException):
+        log_failure(_loop_log, "an exception nobody handled in the event loop", exc)
+    else:
+        _loop_log.error("an error in the event loop (details at --log-level DEBUG)")
+    _loop_log.debug("event loop context: %r", context)
