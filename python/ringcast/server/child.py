@@ -71,7 +71,11 @@ def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
     its arguments, and the traceback at ERROR, any of which may hold a conversation id; this
     one logs the exception's type and raising line at ERROR and the rest at DEBUG."""
     exc = context.get("exception")
-    if isinstance(exc, BaseException):
+    if isinstance(exc, asyncio.CancelledError):
+        # A connection's handler cancelled at shutdown (a worker's job socket, say): how
+        # tasks stop, not a failure.
+        pass
+    elif isinstance(exc, BaseException):
         log_failure(_loop_log, "an exception nobody handled in the event loop", exc)
     else:
         _loop_log.error("an error in the event loop (details at --log-level DEBUG)")
