@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -112,6 +113,9 @@ class App:
         )
         self.connections: set[Connection] = set()
         self.connections_per_client: dict[str, int] = {}
+        self.running_counts: dict[str, tuple[float, int]] = {}
+        """Per key: when its running sessions were last counted, and the count since (see
+        :meth:`check_quota`)."""
         self.background: set[asyncio.Task[None]] = set()
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
@@ -326,26 +330,41 @@ class App:
     async def check_quota(self, conv: str, owner: str, quota_owner: str) -> None:
         """429 if ``quota_owner`` (the caller's key namespace) already holds its quota of
         running sessions (``--max-sessions-per-key``), counting its anonymous ones, unless
-        this create replaces one of them. Two creates racing in two processes may both pass:
-        the quota is exceeded by at most the creates in flight, never without bound."""
+        this create replaces one of them.
+
+        Counting lists the key's sessions (a scan of the used slots), so it is not done at
+        every create: a count at most :data:`QUOTA_RECOUNT` seconds old, plus this process's
+        creates since, is trusted while below the quota, and recounted before any refusal
+        (a refusal is never based on a stale count). Creates in other processes within that
+        time, and creates racing in flight, may pass together: the quota is exceeded by at
+        most those, never without bound."""
         quota = self.cfg.session_quota()
         if not quota:
             return
-        running = [i for i in await self.store.list(quota_owner) if not i.is_done]
-        anon_prefix = anon_id_prefix(quota_owner)
-        running += [
-            i
-            for i in await self.store.list(ANON_OWNER)
-            if not i.is_done and i.conversation_id.startswith(anon_prefix)
-        ]
-        if len(running) < quota:
+        now = time.monotonic()
+        counted_at, count = self.running_counts.get(quota_owner, (-math.inf, 0))
+        if count >= quota or now - counted_at >= QUOTA_RECOUNT:
+            counted_at, count = now, await self.count_running(quota_owner)
+        if count < quota:
+            self.running_counts[quota_owner] = (counted_at, count + 1)
             return
-        if owner == quota_owner and any(i.conversation_id == conv for i in running):
-            return  # a replacement: the count does not grow
+        self.running_counts[quota_owner] = (counted_at, count)
+        if owner == quota_owner:
+            current = await self.store.get(conv, owner)
+            if current is not None and not current.is_done:
+                return  # a replacement: the count does not grow
         raise HttpError(
             429,
-            f"this API key already has {len(running)} running streams, its limit "
+            f"this API key already has {count} running streams, its limit "
             f"(--max-sessions-per-key {quota}); wait for one to finish or DELETE one",
+        )
+
+    async def count_running(self, quota_owner: str) -> int:
+        """Running sessions of a key, its anonymous ones included."""
+        anon_prefix = anon_id_prefix(quota_owner)
+        return sum(not i.is_done for i in await self.store.list(quota_owner)) + sum(
+            not i.is_done and i.conversation_id.startswith(anon_prefix)
+            for i in await self.store.list(ANON_OWNER)
         )
 
     def create_session(self, conv: str, owner: str) -> StreamWriter:
@@ -628,6 +647,10 @@ class App:
         body = await metrics.render(self.cfg, self.store, self.counters)
         conn.send(200, body, "text/plain; version=0.0.4")
 
+
+QUOTA_RECOUNT = 1.0
+"""Seconds a key's count of running sessions is trusted below its quota (see
+:meth:`App.check_quota`)."""
 
 MAX_LOOKUP_IDS = 10_000
 """Most conversation ids one ``POST /v1/streams/lookup`` may ask for (a WebUI asks for its
