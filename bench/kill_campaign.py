@@ -23,107 +23,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import re
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-import psutil
 from ringcast.http.client import stream
+from serve_process import ServeProcess
 
 KINDS = ("worker", "http", "manager")
-CHILD_MODULE = {"http": "ringcast.server.http_process", "worker": "ringcast.server.worker"}
 TERMINAL = re.compile(rb"data: (\[DONE\]|\{\"error\")[^\n]*\n\n$")
 """The last event of a stream that ended: ``[DONE]`` or an error event."""
-
-
-class Server:
-    """A ``ringcast serve`` whose segment outlives its manager (so a new one re-attaches)."""
-
-    def __init__(self, segment: str, tokens_per_s: float) -> None:
-        self.segment = segment
-        self.tokens_per_s = tokens_per_s
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.start()
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "ringcast.cli",
-            "serve",
-            "--port",
-            "0",
-            "--http-procs",
-            "2",
-            "--workers",
-            "2",
-            "--segment",
-            self.segment,
-            "--tokens-per-s",
-            str(self.tokens_per_s),
-            "--log-level",
-            "ERROR",
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        m = re.search(r"listening on http://[^:]+:(\d+)", line)
-        if not m:
-            self.proc.kill()
-            raise SystemExit(f"ringcast serve did not start: {line!r}")
-        self.port = int(m.group(1))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def pids(self, kind: str) -> list[int]:
-        assert self.proc is not None
-        if kind == "manager":
-            return [self.proc.pid]
-        out = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for c in psutil.Process(self.proc.pid).children():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    if CHILD_MODULE[kind] in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
-                        out.append(c.pid)
-        return out
-
-    def restart_after_manager_kill(self) -> None:
-        """Wait for the dead manager's children to go (they got SIGTERM from the kernel),
-        then start a new manager on the same segment."""
-        assert self.proc is not None
-        children = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(self.proc.pid).children()
-        self.proc.wait()
-        psutil.wait_procs(children, timeout=15)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.segment)
 
 
 @dataclass
@@ -135,7 +49,7 @@ class Client:
     resumed_at: list[float] = field(default_factory=list)
 
 
-async def follow(server: Server, client: Client, tokens: int, deadline: float) -> None:
+async def follow(server: ServeProcess, client: Client, tokens: int, deadline: float) -> None:
     """Read ``client``'s stream to its terminal event, resuming after every drop."""
     req = json.dumps(
         {
@@ -179,7 +93,7 @@ async def follow(server: Server, client: Client, tokens: int, deadline: float) -
     raise RuntimeError(f"{client.conv}: no terminal event before the deadline")
 
 
-async def whole_stream(server: Server, conv: str) -> bytes:
+async def whole_stream(server: ServeProcess, conv: str) -> bytes:
     out = bytearray()
     async for _, status, _, piece in stream(server.url, f"/v1/stream?conv_id={conv}", method="GET"):
         if status != 200:
@@ -200,8 +114,7 @@ class Kill:
 
 async def campaign(rounds: int, seed: int, clients: int, tokens: int, tps: float) -> list[Kill]:
     rng = random.Random(seed)
-    tmp = tempfile.mkdtemp(prefix="ringcast-kill-")
-    server = Server(os.path.join(tmp, "kill.seg"), tps)
+    server = ServeProcess("--http-procs", "2", "--workers", "2", "--tokens-per-s", str(tps))
     kills: list[Kill] = []
     mismatches: list[str] = []
     try:
@@ -240,8 +153,6 @@ async def campaign(rounds: int, seed: int, clients: int, tokens: int, tps: float
                     mismatches.append(f"round {r} ({kind}): {c.conv} differs from its stream")
     finally:
         server.stop()
-        with contextlib.suppress(OSError):
-            os.rmdir(tmp)
     if mismatches:
         raise AssertionError("; ".join(mismatches))
     return kills

@@ -25,71 +25,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import re
-import signal
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
-import psutil
 from ringcast.http.client import stream
+from serve_process import ServeProcess
 
 ADDRESSES = 64
 """Loopback source addresses the crowds are spread over (127.0.0.2 ...)."""
-
-
-class Server:
-    def __init__(self, *args: str) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="ringcast-slow-")
-        cmd = [
-            sys.executable,
-            "-m",
-            "ringcast.cli",
-            "serve",
-            "--port",
-            "0",
-            "--segment",
-            os.path.join(self.tmp, "slow.seg"),
-            "--log-level",
-            "ERROR",
-            *args,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        m = re.search(r"listening on http://[^:]+:(\d+)", line)
-        if not m:
-            self.proc.kill()
-            raise SystemExit(f"ringcast serve did not start: {line!r}")
-        self.port = int(m.group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def rss(self) -> int:
-        """Resident bytes of the manager and its children, summed."""
-        procs = [psutil.Process(self.proc.pid)]
-        procs += procs[0].children()
-        total = 0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        return total
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.tmp)
 
 
 def source(i: int) -> str:
@@ -166,7 +111,7 @@ class Phase:
     stream_ok: bool
 
 
-async def measure(server: Server, name: str, probes: int, n: int) -> Phase:
+async def measure(server: ServeProcess, name: str, probes: int, n: int) -> Phase:
     health = []
     for _ in range(probes):
         health.append(await timed_health(server.url))
@@ -175,7 +120,7 @@ async def measure(server: Server, name: str, probes: int, n: int) -> Phase:
     return Phase(name, server.rss(), health, took, body.endswith(b"data: [DONE]\n\n"))
 
 
-async def run(server: Server, clients: int, hold: float, probes: int) -> list[Phase]:
+async def run(server: ServeProcess, clients: int, hold: float, probes: int) -> list[Phase]:
     phases = [await measure(server, "baseline", probes, 0)]
     # A long stream for the non-readers to fall behind on.
     long_body = (
@@ -233,7 +178,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=50, help="/health requests per phase")
     ap.add_argument("--http-procs", type=int, default=2)
     args = ap.parse_args()
-    server = Server("--http-procs", str(args.http_procs), "--tokens-per-s", "200")
+    server = ServeProcess("--http-procs", str(args.http_procs), "--tokens-per-s", "200")
     try:
         phases = asyncio.run(run(server, args.clients, args.hold, args.probes))
     finally:

@@ -792,3 +792,18 @@ def serve_in_memory(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], Any]:
+    """``bench_module("kill_campaign")``: a script of ``bench/`` as a module, for a test that
+    runs a benchmark's campaign at CI size (``bench/`` goes on ``sys.path`` for the modules
+    the script imports)."""
+    import importlib
+
+    def load(name: str) -> Any:
+        if str(REPO / "bench") not in sys.path:
+            sys.path.insert(0, str(REPO / "bench"))
+        return importlib.import_module(name)
+
+    return load

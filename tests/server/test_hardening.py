@@ -44,6 +44,15 @@ def server_errors(s: Any) -> float:
     )
 
 
+def health_from(address: str, port: int) -> bytes:
+    """The start of the answer to ``GET /health`` from a connection bound to ``address``."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=(address, 0)
+    ) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return sock.recv(4096)
+
+
 def deep_json(depth: int) -> bytes:
     """A body valid in every route's schema but for one field nested ``depth`` deep."""
     return b'{"messages": [], "x": ' + b"[" * depth + b"]" * depth + b"}"
@@ -239,12 +248,7 @@ def test_per_client_connection_cap(serve: Any) -> None:
             assert data.startswith(b"HTTP/1.1 429 ")
             assert b"--max-conns-per-client" in data
             # Another address (any 127.x is this machine) is served.
-            other = socket.create_connection(
-                ("127.0.0.1", s.port), timeout=10, source_address=("127.0.0.2", 0)
-            )
-            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert other.recv(4096).startswith(b"HTTP/1.1 200 ")
-            other.close()
+            assert health_from("127.0.0.2", s.port).startswith(b"HTTP/1.1 200 ")
         finally:
             for c in held:
                 c.close()
@@ -260,12 +264,7 @@ def test_connection_cap_follows_the_open_file_limit(serve: Any) -> None:
         try:
             for _ in range(300):
                 held.append(socket.create_connection(("127.0.0.1", s.port), timeout=10))
-            other = socket.create_connection(
-                ("127.0.0.1", s.port), timeout=10, source_address=("127.0.0.3", 0)
-            )
-            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert other.recv(4096).startswith(b"HTTP/1.1 200 ")
-            other.close()
+            assert health_from("127.0.0.3", s.port).startswith(b"HTTP/1.1 200 ")
         finally:
             for c in held:
                 c.close()

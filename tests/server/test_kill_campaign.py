@@ -7,23 +7,15 @@ the time from each kill to the terminal event) is run by hand; its figures are i
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.timeout(240)
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "kill_campaign.py"
 
-
-def test_kill_campaign_resumes_every_client_byte_for_byte() -> None:
-    spec = importlib.util.spec_from_file_location("kill_campaign", BENCH)
-    assert spec is not None and spec.loader is not None
-    campaign = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = campaign  # its dataclasses look their module up there
-    spec.loader.exec_module(campaign)
+def test_kill_campaign_resumes_every_client_byte_for_byte(bench_module: Any) -> None:
+    campaign = bench_module("kill_campaign")
     kills = asyncio.run(campaign.campaign(rounds=9, seed=1, clients=3, tokens=40, tps=100.0))
     assert {k.kind for k in kills} == {"worker", "http", "manager"}
     assert len(kills) == 9

@@ -6,24 +6,18 @@ stays bounded. The benchmark's 1,000-client figures are in ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.timeout(180)
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "slow_clients.py"
 
-
-def test_idle_and_slowloris_crowds_leave_the_server_responsive() -> None:
-    spec = importlib.util.spec_from_file_location("slow_clients", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    server = bench.Server("--http-procs", "2", "--tokens-per-s", "200")
+def test_idle_and_slowloris_crowds_leave_the_server_responsive(bench_module: Any) -> None:
+    bench = bench_module("slow_clients")
+    server = bench_module("serve_process").ServeProcess(
+        "--http-procs", "2", "--tokens-per-s", "200"
+    )
     try:
         phases = asyncio.run(bench.run(server, clients=300, hold=2.0, probes=10))
     finally:
