@@ -9,10 +9,8 @@ up with every event exactly once.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import socketserver
-import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -20,14 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pages import PageServer, serving
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"
-    ),
-]
+pytestmark = pytest.mark.timeout(120)
 
 PAGE = b"""<!doctype html><meta charset="utf-8"><title>ringcast</title><script>
 const events = [], ids = [];
@@ -120,39 +113,11 @@ def srv(tmp_path: Path, serve) -> Iterator[Any]:
         yield s
 
 
-def test_eventsource_resumes_by_last_event_id(
-    srv: Any, tmp_path: Path, sse_events, data_of
-) -> None:
-    assert CHROMIUM is not None
+def test_eventsource_resumes_by_last_event_id(srv: Any, chromium: Any, sse_events, data_of) -> None:
     r = srv.post_chat("browser-1", max_tokens=60)
     front = Front(srv.port)
-    threading.Thread(target=front.serve_forever, daemon=True).start()
-    browser = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--disable-extensions",
-            f"--user-data-dir={tmp_path}/chr",
-            f"http://127.0.0.1:{front.server_address[1]}/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with serving(front), chromium(f"http://127.0.0.1:{front.server_address[1]}/"):
         assert front.reported.wait(90), "the page never saw [DONE]"
-    finally:
-        browser.terminate()
-        try:
-            browser.wait(10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
-        front.shutdown()
-        front.server_close()
     posted = r.read_all_and_close()
     _, _, whole = srv.request("GET", "/v1/stream?conv_id=browser-1")
     assert posted == whole
@@ -190,57 +155,11 @@ es.onerror = () => {
 </script>"""
 
 
-class PageServer(socketserver.ThreadingTCPServer):
-    """The page's origin: serves it and takes its report; the page reads the stream from
-    ringcast, another origin (``ringcast serve --cors-origin``)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), PageHandler)
-        self.report: dict[str, Any] | None = None
-        self.reported = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class PageHandler(socketserver.StreamRequestHandler):
-    server: PageServer
-
-    def handle(self) -> None:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline()
-            if not line:
-                return
-            head += line
-        lines = head.decode("latin-1").split("\r\n")
-        length = next(
-            (int(ln.split(":")[1]) for ln in lines if ln.lower().startswith("content-length:")), 0
-        )
-        body = self.rfile.read(length)
-        if lines[0].startswith("POST /report"):
-            self.server.report = json.loads(body)
-            self.server.reported.set()
-            page = b""
-        else:
-            page = PAGE_STOPS
-        self.wfile.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(page), page)
-        )
-
-
 @pytest.fixture
 def page_server() -> Iterator[PageServer]:
-    ps = PageServer()
-    threading.Thread(target=ps.serve_forever, daemon=True).start()
-    yield ps
-    ps.shutdown()
-    ps.server_close()
+    ps = PageServer(PAGE_STOPS)
+    with serving(ps):
+        yield ps
 
 
 def _page_url(port: int, page_server: PageServer, **params: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ringcast.http.parse import parse_head
+from pages import read_request, reply, serving
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -95,23 +95,13 @@ class FakeHandler(socketserver.StreamRequestHandler):
     def reply(
         self, status: str, body: bytes, ctype: str = "application/json", extra: str = ""
     ) -> None:
-        self.wfile.write(
-            (
-                f"HTTP/1.1 {status}\r\nServer: llama.cpp\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
-            ).encode()
-            + body
-        )
+        reply(self.wfile, status, body, ctype, "Server: llama.cpp\r\n" + extra)
 
     def handle(self) -> None:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline()
-            if not line:
-                return
-            head += line
-        req = parse_head(head[:-4])
-        body = self.rfile.read(int(req.headers.get("content-length", "0")))
+        got = read_request(self.rfile)
+        if got is None:
+            return
+        req, body = got
         self.server.seen.append({"method": req.method, "path": req.path, "headers": req.headers})
         if req.path == "/":
             self.reply("200 OK", WEBUI, "text/html; charset=utf-8")
@@ -159,11 +149,8 @@ class FakeHandler(socketserver.StreamRequestHandler):
 @pytest.fixture(scope="module")
 def llama() -> Iterator[FakeLlamaServer]:
     up = FakeLlamaServer()
-    t = threading.Thread(target=up.serve_forever, daemon=True)
-    t.start()
-    yield up
-    up.shutdown()
-    up.server_close()
+    with serving(up):
+        yield up
 
 
 @pytest.fixture(scope="module")

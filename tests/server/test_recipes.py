@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pages import PageServer, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,49 +133,11 @@ const hook = setInterval(() => {
 </script>"""
 
 
-class PageServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, page: bytes) -> None:
-        super().__init__(("127.0.0.1", 0), PageHandler)
-        self.page = page
-        self.report: dict[str, Any] | None = None
-        self.reported = threading.Event()
-        self.loads = 0
-
-
-class PageHandler(socketserver.StreamRequestHandler):
-    server: PageServer
-
-    def handle(self) -> None:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline()
-            if not line:
-                return
-            head += line
-        m = re.search(rb"content-length: *(\d+)", head, re.I)
-        body = self.rfile.read(int(m.group(1))) if m else b""
-        page = b""
-        if head.startswith(b"POST /report"):
-            self.server.report = json.loads(body)
-            self.server.reported.set()
-        elif head.startswith(b"GET / "):
-            self.server.loads += 1
-            page = self.server.page
-        self.wfile.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(page), page)
-        )
-
-
 def test_browser_page_resumes_after_reload(serve: Any, chromium: Any) -> None:
     html = recipe("A browser page that resumes after a reload", "html")
-    pages = PageServer(b"")
-    origin = f"http://127.0.0.1:{pages.server_address[1]}"
-    threading.Thread(target=pages.serve_forever, daemon=True).start()
-    try:
+    pages = PageServer()
+    origin = pages.url
+    with serving(pages):
         with serve("--cors-origin", origin, "--tokens-per-s", "20", http_procs=1) as s:
             assert 'const RINGCAST = "http://localhost:8080";' in html
             page = html.replace("http://localhost:8080", f"http://127.0.0.1:{s.port}")
@@ -184,9 +147,6 @@ def test_browser_page_resumes_after_reload(serve: Any, chromium: Any) -> None:
             report = pages.report
             assert report is not None
             _, _, whole = s.request("GET", f"/v1/stream?conv_id={report['conv']}")
-    finally:
-        pages.shutdown()
-        pages.server_close()
     assert pages.loads == 2  # loaded, reloaded mid-stream
     assert 0 < int(report["reloadedAt"]) < len(whole)
     # Every piece exactly once across the reload.
