@@ -276,6 +276,14 @@ def test_api_key_gates_passthrough_and_stays_ringcasts(llama: FakeLlamaServer, s
         assert "authorization" not in json.loads(body)["headers"]  # ringcast's key stays here
         status, _, page = s.request("GET", "/")  # the WebUI shell loads without a key
         assert status == 200 and page == WEBUI
+        # Refused before its streamed body arrived: the connection cannot carry on.
+        r = s.open_request(
+            "POST",
+            "/tokenize",
+            raw=b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nxx",
+        )
+        assert (r.status, r.headers["connection"]) == (401, "close")
+        r.close()
     with serve("--upstream", llama.url, "--upstream-api-key", "up-key", "--http-procs", "1") as s:
         _, _, body = s.request("GET", "/props", headers={"Authorization": "Bearer other"})
         assert json.loads(body)["headers"]["authorization"] == "Bearer up-key"

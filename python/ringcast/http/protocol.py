@@ -298,7 +298,8 @@ class Connection(asyncio.Protocol):
             await self.app.handle(req, self)
         except HttpError as e:
             self.app.count_status(e.status)
-            if e.close:
+            if e.close or (self.body_stream is not None and self.body_stream.left):
+                # (A streamed body left unread would be parsed as the next request.)
                 self.keep_alive = False
             self.send(e.status, error_json(e.status, e.message, e.type, e.first_available))
         except asyncio.CancelledError:
