@@ -121,6 +121,7 @@ def test_openai_sdk_with_resume(srv: Any) -> None:
 PAGE_HOOK = """<script>
 // The test's part: reload the page once, mid-stream; report when the recipe shows "done".
 const hook = setInterval(() => {
+  if (!saved) return;  // the recipe is still starting the stream
   if (!sessionStorage.getItem("reloaded-at") && saved.offset > 0) {
     sessionStorage.setItem("reloaded-at", String(saved.offset));
     location.reload();
