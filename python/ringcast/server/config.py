@@ -80,6 +80,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     max_body: int = 1 << 20
     max_conns_per_client: int = 0  # 0: a quarter of the open-file limit (conns_per_client)
     write_timeout: float = 120.0
+    ds_long_poll_timeout: float = 20.0
     sse_ping_interval: float = 30.0
     coalesce_ms: float = 40.0
     coalesce: str = "adaptive"  # or "always"
@@ -160,6 +161,8 @@ can read it from any byte offset through any HTTP process:
   GET    /v1/streams[?conversation_id=X]         (only the caller's key's sessions)
   DELETE /v1/stream?conv_id=ID                   (cancel; 204 also for unknown ids)
   GET    /health, /v1/models, /metrics
+  PUT|POST|GET|HEAD|DELETE /ds/v1/stream/NAME    (the Durable Streams protocol)
+  GET|HEAD /ds/v1/conversations/ID               (a conversation, read as a Durable Stream)
 
 Without --upstream or --generator the workers run a synthetic model (deterministic text at
 --tokens-per-s), which is handy for testing clients and for benchmarks.
@@ -219,6 +222,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="close a connection whose client has read nothing for this long while its "
         "write buffer is full, releasing its reader (%(default)s)",
+    )
+    net.add_argument(
+        "--ds-long-poll-timeout",
+        type=float,
+        default=_D.ds_long_poll_timeout,
+        metavar="S",
+        help="how long a Durable Streams long-poll read (/ds, live=long-poll) waits for data "
+        "before it answers 204 (%(default)s)",
     )
     net.add_argument(
         "--coalesce-ms",
@@ -503,6 +514,7 @@ _SAME_NAME = (
     "log_level",
     "sse_ping_interval",
     "write_timeout",
+    "ds_long_poll_timeout",
     "coalesce_ms",
     "coalesce",
     "event_loop",

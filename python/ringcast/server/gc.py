@@ -12,6 +12,7 @@ import time
 from ringcast._core import Segment, SessionInfo
 from ringcast.server.config import ANON_OWNER, ServeConfig
 from ringcast.server.counters import ManagerCounter, SharedCounters
+from ringcast.server.durable_meta import DurableMeta, is_durable_owner
 from ringcast.server.store import fail_stream
 
 log = logging.getLogger("ringcast.gc")
@@ -57,7 +58,8 @@ def fail_session(seg: Segment, info: SessionInfo, message: str, type_: str) -> b
 def sweep_dead_producers(seg: Segment, now: float) -> int:
     n = 0
     for info in seg.list():
-        if info.is_done:
+        if info.is_done or is_durable_owner(info.owner):
+            # A Durable Stream has no producer process: any HTTP process appends to it.
             continue
         if not info.producer_alive:
             if fail_session(seg, info, "the producer process died", "producer_died"):
@@ -76,10 +78,45 @@ def sweep(seg: Segment, counters: SharedCounters) -> None:
         counters.inc(ManagerCounter.DEAD_PRODUCERS, n)
 
 
-def collect(seg: Segment, cfg: ServeConfig, counters: SharedCounters) -> None:
-    """TTL, idle and LRU eviction (see SERVER.md, "The manager's sweeps")."""
+def expire_durable(seg: Segment, meta: DurableMeta, now: float) -> int:
+    """Remove Durable Streams whose ``Stream-TTL`` or ``Stream-Expires-At`` passed, rows whose
+    session is gone (evicted under pressure), and sessions without a row (a create that died
+    before its commit). Returns how many streams expired."""
+    n = 0
+    with meta.transaction():
+        # Listed under the lock: a create holds it from its session's birth to its row's.
+        live = {(i.owner, i.conversation_id): i for i in seg.list() if is_durable_owner(i.owner)}
+        rows = meta.all_streams()
+        named = {(m.owner, m.name) for m in rows}
+        for m in rows:
+            info = live.get((m.owner, m.name))
+            if m.deleted:
+                continue  # a tombstone its forks keep until the last of them goes
+            if info is None or (info.slot, info.generation) != (m.slot, m.generation):
+                meta.drop(m)
+            elif m.expired(now):
+                seg.evict_slot(info.slot, info.generation, "evicted")
+                meta.drop(m)
+                n += 1
+        for key, info in live.items():
+            if key not in named:
+                seg.evict_slot(info.slot, info.generation, "evicted")
+    return n
+
+
+def collect(
+    seg: Segment, cfg: ServeConfig, counters: SharedCounters, meta: DurableMeta | None = None
+) -> None:
+    """TTL, idle and LRU eviction (see SERVER.md, "The manager's sweeps"); Durable Streams
+    expire by their own TTL or expiry (``meta``), not by ``--ttl`` or ``--idle-timeout``."""
     now = time.time()
+    if meta is not None:
+        n = expire_durable(seg, meta, now)
+        if n:
+            counters.inc(ManagerCounter.EVICTIONS_TTL, n)
     for info in seg.list():
+        if is_durable_owner(info.owner):
+            continue
         if info.is_done:
             if now - info.completed_at >= cfg.ttl and seg.evict_slot(
                 info.slot, info.generation, "evicted"

@@ -36,6 +36,9 @@ from ringcast.http.protocol import Connection, HttpSettings
 from ringcast.server import metrics, resume_token
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
 from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, mirror_row
+from ringcast.server.durable import METHODS as DURABLE_METHODS
+from ringcast.server.durable import PREFIX as DURABLE_PREFIX
+from ringcast.server.durable import DurableStreams
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
 from ringcast.server.passthrough import passthrough
@@ -71,7 +74,15 @@ log = logging.getLogger("ringcast.server")
 
 EXPOSED_HEADERS = (
     "X-Ringcast-Epoch, X-Ringcast-Offset, X-Ringcast-First-Available, X-Ringcast-Process, "
-    "X-Ringcast-Resume-Token"
+    "X-Ringcast-Resume-Token, "
+    "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Stream-TTL, "
+    "Stream-Expires-At, Stream-SSE-Data-Encoding, Producer-Epoch, Producer-Seq, "
+    "Producer-Expected-Seq, Producer-Received-Seq, ETag, Location"
+)
+ALLOWED_HEADERS = (
+    "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID, If-None-Match, "
+    "Stream-TTL, Stream-Expires-At, Stream-Seq, Stream-Closed, Stream-Forked-From, "
+    "Stream-Fork-Offset, Stream-Fork-Sub-Offset, Producer-Id, Producer-Epoch, Producer-Seq"
 )
 
 T = TypeVar("T")
@@ -122,6 +133,9 @@ class App:
         self.dispatcher = Dispatcher(cfg, index, counters)
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
+        self.durable = DurableStreams(
+            store, cfg.segment, self.check_conv_id, cfg.ds_long_poll_timeout, cfg.max_body
+        )
 
     # -- HttpApp
 
@@ -187,16 +201,14 @@ class App:
         await passthrough(self.cfg, req, conn, strip_auth=bool(self.key_owners))
 
     async def preflight(self, req: Request, conn: Connection, owner: str) -> None:
-        """A CORS preflight (a browser page on another origin sending keys or a conv id)."""
+        """A CORS preflight (a browser page on another origin sending keys, a conv id, or
+        Durable Streams headers)."""
         conn.send(
             204,
             b"",
             headers=[
-                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                (
-                    "Access-Control-Allow-Headers",
-                    "Authorization, Content-Type, X-Api-Key, X-Conversation-Id, Last-Event-ID",
-                ),
+                ("Access-Control-Allow-Methods", "GET, HEAD, PUT, POST, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", ALLOWED_HEADERS),
                 ("Access-Control-Max-Age", "600"),
             ],
         )
@@ -623,6 +635,11 @@ class App:
             infos = await self.store.list(owner)
         self.send_json(conn, [self.stream_info(i) for i in infos])
 
+    # -- Durable Streams (ringcast.server.durable)
+
+    async def durable_request(self, req: Request, conn: Connection, owner: str) -> None:
+        await self.durable.handle(req, conn, owner)
+
     # -- the rest
 
     async def health(self, req: Request, conn: Connection, owner: str) -> None:
@@ -700,6 +717,8 @@ ROUTES: dict[str, Route] = {
     "/health": Route({"GET": App.health}, keyed=False),
     "/v1/models": Route({"GET": App.models}, passed_through=True),
     "/metrics": Route({"GET": App.metrics}, keyed=False),
+    # Also everything under it: /ds/v1/stream/{name}, /ds/v1/conversations/{id}.
+    DURABLE_PREFIX: Route(dict.fromkeys(DURABLE_METHODS, App.durable_request)),
 }
 
 
@@ -708,4 +727,6 @@ def resolve(path: str) -> Route | None:
     route = ROUTES.get(path)
     if route is None and path.startswith("/v1/stream/"):
         route = ROUTES["/v1/stream"]
+    if route is None and path.startswith(DURABLE_PREFIX + "/"):
+        route = ROUTES[DURABLE_PREFIX]
     return route

@@ -52,6 +52,7 @@ from ringcast.server.counters import (
     counter_rows,
     loop_of,
 )
+from ringcast.server.durable_meta import DurableMeta, is_durable_owner, meta_path
 
 log = logging.getLogger("ringcast.manager")
 
@@ -80,12 +81,18 @@ class Child:
 
 class Manager:
     def __init__(
-        self, cfg: ServeConfig, config_path: str, seg: Segment, counters: SharedCounters
+        self,
+        cfg: ServeConfig,
+        config_path: str,
+        seg: Segment,
+        counters: SharedCounters,
+        meta: DurableMeta,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.seg = seg
         self.counters = counters
+        self.meta = meta
         self.children = [Child("http", i) for i in range(cfg.http_procs)]
         self.children += [Child("worker", i) for i in range(cfg.workers)]
         if cfg.clustered:
@@ -169,7 +176,7 @@ class Manager:
         gc.sweep(self.seg, self.counters)
 
     def collect(self) -> None:
-        gc.collect(self.seg, self.cfg, self.counters)
+        gc.collect(self.seg, self.cfg, self.counters, self.meta)
 
     # -- main loop
 
@@ -192,7 +199,7 @@ class Manager:
         self._stop([c for c in self.children if c.role in ("http", "worker")], 8.0)
         # Whatever is still running lost its producer: finalize it with an error event.
         for info in self.seg.list():
-            if not info.is_done:
+            if not info.is_done and not is_durable_owner(info.owner):
                 gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
         self._stop([c for c in self.children if c.role == "mirror"], 8.0)
 
@@ -293,7 +300,9 @@ def serve(cfg: ServeConfig) -> int:
         f.write(dump_config(cfg))
     counters = SharedCounters(rundir.counters_path(cfg.run_dir), counter_rows(cfg), create=True)
     counters.bind_row(0)
-    mgr = Manager(cfg, config_path, seg, counters)
+    # Opened before any child: a segment of another epoch starts with an empty database.
+    meta = DurableMeta(meta_path(cfg.segment), seg.epoch)
+    mgr = Manager(cfg, config_path, seg, counters, meta)
 
     def on_signal(signum: int, frame: Any) -> None:
         mgr.stopping = True
@@ -323,9 +332,13 @@ def serve(cfg: ServeConfig) -> int:
     finally:
         mgr.shutdown()
         reservation.close()
+        meta.close()
         if not cfg.keep_segment:
             with contextlib.suppress(OSError):
                 seg.unlink()
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(meta_path(cfg.segment) + suffix)
         seg.close()
         os.close(lock_fd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
