@@ -45,6 +45,9 @@ log = logging.getLogger("ringcast.http")
 
 MAX_HEAD = 16 * 1024
 PIPELINE_BUFFER = 64 * 1024
+LINGER_S = 2.0
+"""How long a connection that refused a body (413) discards what still arrives before it
+closes."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Connection(asyncio.Protocol):
         """The admission step's answer to the pending request, sent once its body is in."""
         self.client = ""
         """The remote address, as counted in ``app.connections_per_client``."""
+        self.discarding = False
+        """A refused body (413) is still arriving: it is dropped until the connection closes."""
 
     @property
     def write_paused(self) -> bool:
@@ -160,6 +165,8 @@ class Connection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         stream = self.body_stream
         if stream is not None and stream.left:
             take = stream.left
@@ -284,8 +291,18 @@ class Connection(asyncio.Protocol):
     def _reject(self, e: HttpError) -> None:
         self.keep_alive = False
         self.app.count_status(e.status)
-        self.send(e.status, error_json(e.status, e.message, e.type), close=True)
         self.busy = True  # nothing more is parsed on this connection
+        if e.status == 413 and self.transport is not None:
+            # The client is most likely still sending the body refused here. Closing with
+            # unread bytes makes the kernel answer with a reset, which can reach the client
+            # before it reads the 413 (it then sees "connection reset"); so answer, discard
+            # what still arrives for a moment, then close (a lingering close).
+            self.send(e.status, error_json(e.status, e.message, e.type))
+            self.discarding = True
+            self.buf.clear()
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+            return
+        self.send(e.status, error_json(e.status, e.message, e.type), close=True)
 
     async def _run(self, req: Request) -> None:
         self.keep_alive = req.keep_alive

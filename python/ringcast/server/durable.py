@@ -557,10 +557,16 @@ class DurableStreams:
         closing = h.get("stream-closed", "").lower() == "true"
         fork_from = h.get("stream-forked-from")
         fork_offset = h.get("stream-fork-offset")
-        if h.get("stream-fork-sub-offset") is not None:
-            raise DsError(400, "Stream-Fork-Sub-Offset is not supported")
-        if fork_offset is not None and fork_from is None:
-            raise DsError(400, "Stream-Fork-Offset needs Stream-Forked-From")
+        sub_raw = h.get("stream-fork-sub-offset")
+        if (fork_offset is not None or sub_raw is not None) and fork_from is None:
+            raise DsError(400, "Stream-Fork-Offset and -Sub-Offset need Stream-Forked-From")
+        sub = 0
+        if sub_raw is not None:
+            if not _NONNEG.match(sub_raw) or int(sub_raw) > MAX_SAFE_INT:
+                raise DsError(400, f"invalid Stream-Fork-Sub-Offset {sub_raw[:32]!r}")
+            sub = int(sub_raw)
+            if sub > 0 and fork_offset is None:
+                raise DsError(400, "Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
         body = req.body
         downer = durable_owner(owner)
         now = time.time()
@@ -576,12 +582,19 @@ class DurableStreams:
             if meta is not None and meta.deleted:
                 raise DsError(409, "a deleted stream whose forks live cannot be re-created")
             source: StreamMeta | None = None
-            src_info: StreamView | None = None
+            fork_end = 0
+            fork_key: str | None = None
             if fork_from is not None:
                 source, src_info = await self.fork_source(downer, fork_from)
                 if "content-type" not in h:
                     ct = source.content_type
-            fork_key = f"{fork_from}\0{fork_offset or ''}" if fork_from is not None else None
+                elif media_type(ct) != media_type(source.content_type):
+                    raise DsError(409, "a fork has its source's content type")
+                if ttl_raw is None and exp_raw is None:
+                    # A fork lives as long as its source would: it inherits TTL or expiry.
+                    ttl, exp_raw, exp_ts = source.ttl, source.expires_at, source.expires_ts
+                fork_end = await self.fork_end(source, src_info, fork_offset, sub)
+                fork_key = f"{fork_from}\0{fork_offset or ''}\0{sub}"
             if live:
                 assert meta is not None and info is not None
                 same = (
@@ -605,7 +618,7 @@ class DurableStreams:
             writer = self.create_session(name, downer)
             if source is not None:
                 assert src_info is not None
-                await self.copy_prefix(source, src_info, fork_offset, writer)
+                await self.copy_prefix(source, fork_end, writer)
                 self.meta.set_fields(downer, source.name, forks=source.forks + 1)
             for r in records:
                 writer.write(r)
@@ -666,9 +679,13 @@ class DurableStreams:
             raise DsError(404, "the source stream does not exist")
         return meta, info
 
-    async def copy_prefix(
-        self, source: StreamMeta, info: StreamView, raw: str | None, writer: StreamWriter
-    ) -> None:
+    async def fork_end(
+        self, source: StreamMeta, info: StreamView, raw: str | None, sub: int
+    ) -> int:
+        """Where a fork's inherited bytes end: ``Stream-Fork-Offset`` (default: the source's
+        tail), plus ``sub`` units past it (bytes, or JSON messages). The source keeps no
+        append boundaries, so ``sub`` is bounded by the source's end, not by the append
+        there (docs/DURABLE_STREAMS.md)."""
         end = info.total_bytes
         if raw is not None:
             m = _OFFSET.match(raw)
@@ -677,22 +694,40 @@ class DurableStreams:
             end = int(m.group(1))
             if end > info.total_bytes:
                 raise DsError(400, "Stream-Fork-Offset is beyond the end of the source")
-        if end == 0:
-            return
+        if sub == 0:
+            return end
+        rest = b"".join(await self.read_range(source, end, info.total_bytes))
+        if is_json(source.content_type):
+            msgs = json_messages(b"[" + rest[:-1] + b"]", allow_empty=True) if rest else []
+            if sub > len(msgs):
+                raise DsError(400, f"Stream-Fork-Sub-Offset {sub} is past the source's messages")
+            return end + sum(len(m) + 1 for m in msgs[:sub])
+        if sub > len(rest):
+            raise DsError(400, f"Stream-Fork-Sub-Offset {sub} is past the source's bytes")
+        return end + sub
+
+    async def read_range(self, source: StreamMeta, start: int, end: int) -> list[bytes]:
+        """The source's bytes ``[start, end)``; 410 if they were dropped from its ring."""
+        out: list[bytes] = []
+        if end <= start:
+            return out
         try:
-            reader = await self.store.open_reader(source.name, 0, source.owner)
+            reader = await self.store.open_reader(source.name, start, source.owner)
+            try:
+                while reader.offset < end:
+                    data = reader.read_nowait(end - reader.offset)
+                    if not data:
+                        raise DsError(500, "the source ended while it was read")
+                    out.append(data)
+            finally:
+                reader.close()
         except OffsetLost:
             raise DsError(410, "the source's beginning was dropped; it cannot be forked") from None
-        try:
-            while reader.offset < end:
-                data = reader.read_nowait(end - reader.offset)
-                if not data:
-                    raise DsError(500, "the source ended while it was copied")
-                writer.write(data)
-        except OffsetLost:
-            raise DsError(410, "the source's beginning was dropped; it cannot be forked") from None
-        finally:
-            reader.close()
+        return out
+
+    async def copy_prefix(self, source: StreamMeta, end: int, writer: StreamWriter) -> None:
+        for data in await self.read_range(source, 0, end):
+            writer.write(data)
 
     def create_session(self, name: str, downer: str) -> StreamWriter:
         try:

@@ -224,7 +224,7 @@ class DurableMeta:
             src = self.get(m.owner, m.source)
             if src is not None:
                 if src.deleted and src.forks <= 1:
-                    self.remove(src.owner, src.name)
+                    self.drop(src)  # the tombstone's own source is released in turn
                 else:
                     self.set_fields(src.owner, src.name, forks=max(0, src.forks - 1))
 
