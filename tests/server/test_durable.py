@@ -1,0 +1,233 @@
+"""Durable Streams under ``/ds``: the ``durable-streams`` Python client (PyPI) against a real
+``ringcast serve``: write, read back, live tails, resume from a saved offset across two HTTP
+processes, ``kill -9`` of an HTTP process under tailing clients, per-key isolation, and a
+conversation read as a Durable Stream. The protocol's details are checked by the official
+conformance suite (``ci/test-conformance.sh``)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from durable_streams import DurableStream, stream
+
+pytestmark = pytest.mark.timeout(120)
+
+TEXT = "text/plain"
+
+
+def messages(n: int) -> list[bytes]:
+    """Deterministic appends of varied length, some with newlines (SSE must keep them)."""
+    return [
+        (f"msg {i:04d} " + "x" * (i % 37) + ("\nline two" if i % 5 == 0 else "")).encode()
+        for i in range(n)
+    ]
+
+
+def sse_payload(event: bytes) -> bytes:
+    """The data of one SSE event as a parser sees it (one space after ``data:`` is not data)."""
+    lines = [ln[5:] for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    return b"\n".join(ln[1:] if ln.startswith(b" ") else ln for ln in lines)
+
+
+def append_raw(srv: Any, path: str, data: bytes, producer: tuple[str, int, int]) -> int:
+    """One idempotent append on a new connection (so the kernel spreads appends over the HTTP
+    processes); retried on a dropped connection: the producer sequence makes a retry of an
+    append that did land a 204 duplicate, never a second copy. Returns the answering process."""
+    pid, epoch, seq = producer
+    headers = {
+        "Content-Type": TEXT,
+        "Producer-Id": pid,
+        "Producer-Epoch": str(epoch),
+        "Producer-Seq": str(seq),
+    }
+    for _ in range(50):
+        try:
+            status, hs, _ = srv.request("POST", path, data, headers)
+        except OSError:
+            continue
+        assert status in (200, 204), (status, hs)
+        return int(hs["x-ringcast-process"])
+    raise AssertionError("append kept failing")
+
+
+def test_client_writes_reads_tails_and_resumes_across_two_http_processes(serve) -> None:
+    # Every use of the client gets a pool that is closed at the end: the client leaves the
+    # sockets of its own pools to the garbage collector.
+    with serve(http_procs=2) as s, httpx.Client() as http, httpx.Client() as tail_http:
+        url = f"{s.url}/ds/v1/stream/chat-log"
+        handle = DurableStream.create(url, content_type=TEXT, client=http)
+        first = messages(10)
+        for m in first:
+            handle.append(m)
+        with stream(url, live=False, client=http) as res:
+            assert res.read_bytes() == b"".join(first)
+            saved = res.offset
+
+        # A live tail (long-poll) started now sees what is appended after it, appended through
+        # both HTTP processes.
+        later = messages(60)[10:]
+        got = bytearray()
+        tail_offset: list[str] = []
+
+        def tail() -> None:
+            with stream(url, offset=saved, live="long-poll", client=tail_http) as res:
+                for ev in res.iter_events(mode="bytes"):
+                    got.extend(ev.data)
+                    tail_offset.append(ev.next_offset)
+                    if len(got) >= sum(map(len, later)):
+                        return
+
+        t = threading.Thread(target=tail)
+        t.start()
+        processes = {
+            append_raw(s, "/ds/v1/stream/chat-log", m, ("w", 0, i)) for i, m in enumerate(later)
+        }
+        t.join(60)
+        assert not t.is_alive()
+        assert bytes(got) == b"".join(later)
+        # Both processes appended (the producer role moved between them with each append).
+        extra = 0
+        while processes != {0, 1} and extra < 200:
+            data = f"more {extra}".encode()
+            processes.add(append_raw(s, "/ds/v1/stream/chat-log", data, ("w", 0, 50 + extra)))
+            later.append(data)
+            extra += 1
+        assert processes == {0, 1}
+
+        # Resume from the offset saved before the tail: exactly the bytes after it.
+        with stream(url, offset=saved, live=False, client=http) as res:
+            assert res.read_bytes() == b"".join(later)
+        with stream(url, offset=tail_offset[-1], live=False, client=http) as res:
+            assert res.read_bytes() == b"".join(later)[len(got) :]
+        with stream(url, live=False, client=http) as res:
+            assert res.read_bytes() == b"".join(first + later)
+
+
+def test_kill_9_of_an_http_process_under_tailing_clients(serve, kill, wait_for) -> None:
+    """Each client resumes from its saved offset after its connection dies with the process,
+    and ends with exactly the stream's bytes."""
+    with serve(http_procs=2) as s, httpx.Client() as http:
+        path = "/ds/v1/stream/tailed"
+        url = s.url + path
+        DurableStream.create(url, content_type=TEXT, client=http)
+        sent = messages(120)
+        want = b"".join(sent)
+        results: dict[str, bytes] = {}
+        resumes: dict[str, int] = {}
+        started = threading.Barrier(5)
+
+        def tailer(name: str, live: str) -> None:
+            got = bytearray()
+            offset = "-1"
+            resumes[name] = 0
+            started.wait()
+            while len(got) < len(want):
+                try:
+                    # Its own connection pool, closed here: the client leaves the sockets of a
+                    # dropped connection to the garbage collector otherwise.
+                    with (
+                        httpx.Client() as http,
+                        stream(url, offset=offset, live=live, client=http) as res,  # type: ignore[arg-type]
+                    ):
+                        mode = "text" if live == "sse" else "bytes"
+                        for ev in res.iter_events(mode=mode):
+                            data = ev.data.encode() if isinstance(ev.data, str) else ev.data
+                            got.extend(data)
+                            offset = ev.next_offset
+                            if len(got) >= len(want):
+                                break
+                except Exception:
+                    resumes[name] += 1  # the connection died: resume from the saved offset
+            results[name] = bytes(got)
+
+        threads = [
+            threading.Thread(target=tailer, args=(f"{live}-{i}", live))
+            for live in ("long-poll", "sse")
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        started.wait()
+        for i, m in enumerate(sent[:60]):
+            append_raw(s, path, m, ("writer", 0, i))
+        victims = s.children("http")
+        assert len(victims) == 2
+        kill(victims[0])
+        for i, m in enumerate(sent[60:], start=60):
+            append_raw(s, path, m, ("writer", 0, i))
+        for t in threads:
+            t.join(90)
+        assert not any(t.is_alive() for t in threads)
+        assert set(results) == {"long-poll-0", "long-poll-1", "sse-0", "sse-1"}
+        for name, got in results.items():
+            assert got == want, name
+        wait_for(lambda: len(s.children("http")) == 2, "the HTTP process to be restarted")
+        with stream(url, live=False, client=http) as res:
+            assert res.read_bytes() == want
+
+
+def test_streams_are_per_key(serve, raw_client) -> None:
+    with serve("--api-key", "key-a", "--api-key", "key-b") as s:
+        a = {"Authorization": "Bearer key-a"}
+        b = {"X-Api-Key": "key-b"}
+        path = "/ds/v1/stream/shared-name"
+        assert s.request("PUT", path, b"from a", {**a, "Content-Type": TEXT})[0] == 201
+        # Without a key: 401; with another key the stream does not exist there.
+        assert s.request("GET", path)[0] == 401
+        for method in ("GET", "HEAD", "DELETE"):
+            assert s.request(method, path, headers=b)[0] == 404, method
+        assert s.request("POST", path, b"x", {**b, "Content-Type": TEXT})[0] == 404
+        # The other key's stream of the same name is its own.
+        assert (
+            s.request("PUT", path, b"from b", {**b, "Content-Type": "application/json"})[0] == 400
+        )
+        assert s.request("PUT", path, b"[1]", {**b, "Content-Type": "application/json"})[0] == 201
+        assert s.request("GET", path, headers=a)[2] == b"from a"
+        assert s.request("GET", path, headers=b)[2] == b"[1]"
+        assert s.request("DELETE", path, headers=b)[0] == 204
+        assert s.request("GET", path, headers=a)[2] == b"from a"
+        # Conversations too.
+        s.post_chat("conv", max_tokens=3, headers=a).read_all_and_close()
+        assert s.request("GET", "/ds/v1/conversations/conv", headers=a)[0] == 200
+        assert s.request("GET", "/ds/v1/conversations/conv", headers=b)[0] == 404
+
+
+def test_a_conversation_reads_as_a_closed_durable_stream(serve) -> None:
+    with serve("--tokens-per-s", "200") as s, httpx.Client() as http:
+        s.post_chat("conv/with::model", max_tokens=40).read_all_and_close()
+        _, _, ring = s.request("GET", "/v1/stream?conv_id=conv%2Fwith%3A%3Amodel")
+        assert ring.endswith(b"data: [DONE]\n\n")
+        url = f"{s.url}/ds/v1/conversations/conv%2Fwith%3A%3Amodel"
+        with stream(url, live=False, client=http) as res:
+            assert res.read_bytes() == ring
+        status, hs, _ = s.request("HEAD", "/ds/v1/conversations/conv%2Fwith%3A%3Amodel")
+        assert status == 200
+        assert hs["content-type"] == "text/event-stream"
+        assert hs["stream-closed"] == "true"
+        # Read-only.
+        status, _, _ = s.request(
+            "POST", "/ds/v1/conversations/conv%2Fwith%3A%3Amodel", b"x", {"Content-Type": TEXT}
+        )
+        assert status == 405
+
+
+def test_a_running_conversation_tails_over_sse_to_its_end(serve) -> None:
+    with serve("--tokens-per-s", "50") as s:
+        gen = s.post_chat("live", max_tokens=30)
+        status, _, body = s.request("GET", "/ds/v1/conversations/live?offset=-1&live=sse")
+        gen.read_all_and_close()
+        assert status == 200
+        events = [e for e in body.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+        data = [e for e in events if e.startswith(b"event: data\n")]
+        controls = [
+            json.loads(e.split(b"data:", 1)[1]) for e in events if e.startswith(b"event: control\n")
+        ]
+        assert controls[-1]["streamClosed"] is True
+        joined = b"".join(sse_payload(e) for e in data)
+        _, _, ring = s.request("GET", "/v1/stream?conv_id=live")
+        assert joined == ring
+        assert ring.endswith(b"data: [DONE]\n\n")
