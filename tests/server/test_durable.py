@@ -231,3 +231,34 @@ def test_a_running_conversation_tails_over_sse_to_its_end(serve) -> None:
         _, _, ring = s.request("GET", "/v1/stream?conv_id=live")
         assert joined == ring
         assert ring.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_process_whose_writer_went_stale_still_appends_and_closes(serve) -> None:
+    """An HTTP process keeps the writer of its last append; when another process appended
+    since, that writer is stale and the process takes the producer role back, for an append
+    and for a close alike."""
+    with serve(http_procs=2) as s:
+        seen: set[tuple[str, int, int]] = set()
+        for i in range(200):
+            path = f"/ds/v1/stream/stale-{i}"
+            who = []
+            for method, body, hs in [
+                ("PUT", b"a", {"Content-Type": TEXT}),
+                ("POST", b"b", {"Content-Type": TEXT}),
+                ("POST", b"c", {"Content-Type": TEXT}),
+                ("POST", b"", {"Stream-Closed": "true"}),
+            ]:
+                status, rh, _ = s.request(method, path, body, hs)
+                assert status in (201, 204), (method, status)
+                who.append(int(rh["x-ringcast-process"]))
+            status, rh, body = s.request("GET", path)
+            assert body == b"abc"
+            assert rh["stream-closed"] == "true"
+            # The interesting orders: the appender or the closer is not the last appender.
+            if who[1] != who[0]:
+                seen.add(("append", who[0], who[1]))
+            if who[3] != who[2]:
+                seen.add(("close", who[2], who[3]))
+            if {k for k, _, _ in seen} == {"append", "close"}:
+                break
+        assert {k for k, _, _ in seen} == {"append", "close"}

@@ -194,7 +194,9 @@ class DurableStreams:
         max_body: int,
     ) -> None:
         self.store = store
-        self.meta = DurableMeta(meta_path(segment_path), store.epoch)
+        self.meta = DurableMeta(
+            meta_path(segment_path) if segment_path else ":memory:", store.epoch
+        )
         self.check_id = check_id
         self.long_poll_s = long_poll_s
         self.max_body = max_body
@@ -842,15 +844,7 @@ class DurableStreams:
                 and seq.encode() <= meta.stream_seq.encode()
             ):
                 raise DsError(409, f"Stream-Seq {seq[:64]!r} is not above the last one")
-            writer = self.writer(t.owner, name, meta.generation)
-            for r in records:
-                if not writer.write(r):
-                    # Another process appended since: take the producer role back.
-                    writer = self.writer(t.owner, name, meta.generation, fresh=True)
-                    if not writer.write(r):
-                        raise DsError(404, "Stream not found or expired")
-            if closing:
-                writer.finalize("done")
+            writer = self.produce(t.owner, name, meta.generation, records, closing)
             fields: dict[str, object] = {}
             if seq is not None:
                 fields["stream_seq"] = seq
@@ -869,6 +863,24 @@ class DurableStreams:
             hs.append(("Stream-Closed", "true"))
         status = 200 if producer is not None and records else 204
         self.send(conn, status, b"", "", hs, head=True)
+
+    def produce(
+        self, downer: str, name: str, generation: int, records: list[bytes], closing: bool
+    ) -> StreamWriter:
+        """Append ``records`` (and close) as the stream's producer. This process's writer may
+        be stale (another process appended since and holds the role): then a write or the
+        finalize returns False, and the role is taken back once."""
+        writer = self.writer(downer, name, generation)
+        steps: list[bytes | None] = [*records, None] if closing else list(records)
+        for step in steps:
+            for attempt in range(2):
+                done = writer.write(step) if step is not None else writer.finalize("done")
+                if done:
+                    break
+                if attempt:
+                    raise DsError(404, "Stream not found or expired")
+                writer = self.writer(downer, name, generation, fresh=True)
+        return writer
 
     def writer(self, downer: str, name: str, generation: int, fresh: bool = False) -> StreamWriter:
         key = (downer, name, generation)

@@ -136,11 +136,14 @@ class DurableMeta:
     """The metadata database of one segment, opened by every process of one server."""
 
     def __init__(self, path: str, epoch: int) -> None:
+        """``path`` ``":memory:"``: a database of this process only (a store without a
+        segment file, as the route tests' in-process fake)."""
         self.path = path
-        # Created here with O_NOFOLLOW and 0600 before SQLite opens it (SQLite gives its WAL
-        # and shared-memory files the same mode): the default directory is /dev/shm.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        if path != ":memory:":
+            # Created here with O_NOFOLLOW and 0600 before SQLite opens it (SQLite gives its
+            # WAL and shared-memory files the same mode): the default directory is /dev/shm.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self.db.execute("PRAGMA journal_mode = WAL")
