@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import unquote
@@ -191,7 +192,6 @@ class DurableStreams:
         segment_path: str,
         check_id: Callable[[str], str],
         long_poll_s: float,
-        max_body: int,
     ) -> None:
         self.store = store
         self.meta = DurableMeta(
@@ -199,8 +199,11 @@ class DurableStreams:
         )
         self.check_id = check_id
         self.long_poll_s = long_poll_s
-        self.max_body = max_body
         self.writers: dict[tuple[str, str, int], StreamWriter] = {}
+        self.tx = asyncio.Lock()
+        """Held around each write transaction: the database connection is this process's
+        one, and a transaction that awaited (a store whose lookups go over the network)
+        must not let another request's statements into it."""
 
     # -- entry point
 
@@ -295,7 +298,7 @@ class DurableStreams:
         return Target(name, downer, info, meta)
 
     async def expire(self, meta: StreamMeta) -> None:
-        with self.meta.transaction():
+        async with self.transaction():
             cur = self.meta.get(meta.owner, meta.name)
             if cur is None or (cur.slot, cur.generation) != (meta.slot, meta.generation):
                 return
@@ -325,7 +328,14 @@ class DurableStreams:
             raise DsError(400, f"offset {raw} is beyond the end of the stream")
         return n
 
-    def touch(self, t: Target) -> None:
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """A write transaction of the metadata database, one at a time in this process."""
+        async with self.tx:
+            with self.meta.transaction():
+                yield
+
+    async def touch(self, t: Target) -> None:
         """Slide a ``Stream-TTL`` window: a read or a write counts as use."""
         m = t.meta
         if m is None or m.ttl is None:
@@ -333,7 +343,8 @@ class DurableStreams:
         now = time.time()
         # At most a few writes per TTL window, however many reads.
         if now - m.touched_at >= min(1.0, m.ttl / 4):
-            self.meta.touch(m.owner, m.name, now)
+            async with self.tx:
+                self.meta.touch(m.owner, m.name, now)
 
     # -- HEAD
 
@@ -379,7 +390,7 @@ class DurableStreams:
                 f"{format_offset(e.first_available)}",
             ) from None
         try:
-            self.touch(t)
+            await self.touch(t)
             if live == "sse":
                 await self.sse(req, conn, t, reader, client_cursor)
             elif live == "long-poll":
@@ -572,7 +583,7 @@ class DurableStreams:
         body = req.body
         downer = durable_owner(owner)
         now = time.time()
-        with self.meta.transaction():
+        async with self.transaction():
             meta = self.meta.get(downer, name)
             info = await self.store.get(name, downer)
             live = (
@@ -768,7 +779,7 @@ class DurableStreams:
             raise DsError(400, "an append needs a body (or Stream-Closed: true)")
         records = self.records(t.meta.content_type, body, allow_empty=False) if body else []
         seq = h.get("stream-seq")
-        with self.meta.transaction():
+        async with self.transaction():
             meta = self.meta.get(t.owner, name)
             info = await self.store.get(name, t.owner)
             if (
@@ -901,7 +912,7 @@ class DurableStreams:
     async def delete(self, conn: Connection, owner: str, name: str) -> None:
         t = await self.resolve(owner, name)
         assert t.meta is not None
-        with self.meta.transaction():
+        async with self.transaction():
             meta = self.meta.get(t.owner, name)
             if meta is None or (meta.slot, meta.generation) != (t.meta.slot, t.meta.generation):
                 raise DsError(404, "Stream not found or expired")

@@ -134,7 +134,7 @@ class App:
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
         self.durable = DurableStreams(
-            store, cfg.segment, self.check_conv_id, cfg.ds_long_poll_timeout, cfg.max_body
+            store, cfg.segment, self.check_conv_id, cfg.ds_long_poll_timeout
         )
 
     # -- HttpApp
