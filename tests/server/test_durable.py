@@ -262,3 +262,21 @@ def test_a_process_whose_writer_went_stale_still_appends_and_closes(serve) -> No
             if {k for k, _, _ in seen} == {"append", "close"}:
                 break
         assert {k for k, _, _ in seen} == {"append", "close"}
+
+
+def test_open_streams_count_against_the_key_quota(serve) -> None:
+    with serve("--api-key", "k1", "--api-key", "k2", "--max-sessions-per-key", "2") as s:
+        k1 = {"Authorization": "Bearer k1", "Content-Type": TEXT}
+        assert s.request("PUT", "/ds/v1/stream/one", b"", k1)[0] == 201
+        assert s.request("PUT", "/ds/v1/stream/two", b"", k1)[0] == 201
+        # Idempotent re-creates are not new streams.
+        assert s.request("PUT", "/ds/v1/stream/two", b"", k1)[0] == 200
+        assert s.request("PUT", "/ds/v1/stream/three", b"", k1)[0] == 429
+        # The other key is not held back by the first one's streams.
+        k2 = {"Authorization": "Bearer k2", "Content-Type": TEXT}
+        assert s.request("PUT", "/ds/v1/stream/three", b"", k2)[0] == 201
+        # A closed stream no longer counts.
+        assert (
+            s.request("POST", "/ds/v1/stream/one", b"", {**k1, "Stream-Closed": "true"})[0] == 204
+        )
+        assert s.request("PUT", "/ds/v1/stream/three", b"", k1)[0] == 201

@@ -26,7 +26,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import unquote
@@ -191,6 +191,7 @@ class DurableStreams:
         store: StreamStore,
         segment_path: str,
         check_id: Callable[[str], str],
+        check_quota: Callable[[str, str, str], Awaitable[None]],
         long_poll_s: float,
     ) -> None:
         self.store = store
@@ -198,6 +199,9 @@ class DurableStreams:
             meta_path(segment_path) if segment_path else ":memory:", store.epoch
         )
         self.check_id = check_id
+        self.check_quota = check_quota
+        """The server's ``--max-sessions-per-key`` check (``(name, segment owner, key
+        owner)``; raises a 429 ``HttpError``): an open stream counts like a running one."""
         self.long_poll_s = long_poll_s
         self.writers: dict[tuple[str, str, int], StreamWriter] = {}
         self.tx = asyncio.Lock()
@@ -625,6 +629,10 @@ class DurableStreams:
                     hs.append(("Stream-Closed", "true"))
                 self.send(conn, 200, b"", meta.content_type, hs, head=True)
                 return
+            try:
+                await self.check_quota(name, downer, owner)
+            except HttpError as e:
+                raise DsError(e.status, e.message) from None
             if meta is not None:
                 self.meta.drop(meta)
             records = self.records(ct, body, allow_empty=True) if body else []

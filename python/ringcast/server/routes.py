@@ -39,6 +39,7 @@ from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters,
 from ringcast.server.durable import METHODS as DURABLE_METHODS
 from ringcast.server.durable import PREFIX as DURABLE_PREFIX
 from ringcast.server.durable import DurableStreams
+from ringcast.server.durable_meta import durable_owner
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
 from ringcast.server.passthrough import passthrough
@@ -134,7 +135,7 @@ class App:
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
         self.durable = DurableStreams(
-            store, cfg.segment, self.check_conv_id, cfg.ds_long_poll_timeout
+            store, cfg.segment, self.check_conv_id, self.check_quota, cfg.ds_long_poll_timeout
         )
 
     # -- HttpApp
@@ -341,8 +342,8 @@ class App:
 
     async def check_quota(self, conv: str, owner: str, quota_owner: str) -> None:
         """429 if ``quota_owner`` (the caller's key namespace) already holds its quota of
-        running sessions (``--max-sessions-per-key``), counting its anonymous ones, unless
-        this create replaces one of them.
+        running sessions (``--max-sessions-per-key``), counting its anonymous ones and its
+        open Durable Streams, unless this create replaces one of them.
 
         Counting lists the key's sessions (a scan of the used slots), so it is not done at
         every create: a count at most :data:`QUOTA_RECOUNT` seconds old, plus this process's
@@ -372,11 +373,15 @@ class App:
         )
 
     async def count_running(self, quota_owner: str) -> int:
-        """Running sessions of a key, its anonymous ones included."""
+        """Running sessions of a key, its anonymous ones and open Durable Streams included."""
         anon_prefix = anon_id_prefix(quota_owner)
-        return sum(not i.is_done for i in await self.store.list(quota_owner)) + sum(
-            not i.is_done and i.conversation_id.startswith(anon_prefix)
-            for i in await self.store.list(ANON_OWNER)
+        return (
+            sum(not i.is_done for i in await self.store.list(quota_owner))
+            + sum(not i.is_done for i in await self.store.list(durable_owner(quota_owner)))
+            + sum(
+                not i.is_done and i.conversation_id.startswith(anon_prefix)
+                for i in await self.store.list(ANON_OWNER)
+            )
         )
 
     def create_session(self, conv: str, owner: str) -> StreamWriter:
