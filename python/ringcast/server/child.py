@@ -19,6 +19,10 @@ from ringcast.server.config import ServeConfig, load_config
 
 _loop_log = logging.getLogger("ringcast.loop")
 
+STARTUP_REFUSED = 2
+"""Exit status of a child that could not start for a reason it has already printed as one
+line (a ``--generator`` that cannot be loaded): the manager adds nothing and exits with it."""
+
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGTERM this process when the manager dies (Linux only)."""

@@ -44,6 +44,7 @@ from typing import Any
 
 from ringcast._core import Segment, SegmentError
 from ringcast.server import gc, rundir
+from ringcast.server.child import STARTUP_REFUSED
 from ringcast.server.config import ServeConfig, dump_config
 from ringcast.server.counters import (
     ManagerCounter,
@@ -98,6 +99,8 @@ class Manager:
         if cfg.clustered:
             self.children.append(Child("mirror", 0))
         self.stopping = False
+        self.refused = False
+        """A child refused to start and said why (:data:`STARTUP_REFUSED`)."""
 
     # -- children
 
@@ -126,6 +129,9 @@ class Manager:
                 return True
             for c in missing:
                 if c.proc is not None and c.proc.poll() is not None:
+                    if c.proc.returncode == STARTUP_REFUSED:
+                        self.refused = True  # it said why
+                        return False
                     log.error(
                         "%s process %d exited with %s during start-up",
                         c.role,
@@ -317,7 +323,8 @@ def serve(cfg: ServeConfig) -> int:
         for c in mgr.children:
             mgr.spawn(c)
         if not mgr.wait_ready(60.0):
-            print("ringcast serve: children failed to start", file=sys.stderr)
+            if not mgr.refused:
+                print("ringcast serve: children failed to start", file=sys.stderr)
             mgr.stopping = True
             failed = True
         else:
@@ -343,5 +350,6 @@ def serve(cfg: ServeConfig) -> int:
         os.close(lock_fd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         os.close(run_lock_fd)
-        log.info("stopped")
-    return 1 if failed else 0
+        if not failed:
+            log.info("stopped")
+    return (STARTUP_REFUSED if mgr.refused else 1) if failed else 0

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import msgspec
@@ -33,7 +34,7 @@ import msgspec
 from ringcast._core import RingcastError, SessionEnded, SessionNotFound
 from ringcast.http.logs import log_failure
 from ringcast.server import rundir
-from ringcast.server.child import child_main
+from ringcast.server.child import STARTUP_REFUSED, child_main
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import SharedCounters, WorkerCounter, open_child_counters
 from ringcast.server.emitter import Emitter, Gone
@@ -210,9 +211,12 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
     try:
         generate = load_generator(cfg.generator) if cfg.generator else None
     except Exception as e:
-        # One line, not the import's traceback; the manager then stops with an error.
-        log.error("cannot load --generator %s: %s: %s", cfg.generator, type(e).__name__, e)
-        raise SystemExit(2) from None
+        # One line, not the import's traceback; the manager then stops with this status.
+        print(
+            f"ringcast serve: cannot load --generator {cfg.generator}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        raise SystemExit(STARTUP_REFUSED) from None
     if cfg.replay:
         from ringcast.trace import replay_generator
 
