@@ -350,3 +350,36 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
     finally:
         b.stop()
     print(f"bytes produced but not mirrored at the kill: max {max(losses)}, rounds {losses}")
+
+
+def test_a_conversation_reads_as_a_durable_stream_on_another_node(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """The ``durable-streams`` client on node B reads (catch-up, then a live SSE tail to the
+    end) a conversation produced on node A, byte-identical to ``/v1/stream``."""
+    from durable_streams import stream
+
+    a, b = nodes(2, "--tokens-per-s", "50", redis=["--redis", redis_server.url])
+    conv = "conv-" + uid()
+    post = a.post_chat(conv, max_tokens=40)
+    first = post.read_at_least(300)
+    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    status, _, tail = b.request("GET", f"/ds/v1/conversations/{conv}?offset=-1&live=sse")
+    body = first + post.read_all_and_close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert status == 200
+    events = [e for e in tail.split(b"\n\n") if e]
+    data = b"".join(
+        b"\n".join(
+            ln[6:] if ln.startswith(b"data: ") else ln[5:]
+            for ln in e.split(b"\n")
+            if ln.startswith(b"data:")
+        )
+        for e in events
+        if e.startswith(b"event: data\n")
+    )
+    assert data == body
+    assert b'"streamClosed":true' in events[-1]
+    wait_for(lambda: lookup(b, conv)[0]["is_done"], "the end to reach node B")
+    with stream(f"{b.url}/ds/v1/conversations/{conv}", live=False) as res:
+        assert res.read_bytes() == body
