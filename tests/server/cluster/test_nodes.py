@@ -297,6 +297,7 @@ def kill_group(node: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 30 server starts: ~1.5 min alone, longer on a busy machine
 def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
     serve: Any,
     tmp_path: Path,
