@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,39 @@ def target(request: pytest.FixtureRequest) -> Target:
     return Target(url=server.url, server=server)
 
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(coro)
+class Harness:
+    """What one test opens against its Redis: nodes (segment + mirror) and reading stores on
+    "other nodes"; all closed after the test body, whatever it did."""
+
+    def __init__(self, tmp: Path, target: Target) -> None:
+        self.tmp, self.target = tmp, target
+        self.nodes: list[Node] = []
+        self.stores: list[RemoteStore] = []
+
+    def node(self, **cfg: Any) -> Node:
+        self.nodes.append(Node(self.tmp, self.target, **cfg))
+        return self.nodes[-1]
+
+    def reader(self, node_id: str = "reader-node") -> RemoteStore:
+        self.stores.append(RemoteStore(self.target.client(), node_id, 60_000))
+        return self.stores[-1]
+
+    async def close(self) -> None:
+        for store in self.stores:
+            await store.client.aclose()
+        for node in self.nodes:
+            await node.stop()
+
+
+def run(tmp: Path, target: Target, body: Callable[[Harness], Awaitable[None]]) -> None:
+    async def main() -> None:
+        h = Harness(tmp, target)
+        try:
+            await body(h)
+        finally:
+            await h.close()
+
+    asyncio.run(main())
 
 
 def uid() -> str:
@@ -128,9 +159,9 @@ async def mirrored(store: RemoteStore, conv: str, owner: str, total: int) -> Non
 
 
 def test_remote_readers_get_the_bytes_of_a_local_reader(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a = Node(tmp_path, target)
-        store = RemoteStore(target.client(), "reader-node", 60_000)
+    async def body(h: Harness) -> None:
+        a = h.node()
+        store = h.reader()
         conv, owner = "conv-" + uid(), "k1"
         w = a.seg.create_or_replace(conv, owner)
         first = await produce(w, 0, 40)
@@ -154,16 +185,14 @@ def test_remote_readers_get_the_bytes_of_a_local_reader(tmp_path: Path, target: 
         assert info is not None and info.state == "done"
         assert info.total_bytes == len(expected) and info.node == a.node_id
         assert not store.tails  # gone with its last reader
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_trimmed_to_session_bytes_gives_first_available(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a = Node(tmp_path, target, session_bytes=2048)
-        store = RemoteStore(target.client(), "reader-node", 60_000)
+    async def body(h: Harness) -> None:
+        a = h.node(session_bytes=2048)
+        store = h.reader()
         conv, owner = "conv-" + uid(), ""
         w = a.seg.create_or_replace(conv, owner)
         data = await produce(w, 0, 200, pause=0)
@@ -178,16 +207,14 @@ def test_trimmed_to_session_bytes_gives_first_available(tmp_path: Path, target: 
         assert e.value.first_available == info.first_available
         got = await read_all(await store.open(conv, owner, info.first_available))
         assert got == data[info.first_available :]
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_keys_are_isolated(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a = Node(tmp_path, target)
-        store = RemoteStore(target.client(), "reader-node", 60_000)
+    async def body(h: Harness) -> None:
+        a = h.node()
+        store = h.reader()
         conv = "shared-" + uid()
         k1, k2 = "owner-" + uid(), "owner-" + uid()
         w1, w2 = a.seg.create_or_replace(conv, k1), a.seg.create_or_replace(conv, k2)
@@ -206,16 +233,14 @@ def test_keys_are_isolated(tmp_path: Path, target: Target) -> None:
         assert {i.conversation_id for i in await store.lookup_prefix(conv, k2)} == {conv}
         assert await store.info(conv, "third") is None
         assert await store.sessions("third") == []
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_delete_elsewhere_cancels_the_producer(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a = Node(tmp_path, target)
-        store = RemoteStore(target.client(), "node-b", 60_000)
+    async def body(h: Harness) -> None:
+        a = h.node()
+        store = h.reader("node-b")
         conv, owner = "conv-" + uid(), "k"
         w = a.seg.create_or_replace(conv, owner)
         sent = await produce(w, 0, 5)
@@ -230,16 +255,14 @@ def test_delete_elsewhere_cancels_the_producer(tmp_path: Path, target: Target) -
             await reading
         assert e.value.reason == "cancelled"
         assert await store.info(conv, owner) is None
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_replace_across_nodes_has_one_winner(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a, b = Node(tmp_path, target), Node(tmp_path, target)
-        store = RemoteStore(target.client(), "node-c", 60_000)
+    async def body(h: Harness) -> None:
+        a, b = h.node(), h.node()
+        store = h.reader("node-c")
         conv, owner = "conv-" + uid(), "k"
         wa = a.seg.create_or_replace(conv, owner)
         sent = await produce(wa, 0, 5)
@@ -266,11 +289,8 @@ def test_replace_across_nodes_has_one_winner(tmp_path: Path, target: Target) -> 
             await until(one_left)
             winner = (a if not wa.cancelled else b).node_id
             await until(functools.partial(_node_is, store, conv, owner, winner))
-        await store.client.aclose()
-        await a.stop()
-        await b.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 async def _node_is(store: RemoteStore, conv: str, owner: str, node: str) -> bool:
@@ -279,9 +299,9 @@ async def _node_is(store: RemoteStore, conv: str, owner: str, node: str) -> bool
 
 
 def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) -> None:
-    async def body() -> None:
-        a = Node(tmp_path, target, lease_ms=600)
-        store = RemoteStore(target.client(), "node-b", 60_000)
+    async def body(h: Harness) -> None:
+        a = h.node(lease_ms=600)
+        store = h.reader("node-b")
         conv, owner = "conv-" + uid(), "k"
         w = a.seg.create_or_replace(conv, owner)
         sent = await produce(w, 0, 20)
@@ -299,21 +319,18 @@ def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) ->
         assert bytes(got) == sent[3:]
         info = await store.info(conv, owner)
         assert info is not None and info.state == "failed" and info.end == "node_lost"
-        await store.client.aclose()
-        await a.client.aclose()
-        a.seg.unlink()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_redis_restarted_empty_is_caught_up_with_a_gap(tmp_path: Path, redis_server: Any) -> None:
     target = Target(url=redis_server.url, server=redis_server)
 
-    async def body() -> None:
-        a = Node(tmp_path, target, ring=8192)
+    async def body(h: Harness) -> None:
+        a = h.node(ring=8192)
         conv, owner = "conv-" + uid(), "k"
         w = a.seg.create_or_replace(conv, owner)
-        store = RemoteStore(target.client(), "node-b", 60_000)
+        store = h.reader("node-b")
         before = await produce(w, 0, 10)
         await mirrored(store, conv, owner, len(before))
         redis_server.kill()
@@ -333,10 +350,8 @@ def test_redis_restarted_empty_is_caught_up_with_a_gap(tmp_path: Path, redis_ser
         assert await read_all(await store.open(conv, owner, first)) == expected[first:]
         s = a.mirror.stats
         assert s.redis_errors >= 1 and s.reconnects >= 1 and s.gaps == 1
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
 
 
 def test_paused_redis_leaves_a_gap_that_remote_readers_see(
@@ -344,11 +359,11 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
 ) -> None:
     target = Target(url=redis_server.url, server=redis_server)
 
-    async def body() -> None:
-        a = Node(tmp_path, target, ring=8192)
+    async def body(h: Harness) -> None:
+        a = h.node(ring=8192)
         conv, owner = "conv-" + uid(), "k"
         w = a.seg.create_or_replace(conv, owner)
-        store = RemoteStore(target.client(), "node-b", 60_000)
+        store = h.reader("node-b")
         before = await produce(w, 0, 10)
         await mirrored(store, conv, owner, len(before))
         redis_server.cli("CLIENT", "PAUSE", "1000")  # every client, the mirror included
@@ -371,7 +386,5 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
         with pytest.raises(OffsetLost):
             await store.open(conv, owner, len(got))
         assert a.mirror.stats.gaps == 1
-        await store.client.aclose()
-        await a.stop()
 
-    run(body())
+    run(tmp_path, target, body)
