@@ -169,13 +169,25 @@ class Client:
         )
 
     def metric(self, name: str) -> float:
-        """Sum of every sample of ``ringcast_<name>`` (any labels)."""
+        """Sum of the samples of ``ringcast_<name>``; ``name`` may carry labels
+        (``'worker_jobs_total{worker="0"}'``), which a sample must have, in any order."""
+        want_name, want_labels = _sample_key("ringcast_" + name)
         _, _, body = self.request("GET", "/metrics")
         total = 0.0
         for line in body.decode().splitlines():
-            if line.startswith(f"ringcast_{name}{{") or line.startswith(f"ringcast_{name} "):
-                total += float(line.rsplit(" ", 1)[1])
+            if line.startswith("#") or not line:
+                continue
+            key, value = line.rsplit(" ", 1)
+            got_name, got_labels = _sample_key(key)
+            if got_name == want_name and want_labels <= got_labels:
+                total += float(value)
         return total
+
+
+def _sample_key(text: str) -> tuple[str, set[str]]:
+    """``name{a="1",b="2"}`` as its name and the set of its ``label="value"`` pairs."""
+    name, _, labels = text.partition("{")
+    return name, set(re.findall(r'[a-zA-Z_]+="[^"]*"', labels))
 
 
 class Server(Client):

@@ -214,10 +214,10 @@ def test_health_models_metrics(srv: Any) -> None:
         "ringcast_offsets_lost_total",
         "ringcast_evictions_total",
         'ringcast_http_requests_total{process="0"}',
-        "ringcast_write_timeouts_total 0",
-        # The default loop, as the children report it.
-        'ringcast_event_loop_info{role="http",index="0",loop="uvloop"} 1',
-        'ringcast_event_loop_info{role="worker",index="0",loop="uvloop"} 1',
+        "ringcast_write_timeouts_total 0.0",
+        # The default loop, as the children report it (labels in prometheus-client's order).
+        'ringcast_event_loop_info{index="0",loop="uvloop",role="http"} 1.0',
+        'ringcast_event_loop_info{index="0",loop="uvloop",role="worker"} 1.0',
     ):
         assert name in text
     assert "known" not in text  # no conversation ids in metrics

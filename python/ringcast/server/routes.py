@@ -33,7 +33,7 @@ from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnd
 from ringcast.http.logs import log_failure
 from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
-from ringcast.server import metrics, resume_token
+from ringcast.server import resume_token
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
 from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, mirror_row
 from ringcast.server.durable import METHODS as DURABLE_METHODS
@@ -42,6 +42,7 @@ from ringcast.server.durable import DurableStreams
 from ringcast.server.durable_meta import durable_owner
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
+from ringcast.server.metrics import Metrics
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
     StoreUnavailable,
@@ -132,6 +133,7 @@ class App:
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
         self.dispatcher = Dispatcher(cfg, index, counters)
+        self.prometheus = Metrics(cfg, store, counters)
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
         self.durable = DurableStreams(
@@ -666,7 +668,7 @@ class App:
         self.send_json(conn, ModelList([ModelCard(self.cfg.model_name, self.created)]))
 
     async def metrics(self, req: Request, conn: Connection, owner: str) -> None:
-        body = await metrics.render(self.cfg, self.store, self.counters)
+        body = await self.prometheus.render()
         conn.send(200, body, "text/plain; version=0.0.4")
 
 
