@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import msgspec
@@ -38,41 +37,6 @@ log = logging.getLogger("ringcast.worker")
 
 def _is_done_event(event: bytes) -> bool:
     return b"[DONE]" in event and iter_sse_data(event) == [b"[DONE]"]
-
-
-async def _read_body(reader: UpstreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    """Yield response body bytes as they arrive (chunked, Content-Length or until close)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise UpstreamError(502, "upstream closed the connection mid-response")
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise UpstreamError(502, "upstream sent a malformed chunk") from None
-            if size == 0:
-                while (await reader.readline()).strip():
-                    pass
-                return
-            while size:
-                data = await reader.read(min(size, 65536))
-                if not data:
-                    raise UpstreamError(502, "upstream closed the connection mid-response")
-                size -= len(data)
-                yield data
-            await reader.readexactly(2)
-    elif "content-length" in headers:
-        left = int(headers["content-length"])
-        while left > 0:
-            data = await reader.read(min(left, 65536))
-            if not data:
-                raise UpstreamError(502, "upstream closed the connection mid-response")
-            left -= len(data)
-            yield data
-    else:
-        while data := await reader.read(65536):
-            yield data
 
 
 def check_upstream(upstream: str, ca_file: str | None) -> str | None:
@@ -132,21 +96,10 @@ async def proxy_upstream(
             ).encode("latin-1")
             + payload
         )
-        status_line = await reader.readline()
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise UpstreamError(502, "upstream sent a malformed status line")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            k, _, v = line.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
+        status = await reader.status()
         if status != 200:
             raw = bytearray()
-            async for data in _read_body(reader, headers):
+            async for data in reader.body():
                 raw += data
                 if len(raw) > 4096:
                     break
@@ -160,7 +113,7 @@ async def proxy_upstream(
         reader.waiting_for = "more of its stream"
         buf = bytearray()
         done = False
-        async for data in _read_body(reader, headers):
+        async for data in reader.body():
             buf += data
             for piece in split_events(buf):
                 event = strip_id_lines(piece.replace(b"\r\n", b"\n"))

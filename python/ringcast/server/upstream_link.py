@@ -13,11 +13,12 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from ringcast.http.client import HTTPError, ResponseParser
 from ringcast.server.config import ServeConfig
 
 log = logging.getLogger("ringcast.worker")
@@ -67,18 +68,46 @@ class UpstreamReader:
         self.name = name
         self.timeout = timeout
         self.waiting_for = "its response head"
-
-    async def readline(self) -> bytes:
-        return await self._within(self._reader.readline())
+        self.parser = ResponseParser()
+        self._pending: list[bytes] = []
 
     async def read(self, n: int) -> bytes:
         return await self._within(self._reader.read(n))
 
-    async def readexactly(self, n: int) -> bytes:
+    async def status(self) -> int:
+        """The status of the response, once its head is in (read through ``parser``)."""
+        while not self.parser.head_done:
+            await self._fill()
+        return self.parser.status
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """Its body bytes as they arrive (de-chunked, sized or until close)."""
+        while True:
+            if self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                yield data
+            if self.parser.done:
+                return
+            if not await self._fill():
+                return
+
+    async def _fill(self) -> bool:
+        """Feed the next read to the parser; False at a clean end of the body."""
+        data = await self.read(65536)
+        if not data:
+            try:
+                self.parser.eof()
+            except HTTPError:
+                raise UpstreamError(502, "upstream closed the connection mid-response") from None
+            return False
         try:
-            return await self._within(self._reader.readexactly(n))
-        except asyncio.IncompleteReadError:
-            raise UpstreamError(502, "upstream closed the connection mid-response") from None
+            self._pending += self.parser.feed(data)
+        except HTTPError as e:
+            raise UpstreamError(
+                502, f"upstream {self.name} sent a malformed response: {e}"
+            ) from None
+        return True
 
     async def _within(self, read: Awaitable[T]) -> T:
         try:
