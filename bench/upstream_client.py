@@ -112,11 +112,11 @@ def make_aiohttp() -> Callable[[str], Awaitable[int]]:
 
 async def measure(args: argparse.Namespace, url: str) -> None:
     clients: dict[str, Callable[[str], Awaitable[int]]] = {"ringcast": read_ringcast}
-    clients["httpx"] = make_httpx()
-    try:
-        clients["aiohttp"] = make_aiohttp()
-    except ImportError:
-        print("(aiohttp not installed: skipped)")
+    for name, make in (("httpx", make_httpx), ("aiohttp", make_aiohttp)):
+        try:
+            clients[name] = make()
+        except ImportError:
+            print(f"({name} is not installed: skipped; pip install {name})")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
     for _ in range(args.repeat):
         for name, read in clients.items():
