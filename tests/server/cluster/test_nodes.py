@@ -74,11 +74,9 @@ def first_id(body: bytes) -> int:
 
 
 def metric_sample(node: Any, name: str, labels: str = "") -> float:
-    _, _, body = node.request("GET", "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(f"ringcast_{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no ringcast_{name}{labels} in /metrics")
+    """The sample of ``ringcast_<name>`` with these labels (in any order)."""
+    value: float = node.metric(name + labels)
+    return value
 
 
 def test_a_stream_is_byte_identical_on_every_node(
