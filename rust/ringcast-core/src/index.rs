@@ -5,8 +5,11 @@
 //!
 //! - **Buckets** are one `u64` each: `hash_low32 << 32 | (slot + 1)`, 0 = empty. The low bits of
 //!   the hash pick the home bucket; the 32 stored bits filter out most other keys without
-//!   touching their slots. Linear probing, at most half full (the table has at least twice as
-//!   many buckets as there are slots), so an expected probe is short.
+//!   touching their slots. Linear probing, at most half full (the table has at least four
+//!   buckets per slot and holds at most two entries per slot), so an expected probe is short.
+//! - **Two kinds of entries**, told apart by bit 31 of the stored hash: a session's
+//!   ([`key_hash`], bit clear) and an owner's ([`owner_hash`], bit set), which names the head
+//!   of the list of that owner's sessions. A lookup of one kind never matches the other.
 //! - **No tombstones**: a removal shifts the following entries of its cluster back (the
 //!   classic backward-shift deletion), so churn never lengthens probes and the table never
 //!   needs a rebuild to stay fast.
@@ -84,9 +87,19 @@ fn entry_tag(e: u64) -> u32 {
     (e >> 32) as u32
 }
 
-/// Buckets for `slots` slots: a power of two, at least twice `slots`, so at most half full.
+/// Buckets for `slots` slots: a power of two, at least four per slot (a slot has at most two
+/// entries: its session's and, at the head of its owner's list, its owner's), so at most half
+/// full.
 pub fn buckets_for(slots: u32) -> u64 {
-    (slots as u64 * 2).next_power_of_two().max(8)
+    (slots as u64 * 4).next_power_of_two().max(8)
+}
+
+/// Set in the stored hash of an owner's entry, clear in a session's.
+pub const OWNER_KIND: u64 = 1 << 31;
+
+/// Whether a bucket word is an owner's entry (else a session's).
+pub fn is_owner_entry(e: u64) -> bool {
+    e & (OWNER_KIND << 32) != 0
 }
 
 impl<B: Buckets> Index<'_, B> {
@@ -194,19 +207,43 @@ impl<B: Buckets> Index<'_, B> {
         Err(Corrupt("the index has no empty bucket"))
     }
 
+    /// Points the entry at bucket `pos`, which names `old`, at `new` instead (an owner's list
+    /// got a new head). Registry lock held. Bracketed by the version like a removal, so a
+    /// reader that raced it retries instead of trusting a miss.
+    pub fn repoint(&self, pos: usize, old: u32, new: u32) -> Result<(), Corrupt> {
+        let e = self.entry_at(pos, old)?;
+        let v = self.version.load(Ordering::Relaxed);
+        self.version.store(v | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.buckets
+            .bucket(pos)
+            .store(e & !0xffff_ffff | (new as u64 + 1), Ordering::Relaxed);
+        self.version
+            .store((v | 1).wrapping_add(1), Ordering::Release);
+        Ok(())
+    }
+
+    /// The word at bucket `pos`, if it names `slot`.
+    fn entry_at(&self, pos: usize, slot: u32) -> Result<u64, Corrupt> {
+        let e = match pos < self.buckets.count() {
+            true => self.buckets.bucket(pos).load(Ordering::Relaxed),
+            false => EMPTY,
+        };
+        match entry_slot(e) == Some(slot) {
+            true => Ok(e),
+            false => Err(Corrupt("a slot's bucket does not hold that slot")),
+        }
+    }
+
     /// Removes the entry of `slot` at bucket `pos`, shifting the rest of its cluster back;
-    /// `moved(slot, new_pos)` is told of every entry that moves. Registry lock held.
+    /// `moved(entry, new_pos)` is told of every entry that moves. Registry lock held.
     pub fn remove(
         &self,
         pos: usize,
         slot: u32,
-        mut moved: impl FnMut(u32, usize),
+        mut moved: impl FnMut(u64, usize),
     ) -> Result<(), Corrupt> {
-        if pos >= self.buckets.count()
-            || entry_slot(self.buckets.bucket(pos).load(Ordering::Relaxed)) != Some(slot)
-        {
-            return Err(Corrupt("a slot's bucket does not hold that slot"));
-        }
+        self.entry_at(pos, slot)?;
         let v = self.version.load(Ordering::Relaxed);
         // Odd: readers will not trust a miss until the even store below.
         self.version.store(v | 1, Ordering::Relaxed);
@@ -235,9 +272,7 @@ impl<B: Buckets> Index<'_, B> {
                 continue;
             }
             self.buckets.bucket(hole).store(e, Ordering::Relaxed);
-            if let Some(s) = entry_slot(e) {
-                moved(s, hole);
-            }
+            moved(e, hole);
             hole = j;
         }
         self.buckets.bucket(hole).store(EMPTY, Ordering::Relaxed);
@@ -266,15 +301,14 @@ impl<B: Buckets> Index<'_, B> {
             .store((v | 1).wrapping_add(1), Ordering::Release);
     }
 
-    /// Checks the table's invariants (for tests and the corruption check): every entry names
-    /// a slot below `slots` whose hash is `hash_of(slot)` and whose recorded bucket
-    /// (`pos_of`) is where it sits, reachable from its home without crossing an empty bucket,
-    /// and no slot appears twice. Returns the number of entries.
+    /// Checks the table's invariants (for tests and the registry's check): every entry names
+    /// a slot below `slots` for which `expect(entry)` gives the bucket it should sit in (the
+    /// caller knows each slot's hashes and recorded buckets), reachable from its home without
+    /// crossing an empty bucket, and no entry appears twice. Returns the number of entries.
     pub fn verify(
         &self,
         slots: u32,
-        hash_of: impl Fn(u32) -> Option<u64>,
-        pos_of: impl Fn(u32) -> usize,
+        expect: impl Fn(u64) -> Option<usize>,
     ) -> Result<usize, Corrupt> {
         if self.version.load(Ordering::Acquire) & 1 == 1 {
             return Err(Corrupt("a removal or rebuild was cut short"));
@@ -285,10 +319,10 @@ impl<B: Buckets> Index<'_, B> {
         for i in 0..n {
             let e = self.buckets.bucket(i).load(Ordering::Acquire);
             let Some(slot) = entry_slot(e) else { continue };
-            if slot >= slots || !seen.insert(slot) {
+            if slot >= slots || !seen.insert((slot, is_owner_entry(e))) {
                 return Err(Corrupt("an entry names a bad or repeated slot"));
             }
-            if hash_of(slot).map(|h| h as u32) != Some(entry_tag(e)) || pos_of(slot) != i {
+            if expect(e) != Some(i) {
                 return Err(Corrupt("an entry disagrees with its slot"));
             }
             let mut p = self.home(entry_tag(e));
@@ -326,16 +360,25 @@ impl Buckets for HeapBuckets {
     }
 }
 
-/// SipHash-1-3 of `owner` (length-prefixed, so ("ab", "c") and ("a", "bc") differ) and `id`,
-/// keyed with the segment's secret: a client choosing conversation ids cannot aim them at one
-/// bucket without knowing the key, which never leaves the segment file (mode 0600).
+/// A session's hash: SipHash-1-3 of `owner` (length-prefixed, so ("ab", "c") and ("a", "bc")
+/// differ; owners are at most 128 bytes) and `id`, keyed with the segment's secret: a client
+/// choosing conversation ids cannot aim them at one bucket without knowing the key, which
+/// never leaves the segment file (mode 0600). Bit 31 clear (a session's entry).
 pub fn key_hash(key: [u64; 2], owner: &[u8], id: &[u8]) -> u64 {
     let mut s = SipState::new(key);
-    let len = [owner.len() as u8];
-    s.write(&len);
+    s.write(&[owner.len() as u8]);
     s.write(owner);
     s.write(id);
-    s.finish()
+    s.finish() & !OWNER_KIND
+}
+
+/// An owner's hash (the entry of its list's head): the input starts with a byte no session's
+/// does (0xff, past any owner length). Bit 31 set.
+pub fn owner_hash(key: [u64; 2], owner: &[u8]) -> u64 {
+    let mut s = SipState::new(key);
+    s.write(&[0xff]);
+    s.write(owner);
+    s.finish() | OWNER_KIND
 }
 
 /// A streaming SipHash-1-3 (one compression round per 8-byte word, three at the end).
@@ -464,20 +507,19 @@ mod tests {
             let mut moves = Vec::new();
             let pos = self.pos[slot as usize];
             self.index()
-                .remove(pos, slot, |s, p| moves.push((s, p)))
+                .remove(pos, slot, |e, p| moves.push((e, p)))
                 .expect("consistent");
-            for (s, p) in moves {
-                self.pos[s as usize] = p;
+            for (e, p) in moves {
+                self.pos[entry_slot(e).expect("an entry") as usize] = p;
             }
             self.hash[slot as usize] = None;
         }
         fn verify(&self) -> usize {
             self.index()
-                .verify(
-                    self.slots,
-                    |s| self.hash[s as usize],
-                    |s| self.pos[s as usize],
-                )
+                .verify(self.slots, |e| {
+                    let s = entry_slot(e)? as usize;
+                    (self.hash[s]? as u32 == entry_tag(e)).then_some(self.pos[s])
+                })
                 .expect("invariants hold")
         }
     }
@@ -563,7 +605,7 @@ mod tests {
                 assert_eq!(m.hash[slot as usize], Some(h));
             }
         }
-        assert!(m.index().verify(16, |_| None, |_| 0).is_err());
+        assert!(m.index().verify(16, |_| None).is_err());
         assert!(
             m.index().insert(5, 3, |_| ()).is_err(),
             "no empty bucket is corruption"

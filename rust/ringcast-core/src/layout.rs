@@ -17,8 +17,9 @@ use crate::sync::{AtomicU32, AtomicU64};
 use crate::sys::robust_mutex::MUTEX_BYTES;
 
 pub const MAGIC: [u8; 8] = *b"RINGCAST";
-/// Bumped on every incompatible change of anything in this file.
-pub const LAYOUT_VERSION: u32 = 4;
+/// Bumped on every incompatible change of anything in this file (4: the session index, free
+/// stack and finished list; 5: owner lists and four index buckets per slot).
+pub const LAYOUT_VERSION: u32 = 5;
 /// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
 pub const MAX_PROCESSES: usize = 64;
 /// Longest owner (tenant) tag, in bytes.
@@ -204,7 +205,12 @@ pub struct SlotMeta {
     /// When the slot joined the finished list's tail: a reader attaching later
     /// (`last_access_ns` newer) earns it a second chance before LRU eviction.
     pub queued_at_ns: AtomicU64,
-    pub _pad2b: [u64; 2],
+    /// Neighbours (slot + 1) on the list of this owner's live sessions, newest first; the
+    /// head's is named by the owner's index entry, at bucket `owner_pos`.
+    pub owner_prev: AtomicU32,
+    pub owner_next: AtomicU32,
+    pub owner_pos: AtomicU32,
+    pub _pad2b: [u32; 3],
 }
 const _: () = assert!(std::mem::size_of::<SlotMeta>() == 384);
 const _: () = assert!(std::mem::align_of::<SlotMeta>() == 128);

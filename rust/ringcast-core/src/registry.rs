@@ -8,8 +8,9 @@
 //!
 //! Every operation on one session costs O(1) whatever the number of slots: lookups go through
 //! the index (`index`, its buckets in the segment), free slots are a stack, finished sessions a
-//! list in least-recently-used order (both linked through the slots), and the slots ever used
-//! are `[0, high_water)`, so whole-table views scan only those. Those structures are written
+//! list in least-recently-used order, each owner's sessions a list whose head the index names
+//! (all linked through the slots), and the slots ever used are `[0, high_water)`, so a listing
+//! of everything scans only those and one owner's costs only that owner's sessions. Those structures are written
 //! under the lock in steps a crash can cut anywhere; the next locker (`Locked::OwnerDied`)
 //! rebuilds them all from the slots' own states, as does any locker that finds them damaged.
 
@@ -253,6 +254,31 @@ impl Registry {
         index::key_hash(self.view.hash_key(), owner.as_bytes(), id.as_bytes())
     }
 
+    fn owner_hash(&self, owner: &[u8]) -> u64 {
+        index::owner_hash(self.view.hash_key(), owner)
+    }
+
+    /// Records that an index entry moved to bucket `to` (in the slot it names).
+    fn entry_moved(&self, e: u64, to: usize) {
+        if let Some(m) = index::entry_slot(e).and_then(|s| self.view.try_slot(s)) {
+            let at = match index::is_owner_entry(e) {
+                true => &m.owner_pos,
+                false => &m.index_pos,
+            };
+            at.store(to as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// The head of `owner`'s list of live sessions and its entry's bucket (lock held).
+    fn owner_head(&self, owner: &[u8], except: u32) -> Option<(u32, usize)> {
+        let n = self.view.geometry().max_sessions;
+        self.index().find_locked(self.owner_hash(owner), n, |s| {
+            s != except
+                && self.view.slot(s).owner_prev.load(Ordering::Relaxed) == 0
+                && self.view.read_key(s).is_some_and(|(_, o)| o == owner)
+        })
+    }
+
     /// Slots that ever held a session (`high_water`, clamped: it is segment data). Whole-table
     /// views (list, usage, a process row's cleanup) scan only these.
     fn used_slots(&self) -> u32 {
@@ -414,23 +440,50 @@ impl Registry {
 
     /// Every live session, or only `owner`'s, oldest first.
     pub(crate) fn list(&self, owner: Option<&str>) -> Vec<SessionInfo> {
+        // One owner's: its list's (slot, generation) pairs, collected under the lock (a few
+        // loads per session of that owner, none for anyone else's), snapshotted after.
+        let sessions: Vec<(u32, u64)> = match owner.map(|o| self.owner_sessions(o)) {
+            Some(Ok(sessions)) => sessions,
+            // A closed segment, or a list found damaged (rebuilt by the next locker): scan.
+            None | Some(Err(())) => (0..self.used_slots())
+                .filter_map(|slot| {
+                    let m = self.view.slot(slot);
+                    SessionState::from_raw(m.state.load(Ordering::Acquire))?;
+                    Some((slot, m.generation.load(Ordering::Acquire)))
+                })
+                .collect(),
+        };
         let alive = self.alive_procs();
         let mut cache = HashMap::new();
-        let mut out = Vec::new();
-        for slot in 0..self.used_slots() {
-            let m = self.view.slot(slot);
-            if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_none() {
-                continue;
-            }
-            let gen = m.generation.load(Ordering::Acquire);
-            if let Some(info) = self.snapshot(slot, gen, alive, &mut cache) {
-                if owner.is_none_or(|o| o == info.owner) {
-                    out.push(info);
-                }
-            }
-        }
+        let mut out: Vec<SessionInfo> = sessions
+            .into_iter()
+            .filter_map(|(slot, gen)| self.snapshot(slot, gen, alive, &mut cache))
+            .filter(|info| owner.is_none_or(|o| o == info.owner))
+            .collect();
         out.sort_by_key(|i| (i.started_at_ns, i.slot));
         out
+    }
+
+    /// The live sessions of `owner`, from its list; `Err` if the list is damaged (the next
+    /// locker is told to rebuild it) or the lock cannot be taken.
+    fn owner_sessions(&self, owner: &str) -> std::result::Result<Vec<(u32, u64)>, ()> {
+        let _guard = self.lock().map_err(|_| ())?;
+        let mut out = Vec::new();
+        let mut at = self
+            .owner_head(owner.as_bytes(), u32::MAX)
+            .map(|(s, _)| s + 1);
+        while let Some(slot) = at.and_then(|a| a.checked_sub(1)) {
+            let m = self.view.try_slot(slot).ok_or(())?;
+            let gen = m.generation.load(Ordering::Acquire);
+            let live = SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some();
+            if !live || gen & ENDED_BIT != 0 || out.len() as u32 >= self.used_slots() {
+                self.head().damaged.store(1, Ordering::Relaxed);
+                return Err(());
+            }
+            out.push((slot, gen));
+            at = Some(m.owner_next.load(Ordering::Relaxed));
+        }
+        Ok(out)
     }
 
     /// The session with exactly `id` plus every one whose id starts with `id + "::"`.
@@ -884,11 +937,88 @@ impl RegistryGuard<'_> {
             .store(head.live.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let m = self.reg.view.slot(slot);
         let placed = |pos: usize| m.index_pos.store(pos as u32, Ordering::Relaxed);
-        match self.reg.index().insert(hash, slot, placed) {
-            Ok(_) => {}
+        let owner = self.reg.view.read_key(slot).map(|(_, owner)| owner);
+        let linked = match (self.reg.index().insert(hash, slot, placed), owner) {
+            (Ok(_), Some(owner)) => self.link_owner(slot, &owner),
+            (Err(index::Corrupt(why)), _) => Err(Damage(why)),
+            (_, None) => Err(Damage("a session just installed has no readable key")),
+        };
+        if let Err(Damage(why)) = linked {
             // The rebuild enters every live session, this one included.
-            Err(index::Corrupt(why)) => self.rebuild(false, why),
+            self.rebuild(false, why);
         }
+    }
+
+    /// Puts `slot` at the head of its owner's list (creating the owner's entry if it has
+    /// none): the new head's links are set before the entry names it, the old head's back
+    /// link after, so a walker under the lock always sees a whole list.
+    fn link_owner(&self, slot: u32, owner: &[u8]) -> std::result::Result<(), Damage> {
+        let reg = self.reg;
+        let m = reg.view.slot(slot);
+        m.owner_prev.store(0, Ordering::Relaxed);
+        match reg.owner_head(owner, slot) {
+            Some((head, pos)) => {
+                m.owner_next.store(head + 1, Ordering::Relaxed);
+                m.owner_pos.store(pos as u32, Ordering::Relaxed);
+                reg.index()
+                    .repoint(pos, head, slot)
+                    .map_err(|index::Corrupt(why)| Damage(why))?;
+                reg.view
+                    .slot(head)
+                    .owner_prev
+                    .store(slot + 1, Ordering::Relaxed);
+            }
+            None => {
+                m.owner_next.store(0, Ordering::Relaxed);
+                let placed = |pos: usize| m.owner_pos.store(pos as u32, Ordering::Relaxed);
+                reg.index()
+                    .insert(reg.owner_hash(owner), slot, placed)
+                    .map_err(|index::Corrupt(why)| Damage(why))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `slot` off its owner's list: its neighbours are linked to each other, or the
+    /// owner's entry is pointed at the next session (or removed with the last one).
+    fn unlink_owner(&self, slot: u32) -> std::result::Result<(), Damage> {
+        let reg = self.reg;
+        let m = reg.view.slot(slot);
+        let (prev, next) = (
+            m.owner_prev.load(Ordering::Relaxed),
+            m.owner_next.load(Ordering::Relaxed),
+        );
+        let neighbour = |at: u32, back: fn(&SlotMeta) -> &AtomicU32| {
+            let n = reg.view.try_slot(at - 1).ok_or(Damage("owner list link"))?;
+            match back(n).load(Ordering::Relaxed) == slot + 1 {
+                true => Ok(n),
+                false => Err(Damage("an owner list's links disagree")),
+            }
+        };
+        let after = match next {
+            0 => None,
+            n => Some(neighbour(n, |x| &x.owner_prev)?),
+        };
+        if prev != 0 {
+            neighbour(prev, |x| &x.owner_next)?
+                .owner_next
+                .store(next, Ordering::Relaxed);
+        } else {
+            let pos = m.owner_pos.load(Ordering::Relaxed) as usize;
+            let ix = reg.index();
+            match after {
+                Some(n) => {
+                    n.owner_pos.store(pos as u32, Ordering::Relaxed);
+                    ix.repoint(pos, slot, next - 1)
+                }
+                None => ix.remove(pos, slot, |e, to| reg.entry_moved(e, to)),
+            }
+            .map_err(|index::Corrupt(why)| Damage(why))?;
+        }
+        if let Some(n) = after {
+            n.owner_prev.store(prev, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Ends the session in `slot` if it is still `gen`: readers and the producer see it gone.
@@ -915,11 +1045,11 @@ impl RegistryGuard<'_> {
         let reg = self.reg;
         let m = reg.view.slot(slot);
         let pos = m.index_pos.load(Ordering::Relaxed) as usize;
-        let unindexed = reg.index().remove(pos, slot, |moved, to| {
-            if let Some(o) = reg.view.try_slot(moved) {
-                o.index_pos.store(to as u32, Ordering::Relaxed)
-            }
-        });
+        let unindexed = reg
+            .index()
+            .remove(pos, slot, |e, to| reg.entry_moved(e, to))
+            .map_err(|index::Corrupt(why)| Damage(why))
+            .and_then(|()| self.unlink_owner(slot));
         let unlisted = if m.list.load(Ordering::Relaxed) == list::FINISHED {
             self.unlink_finished(slot)
         } else {
@@ -936,7 +1066,7 @@ impl RegistryGuard<'_> {
         match (unindexed, unlisted) {
             (Ok(()), Ok(())) => self.push_free(slot),
             // The rebuild puts the slot on the free stack with the others.
-            (Err(index::Corrupt(why)), _) | (_, Err(Damage(why))) => self.rebuild(false, why),
+            (Err(Damage(why)), _) | (_, Err(Damage(why))) => self.rebuild(false, why),
         }
     }
 
@@ -1141,7 +1271,10 @@ impl RegistryGuard<'_> {
                         })
                         .is_some();
                     let placed = |pos: usize| m.index_pos.store(pos as u32, Ordering::Relaxed);
-                    if !dup && ix.insert(hash, slot, placed).is_ok() {
+                    if !dup
+                        && ix.insert(hash, slot, placed).is_ok()
+                        && self.link_owner(slot, &owner).is_ok()
+                    {
                         live += 1;
                         if st != SessionState::Running {
                             finished.push((m.queued_at_ns.load(Ordering::Relaxed), slot));
@@ -1178,7 +1311,8 @@ impl RegistryGuard<'_> {
 impl Registry {
     /// Checks every invariant of the registry's structures against the slots, under the lock
     /// (so a dead holder's leftovers are repaired first): the index holds exactly the live
-    /// sessions, each where its slot says and reachable from its home bucket; the free stack
+    /// sessions, each where its slot says and reachable from its home bucket, and one entry
+    /// per owner naming the head of that owner's list, whose links agree; the free stack
     /// holds exactly the free slots ever used; the finished list holds exactly the finished
     /// sessions, its links agreeing both ways; the counters match; no slot past the high-water
     /// mark is in use. Returns the number of live sessions, or what is wrong.
@@ -1198,14 +1332,48 @@ impl Registry {
             SessionState::from_raw(m.state.load(Ordering::Acquire))
                 .filter(|_| m.generation.load(Ordering::Acquire) & ENDED_BIT == 0)
         };
+        // Each entry: a live session's, where its slot says, under its hash; or an owner's,
+        // naming the head of that owner's list, where the head says, under the owner's hash.
+        let expect = |e: u64| {
+            let slot = index::entry_slot(e)?;
+            live_at(slot)?;
+            let m = view.slot(slot);
+            let (hash, at) = match index::is_owner_entry(e) {
+                false => (m.id_hash.load(Ordering::Relaxed), &m.index_pos),
+                true if m.owner_prev.load(Ordering::Relaxed) == 0 => {
+                    (self.owner_hash(&view.read_key(slot)?.1), &m.owner_pos)
+                }
+                true => return None,
+            };
+            (hash as u32 == (e >> 32) as u32).then(|| at.load(Ordering::Relaxed) as usize)
+        };
         let entries = self
             .index()
-            .verify(
-                n,
-                |slot| live_at(slot).map(|_| view.slot(slot).id_hash.load(Ordering::Relaxed)),
-                |slot| view.slot(slot).index_pos.load(Ordering::Relaxed) as usize,
-            )
+            .verify(n, expect)
             .map_err(|index::Corrupt(why)| why.to_string())?;
+        // Owner lists: links agree both ways within one owner; one head (list) per owner.
+        let mut heads = std::collections::HashSet::new();
+        for slot in (0..used).filter(|s| live_at(*s).is_some()) {
+            let m = view.slot(slot);
+            let owner = view.read_key(slot).ok_or("a live slot without a key")?.1;
+            let (prev, next) = (
+                m.owner_prev.load(Ordering::Relaxed),
+                m.owner_next.load(Ordering::Relaxed),
+            );
+            let linked = |at: u32, back: fn(&SlotMeta) -> &AtomicU32| {
+                view.try_slot(at - 1).is_some_and(|o| {
+                    live_at(at - 1).is_some()
+                        && back(o).load(Ordering::Relaxed) == slot + 1
+                        && view.read_key(at - 1).is_some_and(|(_, w)| w == owner)
+                })
+            };
+            if (prev == 0 && !heads.insert(owner.clone()))
+                || (prev != 0 && !linked(prev, |o| &o.owner_next))
+                || (next != 0 && !linked(next, |o| &o.owner_prev))
+            {
+                return Err(format!("slot {slot}'s owner list is broken"));
+            }
+        }
         let (mut live, mut free, mut finished) = (0u32, 0u32, 0u32);
         for slot in 0..n {
             let m = view.slot(slot);
@@ -1234,9 +1402,10 @@ impl Registry {
             free += (want == list::FREE) as u32;
             finished += (want == list::FINISHED) as u32;
         }
-        if entries as u32 != live || head.live.load(Ordering::Relaxed) != live {
+        if entries != live as usize + heads.len() || head.live.load(Ordering::Relaxed) != live {
             return Err(format!(
-                "{live} live sessions, {entries} in the index, {} counted",
+                "{live} live sessions of {} owners, {entries} index entries, {} counted",
+                heads.len(),
                 head.live.load(Ordering::Relaxed)
             ));
         }

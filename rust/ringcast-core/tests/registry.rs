@@ -14,7 +14,7 @@ use ringcast_core::{EndReason, Error, Segment, SessionState, Writer};
 mod common;
 use common::{cfg, TempSeg};
 
-/// Where the registry head sits in the header page (layout 4, `layout::REGISTRY_OFFSET`).
+/// Where the registry head sits in the header page (layouts 4 and 5, `layout::REGISTRY_OFFSET`).
 const REGISTRY_OFFSET: u64 = 512;
 
 fn scaled(n: usize) -> usize {
@@ -213,10 +213,13 @@ fn registry_child_loop() {
     };
     println!("ready");
     loop {
-        let id = format!("key-{}", next() % 48);
+        let k = next() % 48;
+        let id = format!("key-{k}");
+        // Two owners, so owner lists gain and lose heads as well as members.
+        let owner = ["crash", "crash-b"][(k % 2) as usize];
         match next() % 6 {
             0..=2 => {
-                if let Ok(w) = seg.create_or_replace(&id, "crash") {
+                if let Ok(w) = seg.create_or_replace(&id, owner) {
                     writers.push(w);
                 }
             }
@@ -228,10 +231,10 @@ fn registry_child_loop() {
                 }
             }
             4 => {
-                let _ = seg.evict(&id, "crash", EndReason::Evicted);
+                let _ = seg.evict(&id, owner, EndReason::Evicted);
             }
             _ => {
-                let _ = seg.reader(&id, "crash", 0);
+                let _ = seg.reader(&id, owner, 0);
             }
         }
         if writers.len() > 64 {
@@ -280,6 +283,8 @@ fn kill_9_at_random_points_of_registry_updates() {
             let found = seg.get(&info.conversation_id, &info.owner).expect("listed");
             assert_eq!((found.slot, found.generation), (info.slot, info.generation));
         }
+        let by_owner = seg.list(Some("crash")).len() + seg.list(Some("crash-b")).len();
+        assert_eq!(by_owner, listed.len(), "round {round}");
     }
     // The children spend most of their time holding the registry lock, so over this many
     // rounds some were killed holding it, and the next locker rebuilt the registry.
@@ -386,6 +391,75 @@ fn a_scribbled_registry_head_is_rebuilt_by_the_next_create() {
         assert!(seg.check_registry().is_ok(), "seed {seed}");
         for i in 120..128 {
             assert!(live(&seg, &format!("s{i}")));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Each owner's listing (walked from its own list, not a scan) holds exactly that owner's
+    /// live sessions, through creates, replacements, evictions of finished sessions by full
+    /// creates, ends and finishes; `lookup_prefix` finds an id and its `id::` children.
+    #[test]
+    fn owner_lists_match_a_model(
+        ops in proptest::collection::vec((0u8..4, 0u8..3, 0u8..6, 0u8..3), 1..120)
+    ) {
+        let t = TempSeg::new("owners");
+        let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
+        let owners = ["alice", "bob", ""];
+        let mut writers: HashMap<(String, String), Writer> = HashMap::new();
+        for (what, o, k, child) in ops {
+            let owner = owners[o as usize];
+            let id = match child {
+                0 => format!("c{k}"),
+                n => format!("c{k}::{n}"),
+            };
+            let key = (owner.to_string(), id.clone());
+            match what {
+                0 | 1 => {
+                    if let Ok(w) = seg.create_or_replace(&id, owner) {
+                        writers.insert(key, w);
+                    }
+                }
+                2 => {
+                    if let Some(w) = writers.get(&key) {
+                        let _ = w.finalize(SessionState::Done);
+                    }
+                }
+                _ => {
+                    seg.evict(&id, owner, EndReason::Evicted).unwrap();
+                }
+            }
+            let all = seg.list(None);
+            for owner in owners {
+                let mut want: Vec<String> = all
+                    .iter()
+                    .filter(|i| i.owner == owner)
+                    .map(|i| i.conversation_id.clone())
+                    .collect();
+                let mut got: Vec<String> =
+                    seg.list(Some(owner)).into_iter().map(|i| i.conversation_id).collect();
+                want.sort();
+                got.sort();
+                prop_assert_eq!(&got, &want, "owner {:?}", owner);
+                for k in 0..6 {
+                    let base = format!("c{k}");
+                    let mut prefixed: Vec<String> = seg
+                        .lookup_prefix(&base, owner)
+                        .into_iter()
+                        .map(|i| i.conversation_id)
+                        .collect();
+                    prefixed.sort();
+                    let expect: Vec<String> = want
+                        .iter()
+                        .filter(|i| **i == base || i.starts_with(&format!("{base}::")))
+                        .cloned()
+                        .collect();
+                    prop_assert_eq!(prefixed, expect);
+                }
+            }
+            prop_assert_eq!(seg.check_registry(), Ok(all.len() as u32));
         }
     }
 }
