@@ -29,7 +29,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::layout::MAX_PROCESSES;
 use crate::layout::{arm_state, ProcEntry, SlotMeta};
 use crate::sync::Ordering;
-use crate::sys::dgram::{self, Receiver, Senders, Sent, SocketAddr};
+use crate::sys::dgram::{self, Receiver, Senders, Sent, SocketDir};
 use crate::sys::futex::{self, WaitOutcome};
 use crate::view::SegmentView;
 
@@ -68,22 +67,6 @@ impl WakeDir {
     fn path_text(&self) -> String {
         String::from_utf8_lossy(&self.dir).into_owned()
     }
-
-    /// The socket file of row `row`, written into `buf`.
-    fn socket_path<'b>(&self, row: usize, buf: &'b mut [u8; 160]) -> Option<&'b [u8]> {
-        let mut w = &mut buf[..];
-        w.write_all(&self.dir).ok()?;
-        write!(w, "/{row}").ok()?;
-        let len = 160 - w.len();
-        Some(&buf[..len])
-    }
-
-    /// The address of row `row`'s socket; `None` if the path is too long for a socket address
-    /// (then no notifier can exist there: `Notifier::start` refuses it).
-    fn addr(&self, row: usize) -> Option<SocketAddr> {
-        let mut buf = [0u8; 160];
-        SocketAddr::new(self.socket_path(row, &mut buf)?)
-    }
 }
 
 /// The sending side of a segment's wake-ups: where the sockets are, and this handle's sockets
@@ -102,10 +85,7 @@ impl Wakers {
     }
 
     fn send(&self, row: usize) -> Sent {
-        match self.dir.addr(row) {
-            Some(a) => self.senders.send(row, &a),
-            None => Sent::NoReceiver,
-        }
+        self.senders.send(row, &self.dir.dir)
     }
 }
 
@@ -179,10 +159,43 @@ struct Subscription {
     last_seq: u32,
 }
 
+/// Opens `wake` (made private first) and binds row `index`'s socket in it. A directory removed
+/// between the open and the bind (its last notifier left just then: `bind` fails with
+/// `ENOENT`) is made again, a few times at most.
+fn bind_row_socket(wake: &WakeDir, index: usize) -> Result<(SocketDir, Receiver)> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let dir = SocketDir::open(&wake.dir, true).map_err(|err| {
+            Error::InvalidArgument(format!(
+                "cannot use the notifier directory {:?}: {err}",
+                wake.path_text()
+            ))
+        })?;
+        match dir.bind_replacing(index) {
+            Ok(socket) => return Ok((dir, socket)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
+            Err(err) => {
+                let hint = if err.kind() == std::io::ErrorKind::NotFound {
+                    " (it is bound through /proc/self/fd: is /proc mounted?)"
+                } else {
+                    ""
+                };
+                return Err(Error::InvalidArgument(format!(
+                    "cannot bind the notifier socket in {:?}{hint}: {err}",
+                    wake.path_text()
+                )));
+            }
+        }
+    }
+}
+
 /// One per segment handle: the datagram socket its event loop watches, and its subscriptions.
 pub struct Notifier {
     view: Arc<SegmentView>,
     wake: WakeDir,
+    /// `wake`, held open: the socket is bound (and its file removed) through it.
+    dir: SocketDir,
     index: usize,
     /// The process that created it; in a forked child the notifier is inert (the row and the
     /// socket's name are the parent's).
@@ -201,26 +214,7 @@ impl Notifier {
     /// replaced).
     pub(crate) fn start(view: Arc<SegmentView>, wake: WakeDir, index: usize) -> Result<Notifier> {
         let e = view.proc_entry(index);
-        dgram::private_dir(&wake.dir).map_err(|err| {
-            Error::InvalidArgument(format!(
-                "cannot use the notifier directory {:?}: {err}",
-                wake.path_text()
-            ))
-        })?;
-        let addr = wake.addr(index).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the segment's path is too long for its notifier sockets ({:?} plus \"/{index}\" \
-                 must fit in {} bytes); use a shorter segment path",
-                wake.path_text(),
-                SocketAddr::max_path_len()
-            ))
-        })?;
-        let socket = Receiver::bind_replacing(&addr).map_err(|err| {
-            Error::InvalidArgument(format!(
-                "cannot bind the notifier socket in {:?}: {err}",
-                wake.path_text()
-            ))
-        })?;
+        let (dir, socket) = bind_row_socket(&wake, index)?;
         let nonce = dgram::random_u64();
         // The nonce is visible before the row is armed: a producer that moves `armed` from
         // ARMED (SeqCst) then loads the nonce (SeqCst) gets this one.
@@ -231,6 +225,7 @@ impl Notifier {
         Ok(Notifier {
             view,
             wake,
+            dir,
             index,
             pid: std::process::id(),
             start_time,
@@ -417,10 +412,7 @@ impl Drop for Notifier {
         }
         // The socket file, unless another process has taken the row (and the name) over.
         if self.owns_row() {
-            let mut buf = [0u8; 160];
-            if let Some(p) = self.wake.socket_path(self.index, &mut buf) {
-                dgram::remove_file(p);
-            }
+            self.dir.remove(self.index);
             self.wake.remove_if_empty();
         }
     }

@@ -1,6 +1,8 @@
 //! Segment-level tests: registry semantics, validation of foreign files, and a many-thread
 //! stress of one producer against readers started on a barrier.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -412,6 +414,78 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(fd_readable(n.fd(), 10_000));
     assert_eq!(n.drain(), vec![a.slot()]);
+}
+
+/// A segment at a path of about 200 bytes (far more than a socket address holds): a notifier
+/// in another process is woken by this one's append, and this one's by that process's.
+#[test]
+fn notifiers_wake_across_processes_at_a_segment_path_longer_than_a_socket_address() {
+    let top = format!("/dev/shm/ringcast-test-deep-{}", common::rand_suffix());
+    let parent = format!("{top}/{}/{}", "d".repeat(60), "e".repeat(60));
+    std::fs::create_dir_all(&parent).unwrap();
+    let path = format!("{parent}/{}", "s".repeat(200 - parent.len() - 1));
+    assert_eq!(path.len(), 200);
+    let seg = Segment::create(&path, cfg(4, 4096)).unwrap();
+    let to_child = seg.create_or_replace("to-child", "").unwrap();
+    // This process makes the wake directory; the child binds in it and sends into it.
+    let n = seg.notifier().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "deep_path_wake_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("RINGCAST_WAKE_CHILD", &path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = loop {
+        let line = lines.next().expect("the child printed ready").unwrap();
+        if let Some(rest) = line.strip_prefix("ready ") {
+            break rest.to_string();
+        }
+    };
+    let (slot, generation) = ready.split_once(' ').unwrap();
+    let (slot, generation): (u32, u64) = (slot.parse().unwrap(), generation.parse().unwrap());
+    n.subscribe(slot, generation).unwrap();
+    // The child waits on its notifier until this append wakes it; then it appends to its
+    // own session, which must wake this process's notifier.
+    to_child.write(b"ping").unwrap();
+    assert!(
+        fd_readable(n.fd(), 60_000),
+        "the child's append woke this process"
+    );
+    assert_eq!(n.drain(), vec![slot]);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "child: {status}");
+    let mut r = seg.reader("to-parent", "", 0).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(r.read_into(&mut buf, None), Ok(Poll::Data(4))));
+    assert_eq!(&buf[..4], b"pong");
+    drop(n);
+    seg.unlink().unwrap();
+    std::fs::remove_dir_all(&top).unwrap();
+}
+
+/// The other process of the test above: subscribes to "to-child", waits to be woken, then
+/// appends to "to-parent".
+#[test]
+#[ignore = "a child process of notifiers_wake_across_processes_at_a_segment_path_longer_than_a_socket_address"]
+fn deep_path_wake_child() {
+    let Ok(path) = std::env::var("RINGCAST_WAKE_CHILD") else {
+        return;
+    };
+    let seg = Segment::open(&path).unwrap();
+    let to_parent = seg.create_or_replace("to-parent", "").unwrap();
+    let n = seg.notifier().unwrap();
+    let info = seg.get("to-child", "").unwrap();
+    n.subscribe(info.slot, info.generation).unwrap();
+    println!("ready {} {}", to_parent.slot(), to_parent.generation());
+    assert!(fd_readable(n.fd(), 60_000), "the parent's append woke us");
+    assert_eq!(n.drain(), vec![info.slot]);
+    to_parent.write(b"pong").unwrap();
 }
 
 #[test]

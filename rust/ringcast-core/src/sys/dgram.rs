@@ -6,7 +6,9 @@
 //! Why files in a private directory and not abstract names: every abstract name is listed in
 //! `/proc/net/unix` and any local user may send to it, so any user could keep a process's event
 //! loop busy draining datagrams. Sending to a file name takes search permission on its
-//! directory, which only its owner (and root) has.
+//! directory, which only its owner (and root) has. A socket is named through a descriptor of
+//! its directory (`/proc/self/fd/<fd>/<index>`, [`SocketDir`]), so the directory's own path may
+//! be of any length.
 
 use std::ffi::CString;
 use std::io;
@@ -15,14 +17,14 @@ use std::os::unix::io::RawFd;
 use crate::sync::{AtomicI32, Ordering};
 
 /// A socket file's address.
-pub struct SocketAddr {
+struct SocketAddr {
     addr: libc::sockaddr_un,
     len: libc::socklen_t,
 }
 
 impl SocketAddr {
     /// `None` if `path` (with its terminating NUL) does not fit `sun_path` or holds a NUL.
-    pub fn new(path: &[u8]) -> Option<SocketAddr> {
+    fn new(path: &[u8]) -> Option<SocketAddr> {
         // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
@@ -39,21 +41,8 @@ impl SocketAddr {
         })
     }
 
-    /// The longest path that fits.
-    pub fn max_path_len() -> usize {
-        // SAFETY: as in `new`.
-        let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_path.len() - 1
-    }
-
     fn as_ptr(&self) -> *const libc::sockaddr {
         &self.addr as *const libc::sockaddr_un as *const libc::sockaddr
-    }
-
-    fn c_path(&self) -> &std::ffi::CStr {
-        // SAFETY: `new` copied a path without NUL bytes into a zeroed `sun_path` that is
-        // longer than the path, so it is NUL-terminated inside the array.
-        unsafe { std::ffi::CStr::from_ptr(self.addr.sun_path.as_ptr()) }
     }
 }
 
@@ -62,54 +51,109 @@ fn c_string(path: &[u8]) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
 }
 
-/// Makes sure `dir` is a directory only this user can enter: creates it with mode 0700, or
-/// accepts an existing one that is a real directory (not a link), owned by this user, with no
-/// permission for anyone else. Anything else is refused: a directory another user planted or
-/// can enter would let them send to (or replace) the sockets in it.
-pub fn private_dir(dir: &[u8]) -> io::Result<()> {
-    let c = c_string(dir)?;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    if unsafe { libc::mkdir(c.as_ptr(), 0o700) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() != io::ErrorKind::AlreadyExists {
-        return Err(e);
-    }
-    // SAFETY: `st` is a plain-old-data out parameter fully written by a successful lstat;
-    // `c` is a valid NUL-terminated string.
-    let st = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::lstat(c.as_ptr(), &mut st) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        st
-    };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    let why = if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        "exists and is not a directory (a link or a file)".to_string()
-    } else if st.st_uid != me {
-        format!("belongs to uid {}, not to this user (uid {me})", st.st_uid)
-    } else if st.st_mode & 0o077 != 0 {
-        format!(
-            "has mode {:04o}: other users may enter it; it must be 0700",
-            st.st_mode & 0o7777
-        )
-    } else {
-        return Ok(());
-    };
-    Err(io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        format!("{why}; refusing it (remove it)"),
-    ))
+/// A private directory of socket files, held open (`O_PATH`). Its sockets are bound and
+/// reached through `/proc/self/fd/<fd>/<index>`: a socket address holds at most 107 bytes, and
+/// that path is under 40 whatever the directory's own path is. The kernel follows the
+/// descriptor's link to the directory and then checks search permission on it as on any path,
+/// so only those who may enter the directory reach its sockets, as with the plain path.
+#[derive(Debug)]
+pub struct SocketDir {
+    fd: RawFd,
 }
 
-/// Removes `path` (a socket file); best effort, for cleaning up.
-pub fn remove_file(path: &[u8]) {
-    if let Ok(c) = c_string(path) {
-        // SAFETY: `c` is a valid NUL-terminated string.
-        unsafe { libc::unlink(c.as_ptr()) };
+impl SocketDir {
+    /// Opens `dir` (first making it, mode 0700, if `create`) and makes sure it is a directory
+    /// only this user can enter: a real directory (not a link), owned by this user, with no
+    /// permission for anyone else. Anything else is refused: a directory another user planted
+    /// or can enter would let them send to (or replace) the sockets in it. The checks are made
+    /// on the opened descriptor, so the directory used is the one checked.
+    pub fn open(dir: &[u8], create: bool) -> io::Result<SocketDir> {
+        let c = c_string(dir)?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        if create && unsafe { libc::mkdir(c.as_ptr(), 0o700) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        // O_NOFOLLOW with O_PATH opens a link itself (then refused below as not a directory).
+        // SAFETY: `c` is a valid NUL-terminated string; open has no other pointer argument.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let d = SocketDir { fd }; // closed on every return below but the last
+                                  // SAFETY: `st` is a plain-old-data out parameter fully written by a successful fstat;
+                                  // `d.fd` is an open descriptor (fstat accepts O_PATH descriptors).
+        let st = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(d.fd, &mut st) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            st
+        };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let why = if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            "exists and is not a directory (a link or a file)".to_string()
+        } else if st.st_uid != me {
+            format!("belongs to uid {}, not to this user (uid {me})", st.st_uid)
+        } else if st.st_mode & 0o077 != 0 {
+            format!(
+                "has mode {:04o}: other users may enter it; it must be 0700",
+                st.st_mode & 0o7777
+            )
+        } else {
+            return Ok(d);
+        };
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{why}; refusing it (remove it)"),
+        ))
+    }
+
+    /// The address of socket `index` in this directory, through this process's descriptor.
+    fn addr(&self, index: usize) -> io::Result<SocketAddr> {
+        let path = format!("/proc/self/fd/{}/{index}", self.fd);
+        SocketAddr::new(path.as_bytes()).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{path:?} is too long"))
+        })
+    }
+
+    /// Binds a new socket to the name `index`, first removing a file left there (by a process
+    /// that held the name and died: the caller owns the name now).
+    pub fn bind_replacing(&self, index: usize) -> io::Result<Receiver> {
+        let addr = self.addr(index)?;
+        let fd = dgram_socket()?;
+        self.remove(index);
+        // SAFETY: `addr` points to a sockaddr_un valid for `len` bytes for the whole call.
+        let rc = unsafe { libc::bind(fd, addr.as_ptr(), addr.len) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            close(fd);
+            return Err(e);
+        }
+        Ok(Receiver(fd))
+    }
+
+    /// Removes the socket file `index`; best effort, for cleaning up.
+    pub fn remove(&self, index: usize) {
+        if let Ok(name) = CString::new(index.to_string()) {
+            // SAFETY: `name` is a valid NUL-terminated string; `self.fd` is an open directory
+            // descriptor (O_PATH descriptors are valid `dirfd`s).
+            unsafe { libc::unlinkat(self.fd, name.as_ptr(), 0) };
+        }
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        close(self.fd);
     }
 }
 
@@ -148,22 +192,6 @@ fn close(fd: RawFd) {
 pub struct Receiver(RawFd);
 
 impl Receiver {
-    /// Binds a new socket to `addr`, first removing a file left there (by a process that
-    /// held the name and died: the caller owns the name now).
-    pub fn bind_replacing(addr: &SocketAddr) -> io::Result<Receiver> {
-        let fd = dgram_socket()?;
-        // SAFETY: the path is NUL-terminated (see `c_path`).
-        unsafe { libc::unlink(addr.c_path().as_ptr()) };
-        // SAFETY: `addr` points to a sockaddr_un valid for `len` bytes for the whole call.
-        let rc = unsafe { libc::bind(fd, addr.as_ptr(), addr.len) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            close(fd);
-            return Err(e);
-        }
-        Ok(Receiver(fd))
-    }
-
     pub fn fd(&self) -> RawFd {
         self.0
     }
@@ -236,9 +264,10 @@ impl Senders {
         }
     }
 
-    /// Sends one byte to receiver `index`, whose name is `addr`, without ever blocking; never
-    /// raises SIGPIPE.
-    pub fn send(&self, index: usize, addr: &SocketAddr) -> Sent {
+    /// Sends one byte to receiver `index`, the socket file `index` in the private directory
+    /// `dir`, without ever blocking; never raises SIGPIPE. Only a (re)connect opens `dir` (and
+    /// checks it as [`SocketDir::open`] does); a send on a connected socket looks nothing up.
+    pub fn send(&self, index: usize, dir: &[u8]) -> Sent {
         let Some(cell) = self.fds.get(index) else {
             return Sent::Failed;
         };
@@ -260,7 +289,7 @@ impl Senders {
             // Never connected, or its receiver has gone: (re)connect to whoever holds the name
             // now, and try once more.
             Err(libc::ENOTCONN | libc::ECONNREFUSED | libc::ECONNRESET) => {
-                match connect(fd, addr) {
+                match connect(fd, dir, index) {
                     Ok(()) => classify(send_byte(fd)),
                     Err(e) => classify(Err(e)),
                 }
@@ -281,7 +310,13 @@ impl Drop for Senders {
     }
 }
 
-fn connect(fd: RawFd, addr: &SocketAddr) -> Result<(), i32> {
+/// Connects `fd` to the socket file `index` in the private directory `dir`, opened for just
+/// this (a descriptor kept open would go stale when the last notifier removes the directory
+/// and the next one makes it again); the errno on failure (EACCES if `dir` is not private).
+fn connect(fd: RawFd, dir: &[u8], index: usize) -> Result<(), i32> {
+    let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EACCES);
+    let dir = SocketDir::open(dir, false).map_err(errno)?;
+    let addr = dir.addr(index).map_err(errno)?;
     loop {
         // SAFETY: `addr` points to a sockaddr_un valid for `len` bytes for the whole call.
         if unsafe { libc::connect(fd, addr.as_ptr(), addr.len) } == 0 {
@@ -357,25 +392,36 @@ pub fn random_u64() -> u64 {
 mod tests {
     use super::*;
 
+    /// A fresh directory path of about 200 bytes (its parents made; it is not): far past what
+    /// a socket address holds. Remove the returned top directory when done.
+    fn deep_dir() -> (String, String) {
+        let top = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
+        let parent = format!("{top}/{}/{}", "p".repeat(60), "q".repeat(60));
+        std::fs::create_dir_all(&parent).unwrap();
+        let dir = format!("{parent}/{}.wake", "s".repeat(200 - parent.len() - 6));
+        assert_eq!(dir.len(), 200);
+        (top, dir)
+    }
+
     #[test]
     fn datagrams_reach_the_bound_name_and_a_gone_name_is_refused() {
-        let dir = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
-        private_dir(dir.as_bytes()).unwrap();
-        private_dir(dir.as_bytes()).expect("our own 0700 directory is accepted again");
-        let path = format!("{dir}/3");
-        let addr = SocketAddr::new(path.as_bytes()).unwrap();
+        let (top, dir) = deep_dir();
         let senders = Senders::new(4);
-        let send_wake = |a: &SocketAddr| senders.send(3, a);
-        assert_eq!(send_wake(&addr), Sent::NoReceiver);
-        let rx = Receiver::bind_replacing(&addr).unwrap();
+        let send_wake = || senders.send(3, dir.as_bytes());
+        assert_eq!(send_wake(), Sent::NoReceiver, "no directory yet");
+        let d = SocketDir::open(dir.as_bytes(), true).unwrap();
+        SocketDir::open(dir.as_bytes(), true).expect("our own 0700 directory is accepted again");
+        assert_eq!(send_wake(), Sent::NoReceiver, "no socket yet");
+        let rx = d.bind_replacing(3).unwrap();
+        assert!(std::path::Path::new(&format!("{dir}/3")).exists());
         assert_eq!(rx.drain(), 0);
-        assert_eq!(send_wake(&addr), Sent::Delivered);
-        assert_eq!(send_wake(&addr), Sent::Delivered);
+        assert_eq!(send_wake(), Sent::Delivered);
+        assert_eq!(send_wake(), Sent::Delivered);
         assert_eq!(rx.drain(), 2);
         assert_eq!(rx.drain(), 0);
         // A full queue never blocks the sender.
         for _ in 0..10_000 {
-            assert_eq!(send_wake(&addr), Sent::Delivered);
+            assert_eq!(send_wake(), Sent::Delivered);
         }
         assert!(rx.drain() > 0);
         drop(rx);
@@ -384,23 +430,38 @@ mod tests {
         assert!(
             (0..5000).any(|_| {
                 std::thread::sleep(std::time::Duration::from_millis(1));
-                send_wake(&addr) == Sent::NoReceiver
+                send_wake() == Sent::NoReceiver
             }),
             "a closed socket's name is refused"
         );
         // A new owner of the name replaces the stale file.
-        let rx = Receiver::bind_replacing(&addr).unwrap();
-        assert_eq!(send_wake(&addr), Sent::Delivered);
+        let rx = d.bind_replacing(3).unwrap();
+        assert_eq!(send_wake(), Sent::Delivered);
         drop(rx);
-        remove_file(path.as_bytes());
-        assert_eq!(send_wake(&addr), Sent::NoReceiver);
+        d.remove(3);
+        assert_eq!(send_wake(), Sent::NoReceiver);
+        // The directory removed and made again (the last notifier left, a new one came): the
+        // sender reaches the new socket.
+        drop(d);
         remove_dir_if_empty(dir.as_bytes());
         assert!(!std::path::Path::new(&dir).exists());
+        let d = SocketDir::open(dir.as_bytes(), true).unwrap();
+        let rx = d.bind_replacing(3).unwrap();
+        assert_eq!(send_wake(), Sent::Delivered);
+        assert_eq!(rx.drain(), 1);
         assert_eq!(
-            senders.send(4, &addr),
+            senders.send(4, dir.as_bytes()),
             Sent::Failed,
             "no such receiver index"
         );
+        // A directory others may enter is not sent into.
+        drop(rx);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let rx = d.bind_replacing(2).unwrap();
+        assert_eq!(senders.send(2, dir.as_bytes()), Sent::NoReceiver);
+        assert_eq!(rx.drain(), 0);
+        std::fs::remove_dir_all(&top).unwrap();
         assert!(SocketAddr::new(&[b'x'; 108]).is_none());
         assert!(SocketAddr::new(&[b'x'; 107]).is_some());
     }
@@ -411,11 +472,11 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = private_dir(dir.as_bytes()).unwrap_err();
+        let e = SocketDir::open(dir.as_bytes(), true).unwrap_err();
         assert!(e.to_string().contains("0755"), "{e}");
         std::fs::remove_dir(&dir).unwrap();
         std::os::unix::fs::symlink("/tmp", &dir).unwrap();
-        let e = private_dir(dir.as_bytes()).unwrap_err();
+        let e = SocketDir::open(dir.as_bytes(), true).unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
         std::fs::remove_file(&dir).unwrap();
     }
