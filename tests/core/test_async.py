@@ -108,6 +108,52 @@ w.finalize()
         assert got == pattern_at(start, len(got))
 
 
+def test_aread_at_a_segment_path_longer_than_a_socket_address_is_woken_from_another_process(
+    tmp_path, loop_kind: str, run_async, child_env
+) -> None:
+    # A socket address holds 107 bytes; the notifier's socket lives in "<segment>.wake/".
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / ("s" * max(1, 200 - len(str(deep)) - 1)))
+    assert len(path) >= 200
+    seg = ringcast.Segment.create(path, max_sessions=4, session_bytes=64 * 1024)
+    w = seg.create_or_replace("c")
+    r = seg.reader("c")
+    code = f"""
+import sys, ringcast
+seg = ringcast.Segment.open(sys.argv[1])
+w = seg.adopt("c", "", {w.generation})
+for line in sys.stdin:
+    w.write(line.encode())
+w.finalize()
+"""
+    producer = subprocess.Popen(
+        [sys.executable, "-c", code, seg.path], stdin=subprocess.PIPE, env=child_env, text=True
+    )
+
+    async def main() -> None:
+        assert producer.stdin is not None
+        for i in range(20):
+            # Waiting before the line is sent: only a datagram from the producer wakes it.
+            task = asyncio.create_task(r.aread())
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not task.done()
+            producer.stdin.write(f"line {i}\n")
+            producer.stdin.flush()
+            assert await asyncio.wait_for(task, 60) == f"line {i}\n".encode()
+        task = asyncio.create_task(r.aread())
+        producer.stdin.close()
+        assert await asyncio.wait_for(task, 60) == b""
+
+    with producer:
+        run_async(loop_kind, main)
+        assert producer.wait(60) == 0
+    assert r.at_end
+    seg.close()
+    os.unlink(path)
+
+
 @pytest.mark.parametrize("how", ["replaced", "evicted", "cancelled"])
 def test_aread_raises_session_ended(
     seg: ringcast.Segment, loop_kind: str, how: str, run_async
