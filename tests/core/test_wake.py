@@ -263,9 +263,17 @@ def test_another_user_cannot_wake_or_busy_a_notifier(seg: ringcast.Segment) -> N
     n.subscribe(r.slot, r.generation)
     wake_dir = seg.path + ".wake"
     assert os.stat(wake_dir).st_mode & 0o777 == 0o700
-    with open("/proc/net/unix") as f:
-        listed = [line.split()[-1] for line in f if wake_dir + "/" in line]
-    assert listed, "the attacker can still see the name: it must not be enough"
+    # The socket is bound through a descriptor of the directory (/proc/self/fd/<fd>/<row>,
+    # what /proc/net/unix lists); the attacker aims at its file, and at this process's link.
+    names = os.listdir(wake_dir)
+    assert names
+    fd_links = [
+        f"/proc/{os.getpid()}/fd/{fd}"
+        for fd in os.listdir(f"/proc/{os.getpid()}/fd")
+        if os.path.realpath(f"/proc/{os.getpid()}/fd/{fd}") == os.path.realpath(wake_dir)
+    ]
+    assert fd_links
+    listed = [os.path.join(d, name) for d in (wake_dir, *fd_links) for name in names]
     nobody = 65534
     got = _send_from_child(listed, nobody, 2000)
     assert got == {"sent": 0, "PermissionError": 2000 * len(listed)}, got
