@@ -20,7 +20,8 @@ server=$!
 cleanup() {
   kill "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
-  rm -rf "$work"
+  # ringcast serve removes its segment file at exit but leaves <segment>.wake/ behind.
+  rm -rf "$work" "$segment.wake"
 }
 trap cleanup EXIT
 for _ in $(seq 600); do
