@@ -34,7 +34,10 @@ an offset is also a resume point.
   ``"failed"``; a remote store adds its own, e.g. ``"node_lost"``): the stream ended without
   finishing, raised by a reader's next read;
 - ``InvalidArgument``: an id the store cannot hold (too long, ...);
-- ``RegistryFull``: no room for another stream, even after eviction.
+- ``RegistryFull``: no room for another stream, even after eviction;
+- ``SegmentError`` from a writer's ``write``: no memory for this stream's next bytes (a full
+  shared-memory filesystem); nothing was written, and the writer can still append a short
+  error event and finalize (:func:`fail_stream`).
 
 :func:`offset_lost` and :func:`session_ended` build the two that carry a value, for stores
 written in Python.
@@ -53,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
-from ringcast._core import OffsetLost, SessionEnded
+from ringcast._core import OffsetLost, SegmentError, SessionEnded
 from ringcast.wire.sse import error_event, frame_event
 
 
@@ -255,7 +258,11 @@ def fail_stream(writer: StreamWriter, code: int, message: str, type_: str) -> bo
     type}}``, framed with its ``id:``) and finalize it ``failed``. Whoever holds the producer
     role does this: the worker when its job fails, the HTTP process when no worker adopted the
     job, the GC for a stream whose producer died. False if the stream was no longer this
-    writer's (its readers then learn why from the store)."""
-    if not writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
-        return False
+    writer's (its readers then learn why from the store). Out of memory even for the event,
+    the stream is still finalized."""
+    try:
+        if not writer.write(frame_event(writer.total_bytes, error_event(code, message, type_))):
+            return False
+    except SegmentError:
+        pass
     return writer.finalize("failed")

@@ -244,6 +244,29 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
+def _say_how_many_rings_fit(seg: Segment, path: str) -> None:
+    """Warn when the segment's filesystem cannot hold every ring full (the file is sparse, so
+    it starts anyway; the core refuses one that cannot hold even one full ring)."""
+    st = seg.stats()
+    vfs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free = vfs.f_bavail * vfs.f_frsize
+    more = st.file_bytes - st.resident_bytes
+    if more <= free:
+        return
+    mib = 1 << 20
+    log.warning(
+        "segment %s may need %d MiB more when all %d sessions' rings are full, and its "
+        "filesystem has %d MiB free: about %d full rings fit. A stream that finds it full ends "
+        "with an error event (no_memory); the others go on. To avoid it, give the filesystem "
+        "more room (Docker: --shm-size) or lower --max-sessions or --session-bytes",
+        path,
+        more // mib,
+        st.max_sessions,
+        free // mib,
+        free // max(st.session_bytes, 1),
+    )
+
+
 def _lock_segment(path: str) -> int | None:
     """An exclusive ``flock`` on the segment file for the manager's lifetime (released by the
     kernel if it dies), so two managers never drive one segment. None if another holds it."""
@@ -287,6 +310,7 @@ def serve(cfg: ServeConfig) -> int:
     except (SegmentError, OSError, ValueError) as e:
         print(f"ringcast serve: cannot use segment {cfg.segment}: {e}", file=sys.stderr)
         return 2
+    _say_how_many_rings_fit(seg, cfg.segment)
     lock_fd = _lock_segment(cfg.segment)
     if lock_fd is None:
         seg.close()

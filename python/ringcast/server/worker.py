@@ -31,7 +31,7 @@ from pathlib import Path
 
 import msgspec
 
-from ringcast._core import RingcastError, SessionEnded, SessionNotFound
+from ringcast._core import RingcastError, SegmentError, SessionEnded, SessionNotFound
 from ringcast.http.logs import log_failure
 from ringcast.server import rundir
 from ringcast.server.child import STARTUP_REFUSED, child_main
@@ -67,6 +67,15 @@ log = logging.getLogger("ringcast.worker")
 
 CANCEL_POLL = 0.02
 PING_EVENT = b": ping\n\n"
+
+
+def _ping(writer: StreamWriter) -> bool:
+    """Appends a keep-alive comment; False if the stream is no longer this writer's, or if
+    there is no memory for it (the job's own next write then fails the stream)."""
+    try:
+        return writer.write(PING_EVENT, progress=False)
+    except SegmentError:
+        return False
 
 
 class WorkerApp:
@@ -136,6 +145,10 @@ class WorkerApp:
                 self.counters.inc(WorkerCounter.JOBS_CANCELLED)
         except UpstreamError as e:
             self._fail(writer, e.code, str(e), "upstream_error")
+        except SegmentError as e:
+            # The shared-memory filesystem is full: this stream fails, the others run on.
+            log.warning("a stream failed: %s", e)
+            self._fail(writer, 507, "the server has no memory left for this stream", "no_memory")
         except Exception as e:
             log_failure(log, "a generation failed", e)
             self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
@@ -189,7 +202,7 @@ class WorkerApp:
                 last = progress.get(task)
                 if last is None or last[0] != total:
                     progress[task] = (total, now)
-                elif now - last[1] >= interval and writer.write(PING_EVENT, progress=False):
+                elif now - last[1] >= interval and _ping(writer):
                     # A comment, not an event: no id line, the next event's id counts it. Not
                     # progress either: a stream that only pings can still be found idle.
                     progress[task] = (writer.total_bytes, now)

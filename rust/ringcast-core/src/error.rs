@@ -33,6 +33,13 @@ pub enum SegmentError {
         path: String,
         why: String,
     },
+    /// The segment's filesystem has no memory left for the pages an append needed.
+    NoSpace {
+        path: String,
+        source: io::Error,
+        /// Bytes the writer may still append after this error (room for an error event).
+        reserve: u64,
+    },
     Closed,
 }
 
@@ -43,6 +50,17 @@ impl fmt::Display for SegmentError {
                 write!(f, "cannot {op} segment {path:?}: {source}")
             }
             SegmentError::Invalid { path, why } => write!(f, "segment {path:?}: {why}"),
+            SegmentError::NoSpace {
+                path,
+                source,
+                reserve,
+            } => write!(
+                f,
+                "the filesystem of segment {path:?} has no memory left for this stream's next \
+                 bytes ({source}); nothing was written. The stream can still be finalized, after \
+                 at most {reserve} more bytes (an error event). Free memory there or give it \
+                 more room (Docker: --shm-size), or lower max_sessions x session_bytes"
+            ),
             SegmentError::Closed => write!(f, "the segment was closed; open it again"),
         }
     }

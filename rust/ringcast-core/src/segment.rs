@@ -100,6 +100,59 @@ fn file_error(path: &str, op: &'static str, e: std::io::Error) -> Error {
     )
 }
 
+/// Backs the header, process table, reader counts and slot metadata (everything before the
+/// rings) with memory: every process touches them, and a page of them left unbacked on a full
+/// filesystem would be a `SIGBUS` in whichever process touched it first. Already backed (a
+/// segment opened again), this allocates nothing.
+fn back_tables(map: &Mapping, path: &str, geo: &Geometry) -> Result<()> {
+    match map.allocate(0, geo.rings_offset as usize) {
+        Ok(()) => Ok(()),
+        // Cannot allocate ahead on this filesystem: pages are backed as they are touched.
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(Error::invalid_segment(
+            path,
+            format!(
+                "its filesystem has no room for the segment's tables ({} bytes; {}): free memory \
+                 there or give it more room (Docker: --shm-size), or lower max_sessions",
+                geo.rings_offset,
+                free_text(map)
+            ),
+        )),
+        Err(e) => Err(Error::io(path, "back the tables of", e)),
+    }
+}
+
+/// "N bytes free", as far as `statvfs` says.
+fn free_text(map: &Mapping) -> String {
+    match map.fs_free_bytes() {
+        Ok(n) => format!("{n} bytes free"),
+        Err(e) => format!("free space unknown: {e}"),
+    }
+}
+
+/// A new segment must fit its tables and at least one full ring in its filesystem's free
+/// space; less could never hold one whole stream. More than that may be promised (the file is
+/// sparse, and most sessions never fill their ring): an append that finds the filesystem full
+/// fails for its own stream (`SegmentError::NoSpace`), and the server says at start how many
+/// full rings fit.
+fn check_room(map: &Mapping, path: &str, geo: &Geometry) -> Result<()> {
+    let minimum = geo.rings_offset + geo.ring_stride;
+    if let Ok(free) = map.fs_free_bytes() {
+        if free < minimum {
+            return Err(Error::invalid_segment(
+                path,
+                format!(
+                    "its filesystem has {free} bytes free, less than the segment's tables and one \
+                     full ring ({minimum} bytes; {} when all {} rings are full): give it more \
+                     room (Docker: --shm-size) or lower session_bytes",
+                    geo.file_bytes, geo.max_sessions
+                ),
+            ));
+        }
+    }
+    back_tables(map, path, geo)
+}
+
 impl Segment {
     /// Creates a new segment file (fails if `path` exists).
     pub fn create(path: &str, cfg: SegmentConfig) -> Result<Segment> {
@@ -128,6 +181,10 @@ impl Segment {
             })?;
         let map = Mapping::create(path, geo.file_bytes as usize)
             .map_err(|e| file_error(path, "create", e))?;
+        if let Err(e) = check_room(&map, path, &geo) {
+            let _ = map.unlink(path);
+            return Err(e);
+        }
         // The index's hash key: secret to clients, so they cannot aim ids at one bucket.
         let hash_key = [random_u64(), random_u64()];
         let view = SegmentView::create(map, geo, new_epoch(), hash_key)
@@ -180,6 +237,7 @@ impl Segment {
         }
         let geo = Geometry::from_header(h, map.len() as u64)
             .map_err(|why| Opening::Failed(Error::invalid_segment(path, why)))?;
+        back_tables(&map, path, &geo).map_err(Opening::Failed)?;
         let (epoch, hash_key) = (h.epoch, h.hash_key);
         Ok(Segment::from_view(
             SegmentView::open(map, geo, epoch, hash_key),

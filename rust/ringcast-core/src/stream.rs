@@ -7,14 +7,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::error::{EndReason, Error, Result};
+use crate::error::{EndReason, Error, Result, SegmentError};
 use crate::layout::{state, SlotMeta};
 use crate::notify::{self, Notifier};
 use crate::registry::{busy_holder_alive, ProducerClaim, Registry, SessionState};
 use crate::ring::{self, Cursors, ReadOutcome};
-use crate::sync::Ordering;
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::sys::futex::WaitOutcome;
 use crate::sys::process;
+
+/// How far ahead of the producer its ring's pages are backed: one `fallocate` per this many
+/// bytes appended, until the ring has been written around once.
+const BACKING_CHUNK: u64 = 64 << 10;
+
+/// Room kept backed past every append, so that a writer refused for want of memory can still
+/// append a short error event before it finalizes.
+const APPEND_RESERVE: u64 = 4 << 10;
+
+/// `Writer::backed` before the first append has looked at the ring.
+const BACKED_UNKNOWN: u64 = u64::MAX;
 
 /// The producer of one session.
 pub struct Writer {
@@ -22,6 +33,11 @@ pub struct Writer {
     claim: ProducerClaim,
     conversation_id: String,
     owner: String,
+    /// Bytes of the ring region, from its start, known to be backed by memory. Read and
+    /// written only under the append lock.
+    backed: AtomicU64,
+    /// Set when backing failed for want of memory: from then on appends may use the reserve.
+    short_of_memory: AtomicBool,
 }
 
 /// Outcome of a non-blocking read.
@@ -53,6 +69,8 @@ impl Writer {
             claim,
             conversation_id: id.to_string(),
             owner: owner.to_string(),
+            backed: AtomicU64::new(BACKED_UNKNOWN),
+            short_of_memory: AtomicBool::new(false),
         }
     }
 
@@ -145,16 +163,98 @@ impl Writer {
         let view = self.reg.view();
         let m = self.meta();
         let done = self.with_append_lock(|| {
+            self.back_pages(m, data.len() as u64)?;
             ring::append(&Cursors::of(m), &view.ring(self.claim.slot), data);
             if progress {
                 m.last_write_ns
                     .store(process::unix_nanos(), Ordering::Relaxed);
             }
+            Ok(())
         });
-        if done.is_some() {
-            notify::publish(view, self.reg.wakers(), m);
+        match done {
+            Some(Err(e)) => Err(e),
+            Some(Ok(())) => {
+                notify::publish(view, self.reg.wakers(), m);
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        Ok(done.is_some())
+    }
+
+    /// Backs the ring pages an append of `len` bytes will write, before it writes them: on a
+    /// full filesystem a write to an unbacked page of the mapping is a `SIGBUS` that kills the
+    /// process; this turns it into an error for this one stream. Called under the append lock.
+    ///
+    /// Until the ring has been written around once, the bytes below the end of an append are
+    /// the ones it and earlier appends wrote, so `backed` (a prefix of the ring region) only
+    /// grows: one `fallocate` per `BACKING_CHUNK`, `APPEND_RESERVE` ahead of the end; then
+    /// never again (the whole ring is backed while the session holds the slot).
+    fn back_pages(&self, m: &SlotMeta, len: u64) -> Result<()> {
+        let view = self.reg.view();
+        let g = view.geometry();
+        let stride = g.ring_stride;
+        let mut backed = self.backed.load(Ordering::Relaxed);
+        if backed == stride {
+            return Ok(());
+        }
+        let page = g.page_size as u64;
+        let round_up = |x: u64, to: u64| x.div_ceil(to).saturating_mul(to);
+        // Relaxed: only the producer writes `cursor`; `head` is ours too (or a dead producer's,
+        // published before we became the producer).
+        let start = m.cursor.load(Ordering::Relaxed);
+        if backed == BACKED_UNKNOWN {
+            // Every byte below `head` was written (or backed ahead of writing) by a producer.
+            let head = m.head.load(Ordering::Relaxed).max(start);
+            backed = round_up(head.min(g.session_bytes), page).min(stride);
+        }
+        let end = start.saturating_add(len);
+        let need = round_up(end.min(g.session_bytes), page).min(stride);
+        let short = self.short_of_memory.load(Ordering::Relaxed);
+        let goal = if short {
+            need
+        } else {
+            round_up(need + APPEND_RESERVE, BACKING_CHUNK.max(page)).min(stride)
+        };
+        if goal <= backed {
+            self.backed.store(backed, Ordering::Relaxed);
+            return Ok(());
+        }
+        match view.back_ring(self.claim.slot, backed, goal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                // This filesystem cannot allocate ahead: pages are backed as they are written,
+                // as they were before (docs/SECURITY.md).
+                self.backed.store(stride, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) => {
+                self.backed.store(backed, Ordering::Relaxed);
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    self.short_of_memory.store(true, Ordering::Relaxed);
+                    return Err(Error::Segment(SegmentError::NoSpace {
+                        path: self.reg.path().to_string(),
+                        source: e,
+                        reserve: backed.saturating_sub(start),
+                    }));
+                }
+                return Err(Error::io(self.reg.path(), "back the ring pages of", e));
+            }
+        }
+        self.backed.store(goal, Ordering::Relaxed);
+        // Cheap next to the allocation: a file truncated under us would fault on these pages
+        // as surely as a full one; say so instead.
+        let file = view.mapping().file_len().unwrap_or(usize::MAX) as u64;
+        if file < g.file_bytes {
+            return Err(Error::invalid_segment(
+                self.reg.path(),
+                format!(
+                    "the file was truncated to {file} bytes under this process (its layout needs \
+                     {}); stop every process using it and create it again",
+                    g.file_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Ends the stream with `end` (done, failed or cancelled). False if it had already ended.

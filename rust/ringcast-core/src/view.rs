@@ -299,6 +299,14 @@ impl SegmentView {
         }
     }
 
+    /// Backs bytes `from..to` of `slot`'s ring region (`to` at most the ring stride: the ring
+    /// rounded up to pages) with memory now; see `Mapping::allocate`.
+    pub(crate) fn back_ring(&self, slot: u32, from: u64, to: u64) -> io::Result<()> {
+        assert!(slot < self.geo.max_sessions && from <= to && to <= self.geo.ring_stride);
+        let off = self.geo.rings_offset + slot as u64 * self.geo.ring_stride + from;
+        self.map.allocate(off as usize, (to - from) as usize)
+    }
+
     /// Gives the pages of `slot`'s ring back to the OS (they read as zeros after).
     pub(crate) fn release_pages(&self, slot: u32) {
         assert!(slot < self.geo.max_sessions);

@@ -261,6 +261,22 @@ fn unlink_removes_only_the_file_it_opened() {
 }
 
 #[test]
+fn a_file_truncated_under_a_writer_is_reported_before_a_page_past_its_end_is_written() {
+    let t = TempSeg::new("truncated");
+    let seg = Segment::create(&t.0, cfg(2, 1 << 20)).unwrap();
+    let w = seg.create_or_replace("c", "").unwrap();
+    let g = seg.geometry();
+    // The tables stay; every ring page is past the new end (writing one would be SIGBUS).
+    let f = std::fs::OpenOptions::new().write(true).open(&t.0).unwrap();
+    f.set_len(g.rings_offset).unwrap();
+    let e = w
+        .write(b"data: x\n\n")
+        .expect_err("must not write past the end");
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert_eq!(seg.get("c", "").unwrap().total_bytes, 0);
+}
+
+#[test]
 fn scribbled_slot_metadata_never_escapes_bounds() {
     let t = TempSeg::new("scribble");
     let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();

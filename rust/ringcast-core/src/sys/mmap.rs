@@ -1,7 +1,9 @@
 //! The only place that maps memory: the segment file, created exclusively with mode 0600,
 //! sized once (sparse), mapped `MAP_SHARED`, and given back page by page with hole punching.
 //! The file is never reached through a symbolic link (`O_NOFOLLOW` on create and open), must
-//! be a regular file, and is removed only while the path still names it.
+//! be a regular file, and is removed only while the path still names it. Pages can be backed
+//! ahead of use ([`Mapping::allocate`]): on a full filesystem that is an error to report,
+//! where a first write to an unbacked page of the mapping is a `SIGBUS`.
 
 use std::ffi::CString;
 use std::io;
@@ -168,6 +170,58 @@ impl Mapping {
             } else {
                 0
             }
+        }
+    }
+
+    /// Backs `[offset, offset + len)` of the file with memory now (`fallocate`, keeping the
+    /// file's size), so that writing those pages through the mapping cannot fault for want of
+    /// space. `ENOSPC` when the filesystem is full; `Unsupported` when it cannot allocate ahead
+    /// (then writes back pages as they happen, as without this call).
+    pub fn allocate(&self, offset: usize, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range past the end of the mapping",
+            ));
+        }
+        loop {
+            // SAFETY: allocating blocks of a file we hold open changes no byte of it and no
+            // mapping; the range lies inside the file as mapped (checked above).
+            let rc = unsafe {
+                libc::fallocate(
+                    self.fd,
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => {
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Bytes an unprivileged user may still allocate in the file's filesystem.
+    pub fn fs_free_bytes(&self) -> io::Result<u64> {
+        // SAFETY: `st` is a plain-old-data out parameter fully written by a successful
+        // fstatvfs of a descriptor we own.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::fstatvfs(self.fd, &mut st) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(st.f_bavail as u64 * st.f_frsize as u64)
         }
     }
 

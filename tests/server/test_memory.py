@@ -1,0 +1,82 @@
+"""``ringcast serve`` on a shared-memory filesystem much smaller than its segment (a 2 MiB tmpfs,
+as Docker's 64 MiB ``/dev/shm`` is to the default 4 GiB segment): it starts with a warning
+saying how many full rings fit; a stream that finds the filesystem full ends with an in-band
+error event, and every process and every other stream goes on. Before, the worker died by
+``SIGBUS``, then the manager, then everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root"
+    ),
+]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 2 MiB tmpfs, unmounted after the test."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _stream(s: Any, conv: str, max_tokens: int) -> bytes:
+    r = s.post_chat(conv, max_tokens=max_tokens)
+    try:
+        assert r.status == 200
+        return bytes(r.read_all())
+    finally:
+        r.close()
+
+
+def test_a_full_shared_memory_filesystem_fails_one_stream_not_the_server(
+    serve: Any, small_shm: Path, sse_events, error_of, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = ("--max-sessions", "8", "--session-bytes", str(MiB), "--tokens-per-s", "0")
+    with serve(*args, segment=small_shm / "seg") as s:
+        assert "about 1 full rings fit" in capfd.readouterr().err
+        children = sorted(s.children("http") + s.children("worker"))
+        per_token = len(_stream(s, "probe", 200)) / 200
+        # Two streams of ~0.85 MiB each fit; the third finds the filesystem full.
+        tokens = int(0.85 * MiB / per_token)
+        first = _stream(s, "first", tokens)
+        assert first.endswith(b"data: [DONE]\n\n")
+        _stream(s, "second", tokens)
+        third = _stream(s, "third", tokens)
+        last = sse_events(third)[-1]
+        assert error_of(last)["type"] == "no_memory", last
+        assert len(third) < len(first)
+        # Nobody died, nothing restarted; the earlier stream still reads in full.
+        assert s.proc.poll() is None
+        assert sorted(s.children("http") + s.children("worker")) == children
+        status, _, again = s.request("GET", "/v1/stream?conv_id=first&from=0")
+        assert status == 200 and again == first
+        # Memory given back by a deleted stream serves the next one.
+        assert s.request("DELETE", "/v1/stream?conv_id=second")[0] in (200, 204)
+        assert _stream(s, "fourth", tokens).endswith(b"data: [DONE]\n\n")
+        status, _, _ = s.request("GET", "/health")
+        assert status == 200
