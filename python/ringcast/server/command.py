@@ -61,6 +61,17 @@ def run(args: argparse.Namespace) -> int:
     if (problem := check_args(args)) is not None:
         print(f"ringcast serve: {problem}", file=sys.stderr)
         return 2
+    for flag, safe in (
+        ("api_key", "$RINGCAST_API_KEY or --api-key-file (mode 0600)"),
+        ("upstream_api_key", "$RINGCAST_UPSTREAM_KEY"),
+    ):
+        if getattr(args, flag):
+            print(
+                f"ringcast serve: warning: --{flag.replace('_', '-')} on the command line is "
+                "readable by every local user (/proc/<pid>/cmdline, ps); pass it in "
+                f"{safe} instead",
+                file=sys.stderr,
+            )
     try:
         cfg = config_from_args(args)
     except OSError as e:
