@@ -2,10 +2,12 @@
 standalone ``redis-server`` (``redis_server``) and a 3-master Redis Cluster
 (``redis_cluster``) on loopback ports, started in the tests' own directories and killed after
 (a Redis the machine already runs is never touched). Tests that use them are skipped where
-``redis-server`` is not installed."""
+``redis-server`` is not installed. And ``small_shm``, a 2 MiB tmpfs for the tests of a full
+shared-memory filesystem (core and server)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -151,3 +153,24 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield nodes
     finally:
         nodes.kill()
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 2 MiB tmpfs (a shared-memory filesystem much smaller than a segment), unmounted
+    after the test; skips the test where mounting needs a root this process is not."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounts a tmpfs: needs root")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -24,8 +24,9 @@ class RingcastError(Exception):
     """Base class of every error raised by ringcast."""
 
 class SegmentError(RingcastError):
-    """The segment file is missing, not a ringcast segment, of another layout, or corrupt;
-    or the segment was closed."""
+    """The segment file is missing, not a ringcast segment, of another layout, or corrupt
+    (or a symbolic link: never followed); or the segment was closed; or, from a write, its
+    filesystem has no memory left for the stream's next bytes."""
 
 class SessionNotFound(RingcastError, KeyError):
     """No live session has this conversation id (for this owner)."""
@@ -231,7 +232,11 @@ class Writer:
         session is finalized or gone, or once another handle became its producer (``adopt``).
         ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
         others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
-        buffer is copied without the GIL: no other thread may change it until this returns."""
+        buffer is copied without the GIL: no other thread may change it until this returns.
+
+        Raises ``SegmentError``, with nothing written, when the segment's filesystem has no
+        memory left for these bytes (a full ``/dev/shm``); a few KiB stay in reserve, so a
+        short error event can still be written before ``finalize("failed")``."""
     def finalize(self, state: str = "done") -> bool:
         """End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if
         it had already ended."""

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ringcast
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root"
-    ),
-]
+pytestmark = pytest.mark.timeout(120)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -53,24 +46,6 @@ else:
     assert w.finalize("done")
 print(json.dumps({"written": written, "error": error}))
 """
-
-
-@pytest.fixture
-def small_shm(tmp_path: Path) -> Iterator[Path]:
-    """A fresh 2 MiB tmpfs, unmounted after the test."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    out = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _read_all(seg: ringcast.Segment, conv: str) -> bytes:

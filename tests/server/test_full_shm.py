@@ -7,41 +7,14 @@ error event, and every process and every other stream goes on. Before, the worke
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root"
-    ),
-]
+pytestmark = pytest.mark.timeout(120)
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_shm(tmp_path: Path) -> Iterator[Path]:
-    """A fresh 2 MiB tmpfs, unmounted after the test."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    out = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _stream(s: Any, conv: str, max_tokens: int) -> bytes:

@@ -147,7 +147,8 @@ impl Writer {
     }
 
     /// Appends bytes; false (nothing written) once the session ended or another producer took
-    /// over.
+    /// over. `SegmentError::NoSpace` (nothing written) when the segment's filesystem has no
+    /// memory left for them; see `back_pages`.
     pub fn write(&self, data: &[u8]) -> Result<bool> {
         self.append(data, true)
     }

@@ -52,7 +52,8 @@ pub(crate) fn add_exceptions<'py>(py: Python<'py>, m: &Bound<'py, PyModule>) -> 
             "SegmentError",
             one()?,
             "The segment file is missing, not a ringcast segment, of another layout, or \
-             corrupt; or the segment was closed.",
+             corrupt (or a symbolic link: never followed); or the segment was closed; or, \
+             from a write, its filesystem has no memory left for the stream's next bytes.",
         )?,
         not_found: mk(
             "SessionNotFound",
