@@ -29,7 +29,14 @@ from urllib.parse import unquote
 
 import msgspec
 
-from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
+from ringcast._core import (
+    InvalidArgument,
+    OffsetLost,
+    RegistryFull,
+    SegmentError,
+    SessionEnded,
+    SessionNotFound,
+)
 from ringcast.http.logs import log_failure
 from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
@@ -397,6 +404,11 @@ class App:
             ) from None
         except InvalidArgument as e:
             raise HttpError(400, str(e)) from None
+        except SegmentError:
+            # The shared-memory filesystem is full (docs/SECURITY.md): no room for a new slot.
+            raise HttpError(
+                507, "the server has no memory left for a new stream; retry later", "no_memory"
+            ) from None
 
     async def post_chat(self, req: Request, conn: Connection, owner: str) -> None:
         await self.post_completion(req, conn, owner, "chat")

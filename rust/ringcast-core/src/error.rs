@@ -54,13 +54,25 @@ impl fmt::Display for SegmentError {
                 path,
                 source,
                 reserve,
-            } => write!(
-                f,
-                "the filesystem of segment {path:?} has no memory left for this stream's next \
-                 bytes ({source}); nothing was written. The stream can still be finalized, after \
-                 at most {reserve} more bytes (an error event). Free memory there or give it \
-                 more room (Docker: --shm-size), or lower max_sessions x session_bytes"
-            ),
+            } => {
+                write!(
+                    f,
+                    "the filesystem of segment {path:?} has no memory left ({source}); nothing \
+                     was written. "
+                )?;
+                if *reserve > 0 {
+                    write!(
+                        f,
+                        "The stream can still be finalized, after at most {reserve} more bytes \
+                         (an error event). "
+                    )?;
+                }
+                write!(
+                    f,
+                    "Free memory there or give it more room (Docker: --shm-size), or lower \
+                     max_sessions x session_bytes"
+                )
+            }
             SegmentError::Closed => write!(f, "the segment was closed; open it again"),
         }
     }
@@ -122,6 +134,16 @@ impl Error {
             path: path.to_string(),
             op,
             source,
+        })
+    }
+
+    /// The filesystem of the segment at `path` could not back the pages an operation needed;
+    /// the writer may still append `reserve` bytes.
+    pub(crate) fn no_space(path: &str, source: io::Error, reserve: u64) -> Error {
+        Error::Segment(SegmentError::NoSpace {
+            path: path.to_string(),
+            source,
+            reserve,
         })
     }
 

@@ -836,6 +836,12 @@ impl RegistryGuard<'_> {
             // Slots never used: zeroed, on no list, nobody can be appending to them.
             let hw = reg.used_slots();
             if hw < n {
+                // Their pages are not: back them before anything touches them.
+                if let Err(e) = reg.view.back_new_slot(hw) {
+                    if e.kind() != std::io::ErrorKind::Unsupported {
+                        return Ok(Err(Error::no_space(&reg.path, e, 0)));
+                    }
+                }
                 head.high_water.store(hw + 1, Ordering::Relaxed);
                 head.high_water_copy.store(hw + 1, Ordering::Relaxed);
                 let m = reg.view.slot(hw);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{EndReason, Error, Result, SegmentError};
-use crate::layout::{Geometry, MAGIC, MAX_ID_LEN, MAX_SESSIONS, MIN_ID_LEN};
+use crate::layout::{Geometry, MAGIC, MAX_ID_LEN, MAX_PROCESSES, MAX_SESSIONS, MIN_ID_LEN};
 use crate::notify::Notifier;
 use crate::registry::{Registry, SessionInfo};
 use crate::stream::{Reader, Writer};
@@ -100,12 +100,25 @@ fn file_error(path: &str, op: &'static str, e: std::io::Error) -> Error {
     )
 }
 
-/// Backs the header, process table, reader counts and slot metadata (everything before the
-/// rings) with memory: every process touches them, and a page of them left unbacked on a full
-/// filesystem would be a `SIGBUS` in whichever process touched it first. Already backed (a
-/// segment opened again), this allocates nothing.
+/// The bytes of the tables backed when a segment is created or opened: the header and the
+/// process table, which every process touches, and the index, whose buckets lookups read at
+/// random. (A slot's metadata and reader counts are backed when the slot is first used:
+/// `SegmentView::back_new_slot`.)
+fn eager_table_bytes(geo: &Geometry) -> u64 {
+    geo.counts_offset + (geo.rings_offset - geo.index_offset)
+}
+
+/// Backs the tables of `eager_table_bytes` with memory: on a full filesystem a page of them
+/// left unbacked would be a `SIGBUS` in whichever process touched it first, a read as much as
+/// a write. Already backed (a segment opened again), this allocates nothing.
 fn back_tables(map: &Mapping, path: &str, geo: &Geometry) -> Result<()> {
-    match map.allocate(0, geo.rings_offset as usize) {
+    let done = map.allocate(0, geo.counts_offset as usize).and_then(|()| {
+        map.allocate(
+            geo.index_offset as usize,
+            (geo.rings_offset - geo.index_offset) as usize,
+        )
+    });
+    match done {
         Ok(()) => Ok(()),
         // Cannot allocate ahead on this filesystem: pages are backed as they are touched.
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
@@ -114,7 +127,7 @@ fn back_tables(map: &Mapping, path: &str, geo: &Geometry) -> Result<()> {
             format!(
                 "its filesystem has no room for the segment's tables ({} bytes; {}): free memory \
                  there or give it more room (Docker: --shm-size), or lower max_sessions",
-                geo.rings_offset,
+                eager_table_bytes(geo),
                 free_text(map)
             ),
         )),
@@ -136,7 +149,10 @@ fn free_text(map: &Mapping) -> String {
 /// fails for its own stream (`SegmentError::NoSpace`), and the server says at start how many
 /// full rings fit.
 fn check_room(map: &Mapping, path: &str, geo: &Geometry) -> Result<()> {
-    let minimum = geo.rings_offset + geo.ring_stride;
+    // One slot's metadata and a page of reader counts per process row come with the ring.
+    let page = geo.page_size as u64;
+    let one_slot = geo.slot_stride.div_ceil(page) * page + MAX_PROCESSES as u64 * page;
+    let minimum = eager_table_bytes(geo) + one_slot + geo.ring_stride;
     if let Ok(free) = map.fs_free_bytes() {
         if free < minimum {
             return Err(Error::invalid_segment(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::error::{EndReason, Error, Result, SegmentError};
+use crate::error::{EndReason, Error, Result};
 use crate::layout::{state, SlotMeta};
 use crate::notify::{self, Notifier};
 use crate::registry::{busy_holder_alive, ProducerClaim, Registry, SessionState};
@@ -16,13 +16,14 @@ use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::sys::futex::WaitOutcome;
 use crate::sys::process;
 
-/// How far ahead of the producer its ring's pages are backed: one `fallocate` per this many
-/// bytes appended, until the ring has been written around once.
+/// The most a producer's ring is backed ahead at once: the step doubles from one page (a short
+/// stream costs the pages it writes, no more) up to this, so a long one costs one `fallocate`
+/// per this many bytes, until the ring has been written around once.
 const BACKING_CHUNK: u64 = 64 << 10;
 
 /// Room kept backed past every append, so that a writer refused for want of memory can still
 /// append a short error event before it finalizes.
-const APPEND_RESERVE: u64 = 4 << 10;
+const APPEND_RESERVE: u64 = 1 << 10;
 
 /// `Writer::backed` before the first append has looked at the ring.
 const BACKED_UNKNOWN: u64 = u64::MAX;
@@ -188,8 +189,9 @@ impl Writer {
     ///
     /// Until the ring has been written around once, the bytes below the end of an append are
     /// the ones it and earlier appends wrote, so `backed` (a prefix of the ring region) only
-    /// grows: one `fallocate` per `BACKING_CHUNK`, `APPEND_RESERVE` ahead of the end; then
-    /// never again (the whole ring is backed while the session holds the slot).
+    /// grows, `APPEND_RESERVE` ahead of the end, by steps that double from a page to
+    /// `BACKING_CHUNK`; then never again (the whole ring is backed while the session holds the
+    /// slot).
     fn back_pages(&self, m: &SlotMeta, len: u64) -> Result<()> {
         let view = self.reg.view();
         let g = view.geometry();
@@ -208,18 +210,19 @@ impl Writer {
             let head = m.head.load(Ordering::Relaxed).max(start);
             backed = round_up(head.min(g.session_bytes), page).min(stride);
         }
-        let end = start.saturating_add(len);
-        let need = round_up(end.min(g.session_bytes), page).min(stride);
+        let end = start.saturating_add(len).min(g.session_bytes);
         let short = self.short_of_memory.load(Ordering::Relaxed);
-        let goal = if short {
-            need
-        } else {
-            round_up(need + APPEND_RESERVE, BACKING_CHUNK.max(page)).min(stride)
-        };
-        if goal <= backed {
+        let want = if short { end } else { end + APPEND_RESERVE };
+        if round_up(want, page).min(stride) <= backed {
             self.backed.store(backed, Ordering::Relaxed);
             return Ok(());
         }
+        let goal = if short {
+            round_up(want, page).min(stride)
+        } else {
+            let step = backed.clamp(page, BACKING_CHUNK.max(page));
+            round_up(want.max(backed + step), page).min(stride)
+        };
         match view.back_ring(self.claim.slot, backed, goal) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
@@ -232,11 +235,11 @@ impl Writer {
                 self.backed.store(backed, Ordering::Relaxed);
                 if e.raw_os_error() == Some(libc::ENOSPC) {
                     self.short_of_memory.store(true, Ordering::Relaxed);
-                    return Err(Error::Segment(SegmentError::NoSpace {
-                        path: self.reg.path().to_string(),
-                        source: e,
-                        reserve: backed.saturating_sub(start),
-                    }));
+                    return Err(Error::no_space(
+                        self.reg.path(),
+                        e,
+                        backed.saturating_sub(start),
+                    ));
                 }
                 return Err(Error::io(self.reg.path(), "back the ring pages of", e));
             }

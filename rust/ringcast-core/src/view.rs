@@ -299,6 +299,24 @@ impl SegmentView {
         }
     }
 
+    /// Backs the pages a slot used for the first time will touch: its metadata and keys, and
+    /// in each process row the page of reader counts its cell starts, if it starts one (slots
+    /// are first used in order, from 0, so the pages of earlier cells are backed already).
+    pub(crate) fn back_new_slot(&self, slot: u32) -> io::Result<()> {
+        assert!(slot < self.geo.max_sessions);
+        let g = &self.geo;
+        let meta = g.slots_offset + slot as u64 * g.slot_stride;
+        self.map.allocate(meta as usize, g.slot_stride as usize)?;
+        let page = g.page_size as u64;
+        for row in 0..MAX_PROCESSES as u64 {
+            let cell = g.counts_offset + (row * g.max_sessions as u64 + slot as u64) * 8;
+            if slot == 0 || cell % page < 8 {
+                self.map.allocate(cell as usize, 8)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Backs bytes `from..to` of `slot`'s ring region (`to` at most the ring stride: the ring
     /// rounded up to pages) with memory now; see `Mapping::allocate`.
     pub(crate) fn back_ring(&self, slot: u32, from: u64, to: u64) -> io::Result<()> {

@@ -11,7 +11,7 @@
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use proptest::prelude::*;
-use ringcast_core::layout::HINT_OFFSET;
+use ringcast_core::layout::GENERATION_OFFSET;
 use ringcast_core::{EndReason, Error, Poll, Segment, SegmentConfig, SessionState};
 
 fn cases(base: u32) -> u32 {
@@ -157,20 +157,24 @@ fn populated(path: &str) -> Populated {
 
 /// Where in a live segment a scribble lands: any byte of the tables after the registry's
 /// robust mutex (glibc trusts its own state: not defended, docs/SECURITY.md; the constants
-/// before it are read once, at open: `scribbled_headers_are_refused_or_consistent`), except
-/// the key bytes (which *are* the keys: rewriting them renames a session, it does not corrupt
-/// it). A pick in a slot's key bytes lands in that slot's metadata instead.
+/// before it are read once, at open: `scribbled_headers_are_refused_or_consistent`), so the
+/// generation counter, the registry's head (free stack, LRU list, counters, high-water mark),
+/// the process table, the reader counts, the slot metadata and the index; except the key bytes
+/// (which *are* the keys: rewriting them renames a session, it does not corrupt it). A pick in
+/// a slot's key bytes lands in that slot's metadata instead.
 fn scribble_target(seg: &Segment, pick: u64) -> u64 {
     let g = seg.geometry();
     let slot_meta = 384u64;
-    let from = HINT_OFFSET as u64;
+    let from = GENERATION_OFFSET as u64;
     let at = from + pick % (g.rings_offset - from);
-    if at >= g.slots_offset {
+    if (g.slots_offset..g.index_offset).contains(&at) {
         let (slot, within) = (
             (at - g.slots_offset) / g.slot_stride,
             (at - g.slots_offset) % g.slot_stride,
         );
-        return g.slots_offset + slot * g.slot_stride + within % slot_meta;
+        if slot < g.max_sessions as u64 {
+            return g.slots_offset + slot * g.slot_stride + within % slot_meta;
+        }
     }
     at
 }
