@@ -61,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if (problem := check_args(args)) is not None:
         print(f"ringcast serve: {problem}", file=sys.stderr)
         return 2
+    try:
+        cfg = config_from_args(args)
+    except OSError as e:
+        print(f"ringcast serve: cannot read --api-key-file: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"ringcast serve: {e}", file=sys.stderr)
+        return 2
     for flag, safe in (
         ("api_key", "$RINGCAST_API_KEY or --api-key-file (mode 0600)"),
         ("upstream_api_key", "$RINGCAST_UPSTREAM_KEY"),
@@ -72,14 +80,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{safe} instead",
                 file=sys.stderr,
             )
-    try:
-        cfg = config_from_args(args)
-    except OSError as e:
-        print(f"ringcast serve: cannot read --api-key-file: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"ringcast serve: {e}", file=sys.stderr)
-        return 2
     from ringcast.server.supervisor import serve
 
     return serve(cfg)
