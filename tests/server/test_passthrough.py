@@ -314,3 +314,139 @@ def test_a_browser_loads_the_webui_through_ringcast(
     assert report["tok"]["method"] == "POST" and json.loads(report["tok"]["body"]) == {
         "content": "hi"
     }
+
+
+class RecordingUpstream(socketserver.ThreadingTCPServer):
+    """An upstream that records every byte a connection sent it, up to the connection's end,
+    and answers the first request on it with ``response``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, response: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.response = response
+        self.received: list[bytes] = []
+        self.closed = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _RecordingHandler(socketserver.BaseRequestHandler):
+    server: RecordingUpstream
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        got = b""
+        while b"\r\n\r\n" not in got and (data := sock.recv(65536)):
+            got += data
+        sock.sendall(self.server.response)
+        with contextlib.suppress(OSError):
+            while data := sock.recv(65536):
+                got += data
+        self.server.received.append(got)
+        self.server.closed.set()
+
+
+@pytest.fixture
+def recorder(serve: Any) -> Iterator[tuple[RecordingUpstream, Any]]:
+    """A recording upstream and a ringcast in front of it."""
+    up = RecordingUpstream()
+    with serving(up), serve("--upstream", up.url, "--http-procs", "1") as s:
+        yield up, s
+
+
+def test_connection_naming_a_framing_header_is_refused(
+    recorder: tuple[RecordingUpstream, Any],
+) -> None:
+    """A ``Connection`` that names ``Content-Length`` would make ringcast drop it as hop-by-hop
+    while forwarding the body, which the upstream would read as a second request: 400, and
+    nothing reaches the upstream."""
+    up, s = recorder
+    smuggled = b"GET /slots HTTP/1.1\r\nHost: up\r\n\r\n"
+    for named in (b"content-length", b"Transfer-Encoding", b"keep-alive, Host"):
+        raw = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            named,
+            len(smuggled),
+            smuggled,
+        )
+        status, _, body = s.request("GET", "/", raw=raw)
+        assert status == 400, named
+        assert b"Connection may not name" in body
+    assert up.received == []
+
+
+def test_forwarded_head_declares_exactly_the_body_forwarded(
+    recorder: tuple[RecordingUpstream, Any],
+) -> None:
+    up, s = recorder
+    raw = (
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n"
+        b"Content-Length: 005\r\n\r\nhello"
+    )
+    status, _, body = s.request("POST", "/tokenize", raw=raw)
+    assert (status, body) == (200, b"ok")
+    assert up.closed.wait(30)
+    host = up.url.removeprefix("http://")
+    assert up.received == [
+        b"POST /tokenize HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        b"hello" % host.encode()
+    ]
+
+
+def test_a_raw_utf8_target_goes_up_as_the_client_sent_it(
+    recorder: tuple[RecordingUpstream, Any],
+) -> None:
+    up, s = recorder
+    target = "/tokenize/café?q=日&r=%E6%97%A5".encode()
+    status, _, body = s.request(
+        "GET", "/", raw=b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target
+    )
+    assert (status, body) == (200, b"ok")
+    assert up.closed.wait(30)
+    assert up.received[0].startswith(b"GET %s HTTP/1.1\r\n" % target)
+
+
+BAD_UPSTREAM_HEADS = {
+    "bare LF": b"HTTP/1.1 200 OK\r\nX-A: a\nSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nok",
+    "bare CR": b"HTTP/1.1 200 OK\r\nX-A: a\rSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nok",
+    "VT": b"HTTP/1.1 200 OK\r\nX-A: a\x0bb\r\nContent-Length: 2\r\n\r\nok",
+    "superscript length": "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nok".encode("latin-1"),
+}
+
+
+def test_an_upstream_head_with_control_characters_or_a_bad_length_is_a_502(
+    serve: Any, tmp_path: Path
+) -> None:
+    """Refused, not passed on, and logged by the upstream's name and the path's first
+    segment (past it may be a conversation id)."""
+    up = RecordingUpstream()
+    log = tmp_path / "serve.log"
+    with serving(up), serve("--upstream", up.url, "--http-procs", "1", log=log) as s:
+        for what, response in BAD_UPSTREAM_HEADS.items():
+            up.response = response
+            status, headers, body = s.request("GET", "/props/conv-secret")
+            assert status == 502, what
+            assert json.loads(body)["error"]["type"] == "upstream_error"
+            assert "set-cookie" not in headers and "x-a" not in headers
+    text = log.read_text()
+    assert text.count("sent an invalid response to GET /props, answered 502") == 4, text
+    assert "conv-secret" not in text
+
+
+def test_a_client_header_value_with_a_control_character_is_a_400(
+    recorder: tuple[RecordingUpstream, Any],
+) -> None:
+    """On a passthrough route and on ringcast's own."""
+    up, s = recorder
+    for path in (b"/props", b"/health"):
+        for value in (b"a\x0bb", b"a\x7fb", b"a\x01b"):
+            raw = b"GET %s HTTP/1.1\r\nHost: x\r\nX-A: %s\r\nConnection: close\r\n\r\n" % (
+                path,
+                value,
+            )
+            status, _, _ = s.request("GET", path.decode(), raw=raw)
+            assert status == 400, (path, value)
+    assert up.received == []

@@ -10,6 +10,7 @@ request and yields body pieces. No redirects, no keep-alive reuse, no compressio
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import urllib.parse
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field
 __all__ = ["HTTPError", "ResponseParser", "Target", "build_request", "parse_url", "stream"]
 
 _MAX_HEAD = 64 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+# Control characters other than HTAB (a bare CR or LF among them) in a header value.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HTTPError(Exception):
@@ -136,20 +141,27 @@ class ResponseParser:
     def _parse_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        if (
+            len(parts) < 2
+            or not parts[0].startswith("HTTP/1.")
+            or not re.fullmatch("[0-9]{3}", parts[1])
+        ):
             raise HTTPError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
         self.status = int(parts[1])
         for line in lines[1:]:
             k, sep, v = line.partition(":")
-            if not sep:
+            if not sep or not _TOKEN.fullmatch(k):
                 raise HTTPError(f"malformed header line: {line[:80]!r}")
-            self.headers.append((k.strip(), v.strip()))
+            v = v.strip(" \t")
+            if _CTL.search(v):
+                raise HTTPError(f"control character in the value of header {k[:40]!r}")
+            self.headers.append((k, v))
         self.head_done = True
         te = (self.header("transfer-encoding") or "").lower()
         if "chunked" in te:
             self._chunked = True
         elif (cl := self.header("content-length")) is not None:
-            if not cl.isdigit():
+            if not _DECIMAL.fullmatch(cl):
                 raise HTTPError(f"bad Content-Length: {cl!r}")
             self._remaining = int(cl)
             if self._remaining == 0:

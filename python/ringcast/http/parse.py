@@ -52,6 +52,9 @@ ERROR_TYPES = {
 # (``from=5%0A``) through as 5.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DECIMAL = re.compile(r"[0-9]{1,19}")
+# Control characters other than HTAB in a header value (RFC 9110 5.5): refused, never passed on.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET_CTL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class HttpError(Exception):
@@ -81,6 +84,7 @@ class Request:
         "method",
         "path",
         "query",
+        "target",
         "version",
     )
 
@@ -92,6 +96,8 @@ class Request:
         self.query = query
         self.version = version
         self.headers = headers
+        self.target = b""
+        """The request target exactly as the client sent it (bytes), for the passthrough."""
         self.body = b""
         self.body_stream: Any = None
         """With an application that streams this request's body: its
@@ -142,7 +148,11 @@ def parse_head(head: bytes) -> Request:
     method_b, target_b, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
-    if not _TOKEN.fullmatch(method_b) or not target_b.startswith(b"/"):
+    if (
+        not _TOKEN.fullmatch(method_b)
+        or not target_b.startswith(b"/")
+        or _TARGET_CTL.search(target_b)
+    ):
         raise HttpError(400, "malformed request line", close=True)
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -151,8 +161,8 @@ def parse_head(head: bytes) -> Request:
             raise HttpError(400, "malformed header line", close=True)
         name = name_b.decode("ascii").lower()
         value = value_b.strip(b" \t").decode("latin-1")
-        if any(c in value for c in "\r\n\x00"):
-            raise HttpError(400, "malformed header value", close=True)
+        if _CTL.search(value):
+            raise HttpError(400, f"control character in the value of header {name!r}", close=True)
         if name in headers:
             if name == "content-length" and headers[name] != value:
                 raise HttpError(400, "conflicting Content-Length headers", close=True)
@@ -167,7 +177,9 @@ def parse_head(head: bytes) -> Request:
     except UnicodeDecodeError:
         raise HttpError(400, "request target is not valid UTF-8", close=True) from None
     path, _, query = target.partition("?")
-    return Request(method_b.decode("ascii"), path, query, version, headers)
+    req = Request(method_b.decode("ascii"), path, query, version, headers)
+    req.target = target_b
+    return req
 
 
 def body_length(req: Request, max_body: int | None) -> int:

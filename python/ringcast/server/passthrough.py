@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from ringcast.http.client import HTTPError, ResponseParser
 from ringcast.http.parse import HttpError, Request
@@ -48,6 +49,13 @@ HOP_BY_HOP = frozenset(
 
 READ_SIZE = 65536
 
+log = logging.getLogger("ringcast.passthrough")
+
+FRAMING = frozenset({"content-length", "transfer-encoding", "host", "connection"})
+"""Headers that frame the request or name its recipient: a client's ``Connection`` that names
+one of them is refused, since dropping it as hop-by-hop would let the body it frames reach
+the upstream as a second request."""
+
 
 def _end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` without the hop-by-hop ones (and those their ``Connection`` names)."""
@@ -60,21 +68,38 @@ def _end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
 
 
+def refuse_framing_in_connection(req: Request) -> None:
+    """400 for a request whose ``Connection`` names a header in :data:`FRAMING`."""
+    named = {token.strip().lower() for token in req.headers.get("connection", "").split(",")}
+    if named & FRAMING:
+        raise HttpError(
+            400,
+            "Connection may not name " + ", ".join(sorted(named & FRAMING)),
+            close=True,
+        )
+
+
 def request_head(
-    cfg: ServeConfig, req: Request, path: str, authority: str, strip_auth: bool
+    cfg: ServeConfig, req: Request, root: str, authority: str, strip_auth: bool
 ) -> bytes:
     """The request head sent upstream: the caller's, end to end, with ``Host`` naming the
-    upstream, one connection per request, and the key as the module docstring says."""
+    upstream, one connection per request, and the key as the module docstring says. The
+    target goes up as the bytes the client sent (after the upstream's path prefix ``root``);
+    ``Content-Length`` is ringcast's own, the length of the body it forwards."""
     headers = _end_to_end(list(req.headers.items()))
-    drop = {"host", "expect"}  # ringcast answered the client's 100-continue itself
+    # ringcast answered the client's 100-continue itself, and sets the framing itself.
+    drop = {"host", "expect", "content-length"}
     if strip_auth or cfg.upstream_api_key:
         drop |= {"authorization", "x-api-key"}
-    lines = [f"{req.method} {path} HTTP/1.1", f"Host: {authority}"]
+    lines = [f"Host: {authority}"]
     lines += [f"{k}: {v}" for k, v in headers if k not in drop]
+    if "content-length" in req.headers:  # validated by the parser (body_length)
+        lines.append(f"Content-Length: {int(req.headers['content-length'])}")
     if cfg.upstream_api_key:
         lines.append(f"Authorization: Bearer {cfg.upstream_api_key}")
     lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    start = req.method.encode("ascii") + b" " + root.encode("utf-8") + req.target + b" HTTP/1.1"
+    return start + b"\r\n" + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 async def _send_body(req: Request, writer: asyncio.StreamWriter) -> None:
@@ -98,8 +123,8 @@ async def passthrough(
     :class:`HttpError` (502, 504) if the upstream cannot be reached or answers nothing
     valid. After it: a failure cuts the client's connection, so the body reads as cut short,
     never as whole."""
+    refuse_framing_in_connection(req)
     target = upstream_target(cfg.upstream)
-    path = target.root + req.path + ("?" + req.query if req.query else "")
     try:
         raw_reader, writer = await connect_upstream(cfg, target)
     except UpstreamError as e:
@@ -108,7 +133,7 @@ async def passthrough(
     sender: asyncio.Task[None] | None = None
     started = False
     try:
-        writer.write(request_head(cfg, req, path, target.authority, strip_auth))
+        writer.write(request_head(cfg, req, target.root, target.authority, strip_auth))
         sender = asyncio.get_running_loop().create_task(_send_body(req, writer))
         parser = ResponseParser()
         while not parser.done:
@@ -141,6 +166,18 @@ async def passthrough(
     except (UpstreamError, HTTPError) as e:
         if not started:
             code = e.code if isinstance(e, UpstreamError) else 502
+            if isinstance(e, HTTPError):
+                # The path's first segment only: past it may be a conversation id; so may the
+                # upstream's header text the error quotes (at DEBUG only).
+                first = req.path.split("/")[1]
+                log.warning(
+                    "upstream %s sent an invalid response to %s /%s, answered 502 "
+                    "(details at --log-level DEBUG)",
+                    target.name,
+                    req.method,
+                    first,
+                )
+                log.debug("upstream %s: invalid response: %s", target.name, e)
             raise HttpError(code, f"upstream {target.name}: {e}", "upstream_error") from None
         # Mid-body: cut the client off; a clean end would pass a cut answer off as whole.
         conn.keep_alive = False
