@@ -280,3 +280,20 @@ def test_open_streams_count_against_the_key_quota(serve) -> None:
             s.request("POST", "/ds/v1/stream/one", b"", {**k1, "Stream-Closed": "true"})[0] == 204
         )
         assert s.request("PUT", "/ds/v1/stream/three", b"", k1)[0] == 201
+
+
+def test_an_offset_whose_first_part_is_not_0_is_a_400(serve) -> None:
+    """docs/DURABLE_STREAMS.md: the first part of an offset is always 0; anything else is 400."""
+    with serve() as s:
+        path = "/ds/v1/stream/offsets"
+        assert s.request("PUT", path, b"hello", {"Content-Type": TEXT})[0] == 201
+        ok = "0000000000000000_0000000000000001"
+        status, _, body = s.request("GET", f"{path}?offset={ok}")
+        assert (status, body) == (200, b"ello")
+        for bad in ("0000000000000001_0000000000000000", ok + "%0A"):
+            status, _, body = s.request("GET", f"{path}?offset={bad}")
+            assert status == 400, bad
+            assert b"malformed offset" in body
+        fork = {"Content-Type": TEXT, "Stream-Forked-From": path}
+        fork["Stream-Fork-Offset"] = "0000000000000001_0000000000000000"
+        assert s.request("PUT", path + "-fork", b"", fork)[0] == 400

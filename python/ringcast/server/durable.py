@@ -67,7 +67,7 @@ CURSOR_EPOCH = 1728432000.0
 CURSOR_INTERVAL_S = 20.0
 MAX_SAFE_INT = 2**53 - 1
 
-_OFFSET = re.compile(r"^[0-9]{16}_([0-9]{16})$")
+_OFFSET = re.compile(r"0{16}_([0-9]{16})")  # matched with fullmatch: "$" lets "\n" through
 _NONNEG = re.compile(r"^(0|[1-9][0-9]*)$")
 _SECURITY = [
     ("X-Content-Type-Options", "nosniff"),
@@ -322,7 +322,7 @@ class DurableStreams:
             return t.info.first_available
         if raw == "now":
             return t.info.total_bytes
-        m = _OFFSET.match(raw)
+        m = _OFFSET.fullmatch(raw)
         if m is None:
             raise DsError(
                 400, f"malformed offset {raw[:64]!r}: use -1, now or a Stream-Next-Offset"
@@ -709,7 +709,7 @@ class DurableStreams:
         there (docs/DURABLE_STREAMS.md)."""
         end = info.total_bytes
         if raw is not None:
-            m = _OFFSET.match(raw)
+            m = _OFFSET.fullmatch(raw)
             if m is None:
                 raise DsError(400, f"malformed Stream-Fork-Offset {raw[:64]!r}")
             end = int(m.group(1))
