@@ -45,9 +45,19 @@ def test_parse_head_round_trip(headers: dict[str, str]) -> None:
         b"GET / HTTP/1.1\r\nbad name: x",
         b"GET / HTTP/1.1\r\n folded: x",
         b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",
+        b"\x00 \x00 ",  # not a request line at all: 400, not 505 (found by the HTTP fuzzing)
+        b"GET / FTP/1.1",
+        b"GET / HTTP/11",
     ],
 )
 def test_parse_head_rejects(head: bytes) -> None:
     with pytest.raises(HttpError) as e:
         parse_head(head)
     assert e.value.status == 400
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.0"])
+def test_a_well_formed_request_in_another_version_is_505(version: bytes) -> None:
+    with pytest.raises(HttpError) as e:
+        parse_head(b"GET / " + version)
+    assert e.value.status == 505

@@ -55,6 +55,7 @@ _DECIMAL = re.compile(r"[0-9]{1,19}")
 # Control characters other than HTAB in a header value (RFC 9110 5.5): refused, never passed on.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET_CTL = re.compile(rb"[\x00-\x1f\x7f]")
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 
 
 class HttpError(Exception):
@@ -146,14 +147,17 @@ def parse_head(head: bytes) -> Request:
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HttpError(400, "malformed request line", close=True)
     method_b, target_b, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+    # A line that is not a request line at all is the client's error (400); 505 is only for a
+    # well-formed request in an HTTP version ringcast does not speak.
     if (
         not _TOKEN.fullmatch(method_b)
         or not target_b.startswith(b"/")
         or _TARGET_CTL.search(target_b)
+        or not _VERSION.fullmatch(version)
     ):
         raise HttpError(400, "malformed request line", close=True)
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name_b, sep, value_b = line.partition(b":")
