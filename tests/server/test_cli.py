@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,23 @@ def test_a_key_on_the_command_line_is_warned_about(
         assert safe in err
     assert "sesame" not in err and "upstream-secret" not in err
     with serve(env={"RINGCAST_API_KEY": "sesame"}):
+        pass
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_a_redis_password_on_the_command_line_is_warned_about(
+    serve: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The server starts without its Redis reachable; the warning comes before.
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with serve("--redis", f"redis://:hunter2@127.0.0.1:{port}/0"):
+        pass
+    err = capfd.readouterr().err
+    assert "warning: a password in --redis on the command line is readable" in err
+    assert "$RINGCAST_REDIS_URL" in err and "hunter2" not in err
+    with serve("--redis", f"redis://127.0.0.1:{port}/0"):
         pass
     assert "warning" not in capfd.readouterr().err
 

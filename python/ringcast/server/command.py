@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import urllib.parse
 
 from ringcast.server.cluster.client import check_cluster_args
 from ringcast.server.config import SERVE_DESCRIPTION, SERVE_EPILOG, config_from_args, configure
@@ -57,6 +58,14 @@ def check_args(args: argparse.Namespace) -> str | None:
     return check_cluster_args(args)
 
 
+def _redis_password(url: str | None) -> str | None:
+    """The password in a ``--redis`` URL, if it holds one."""
+    try:
+        return urllib.parse.urlsplit(url).password if url else None
+    except ValueError:  # not a URL: config_from_args said why
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     if (problem := check_args(args)) is not None:
         print(f"ringcast serve: {problem}", file=sys.stderr)
@@ -69,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"ringcast serve: {e}", file=sys.stderr)
         return 2
-    for flag, safe in (
-        ("api_key", "$RINGCAST_API_KEY or --api-key-file (mode 0600)"),
-        ("upstream_api_key", "$RINGCAST_UPSTREAM_KEY"),
+    for flag, secret, safe in (
+        ("api_key", args.api_key, "$RINGCAST_API_KEY or --api-key-file (mode 0600)"),
+        ("upstream_api_key", args.upstream_api_key, "$RINGCAST_UPSTREAM_KEY"),
+        ("redis", _redis_password(args.redis), "$RINGCAST_REDIS_URL"),
     ):
-        if getattr(args, flag):
+        if secret:
+            what = "a password in --redis" if flag == "redis" else "--" + flag.replace("_", "-")
             print(
-                f"ringcast serve: warning: --{flag.replace('_', '-')} on the command line is "
+                f"ringcast serve: warning: {what} on the command line is "
                 "readable by every local user (/proc/<pid>/cmdline, ps); pass it in "
                 f"{safe} instead",
                 file=sys.stderr,
