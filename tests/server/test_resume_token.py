@@ -34,7 +34,9 @@ def test_a_token_expires() -> None:
     )
 
 
-@pytest.mark.parametrize("bad", ["", "x", "123", "abc.def", "9" * 20 + ".x", "1.2.3"])
+@pytest.mark.parametrize(
+    "bad", ["", "x", "123", "abc.def", "9" * 20 + ".x", "1.2.3", "²1.mac", "1.mäc", "٣.x"]
+)
 def test_malformed_tokens_are_refused(bad: str) -> None:
     assert resume_token.verify(SECRET, [ALICE], "c", bad, now=0) is None
 

@@ -40,6 +40,10 @@ def verify(
 ) -> str | None:
     """The digest of the key ``token`` was issued to for ``conv``, or None if it is malformed,
     expired, or for another conversation or server."""
+    # ASCII only: str.isdigit() accepts digits such as '²' that int() refuses, and
+    # hmac.compare_digest raises on a str with non-ASCII characters (a client's input: a 500).
+    if not token.isascii():
+        return None
     expiry_text, dot, mac = token.partition(".")
     if not dot or not expiry_text.isdigit() or len(expiry_text) > 12:
         return None

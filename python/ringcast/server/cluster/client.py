@@ -77,7 +77,12 @@ def parse_seeds(spec: str) -> list[tuple[str, int]]:
     seeds: list[tuple[str, int]] = []
     for part in spec.split(","):
         host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
             raise ValueError(f"--redis-cluster: {part!r} is not HOST:PORT")
         seeds.append((host.strip("[]"), int(port)))
     return seeds
