@@ -343,7 +343,7 @@ def check_trace(path: str) -> str | None:
 
 
 def replay_generator(trace: str | os.PathLike[str], speed: float | str = 1.0) -> Any:
-    """A generator for ``ringcast serve``'s plug-in API (``ringcast.worker``) that answers
+    """A generator for ``ringcast serve``'s plug-in API (``ringcast.server.plugin``) that answers
     every request with a recorded stream. It yields whole recorded SSE events (``bytes``), and
     is marked ``ringcast_raw_stream`` so the worker adds no role chunk, final chunk or
     ``[DONE]`` of its own: readers get exactly the recorded events, each framed with its

@@ -1,5 +1,6 @@
-"""The plug-in API's former home: ``from ringcast.worker import JobContext`` keeps working for
-generators written against it. New code imports :mod:`ringcast.server.plugin`."""
+"""The plug-in API's former home, kept for compatibility: generators written against
+``from ringcast.worker import JobContext`` keep working. New code imports
+:mod:`ringcast.server.plugin` (docs/SERVER.md); nothing inside ringcast imports this module."""
 
 from ringcast.server.plugin import GenerateFn, JobContext
 

@@ -296,7 +296,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--generator",
         metavar="MODULE:FUNC",
-        help="your async generator of text pieces; see ringcast.worker",
+        help="your async generator of text pieces; see ringcast.server.plugin (docs/SERVER.md)",
     )
     model.add_argument(
         "--replay",
