@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from ringcast import __version__
 from ringcast._args import HelpFormatter
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +40,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         epilog="Run 'ringcast <command> --help' for the options of a command.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ringcast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in SUBCOMMANDS.items():

@@ -130,3 +130,17 @@ def test_help_shows_sizes_in_units() -> None:
     assert "older bytes are dropped (default: 4MiB)" in text
     assert "(default: 1MiB)" in text  # --max-body
     assert "first token (default: 0.0)" in text  # --prefill-s, missing before
+
+
+def test_version_prints_the_package_version() -> None:
+    import ringcast
+
+    res = subprocess.run(
+        [sys.executable, "-m", "ringcast.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"ringcast {ringcast.__version__}\n"
