@@ -198,6 +198,22 @@ def test_a_missing_extra_stops_replay_before_any_work(
     assert res.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--redis", "redis://127.0.0.1:1"), ("--redis-cluster", "127.0.0.1:1")],
+)
+def test_a_missing_redis_extra_names_the_option_given(
+    bare_env: dict[str, str], tmp_path: Path, option: str, value: str
+) -> None:
+    res = ringcast(bare_env, "serve", "--port", "0", option, value, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"{option} needs redis" in line
+    assert "pip install 'ringcast[redis]'" in line
+    other = "--redis-cluster" if option == "--redis" else "--redis "
+    assert other not in line
+
+
 def test_every_command_works_with_runtime_dependencies_only(
     bare_env: dict[str, str], tmp_path: Path
 ) -> None:

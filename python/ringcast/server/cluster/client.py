@@ -28,9 +28,10 @@ block for less."""
 CONNECT_TIMEOUT_S = 2.0
 
 
-def require_redis() -> None:
-    """:class:`~ringcast._extras.MissingExtra` (one line naming the extra) without ``redis``."""
-    require("redis", "--redis and --redis-cluster")
+def require_redis(option: str) -> None:
+    """:class:`~ringcast._extras.MissingExtra` (one line naming ``option``, the one given, and
+    the extra) without ``redis``."""
+    require("redis", option)
 
 
 def check_cluster_args(args: Any) -> str | None:
@@ -65,8 +66,9 @@ def check_cluster_args(args: Any) -> str | None:
         not args.node_id or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)
     ):
         return f"--node-id {args.node_id!r}: must be non-empty, without control characters"
+    given = "--redis-cluster" if args.redis_cluster else "--redis" if args.redis else ""
     try:
-        require_redis()
+        require_redis(given or "$RINGCAST_REDIS_URL")
     except MissingExtra as e:
         return str(e)
     return None
@@ -92,7 +94,7 @@ def connect(url: str = "", cluster_seeds: str = "") -> Client:
     """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``; password in the URL) or,
     with ``cluster_seeds``, a Redis Cluster client that discovers the shards from them.
     Connections are made lazily, on the first command."""
-    require_redis()
+    require_redis("--redis-cluster" if cluster_seeds else "--redis")
     import redis.asyncio as aioredis
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
