@@ -92,3 +92,32 @@ def test_a_run_cut_short_still_accounts_for_every_event(
     _check_counts(t, [], emitted)
     assert t["events_lost"] > 0 and t["errors"] >= 1
     assert any("deadline" in e for e in t["error_samples"])
+
+
+def _checkout(root: Path, name: str) -> Path:
+    (root / "bench").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+    (root / "bench" / "baselines.py").write_text("")
+    return root
+
+
+def test_compare_finds_the_baselines_of_the_checkout_it_is_run_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ringcast.replay import loadtest
+
+    # ringcast installed by pip: no checkout around the package itself
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    monkeypatch.setattr(loadtest, "__file__", str(site / "ringcast" / "replay" / "loadtest.py"))
+    checkout = _checkout(tmp_path / "src", "ringcast")
+    inside = checkout / "docs" / "deeper"
+    inside.mkdir(parents=True)
+    assert loadtest.baselines_script(inside) == checkout.resolve() / "bench" / "baselines.py"
+    assert loadtest.baselines_script(checkout) == checkout.resolve() / "bench" / "baselines.py"
+    # another project's bench/baselines.py is not ringcast's; no checkout at all: say so
+    for cwd in (_checkout(tmp_path / "other", "other"), site):
+        with pytest.raises(RuntimeError) as exc:
+            loadtest.baselines_script(cwd)
+        msg = str(exc.value)
+        assert "bench/baselines.py" in msg and "pip install does not include" in msg
+        assert "leave out --compare" in msg and "site-packages/bench" not in msg

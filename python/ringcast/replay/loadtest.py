@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -384,19 +385,35 @@ class _Load:
 # --------------------------------------------------------------------------------------------
 # Servers under test
 
-BASELINES = Path(__file__).resolve().parents[3] / "bench" / "baselines.py"
-"""The baseline servers of ``--compare`` (benchmark code, so not part of the package): found
-in the source checkout this package runs from."""
+BASELINES = Path("bench") / "baselines.py"
+"""The baseline servers of ``--compare``, relative to a ringcast source checkout: benchmark
+code, not part of the installed package."""
 
 
-def baselines_script() -> Path:
-    """``bench/baselines.py``; RuntimeError naming what is missing outside a checkout."""
-    if not BASELINES.is_file():
-        raise RuntimeError(
-            f"--compare needs the baseline servers of a ringcast source checkout ({BASELINES} "
-            "is missing); run ringcast replay from a checkout built with ci/setup.sh"
-        )
-    return BASELINES
+def _is_ringcast_checkout(root: Path) -> bool:
+    """``root`` holds ``bench/baselines.py`` and a ``pyproject.toml`` of the project ringcast."""
+    try:
+        with (root / "pyproject.toml").open("rb") as f:
+            name = tomllib.load(f).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return name == "ringcast" and (root / BASELINES).is_file()
+
+
+def baselines_script(cwd: Path | None = None) -> Path:
+    """``bench/baselines.py`` of the checkout this package runs from (an editable install)
+    or, for an installed package, of the checkout the current directory is in (the nearest
+    directory at or above it that is one); RuntimeError saying what is needed otherwise."""
+    here = (Path.cwd() if cwd is None else cwd).resolve()
+    for root in (Path(__file__).resolve().parents[3], here, *here.parents):
+        if _is_ringcast_checkout(root):
+            return root / BASELINES
+    raise RuntimeError(
+        "--compare runs the baseline servers of bench/baselines.py, which a pip install does "
+        f"not include and no ringcast source checkout holds at or above {here}: run "
+        "ringcast replay from inside a checkout (git clone the ringcast repository), or "
+        "leave out --compare"
+    )
 
 
 REDIS_SERVER_MISSING = (
@@ -1018,12 +1035,12 @@ def check_requirements(compare: list[str], png_out: str | None) -> None:
     ``RuntimeError`` (:class:`~ringcast._extras.MissingExtra` for a package) naming it."""
     if png_out:
         require("matplotlib", "--png")
-    if compare:
-        baselines_script()
     if "redis" in compare:
         require("redis", "--compare redis")
-        if shutil.which("redis-server") is None:
-            raise RuntimeError(REDIS_SERVER_MISSING)
+    if compare:
+        baselines_script()
+    if "redis" in compare and shutil.which("redis-server") is None:
+        raise RuntimeError(REDIS_SERVER_MISSING)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1088,8 +1105,11 @@ def register(p: argparse.ArgumentParser) -> None:
     """``ringcast replay`` (see ``ringcast.cli``)."""
     p.description = _REPLAY_DESCRIPTION
     p.epilog = (
-        "example: ringcast replay bench/sample-trace.jsonl --fanout 10 --streams 100 "
-        "--compare asyncio,redis --json out.json --png out.png"
+        "example (make a trace first, then replay it):\n"
+        "  ringcast trace synth --streams 100 --out trace.jsonl\n"
+        "  ringcast replay trace.jsonl --fanout 10 --streams 100 --json out.json --png out.png\n"
+        "From a source checkout, a recorded trace (bench/sample-trace.jsonl) and the baselines\n"
+        "of --compare asyncio,redis (bench/baselines.py) are there too."
     )
     configure(p)
     p.set_defaults(func=run)
