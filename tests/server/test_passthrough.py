@@ -114,7 +114,9 @@ class FakeHandler(socketserver.StreamRequestHandler):
                 (MODELS["status"] + "\r\n" + "\r\n".join(MODELS["headers"]) + "\r\n\r\n").encode()
                 + MODELS["body"].encode()
             )
-        elif req.path == "/chat/completions" and json.loads(body).get("stream"):
+        elif req.path in ("/chat/completions", "/v1/chat/completions") and json.loads(body).get(
+            "stream"
+        ):
             self.stream(json.loads(body))
         elif req.path == "/upload":
             digest = hashlib.sha256(body).hexdigest()
@@ -191,6 +193,34 @@ def test_every_llama_server_route_passes_through_unchanged(
         # Hop-by-hop headers, and those Connection names, stop at ringcast.
         assert "x-hop" not in up and "keep-alive" not in up
         assert up["connection"] == "close"
+
+
+def _key_at_upstream(s: Any, llama: FakeLlamaServer, path: str, key: str) -> str | None:
+    """The ``Authorization`` the upstream got for a request to ``path`` sent with ``key``:
+    ringcast's resumable ``/v1/chat/completions`` (the worker's proxy) or a passthrough."""
+    before = len(llama.seen)
+    body = json.dumps({**STREAMS[0]["request"], "stream": False}).encode()
+    status, _, got = s.request("POST", path, body, headers={"Authorization": f"Bearer {key}"})
+    assert status == 200, got
+    up = next(x for x in llama.seen[before:] if x["path"] in (path, "/v1" + path))
+    auth: str | None = up["headers"].get("authorization")
+    return auth
+
+
+def test_one_key_rule_for_the_completion_proxy_and_the_passthrough(
+    srv: Any, llama: FakeLlamaServer, serve: Any
+) -> None:
+    # No ringcast keys: the caller's Authorization goes up as it came, on both paths.
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        assert _key_at_upstream(srv, llama, path, "llama-key") == "Bearer llama-key", path
+    # ringcast's own key is never forwarded; --upstream-api-key replaces the caller's.
+    for args, key, expected in [
+        (("--api-key", "rc-key"), "rc-key", None),
+        (("--upstream-api-key", "up-key"), "other", "Bearer up-key"),
+    ]:
+        with serve("--upstream", llama.url, *args, "--http-procs", "1") as s:
+            for path in ("/v1/chat/completions", "/chat/completions"):
+                assert _key_at_upstream(s, llama, path, key) == expected, (args, path)
 
 
 def test_models_are_the_upstreams(srv: Any) -> None:

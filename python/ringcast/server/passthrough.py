@@ -9,10 +9,11 @@ the response's as the upstream sends it, each side waiting for the other's buffe
 so a request costs a few buffers of memory whatever its size. Hop-by-hop headers (RFC 9110
 7.6.1: ``Connection`` and those it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``,
 ``Transfer-Encoding``, ``Upgrade``) are not forwarded, in either direction: each connection
-frames its own body. ``Host`` names the upstream. ringcast's own API key, if it has keys, is
-checked by the routes before this and not forwarded; ``--upstream-api-key`` replaces the
-caller's ``Authorization`` if given, and otherwise the caller's headers, key included, go up
-unchanged.
+frames its own body. ``Host`` names the upstream. The key headers follow
+:func:`~ringcast.server.upstream_link.caller_credentials`, the rule the completion proxy
+shares: ringcast's own API key, if it has keys, is checked by the routes before this and not
+forwarded; ``--upstream-api-key`` replaces the caller's ``Authorization`` if given; otherwise
+the caller's headers, key included, go up unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from ringcast.http.parse import HttpError, Request
 from ringcast.http.protocol import Connection
 from ringcast.server.config import ServeConfig
 from ringcast.server.upstream_link import (
+    CREDENTIAL_HEADERS,
     UpstreamError,
     UpstreamReader,
+    caller_credentials,
     connect_upstream,
+    credential_lines,
     upstream_read_timeout,
     upstream_target,
 )
@@ -88,15 +92,12 @@ def request_head(
     ``Content-Length`` is ringcast's own, the length of the body it forwards."""
     headers = _end_to_end(list(req.headers.items()))
     # ringcast answered the client's 100-continue itself, and sets the framing itself.
-    drop = {"host", "expect", "content-length"}
-    if strip_auth or cfg.upstream_api_key:
-        drop |= {"authorization", "x-api-key"}
+    drop = {"host", "expect", "content-length", *CREDENTIAL_HEADERS}
     lines = [f"Host: {authority}"]
     lines += [f"{k}: {v}" for k, v in headers if k not in drop]
     if "content-length" in req.headers:  # validated by the parser (body_length)
         lines.append(f"Content-Length: {int(req.headers['content-length'])}")
-    if cfg.upstream_api_key:
-        lines.append(f"Authorization: Bearer {cfg.upstream_api_key}")
+    lines += credential_lines(cfg, caller_credentials(cfg, dict(headers), strip_auth))
     lines.append("Connection: close")
     start = req.method.encode("ascii") + b" " + root.encode("utf-8") + req.target + b" HTTP/1.1"
     return start + b"\r\n" + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -58,6 +58,7 @@ from ringcast.server.store import (
     StreamView,
     StreamWriter,
 )
+from ringcast.server.upstream_link import caller_credentials
 from ringcast.wire.jobs import Job
 from ringcast.wire.openai import (
     AssistantMessage,
@@ -436,7 +437,12 @@ class App:
                 "conflict",
             ) from None
         self.counters.inc(HttpCounter.STREAMS_STARTED)
-        job = Job(conv, owner, writer.generation, route, req.body)
+        creds = (
+            caller_credentials(self.cfg, req.headers, bool(self.key_owners))
+            if self.cfg.upstream
+            else ()
+        )
+        job = Job(conv, owner, writer.generation, route, req.body, creds)
         self.track(asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer)))
         finished = False
         try:

@@ -25,6 +25,7 @@ from ringcast.server.upstream_link import (
     UpstreamError,
     UpstreamReader,
     connect_upstream,
+    credential_lines,
     default_port,
     upstream_target,
     upstream_tls,
@@ -87,7 +88,7 @@ async def proxy_upstream(
     raw_reader, writer = await connect_upstream(cfg, target)
     reader = UpstreamReader(raw_reader, f"{host}:{port}", read_timeout)
     try:
-        auth = f"Authorization: Bearer {cfg.upstream_api_key}\r\n" if cfg.upstream_api_key else ""
+        auth = "".join(line + "\r\n" for line in credential_lines(cfg, job.credentials))
         writer.write(
             (
                 f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"

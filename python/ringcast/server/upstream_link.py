@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -30,6 +30,30 @@ UPSTREAM_CONNECT_TIMEOUT = 10.0
 UPSTREAM_READ_TIMEOUT = 600.0
 
 T = TypeVar("T")
+
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+"""The caller's headers that carry a key (lower case, as :class:`~ringcast.http.parse.Request`
+holds them)."""
+
+
+def caller_credentials(
+    cfg: ServeConfig, headers: Mapping[str, str], ringcast_has_keys: bool
+) -> tuple[tuple[str, str], ...]:
+    """The caller's ``Authorization`` and ``X-Api-Key``, as they came, for the upstream: none
+    when they are ringcast's own (it has ``--api-key``) or ``--upstream-api-key`` replaces
+    them. One rule for the completion proxy and the passthrough."""
+    if ringcast_has_keys or cfg.upstream_api_key:
+        return ()
+    return tuple((k, v) for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS)
+
+
+def credential_lines(cfg: ServeConfig, caller: Iterable[tuple[str, str]]) -> list[str]:
+    """The header lines that authenticate to the upstream: ``--upstream-api-key`` if given,
+    otherwise the caller's (from :func:`caller_credentials`)."""
+    if cfg.upstream_api_key:
+        return [f"Authorization: Bearer {cfg.upstream_api_key}"]
+    return [f"{k}: {v}" for k, v in caller]
 
 
 class UpstreamError(Exception):

@@ -19,6 +19,9 @@ class Job(msgspec.Struct, array_like=True):
     route: str
     """``"chat"`` or ``"completions"``."""
     body: bytes
+    credentials: tuple[tuple[str, str], ...] = ()
+    """The caller's key headers the upstream gets (``--upstream``), as
+    :func:`ringcast.server.upstream_link.caller_credentials` chose them; empty otherwise."""
 
 
 JOB_ACK_ADOPTED = b"A"
