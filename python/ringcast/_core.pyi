@@ -123,7 +123,7 @@ class Segment:
         path: str,
         *,
         max_sessions: int = 1024,
-        session_bytes: int = 4 * 1024 * 1024,
+        session_bytes: int = 4194304,  # 4 MiB
         max_id_len: int = 256,
     ) -> Segment:
         """Create a new segment file (``O_EXCL``, mode 0600). Fails if ``path`` exists.
@@ -140,7 +140,7 @@ class Segment:
         path: str,
         *,
         max_sessions: int = 1024,
-        session_bytes: int = 4 * 1024 * 1024,
+        session_bytes: int = 4194304,  # 4 MiB
         max_id_len: int = 256,
     ) -> Segment:
         """Open ``path`` if it is a segment with exactly these sizes, else create it.

@@ -158,7 +158,8 @@ impl Segment {
     /// ``256 <= max_id_len <= 65536`` (bytes of UTF-8); ``InvalidArgument`` otherwise.
     /// Owner tags are at most 128 bytes.
     #[staticmethod]
-    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4*1024*1024, max_id_len=256))]
+    // session_bytes: 4 MiB, written out so that help() and the signature show the number
+    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4194304, max_id_len=256))]
     fn create(
         py: Python<'_>,
         path: &str,
@@ -184,7 +185,8 @@ impl Segment {
     /// A file that exists but is not a compatible segment raises ``SegmentError``; it is
     /// never silently replaced.
     #[staticmethod]
-    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4*1024*1024, max_id_len=256))]
+    // session_bytes: 4 MiB, written out so that help() and the signature show the number
+    #[pyo3(signature = (path, *, max_sessions=1024, session_bytes=4194304, max_id_len=256))]
     fn open_or_create(
         py: Python<'_>,
         path: &str,
