@@ -28,6 +28,12 @@ def test_help_shows_docstrings() -> None:
     text = pydoc.render_doc(ringcast.Segment, renderer=pydoc.plaintext)
     assert "Attach a reader at an absolute byte offset" in text
     assert "Create a new segment file" in text
+    # Every default shows its value (a default written as an expression showed as Ellipsis).
+    assert "Ellipsis" not in text
+    for method in ("create", "open_or_create"):
+        assert f"{method}(path, *, max_sessions=1024, session_bytes=4194304, max_id_len=256)" in (
+            text
+        )
 
 
 @pytest.mark.parametrize(
