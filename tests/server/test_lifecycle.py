@@ -306,6 +306,8 @@ def test_sigint_ends_readers_and_removes_the_segment_unless_kept(
     check_ids(body)  # the shutdown event is part of the ring, with its id
     assert s.segment.exists() == keep
     if not keep:
+        # Nothing left: the notifier sockets of the readers' processes went with the segment.
+        assert not wake_dir(s).exists()
         return
     # The kept segment holds the stream as the reader saw it, finalized failed.
     s2 = serve.start("--tokens-per-s", "0")
@@ -315,6 +317,7 @@ def test_sigint_ends_readers_and_removes_the_segment_unless_kept(
     finally:
         assert s2.stop() == 0
     assert not s.segment.exists()
+    assert not wake_dir(s).exists()
 
 
 def test_sigterm_finalizes_running_sessions_and_removes_the_segment(
@@ -329,6 +332,12 @@ def test_sigterm_finalizes_running_sessions_and_removes_the_segment(
     assert error_of(events[-1])["type"] == "server_shutdown"
     assert s.stop() == 0
     assert not s.segment.exists()
+    assert not wake_dir(s).exists()
+
+
+def wake_dir(s: Any) -> Path:
+    """The directory of the server's notifier sockets (``<segment>.wake``)."""
+    return Path(f"{s.segment}.wake")
 
 
 def test_keep_segment_and_reattach(tmp_path: Path, serve) -> None:

@@ -37,7 +37,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::layout::MAX_PROCESSES;
 use crate::layout::{arm_state, ProcEntry, SlotMeta};
-use crate::sync::Ordering;
+use crate::sync::{AtomicBool, Ordering};
 use crate::sys::dgram::{self, Receiver, Senders, Sent, SocketDir};
 use crate::sys::futex::{self, WaitOutcome};
 use crate::view::SegmentView;
@@ -62,6 +62,12 @@ impl WakeDir {
     /// Removes the directory if no socket is left in it (best effort).
     pub(crate) fn remove_if_empty(&self) {
         dgram::remove_dir_if_empty(&self.dir);
+    }
+
+    /// Removes the sockets of `rows` (only sockets, see [`dgram::remove_sockets_in`]), then
+    /// the directory if that emptied it.
+    pub(crate) fn remove_sockets(&self, rows: impl IntoIterator<Item = usize>) {
+        dgram::remove_sockets_in(&self.dir, rows);
     }
 
     fn path_text(&self) -> String {
@@ -205,6 +211,8 @@ pub struct Notifier {
     nonce: u64,
     socket: Receiver,
     subs: Mutex<HashMap<u32, Subscription>>,
+    /// Set once the socket file is removed (on close, unlink or drop): done only once.
+    file_removed: AtomicBool,
 }
 
 impl Notifier {
@@ -232,7 +240,21 @@ impl Notifier {
             nonce,
             socket,
             subs: Mutex::new(HashMap::new()),
+            file_removed: AtomicBool::new(false),
         })
+    }
+
+    /// Removes this notifier's socket file, and the directory if that emptied it, unless
+    /// another process has taken the row (and the name) over; once, and only in the process
+    /// that started it. Producers then find no receiver and skip this process. Called when
+    /// the segment handle is closed or unlinked, so a process that exits without the last
+    /// reference being dropped leaves no file behind.
+    pub(crate) fn remove_socket_file(&self) {
+        if !self.owned() || self.file_removed.swap(true, Ordering::SeqCst) || !self.owns_row() {
+            return;
+        }
+        self.dir.remove(self.index);
+        self.wake.remove_if_empty();
     }
 
     /// The descriptor to watch for readability (the socket).
@@ -410,10 +432,6 @@ impl Drop for Notifier {
                     .fetch_and(!(1 << self.index), Ordering::SeqCst);
             }
         }
-        // The socket file, unless another process has taken the row (and the name) over.
-        if self.owns_row() {
-            self.dir.remove(self.index);
-            self.wake.remove_if_empty();
-        }
+        self.remove_socket_file();
     }
 }

@@ -190,11 +190,32 @@ impl Registry {
         Ok(())
     }
 
-    /// Makes every handle of this mapping refuse further use, and drops its notifier.
+    /// Makes every handle of this mapping refuse further use, and drops its notifier (its
+    /// socket file goes now, even if a reader still holds the notifier).
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        local.notifier = None;
+        if let Some(n) = local.notifier.take() {
+            n.remove_socket_file();
+        }
+    }
+
+    /// Removes the segment's notifier sockets that no running process holds (those of rows
+    /// whose process has gone, or never bound one) and this handle's own, then the directory
+    /// if that emptied it. A running process keeps its socket, and removes it (and the
+    /// directory, once it is the last) when it closes. Under the registry lock, so no process
+    /// claims a row, and binds its socket, in between.
+    pub(crate) fn remove_wake_sockets(&self) {
+        if let Some(n) = self.local().notifier.clone() {
+            n.remove_socket_file();
+        }
+        match self.lock() {
+            Ok(_reg) => {
+                let gone: Vec<usize> = (0..MAX_PROCESSES).filter(|&i| !self.row_alive(i)).collect();
+                self.wake.dir.remove_sockets(gone);
+            }
+            Err(_) => self.wake.dir.remove_if_empty(),
+        }
     }
 
     pub(crate) fn check_key(&self, id: &str, owner: &str) -> Result<()> {

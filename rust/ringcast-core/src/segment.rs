@@ -340,7 +340,9 @@ impl Segment {
     }
 
     /// Removes the segment file if its path still names it; mapped processes keep their
-    /// mapping. Its notifier directory goes too once no notifier is left in it.
+    /// mapping. Its notifier directory goes too: the sockets of processes that have gone and
+    /// this handle's own now, the directory once no running process has a socket left in it
+    /// (each removes its own when it closes).
     pub fn unlink(&self) -> Result<()> {
         let path = self.path();
         self.reg
@@ -348,7 +350,7 @@ impl Segment {
             .mapping()
             .unlink(path)
             .map_err(|e| file_error(path, "remove", e))?;
-        self.reg.wakers().dir.remove_if_empty();
+        self.reg.remove_wake_sockets();
         Ok(())
     }
 

@@ -165,6 +165,44 @@ pub fn remove_dir_if_empty(dir: &[u8]) {
     }
 }
 
+/// Removes the socket files named by `rows` (decimal row numbers) from `dir`, then `dir`
+/// itself if that emptied it; best effort, for cleaning up. Nothing else is touched: `dir` is
+/// opened without following a link (a link planted in its place is left alone), and an entry
+/// goes only if it is a socket (a link, file or directory of that name stays).
+pub fn remove_sockets_in(dir: &[u8], rows: impl IntoIterator<Item = usize>) {
+    let Ok(c) = c_string(dir) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; nothing is created.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    for row in rows {
+        let Ok(name) = CString::new(row.to_string()) else {
+            continue;
+        };
+        // SAFETY: `fd` is the directory opened above; `name` is NUL-terminated; `st` is a
+        // plain-old-data out parameter, read only after a successful fstatat wrote it.
+        let is_socket = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstatat(fd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+        };
+        if is_socket {
+            // SAFETY: as above; flags 0 removes a non-directory entry of `fd` (never follows).
+            unsafe { libc::unlinkat(fd, name.as_ptr(), 0) };
+        }
+    }
+    close(fd);
+    remove_dir_if_empty(dir);
+}
+
 fn dgram_socket() -> io::Result<RawFd> {
     // SAFETY: socket has no pointer arguments.
     let fd = unsafe {
