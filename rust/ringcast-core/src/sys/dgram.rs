@@ -518,4 +518,40 @@ mod tests {
         assert!(e.to_string().contains("not a directory"), "{e}");
         std::fs::remove_file(&dir).unwrap();
     }
+
+    #[test]
+    fn cleaning_up_removes_only_the_sockets_it_names_and_follows_no_link() {
+        let base = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
+        let (dir, elsewhere) = (format!("{base}.wake"), format!("{base}.elsewhere"));
+        private_dir(dir.as_bytes()).unwrap();
+        private_dir(elsewhere.as_bytes()).unwrap();
+        let bind = |p: &str| Receiver::bind_replacing(&SocketAddr::new(p.as_bytes()).unwrap());
+        let (_a, _b) = (
+            bind(&format!("{dir}/0")).unwrap(),
+            bind(&format!("{dir}/5")).unwrap(),
+        );
+        let _c = bind(&format!("{elsewhere}/1")).unwrap();
+        std::fs::write(format!("{dir}/2"), b"not a socket").unwrap();
+        std::os::unix::fs::symlink(format!("{elsewhere}/1"), format!("{dir}/1")).unwrap();
+        let exists = |p: String| std::fs::symlink_metadata(p).is_ok();
+        // Row 5 is not named: it stays, and so does the directory.
+        remove_sockets_in(dir.as_bytes(), 0..4);
+        assert!(!exists(format!("{dir}/0")), "a named socket goes");
+        assert!(
+            exists(format!("{dir}/1")) && exists(format!("{elsewhere}/1")),
+            "a link stays"
+        );
+        assert!(exists(format!("{dir}/2")) && exists(format!("{dir}/5")));
+        std::fs::remove_file(format!("{dir}/1")).unwrap();
+        std::fs::remove_file(format!("{dir}/2")).unwrap();
+        remove_sockets_in(dir.as_bytes(), [5]);
+        assert!(!exists(dir.clone()), "emptied, the directory goes");
+        // A link in the directory's place is not followed.
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        remove_sockets_in(dir.as_bytes(), 0..4);
+        assert!(exists(format!("{elsewhere}/1")) && exists(dir.clone()));
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::remove_file(format!("{elsewhere}/1")).unwrap();
+        std::fs::remove_dir(&elsewhere).unwrap();
+    }
 }
