@@ -523,14 +523,12 @@ mod tests {
     fn cleaning_up_removes_only_the_sockets_it_names_and_follows_no_link() {
         let base = format!("/dev/shm/ringcast-dgram-test-{:016x}", random_u64());
         let (dir, elsewhere) = (format!("{base}.wake"), format!("{base}.elsewhere"));
-        private_dir(dir.as_bytes()).unwrap();
-        private_dir(elsewhere.as_bytes()).unwrap();
-        let bind = |p: &str| Receiver::bind_replacing(&SocketAddr::new(p.as_bytes()).unwrap());
-        let (_a, _b) = (
-            bind(&format!("{dir}/0")).unwrap(),
-            bind(&format!("{dir}/5")).unwrap(),
+        let (d, e) = (
+            SocketDir::open(dir.as_bytes(), true).unwrap(),
+            SocketDir::open(elsewhere.as_bytes(), true).unwrap(),
         );
-        let _c = bind(&format!("{elsewhere}/1")).unwrap();
+        let (_a, _b) = (d.bind_replacing(0).unwrap(), d.bind_replacing(5).unwrap());
+        let _c = e.bind_replacing(1).unwrap();
         std::fs::write(format!("{dir}/2"), b"not a socket").unwrap();
         std::os::unix::fs::symlink(format!("{elsewhere}/1"), format!("{dir}/1")).unwrap();
         let exists = |p: String| std::fs::symlink_metadata(p).is_ok();
