@@ -1,7 +1,9 @@
 """HTTP fan-out: S streams x R readers over real HTTP connections, three servers compared.
 
-- ``ringcast``: ``ringcast serve`` (``--http-procs`` HTTP processes, one worker), the events
-  produced by a plug-in generator (``--generator baselines:timestamped``);
+- ``ringcast``: ``ringcast serve`` at its defaults (what a user who sets nothing gets), or
+  with the ``--http-procs``, ``--workers``, ``--coalesce`` and ``--coalesce-ms`` given here;
+  ``ringcast-<N>p``: ``ringcast serve --http-procs N``, the rest at its defaults. The events
+  are produced by a plug-in generator (``--generator baselines:timestamped``) in the worker;
 - the baselines, all in ``bench/baselines.py`` (the event source too):
 - ``memory``: a single-process asyncio server on uvloop written by hand: sessions are
   ``bytearray``s, readers wait on futures woken by the producer (a task per reader, what one
@@ -31,6 +33,16 @@ reader is attached. Besides events/s and latency, each run reports the CPU secon
 server side (every process of it, ``redis-server`` included) and of the client: on a small
 machine they share the cores, so CPU per event is the figure that carries over.
 
+The grid (``--grid``) runs every ``--points`` (streams x readers; default 1000x1, 1000x2,
+100x10, 8x128, 50x20) at every ``--rates`` (default 20 tok/s, a model's pace, and 10x it),
+each point with ``ringcast`` (its defaults), ``ringcast-1p``, ``ringcast-<cores>p`` and the
+single-process servers, and prints for each point the server CPU per delivered event split
+by process (manager, each worker, each HTTP process) and the ratios of issue 15's "Done
+when": CPU per event and p99 of the defaults against the best single-process server, and p99
+against the best fixed ``--http-procs``. ``--profile DIR`` records flame graphs (py-spy of
+the worker and each HTTP process, perf of every server process; ``bench/flame_summary.py``
+sorts them into the steps of an event's path).
+
 ``ringcast serve`` coalesces writes adaptively (only while an HTTP process falls behind: up to
 half of ``--coalesce-ms``, default 40, and all of it while far behind);
 ``--baseline-coalesce-ms`` gives the baselines a fixed delay after each write, to compare with
@@ -39,6 +51,8 @@ ringcast's ``--coalesce always``.
     python bench/http_fanout.py --streams 8 --readers 16 --tokens 200 --tokens-per-s 50
     python bench/http_fanout.py --streams 8 --readers 128 --tokens 1200 --tokens-per-s 400
     python bench/http_fanout.py --tokens-per-s 0          # unpaced: throughput
+    python bench/http_fanout.py --grid --json grid.json    # issue 15's grid, ~10 min
+    python bench/http_fanout.py --grid --points 1000x1 --rates 20 --profile /tmp/flame
     python bench/http_fanout.py --streams 8 --readers 128 --sweep 100,400,1000,2000,3000 \
         --plot sweep.svg                                   # sustained rate within a p99 bound
 
@@ -54,6 +68,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -227,6 +242,38 @@ def start_private_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the private redis-server did not answer")
 
 
+RINGCAST_PROCS = re.compile(r"ringcast-(\d+)p")
+"""``ringcast-<N>p``: ``ringcast serve --http-procs N``, everything else at its default."""
+
+
+def is_ringcast(system: str) -> bool:
+    return system.startswith("ringcast")
+
+
+def ringcast_options(system: str, args: argparse.Namespace) -> list[str]:
+    """The ``ringcast serve`` options that ``system`` stands for: ``ringcast-<N>p`` sets only
+    ``--http-procs N``; ``ringcast`` and ``ringcast-redis`` pass the ``--http-procs``,
+    ``--workers``, ``--coalesce`` and ``--coalesce-ms`` given to this script, and leave
+    each one that was not given to ringcast's own default (what a user who sets nothing
+    gets)."""
+    m = RINGCAST_PROCS.fullmatch(system)
+    if m:
+        return ["--http-procs", m.group(1)]
+    given = (
+        ("--http-procs", args.http_procs),
+        ("--workers", args.workers),
+        ("--coalesce", args.coalesce),
+        ("--coalesce-ms", args.coalesce_ms),
+    )
+    return [x for flag, value in given if value is not None for x in (flag, str(value))]
+
+
+def ringcast_setting(args: argparse.Namespace) -> str:
+    """How ``ringcast`` is configured, for the tables' headings."""
+    shown = " ".join(ringcast_options("ringcast", args))
+    return shown or "its defaults"
+
+
 def start(
     system: str, args: argparse.Namespace, tmp: str, redis_url: str = ""
 ) -> tuple[subprocess.Popen[str], int]:
@@ -236,7 +283,7 @@ def start(
         BENCH_PREFILL=str(args.prefill),
         PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     )
-    if system in ("ringcast", "ringcast-redis"):
+    if is_ringcast(system):
         cmd = [
             sys.executable,
             "-m",
@@ -244,10 +291,7 @@ def start(
             "serve",
             "--port",
             "0",
-            "--http-procs",
-            str(args.http_procs),
-            "--workers",
-            "1",
+            *ringcast_options(system, args),
             "--segment",
             os.path.join(tmp, "bench.seg"),
             "--log-level",
@@ -256,10 +300,6 @@ def start(
             "baselines:timestamped",
             "--max-sessions",
             str(max(64, args.streams * 4)),
-            "--coalesce-ms",
-            str(args.coalesce_ms),
-            "--coalesce",
-            args.coalesce,
             *(["--redis", redis_url] if redis_url else []),
         ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -267,7 +307,9 @@ def start(
         line = p.stdout.readline()
         m = re.search(r":(\d+) \(", line)
         if not m:
-            raise SystemExit(f"ringcast serve did not start: {line!r}")
+            p.kill()
+            p.wait()
+            raise SystemExit(f"{system}: ringcast serve did not start: {line!r}")
         return p, int(m.group(1))
     p = subprocess.Popen(
         [
@@ -288,6 +330,8 @@ def start(
     assert p.stdout is not None
     m = re.search(r"listening on http://[\w.]+:(\d+)", p.stdout.readline())
     if not m:
+        p.kill()
+        p.wait()
         raise SystemExit(f"{system} baseline did not start")
     return p, int(m.group(1))
 
@@ -310,28 +354,65 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
-def server_usage(pid: int, system: str, extra: tuple[int, ...] = ()) -> tuple[float, float]:
-    """User + system CPU seconds and run-queue wait seconds of the server side of a run: the
-    server process and its children, plus every ``redis-server`` for the Redis-backed
-    systems, plus the ``extra`` processes (``ringcast-redis``'s private Redis)."""
+CHILD_ROLES = (
+    ("ringcast.server.http_process", "http"),
+    ("ringcast.server.worker", "worker"),
+    ("ringcast.server.cluster.mirror", "mirror"),
+)
+"""The children of ``ringcast serve`` by the module they run (``python -m MODULE CONFIG i``)."""
+
+
+def server_processes(pid: int, system: str, extra: tuple[int, ...] = ()) -> dict[int, str]:
+    """Every process of the server side of a run, pid -> role: ``manager`` and its children
+    ``http<i>``, ``worker<j>``, ``mirror0`` for ringcast, ``server`` for a baseline, ``redis``
+    for every ``redis-server`` of the Redis-backed systems and the ``extra`` processes
+    (``ringcast-redis``'s private Redis)."""
     import psutil
 
-    procs: list[psutil.Process] = []
+    roles: dict[int, str] = {}
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True), *(psutil.Process(x) for x in extra)]
+        roles[pid] = "manager" if is_ringcast(system) else "server"
+        children = root.children(recursive=True)
     except psutil.NoSuchProcess:
-        pass
-    if system.startswith("redis"):
-        procs += [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
-    cpu = wait = 0.0
-    for p in procs:
+        children = []
+    for c in children:
         try:
-            t = p.cpu_times()
-            cpu += t.user + t.system
+            cmd = c.cmdline()
+        except psutil.Error:
+            continue  # gone meanwhile
+        role = c.name()
+        for module, kind in CHILD_ROLES:
+            if module in cmd:
+                i = cmd.index(module) + 2
+                role = kind + (cmd[i] if i < len(cmd) else "")
+        roles[c.pid] = role
+    for x in extra:
+        roles[x] = "redis"
+    if system.startswith("redis"):
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] == "redis-server":
+                roles[p.pid] = "redis"
+    return roles
+
+
+def server_usage(
+    pid: int, system: str, extra: tuple[int, ...] = ()
+) -> tuple[dict[str, float], float]:
+    """User + system CPU seconds of the server side of a run by role (see
+    :func:`server_processes`; processes of one role summed), and the run-queue wait seconds
+    of all of them together."""
+    import psutil
+
+    cpu: dict[str, float] = {}
+    wait = 0.0
+    for p, role in server_processes(pid, system, extra).items():
+        try:
+            t = psutil.Process(p).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        wait += runqueue_wait_s(p.pid)
+        cpu[role] = cpu.get(role, 0.0) + t.user + t.system
+        wait += runqueue_wait_s(p)
     return cpu, wait
 
 
@@ -382,17 +463,184 @@ def run_loadgen(loadgen: str, port: int, args: argparse.Namespace) -> dict[str, 
     return res
 
 
+PROFILERS = ("py-spy", "perf")
+
+
+class Profiler:
+    """Flame graphs of the server processes during one run (``--profile DIR``): with
+    ``py-spy``, ``py-spy record --native`` of the worker and of every HTTP process, or of a
+    baseline's one process (Python
+    frames with the native ones under them: the Rust core, libpython, the kernel's entry);
+    with ``perf``, one ``perf record -g`` of every server process (sampled on ``cpu-clock``,
+    the only event a VM without a PMU offers; frame-pointer stacks, so kernel stacks are
+    whole while Python and Rust frames, built without frame pointers, show mostly their
+    leaves). Each profile's folded stacks go to ``DIR/<label>-<role>.<tool>.folded`` and,
+    with ``inferno-flamegraph`` on ``PATH`` (``cargo install inferno``), an SVG beside it.
+    A profiled run is not one of the measured runs: sampling slows what it samples."""
+
+    def __init__(self, tool: str, out: Path, label: str, roles: dict[int, str]) -> None:
+        self.tool = tool
+        self.out = out
+        self.label = label
+        self.roles = {p: r for p, r in roles.items() if r.startswith(("worker", "http", "server"))}
+        if tool == "perf":
+            self.roles = dict(roles)
+        self.procs: list[tuple[subprocess.Popen[bytes], str]] = []
+        self.tmp = out / f".{label}.perf.data"
+
+    def start(self) -> None:
+        exe = shutil.which(self.tool)
+        if exe is None:
+            raise SystemExit(
+                f"--profile needs {self.tool} on PATH "
+                + (
+                    "(pip install py-spy)"
+                    if self.tool == "py-spy"
+                    else "(apt-get install linux-perf)"
+                )
+            )
+        if self.tool == "py-spy":
+            for pid, role in self.roles.items():
+                cmd = [exe, "record", "--native", "--nolineno", "--rate", "250", "--format", "raw"]
+                cmd += ["--pid", str(pid), "-o", str(self.path(role, "folded"))]
+                self.procs.append(
+                    (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), role)
+                )
+        else:
+            pids = ",".join(str(p) for p in self.roles)
+            cmd = [exe, "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", pids]
+            cmd += ["-o", str(self.tmp)]
+            self.procs.append(
+                (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), "all")
+            )
+        time.sleep(0.5)  # attached before the load starts
+        for p, role in self.procs:
+            if p.poll() is not None:
+                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                raise SystemExit(f"{self.tool} on {role} failed: {err.strip()}")
+
+    def path(self, role: str, ext: str) -> Path:
+        tool = "pyspy" if self.tool == "py-spy" else self.tool
+        return self.out / f"{self.label}-{role}.{tool}.{ext}"
+
+    def stop(self) -> list[Path]:
+        """Stops the recorders (SIGINT: each writes what it has) and renders the graphs."""
+        for p, _ in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p, _ in self.procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stderr is not None:
+                p.stderr.close()
+        folded: list[Path] = []
+        if self.tool == "py-spy":
+            folded = [self.path(r, "folded") for _, r in self.procs]
+        else:
+            folded = self._perf_folded()
+        return [f for f in folded if f.exists()] + [
+            svg for f in folded if f.exists() and (svg := render_svg(f, self.tool)) is not None
+        ]
+
+    def _perf_folded(self) -> list[Path]:
+        """``perf script`` folded per process (``inferno-collapse-perf --pid``, or
+        ``stackcollapse-perf.pl`` style by hand when inferno is missing), one file per role
+        and one for all of them, each stack rooted at its role."""
+        if not self.tmp.exists():
+            return []
+        script = subprocess.run(
+            ["perf", "script", "-i", str(self.tmp)], capture_output=True, check=False
+        ).stdout
+        self.tmp.unlink()
+        by_role: dict[str, dict[str, int]] = {}
+        for pid, stack in collapse_perf(script.decode(errors="replace")):
+            role = self.roles.get(pid, "other")
+            counts = by_role.setdefault(role, {})
+            counts[stack] = counts.get(stack, 0) + 1
+        files = []
+        everything: dict[str, int] = {}
+        for role, counts in sorted(by_role.items()):
+            f = self.path(role, "folded")
+            f.write_text("".join(f"{k} {v}\n" for k, v in sorted(counts.items())))
+            files.append(f)
+            for k, v in counts.items():
+                everything[f"{role};{k}"] = v
+        f = self.path("all", "folded")
+        f.write_text("".join(f"{k} {v}\n" for k, v in sorted(everything.items())))
+        return [*files, f]
+
+
+def collapse_perf(text: str) -> list[tuple[int, str]]:
+    """``perf script`` output -> (pid, folded stack root first) per sample. A sample is a
+    header line ``comm pid [cpu] time: period event:`` then one ``addr symbol (dso)`` line per
+    frame, leaf first, then a blank line."""
+    out: list[tuple[int, str]] = []
+    pid = -1
+    frames: list[str] = []
+    header = re.compile(r"^\S.*?\s+(\d+)(?:/\d+)?\s+")
+    for line in [*text.splitlines(), ""]:
+        if not line.strip():
+            if pid >= 0 and frames:
+                out.append((pid, ";".join(reversed(frames))))
+            pid, frames = -1, []
+        elif line[0] not in " \t":
+            m = header.match(line)
+            pid = int(m.group(1)) if m else -1
+        else:
+            parts = line.split(None, 1)
+            sym = parts[1] if len(parts) > 1 else parts[0]
+            sym = re.sub(r"\+0x[0-9a-f]+", "", sym)
+            if sym.startswith("[unknown]"):
+                dso = re.search(r"\(([^)]*)\)\s*$", sym)
+                sym = f"[{os.path.basename(dso.group(1))}]" if dso else "[unknown]"
+            else:
+                sym = re.sub(r"\s*\([^)]*\)\s*$", "", sym)
+            frames.append(sym.replace(";", ":"))
+    return out
+
+
+def render_svg(folded: Path, tool: str) -> Path | None:
+    """``folded`` as a flame graph SVG beside it, if ``inferno-flamegraph`` is on PATH."""
+    exe = shutil.which("inferno-flamegraph")
+    if exe is None or folded.stat().st_size == 0:
+        return None
+    svg = folded.with_suffix(".svg")
+    with folded.open("rb") as src, svg.open("wb") as dst:
+        subprocess.run(
+            [exe, "--title", f"{folded.stem} ({tool})", "--minwidth", "0.3"],
+            stdin=src,
+            stdout=dst,
+            check=False,
+        )
+    return svg
+
+
 def measure(
-    system: str, args: argparse.Namespace, tmp: str, loadgen: str | None
+    system: str,
+    args: argparse.Namespace,
+    tmp: str,
+    loadgen: str | None,
+    profile: tuple[str, Path, str] | None = None,
 ) -> dict[str, float]:
+    """One run of ``system``: its figures, the server CPU seconds of each role under
+    ``cpu:<role>``. With ``profile`` (tool, directory, label) the run is recorded by a
+    :class:`Profiler`."""
     redis: subprocess.Popen[bytes] | None = None
     redis_url = ""
     if system == "ringcast-redis":
         redis, redis_url = start_private_redis(tmp)
     extra = (redis.pid,) if redis is not None else ()
     proc, port = start(system, args, tmp, redis_url)
+    profiler: Profiler | None = None
     try:
         cpu0, wait0 = server_usage(proc.pid, system, extra)
+        if profile is not None:
+            profiler = Profiler(
+                profile[0], profile[1], profile[2], server_processes(proc.pid, system, extra)
+            )
+            profiler.start()
         if loadgen is not None:
             got = run_loadgen(loadgen, port, args)
             events, span = int(got["events"]), got["span_s"]
@@ -416,8 +664,13 @@ def measure(
             lat = sorted(stats.latencies_ms())
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         cpu1, wait1 = server_usage(proc.pid, system, extra)
-        server_cpu, server_wait = cpu1 - cpu0, wait1 - wait0
+        if profiler is not None:
+            for f in profiler.stop():
+                print(f"profile: {f}", flush=True)
+            profiler = None
     finally:
+        if profiler is not None:
+            profiler.stop()
         proc.terminate()
         proc.wait(30)
         if proc.stdout is not None:
@@ -428,15 +681,19 @@ def measure(
     expected = args.streams * args.readers * args.tokens
     if events != expected:
         raise SystemExit(f"{system}: received {events} events, expected {expected}")
+    by_role = {f"cpu:{r}": cpu1[r] - cpu0.get(r, 0.0) for r in cpu1}
+    server_cpu = sum(by_role.values())
     return {
         "events_per_s": events / max(span, 1e-9),
         "p50_ms": p50,
         "p99_ms": p99,
         "events": events,
         "server_cpu_s": server_cpu,
+        "cpu_us_per_event": server_cpu / max(events, 1) * 1e6,
         "client_cpu_s": client_cpu,
-        "server_wait_s": server_wait,
+        "server_wait_s": wait1 - wait0,
         "client_wait_s": client_wait,
+        **by_role,
     }
 
 
@@ -444,26 +701,48 @@ def run_point(
     args: argparse.Namespace, systems: list[str], tmp: str, loadgen: str | None
 ) -> dict[str, dict[str, float]]:
     """Every system at ``args``' rate, ``--repeat`` times interleaved (so background load hits
-    every system); each metric's median over the runs, robust to a run hit by a burst."""
+    every system); each metric's median over the runs, robust to a run hit by a burst. With
+    ``--profile``, each system then runs once more under each profiler (not counted)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for _ in range(args.repeat):
         for system in systems:
             runs[system].append(measure(system, args, tmp, loadgen))
+    if args.profile:
+        out = Path(args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        rate = f"{args.tokens_per_s:g}tps" if args.tokens_per_s else "unpaced"
+        for system in systems:
+            label = f"{args.streams}x{args.readers}-{rate}-{system}"
+            for tool in args.profiler.split(","):
+                measure(system, args, tmp, loadgen, (tool, out, label))
     return {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
+        name: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)}
+        for name, rs in runs.items()
     }
+
+
+def roles_text(r: dict[str, float]) -> str:
+    """A run's server CPU by process, in microseconds per delivered event."""
+    events = max(r["events"], 1)
+    order = {"manager": 0, "server": 0, "worker": 1, "http": 2, "mirror": 3, "redis": 4}
+    roles = sorted(
+        (k[4:] for k in r if k.startswith("cpu:")),
+        key=lambda x: (order.get(x.rstrip("0123456789"), 9), x),
+    )
+    return " ".join(f"{x} {r['cpu:' + x] / events * 1e6:.1f}" for x in roles)
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:
     print(
-        f"{'system':<18}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
-        f"{'server cpu s':>14}{'client cpu s':>14}{'server wait s':>15}{'client wait s':>15}"
+        f"{'system':<18}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'us/event':>10}"
+        f"{'server cpu s':>13}{'client cpu s':>13}{'server wait s':>14}"
+        f"  server CPU by process, us/event"
     )
     for name, r in results.items():
         print(
-            f"{name:<18}{r['events_per_s']:>12.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{r['server_cpu_s']:>14.2f}{r['client_cpu_s']:>14.2f}"
-            f"{r['server_wait_s']:>15.2f}{r['client_wait_s']:>15.2f}"
+            f"{name:<18}{r['events_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['cpu_us_per_event']:>10.1f}{r['server_cpu_s']:>13.2f}{r['client_cpu_s']:>13.2f}"
+            f"{r['server_wait_s']:>14.2f}  {roles_text(r)}"
         )
     if "ringcast" in results:
         rc = results["ringcast"]
@@ -472,7 +751,8 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
                 print(
                     f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
                     f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
-                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}"
+                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}, "
+                    f"CPU/event x{rc['cpu_us_per_event'] / r['cpu_us_per_event']:.2f}"
                 )
 
 
@@ -533,13 +813,176 @@ def plot_sweep(
     print(f"plot: {path}")
 
 
+GRID_POINTS = "1000x1,1000x2,100x10,8x128,50x20"
+GRID_RATES = "20,200"
+"""The common-case grid of issue 15: streams x readers, at model pace (20 tok/s, what a
+model streams and what the issue measured) and at 10x it."""
+GRID_CPU_POINTS = ((1000, 1), (1000, 2))
+"""The points where the defaults' CPU per event is held to the best single-process
+server's."""
+
+
+def cores() -> int:
+    """The CPUs this process may run on (its affinity mask, as ringcast's ``auto`` counts)."""
+    return len(os.sched_getaffinity(0))
+
+
+def grid_systems() -> str:
+    """ringcast at its defaults, at one HTTP process and at one per core, and the
+    single-process servers."""
+    fixed = dict.fromkeys(["ringcast-1p", f"ringcast-{cores()}p"])
+    return ",".join(["ringcast", *fixed, "memory-broadcast", "memory"])
+
+
+def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, float | str]:
+    """The figures of issue 15's "Done when" at one point: ringcast at its defaults (system
+    ``ringcast``) against the best single-process server (the least CPU per event; its p99,
+    and the least p99 of any of them) and against the best fixed ringcast setting (the
+    ``ringcast-<N>p`` with the least p99)."""
+    out: dict[str, float | str] = {}
+    rc = results.get("ringcast")
+    single = [n for n in results if not is_ringcast(n)]
+    fixed = [n for n in results if RINGCAST_PROCS.fullmatch(n)]
+    if rc is None:
+        return out
+    if single:
+        best = min(single, key=lambda n: results[n]["cpu_us_per_event"])
+        fastest = min(single, key=lambda n: results[n]["p99_ms"])
+        out["best_single"] = best
+        out["cpu_vs_single"] = rc["cpu_us_per_event"] / results[best]["cpu_us_per_event"]
+        out["p99_vs_single"] = rc["p99_ms"] / results[fastest]["p99_ms"]
+        out["fastest_single"] = fastest
+    if fixed:
+        best_fixed = min(fixed, key=lambda n: results[n]["p99_ms"])
+        out["best_fixed"] = best_fixed
+        out["p99_vs_fixed"] = rc["p99_ms"] / results[best_fixed]["p99_ms"]
+    ok = out.get("p99_vs_fixed", 0.0) <= 1.5  # type: ignore[operator]
+    if (s, r) in GRID_CPU_POINTS and single:
+        ok = ok and out["cpu_vs_single"] <= 1.0 and out["p99_vs_single"] <= 1.0  # type: ignore[operator]
+    out["done"] = "yes" if ok else "no"
+    return out
+
+
+def print_verdict(s: int, r: int, v: dict[str, float | str]) -> None:
+    parts = []
+    if "cpu_vs_single" in v:
+        parts.append(
+            f"CPU/event x{v['cpu_vs_single']:.2f} of {v['best_single']}'s, "
+            f"p99 x{v['p99_vs_single']:.2f} of {v['fastest_single']}'s"
+            + ("" if (s, r) in GRID_CPU_POINTS else " (not held to it here)")
+        )
+    if "p99_vs_fixed" in v:
+        parts.append(
+            f"p99 x{v['p99_vs_fixed']:.2f} of the best fixed setting's ({v['best_fixed']})"
+        )
+    if parts:
+        print(f"defaults: {'; '.join(parts)}; done-when met: {v['done']}")
+
+
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """``1000x1,8x128`` -> [(1000, 1), (8, 128)]; ValueError naming a bad one."""
+    points = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise ValueError(f"{item!r} is not STREAMSxREADERS (e.g. 1000x1)")
+        points.append((int(m.group(1)), int(m.group(2))))
+    return points
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return f"load average {os.getloadavg()}"
+
+
+def run_grid(
+    args: argparse.Namespace, systems: list[str], rates: list[float], loadgen: str | None
+) -> list[dict[str, object]]:
+    """Every point of ``--points`` at every rate of ``--rates``, every system at each;
+    prints each point's table and verdict as it goes, then a summary."""
+    import tempfile
+
+    points = parse_points(args.points)
+    out: list[dict[str, object]] = []
+    print(f"grid start: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {uptime()}")
+    print(f"{cores()} CPUs in this process's affinity mask; systems: {', '.join(systems)}")
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as t:
+        for s, r in points:
+            for tps in rates:
+                point = argparse.Namespace(**vars(args))
+                point.streams, point.readers, point.tokens_per_s = s, r, tps
+                tokens = round(tps * args.duration) if tps else args.tokens
+                point.tokens = max(20, min(tokens, args.max_events // (s * r)))
+                t0 = time.monotonic()
+                results = run_point(point, systems, t, loadgen)
+                print(
+                    f"\n{s} streams x {r} readers, {tps or 'unpaced'} tok/s, {point.tokens} "
+                    f"tokens ({s * r * point.tokens} events per run), medians of {args.repeat}, "
+                    f"{time.monotonic() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+                print_table(results)
+                v = verdict(s, r, results)
+                print_verdict(s, r, v)
+                out.append(
+                    {
+                        "streams": s,
+                        "readers": r,
+                        "tokens_per_s": tps,
+                        "tokens": point.tokens,
+                        "results": results,
+                        "verdict": v,
+                    }
+                )
+    print(f"\ngrid end: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {uptime()}")
+    print_grid_summary(out)
+    return out
+
+
+def print_grid_summary(out: list[dict[str, object]]) -> None:
+    print(
+        f"\n{'point':<16}{'tok/s':>6}{'default us/ev':>14}{'best 1-proc':>12}{'x':>6}"
+        f"{'default p99':>12}{'1-proc p99':>11}{'x':>6}{'fixed p99':>10}{'x':>6}  done"
+    )
+    for p in out:
+        res: dict[str, dict[str, float]] = p["results"]  # type: ignore[assignment]
+        v: dict[str, float | str] = p["verdict"]  # type: ignore[assignment]
+        rc = res.get("ringcast")
+        if rc is None:
+            continue
+
+        best, fastest, fixed = (
+            str(v.get(k, "")) for k in ("best_single", "fastest_single", "best_fixed")
+        )
+        print(
+            f"{str(p['streams']) + 'x' + str(p['readers']):<16}{p['tokens_per_s']:>6g}"
+            f"{rc['cpu_us_per_event']:>14.1f}{cell(res, best, 'cpu_us_per_event'):>12}"
+            f"{ratio(v, 'cpu_vs_single'):>6}{rc['p99_ms']:>12.2f}"
+            f"{cell(res, fastest, 'p99_ms'):>11}{ratio(v, 'p99_vs_single'):>6}"
+            f"{cell(res, fixed, 'p99_ms'):>10}{ratio(v, 'p99_vs_fixed'):>6}  {v.get('done', '-')}"
+        )
+
+
+def cell(res: dict[str, dict[str, float]], name: str, key: str) -> str:
+    return f"{res[name][key]:.1f}" if name in res else "-"
+
+
+def ratio(v: dict[str, float | str], key: str) -> str:
+    return f"{v[key]:.2f}" if key in v else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="A sweep (--sweep 100,400,1000,2000,4000) runs every system at each rate and "
         "prints, per system, the most events/s delivered with p99 within --slo-ms: the "
         "throughput a user can count on, which a single unpaced run cannot tell (there, a "
-        "producer in its own process runs ahead of the fan-out and its backlog is latency).",
+        "producer in its own process runs ahead of the fan-out and its backlog is latency). "
+        "The grid (--grid) runs issue 15's common case: every point of --points at every "
+        "rate of --rates, ringcast at its defaults, at --http-procs 1 and one per core, and "
+        "the single-process servers, and prints the ratios its 'Done when' states.",
     )
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--readers", type=int, default=16, help="readers per stream (incl. POST)")
@@ -550,7 +993,35 @@ def main() -> None:
         help="comma-separated tok/s per stream to run in turn instead of --tokens-per-s; "
         "each run's tokens are its rate x --duration",
     )
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds of tokens per sweep point")
+    ap.add_argument(
+        "--grid",
+        action="store_true",
+        help="run the grid: every --points at every --rates (default systems: "
+        f"{grid_systems()}; 'ringcast-<N>p' is ringcast serve --http-procs N)",
+    )
+    ap.add_argument(
+        "--points",
+        default=GRID_POINTS,
+        help="with --grid: comma-separated STREAMSxREADERS (%(default)s)",
+    )
+    ap.add_argument(
+        "--rates",
+        default=GRID_RATES,
+        help="with --grid: comma-separated tok/s per stream; 20 is a model's pace (%(default)s)",
+    )
+    ap.add_argument(
+        "--max-events",
+        type=int,
+        default=300_000,
+        help="with --grid: fewer tokens per stream where a point's rate x --duration would "
+        "deliver more events than this per run (at least 20 tokens) (%(default)s)",
+    )
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=3.0,
+        help="seconds of tokens per sweep or grid point (%(default)s)",
+    )
     ap.add_argument(
         "--slo-ms",
         default="25,50,100",
@@ -559,18 +1030,24 @@ def main() -> None:
     )
     ap.add_argument("--plot", help="a sweep's p99 and delivered events/s against offered, to FILE")
     ap.add_argument("--prefill", type=float, default=1.0)
-    ap.add_argument("--http-procs", type=int, default=2)
+    ap.add_argument(
+        "--http-procs",
+        help="ringcast serve --http-procs for the system 'ringcast' (default: not given, "
+        "ringcast's own default)",
+    )
+    ap.add_argument(
+        "--workers",
+        help="ringcast serve --workers for 'ringcast' (default: not given)",
+    )
     ap.add_argument(
         "--coalesce-ms",
         type=float,
-        default=40.0,
-        help="ringcast serve --coalesce-ms (its default: 40)",
+        help="ringcast serve --coalesce-ms for 'ringcast' (default: not given)",
     )
     ap.add_argument(
         "--coalesce",
         choices=["adaptive", "always"],
-        default="adaptive",
-        help="ringcast serve --coalesce (its default: adaptive)",
+        help="ringcast serve --coalesce for 'ringcast' (default: not given)",
     )
     ap.add_argument(
         "--baseline-coalesce-ms",
@@ -587,15 +1064,52 @@ def main() -> None:
         "event, built with cargo on first use), python = the uvloop client in this file "
         "(~1 us per event: above ~1 M events/s it, not the servers, is the bottleneck)",
     )
-    ap.add_argument("--repeat", type=int, default=5, help="runs per system; medians are shown")
-    ap.add_argument("--systems", default="ringcast,memory,memory-broadcast,redis")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        help="runs per system; medians are shown (default 5, with --grid 1)",
+    )
+    ap.add_argument(
+        "--systems",
+        help="comma-separated, from: ringcast, ringcast-<N>p, memory (alias asyncio), "
+        "memory-broadcast, redis, redis-per-reader, ringcast-redis (default "
+        "ringcast,memory,memory-broadcast,redis; with --grid, see --grid)",
+    )
+    ap.add_argument("--json", metavar="FILE", help="write every point's figures to FILE")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after each point's measured runs, run every system once more under "
+        "each --profiler and write its flame graphs (folded stacks, and SVGs with "
+        "inferno-flamegraph on PATH) to DIR; see bench/RESULTS.md, 'Where an event's "
+        "microseconds go'",
+    )
+    ap.add_argument(
+        "--profiler",
+        default=",".join(PROFILERS),
+        help="with --profile: comma-separated, from py-spy (the worker and each HTTP "
+        "process, --native) and perf (every server process, cpu-clock) (%(default)s)",
+    )
     args = ap.parse_args()
     import tempfile
 
     if args.sweep and args.tokens_per_s != ap.get_default("tokens_per_s"):
         ap.error("--sweep replaces --tokens-per-s: give one of them")
+    if args.grid and args.sweep:
+        ap.error("--grid and --sweep are two different runs: give one of them")
     if args.plot and not args.sweep:
         ap.error("--plot draws a sweep: give --sweep too")
+    if args.repeat is None:
+        args.repeat = 1 if args.grid else 5
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.profile and not set(args.profiler.split(",")) <= set(PROFILERS):
+        ap.error(f"--profiler: a comma-separated subset of {', '.join(PROFILERS)}")
+    if args.grid:
+        try:
+            parse_points(args.points)
+        except ValueError as e:
+            ap.error(f"--points: {e}")
 
     def numbers(text: str, flag: str) -> list[float]:
         try:
@@ -603,18 +1117,31 @@ def main() -> None:
         except ValueError:
             ap.error(f"{flag} wants numbers separated by commas, got {text!r}")
 
-    rates = numbers(args.sweep, "--sweep") if args.sweep else [args.tokens_per_s]
+    if args.grid:
+        rates = numbers(args.rates, "--rates")
+    else:
+        rates = numbers(args.sweep, "--sweep") if args.sweep else [args.tokens_per_s]
     if any(r < 0 for r in rates):
         ap.error("a rate cannot be negative (0 = unpaced)")
     if args.plot and not any(r > 0 for r in rates):
         ap.error("--plot draws the paced rates of a sweep: give at least one rate above 0")
     slos = numbers(args.slo_ms, "--slo-ms")
-    systems = args.systems.split(",")
-    known = {"ringcast", "memory", "memory-broadcast", "redis", "redis-per-reader"}
+    default_systems = grid_systems() if args.grid else "ringcast,memory,memory-broadcast,redis"
+    systems = (args.systems or default_systems).split(",")
+    known = {"ringcast", "memory", "asyncio", "memory-broadcast", "redis", "redis-per-reader"}
     known.add("ringcast-redis")  # ringcast serve --redis (a private redis-server per run)
-    if not systems or not set(systems) <= known:
-        ap.error(f"--systems: a comma-separated subset of {', '.join(sorted(known))}")
+    if not systems or not all(x in known or RINGCAST_PROCS.fullmatch(x) for x in systems):
+        ap.error(
+            f"--systems: a comma-separated subset of {', '.join(sorted(known))}, ringcast-<N>p"
+        )
     loadgen = build_loadgen() if args.client == "rust" else None
+    if args.grid:
+        grid = run_grid(args, systems, rates, loadgen)
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"command": sys.argv, "uptime": uptime(), "points": grid}, indent=1)
+            )
+        return
     points: list[tuple[float, dict[str, dict[str, float]]]] = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as t:
         for tps in rates:
@@ -628,13 +1155,23 @@ def main() -> None:
             points.append((tps, results))
             print(
                 f"S={args.streams} streams x R={args.readers} readers, {point.tokens} tokens, "
-                f"{tps or 'unpaced'} tok/s, ringcast --http-procs {args.http_procs} "
-                f"--coalesce {args.coalesce} --coalesce-ms {args.coalesce_ms:g}, baselines' "
+                f"{tps or 'unpaced'} tok/s, ringcast: {ringcast_setting(args)}, baselines' "
                 f"coalescing {args.baseline_coalesce_ms:g} ms, {args.client} client, medians of "
                 f"{args.repeat} runs, load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             print_table(results)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": sys.argv,
+                    "uptime": uptime(),
+                    "points": [{"tokens_per_s": tps, "results": res} for tps, res in points],
+                },
+                indent=1,
+            )
+        )
     if not args.sweep:
         return
     top = max((r for r in rates if r > 0), default=0.0)
@@ -658,9 +1195,8 @@ def main() -> None:
             points,
             slos,
             args.plot,
-            f"{args.streams} streams x {args.readers} readers, {os.cpu_count()} CPUs (ringcast "
-            f"--http-procs {args.http_procs} --coalesce {args.coalesce} --coalesce-ms "
-            f"{args.coalesce_ms:g}; {args.client} client)",
+            f"{args.streams} streams x {args.readers} readers, {os.cpu_count()} CPUs (ringcast: "
+            f"{ringcast_setting(args)}; {args.client} client)",
         )
 
 

@@ -1,0 +1,129 @@
+"""``bench/http_fanout.py --grid`` at a CI size: every system at every point, with the server
+CPU split by process and the ratios of issue 15's "Done when"; and the pieces of
+``--profile`` that do not need a profiler (perf's output folded per process, the summary of
+folded stacks by step). The full grid and the figures are run by hand: ``bench/RESULTS.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fanout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "http_fanout.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO / "bench")},
+    )
+
+
+def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: Path) -> None:
+    out = fanout(
+        "--grid", "--points", "3x1,2x3", "--rates", "50", "--duration", "0.4",
+        "--prefill", "0.3", "--client", "python", "--json", str(tmp_path / "grid.json"),
+        "--systems", "ringcast,ringcast-1p,memory-broadcast",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert [(p["streams"], p["readers"]) for p in grid["points"]] == [(3, 1), (2, 3)]
+    for p in grid["points"]:
+        assert p["tokens"] == 20  # 50 tok/s x 0.4 s, raised to the least of 20
+        res = p["results"]
+        assert set(res) == {"ringcast", "ringcast-1p", "memory-broadcast"}
+        for name, r in res.items():
+            assert r["events"] == p["streams"] * p["readers"] * 20, name
+            roles = {k[4:] for k in r if k.startswith("cpu:")}
+            if name.startswith("ringcast"):
+                assert {"manager", "worker0", "http0"} <= roles, (name, roles)
+            else:
+                assert roles == {"server"}
+            by_role = sum(v for k, v in r.items() if k.startswith("cpu:"))
+            assert r["server_cpu_s"] == pytest.approx(by_role)
+            assert r["cpu_us_per_event"] == pytest.approx(by_role / r["events"] * 1e6)
+        v = p["verdict"]
+        assert v["best_single"] == v["fastest_single"] == "memory-broadcast"
+        assert v["best_fixed"] == "ringcast-1p"
+        want = res["ringcast"]["p99_ms"] / res["ringcast-1p"]["p99_ms"]
+        assert v["p99_vs_fixed"] == pytest.approx(want)
+        assert v["done"] in ("yes", "no")
+    assert "defaults: CPU/event x" in out.stdout
+    summary = out.stdout[out.stdout.index("grid end:") :]
+    assert "3x1" in summary and "2x3" in summary and "done" in summary
+
+
+def test_grid_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    out = fanout("--grid", "--points", "10by2", cwd=tmp_path)
+    assert out.returncode == 2 and "'10by2' is not STREAMSxREADERS" in out.stderr
+    out = fanout("--grid", "--sweep", "10,20", cwd=tmp_path)
+    assert out.returncode == 2 and "--grid and --sweep" in out.stderr
+    out = fanout("--systems", "ringcast-xp", cwd=tmp_path)
+    assert out.returncode == 2 and "ringcast-<N>p" in out.stderr
+
+
+def test_perf_script_is_folded_per_process(bench_module: Any) -> None:
+    fanout_mod = bench_module("http_fanout")
+    script = (
+        "python3  4242 [001] 10.000001:    1001001 cpu-clock:\n"
+        "\tffffffff81000001 tcp_sendmsg+0x21 ([kernel.kallsyms])\n"
+        "\tffffffff81000002 ksys_write+0x10 ([kernel.kallsyms])\n"
+        "\t00007f0000000003 __GI___libc_write+0x5 (/usr/lib/libc.so.6)\n"
+        "\t00007f0000000004 [unknown] (/usr/lib/libpython3.11.so.1.0)\n"
+        "\n"
+        "python3  4343/4344 [000] 10.000002:    1001001 cpu-clock:\n"
+        "\t00007f0000000005 ringcast_core::stream::Writer::append+0x1f (/x/_core.abi3.so)\n"
+        "\n"
+    )
+    assert fanout_mod.collapse_perf(script) == [
+        (4242, "[libpython3.11.so.1.0];__GI___libc_write;ksys_write;tcp_sendmsg"),
+        (4343, "ringcast_core::stream::Writer::append"),
+    ]
+
+
+def test_flame_summary_puts_each_stack_in_its_step(bench_module: Any, tmp_path: Path) -> None:
+    summary = bench_module("flame_summary")
+    folded = tmp_path / "1000x1-20tps-ringcast-1p-worker0.pyspy.folded"
+    folded.write_text(
+        "run (uvloop);epoll_pwait (libc.so.6) 50\n"
+        "run (uvloop);Emitter.raw (emitter.py:40);Writer::append (_core) 6\n"
+        "run (uvloop);Emitter.raw (emitter.py:40);Writer::append (_core);"
+        "ringcast_core::sys::dgram::Senders::send (_core) 2\n"
+        "run (uvloop);Emitter._chunk (emitter.py:70) 2\n"
+    )
+    text = " ".join(summary.summarise(folded, 20.0).split())
+    assert "10 busy samples of 60" in text
+    assert "60.0% 12.0 us/event append: Rust ring write" in text
+    assert "20.0% 4.0 us/event wake: notifier datagram send" in text
+    assert "20.0% 4.0 us/event framing: JSON chunk + SSE id" in text
+
+
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="needs py-spy (pip install py-spy)")
+def test_profile_writes_a_flame_graph_of_the_worker_and_each_http_process(tmp_path: Path) -> None:
+    out = fanout(
+        "--grid", "--points", "4x1", "--rates", "50", "--duration", "1", "--prefill", "0.3",
+        "--client", "python", "--systems", "ringcast-1p", "--profile", str(tmp_path / "flame"),
+        "--profiler", "py-spy",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "flame").glob("*.folded"))
+    assert names == [
+        "4x1-50tps-ringcast-1p-http0.pyspy.folded",
+        "4x1-50tps-ringcast-1p-worker0.pyspy.folded",
+    ]
+    worker = (tmp_path / "flame" / names[1]).read_text()
+    assert "run_job" in worker  # the worker's own frames, not another process's
