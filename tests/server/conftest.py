@@ -197,7 +197,7 @@ class Server(Client):
         self,
         tmp: Path,
         *args: str,
-        http_procs: int = 2,
+        http_procs: int | str | None = 2,
         workers: int = 1,
         segment: Path | None = None,
         env: dict[str, str] | None = None,
@@ -207,7 +207,8 @@ class Server(Client):
     ) -> None:
         """``log``: a file that gets the server's stderr (its log), instead of the test's;
         ``prefix``: a command that runs the server (e.g. ``prlimit --nofile=256``);
-        ``new_session``: the tree gets its own process group (a test kills it whole)."""
+        ``new_session``: the tree gets its own process group (a test kills it whole);
+        ``http_procs=None``: no ``--http-procs``, ringcast's default."""
         self.segment = segment or tmp / "seg"
         cmd = [
             *(prefix or []),
@@ -217,8 +218,7 @@ class Server(Client):
             "serve",
             "--port",
             "0",
-            "--http-procs",
-            str(http_procs),
+            *(["--http-procs", str(http_procs)] if http_procs is not None else []),
             "--workers",
             str(workers),
             "--segment",

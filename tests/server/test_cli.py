@@ -224,3 +224,52 @@ def test_bad_upstream_is_refused_at_start(
     assert out.returncode == 2, out.stderr
     assert message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_http_procs_auto_is_one_per_core_left_by_the_workers() -> None:
+    from ringcast.server.config import AUTO_HTTP_PROCS_MAX, auto_http_procs
+
+    cases = {(1, 1): 1, (2, 1): 1, (2, 2): 1, (4, 1): 3, (8, 2): 6, (16, 1): 15}
+    for (cores, workers), want in cases.items():
+        assert auto_http_procs(cores, workers) == want, (cores, workers)
+    assert auto_http_procs(256, 1) == AUTO_HTTP_PROCS_MAX
+
+
+def test_usable_cores_follow_the_affinity_mask_and_help_says_what_auto_is() -> None:
+    from ringcast.server.config import auto_http_procs, usable_cores
+
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c",
+         "from ringcast.server.config import usable_cores; print(usable_cores())"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert pinned.stdout.strip() == "1"
+    cores = usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    out = " ".join(ringcast("serve", "--help").stdout.split())
+    assert f"here {cores} cores, so auto is {auto_http_procs(cores, 1)} with 1 worker" in out
+    pinned_help = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "ringcast.cli", "serve", "--help"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert "here 1 cores, so auto is 1 with 1 worker" in " ".join(pinned_help.stdout.split())
+
+
+@pytest.mark.parametrize("given", [None, "auto", "AUTO"])
+def test_default_http_procs_are_auto(serve: Any, given: str | None) -> None:
+    import psutil
+    from ringcast.server.config import auto_http_procs, usable_cores
+
+    with serve("--tokens-per-s", "0", http_procs=given, workers=1) as s:
+        children = psutil.Process(s.proc.pid).children()
+        http = [c for c in children if "ringcast.server.http_process" in c.cmdline()]
+        assert len(http) == auto_http_procs(usable_cores(), 1)
+        body = s.post_chat("auto", max_tokens=3).read_all_and_close()
+        assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_bad_http_procs_are_refused(tmp_path: Path) -> None:
+    for bad in ("0", "-1", "two", ""):
+        out = ringcast("serve", "--port", "0", "--http-procs", bad, cwd=tmp_path)
+        assert out.returncode == 2, bad
+        assert "--http-procs" in out.stderr and "give auto or a whole number >= 1" in out.stderr

@@ -19,7 +19,6 @@ def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with parsed ``ringcast serve`` arguments (a message naming the option),
     or None. Checked before anything starts."""
     for name in (
-        "http_procs",
         "workers",
         "max_sessions",
         "max_sessions_per_key",

@@ -42,6 +42,64 @@ DEFAULT_MAX_SESSIONS = 1 << 20
 DEFAULT_SEGMENT_LIMIT = 4 << 40
 
 
+AUTO_HTTP_PROCS_MAX = 32
+"""The most HTTP processes ``--http-procs auto`` starts: half the segment's process rows
+(``ringcast.MAX_PROCESSES``), the rest left to the manager, the workers and the processes of
+users of the library that attach to the segment."""
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, cpusets), capped by the
+    CPU quota of its cgroup (v2 ``cpu.max`` of its cgroup and of every ancestor, rounded up:
+    a container given 1.5 CPUs on a 64-core host counts 2), at least 1."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    except OSError:
+        path = None
+    while path is not None:
+        try:
+            with open(f"/sys/fs/cgroup{path.rstrip('/')}/cpu.max", encoding="ascii") as f:
+                quota, period = f.read().split()
+            if quota != "max":
+                n = min(n, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError):
+            pass  # no cpu controller at this level, or no cgroup v2 at all
+        path = None if path in ("/", "") else os.path.dirname(path.rstrip("/"))
+    return max(1, n)
+
+
+def auto_http_procs(cores: int, workers: int) -> int:
+    """``--http-procs auto``: one HTTP process per core the workers leave, at least one and
+    at most ``AUTO_HTTP_PROCS_MAX``.
+
+    Every process of ``ringcast serve`` is busy in proportion to the events it moves (the
+    workers to every event produced, the HTTP processes to every event delivered), so one
+    process per core is the most that can run at once. More HTTP processes than that compete
+    for the cores the workers need, and each costs per-event work of its own (a wake and a
+    pump per session it has readers of): on 2 cores with one worker, the second HTTP process
+    raised CPU per event and p99 at every point of ``bench/http_fanout.py --grid``
+    (``bench/RESULTS.md``). On a large machine this is one per core less one per worker."""
+    return max(1, min(AUTO_HTTP_PROCS_MAX, cores - workers))
+
+
+def http_procs_arg(text: str) -> int:
+    """argparse ``type`` of ``--http-procs``: ``auto`` (0, resolved by
+    :func:`config_from_args`) or a number of processes >= 1."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of HTTP processes: give auto or a whole number >= 1"
+        )
+    return n
+
+
 def default_max_sessions(session_bytes: int) -> int:
     """The table size when ``--max-sessions`` is not given: ``DEFAULT_MAX_SESSIONS``, fewer
     for rings so large that the segment file would pass ``DEFAULT_SEGMENT_LIMIT``."""
@@ -51,7 +109,7 @@ def default_max_sessions(session_bytes: int) -> int:
 class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    http_procs: int = 0
+    http_procs: int = 0  # 0: auto (auto_http_procs), resolved by config_from_args
     workers: int = 1
     segment: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS  # from the command line: default_max_sessions()
@@ -193,12 +251,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="TCP port, shared by all HTTP processes, llama-server's default; 0 = pick a "
         "free one (%(default)s)",
     )
+    cores = usable_cores()
     net.add_argument(
         "--http-procs",
-        type=int,
+        type=http_procs_arg,
         default=_D.http_procs,
-        metavar="N",
-        help="HTTP processes sharing the port via SO_REUSEPORT (default: one per CPU core)",
+        metavar="N|auto",
+        help="HTTP processes sharing the port via SO_REUSEPORT. auto: one per CPU core "
+        "left after the --workers (cores this process may use, by its affinity mask and "
+        f"cgroup quota, minus workers), at least 1, at most {AUTO_HTTP_PROCS_MAX}; here "
+        f"{cores} cores, so auto is {auto_http_procs(cores, _D.workers)} with "
+        f"{_D.workers} worker (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
     )
     net.add_argument(
         "--max-body",
@@ -529,7 +592,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     be read, ``ValueError`` for an empty key."""
     return ServeConfig(
         **{name: getattr(args, name) for name in _SAME_NAME},
-        http_procs=args.http_procs or (os.cpu_count() or 1),
+        http_procs=args.http_procs or auto_http_procs(usable_cores(), args.workers),
         max_sessions=args.max_sessions or default_max_sessions(args.session_bytes),
         segment=args.segment or "",
         key_digests=(digests := [key_digest(k) for k in _read_keys(args)]),
