@@ -121,3 +121,25 @@ def test_compare_finds_the_baselines_of_the_checkout_it_is_run_from(
         msg = str(exc.value)
         assert "bench/baselines.py" in msg and "pip install does not include" in msg
         assert "leave out --compare" in msg and "site-packages/bench" not in msg
+
+
+def test_http_procs_default_to_ringcast_serves_auto(tmp_path: Path, ringcast_cli) -> None:
+    trace = synthesize(SynthParams(streams=2, seed=3, tokens_min=10, tokens_max=20))
+    path = tmp_path / "t.jsonl"
+    write_trace(path, trace)
+    out = tmp_path / "r.json"
+    res = ringcast_cli(
+        "replay", str(path), "--fanout", "2", "--speed", "max", "--json", str(out),
+        "--no-progress",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["http_procs"] == "auto"
+    t = report["targets"][0]
+    emitted = sum(len(s.events) for s in trace.streams)
+    _check_counts(t, [expected_body(s)[0] for s in trace.streams], emitted)
+    assert t["events_lost"] == 0 and t["mismatches"] == 0
+    for bad in ("0", "-2", "two", "²"):
+        res = ringcast_cli("replay", str(path), "--http-procs", bad)
+        assert res.returncode == 2, bad
+        assert "--http-procs" in res.stderr and "give auto or a whole number >= 1" in res.stderr

@@ -52,7 +52,7 @@ class ReplayOptions:
     fanout: int = 10
     streams: int | None = None
     speed: float = 1.0
-    http_procs: int = 2
+    http_procs: str = "auto"  # ringcast serve --http-procs: auto (its default) or N
     resume_share: float = 0.0
     url: str | None = None
     compare: list[str] = field(default_factory=list)
@@ -481,8 +481,20 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def http_procs_value(text: str) -> str:
+    """argparse ``type`` of ``--http-procs``: ``auto`` or a whole number >= 1, as given to
+    ``ringcast serve``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of HTTP processes: give auto or a whole number >= 1"
+        )
+    return str(int(text))
+
+
 def ringcast_serve_command(
-    trace: str, speed: float, port: int, http_procs: int, extra: Sequence[str] = ()
+    trace: str, speed: float, port: int, http_procs: str, extra: Sequence[str] = ()
 ) -> list[str]:
     """The ``ringcast serve`` command line that replays ``trace``."""
     return [
@@ -495,7 +507,7 @@ def ringcast_serve_command(
         "--port",
         str(port),
         "--http-procs",
-        str(http_procs),
+        http_procs,
         "--replay",
         trace,
         "--speed",
@@ -992,7 +1004,13 @@ def configure(ap: argparse.ArgumentParser) -> None:
         help="streams to replay, S (default: every stream in the trace; cycles if more)",
     )
     ap.add_argument("--speed", default="1", help="pace: factor over recorded time, or 'max'")
-    ap.add_argument("--http-procs", type=int, default=2, help="HTTP processes of ringcast serve")
+    ap.add_argument(
+        "--http-procs",
+        type=http_procs_value,
+        default="auto",
+        help="HTTP processes of ringcast serve: auto (its default: one per core the worker "
+        "leaves) or N (%(default)s)",
+    )
     ap.add_argument(
         "--resume-share",
         type=float,
