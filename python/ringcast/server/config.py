@@ -153,6 +153,10 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """Seed nodes ``HOST:PORT[,HOST:PORT...]`` of a Redis Cluster (``--redis-cluster``)."""
     node_id: str = ""
     """This node's name in Redis (default: host name and port, filled in by the supervisor)."""
+    advertise_url: str = ""
+    """Where the other nodes reach this node's HTTP server: they forward writes of the
+    Durable Streams this node holds to it (default ``http://<host>:<port>``, with the
+    machine's host name for a wildcard ``--host``; filled in by the supervisor)."""
     node_instance: str = ""
     """Identity of this run of the node, drawn by the supervisor: the sessions a previous run
     left running in Redis are that run's, and end ``node_lost``."""
@@ -493,6 +497,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="this node's name in Redis; unique per node (default: host name and port)",
     )
     cluster.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="where the other nodes reach this one: they forward appends, closes and "
+        "deletes of the Durable Streams it holds there (default: http://HOST:PORT, the host "
+        "name for a wildcard --host)",
+    )
+    cluster.add_argument(
         "--mirror-ms",
         type=float,
         default=_D.mirror_ms,
@@ -607,6 +618,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         redis_url=args.redis or ("" if args.redis_cluster else redis_url_from_env()),
         redis_cluster=args.redis_cluster or "",
         node_id=args.node_id or "",
+        advertise_url=(args.advertise_url or "").rstrip("/"),
     )
 
 

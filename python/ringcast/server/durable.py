@@ -34,17 +34,27 @@ from urllib.parse import unquote
 import msgspec
 
 from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
+from ringcast.http.client import HTTPError as ClientHTTPError
+from ringcast.http.client import stream as http_stream
 from ringcast.http.parse import HttpError, Request
 from ringcast.http.protocol import Connection
 from ringcast.server.durable_meta import (
     DurableMeta,
     ProducerState,
+    RemoteStream,
     StreamMeta,
+    StreamPeers,
     durable_owner,
     meta_path,
 )
 from ringcast.server.fanout import END_EVENTS
-from ringcast.server.store import StreamReader, StreamStore, StreamView, StreamWriter
+from ringcast.server.store import (
+    StoreUnavailable,
+    StreamReader,
+    StreamStore,
+    StreamView,
+    StreamWriter,
+)
 from ringcast.wire.openai import error_json
 from ringcast.wire.sse import error_event
 
@@ -66,6 +76,21 @@ CURSOR_EPOCH = 1728432000.0
 """2024-10-09T00:00:00Z: cursors count 20 s intervals from here (the protocol's default)."""
 CURSOR_INTERVAL_S = 20.0
 MAX_SAFE_INT = 2**53 - 1
+FORWARDED = "x-ringcast-forwarded-by"
+"""Set (to the forwarding node's id) on a request forwarded to the node that holds the
+stream; such a request is never forwarded again."""
+FORWARD_TIMEOUT_S = 10.0
+"""Most a forwarded request waits for the owning node's whole answer (502 beyond)."""
+_HOP = frozenset(
+    (
+        "connection", "keep-alive", "transfer-encoding", "content-length", "host", "te",
+        "upgrade", "expect", "proxy-connection",
+    )
+)  # fmt: skip
+_NOT_RELAYED = _HOP | {
+    "content-type", "location", "x-content-type-options", "cross-origin-resource-policy",
+    "x-ringcast-process", "vary", "date", "server",
+}  # fmt: skip
 
 _OFFSET = re.compile(r"0{16}_([0-9]{16})")  # matched with fullmatch: "$" lets "\n" through
 _NONNEG = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -173,6 +198,9 @@ class Target:
     info: StreamView
     meta: StreamMeta | None
     """None for a conversation (read-only, no side metadata)."""
+    remote: RemoteStream | None = None
+    """Set for a generic stream another node holds (``--redis``): its metadata came from
+    Redis, and what only that node can do is forwarded to it."""
 
     @property
     def content_type(self) -> str:
@@ -193,8 +221,13 @@ class DurableStreams:
         check_id: Callable[[str], str],
         check_quota: Callable[[str, str, str], Awaitable[None]],
         long_poll_s: float,
+        peers: StreamPeers | None = None,
     ) -> None:
         self.store = store
+        self.peers = peers
+        """The other nodes (``--redis``): None without Redis."""
+        self.remote_touched: dict[tuple[str, str], float] = {}
+        """When a read here last slid a remote stream's TTL on its node (bounded)."""
         self.meta = DurableMeta(
             meta_path(segment_path) if segment_path else ":memory:", store.epoch
         )
@@ -204,6 +237,7 @@ class DurableStreams:
         owner)``; raises a 429 ``HttpError``): an open stream counts like a running one."""
         self.long_poll_s = long_poll_s
         self.writers: dict[tuple[str, str, int], StreamWriter] = {}
+        self.background: set[asyncio.Future[None]] = set()
         self.tx = asyncio.Lock()
         """Held around each write transaction: the database connection is this process's
         one, and a transaction that awaited (a store whose lookups go over the network)
@@ -241,15 +275,25 @@ class DurableStreams:
 
     async def stream_route(self, req: Request, conn: Connection, owner: str, name: str) -> None:
         m = req.method
+        remote_ok = FORWARDED not in req.headers
         if m == "PUT":
-            await self.create(req, conn, owner, name)
+            holder = await self.holder_of_create(req, owner, name) if remote_ok else None
+            if holder is not None:
+                await self.forward(req, conn, holder)
+            else:
+                await self.create(req, conn, owner, name)
+            return
+        if m == "POST":
+            parse_producer(req.headers)  # a malformed producer is a 400 before a 404
+        t = await self.resolve(owner, name, remote_ok)
+        if t.remote is not None and m in ("POST", "DELETE"):
+            await self.forward(req, conn, t.remote)
         elif m == "POST":
-            await self.append(req, conn, owner, name)
+            await self.append(req, conn, t)
         elif m == "DELETE":
-            await self.delete(conn, owner, name)
+            await self.delete(conn, t)
         else:
-            target = await self.resolve(owner, name)
-            await self.read_route(req, conn, target)
+            await self.read_route(req, conn, t)
 
     async def read_route(self, req: Request, conn: Connection, t: Target) -> None:
         if req.method == "HEAD":
@@ -282,9 +326,10 @@ class DurableStreams:
         no_body = head or status in (204, 304)
         conn.send(status, b"" if no_body else body, content_type, [*_SECURITY, *headers])
 
-    async def resolve(self, owner: str, name: str) -> Target:
+    async def resolve(self, owner: str, name: str, remote_ok: bool = True) -> Target:
         """The live stream ``name`` of ``owner``: 404 if absent or expired (an expired one is
-        removed at once), 410 if it was deleted while forks of it live."""
+        removed at once), 410 if it was deleted while forks of it live. With ``--redis``, a
+        stream that is not here may be another node's (``remote_ok``: look there)."""
         downer = durable_owner(owner)
         meta = self.meta.get(downer, name)
         info = await self.store.get(name, downer)
@@ -295,11 +340,106 @@ class DurableStreams:
             or info is None
             or (info.slot, info.generation) != (meta.slot, meta.generation)
         ):
+            if remote_ok and self.peers is not None:
+                return await self.resolve_remote(downer, name)
             raise DsError(404, "Stream not found or expired")
         if meta.expired(time.time()):
             await self.expire(meta)
             raise DsError(404, "Stream not found or expired")
         return Target(name, downer, info, meta)
+
+    async def lookup_remote(self, downer: str, name: str) -> RemoteStream | None:
+        assert self.peers is not None
+        try:
+            return await self.peers.lookup(name, downer)
+        except StoreUnavailable as e:
+            raise DsError(503, str(e)) from None
+
+    async def resolve_remote(self, downer: str, name: str) -> Target:
+        """A stream another node holds, as Redis has it (its node expires it, not this one)."""
+        r = await self.lookup_remote(downer, name)
+        if r is not None and r.meta.deleted:
+            raise DsError(410, "the stream was deleted (forks of it are still readable)")
+        info = await self.store.get(name, downer) if r is not None else None
+        if (
+            r is None
+            or info is None
+            or (info.slot, info.generation) != (r.meta.slot, r.meta.generation)
+            or r.meta.expired(time.time())
+        ):
+            raise DsError(404, "Stream not found or expired")
+        return Target(name, downer, info, r.meta, r)
+
+    async def holder_of_create(self, req: Request, owner: str, name: str) -> RemoteStream | None:
+        """The node a ``PUT`` belongs to when it is not this one: the node holding a stream
+        of that name (an idempotent create or a conflict is its answer), or, for a fork of a
+        stream another node holds, that node (a fork copies its source's ring)."""
+        if self.peers is None:
+            return None
+        downer = durable_owner(owner)
+        if not await self.held_here(downer, name):
+            r = await self.lookup_remote(downer, name)
+            if r is not None:
+                return r
+        fork_from = req.headers.get("stream-forked-from")
+        if fork_from is not None:
+            src = self.fork_source_name(fork_from)
+            if not await self.held_here(downer, src):
+                return await self.lookup_remote(downer, src)
+        return None
+
+    async def held_here(self, downer: str, name: str) -> bool:
+        """Whether this node answers for the stream: a live row (or a tombstone) here."""
+        meta = self.meta.get(downer, name)
+        if meta is None:
+            return False
+        if meta.deleted:
+            return True
+        info = await self.store.get(name, downer)
+        return info is not None and (info.slot, info.generation) == (meta.slot, meta.generation)
+
+    async def forward(self, req: Request, conn: Connection, r: RemoteStream) -> None:
+        """Send the request to the node that holds the stream and relay its answer: a
+        Durable Streams client sees the same answer from every node."""
+        status, hs, body = await self.forward_call(req, r)
+        ct = next((v for k, v in hs if k.lower() == "content-type"), "")
+        out = [(k, v) for k, v in hs if k.lower() not in _NOT_RELAYED]
+        out.append(("X-Ringcast-Node", r.node))
+        if status == 201:
+            out.append(("Location", f"http://{req.headers.get('host', 'localhost')}{req.path}"))
+        self.send(conn, status, body, ct, out, head=req.method == "HEAD")
+
+    async def forward_call(
+        self, req: Request, r: RemoteStream
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The owning node's answer to ``req``: status, headers, body (502 if it gives none
+        within :data:`FORWARD_TIMEOUT_S`)."""
+        assert self.peers is not None
+        if not r.url:
+            raise DsError(503, f"the stream is held by node {r.node!r}, whose address is unknown")
+        headers = {k: v for k, v in req.headers.items() if k not in _HOP}
+        headers[FORWARDED] = self.peers.node_id
+        path = req.path + ("?" + req.query if req.query else "")
+        status, hs, body = 0, [], bytearray()
+
+        async def call() -> None:
+            nonlocal status, hs
+            async for _, st, got, piece in http_stream(
+                r.url, path, method=req.method, headers=headers, body=req.body
+            ):
+                status, hs = st, got
+                body.extend(piece)
+
+        try:
+            await asyncio.wait_for(call(), FORWARD_TIMEOUT_S)
+        except (OSError, ClientHTTPError, TimeoutError) as e:
+            raise DsError(
+                502,
+                f"the stream is held by node {r.node!r} ({r.url}), which did not answer: "
+                f"{e or 'timed out'}",
+                [("X-Ringcast-Node", r.node)],
+            ) from None
+        return status, hs, bytes(body)
 
     async def expire(self, meta: StreamMeta) -> None:
         async with self.transaction():
@@ -339,16 +479,39 @@ class DurableStreams:
             with self.meta.transaction():
                 yield
 
-    async def touch(self, t: Target) -> None:
+    async def touch(self, req: Request, t: Target) -> None:
         """Slide a ``Stream-TTL`` window: a read or a write counts as use."""
         m = t.meta
         if m is None or m.ttl is None:
             return
         now = time.time()
         # At most a few writes per TTL window, however many reads.
-        if now - m.touched_at >= min(1.0, m.ttl / 4):
+        every = min(1.0, m.ttl / 4)
+        if t.remote is not None:
+            key = (m.owner, m.name)
+            if now - max(m.touched_at, self.remote_touched.get(key, 0.0)) >= every:
+                if len(self.remote_touched) > 4096:
+                    self.remote_touched.clear()
+                self.remote_touched[key] = now
+                self.spawn(self.touch_remote(req, t.remote))
+            return
+        if now - m.touched_at >= every:
             async with self.tx:
                 self.meta.touch(m.owner, m.name, now)
+            if self.peers is not None:
+                await self.peers.publish(m, touched_at=now)
+
+    async def touch_remote(self, req: Request, r: RemoteStream) -> None:
+        """A read here is a use of a stream another node holds: tell that node with a read
+        of nothing (``offset=now``), under the reader's own credentials."""
+        read = Request("GET", req.path, "offset=now", req.version, dict(req.headers))
+        with contextlib.suppress(DsError):
+            await self.forward_call(read, r)
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     # -- HEAD
 
@@ -394,23 +557,27 @@ class DurableStreams:
                 f"{format_offset(e.first_available)}",
             ) from None
         try:
-            await self.touch(t)
+            await self.touch(req, t)
             if live == "sse":
                 await self.sse(req, conn, t, reader, client_cursor)
             elif live == "long-poll":
                 await self.long_poll(conn, t, reader, client_cursor)
             else:
-                self.catch_up(req, conn, t, reader, raw == "now")
+                await self.catch_up(req, conn, t, reader, raw == "now")
         finally:
             reader.close()
 
-    def available(self, reader: StreamReader) -> tuple[bytes, bool, bool]:
+    async def available(self, reader: StreamReader, known: int) -> tuple[bytes, bool, bool]:
         """What ``reader`` can read now (up to :data:`READ_CHUNK`): the bytes, whether that is
-        all there is (up to date), and whether the stream is closed and fully read."""
+        all there is (up to date), and whether the stream is closed and fully read. ``known``:
+        bytes the stream is known to hold (a remote reader behind them fetches them)."""
         out = bytearray()
         while len(out) < READ_CHUNK:
             try:
                 data = reader.read_nowait(READ_CHUNK - len(out))
+                if data is None and reader.offset < known:
+                    # A reader of another node's stream: these bytes are in Redis, not here.
+                    data = await reader.aread(READ_CHUNK - len(out))
             except SessionEnded as e:
                 if not out:
                     raise DsError(404, f"the stream ended: {e.reason}") from None
@@ -427,13 +594,13 @@ class DurableStreams:
             return b"[" + data[:-1] + b"]" if data else b"[]"
         return data
 
-    def catch_up(
+    async def catch_up(
         self, req: Request, conn: Connection, t: Target, reader: StreamReader, now: bool
     ) -> None:
         start = reader.offset
         data, up_to_date, closed = (b"", True, t.closed and reader.offset >= t.info.total_bytes)
         if not now:
-            data, up_to_date, closed = self.available(reader)
+            data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
         end = start + len(data)
         etag = f'"{t.info.slot}.{t.info.generation}:{start}:{end}{":c" if closed else ""}"'
         hs = [("Stream-Next-Offset", format_offset(end))]
@@ -459,7 +626,7 @@ class DurableStreams:
     async def long_poll(
         self, conn: Connection, t: Target, reader: StreamReader, client_cursor: str | None
     ) -> None:
-        data, up_to_date, closed = self.available(reader)
+        data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
         if not data and not closed:
             try:
                 first = await asyncio.wait_for(reader.aread(READ_CHUNK), self.long_poll_s)
@@ -468,7 +635,7 @@ class DurableStreams:
             except SessionEnded as e:
                 raise DsError(404, f"the stream ended: {e.reason}") from None
             if first:
-                more, up_to_date, closed = self.available(reader)
+                more, up_to_date, closed = await self.available(reader, t.info.total_bytes)
                 data = first + more
             elif first == b"":
                 closed = True
@@ -504,7 +671,7 @@ class DurableStreams:
         sent_control = False
         try:
             while True:
-                data, up_to_date, closed = self.available(reader)
+                data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
                 if data:
                     conn.write_body(self.sse_data(t, data, binary))
                 if data or closed or not sent_control:
@@ -520,7 +687,7 @@ class DurableStreams:
                 except TimeoutError:
                     break
                 if more:
-                    rest, up_to_date, closed = self.available(reader)
+                    rest, up_to_date, closed = await self.available(reader, t.info.total_bytes)
                     conn.write_body(self.sse_data(t, more + rest, binary))
                     conn.write_body(self.sse_control(reader.offset, cursor, up_to_date, closed))
                     if closed:
@@ -648,27 +815,28 @@ class DurableStreams:
             created = await self.store.get(name, downer)
             if created is None:
                 raise DsError(503, "the new stream was evicted at once; retry")
-            self.meta.put(
-                StreamMeta(
-                    downer,
-                    name,
-                    created.slot,
-                    created.generation,
-                    ct,
-                    ttl,
-                    exp_raw,
-                    exp_ts,
-                    now,
-                    None,
-                    "" if closing else None,
-                    fork_key,
-                    False,
-                    0,
-                    source.name if source is not None else None,
-                )
+            row = StreamMeta(
+                downer,
+                name,
+                created.slot,
+                created.generation,
+                ct,
+                ttl,
+                exp_raw,
+                exp_ts,
+                now,
+                None,
+                "" if closing else None,
+                fork_key,
+                False,
+                0,
+                source.name if source is not None else None,
             )
+            self.meta.put(row)
             self.writers[(downer, name, writer.generation)] = writer
             total = writer.total_bytes
+        if self.peers is not None:
+            await self.peers.publish(row)
         host = req.headers.get("host", "localhost")
         hs = [
             ("Location", f"http://{host}{req.path}"),
@@ -678,7 +846,8 @@ class DurableStreams:
             hs.append(("Stream-Closed", "true"))
         self.send(conn, 201, b"", ct, hs, head=True)
 
-    async def fork_source(self, downer: str, fork_from: str) -> tuple[StreamMeta, StreamView]:
+    def fork_source_name(self, fork_from: str) -> str:
+        """The stream a ``Stream-Forked-From`` names (a URL or a path)."""
         path = fork_from
         if "://" in path:
             path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
@@ -686,7 +855,10 @@ class DurableStreams:
             path = path[len(PREFIX) :]
         if not path.startswith(STREAM_PATH):
             raise DsError(400, f"Stream-Forked-From must name a stream path ({STREAM_PATH}<name>)")
-        src = self.name_of(path[len(STREAM_PATH) :])
+        return self.name_of(path[len(STREAM_PATH) :])
+
+    async def fork_source(self, downer: str, fork_from: str) -> tuple[StreamMeta, StreamView]:
+        src = self.fork_source_name(fork_from)
         meta = self.meta.get(downer, src)
         if meta is not None and meta.deleted:
             raise DsError(409, "the source stream was deleted")
@@ -768,12 +940,12 @@ class DurableStreams:
 
     # -- POST
 
-    async def append(self, req: Request, conn: Connection, owner: str, name: str) -> None:
+    async def append(self, req: Request, conn: Connection, t: Target) -> None:
         h = req.headers
         body = req.body
+        name = t.name
         closing = h.get("stream-closed", "").lower() == "true"
         producer = parse_producer(h)
-        t = await self.resolve(owner, name)
         assert t.meta is not None
         ct = h.get("content-type", "").strip()
         if body:
@@ -917,20 +1089,23 @@ class DurableStreams:
 
     # -- DELETE
 
-    async def delete(self, conn: Connection, owner: str, name: str) -> None:
-        t = await self.resolve(owner, name)
+    async def delete(self, conn: Connection, t: Target) -> None:
+        name = t.name
         assert t.meta is not None
         async with self.transaction():
             meta = self.meta.get(t.owner, name)
             if meta is None or (meta.slot, meta.generation) != (t.meta.slot, t.meta.generation):
                 raise DsError(404, "Stream not found or expired")
-            if meta.forks > 0:
+            tombstone = meta.forks > 0
+            if tombstone:
                 # Forks hold their own copy of what they inherited; the source answers 410
                 # until its last fork goes.
                 self.meta.set_fields(t.owner, name, deleted=1)
             else:
                 self.meta.drop(meta)
             self.writers.pop((t.owner, name, meta.generation), None)
+        if tombstone and self.peers is not None:
+            await self.peers.publish(meta, deleted=True)
         await self.store.cancel(name, t.owner)
         self.send(conn, 204, b"", "", [])
 

@@ -35,6 +35,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 DURABLE_OWNER_PREFIX = "ds:"
 """Owner namespace prefix of Durable Streams sessions in the segment."""
@@ -124,6 +125,37 @@ class StreamMeta:
     def expired(self, now: float) -> bool:
         e = self.expiry()
         return e is not None and now >= e
+
+
+@dataclass
+class RemoteStream:
+    """A generic stream that another node holds (``--redis``), as Redis has it: its
+    metadata, bound (``slot``, ``generation``) to the incarnation the store shows for it on
+    this node, and where to forward what only that node can do."""
+
+    meta: StreamMeta
+    node: str
+    url: str
+    """The owning node's ``--advertise-url``: appends, closes, deletes and creates of this
+    stream are forwarded there."""
+
+
+class StreamPeers(Protocol):
+    """The other nodes of a ``--redis`` server, as the Durable Streams routes see them
+    (:mod:`ringcast.server.cluster.ds`). Without Redis there is none."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def publish(self, m: StreamMeta, **fields: object) -> None:
+        """Copy the read side of ``m`` (with ``fields`` applied) beside its stream in Redis,
+        so other nodes can serve it. Never raises: Redis trouble is counted and logged."""
+        ...
+
+    async def lookup(self, name: str, owner: str) -> RemoteStream | None:
+        """The stream ``name`` of ``owner`` if another node holds it, else None. Raises
+        :class:`~ringcast.server.store.StoreUnavailable` if Redis cannot be reached."""
+        ...
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ringcast.http.logs import log_failure
 from ringcast.http.parse import HttpError, Request, parse_offset
 from ringcast.http.protocol import Connection, HttpSettings
 from ringcast.server import resume_token
+from ringcast.server.cluster.ds import stream_peers
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
 from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, mirror_row
 from ringcast.server.durable import METHODS as DURABLE_METHODS
@@ -145,7 +146,12 @@ class App:
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
         self.durable = DurableStreams(
-            store, cfg.segment, self.check_conv_id, self.check_quota, cfg.ds_long_poll_timeout
+            store,
+            cfg.segment,
+            self.check_conv_id,
+            self.check_quota,
+            cfg.ds_long_poll_timeout,
+            stream_peers(cfg, store),
         )
 
     # -- HttpApp

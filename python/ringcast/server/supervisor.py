@@ -225,6 +225,15 @@ class Manager:
                 p.wait()
 
 
+def default_advertise_url(host: str, port: int) -> str:
+    """``http://host:port``; a wildcard address is no address to reach: the host name."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Bind (not listen) with ``SO_REUSEPORT``, after checking that nobody listens there.
 
@@ -298,6 +307,7 @@ def serve(cfg: ServeConfig) -> int:
     cfg.segment = cfg.segment or _default_segment(cfg.port)
     if cfg.clustered:
         cfg.node_id = cfg.node_id or f"{socket.gethostname()}:{cfg.port}"
+        cfg.advertise_url = cfg.advertise_url or default_advertise_url(cfg.host, cfg.port)
         cfg.node_instance = secrets.token_hex(8)
     try:
         existed = os.path.exists(cfg.segment)

@@ -382,3 +382,118 @@ def test_a_conversation_reads_as_a_durable_stream_on_another_node(
     wait_for(lambda: lookup(b, conv)[0]["is_done"], "the end to reach node B")
     with stream(f"{b.url}/ds/v1/conversations/{conv}", live=False) as res:
         assert res.read_bytes() == body
+
+
+def test_a_generic_durable_stream_works_from_every_node(
+    redis_args: list[str], nodes: Nodes, wait_for: Any
+) -> None:
+    """The ``durable-streams`` client writes, reads back, tails live (SSE and long-poll) and
+    resumes a generic stream created on node A through node B: B serves reads from Redis and
+    forwards appends, a duplicate create, the close and the delete to A. Another key sees
+    nothing of it on either node."""
+    import threading
+
+    import httpx
+    from durable_streams import DurableStream, stream
+
+    keys = ["--api-key", "key-one", "--api-key", "key-two"]
+    a, b = nodes(2, *keys, redis=redis_args)
+    h1, h2 = {"Authorization": "Bearer key-one"}, {"Authorization": "Bearer key-two"}
+    name = "log/" + uid()
+    path = f"/ds/v1/stream/{name}"
+    ua, ub = a.url + path, b.url + path
+    text = {"Content-Type": "text/plain"}
+
+    def msgs(lo: int, hi: int) -> list[bytes]:
+        return [f"line {i}\n".encode() for i in range(lo, hi)]
+
+    with (
+        httpx.Client(headers=h1) as http,
+        httpx.Client(headers=h1) as sse_http,
+        httpx.Client(headers=h1) as poll_http,
+    ):
+        on_a = DurableStream.create(ua, content_type="text/plain", ttl_seconds=600, client=http)
+        on_b = DurableStream(ub, content_type="text/plain", client=http, batching=False)
+        sent = msgs(0, 5)
+        for m in sent:
+            on_a.append(m)
+        # A create on B of A's stream is A's answer: idempotent, or a conflict.
+        status, hs, _ = b.request("PUT", path, b"", {**h1, **text, "Stream-TTL": "600"})
+        assert (status, hs["x-ringcast-node"]) == (200, a.node_id)
+        assert b.request("PUT", path, b"", {**h1, "Content-Type": "application/json"})[0] == 409
+        for m in msgs(5, 10):
+            on_b.append(m)  # forwarded to A
+            sent.append(m)
+        wait_for(
+            lambda: (
+                b.request("HEAD", path, headers=h1)[1].get("stream-next-offset")
+                == a.request("HEAD", path, headers=h1)[1]["stream-next-offset"]
+            ),
+            "B to see every append",
+        )
+        status, hs, _ = b.request("HEAD", path, headers=h1)
+        assert (status, hs["content-type"], hs["stream-ttl"]) == (200, "text/plain", "600")
+        with stream(ub, live=False, client=http) as res:
+            assert res.read_bytes() == b"".join(sent)
+            saved = res.offset
+
+        later = msgs(10, 40)
+        want = b"".join(later)
+        got: dict[str, bytearray] = {"sse": bytearray(), "long-poll": bytearray()}
+        offsets: dict[str, str] = {}
+
+        errors: list[BaseException] = []
+
+        def tail(live: str, client: httpx.Client) -> None:
+            try:
+                with stream(ub, offset=saved, live=live, client=client) as res:  # type: ignore[arg-type]
+                    for ev in res.iter_events(mode="text"):  # SSE has no bytes mode
+                        got[live].extend(ev.data.encode())
+                        offsets[live] = ev.next_offset
+                        if len(got[live]) >= len(want):
+                            return
+            except BaseException as e:
+                errors.append(e)
+
+        tails = [
+            threading.Thread(target=tail, args=("sse", sse_http)),
+            threading.Thread(target=tail, args=("long-poll", poll_http)),
+        ]
+        for t in tails:
+            t.start()
+        for i, m in enumerate(later):
+            (on_a if i % 2 else on_b).append(m)
+        for t in tails:
+            t.join(60)
+            assert not t.is_alive()
+        assert not errors, errors
+        assert bytes(got["sse"]) == want and bytes(got["long-poll"]) == want
+        # Resume on either node from offsets handed out by B.
+        for url in (ua, ub):
+            with stream(url, offset=saved, live=False, client=http) as res:
+                assert res.read_bytes() == want
+            with stream(url, offset=offsets["sse"], live=False, client=http) as res:
+                assert res.read_bytes() == b""
+
+        # Another key: nothing on either node, and its own stream of the same name is its own.
+        for node in (a, b):
+            for method in ("GET", "HEAD", "DELETE"):
+                assert node.request(method, path, headers=h2)[0] == 404, (node, method)
+            assert node.request("POST", path, b"x", {**h2, **text})[0] == 404
+        assert b.request("PUT", path, b"two", {**h2, **text})[0] == 201
+        assert b.request("GET", path, headers=h2)[2] == b"two"
+        assert a.request("GET", path, headers=h1)[2] == b"".join(sent) + want
+
+        # Close through B: B's SSE tail ends with the close.
+        status, hs, _ = b.request("POST", path, b"", {**h1, "Stream-Closed": "true"})
+        assert (status, hs["stream-closed"]) == (204, "true")
+        wait_for(lambda: "stream-closed" in b.request("HEAD", path, headers=h1)[1], "the close")
+        status, _, body = b.request("GET", f"{path}?offset={saved}&live=sse", headers=h1)
+        assert status == 200 and b'"streamClosed":true' in body
+        assert b.request("POST", path, b"late", {**h1, **text})[0] == 409
+
+        # Delete through B: gone on both nodes; key two's stream stays.
+        assert b.request("DELETE", path, headers=h1)[0] == 204
+        assert a.request("GET", path, headers=h1)[0] == 404
+        wait_for(lambda: b.request("GET", path, headers=h1)[0] == 404, "the delete on B")
+        assert b.request("GET", path, headers=h2)[2] == b"two"

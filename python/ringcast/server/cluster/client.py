@@ -44,7 +44,7 @@ def check_cluster_args(args: Any) -> str | None:
     if args.redis and args.redis_cluster:
         return "--redis and --redis-cluster both name the Redis to use; give one"
     if not (url or args.redis_cluster):
-        for opt in ("node_id",):
+        for opt in ("node_id", "advertise_url"):
             if getattr(args, opt):
                 return f"--{opt.replace('_', '-')} only applies with --redis or --redis-cluster"
         return None
@@ -66,6 +66,13 @@ def check_cluster_args(args: Any) -> str | None:
         not args.node_id or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)
     ):
         return f"--node-id {args.node_id!r}: must be non-empty, without control characters"
+    if args.advertise_url is not None:
+        parts = urlsplit(args.advertise_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            return (
+                f"--advertise-url {args.advertise_url!r}: give http://HOST:PORT, where the "
+                "other nodes reach this one"
+            )
     given = "--redis-cluster" if args.redis_cluster else "--redis" if args.redis else ""
     try:
         require_redis(given or "$RINGCAST_REDIS_URL")

@@ -58,6 +58,12 @@ def control_key(node_id: str) -> str:
     return f"{PREFIX}n:{{{digest(node_id)}}}:ctl"
 
 
+def source_id(node_id: str, segment_epoch: int, slot: int, generation: int) -> str:
+    """The ``src`` of a session's hash: which node's which incarnation the mirror copies
+    (and which one a Durable Stream's ``ds.src`` describes)."""
+    return f"{node_id}|{segment_epoch:x}|{slot}|{generation}"
+
+
 def data_id(start: int) -> str:
     """Stream id of the data (or gap) entry whose first byte is at ``start``."""
     return f"{start}-1"

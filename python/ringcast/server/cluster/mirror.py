@@ -188,7 +188,7 @@ class Mirror:
             seen.add(k)
             t = self.tracked.get(k)
             if t is None:
-                src = f"{self.cfg.node_id}|{self.seg.epoch:x}|{info.slot}|{info.generation}"
+                src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
                 t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src)
                 self.tracked[k] = t
                 self.by_key[(info.owner, info.conversation_id)] = t

@@ -1,0 +1,171 @@
+"""Durable Streams across nodes: a generic stream's metadata beside its bytes in Redis.
+
+A generic stream (``/ds/v1/stream/<name>``) is a session of the node that created it; the
+mirror copies its bytes to Redis like any session's. What the ring does not hold (content
+type, TTL or expiry, when it was last used, a deletion that forks outlive) is in that node's
+SQLite file (:mod:`ringcast.server.durable_meta`); the owning node's HTTP processes copy it
+here, as ``ds.*`` fields of the session's own hash (``rc:{…}:m``: the same key, so the same
+hash slot, and it expires, is removed and is re-created with the session's keys). Another
+node reads it to serve catch-up, long-poll, SSE and HEAD from the mirrored bytes, and to
+learn where to forward what only the owner can do: appends, closes, deletes, and creates or
+forks at the stream's name (the owner's ``--advertise-url``, ``ds.url``).
+
+**Binding.** ``ds.src`` names the incarnation the fields describe, in the mirror's own
+``src`` format (node, segment epoch, slot, generation): fields whose ``ds.src`` is not the
+``src`` the mirror claimed describe another incarnation, and are not used. The fields are
+written when the owner creates the stream, before the mirror's first window claims it;
+:meth:`ClusterPeers.lookup` waits up to :data:`CLAIM_WAIT_S` for that claim.
+
+Producer state (``Producer-Id`` epochs and sequences, ``Stream-Seq``) is not copied: every
+append runs on the owning node, which alone validates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ringcast.server.cluster import keys
+from ringcast.server.cluster.client import redis_errors
+from ringcast.server.cluster.mirror import mirror_config
+from ringcast.server.cluster.remote import RemoteStore
+from ringcast.server.cluster.store import ClusterStore
+from ringcast.server.config import ServeConfig
+from ringcast.server.durable_meta import RemoteStream, StreamMeta, StreamPeers
+from ringcast.server.store import StoreUnavailable, StreamStore
+
+log = logging.getLogger("ringcast.server.cluster.ds")
+
+CLAIM_WAIT_S = 0.5
+"""How long a lookup waits for the owner's mirror to claim a stream whose metadata is in
+Redis already (a stream created a moment ago; the claim comes within a flush window)."""
+CLAIM_POLL_S = 0.02
+PUBLISH_TIMEOUT_S = 1.0
+"""A create or an update waits at most this long for Redis before it answers anyway."""
+
+F_SRC, F_NODE, F_URL = b"ds.src", b"ds.node", b"ds.url"
+F_CT, F_TTL, F_EXP, F_EXPTS = b"ds.ct", b"ds.ttl", b"ds.exp", b"ds.expts"
+F_TOUCHED, F_DELETED = b"ds.touched", b"ds.deleted"
+
+
+def _s(v: bytes) -> str:
+    return v.decode("utf-8", "surrogatepass")
+
+
+def _opt(v: object) -> str:
+    return "" if v is None else str(v)
+
+
+class ClusterPeers:
+    """The :class:`~ringcast.server.durable_meta.StreamPeers` of an HTTP process of a node
+    with ``--redis`` or ``--redis-cluster``."""
+
+    def __init__(
+        self,
+        remote: RemoteStore,
+        node_id: str,
+        url: str,
+        segment_epoch: int,
+        keep_ms: int,
+        on_error: Callable[[], None],
+    ) -> None:
+        self.remote = remote
+        self._node_id = node_id
+        self.url = url
+        self.segment_epoch = segment_epoch
+        self.keep_ms = keep_ms
+        self.on_error = on_error
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def publish(self, m: StreamMeta, **fields: object) -> None:
+        get = {**{f: getattr(m, f) for f in ("ttl", "expires_at", "expires_ts")}, **fields}
+        touched = fields.get("touched_at", m.touched_at)
+        deleted = fields.get("deleted", m.deleted)
+        mapping = {
+            F_SRC: keys.source_id(self._node_id, self.segment_epoch, m.slot, m.generation),
+            F_NODE: self._node_id,
+            F_URL: self.url,
+            F_CT: m.content_type,
+            F_TTL: _opt(get["ttl"]),
+            F_EXP: _opt(get["expires_at"]),
+            F_EXPTS: _opt(get["expires_ts"]),
+            F_TOUCHED: f"{touched:.3f}",
+            F_DELETED: "1" if deleted else "0",
+        }
+        k = keys.SessionKeys(m.name, m.owner)
+        errors: tuple[type[BaseException], ...] = (*redis_errors(), TimeoutError)
+        try:
+            pipe = self.remote.client.pipeline(transaction=False)
+            pipe.hset(k.meta, mapping=mapping)  # type: ignore[arg-type]
+            # A hash made here (before the mirror's claim) expires unless the claim comes;
+            # one the mirror keeps already has its expiry, which NX leaves alone.
+            pipe.pexpire(k.meta, self.keep_ms, nx=True)
+            await asyncio.wait_for(pipe.execute(), PUBLISH_TIMEOUT_S)
+        except errors as e:
+            self.on_error()
+            log.warning("Redis: a stream's metadata was not copied (%s)", e or "timed out")
+
+    async def lookup(self, name: str, owner: str) -> RemoteStream | None:
+        try:
+            return await self._lookup(name, owner)
+        except redis_errors() as e:
+            self.on_error()
+            raise StoreUnavailable(f"the stream is not on this node and Redis failed: {e}") from e
+
+    async def _lookup(self, name: str, owner: str) -> RemoteStream | None:
+        k = keys.SessionKeys(name, owner)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_WAIT_S
+        while True:
+            h: Any = await self.remote.client.hgetall(k.meta)
+            src = h.get(F_SRC)
+            if src is None or _s(h.get(F_NODE, b"")) == self._node_id:
+                return None  # not a stream, or this node's (its own rows govern)
+            if h.get(b"src") == src or h.get(F_DELETED) == b"1":
+                break
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(CLAIM_POLL_S)
+        meta = StreamMeta(
+            owner=owner,
+            name=name,
+            slot=-1,
+            generation=-1,
+            content_type=_s(h.get(F_CT, b"")),
+            ttl=int(h[F_TTL]) if h.get(F_TTL) else None,
+            expires_at=_s(h[F_EXP]) if h.get(F_EXP) else None,
+            expires_ts=float(h[F_EXPTS]) if h.get(F_EXPTS) else None,
+            touched_at=float(h.get(F_TOUCHED, b"0")),
+            stream_seq=None,
+            closed_by=None,
+            fork=None,
+            deleted=h.get(F_DELETED) == b"1",
+            forks=0,
+            source=None,
+        )
+        node, url = _s(h[F_NODE]), _s(h.get(F_URL, b""))
+        if not meta.deleted:
+            info = await self.remote.info(name, owner)
+            if info is None:
+                return None
+            meta.slot, meta.generation = info.slot, info.generation
+        return RemoteStream(meta, node, url)
+
+
+def stream_peers(cfg: ServeConfig, store: StreamStore) -> StreamPeers | None:
+    """The other nodes of an HTTP process whose store is a :class:`ClusterStore`, else None."""
+    if not isinstance(store, ClusterStore):
+        return None
+    return ClusterPeers(
+        store.remote,
+        cfg.node_id,
+        cfg.advertise_url,
+        store.epoch,
+        mirror_config(cfg).keep_ms,
+        store.on_error,
+    )
