@@ -60,7 +60,14 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "worker",
         "append: Rust ring write",
-        (r"Writer::append", r"Writer::write", r"Writer\.write", r"__pymethod_write__"),
+        (
+            r"Writer::append",
+            r"Writer::write",
+            r"Writer\.write",
+            r"__pymethod_write__",
+            r"__pymethod_get_total_bytes__",
+            r"fallocate",  # backing the ring's next pages (py-spy may lose the Rust frame)
+        ),
     ),
     (
         "worker",
@@ -76,7 +83,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "worker",
         "jobs: adopt, start, finish, cancel poll",
-        (r"WorkerApp\.handle", r"watch_cancel", r"finalize", r"Emitter\.__init__", r"run_job"),
+        (r"WorkerApp\.handle", r"watch_cancel", r"finalize", r"Emitter\.(__init__|finish)"),
     ),
     (
         "baseline",
