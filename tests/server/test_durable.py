@@ -302,3 +302,42 @@ def test_an_offset_whose_first_part_is_not_0_is_a_400(serve) -> None:
         fork = {"Content-Type": TEXT, "Stream-Forked-From": path}
         fork["Stream-Fork-Offset"] = "0000000000000001_0000000000000000"
         assert s.request("PUT", path + "-fork", b"", fork)[0] == 400
+
+
+def test_sse_tails_share_the_pump_and_a_stalled_one_loses_nothing(serve, response) -> None:
+    """SSE tails of one stream in one HTTP process are written by that process's one pump
+    (a pass's events are rendered once, for every tail); a tail that stops reading is
+    detached from it (counted in ``slow_readers_detached_total``, which only the pump
+    counts), holds up nobody, and later gets every byte, then the close."""
+    import socket
+
+    # ~8 MB outgrow the kernel's socket buffers, so the stalled tail's transport buffer fills;
+    # a 32 MiB ring keeps every byte.
+    with serve("--http-procs", "1", "--session-bytes", str(32 << 20)) as s:
+        path = "/ds/v1/stream/fanned"
+        assert s.request("PUT", path, b"", {"Content-Type": TEXT})[0] == 201
+        tail = f"GET {path}?offset=now&live=sse HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", s.port))
+        stalled.sendall(tail)
+        fast = [s.open_request("GET", f"{path}?offset=now&live=sse") for _ in range(4)]
+        heads = [f.read_at_least(1) for f in fast]
+        for f, head in zip(fast, heads, strict=True):
+            assert f.status == 200 and head.startswith(b"event: control")
+        sent = [(f"{i:05d} " + "y" * 40_000 + "\n").encode() for i in range(200)]
+        for m in sent:
+            assert s.request("POST", path, m, {"Content-Type": TEXT})[0] == 204
+        assert s.request("POST", path, b"", {"Stream-Closed": "true"})[0] == 204
+        whole = b"".join(sent)
+
+        def data_of(body: bytes) -> bytes:
+            events = [e for e in body.split(b"\n\n") if e]
+            assert b'"streamClosed":true' in events[-1]
+            return b"".join(sse_payload(e) for e in events if e.startswith(b"event: data\n"))
+
+        for f, head in zip(fast, heads, strict=True):
+            assert data_of(head + f.read_all_and_close()) == whole
+        assert s.metric("slow_readers_detached_total") >= 1
+        # The stalled tail was detached from the pump and goes on where it stopped.
+        assert data_of(response(stalled).read_all_and_close()) == whole

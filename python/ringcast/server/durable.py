@@ -47,7 +47,7 @@ from ringcast.server.durable_meta import (
     durable_owner,
     meta_path,
 )
-from ringcast.server.fanout import END_EVENTS
+from ringcast.server.fanout import END_EVENTS, FanOut
 from ringcast.server.store import (
     StoreUnavailable,
     StreamReader,
@@ -222,8 +222,11 @@ class DurableStreams:
         check_quota: Callable[[str, str, str], Awaitable[None]],
         long_poll_s: float,
         peers: StreamPeers | None = None,
+        fanout: FanOut | None = None,
     ) -> None:
         self.store = store
+        self.fanout = fanout
+        """The process's fan-out: SSE tails at the live edge share one pump per stream."""
         self.peers = peers
         """The other nodes (``--redis``): None without Redis."""
         self.remote_touched: dict[tuple[str, str], float] = {}
@@ -666,12 +669,21 @@ class DurableStreams:
         if binary:
             hs.append(("Stream-SSE-Data-Encoding", "base64"))
         conn.start_stream(hs, req.version)
-        deadline = asyncio.get_running_loop().time() + SSE_MAX_S
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SSE_MAX_S
         cursor = cursor_for(client_cursor)
         sent_control = False
+        known = t.info.total_bytes
+        first = reader
+
+        def render(data: bytes, offset: int, cursor: str, closed: bool) -> bytes:
+            up_to_date = closed or len(data) < READ_CHUNK
+            events = self.sse_data(t, data, binary) if data else b""
+            return events + self.sse_control(offset, cursor, up_to_date, closed)
+
         try:
             while True:
-                data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
+                data, up_to_date, closed = await self.available(reader, known)
                 if data:
                     conn.write_body(self.sse_data(t, data, binary))
                 if data or closed or not sent_control:
@@ -679,15 +691,38 @@ class DurableStreams:
                     sent_control = True
                 if closed:
                     break
-                left = deadline - asyncio.get_running_loop().time()
+                left = deadline - loop.time()
                 if left <= 0:
                     break
+                if up_to_date and self.fanout is not None:
+                    # At the live edge: the process's pump for this stream reads once per
+                    # wake-up and writes every tail's events.
+                    joined = await self.fanout.tail_events(
+                        conn, reader, t.owner, render, cursor, READ_CHUNK, left
+                    )
+                    if joined is not None:
+                        (kind, value), offset = joined
+                        if kind == "done":
+                            break  # the pump wrote the closing control event
+                        if kind == "ended":
+                            if t.meta is None:
+                                self.end_conversation(conn, t, str(value), offset, cursor)
+                            break
+                        # Detached (its buffer filled): drain, then go on from where it was.
+                        await conn.drain()
+                        if reader is not first:
+                            reader.close()
+                        reader = await self.store.open_reader(t.name, offset, t.owner)
+                        continue
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
                 try:
                     more = await asyncio.wait_for(reader.aread(READ_CHUNK), left)
                 except TimeoutError:
                     break
                 if more:
-                    rest, up_to_date, closed = await self.available(reader, t.info.total_bytes)
+                    rest, up_to_date, closed = await self.available(reader, known)
                     conn.write_body(self.sse_data(t, more + rest, binary))
                     conn.write_body(self.sse_control(reader.offset, cursor, up_to_date, closed))
                     if closed:
@@ -698,11 +733,21 @@ class DurableStreams:
                 await conn.drain()
         except (SessionEnded, DsError) as e:
             if t.meta is None and isinstance(e, SessionEnded):
-                # A conversation that was cancelled, replaced or evicted: its terminal event.
-                code, message = END_EVENTS.get(e.reason, (410, f"stream ended: {e.reason}"))
-                conn.write_body(self.sse_data(t, error_event(code, message, e.reason), False))
-                conn.write_body(self.sse_control(reader.offset, cursor, True, True))
+                self.end_conversation(conn, t, e.reason, reader.offset, cursor)
+        except (OffsetLost, SessionNotFound):
+            pass  # fell behind the ring after a detach, or gone: the client reconnects
+        finally:
+            if reader is not first:
+                reader.close()
         conn.end_stream()
+
+    def end_conversation(
+        self, conn: Connection, t: Target, reason: str, offset: int, cursor: str
+    ) -> None:
+        """A conversation that was cancelled, replaced or evicted: its terminal event."""
+        code, message = END_EVENTS.get(reason, (410, f"stream ended: {reason}"))
+        conn.write_body(self.sse_data(t, error_event(code, message, reason), False))
+        conn.write_body(self.sse_control(offset, cursor, True, True))
 
     def sse_data(self, t: Target, data: bytes, binary: bool) -> bytes:
         if binary:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 
 from ringcast._core import OffsetLost, SessionEnded, SessionNotFound
 from ringcast.http.protocol import Connection, frame_chunk
@@ -113,12 +114,21 @@ class Pump:
     mark, or the pump itself fell behind); it then continues on its own reader.
     """
 
-    def __init__(self, fanout: FanOut, key: tuple[int, int], reader: StreamReader) -> None:
+    def __init__(
+        self,
+        fanout: FanOut,
+        registry: dict[tuple[int, int], Pump],
+        key: tuple[int, int],
+        reader: StreamReader,
+    ) -> None:
         self.fanout = fanout
+        self.registry = registry
+        """The dict of pumps this one is listed in (under ``key``) while it runs."""
         self.key = key
         self.reader = reader
         self.offset = reader.offset
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
+        self.framed = b""
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     def join(self, conn: Connection) -> asyncio.Future[Outcome]:
@@ -157,26 +167,18 @@ class Pump:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 try:
-                    data = await self.reader.aread(RELAY_READ)
+                    data = await self.next_bytes()
                 except OffsetLost:
                     break  # each connection goes on alone and finds out for itself
                 except SessionEnded as e:
                     outcome = ("ended", e.reason)
                     break
                 if not data:
+                    self.finished()
                     outcome = ("done", None)
                     break
                 self.offset += len(data)
-                # Framed once for every chunked connection of this pass.
-                framed = frame_chunk(data)
-                sent = 0
-                for conn, fut in list(self.subs.items()):
-                    if fut.done():
-                        continue
-                    sent += conn.write_framed(framed, data)
-                    if conn.write_paused or conn.closed:
-                        fut.set_result(("solo", self.offset))
-                        counters.inc(HttpCounter.DETACHED)
+                sent = self.deliver(data)
                 if sent:
                     counters.inc(HttpCounter.BYTES_SENT, sent)
                 now = loop.time()
@@ -185,13 +187,112 @@ class Pump:
                     spacing += (gap - spacing) / 4
                 last_write = now
         finally:
-            pumps = self.fanout.pumps
+            pumps = self.registry
             if pumps.get(self.key) is self:
                 del pumps[self.key]
             self.reader.close()
             for fut in list(self.subs.values()):
                 if not fut.done():
                     fut.set_result(outcome if outcome[0] != "solo" else ("solo", self.offset))
+
+    async def next_bytes(self) -> bytes:
+        """The next bytes at the live edge (``b""``: the stream finished)."""
+        return await self.reader.aread(RELAY_READ)
+
+    def frame(self, conn: Connection, data: bytes) -> tuple[bytes, bytes]:
+        """What ``conn`` gets of a pass's ``data``: (chunk-framed, unframed)."""
+        return self.framed, data
+
+    def deliver(self, data: bytes) -> int:
+        """Write a pass's bytes to every joined connection; detach those whose buffer is
+        full. The body bytes sent."""
+        # Framed once for every chunked connection of this pass.
+        self.framed = frame_chunk(data)
+        sent = 0
+        for conn, fut in list(self.subs.items()):
+            if fut.done():
+                continue
+            framed, raw = self.frame(conn, data)
+            sent += conn.write_framed(framed, raw)
+            if conn.write_paused or conn.closed:
+                fut.set_result(("solo", self.offset))
+                self.fanout.counters.inc(HttpCounter.DETACHED)
+        return sent
+
+    def finished(self) -> None:
+        """The stream finished (after every byte was delivered)."""
+
+
+Render = Callable[[bytes, int, str, bool], bytes]
+"""``render(data, offset_after, tag, closed)``: the event(s) a client joined with ``tag``
+gets for a pass's ``data`` (``b""`` and ``closed``: the stream's end)."""
+
+
+class EventPump(Pump):
+    """A pump whose clients get each pass's bytes rendered as events, once per distinct
+    ``tag`` per pass (Durable Streams SSE: the new bytes as a data event, then a control
+    event with the offset after them and the client's cursor, its tag). So a thousand SSE
+    tails of one stream cost one ring read and a render or two per wake-up, as the
+    ``/v1/stream`` pump does."""
+
+    def __init__(
+        self,
+        fanout: FanOut,
+        registry: dict[tuple[int, int], Pump],
+        key: tuple[int, int],
+        reader: StreamReader,
+        render: Render,
+        max_read: int,
+    ) -> None:
+        self.render = render
+        self.max_read = max_read
+        self.tags: dict[Connection, str] = {}
+        self.closed = False
+        """The pass just read reached the end of the finished stream."""
+        self.rendered: dict[str, tuple[bytes, bytes]] = {}
+        super().__init__(fanout, registry, key, reader)
+
+    def join_tagged(self, conn: Connection, tag: str) -> asyncio.Future[Outcome]:
+        self.tags[conn] = tag
+        fut = self.join(conn)
+        fut.add_done_callback(lambda _: self.tags.pop(conn, None))
+        return fut
+
+    async def next_bytes(self) -> bytes:
+        if self.closed:
+            return b""
+        data = await self.reader.aread(self.max_read)
+        if not data:
+            return data
+        # Everything there is now (to the limit), so the control event can say "up to date".
+        out = bytearray(data)
+        while len(out) < self.max_read:
+            more = self.reader.read_nowait(self.max_read - len(out))
+            if more is None:
+                break
+            if not more:
+                self.closed = True
+                break
+            out += more
+        return bytes(out)
+
+    def deliver(self, data: bytes) -> int:
+        self.rendered = {}
+        return super().deliver(data)
+
+    def frame(self, conn: Connection, data: bytes) -> tuple[bytes, bytes]:
+        tag = self.tags.get(conn, "")
+        hit = self.rendered.get(tag)
+        if hit is None:
+            body = self.render(data, self.offset, tag, self.closed)
+            hit = self.rendered[tag] = (frame_chunk(body), body)
+        return hit
+
+    def finished(self) -> None:
+        if self.closed:
+            return  # the last pass's events said so already
+        self.closed = True
+        self.deliver(b"")
 
 
 class FanOut:
@@ -204,6 +305,43 @@ class FanOut:
         self.coalescing = coalescing
         self.counters = counters
         self.pumps: dict[tuple[int, int], Pump] = {}
+        self.event_pumps: dict[tuple[int, int], Pump] = {}
+
+    async def tail_events(
+        self,
+        conn: Connection,
+        reader: StreamReader,
+        owner: str,
+        render: Render,
+        tag: str,
+        max_read: int,
+        timeout: float,
+    ) -> tuple[Outcome, int] | None:
+        """Wait at the live edge as a client of this process's :class:`EventPump` for the
+        reader's stream, until the pump lets the connection go or ``timeout`` passes (then
+        None, as when the reader is not at the pump's offset: the caller reads on its own).
+        With the outcome, the offset up to which the pump wrote to ``conn``."""
+        key = (reader.slot, reader.generation)
+        pump = self.event_pumps.get(key)
+        if pump is None:
+            edge = await self.store.open_reader(
+                reader.conversation_id, reader.offset, owner, counted=False
+            )
+            pump = self.event_pumps.get(key)
+            if pump is None:
+                pump = EventPump(self, self.event_pumps, key, edge, render, max_read)
+                self.event_pumps[key] = pump
+            else:  # another tail made one while a remote store answered
+                edge.close()
+        if pump.offset != reader.offset or not isinstance(pump, EventPump):
+            return None
+        fut = pump.join_tagged(conn, tag)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            fut.cancel()
+            return None
+        return outcome, outcome[1] if outcome[0] == "solo" else pump.offset  # type: ignore[return-value]
 
     async def relay(self, conn: Connection, reader: StreamReader, owner: str) -> bool:
         """Copy ring bytes to the client until the stream ends; True if it finished.
@@ -231,7 +369,7 @@ class FanOut:
                             )
                             pump = self.pumps.get(key)
                             if pump is None:
-                                pump = self.pumps[key] = Pump(self, key, edge)
+                                pump = self.pumps[key] = Pump(self, self.pumps, key, edge)
                             else:  # another relay made one while a remote store answered
                                 edge.close()
                         if pump.offset == reader.offset:

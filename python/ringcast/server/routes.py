@@ -152,6 +152,7 @@ class App:
             self.check_quota,
             cfg.ds_long_poll_timeout,
             stream_peers(cfg, store),
+            self.fanout,
         )
 
     # -- HttpApp
