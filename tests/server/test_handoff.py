@@ -72,3 +72,32 @@ def test_worker_that_hangs_up_before_adopting(
         err = json.loads(data_of(sse_events(body)[-1]))["error"]
         assert (err["code"], err["type"]) == (503, "worker_unavailable")
     seg.unlink()
+
+
+def test_a_stopping_process_ends_hand_offs_that_wait_for_a_worker(
+    tmp_path: Path, sse_events, data_of
+) -> None:
+    """No worker listens (all restarting, or gone with a killed manager): when the HTTP
+    process is told to stop, the hand-off ends its stream with ``server_shutdown`` instead of
+    retrying for its whole deadline as the stream's live producer, which no sweep may end."""
+    app = make_app(tmp_path)
+    seg = app.store.segment
+
+    async def main() -> str:
+        writer = app.create_session("c", "")
+        task = asyncio.create_task(
+            app.dispatcher.handoff(Job("c", "", writer.generation, "chat", b"{}"), writer)
+        )
+        await asyncio.sleep(0.3)  # a few rounds over the (absent) workers
+        running = seg.get("c")
+        assert running is not None and not running.is_done
+        app.dispatcher.stop()
+        await task
+        return seg.reader("c", 0).read(timeout=5)
+
+    body = asyncio.run(main())
+    info = seg.get("c")
+    assert info is not None and info.state == "failed"
+    err = json.loads(data_of(sse_events(body)[-1]))["error"]
+    assert (err["code"], err["type"]) == (503, "server_shutdown")
+    seg.unlink()

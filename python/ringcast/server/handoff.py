@@ -5,6 +5,7 @@ it, the HTTP process (still the producer) ends the stream with an in-band error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from ringcast.server import rundir
 from ringcast.server.config import ServeConfig
@@ -25,6 +26,15 @@ class Dispatcher:
         # Jobs this process has sent to each worker and not yet seen acknowledged: the
         # worker's own gauge counts a job only once it has adopted it.
         self.handing_off = [0] * cfg.workers
+        self.stopping = asyncio.Event()
+        """Set when this process stops (:meth:`stop`)."""
+
+    def stop(self) -> None:
+        """This process is stopping (SIGTERM; also when the manager died, which takes the
+        workers with it): hand-offs waiting for a worker to come back give up at once and end
+        their streams, rather than keep them running with this process as their producer
+        (nobody else may end a stream whose producer is alive) until it exits."""
+        self.stopping.set()
 
     def worker_order(self) -> list[int]:
         """The workers to offer the next job to, least loaded first: fewest active jobs (the
@@ -52,6 +62,9 @@ class Dispatcher:
         while loop.time() < deadline:
             if writer.cancelled:
                 return
+            if self.stopping.is_set():
+                reason = "the server is shutting down"
+                break
             for w in self.worker_order():
                 path = rundir.worker_socket(self.cfg.run_dir, w)
                 self.handing_off[w] += 1
@@ -76,9 +89,12 @@ class Dispatcher:
                 reason = "the inference worker failed before starting the stream"
                 break
             else:
-                await asyncio.sleep(0.1)  # every worker is restarting
+                # Every worker is restarting: wait for one, or for this process to stop.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 0.1)
                 continue
             break
         # Still the producer (adoption never happened): end the stream visibly.
         self.counters.inc(HttpCounter.HANDOFF_FAILED)
-        fail_stream(writer, 503, reason, "worker_unavailable")
+        stopping = self.stopping.is_set()
+        fail_stream(writer, 503, reason, "server_shutdown" if stopping else "worker_unavailable")

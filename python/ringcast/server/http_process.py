@@ -65,9 +65,10 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
     log.debug("HTTP process %d listening", index)
     await stop.wait()
-    # Stop accepting, close idle keep-alive connections, let streams end as workers
-    # finalize their sessions, then close whatever is left.
+    # Stop accepting, close idle keep-alive connections, end the streams no worker took yet,
+    # let the others end as workers finalize their sessions, then close whatever is left.
     server.close()
+    app.dispatcher.stop()
     for c in list(app.connections):
         if not c.busy and c.transport is not None:
             c.transport.close()
