@@ -57,6 +57,14 @@ class InvalidArgument(RingcastError, ValueError):
 class RegistryFull(RingcastError):
     """Every session slot holds a running stream (finished sessions are evicted to make room)."""
 
+class QuotaExceeded(RingcastError):
+    """A create with ``max_running`` found that many running sessions already in the groups
+    it counts.
+
+    ``max_running`` is the quota."""
+
+    max_running: int
+
 @final
 class SessionInfo:
     """A consistent snapshot of one session's registry entry."""
@@ -161,11 +169,24 @@ class Segment:
     def max_id_len(self) -> int: ...
     def stats(self) -> SegmentStats:
         """Whole-segment figures: sessions in use, bytes buffered, file and resident size."""
-    def create_or_replace(self, conversation_id: str, owner: str = "") -> Writer:
+    def create_or_replace(
+        self,
+        conversation_id: str,
+        owner: str = "",
+        *,
+        max_running: int | None = None,
+        counted: builtins.list[tuple[str, str]] | None = None,
+    ) -> Writer:
         """Install a new running session; a live session with the same (owner, id) is
         cancelled with reason ``"replaced"`` and its readers end. The caller becomes producer.
 
-        Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``.
+        With ``max_running``, only if the running sessions of the ``counted`` groups
+        ((owner, id prefix) pairs; default ``[(owner, "")]``) would then number at most
+        ``max_running``, counted under the registry lock (exact across processes); a replaced
+        running session that counts makes room for its replacement.
+
+        Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``,
+        ``QuotaExceeded``.
         """
     def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
         """Become the producer of a running session created elsewhere (e.g. by the HTTP

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from ringcast.http.client import HTTPError, ResponseParser
+from ringcast.server.store import Quota
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -584,9 +585,25 @@ class MemoryStore:
         if len(conv.encode()) > 256:
             raise InvalidArgument(f"conversation id longer than 256 bytes: {conv[:20]!r}...")
 
-    def create(self, conversation_id: str, owner: str) -> _MemWriter:
+    def create(self, conversation_id: str, owner: str, quota: Quota | None = None) -> _MemWriter:
+        from ringcast import QuotaExceeded
+
         self._check(conversation_id)
         old = self.sessions.get((owner, conversation_id))
+        if quota is not None:
+
+            def counted(s: _MemSession) -> bool:
+                return any(
+                    s.owner == o and s.conversation_id.startswith(p) for o, p in quota.counted
+                )
+
+            running = sum(not s.is_done and counted(s) for s in self.sessions.values())
+            if old is not None and not old.is_done and counted(old):
+                running -= 1  # replaced: makes room for its replacement
+            if running >= quota.max_running:
+                e = QuotaExceeded(f"the quota of {quota.max_running} is reached")
+                e.max_running = quota.max_running
+                raise e
         if old is not None:
             self._end(old, "replaced")
         self.incarnations += 1

@@ -6,6 +6,7 @@ routing, a generator that cannot be imported)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 pytestmark = pytest.mark.timeout(90)
 
 KEY_A, KEY_B = "key-a", "key-b"
+TEXT = "text/plain"
 
 
 def auth(key: str) -> dict[str, str]:
@@ -145,7 +147,6 @@ def test_per_key_session_quota(serve: Any, wait_for: Any) -> None:
         KEY_A,
         "--api-key",
         KEY_B,
-        http_procs=1,
     ) as s:
         held = [s.post_chat(f"run-{i}", 10**6, auth(KEY_A)) for i in range(2)]
         assert [r.status for r in held] == [200, 200]
@@ -179,6 +180,45 @@ def test_per_key_session_quota(serve: Any, wait_for: Any) -> None:
         r.read_all_and_close()
         for r in (*held, again):
             r.close()
+
+
+def test_per_key_quota_is_exact_across_http_processes(serve: Any) -> None:
+    """Creates alternating between the two HTTP processes (one keep-alive connection to
+    each): exactly the quota's number succeed. The count is taken in the create's locked step
+    in the segment; a count cached per process let each admit creates the other had made
+    since it last counted (here the sixth)."""
+    quota = 5
+    with serve("--api-key", KEY_A, "--api-key", KEY_B, "--max-sessions-per-key", str(quota)) as s:
+        conns: dict[int, http.client.HTTPConnection] = {}
+        for _ in range(200):
+            c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            c.request("GET", "/health")
+            process = json.loads(c.getresponse().read())["process"]
+            if process in conns:
+                c.close()
+            else:
+                conns[process] = c
+            if len(conns) == 2:
+                break
+        assert sorted(conns) == [0, 1]
+        statuses = []
+        try:
+            for i in range(2 * quota + 2):
+                c = conns[i % 2]
+                c.request("PUT", f"/ds/v1/stream/q{i}", b"", auth(KEY_A) | {"Content-Type": TEXT})
+                r = c.getresponse()
+                r.read()
+                statuses.append(r.status)
+        finally:
+            for c in conns.values():
+                c.close()
+        assert statuses == [201] * quota + [429] * (quota + 2)
+        # The other key still has its whole quota.
+        for i in range(quota):
+            status, _, _ = s.request(
+                "PUT", f"/ds/v1/stream/q{i}", b"", auth(KEY_B) | {"Content-Type": TEXT}
+            )
+            assert status == 201
 
 
 # -- 5. JSON nested past the decoder's limit is a 400 on every JSON route

@@ -430,8 +430,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.max_sessions_per_key,
         metavar="N",
         help="running sessions one API key (or, without keys, all clients together) may "
-        "hold at once; a create past it gets 429 (default: half of --max-sessions when "
-        "two or more keys are configured, else no limit but the table)",
+        "hold at once, counted exactly across HTTP processes; a create past it gets 429 "
+        "(default: half of --max-sessions when two or more keys are configured, else no "
+        "limit but the table)",
     )
     store.add_argument(
         "--session-bytes",

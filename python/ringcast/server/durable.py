@@ -33,7 +33,14 @@ from urllib.parse import unquote
 
 import msgspec
 
-from ringcast._core import InvalidArgument, OffsetLost, RegistryFull, SessionEnded, SessionNotFound
+from ringcast._core import (
+    InvalidArgument,
+    OffsetLost,
+    QuotaExceeded,
+    RegistryFull,
+    SessionEnded,
+    SessionNotFound,
+)
 from ringcast.http.client import HTTPError as ClientHTTPError
 from ringcast.http.client import stream as http_stream
 from ringcast.http.parse import HttpError, Request
@@ -49,11 +56,13 @@ from ringcast.server.durable_meta import (
 )
 from ringcast.server.fanout import END_EVENTS, FanOut
 from ringcast.server.store import (
+    Quota,
     StoreUnavailable,
     StreamReader,
     StreamStore,
     StreamView,
     StreamWriter,
+    quota_message,
 )
 from ringcast.wire.openai import error_json
 from ringcast.wire.sse import error_event
@@ -219,7 +228,7 @@ class DurableStreams:
         store: StreamStore,
         segment_path: str,
         check_id: Callable[[str], str],
-        check_quota: Callable[[str, str, str], Awaitable[None]],
+        quota: Callable[[str], Quota | None],
         long_poll_s: float,
         peers: StreamPeers | None = None,
         fanout: FanOut | None = None,
@@ -235,9 +244,9 @@ class DurableStreams:
             meta_path(segment_path) if segment_path else ":memory:", store.epoch
         )
         self.check_id = check_id
-        self.check_quota = check_quota
-        """The server's ``--max-sessions-per-key`` check (``(name, segment owner, key
-        owner)``; raises a 429 ``HttpError``): an open stream counts like a running one."""
+        self.quota = quota
+        """The server's ``--max-sessions-per-key`` quota of a key (by its owner namespace):
+        an open stream counts like a running one."""
         self.long_poll_s = long_poll_s
         self.writers: dict[tuple[str, str, int], StreamWriter] = {}
         self.background: set[asyncio.Future[None]] = set()
@@ -841,14 +850,10 @@ class DurableStreams:
                     hs.append(("Stream-Closed", "true"))
                 self.send(conn, 200, b"", meta.content_type, hs, head=True)
                 return
-            try:
-                await self.check_quota(name, downer, owner)
-            except HttpError as e:
-                raise DsError(e.status, e.message) from None
+            records = self.records(ct, body, allow_empty=True) if body else []
+            writer = self.create_session(name, downer, owner)
             if meta is not None:
                 self.meta.drop(meta)
-            records = self.records(ct, body, allow_empty=True) if body else []
-            writer = self.create_session(name, downer)
             if source is not None:
                 assert src_info is not None
                 await self.copy_prefix(source, fork_end, writer)
@@ -967,9 +972,11 @@ class DurableStreams:
         for data in await self.read_range(source, 0, end):
             writer.write(data)
 
-    def create_session(self, name: str, downer: str) -> StreamWriter:
+    def create_session(self, name: str, downer: str, owner: str) -> StreamWriter:
         try:
-            return self.store.create(name, downer)
+            return self.store.create(name, downer, self.quota(owner))
+        except QuotaExceeded as e:
+            raise DsError(429, quota_message(e.max_running)) from None
         except RegistryFull:
             raise DsError(503, "every session slot holds a running stream; retry later") from None
         except InvalidArgument as e:

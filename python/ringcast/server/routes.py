@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import secrets
 import time
@@ -32,6 +31,7 @@ import msgspec
 from ringcast._core import (
     InvalidArgument,
     OffsetLost,
+    QuotaExceeded,
     RegistryFull,
     SegmentError,
     SessionEnded,
@@ -53,11 +53,13 @@ from ringcast.server.handoff import Dispatcher
 from ringcast.server.metrics import Metrics
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
+    Quota,
     StoreUnavailable,
     StreamReader,
     StreamStore,
     StreamView,
     StreamWriter,
+    quota_message,
 )
 from ringcast.server.upstream_link import caller_credentials
 from ringcast.wire.jobs import Job
@@ -135,9 +137,6 @@ class App:
         )
         self.connections: set[Connection] = set()
         self.connections_per_client: dict[str, int] = {}
-        self.running_counts: dict[str, tuple[float, int]] = {}
-        """Per key: when its running sessions were last counted, and the count since (see
-        :meth:`check_quota`)."""
         self.background: set[asyncio.Task[None]] = set()
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
@@ -149,7 +148,7 @@ class App:
             store,
             cfg.segment,
             self.check_conv_id,
-            self.check_quota,
+            self.quota,
             cfg.ds_long_poll_timeout,
             stream_peers(cfg, store),
             self.fanout,
@@ -357,55 +356,33 @@ class App:
 
     # -- completions
 
-    async def check_quota(self, conv: str, owner: str, quota_owner: str) -> None:
-        """429 if ``quota_owner`` (the caller's key namespace) already holds its quota of
-        running sessions (``--max-sessions-per-key``), counting its anonymous ones and its
-        open Durable Streams, unless this create replaces one of them.
-
-        Counting lists the key's sessions (a scan of the used slots), so it is not done at
-        every create: a count at most :data:`QUOTA_RECOUNT` seconds old, plus this process's
-        creates since, is trusted while below the quota, and recounted before any refusal
-        (a refusal is never based on a stale count). Creates in other processes within that
-        time, and creates racing in flight, may pass together: the quota is exceeded by at
-        most those, never without bound."""
-        quota = self.cfg.session_quota()
-        if not quota:
-            return
-        now = time.monotonic()
-        counted_at, count = self.running_counts.get(quota_owner, (-math.inf, 0))
-        if count >= quota or now - counted_at >= QUOTA_RECOUNT:
-            counted_at, count = now, await self.count_running(quota_owner)
-        if count < quota:
-            self.running_counts[quota_owner] = (counted_at, count + 1)
-            return
-        self.running_counts[quota_owner] = (counted_at, count)
-        if owner == quota_owner:
-            current = await self.store.get(conv, owner)
-            if current is not None and not current.is_done:
-                return  # a replacement: the count does not grow
-        raise HttpError(
-            429,
-            f"this API key already has {count} running streams, its limit "
-            f"(--max-sessions-per-key {quota}); wait for one to finish or DELETE one",
+    def quota(self, key_owner: str) -> Quota | None:
+        """The ``--max-sessions-per-key`` quota of the key whose namespace is ``key_owner``
+        (None: no quota): its running sessions, its anonymous ones (their ids start with
+        :func:`anon_id_prefix`) and its open Durable Streams. The store counts them in the
+        create's own step (in the segment, under the registry lock), so the quota is exact
+        across HTTP processes."""
+        n = self.cfg.session_quota()
+        if not n:
+            return None
+        return Quota(
+            n,
+            [
+                (key_owner, ""),
+                (durable_owner(key_owner), ""),
+                (ANON_OWNER, anon_id_prefix(key_owner)),
+            ],
         )
 
-    async def count_running(self, quota_owner: str) -> int:
-        """Running sessions of a key, its anonymous ones and open Durable Streams included."""
-        anon_prefix = anon_id_prefix(quota_owner)
-        return (
-            sum(not i.is_done for i in await self.store.list(quota_owner))
-            + sum(not i.is_done for i in await self.store.list(durable_owner(quota_owner)))
-            + sum(
-                not i.is_done and i.conversation_id.startswith(anon_prefix)
-                for i in await self.store.list(ANON_OWNER)
-            )
-        )
-
-    def create_session(self, conv: str, owner: str) -> StreamWriter:
+    def create_session(self, conv: str, owner: str, key_owner: str | None = None) -> StreamWriter:
         """Create (or replace) the session ``(owner, conv)``; 503 when every slot holds a
-        running stream."""
+        running stream; 429 when the key whose namespace is ``key_owner`` holds its quota of
+        running sessions (:meth:`quota`) and this create does not replace one of them."""
+        quota = self.quota(key_owner) if key_owner is not None else None
         try:
-            return self.store.create(conv, owner)
+            return self.store.create(conv, owner, quota)
+        except QuotaExceeded as e:
+            raise HttpError(429, quota_message(e.max_running)) from None
         except RegistryFull:
             raise HttpError(
                 503, "every session slot holds a running stream; retry later", "unavailable_error"
@@ -431,8 +408,7 @@ class App:
         key_owner = owner
         if conv is None:
             conv, owner = anon_id_prefix(key_owner) + secrets.token_hex(12), ANON_OWNER
-        await self.check_quota(conv, owner, key_owner)
-        writer = self.create_session(conv, owner)
+        writer = self.create_session(conv, owner, key_owner)
         try:
             reader = await self.store.open_reader(conv, 0, owner)
         except (SessionNotFound, SessionEnded):
@@ -696,10 +672,6 @@ class App:
         body = await self.prometheus.render()
         conn.send(200, body, "text/plain; version=0.0.4")
 
-
-QUOTA_RECOUNT = 1.0
-"""Seconds a key's count of running sessions is trusted below its quota (see
-:meth:`App.check_quota`)."""
 
 MAX_LOOKUP_IDS = 10_000
 """Most conversation ids one ``POST /v1/streams/lookup`` may ask for (a WebUI asks for its

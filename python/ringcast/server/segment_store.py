@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ringcast._core import Reader, RegistryFull, Segment, SegmentStats, SessionInfo, Writer
 from ringcast.server.config import ServeConfig
 from ringcast.server.gc import evict_lru
-from ringcast.server.store import StreamStore
+from ringcast.server.store import Quota, StreamStore
 
 
 class SegmentStore:
@@ -35,10 +35,10 @@ class SegmentStore:
     def epoch(self) -> int:
         return self.segment.epoch
 
-    def create(self, conversation_id: str, owner: str) -> Writer:
+    def create(self, conversation_id: str, owner: str, quota: Quota | None = None) -> Writer:
         try:
             # A full table evicts its least recently used finished session inside this call.
-            return self.segment.create_or_replace(conversation_id, owner)
+            return self._create(conversation_id, owner, quota)
         except RegistryFull:
             # Every slot holds a running stream: only ``--evict-running`` may end one.
             if not self.evict_running:
@@ -46,7 +46,14 @@ class SegmentStore:
             n = evict_lru(self.segment, 1, self.evict_running)
             if self.on_evicted is not None:
                 self.on_evicted(n)
+            return self._create(conversation_id, owner, quota)
+
+    def _create(self, conversation_id: str, owner: str, quota: Quota | None) -> Writer:
+        if quota is None:
             return self.segment.create_or_replace(conversation_id, owner)
+        return self.segment.create_or_replace(
+            conversation_id, owner, max_running=quota.max_running, counted=quota.counted
+        )
 
     def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
         return self.segment.adopt(conversation_id, owner, generation)

@@ -54,7 +54,7 @@ event, as the dead-producer sweep does locally.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ringcast._core import OffsetLost, SegmentError, SessionEnded
 from ringcast.wire.sse import error_event, frame_event
@@ -171,6 +171,24 @@ class StoreStats(Protocol):
         ...
 
 
+class Quota(NamedTuple):
+    """A cap on running streams that :meth:`StreamStore.create` checks in the same step as
+    the create, so that it holds exactly whatever process creates: the running streams of
+    each ``(owner, id prefix)`` group in ``counted`` (prefix ``""``: all of that owner's)
+    may number at most ``max_running`` once the create is done."""
+
+    max_running: int
+    counted: list[tuple[str, str]]
+
+
+def quota_message(max_running: int) -> str:
+    """What a create refused by the ``--max-sessions-per-key`` quota is told (with a 429)."""
+    return (
+        f"this API key already has {max_running} running streams, its limit "
+        f"(--max-sessions-per-key {max_running}); wait for one to finish or DELETE one"
+    )
+
+
 class StreamStore(Protocol):
     """Where streams live, as the routes and workers see it. See the module docstring for
     names, offsets, errors and terminal events.
@@ -184,11 +202,13 @@ class StreamStore(Protocol):
         """This store's epoch (see :attr:`StreamReader.epoch`)."""
         ...
 
-    def create(self, conversation_id: str, owner: str) -> StreamWriter:
+    def create(self, conversation_id: str, owner: str, quota: Quota | None = None) -> StreamWriter:
         """Create the stream, replacing (``SessionEnded("replaced")`` for its readers) a live
         one with the same name; one winner under concurrent creates. Full: the store evicts
         what its policy allows (completed streams least recently used first) and retries,
-        then raises ``RegistryFull``. ``InvalidArgument`` for an id it cannot hold."""
+        then raises ``RegistryFull``. ``InvalidArgument`` for an id it cannot hold.
+        ``QuotaExceeded`` if ``quota`` would be exceeded (a replaced running stream that the
+        quota counts makes room for its replacement)."""
         ...
 
     def adopt(self, conversation_id: str, owner: str, generation: int) -> StreamWriter:

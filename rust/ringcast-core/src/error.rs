@@ -95,6 +95,10 @@ pub enum Error {
     RegistryFull {
         max_sessions: u32,
     },
+    /// A create with a quota found its groups already holding `max_running` running sessions.
+    QuotaExceeded {
+        max_running: u32,
+    },
     TooManyProcesses,
 }
 
@@ -116,6 +120,11 @@ impl fmt::Display for Error {
                 "all {max_sessions} session slots hold running streams (finished sessions are \
                  evicted to make room); retry once one finishes, or create the segment with a \
                  larger max_sessions"
+            ),
+            Error::QuotaExceeded { max_running } => write!(
+                f,
+                "the quota of {max_running} running sessions is reached; retry once one \
+                 finishes or is deleted"
             ),
             Error::TooManyProcesses => write!(
                 f,

@@ -68,7 +68,7 @@ pub use layout::{arm_state, LAYOUT_VERSION, MAX_PROCESSES};
 #[cfg(not(loom))]
 pub use notify::Notifier;
 #[cfg(not(loom))]
-pub use registry::{SessionInfo, SessionState};
+pub use registry::{Quota, SessionInfo, SessionState};
 #[cfg(not(loom))]
 pub use segment::{Segment, SegmentConfig, SegmentStats};
 #[cfg(not(loom))]

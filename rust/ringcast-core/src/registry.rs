@@ -97,6 +97,32 @@ pub(crate) struct ProducerClaim {
     pub(crate) busy_tag: u64,
 }
 
+/// A cap on running sessions that [`Segment::create_or_replace_within`] checks inside the
+/// create's locked step, so that it holds exactly however many processes create at once.
+///
+/// The sessions counted are the running ones whose owner is one of `groups`' owners and
+/// whose id starts with that group's prefix (`""`: every id of the owner). Counting walks
+/// those owners' lists of live sessions: its cost grows with their live sessions, not with
+/// the table.
+///
+/// [`Segment::create_or_replace_within`]: crate::Segment::create_or_replace_within
+#[derive(Debug, Clone, Copy)]
+pub struct Quota<'a> {
+    /// The most running sessions the groups may hold once the create is done.
+    pub max_running: u32,
+    /// (owner, id prefix) pairs.
+    pub groups: &'a [(&'a str, &'a str)],
+}
+
+impl Quota<'_> {
+    /// Whether a session (id, owner) is one the quota counts (when running).
+    fn counts(&self, id: &[u8], owner: &[u8]) -> bool {
+        self.groups
+            .iter()
+            .any(|(o, p)| o.as_bytes() == owner && id.starts_with(p.as_bytes()))
+    }
+}
+
 /// A producer token unique to one claim (process identity plus a local counter).
 fn new_token(me: ProcessId) -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -488,22 +514,14 @@ impl Registry {
     /// The live sessions of `owner`, from its list; `Err` if the list is damaged (the next
     /// locker is told to rebuild it) or the lock cannot be taken.
     fn owner_sessions(&self, owner: &str) -> std::result::Result<Vec<(u32, u64)>, ()> {
-        let _guard = self.lock().map_err(|_| ())?;
+        let guard = self.lock().map_err(|_| ())?;
         let mut out = Vec::new();
-        let mut at = self
-            .owner_head(owner.as_bytes(), u32::MAX)
-            .map(|(s, _)| s + 1);
-        while let Some(slot) = at.and_then(|a| a.checked_sub(1)) {
-            let m = self.view.try_slot(slot).ok_or(())?;
-            let gen = m.generation.load(Ordering::Acquire);
-            let live = SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some();
-            if !live || gen & ENDED_BIT != 0 || out.len() as u32 >= self.used_slots() {
-                self.head().damaged.store(1, Ordering::Relaxed);
-                return Err(());
-            }
-            out.push((slot, gen));
-            at = Some(m.owner_next.load(Ordering::Relaxed));
-        }
+        guard
+            .walk_owner(owner.as_bytes(), |slot, gen| {
+                out.push((slot, gen));
+                true
+            })
+            .map_err(|_| self.head().damaged.store(1, Ordering::Relaxed))?;
         Ok(out)
     }
 
@@ -531,13 +549,33 @@ impl Registry {
         (used, buffered)
     }
 
-    /// Installs a new running session for (owner, id), replacing a live one.
-    pub(crate) fn create_or_replace(&self, id: &str, owner: &str) -> Result<ProducerClaim> {
+    /// Installs a new running session for (owner, id), replacing a live one; with a `quota`,
+    /// only if that leaves at most `quota.max_running` running sessions in its groups (counted
+    /// in this locked step, so the cap is exact across processes).
+    pub(crate) fn create_or_replace(
+        &self,
+        id: &str,
+        owner: &str,
+        quota: Option<&Quota<'_>>,
+    ) -> Result<ProducerClaim> {
         self.check_key(id, owner)?;
         let me = ProcessId::current();
         let reg = self.lock()?;
         let hash = self.key_hash(id, owner);
         let mut existing = reg.find(hash, id, owner);
+        if let Some(q) = quota {
+            // A replacement of a running session that counts ends that one: no growth.
+            let replaces = existing.is_some_and(|(slot, _)| {
+                self.view.slot(slot).state.load(Ordering::Acquire) == state::RUNNING
+                    && q.counts(id.as_bytes(), owner.as_bytes())
+            });
+            let running = reg.count_running(q, q.max_running.saturating_add(1));
+            if running.saturating_sub(u32::from(replaces)) >= q.max_running {
+                return Err(Error::QuotaExceeded {
+                    max_running: q.max_running,
+                });
+            }
+        }
         let slot = match reg.alloc() {
             Ok(slot) => slot,
             Err(Error::RegistryFull { .. }) if existing.is_some() => {
@@ -803,6 +841,81 @@ impl RegistryGuard<'_> {
                 reg.holds(slot, hash, id, owner).map(|g| gen = g).is_some()
             })
             .map(|(slot, _)| (slot, gen))
+    }
+
+    /// Calls `f(slot, generation)` for each session on `owner`'s list until it returns false.
+    /// `Err` if the list is damaged: a link out of range, a session not live, or more links
+    /// than slots ever used (a cycle).
+    fn walk_owner(
+        &self,
+        owner: &[u8],
+        mut f: impl FnMut(u32, u64) -> bool,
+    ) -> std::result::Result<(), Damage> {
+        let reg = self.reg;
+        let bound = reg.used_slots();
+        let mut seen = 0u32;
+        let mut at = reg.owner_head(owner, u32::MAX).map(|(s, _)| s + 1);
+        while let Some(slot) = at.and_then(|a| a.checked_sub(1)) {
+            let m = reg.view.try_slot(slot).ok_or(Damage("owner list link"))?;
+            let gen = m.generation.load(Ordering::Acquire);
+            let live = SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some();
+            if !live || gen & ENDED_BIT != 0 || seen >= bound {
+                return Err(Damage(
+                    "an owner list holds a slot that is not its live session",
+                ));
+            }
+            seen += 1;
+            if !f(slot, gen) {
+                return Ok(());
+            }
+            at = Some(m.owner_next.load(Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    /// Running sessions in `q`'s groups, counted up to `enough` (the caller only needs to
+    /// know whether there are that many). Walks each group owner's list: a few loads per live
+    /// session of those owners, none for anyone else's. A damaged list is rebuilt (we hold
+    /// the lock) and walked again; if it is still damaged, the used slots are scanned.
+    fn count_running(&self, q: &Quota<'_>, enough: u32) -> u32 {
+        let reg = self.reg;
+        let running = |slot: u32, prefix: &[u8]| {
+            reg.view.slot(slot).state.load(Ordering::Acquire) == state::RUNNING
+                && (prefix.is_empty()
+                    || reg
+                        .view
+                        .read_key(slot)
+                        .is_some_and(|(id, _)| id.starts_with(prefix)))
+        };
+        let walk = |n: &mut u32| -> std::result::Result<(), Damage> {
+            *n = 0;
+            for (owner, prefix) in q.groups {
+                self.walk_owner(owner.as_bytes(), |slot, _| {
+                    *n += u32::from(running(slot, prefix.as_bytes()));
+                    *n < enough
+                })?;
+                if *n >= enough {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let mut n = 0;
+        if let Err(Damage(why)) = walk(&mut n) {
+            self.rebuild(false, why);
+            if walk(&mut n).is_err() {
+                n = (0..reg.used_slots())
+                    .filter(|&slot| {
+                        running(slot, b"")
+                            && reg
+                                .view
+                                .read_key(slot)
+                                .is_some_and(|(id, o)| q.counts(&id, &o))
+                    })
+                    .count() as u32;
+            }
+        }
+        n
     }
 
     /// Picks a free slot nobody is still appending to and marks it INIT: the top of the free

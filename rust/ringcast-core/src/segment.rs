@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::{EndReason, Error, Result, SegmentError};
 use crate::layout::{Geometry, MAGIC, MAX_ID_LEN, MAX_PROCESSES, MAX_SESSIONS, MIN_ID_LEN};
 use crate::notify::Notifier;
-use crate::registry::{Registry, SessionInfo};
+use crate::registry::{Quota, Registry, SessionInfo};
 use crate::stream::{Reader, Writer};
 use crate::sync::Ordering;
 use crate::sys::dgram::random_u64;
@@ -382,7 +382,21 @@ impl Segment {
 
     /// Installs a new running session for (owner, id), replacing a live one.
     pub fn create_or_replace(&self, id: &str, owner: &str) -> Result<Writer> {
-        let claim = self.reg.create_or_replace(id, owner)?;
+        let claim = self.reg.create_or_replace(id, owner, None)?;
+        Ok(Writer::new(self.reg.clone(), claim, id, owner))
+    }
+
+    /// [`create_or_replace`](Self::create_or_replace), unless the running sessions `quota`
+    /// counts would then number more than `quota.max_running` ([`Error::QuotaExceeded`]; a
+    /// replaced running session that counts makes room for its replacement). Counted under
+    /// the registry lock, so exact across processes.
+    pub fn create_or_replace_within(
+        &self,
+        id: &str,
+        owner: &str,
+        quota: &Quota<'_>,
+    ) -> Result<Writer> {
+        let claim = self.reg.create_or_replace(id, owner, Some(quota))?;
         Ok(Writer::new(self.reg.clone(), claim, id, owner))
     }
 

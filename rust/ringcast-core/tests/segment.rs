@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use ringcast_core::{EndReason, Error, Poll, Segment, SessionState};
+use ringcast_core::{EndReason, Error, Poll, Quota, Segment, SessionState};
 
 mod common;
 use common::{cfg, TempSeg};
@@ -144,6 +144,75 @@ fn registry_full_then_freed() {
     // Replacing an existing id needs a free slot too (the new session is built first).
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(seg.create_or_replace("c", "").is_ok());
+}
+
+#[test]
+fn quota_counts_running_sessions_of_its_groups() {
+    let t = TempSeg::new("quota");
+    let seg = Segment::create(&t.0, cfg(16, 4096)).unwrap();
+    let groups = [("k", ""), ("~anon", "anon-k-")];
+    let q = Quota {
+        max_running: 3,
+        groups: &groups,
+    };
+    let exceeded = |r: Result<_, Error>| matches!(r, Err(Error::QuotaExceeded { max_running: 3 }));
+    let a = seg.create_or_replace_within("a", "k", &q).unwrap();
+    let _b = seg
+        .create_or_replace_within("anon-k-1", "~anon", &q)
+        .unwrap();
+    // Not counted: another owner, and another key's anonymous session.
+    seg.create_or_replace("x", "other").unwrap();
+    seg.create_or_replace("anon-j-1", "~anon").unwrap();
+    let _c = seg.create_or_replace_within("c", "k", &q).unwrap();
+    assert!(exceeded(seg.create_or_replace_within("d", "k", &q)));
+    assert!(exceeded(
+        seg.create_or_replace_within("anon-k-2", "~anon", &q)
+    ));
+    // A replacement of a counted running session does not grow the count.
+    let a2 = seg.create_or_replace_within("a", "k", &q).unwrap();
+    drop(a);
+    // A finished session no longer counts.
+    a2.finalize(SessionState::Done).unwrap();
+    seg.create_or_replace_within("d", "k", &q).unwrap();
+    assert!(exceeded(seg.create_or_replace_within("e", "k", &q)));
+    // The uncounted groups were never limited.
+    let none = Quota {
+        max_running: 0,
+        groups: &[],
+    };
+    assert!(seg.create_or_replace_within("y", "other", &none).is_err());
+    assert!(seg.create_or_replace("y", "other").is_ok());
+    assert_eq!(seg.check_registry(), Ok(7));
+}
+
+#[test]
+fn quota_is_exact_under_racing_creates() {
+    let t = TempSeg::new("quota-race");
+    let seg = Arc::new(Segment::create(&t.0, cfg(64, 4096)).unwrap());
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let (seg, barrier) = (seg.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let groups = [("k", "")];
+                let q = Quota {
+                    max_running: 5,
+                    groups: &groups,
+                };
+                barrier.wait();
+                (0..4)
+                    .filter_map(|j| {
+                        seg.create_or_replace_within(&format!("{i}-{j}"), "k", &q)
+                            .ok()
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let created: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(created, 5);
+    assert_eq!(seg.list(Some("k")).len(), 5);
 }
 
 #[test]

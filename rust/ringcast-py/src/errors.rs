@@ -15,6 +15,7 @@ struct Exceptions {
     offset_lost: Py<PyType>,
     invalid: Py<PyType>,
     full: Py<PyType>,
+    quota: Py<PyType>,
 }
 
 static EXC: PyOnceLock<Exceptions> = PyOnceLock::new();
@@ -86,6 +87,12 @@ pub(crate) fn add_exceptions<'py>(py: Python<'py>, m: &Bound<'py, PyModule>) -> 
             one()?,
             "Every session slot holds a running stream (finished sessions are evicted to make room).",
         )?,
+        quota: mk(
+            "QuotaExceeded",
+            one()?,
+            "A create with ``max_running`` found that many running sessions already in the \
+             groups it counts.\n\n``max_running`` is the quota.",
+        )?,
         base,
     };
     let _ = EXC.set(py, e);
@@ -131,6 +138,13 @@ pub(crate) fn to_py(py: Python<'_>, e: core::Error) -> PyErr {
             ],
         ),
         core::Error::RegistryFull { .. } => build(&x.full, &[]),
+        core::Error::QuotaExceeded { max_running } => build(
+            &x.quota,
+            &[(
+                "max_running",
+                max_running.into_pyobject(py).unwrap().into_any(),
+            )],
+        ),
         core::Error::TooManyProcesses => build(&x.base, &[]),
     }
 }

@@ -231,17 +231,41 @@ impl Segment {
     /// Install a new running session; a live session with the same (owner, id) is
     /// cancelled with reason ``"replaced"`` and its readers end. The caller becomes producer.
     ///
-    /// Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``.
-    #[pyo3(signature = (conversation_id, owner=""))]
+    /// With ``max_running``, only if the running sessions of the ``counted`` groups
+    /// ((owner, id prefix) pairs; default ``[(owner, "")]``) would then number at most
+    /// ``max_running``, counted under the registry lock (exact across processes); a replaced
+    /// running session that counts makes room for its replacement.
+    ///
+    /// Raises ``InvalidArgument`` for an empty or over-long id, ``RegistryFull``,
+    /// ``QuotaExceeded``.
+    #[pyo3(signature = (conversation_id, owner="", *, max_running=None, counted=None))]
     fn create_or_replace(
         &self,
         py: Python<'_>,
         conversation_id: &str,
         owner: &str,
+        max_running: Option<u32>,
+        counted: Option<Vec<(String, String)>>,
     ) -> PyResult<Writer> {
-        let w = py
-            .detach(|| self.seg.create_or_replace(conversation_id, owner))
-            .py_err(py)?;
+        let w = match max_running {
+            None => py.detach(|| self.seg.create_or_replace(conversation_id, owner)),
+            Some(max_running) => {
+                let counted = counted.unwrap_or_else(|| vec![(owner.to_string(), String::new())]);
+                let groups: Vec<(&str, &str)> = counted
+                    .iter()
+                    .map(|(o, p)| (o.as_str(), p.as_str()))
+                    .collect();
+                let quota = core::Quota {
+                    max_running,
+                    groups: &groups,
+                };
+                py.detach(|| {
+                    self.seg
+                        .create_or_replace_within(conversation_id, owner, &quota)
+                })
+            }
+        }
+        .py_err(py)?;
         Ok(Writer::from(w))
     }
 

@@ -24,7 +24,7 @@ from ringcast.server.cluster.client import connect, redis_errors
 from ringcast.server.cluster.remote import RemoteInfo, RemoteReader, RemoteStore
 from ringcast.server.config import ServeConfig
 from ringcast.server.segment_store import SegmentStore
-from ringcast.server.store import StoreUnavailable, StreamReader, StreamView
+from ringcast.server.store import Quota, StoreUnavailable, StreamReader, StreamView
 
 log = logging.getLogger("ringcast.server.cluster")
 
@@ -50,8 +50,10 @@ class ClusterStore:
     def epoch(self) -> int:
         return self.local.epoch
 
-    def create(self, conversation_id: str, owner: str) -> Writer:
-        return self.local.create(conversation_id, owner)
+    def create(self, conversation_id: str, owner: str, quota: Quota | None = None) -> Writer:
+        # The quota counts this node's running streams: a stream runs on the node that
+        # created it.
+        return self.local.create(conversation_id, owner, quota)
 
     def adopt(self, conversation_id: str, owner: str, generation: int) -> Writer:
         return self.local.adopt(conversation_id, owner, generation)
