@@ -6,8 +6,9 @@ id), waits a random time, and kills one process of a kind drawn at random (a wor
 process, or the manager, which takes its children with it; a new manager then re-attaches the
 segment). Every client reads until its stream's terminal event (``data: [DONE]`` or an error
 event), resuming from its byte count with ``GET /v1/stream?...&from=N`` whenever its
-connection drops, through whichever server is up. Then the bytes it got are compared with
-the whole stream read from offset 0: they must be identical.
+connection drops, through whichever server is up (or sending its request again if the resume
+finds no stream: the kill cut the request before the server created it). Then the bytes it
+got are compared with the whole stream read from offset 0: they must be identical.
 
 Measured (not asserted): for each kill and each stream it cut short, the time from the kill
 to the client's terminal event (a worker or manager kill ends running streams with an
@@ -45,6 +46,9 @@ class Client:
     conv: str
     body: bytearray = field(default_factory=bytearray)
     reads: int = 0
+    unsent: bool = True
+    """No stream of this id exists yet: the first request, or one whose connection was cut
+    before the server created the stream (a resume then answers 404)."""
     ended_at: float = 0.0
     resumed_at: list[float] = field(default_factory=list)
 
@@ -59,7 +63,8 @@ async def follow(server: ServeProcess, client: Client, tokens: int, deadline: fl
         }
     ).encode()
     while time.monotonic() < deadline:
-        if client.reads == 0:
+        if client.unsent:
+            client.unsent = False
             path, method, body = "/v1/chat/completions", "POST", req
             headers = {"X-Conversation-Id": client.conv, "Content-Type": "application/json"}
         else:
@@ -75,6 +80,9 @@ async def follow(server: ServeProcess, client: Client, tokens: int, deadline: fl
             async for _, status, _, piece in stream(
                 server.url, path, method=method, headers=headers, body=body, connect_timeout=2
             ):
+                if status == 404 and method == "GET" and not client.body:
+                    client.unsent = True  # cut before the stream existed: send it again
+                    break
                 if status != 200:
                     raise RuntimeError(f"{client.conv}: {method} answered {status}")
                 if piece and first and client.reads > 1:

@@ -101,3 +101,32 @@ def test_a_stopping_process_ends_hand_offs_that_wait_for_a_worker(
     err = json.loads(data_of(sse_events(body)[-1]))["error"]
     assert (err["code"], err["type"]) == (503, "server_shutdown")
     seg.unlink()
+
+
+def test_a_job_cancelled_before_its_first_step_still_ends_its_stream(
+    tmp_path: Path, sse_events, data_of
+) -> None:
+    """A worker told to stop right after adopting a job cancels a task that never ran (so no
+    handler of ``run_job`` did): the stream still ends ``server_shutdown``, in the ring."""
+    from ringcast.server.counters import open_child_counters
+    from ringcast.server.worker import WorkerApp
+
+    app = make_app(tmp_path)
+    seg = app.store.segment
+    cfg = app.cfg
+
+    async def main() -> None:
+        worker = WorkerApp(cfg, app.store, open_child_counters(cfg, "worker", 0), None)
+        created = app.create_session("c", "")
+        writer = app.store.adopt("c", "", created.generation)
+        body = json.dumps({"messages": [], "max_tokens": 5}).encode()
+        task = worker.start_job(Job("c", "", created.generation, "chat", body), writer)
+        await worker.shutdown()  # no step of the task's ran before this
+        assert task.cancelled()
+
+    asyncio.run(main())
+    info = seg.get("c")
+    assert info is not None and info.state == "failed"
+    err = json.loads(data_of(sse_events(seg.reader("c", 0).read(timeout=5))[-1]))["error"]
+    assert (err["code"], err["type"]) == (503, "server_shutdown")
+    seg.unlink()

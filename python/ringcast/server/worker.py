@@ -115,18 +115,31 @@ class WorkerApp:
             log_failure(log, "could not adopt a session", e)
             w.close()  # no ack: the HTTP process fails the session itself
             return
-        task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
-        self.active[task] = writer
-        self.counters.inc(WorkerCounter.ACTIVE)
-        task.add_done_callback(self._job_done)
+        self.start_job(job, writer)
         w.write(JOB_ACK_ADOPTED)
         with contextlib.suppress(OSError):
             await w.drain()
         w.close()
 
+    def start_job(self, job: Job, writer: StreamWriter) -> asyncio.Task[None]:
+        """Run an adopted job in a task of its own, counted in :attr:`active`."""
+        task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
+        self.active[task] = writer
+        self.counters.inc(WorkerCounter.ACTIVE)
+        task.add_done_callback(self._job_done)
+        return task
+
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        self.active.pop(task, None)
+        writer = self.active.pop(task, None)
         self.counters.inc(WorkerCounter.ACTIVE, -1)
+        if task.cancelled() and writer is not None:
+            # Cancelled before its first step (a shutdown right after the adoption), so none
+            # of run_job's handlers ran: end the stream as they would have. Else it would stay
+            # running with this process, soon gone, as its producer until a manager's sweep.
+            if self.shutting_down and not writer.cancelled:
+                self._fail(writer, 503, "the server is shutting down", "server_shutdown")
+            else:
+                self.counters.inc(WorkerCounter.JOBS_CANCELLED)
 
     async def run_job(self, job: Job, writer: StreamWriter) -> None:
         self.counters.inc(WorkerCounter.JOBS_STARTED)
@@ -240,10 +253,12 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
     path = rundir.worker_socket(cfg.run_dir, index)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    server = await asyncio.start_unix_server(app.handle, path)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Before the first job can arrive: a SIGTERM's default action would kill the worker with
+    # the jobs it adopted still running, ended only by a manager's sweep (if one is left).
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    server = await asyncio.start_unix_server(app.handle, path)
     watcher = loop.create_task(app.watch_cancel())
     Path(rundir.ready_file(cfg.run_dir, "worker", index)).write_text(str(os.getpid()))
     await stop.wait()
