@@ -78,29 +78,30 @@ def sweep(seg: Segment, counters: SharedCounters) -> None:
         counters.inc(ManagerCounter.DEAD_PRODUCERS, n)
 
 
-def expire_durable(seg: Segment, meta: DurableMeta, now: float) -> int:
+def expire_durable(seg: Segment, meta: DurableMeta, infos: list[SessionInfo], now: float) -> int:
     """Remove Durable Streams whose ``Stream-TTL`` or ``Stream-Expires-At`` passed, rows whose
     session is gone (evicted under pressure), and sessions without a row (a create that died
-    before its commit). Returns how many streams expired."""
+    before its commit). Returns how many streams expired. Call it inside
+    ``meta.transaction()`` with ``infos`` listed inside it too: a create holds that lock from
+    its session's birth to its row's, so no session in the listing lacks its row for that
+    reason."""
     n = 0
-    with meta.transaction():
-        # Listed under the lock: a create holds it from its session's birth to its row's.
-        live = {(i.owner, i.conversation_id): i for i in seg.list() if is_durable_owner(i.owner)}
-        rows = meta.all_streams()
-        named = {(m.owner, m.name) for m in rows}
-        for m in rows:
-            info = live.get((m.owner, m.name))
-            if m.deleted:
-                continue  # a tombstone its forks keep until the last of them goes
-            if info is None or (info.slot, info.generation) != (m.slot, m.generation):
-                meta.drop(m)
-            elif m.expired(now):
-                seg.evict_slot(info.slot, info.generation, "evicted")
-                meta.drop(m)
-                n += 1
-        for key, info in live.items():
-            if key not in named:
-                seg.evict_slot(info.slot, info.generation, "evicted")
+    live = {(i.owner, i.conversation_id): i for i in infos if is_durable_owner(i.owner)}
+    rows = meta.all_streams()
+    named = {(m.owner, m.name) for m in rows}
+    for m in rows:
+        info = live.get((m.owner, m.name))
+        if m.deleted:
+            continue  # a tombstone its forks keep until the last of them goes
+        if info is None or (info.slot, info.generation) != (m.slot, m.generation):
+            meta.drop(m)
+        elif m.expired(now):
+            seg.evict_slot(info.slot, info.generation, "evicted")
+            meta.drop(m)
+            n += 1
+    for key, info in live.items():
+        if key not in named:
+            seg.evict_slot(info.slot, info.generation, "evicted")
     return n
 
 
@@ -108,13 +109,18 @@ def collect(
     seg: Segment, cfg: ServeConfig, counters: SharedCounters, meta: DurableMeta | None = None
 ) -> None:
     """TTL, idle and LRU eviction (see SERVER.md, "The manager's sweeps"); Durable Streams
-    expire by their own TTL or expiry (``meta``), not by ``--ttl`` or ``--idle-timeout``."""
+    expire by their own TTL or expiry (``meta``), not by ``--ttl`` or ``--idle-timeout``.
+    One listing of the segment serves both."""
     now = time.time()
     if meta is not None:
-        n = expire_durable(seg, meta, now)
+        with meta.transaction():
+            infos = seg.list()
+            n = expire_durable(seg, meta, infos, now)
         if n:
             counters.inc(ManagerCounter.EVICTIONS_TTL, n)
-    for info in seg.list():
+    else:
+        infos = seg.list()
+    for info in infos:
         if is_durable_owner(info.owner):
             continue
         if info.is_done:
