@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -156,21 +156,35 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 @pytest.fixture
-def small_shm(tmp_path: Path) -> Iterator[Path]:
+def small_shm(tmpfs: Callable[[str], Path]) -> Path:
     """A fresh 2 MiB tmpfs (a shared-memory filesystem much smaller than a segment), unmounted
     after the test; skips the test where mounting needs a root this process is not."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounts a tmpfs: needs root")
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    out = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    return tmpfs("2m")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs(size)``: a fresh tmpfs of ``size`` (mount's syntax: ``2m``, ``3g``), unmounted
+    after the test; skips the test where mounting needs a root this process is not."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounts a tmpfs: needs root")
+        mnt = tmp_path / f"shm-{len(mounted)}"
+        mnt.mkdir()
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
     try:
-        yield mnt
+        yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -45,7 +45,7 @@ from typing import Any
 from ringcast._core import Segment, SegmentError
 from ringcast.server import gc, rundir
 from ringcast.server.child import STARTUP_REFUSED
-from ringcast.server.config import ServeConfig, dump_config
+from ringcast.server.config import ServeConfig, default_max_sessions, dump_config
 from ringcast.server.counters import (
     ManagerCounter,
     SharedCounters,
@@ -253,27 +253,56 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
-def _say_how_many_rings_fit(seg: Segment, path: str) -> None:
-    """Warn when the segment's filesystem cannot hold every ring full (the file is sparse, so
-    it starts anyway; the core refuses one that cannot hold even one full ring)."""
+WORKING_SET_RINGS = 256
+"""Full rings a table of the default size should find room for beside its own pages. A
+default table (1,048,576 slots x 4 MiB, sparse) never fits in full and is not meant to: what
+must fit is the table (session records, reader counts, index) and the rings of the sessions
+actually buffered, which the LRU keeps near what the machine serves; 256 full 4 MiB rings
+(1 GiB) is a busy server's worth."""
+
+
+def say_whether_the_segment_fits(seg: Segment, path: str, explicit: bool) -> None:
+    """Warn at start when the segment's filesystem is too small for what it should hold (the
+    file is sparse, so it starts anyway; the core refuses one that cannot hold even one full
+    ring). A table sized on the command line (``explicit``) should hold every ring full; a
+    default-sized one its table pages and :data:`WORKING_SET_RINGS` full rings."""
     st = seg.stats()
     vfs = os.statvfs(os.path.dirname(os.path.abspath(path)))
     free = vfs.f_bavail * vfs.f_frsize
-    more = st.file_bytes - st.resident_bytes
-    if more <= free:
-        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    ring = -(-st.session_bytes // page) * page
+    table = st.file_bytes - ring * st.max_sessions
     mib = 1 << 20
-    log.warning(
-        "segment %s may need %d MiB more when all %d sessions' rings are full, and its "
-        "filesystem has %d MiB free: about %d full rings fit. A stream that finds it full ends "
-        "with an error event (no_memory); the others go on. To avoid it, give the filesystem "
-        "more room (Docker: --shm-size) or lower --max-sessions or --session-bytes",
-        path,
-        more // mib,
-        st.max_sessions,
-        free // mib,
-        free // max(st.session_bytes, 1),
+    advice = (
+        "A stream that finds it full ends with an error event (no_memory); the others go on. "
+        "To avoid it, give the filesystem more room (Docker: --shm-size) or lower "
+        "--max-sessions or --session-bytes"
     )
+    if explicit:
+        more = st.file_bytes - st.resident_bytes
+        if more > free:
+            log.warning(
+                "segment %s may need %d MiB more when all %d sessions' rings are full, and "
+                "its filesystem has %d MiB free: about %d full rings fit. %s",
+                *(path, more // mib, st.max_sessions, free // mib, free // max(ring, 1), advice),
+            )
+        return
+    table_more = max(0, table - st.resident_bytes)
+    if table_more > free:
+        log.warning(
+            "segment %s may need %d MiB more for its table of %d sessions alone (session "
+            "records, reader counts, index), and its filesystem has %d MiB free. %s",
+            *(path, table_more // mib, st.max_sessions, free // mib, advice),
+        )
+        return
+    rings = min(st.max_sessions, WORKING_SET_RINGS)
+    more = max(0, table + rings * ring - st.resident_bytes)
+    if more > free:
+        log.warning(
+            "segment %s may need %d MiB more for its table and %d full rings, and its "
+            "filesystem has %d MiB free: about %d full rings fit beside the table. %s",
+            *(path, more // mib, rings, free // mib, (free - table_more) // max(ring, 1), advice),
+        )
 
 
 def _lock_segment(path: str) -> int | None:
@@ -320,7 +349,9 @@ def serve(cfg: ServeConfig) -> int:
     except (SegmentError, OSError, ValueError) as e:
         print(f"ringcast serve: cannot use segment {cfg.segment}: {e}", file=sys.stderr)
         return 2
-    _say_how_many_rings_fit(seg, cfg.segment)
+    say_whether_the_segment_fits(
+        seg, cfg.segment, explicit=cfg.max_sessions != default_max_sessions(cfg.session_bytes)
+    )
     lock_fd = _lock_segment(cfg.segment)
     if lock_fd is None:
         seg.close()
