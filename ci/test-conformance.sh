@@ -20,8 +20,9 @@ server=$!
 cleanup() {
   kill "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
-  # ringcast serve removes its segment file at exit but leaves <segment>.wake/ behind.
-  rm -rf "$work" "$segment.wake"
+  # A clean stop removes the segment and its <segment>.wake/ directory itself
+  # (tests/server/test_lifecycle.py checks both).
+  rm -rf "$work"
 }
 trap cleanup EXIT
 for _ in $(seq 600); do
