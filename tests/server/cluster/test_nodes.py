@@ -497,3 +497,25 @@ def test_a_generic_durable_stream_works_from_every_node(
         assert a.request("GET", path, headers=h1)[0] == 404
         wait_for(lambda: b.request("GET", path, headers=h1)[0] == 404, "the delete on B")
         assert b.request("GET", path, headers=h2)[2] == b"two"
+
+
+def test_reads_on_another_node_slide_a_durable_streams_ttl(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """``Stream-TTL`` counts from the last use on any node: reads on B keep a stream created
+    on A alive past its TTL; once nobody uses it, it expires on both."""
+    import time
+
+    a, b = nodes(2, redis=["--redis", redis_server.url])
+    path = f"/ds/v1/stream/ttl-{uid()}"
+    hs = {"Content-Type": "text/plain", "Stream-TTL": "2"}
+    assert a.request("PUT", path, b"kept", hs)[0] == 201
+    wait_for(lambda: b.request("GET", path)[0] == 200, "the stream to reach node B")
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        assert b.request("GET", path)[2] == b"kept"
+        time.sleep(0.3)
+    assert a.request("GET", path)[2] == b"kept"  # 5 s after its creation, TTL 2 s
+    time.sleep(2.5)
+    assert b.request("GET", path)[0] == 404
+    assert a.request("GET", path)[0] == 404
