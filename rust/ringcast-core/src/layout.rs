@@ -19,7 +19,7 @@ use crate::sys::robust_mutex::MUTEX_BYTES;
 pub const MAGIC: [u8; 8] = *b"RINGCAST";
 /// Bumped on every incompatible change of anything in this file (4: the session index, free
 /// stack and finished list; 5: owner lists and four index buckets per slot).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Processes that may hold readers or a notifier at once (one bit each in a session's mask).
 pub const MAX_PROCESSES: usize = 64;
 /// Longest owner (tenant) tag, in bytes.
@@ -172,9 +172,10 @@ pub struct SlotMeta {
     pub seq: AtomicU32,
     pub _pad0: [u32; 23],
     // --- line 1: reader-written ---
-    /// Threads blocked in `futex_wait` on `seq`.
-    pub waiters: AtomicU32,
-    pub _pad1: u32,
+    /// Bit `i`: a thread of process entry `i` is blocked (or about to block) in `futex_wait`
+    /// on `seq`. A bit, not a count, so that a process killed while waiting leaves a mark
+    /// that is its own: the next process to claim its entry clears it (`Registry::proc_index`).
+    pub waiting: AtomicU64,
     /// Bit `i`: process entry `i` has a notifier subscription to this slot.
     pub subscribers: AtomicU64,
     pub last_access_ns: AtomicU64,

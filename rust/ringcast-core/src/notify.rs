@@ -3,7 +3,7 @@
 //! loops ([`Notifier`]). Every change a reader can wait for goes through [`publish`].
 //!
 //! After every publish the producer bumps the session's `seq` and then:
-//! - if a thread sleeps on `seq` (`waiters > 0`), one `FUTEX_WAKE` for all of them;
+//! - if a thread sleeps on `seq` (a bit of `waiting` set), one `FUTEX_WAKE` for all of them;
 //! - for each process subscribed to the session (bit `i` in `subscribers`) whose row is
 //!   ARMED, moves it to SENDING; if that succeeded, sends one byte to the row's notifier
 //!   socket and moves the row on to IDLE (see `layout::arm_state`). The socket is an
@@ -97,28 +97,32 @@ impl Wakers {
 
 /// Sleeps until `m` is published again (its `seq` moves from `seen`, read before the caller
 /// last checked its condition), at most `timeout` (`None` = no limit). Spurious returns happen:
-/// the caller re-checks its condition.
-pub(crate) fn wait_for_publish(m: &SlotMeta, seen: u32, timeout: Option<Duration>) -> WaitOutcome {
-    // SeqCst: pairs with `publish` (bump `seq`, then load `waiters`): either the publisher
-    // sees us counted and wakes the futex, or our re-check below sees its bump.
-    m.waiters.fetch_add(1, Ordering::SeqCst);
-    let outcome = if m.seq.load(Ordering::SeqCst) == seen {
+/// the caller re-checks its condition. The caller has set its process's bit in `m.waiting`
+/// (SeqCst, after reading `seen`) and clears it after (`Registry::wait_for_publish`).
+pub(crate) fn sleep_unless_published(
+    m: &SlotMeta,
+    seen: u32,
+    timeout: Option<Duration>,
+) -> WaitOutcome {
+    // SeqCst: pairs with `publish` (bump `seq`, then load `waiting`): either the publisher
+    // sees our process's bit (set SeqCst before this load, by this thread or, under the
+    // process's lock, by another of its threads still waiting) and wakes the futex, or this
+    // load sees its bump.
+    if m.seq.load(Ordering::SeqCst) == seen {
         futex::wait(&m.seq, seen, timeout)
     } else {
         WaitOutcome::Woken
-    };
-    m.waiters.fetch_sub(1, Ordering::SeqCst);
-    outcome
+    }
 }
 
 /// Tells every kind of waiter that `m`, a slot of `view` (whose notifiers `wake` reaches),
 /// changed (new bytes or a new state).
 pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
-    // SeqCst: pairs with the waiter's SeqCst increment of `waiters` (or subscription, or the
-    // notifier's store of `armed`) followed by its load of `seq`: either it sees the new seq,
-    // or we see it waiting (armed).
+    // SeqCst: pairs with the waiter's SeqCst setting of its bit in `waiting` (or subscription,
+    // or the notifier's store of `armed`) followed by its load of `seq`: either it sees the
+    // new seq, or we see it waiting (armed).
     m.seq.fetch_add(1, Ordering::SeqCst);
-    if m.waiters.load(Ordering::SeqCst) > 0 {
+    if m.waiting.load(Ordering::SeqCst) != 0 {
         futex::wake(&m.seq, u32::MAX);
     }
     let mut mask = m.subscribers.load(Ordering::SeqCst);

@@ -14,8 +14,10 @@
 //! under the lock in steps a crash can cut anywhere; the next locker (`Locked::OwnerDied`)
 //! rebuilds them all from the slots' own states, as does any locker that finds them damaged.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::error::{EndReason, Error, Result, SegmentError};
@@ -26,6 +28,7 @@ use crate::layout::{
 use crate::notify::{self, Notifier, Wakers};
 use crate::ring::{self, Cursors};
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sys::futex::WaitOutcome;
 use crate::sys::process::{self, ProcessId};
 use crate::sys::robust_mutex::Locked;
 use crate::view::SegmentView;
@@ -182,6 +185,9 @@ struct Local {
     proc_index: Option<usize>,
     /// Readers this process holds, per (slot, generation); mirrored into its counts row.
     readers: HashMap<(u32, u64), u32>,
+    /// Threads of this process in `wait_for_publish`, per slot; its bit in the slot's
+    /// `waiting` is set while this is above 0.
+    waiting: HashMap<u32, u32>,
     notifier: Option<Arc<Notifier>>,
 }
 
@@ -745,19 +751,71 @@ impl Registry {
         // then a stale count or bit costs a wrong reader count or a spurious datagram, nothing
         // worse; only slots ever used can hold either.
         drop(reg);
+        //
+        // A `waiting` bit of the row is a thread of its last owner killed in a futex wait (a
+        // live process clears its own): nobody of this process waits yet, so clearing it
+        // cannot hide a sleeper, and producers stop paying a wake syscall for a dead one.
         let bit = 1u64 << i;
         for slot in 0..self.used_slots() {
             let cell = self.view.count_cell(i, slot);
             if cell.load(Ordering::Relaxed) != 0 {
                 cell.store(0, Ordering::Relaxed);
             }
-            let subscribers = &self.view.slot(slot).subscribers;
-            if subscribers.load(Ordering::Relaxed) & bit != 0 {
-                subscribers.fetch_and(!bit, Ordering::SeqCst);
+            let m = self.view.slot(slot);
+            for word in [&m.subscribers, &m.waiting] {
+                if word.load(Ordering::Relaxed) & bit != 0 {
+                    word.fetch_and(!bit, Ordering::SeqCst);
+                }
             }
         }
         local.proc_index = Some(i);
         Ok(i)
+    }
+
+    /// Sleeps until `slot` is published again (its `seq` moves from `seen`), at most
+    /// `timeout`; spurious returns happen. Marks this process in the slot's `waiting` for the
+    /// duration, so that producers know to wake the futex; without a process entry (more than
+    /// `MAX_PROCESSES` handles) it cannot be marked, and polls every 10 ms instead.
+    pub(crate) fn wait_for_publish(
+        &self,
+        slot: u32,
+        seen: u32,
+        timeout: Option<Duration>,
+    ) -> WaitOutcome {
+        let m = self.view.slot(slot);
+        if self.mark_waiting(slot, true).is_err() {
+            let poll = Duration::from_millis(10);
+            std::thread::sleep(timeout.map_or(poll, |t| t.min(poll)));
+            return WaitOutcome::Woken;
+        }
+        let outcome = notify::sleep_unless_published(m, seen, timeout);
+        // Cannot fail: the entry was claimed by the call above.
+        let _ = self.mark_waiting(slot, false);
+        outcome
+    }
+
+    /// Counts one more (or one fewer) thread of this process waiting on `slot`, setting (or
+    /// clearing) the process's bit in the slot's `waiting` when the count leaves (or returns
+    /// to) 0. Under the process's lock, so the bit's changes follow the count's.
+    fn mark_waiting(&self, slot: u32, add: bool) -> Result<()> {
+        let mut local = self.local();
+        let bit = 1u64 << self.proc_index(&mut local)?;
+        let waiting = &self.view.slot(slot).waiting;
+        if add {
+            let n = local.waiting.entry(slot).or_insert(0);
+            if *n == 0 {
+                // SeqCst: before the caller's load of `seq` (see `sleep_unless_published`).
+                waiting.fetch_or(bit, Ordering::SeqCst);
+            }
+            *n += 1;
+        } else if let Entry::Occupied(mut e) = local.waiting.entry(slot) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                waiting.fetch_and(!bit, Ordering::SeqCst);
+            }
+        }
+        Ok(())
     }
 
     /// Adds or removes one of this process's readers of (slot, gen) in the shared counts.

@@ -354,6 +354,14 @@ impl Segment {
         Ok(())
     }
 
+    /// The `waiting` word of the live session (owner, id): bit `i` set while a thread of
+    /// process entry `i` waits on its futex. For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn waiting_mask(&self, id: &str, owner: &str) -> Option<u64> {
+        let (slot, _) = self.reg.find(id, owner)?;
+        Some(self.reg.view().slot(slot).waiting.load(Ordering::SeqCst))
+    }
+
     /// Checks the registry's internal structures (index, free stack, finished list) against
     /// the slots, after repairing what a dead lock holder left: the number of live sessions,
     /// or what is inconsistent. For tests and diagnostics; walks every slot under the lock.

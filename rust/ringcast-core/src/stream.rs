@@ -303,7 +303,7 @@ impl Writer {
             };
             // A cancel is published (`seq` bumped) after it is stored, so a cancel after the
             // check above ends this wait.
-            notify::wait_for_publish(m, seen, left);
+            self.reg.wait_for_publish(self.claim.slot, seen, left);
         }
     }
 }
@@ -480,7 +480,7 @@ impl Reader {
             let Ok(left) = time_left(deadline) else {
                 return false;
             };
-            let outcome = notify::wait_for_publish(m, seen, left);
+            let outcome = self.reg.wait_for_publish(self.slot, seen, left);
             if outcome == WaitOutcome::TimedOut && deadline.is_some() {
                 return self.ready();
             }

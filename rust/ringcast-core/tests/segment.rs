@@ -615,3 +615,55 @@ fn adopting_retires_the_previous_writer_even_in_the_same_process() {
     assert_eq!(r.poll_into(&mut buf).unwrap(), Poll::Data(4));
     assert_eq!(&buf[..4], b"A1B1");
 }
+
+/// A blocking reader killed (SIGKILL) while asleep on the session's futex leaves its process's
+/// mark in the slot's `waiting` (producers then pay a wake syscall per append for nobody);
+/// the next process to claim its process entry clears it.
+#[test]
+fn a_reader_killed_while_waiting_is_forgotten_when_its_entry_is_claimed() {
+    let t = TempSeg::new("waiter-kill");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let w = seg.create_or_replace("w", "").unwrap();
+    let child = |role: &str| {
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "waiter_child", "--ignored", "--nocapture"])
+            .env("RINGCAST_WAITER_CHILD", format!("{role} {}", t.0))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut blocked = child("wait");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seg.waiting_mask("w", "") == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never waited"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blocked.kill().unwrap();
+    blocked.wait().unwrap();
+    // Dead, still marked: nobody of the dead process can clear it.
+    assert_ne!(seg.waiting_mask("w", ""), Some(0));
+    // A new process claims the free entry (the dead one's, the only one used).
+    assert!(child("claim").wait().unwrap().success());
+    assert_eq!(seg.waiting_mask("w", ""), Some(0));
+    assert!(w.write(b"x").unwrap());
+}
+
+/// The other processes of the test above: `wait` blocks reading "w" (no timeout) until
+/// killed; `claim` attaches a counted reader (which claims a process entry) and exits.
+#[test]
+#[ignore = "a child process of a_reader_killed_while_waiting_is_forgotten_when_its_entry_is_claimed"]
+fn waiter_child() {
+    let Ok(spec) = std::env::var("RINGCAST_WAITER_CHILD") else {
+        return;
+    };
+    let (role, path) = spec.split_once(' ').unwrap();
+    let seg = Segment::open(path).unwrap();
+    let mut r = seg.reader("w", "", 0).unwrap();
+    if role == "wait" {
+        let mut buf = [0u8; 16];
+        let _ = r.read_into(&mut buf, None);
+    }
+}
