@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ringcast.http.client import stream
+from ringcast.http.client import HTTPError, stream
 from serve_process import ServeProcess
 
 KINDS = ("worker", "http", "manager")
@@ -89,11 +89,8 @@ async def follow(server: ServeProcess, client: Client, tokens: int, deadline: fl
                     client.resumed_at.append(time.monotonic())
                 first = first and not piece
                 client.body += piece
-        except (OSError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception as e:  # the client's parser: a connection cut mid-chunk
-            if type(e).__name__ != "HTTPError":
-                raise
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, HTTPError):
+            pass  # HTTPError: the client's parser, on a connection cut mid-chunk
         if TERMINAL.search(client.body):
             client.ended_at = time.monotonic()
             return
@@ -102,12 +99,22 @@ async def follow(server: ServeProcess, client: Client, tokens: int, deadline: fl
 
 
 async def whole_stream(server: ServeProcess, conv: str) -> bytes:
-    out = bytearray()
-    async for _, status, _, piece in stream(server.url, f"/v1/stream?conv_id={conv}", method="GET"):
-        if status != 200:
-            raise RuntimeError(f"{conv}: a read from 0 answered {status}")
-        out += piece
-    return bytes(out)
+    """The stream read from offset 0, again from 0 if the connection drops (an HTTP process
+    killed in this round may still be going, or restarting)."""
+    for _ in range(20):
+        out = bytearray()
+        try:
+            async for _, status, _, piece in stream(
+                server.url, f"/v1/stream?conv_id={conv}", method="GET", connect_timeout=2
+            ):
+                if status != 200:
+                    raise RuntimeError(f"{conv}: a read from 0 answered {status}")
+                out += piece
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, HTTPError):
+            await asyncio.sleep(0.1)
+            continue
+        return bytes(out)
+    raise RuntimeError(f"{conv}: no whole read from 0 in 20 attempts")
 
 
 @dataclass
