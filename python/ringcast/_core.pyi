@@ -200,8 +200,12 @@ class Segment:
     def get(self, conversation_id: str, owner: str = "") -> SessionInfo | None:
         """The session's snapshot, or ``None`` if no live session has this id (for this
         owner)."""
-    def list(self, owner: str | None = None) -> builtins.list[SessionInfo]:
-        """Every live session, or only ``owner``'s."""
+    def list(
+        self, owner: str | None = None, *, shard: tuple[int, int] | None = None
+    ) -> builtins.list[SessionInfo]:
+        """Every live session, or only ``owner``'s; with ``shard=(index, count)`` (and no
+        ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
+        ``count`` processes that split the sessions (a session keeps its slot for life)."""
     def lookup_prefix(self, conversation_id: str, owner: str = "") -> builtins.list[SessionInfo]:
         """The session with exactly this id plus every session whose id starts with
         ``conversation_id + "::"`` (llama-server's lookup rule)."""

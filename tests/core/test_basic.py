@@ -554,6 +554,23 @@ def test_list_and_stats_follow_creations_and_evictions(seg: ringcast.Segment) ->
     assert "c4" not in {i.conversation_id for i in seg.list()}
 
 
+def test_list_by_shard_splits_the_sessions_by_slot(seg: ringcast.Segment) -> None:
+    for i in range(10):
+        seg.create_or_replace(f"c{i}", "o" if i % 2 else "p")
+    seg.create_or_replace("c0", "p")  # replaced: a new generation, maybe another slot
+    every = {(i.slot, i.generation) for i in seg.list()}
+    shares = [seg.list(shard=(k, 3)) for k in range(3)]
+    assert all(i.slot % 3 == k for k, share in enumerate(shares) for i in share)
+    got = [(i.slot, i.generation) for share in shares for i in share]
+    assert sorted(got) == sorted(every) and len(every) == 10
+    assert {i.conversation_id for i in seg.list(shard=(0, 1))} == {f"c{i}" for i in range(10)}
+    for bad in ((3, 3), (0, 0)):
+        with pytest.raises(ValueError, match="below the count"):
+            seg.list(shard=bad)
+    with pytest.raises(ValueError, match="owner or shard"):
+        seg.list("o", shard=(0, 2))
+
+
 def test_lookup_prefix_follows_the_llama_server_rule(seg: ringcast.Segment) -> None:
     for conv in [
         "conv-1",

@@ -491,8 +491,9 @@ impl Registry {
         self.snapshot(slot, gen, self.alive_procs(), &mut HashMap::new())
     }
 
-    /// Every live session, or only `owner`'s, oldest first.
-    pub(crate) fn list(&self, owner: Option<&str>) -> Vec<SessionInfo> {
+    /// Every live session, or only `owner`'s, oldest first; with `shard` = `(index, count)`
+    /// only those whose slot is `index` modulo `count` (no snapshot is taken of the others).
+    pub(crate) fn list(&self, owner: Option<&str>, shard: Option<(u32, u32)>) -> Vec<SessionInfo> {
         // One owner's: its list's (slot, generation) pairs, collected under the lock (a few
         // loads per session of that owner, none for anyone else's), snapshotted after.
         let sessions: Vec<(u32, u64)> = match owner.map(|o| self.owner_sessions(o)) {
@@ -510,6 +511,7 @@ impl Registry {
         let mut cache = HashMap::new();
         let mut out: Vec<SessionInfo> = sessions
             .into_iter()
+            .filter(|&(slot, _)| shard.is_none_or(|(index, count)| slot % count.max(1) == index))
             .filter_map(|(slot, gen)| self.snapshot(slot, gen, alive, &mut cache))
             .filter(|info| owner.is_none_or(|o| o == info.owner))
             .collect();
@@ -534,7 +536,7 @@ impl Registry {
     /// The session with exactly `id` plus every one whose id starts with `id + "::"`.
     pub(crate) fn lookup_prefix(&self, id: &str, owner: &str) -> Vec<SessionInfo> {
         let prefix = format!("{id}::");
-        self.list(Some(owner))
+        self.list(Some(owner), None)
             .into_iter()
             .filter(|i| i.conversation_id == id || i.conversation_id.starts_with(&prefix))
             .collect()

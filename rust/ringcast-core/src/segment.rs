@@ -426,7 +426,17 @@ impl Segment {
 
     /// Every live session, or only `owner`'s.
     pub fn list(&self, owner: Option<&str>) -> Vec<SessionInfo> {
-        self.reg.list(owner)
+        self.reg.list(owner, None)
+    }
+
+    /// Every live session whose slot is `index` modulo `count` (a session keeps its slot for
+    /// life): one of `count` processes that split the sessions between them, each paying for
+    /// its share only. Empty if `index >= count`.
+    pub fn list_shard(&self, index: u32, count: u32) -> Vec<SessionInfo> {
+        if index >= count {
+            return Vec::new();
+        }
+        self.reg.list(None, Some((index, count)))
     }
 
     /// The session with exactly `id` plus every one whose id starts with `id + "::"`.

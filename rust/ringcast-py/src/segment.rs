@@ -315,15 +315,30 @@ impl Segment {
             .map(Into::into))
     }
 
-    /// Every live session, or only ``owner``'s.
-    #[pyo3(signature = (owner=None))]
-    fn list(&self, py: Python<'_>, owner: Option<&str>) -> PyResult<Vec<SessionInfo>> {
+    /// Every live session, or only ``owner``'s; with ``shard=(index, count)`` (and no
+    /// ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
+    /// ``count`` processes that split the sessions (a session keeps its slot for life).
+    #[pyo3(signature = (owner=None, *, shard=None))]
+    fn list(
+        &self,
+        py: Python<'_>,
+        owner: Option<&str>,
+        shard: Option<(u32, u32)>,
+    ) -> PyResult<Vec<SessionInfo>> {
         self.seg.check_open().py_err(py)?;
-        Ok(py
-            .detach(|| self.seg.list(owner))
-            .into_iter()
-            .map(Into::into)
-            .collect())
+        let found = match shard {
+            None => py.detach(|| self.seg.list(owner)),
+            Some(_) if owner.is_some() => {
+                return Err(PyValueError::new_err("list: give owner or shard, not both"));
+            }
+            Some((index, count)) if index >= count => {
+                return Err(PyValueError::new_err(format!(
+                    "list: shard ({index}, {count}): the index must be below the count"
+                )));
+            }
+            Some((index, count)) => py.detach(|| self.seg.list_shard(index, count)),
+        };
+        Ok(found.into_iter().map(Into::into).collect())
     }
 
     /// The session with exactly this id plus every session whose id starts with
