@@ -76,11 +76,15 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while cli(self.port, "PING", check=False) != "PONG":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on {self.port} did not start")
-            time.sleep(0.02)
+        try:
+            deadline = time.monotonic() + 10
+            while cli(self.port, "PING", check=False) != "PONG":
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on {self.port} did not start")
+                time.sleep(0.02)
+        except BaseException:  # not left running by a failed start, a timeout or a Ctrl-C
+            self.kill()
+            raise
 
     def cli(self, *args: str) -> str:
         return cli(self.port, *args)
@@ -102,6 +106,13 @@ class RedisClusterNodes:
 
     def __init__(self, workdir: Path) -> None:
         self.servers: list[RedisServer] = []
+        try:
+            self._create(workdir)
+        except BaseException:  # the servers started so far are not left running
+            self.kill()
+            raise
+
+    def _create(self, workdir: Path) -> None:
         for i in range(3):
             port = free_port()
             self.servers.append(

@@ -185,6 +185,14 @@ class Client:
         return total
 
 
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGKILL when the process that started it ends
+    (``prctl(PR_SET_PDEATHSIG)``; kept across exec)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def _sample_key(text: str) -> tuple[str, set[str]]:
     """``name{a="1",b="2"}`` as its name and the set of its ``label="value"`` pairs."""
     name, _, labels = text.partition("{")
@@ -208,8 +216,12 @@ class Server(Client):
     ) -> None:
         """``log``: a file that gets the server's stderr (its log), instead of the test's;
         ``prefix``: a command that runs the server (e.g. ``prlimit --nofile=256``);
-        ``new_session``: the tree gets its own process group (a test kills it whole);
-        ``http_procs=None``: no ``--http-procs``, ringcast's default."""
+        ``new_session``: the tree gets its own process group (a test kills it whole, and
+        :meth:`stop` kills the group if the manager does not stop, or if the stop is cut
+        short by a timeout or Ctrl-C). Outside the terminal's process group it would not get
+        a Ctrl-C's SIGINT, so its manager also dies with the test process
+        (``PR_SET_PDEATHSIG``), however the test process ends (its children die with the
+        manager); ``http_procs=None``: no ``--http-procs``, ringcast's default."""
         self.segment = segment or tmp / "seg"
         cmd = [
             *(prefix or []),
@@ -237,34 +249,56 @@ class Server(Client):
             cwd=str(tmp),
             env={**os.environ, **(env or {})},
             start_new_session=new_session,
+            preexec_fn=_die_with_parent if new_session else None,
         )
+        self.new_session = new_session
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        try:
+            line = self.proc.stdout.readline()
+        except BaseException:  # the test's timeout or a Ctrl-C while it starts
+            self.kill()
+            raise
         m = re.search(r"listening on http://([^:]+):(\d+)", line)
         if not m:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdout.close()
-            if self.log is not None:
-                self.log.close()
+            self.kill()
             raise RuntimeError(f"ringcast serve did not start: {line!r}")
         self.host = m.group(1)
         super().__init__(int(m.group(2)))
         self.url = f"http://{self.host}:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Ask the manager to stop (``sig``) and wait for it; killed (its whole group with
+        ``new_session``) if it has not stopped within 30 s or the wait is interrupted."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            return self.kill()
+        except BaseException:
+            self.kill()
+            raise
         finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            if self.log is not None:
-                self.log.close()
+            self._close_files()
+
+    def kill(self) -> int:
+        """SIGKILL the manager, and with ``new_session`` every process of its group; never
+        raises for a tree that is already gone. Safe to call again."""
+        if self.new_session:
+            # While any process of the group lives, the kernel keeps its id for the group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        rc = self.proc.wait()
+        self._close_files()
+        return rc
+
+    def _close_files(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.log is not None and not self.log.closed:
+            self.log.close()
 
     def children(self, role: str) -> list[int]:
         """Pids of the live ``http`` or ``worker`` children."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
@@ -34,10 +33,30 @@ def redis_args(request: pytest.FixtureRequest) -> list[str]:
     return ["--redis", request.getfixturevalue("redis_server").url]
 
 
+def stop_all(servers: list[Any]) -> None:
+    """Stop every node, and kill the process group of every one whatever happens meanwhile
+    (a node that does not stop, the test's timeout or a Ctrl-C cutting the stops short)."""
+    try:
+        for s in servers:
+            s.stop()
+    finally:
+        for s in servers:
+            s.kill()
+
+
 @pytest.fixture
-def nodes(serve: Any, tmp_path: Path) -> Iterator[Nodes]:
-    """``nodes(n, *args, redis=[...])``: n nodes sharing one Redis, stopped after the test."""
+def started_nodes() -> Iterator[list[Any]]:
+    """The nodes a test started (each in its own process group), stopped after it."""
     started: list[Any] = []
+    try:
+        yield started
+    finally:
+        stop_all(started)
+
+
+@pytest.fixture
+def nodes(serve: Any, tmp_path: Path, started_nodes: list[Any]) -> Nodes:
+    """``nodes(n, *args, redis=[...])``: n nodes sharing one Redis, stopped after the test."""
 
     def start(n: int, *args: str, redis: list[str], **kw: Any) -> list[Any]:
         out = []
@@ -46,16 +65,22 @@ def nodes(serve: Any, tmp_path: Path) -> Iterator[Nodes]:
             d = tmp_path / name
             d.mkdir()
             s = serve.at(d).start(
-                *redis, "--node-id", name, "--node-lease-ms", LEASE_MS, *args, http_procs=1, **kw
+                *redis,
+                "--node-id",
+                name,
+                "--node-lease-ms",
+                LEASE_MS,
+                *args,
+                http_procs=1,
+                new_session=True,
+                **kw,
             )
             s.node_id = name
-            started.append(s)
+            started_nodes.append(s)
             out.append(s)
         return out
 
-    yield start
-    for s in started:
-        s.stop()
+    return start
 
 
 def lookup(node: Any, conv: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -287,19 +312,13 @@ def test_bytes_dropped_before_they_were_mirrored_are_a_410_elsewhere(
     assert metric_sample(a, "mirror_gap_bytes_total") == first
 
 
-def kill_group(node: Any) -> None:
-    os.killpg(node.proc.pid, signal.SIGKILL)
-    node.proc.wait()
-    if node.proc.stdout is not None:
-        node.proc.stdout.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # 30 server starts: ~1.5 min alone, longer on a busy machine
 def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
     serve: Any,
     tmp_path: Path,
     redis_server: Any,
+    started_nodes: list[Any],
     wait_for: Any,
     check_ids: Any,
     error_of: Any,
@@ -311,7 +330,8 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
     redis = ["--redis", redis_server.url, "--node-lease-ms", LEASE_MS, "--mirror-ms", "25"]
     b_dir = tmp_path / "b"
     b_dir.mkdir()
-    b = serve.at(b_dir).start(*redis, "--node-id", "b", http_procs=1)
+    b = serve.at(b_dir).start(*redis, "--node-id", "b", http_procs=1, new_session=True)
+    started_nodes.append(b)  # stopped, or its group killed, however the test ends
     losses: list[int] = []
     try:
         for round_ in range(30):
@@ -320,6 +340,7 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
             a = serve.at(a_dir).start(
                 *redis, "--node-id", "a", "--tokens-per-s", "200", http_procs=1, new_session=True
             )
+            started_nodes.append(a)
             conv = f"conv-{round_}-{uid()}"
             try:
                 post = a.post_chat(conv, max_tokens=100_000)
@@ -328,7 +349,8 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
                 follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
                 seen = follower.read_at_least(1000 + 97 * round_)  # another moment each round
             finally:
-                kill_group(a)
+                a.kill()  # kill -9 of its whole process group
+            started_nodes.remove(a)
             post.close()
             got = seen + follower.read_all_and_close()
             dead = Segment.open(str(a.segment))
@@ -347,7 +369,7 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
             assert again == mirrored[mid:] + events[-1]
             os.unlink(a.segment)
     finally:
-        b.stop()
+        stop_all([b])
     print(f"bytes produced but not mirrored at the kill: max {max(losses)}, rounds {losses}")
 
 
