@@ -106,6 +106,21 @@ def default_max_sessions(session_bytes: int) -> int:
     return max(1024, min(DEFAULT_MAX_SESSIONS, DEFAULT_SEGMENT_LIMIT // max(session_bytes, 1)))
 
 
+MAX_DEFAULT_MIRROR_PROCS = 8
+
+
+def default_mirror_procs(cpus: int | None = None) -> int:
+    """Mirror processes when ``--mirror-procs`` is not given: a quarter of the cores, at least
+    one and at most ``MAX_DEFAULT_MIRROR_PROCS``. A mirror process copies ~4,000 streams at 50
+    tokens/s with a core (docs/CLUSTER.md, "Sizing"), so a node gets mirror capacity in
+    proportion to the fan-out and generation it can run, and the mirrors together never take
+    more than a quarter of its CPU; an idle one costs next to nothing (a look at its share of
+    the session table each window). Eight copy ~30,000 streams, beyond what one node's Redis
+    shards would take (each mirror process adds a pipeline of its own)."""
+    cores = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(MAX_DEFAULT_MIRROR_PROCS, cores // 4))
+
+
 class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -162,6 +177,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     left running in Redis are that run's, and end ``node_lost``."""
     mirror_ms: float = 25.0
     node_lease_ms: int = 3000
+    mirror_procs: int = 1
+    """Mirror processes (``--mirror-procs``; from the command line by default
+    :func:`default_mirror_procs`)."""
 
     @property
     def clustered(self) -> bool:
@@ -511,6 +529,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="flush window of the mirror: what a node's loss can cost (%(default)s)",
     )
     cluster.add_argument(
+        "--mirror-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="mirror processes; each copies the streams of its share of the segment's slots, "
+        "and one copies ~4,000 streams at 50 tokens/s with a core (default: a quarter of the "
+        "cores, 1 to 8)",
+    )
+    cluster.add_argument(
         "--node-lease-ms",
         type=int,
         default=_D.node_lease_ms,
@@ -606,6 +633,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         **{name: getattr(args, name) for name in _SAME_NAME},
         http_procs=args.http_procs or auto_http_procs(usable_cores(), args.workers),
         max_sessions=args.max_sessions or default_max_sessions(args.session_bytes),
+        mirror_procs=args.mirror_procs or default_mirror_procs(),
         segment=args.segment or "",
         key_digests=(digests := [key_digest(k) for k in _read_keys(args)]),
         resume_secret=secrets.token_hex(32) if digests else "",

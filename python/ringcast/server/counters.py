@@ -1,7 +1,7 @@
 """Counters shared across the processes of one ``ringcast serve``: a small memory-mapped file
 in the run directory, one 128-byte row of 16 little-endian ``u64`` per process (row 0 the
-supervisor, then the HTTP processes, then the workers, then the mirror of a node with
-``--redis``), each row written by its process only
+supervisor, then the HTTP processes, then the workers, then the mirror processes of a node
+with ``--redis``), each row written by its process only
 and summed by whichever HTTP process serves ``/metrics``.
 """
 
@@ -132,7 +132,7 @@ class SharedCounters:
 
 
 def counter_rows(cfg: ServeConfig) -> int:
-    return 1 + cfg.http_procs + cfg.workers + (1 if cfg.clustered else 0)
+    return 1 + cfg.http_procs + cfg.workers + (cfg.mirror_procs if cfg.clustered else 0)
 
 
 def http_row(index: int) -> int:
@@ -143,15 +143,31 @@ def worker_row(cfg: ServeConfig, index: int) -> int:
     return 1 + cfg.http_procs + index
 
 
-def mirror_row(cfg: ServeConfig) -> int:
-    return 1 + cfg.http_procs + cfg.workers
+def mirror_row(cfg: ServeConfig, index: int) -> int:
+    return 1 + cfg.http_procs + cfg.workers + index
+
+
+def read_mirrors(counters: SharedCounters, cfg: ServeConfig) -> tuple[int, ...]:
+    """The node's mirror figures (:class:`MirrorCounter`), its mirror processes' rows combined:
+    summed, but the lag in time is the largest (the oldest unmirrored byte of any of them) and
+    connected is the smallest (connected only while every process is)."""
+    rows = [counters.read_row(mirror_row(cfg, i)) for i in range(cfg.mirror_procs)]
+
+    def combine(idx: int, values: list[int]) -> int:
+        if idx == MirrorCounter.LAG_US:
+            return max(values, default=0)
+        if idx == MirrorCounter.CONNECTED:
+            return min(values, default=0)
+        return sum(values)
+
+    return tuple(combine(idx, [r[idx] for r in rows]) for idx in range(ROW_WORDS))
 
 
 def child_row(cfg: ServeConfig, role: str, index: int) -> int:
-    """The counter row of HTTP process or worker ``index`` (``role`` "http" or "worker"), or
-    of the mirror (``role`` "mirror")."""
+    """The counter row of HTTP process, worker or mirror process ``index`` (``role``
+    "http", "worker" or "mirror")."""
     if role == "mirror":
-        return mirror_row(cfg)
+        return mirror_row(cfg, index)
     return http_row(index) if role == "http" else worker_row(cfg, index)
 
 

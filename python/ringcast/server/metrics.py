@@ -24,7 +24,7 @@ from ringcast.server.counters import (
     WorkerCounter,
     http_row,
     loop_of,
-    mirror_row,
+    read_mirrors,
     worker_row,
 )
 from ringcast.server.store import StoreStats, StreamStore, StreamView
@@ -264,22 +264,24 @@ class SharedCountersCollector(Collector):
         )
         if cfg.clustered:
             yield from _mirror_metrics(
-                counters.read_row(mirror_row(cfg)), total(http, HttpCounter.REDIS_ERRORS)
+                read_mirrors(counters, cfg), total(http, HttpCounter.REDIS_ERRORS)
             )
 
 
 def _mirror_metrics(row: tuple[int, ...], http_redis_errors: int) -> Iterator[Metric]:
-    """The figures of a node with ``--redis``: its mirror's (from the mirror's counter row)
-    and the HTTP processes' failed calls to Redis."""
+    """The figures of a node with ``--redis``: its mirror processes' (their counter rows,
+    combined) and the HTTP processes' failed calls to Redis."""
     m = MirrorCounter
     for name, kind, help_, value in (
-        ("mirror_connected", "gauge", "1 while the mirror's last call to Redis succeeded.",
+        ("mirror_connected", "gauge",
+         "1 while the last call to Redis of every mirror process succeeded.",
          row[m.CONNECTED]),
         ("mirror_lag_bytes", "gauge", "Bytes produced here and not yet in Redis.",
          row[m.LAG_BYTES]),
         ("mirror_lag_seconds", "gauge", "Age of the oldest byte not yet in Redis.",
          row[m.LAG_US] / 1e6),
-        ("mirror_sessions", "gauge", "Local sessions the mirror tracks.", row[m.SESSIONS]),
+        ("mirror_sessions", "gauge", "Local sessions the mirror processes track.",
+         row[m.SESSIONS]),
         ("mirror_windows", "counter", "Flush windows that sent something.", row[m.WINDOWS]),
         ("mirror_entries", "counter", "Stream entries written to Redis.", row[m.ENTRIES]),
         ("mirror_bytes", "counter", "Stream bytes written to Redis.", row[m.BYTES]),

@@ -43,7 +43,7 @@ from ringcast.http.protocol import Connection, HttpSettings
 from ringcast.server import resume_token
 from ringcast.server.cluster.ds import stream_peers
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
-from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, mirror_row
+from ringcast.server.counters import HttpCounter, MirrorCounter, SharedCounters, read_mirrors
 from ringcast.server.durable import METHODS as DURABLE_METHODS
 from ringcast.server.durable import PREFIX as DURABLE_PREFIX
 from ringcast.server.durable import DurableStreams
@@ -653,7 +653,7 @@ class App:
     async def health(self, req: Request, conn: Connection, owner: str) -> None:
         mirror = None
         if self.cfg.clustered:
-            row = self.counters.read_row(mirror_row(self.cfg))
+            row = read_mirrors(self.counters, self.cfg)
             mirror = MirrorHealth(
                 self.cfg.node_id,
                 bool(row[MirrorCounter.CONNECTED]),

@@ -97,7 +97,7 @@ class Manager:
         self.children = [Child("http", i) for i in range(cfg.http_procs)]
         self.children += [Child("worker", i) for i in range(cfg.workers)]
         if cfg.clustered:
-            self.children.append(Child("mirror", 0))
+            self.children += [Child("mirror", i) for i in range(cfg.mirror_procs)]
         self.stopping = False
         self.refused = False
         """A child refused to start and said why (:data:`STARTUP_REFUSED`)."""
@@ -207,7 +207,10 @@ class Manager:
         for info in self.seg.list():
             if not info.is_done and not is_durable_owner(info.owner):
                 gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
-        self._stop([c for c in self.children if c.role == "mirror"], 8.0)
+        # Mirror 0 last: it gives up the node's lease once its own ends are in Redis, and the
+        # other mirrors' must be there before (or they would end node_lost elsewhere).
+        self._stop([c for c in self.children if c.role == "mirror" and c.index > 0], 8.0)
+        self._stop([c for c in self.children if c.role == "mirror" and c.index == 0], 8.0)
 
     @staticmethod
     def _stop(children: list[Child], timeout: float) -> None:

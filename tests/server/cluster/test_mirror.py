@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from ringcast import OffsetLost, Segment, SessionEnded, Writer
 from ringcast.server.cluster.client import Client, connect
@@ -78,7 +79,8 @@ def uid() -> str:
 class Node:
     """A segment plus its running mirror (what one ``ringcast serve`` node has)."""
 
-    def __init__(self, tmp: Path, target: Target, **cfg: Any) -> None:
+    def __init__(self, tmp: Path, target: Target, procs: int = 1, **cfg: Any) -> None:
+        """``procs`` mirrors (what ``--mirror-procs`` runs as processes), each its share."""
         self.node_id = "node-" + uid()
         self.seg = Segment.create(
             str(tmp / self.node_id), max_sessions=16, session_bytes=cfg.pop("ring", 1 << 16)
@@ -89,16 +91,24 @@ class Node:
             mirror_ms=20,
             lease_ms=cfg.pop("lease_ms", 3000),
             ttl=60,
+            procs=procs,
             **cfg,
         )
-        self.client = target.client()
-        self.mirror = Mirror(self.cfg, self.seg, self.client)
-        self.task = asyncio.get_running_loop().create_task(self.mirror.run())
+        self.clients = [target.client() for _ in range(procs)]
+        self.mirrors = [
+            Mirror(msgspec.structs.replace(self.cfg, index=i), self.seg, client)
+            for i, client in enumerate(self.clients)
+        ]
+        self.client, self.mirror = self.clients[0], self.mirrors[0]
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(m.run()) for m in self.mirrors]
 
     async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.aclose()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for client in self.clients:
+            await client.aclose()
         self.seg.unlink()
 
 
@@ -185,6 +195,42 @@ def test_remote_readers_get_the_bytes_of_a_local_reader(tmp_path: Path, target: 
         assert info is not None and info.state == "done"
         assert info.total_bytes == len(expected) and info.node == a.node_id
         assert not store.tails  # gone with its last reader
+
+    run(tmp_path, target, body)
+
+
+def test_mirror_processes_share_the_sessions_each_one_once(tmp_path: Path, target: Target) -> None:
+    """Three mirrors on one segment (``--mirror-procs 3``): every session is mirrored whole by
+    exactly the one whose share its slot is in; a cancel from another node reaches it."""
+
+    async def body(h: Harness) -> None:
+        a = h.node(procs=3)
+        store = h.reader()
+        owner = "k1"
+        convs = [f"conv-{i}-{uid()}" for i in range(7)]
+        writers = [a.seg.create_or_replace(c, owner) for c in convs]
+        bodies = await asyncio.gather(*(produce(w, 0, 30) for w in writers))
+        for w in writers[:-1]:
+            w.finalize()
+        for conv in convs[:-1]:
+            await finished(store, conv, owner)
+        for conv, data in zip(convs, bodies, strict=True):
+            await mirrored(store, conv, owner, len(data))
+            got = await store.open(conv, owner, 0)
+            if conv != convs[-1]:
+                assert await read_all(got) == data
+            else:
+                got.close()
+        shares = [{t.info.conversation_id for t in m.tracked.values()} for m in a.mirrors]
+        assert set().union(*shares) == set(convs)
+        assert sum(len(x) for x in shares) == len(convs)  # none twice
+        for i, (m, share) in enumerate(zip(a.mirrors, shares, strict=True)):
+            assert all(t.info.slot % 3 == i for t in m.tracked.values()), share
+        assert sum(1 for x in shares if x) >= 2  # consecutive slots: spread over the mirrors
+        # The running one, cancelled through Redis: its own mirror carries it out.
+        await store.cancel(convs[-1], owner)
+        await until_cancelled(writers[-1])
+        assert sum(m.stats.controls for m in a.mirrors) == 1
 
     run(tmp_path, target, body)
 
@@ -309,8 +355,9 @@ def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) ->
         r = await store.open(conv, owner, 3)
         reading = asyncio.create_task(r.aread())
         got = bytearray(await reading)
-        a.task.cancel()  # the node stops: no more flushes, no more lease renewals
-        await asyncio.gather(a.task, return_exceptions=True)
+        for task in a.tasks:  # the node stops: no more flushes, no more lease renewals
+            task.cancel()
+        await asyncio.gather(*a.tasks, return_exceptions=True)
         w.write(b"data: never mirrored\n\n")
         with pytest.raises(SessionEnded) as e:
             while data := await r.aread():

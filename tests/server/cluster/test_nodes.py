@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -214,6 +215,50 @@ def test_two_keys_three_nodes_never_see_each_other(
         assert lookup(node, only1, h1)  # a DELETE with the other key touched nothing
 
 
+def mirror_pids(node: Any) -> list[int]:
+    """Pids of the node's live mirror processes, by index (``... mirror CONFIG INDEX``)."""
+    import psutil
+
+    found: dict[int, int] = {}
+    for c in psutil.Process(node.proc.pid).children():
+        try:
+            cmd = c.cmdline()
+            if "ringcast.server.cluster.mirror" in cmd and c.status() != psutil.STATUS_ZOMBIE:
+                found[int(cmd[-1])] = c.pid
+        except psutil.NoSuchProcess:
+            continue
+    return [found[i] for i in sorted(found)]
+
+
+def test_a_killed_mirror_process_is_restarted_and_its_streams_go_on(
+    redis_server: Any, nodes: Nodes, wait_for: Any, check_ids: Any
+) -> None:
+    """``--mirror-procs 2``: each mirror process copies its share of the streams; one killed
+    mid-stream is restarted by the supervisor and its streams reach the other node whole."""
+    a, b = nodes(
+        2, "--tokens-per-s", "100", "--mirror-procs", "2", redis=["--redis", redis_server.url]
+    )
+    assert len(wait_for(lambda: len(mirror_pids(a)) == 2 and mirror_pids(a), "two mirrors")) == 2
+    convs = [f"conv-{i}-{uid()}" for i in range(4)]
+    posts = [a.post_chat(conv, max_tokens=150) for conv in convs]
+    firsts = [p.read_at_least(500) for p in posts]
+    for conv in convs:
+        wait_for(lambda c=conv: lookup(b, c), "the stream to reach Redis")
+    followers = [b.open_request("GET", f"/v1/stream?conv_id={conv}") for conv in convs]
+    wait_for(lambda: metric_sample(a, "mirror_sessions") == 4, "both mirrors to report")
+    victim = mirror_pids(a)[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: metric_sample(a, "restarts_total", '{role="mirror"}') == 1, "the restart")
+    wait_for(lambda: len(mirror_pids(a)) == 2 and victim not in mirror_pids(a), "a new mirror")
+    for post, first, follower in zip(posts, firsts, followers, strict=True):
+        body = first + post.read_all_and_close()
+        check_ids(body)
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert follower.read_all_and_close() == body
+    _, _, health = a.request("GET", "/health")
+    assert json.loads(health)["mirror"]["connected"] is True
+
+
 def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
     def serve(*args: str, env: dict[str, str] | None = None, code: str = "") -> str:
         out = subprocess.run(
@@ -238,6 +283,8 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
     assert "give one" in serve("--redis", "redis://h:1", "--redis-cluster", "h:1")
     assert "is not HOST:PORT" in serve("--redis-cluster", "h:1,nope")
     assert "--mirror-ms" in serve("--redis", "redis://h:1", "--mirror-ms", "0")
+    assert "--mirror-procs must be" in serve("--redis", "redis://h:1", "--mirror-procs", "65")
+    assert "--mirror-procs only applies" in serve("--mirror-procs", "2")
     assert "too short" in serve("--redis", "redis://h:1", "--node-lease-ms", "50")
     missing = serve("--redis", "redis://h:1", code="sys.modules['redis'] = None; ")
     assert missing.count("\n") == 1 and "pip install 'ringcast[redis]'" in missing

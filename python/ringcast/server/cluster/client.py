@@ -26,6 +26,7 @@ SOCKET_TIMEOUT_S = 5.0
 """A command that waits longer than this fails (Redis paused or unreachable); blocking reads
 block for less."""
 CONNECT_TIMEOUT_S = 2.0
+MAX_MIRROR_PROCS = 64
 
 
 def require_redis(option: str) -> None:
@@ -44,7 +45,7 @@ def check_cluster_args(args: Any) -> str | None:
     if args.redis and args.redis_cluster:
         return "--redis and --redis-cluster both name the Redis to use; give one"
     if not (url or args.redis_cluster):
-        for opt in ("node_id", "advertise_url"):
+        for opt in ("node_id", "advertise_url", "mirror_procs"):
             if getattr(args, opt):
                 return f"--{opt.replace('_', '-')} only applies with --redis or --redis-cluster"
         return None
@@ -55,6 +56,8 @@ def check_cluster_args(args: Any) -> str | None:
             parse_seeds(args.redis_cluster)
         except ValueError as e:
             return str(e)
+    if not 0 <= args.mirror_procs <= MAX_MIRROR_PROCS:
+        return f"--mirror-procs must be between 1 and {MAX_MIRROR_PROCS} (got {args.mirror_procs})"
     if not 1 <= args.mirror_ms <= 1000:
         return f"--mirror-ms must be between 1 and 1000 (got {args.mirror_ms})"
     if args.node_lease_ms < 4 * args.mirror_ms or args.node_lease_ms < 300:

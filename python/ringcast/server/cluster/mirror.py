@@ -1,7 +1,10 @@
 """The producing node's side: mirror every session to Redis, obey control, hold the lease.
 
-One mirror per node (``python -m ringcast.server.cluster.mirror CONFIG 0``, started by the
-supervisor), off the producers' and the fan-out's paths: it reads the rings like any reader.
+``--mirror-procs`` mirror processes per node (``python -m ringcast.server.cluster.mirror
+CONFIG INDEX``, started and restarted by the supervisor), off the producers' and the
+fan-out's paths: they read the rings like any reader. Mirror ``i`` of ``n`` mirrors the
+sessions whose segment slot is ``i`` modulo ``n`` (a session keeps its slot for life, so it
+has exactly one mirror); every one reads the control stream and renews the node's lease.
 
 - **Flush loop.** Every ``mirror_ms`` it lists the segment's sessions, reads each one's new
   bytes (``Reader.read_nowait``, no waiting) and sends every session's change as one ``SYNC``
@@ -83,6 +86,10 @@ class MirrorConfig(msgspec.Struct, kw_only=True):
     session_bytes: int = 4 * 1024 * 1024
     ttl: float = 300.0
     exclude_owners: list[str] = msgspec.field(default_factory=list)
+    procs: int = 1
+    """Mirror processes of the node (``--mirror-procs``): each mirrors the sessions whose
+    segment slot is ``index`` modulo ``procs``, so every session has exactly one."""
+    index: int = 0
 
     @property
     def ttl_ms(self) -> int:
@@ -140,6 +147,8 @@ class Mirror:
             raise ValueError(
                 f"node id {cfg.node_id!r}: must be non-empty, without control characters"
             )
+        if not 0 <= cfg.index < cfg.procs:
+            raise ValueError(f"mirror {cfg.index} of {cfg.procs}: no such mirror process")
         self.cfg = cfg
         self.seg = seg
         self.client = client
@@ -181,7 +190,7 @@ class Mirror:
     def _refresh(self, now: float) -> list[Tracked]:
         """Update the tracked set from the segment's list; the sessions to send this window."""
         seen: set[tuple[int, int]] = set()
-        for info in self.seg.list():
+        for info in self.seg.list(shard=(self.cfg.index, self.cfg.procs)):
             if info.owner in self.exclude:
                 continue
             k = (info.slot, info.generation)
@@ -471,16 +480,19 @@ class Mirror:
 
     async def drain(self, timeout: float) -> None:
         """Shutting down: flush until every local session's end is in Redis (the workers end
-        theirs with ``server_shutdown``), at most ``timeout`` seconds; then give up the lease,
-        so whatever is left ends ``node_lost`` elsewhere at once rather than at its expiry."""
+        theirs with ``server_shutdown``), at most ``timeout`` seconds; then mirror 0 gives up
+        the lease, so whatever is left ends ``node_lost`` elsewhere at once rather than at its
+        expiry (the supervisor stops the node's other mirrors first: their last ends are in
+        Redis before the lease goes)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             if await self.flush() and all(t.finished for t in self.tracked.values()):
                 break
             await asyncio.sleep(self.cfg.mirror_ms / 1000.0)
-        with contextlib.suppress(*redis_errors()):
-            await self.client.delete(keys.lease_key(self.cfg.node_id))
+        if self.cfg.index == 0:
+            with contextlib.suppress(*redis_errors()):
+                await self.client.delete(keys.lease_key(self.cfg.node_id))
 
 
 async def send_control(
@@ -494,8 +506,8 @@ async def send_control(
     )
 
 
-def mirror_config(cfg: ServeConfig) -> MirrorConfig:
-    """The mirror settings of a ``ringcast serve`` node."""
+def mirror_config(cfg: ServeConfig, index: int = 0) -> MirrorConfig:
+    """The settings of mirror process ``index`` of a ``ringcast serve`` node."""
     return MirrorConfig(
         segment=cfg.segment,
         node_id=cfg.node_id,
@@ -507,6 +519,8 @@ def mirror_config(cfg: ServeConfig) -> MirrorConfig:
         session_bytes=cfg.session_bytes,
         ttl=cfg.ttl,
         exclude_owners=[ANON_OWNER],
+        procs=cfg.mirror_procs,
+        index=index,
     )
 
 
@@ -535,7 +549,7 @@ async def serve_mirror(cfg: ServeConfig, index: int) -> None:
     counters = open_child_counters(cfg, "mirror", index)
     seg = Segment.open(cfg.segment)
     client = connect(cfg.redis_url, cfg.redis_cluster)
-    mirror = Mirror(mirror_config(cfg), seg, client)
+    mirror = Mirror(mirror_config(cfg, index), seg, client)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -556,16 +570,6 @@ async def serve_mirror(cfg: ServeConfig, index: int) -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await client.aclose()
-
-
-async def run_mirror(cfg: MirrorConfig) -> None:
-    """A mirror on its own (benchmarks): until cancelled."""
-    seg = Segment.open(cfg.segment)
-    client = connect(cfg.redis_url, cfg.redis_cluster)
-    try:
-        await Mirror(cfg, seg, client).run()
-    finally:
         await client.aclose()
 
 
