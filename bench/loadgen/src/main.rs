@@ -29,6 +29,7 @@ use memchr::memmem;
 const USAGE: &str = "\
 usage: ringcast-loadgen --port PORT [--host 127.0.0.1] [--streams 8] [--readers 16]
                         [--tokens 200] [--timeout-s 300] [--run-id ID] [--timeline FILE]
+                        [--read-port PORT]
 
 Opens STREAMS x READERS HTTP/1.1 connections to an OpenAI-compatible streaming server with
 ringcast's resume routes: per stream one POST /v1/chat/completions (X-Conversation-Id:
@@ -39,6 +40,9 @@ CLOCK_REALTIME nanosecond stamp counts; its latency is arrival - stamp.
 Prints one JSON object: events, bytes, span_s (first to last arrival of an event),
 p50_ms p90_ms p99_ms p999_ms max_ms, cpu_s (this process, user + system), wait_s (time it
 was runnable but waiting for a CPU).
+--read-port PORT sends the GETs to another server (another node of a cluster sharing
+Redis with the first: cross-node fan-out); before a stream's GETs it polls that server's
+POST /v1/streams/lookup every 2 ms until the stream is there (at most 10 s).
 --timeline FILE writes a CSV of the run in 10 ms steps of arrival time (from the first
 connect): t_s, events, max_latency_ms (empty when no event arrived in that step).
 Exit status 1 with a message on stderr if any response is not 200, ends before its last
@@ -53,6 +57,8 @@ struct Args {
     timeout: Duration,
     run_id: String,
     timeline: Option<String>,
+    /// Where the GETs go (`--read-port`); `port` if absent.
+    read_port: Option<u16>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         timeout: Duration::from_secs(300),
         run_id: std::process::id().to_string(),
         timeline: None,
+        read_port: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,6 +96,14 @@ fn parse_args() -> Result<Args, String> {
             "--tokens" => a.tokens = num("--tokens")?,
             "--timeout-s" => a.timeout = Duration::from_secs(num("--timeout-s")?),
             "--timeline" => a.timeline = Some(value.clone()),
+            "--read-port" => {
+                a.read_port = Some(
+                    u16::try_from(num("--read-port")?)
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| format!("--read-port out of range: {value}"))?,
+                )
+            }
             "--run-id" => {
                 if value.is_empty()
                     || !value
@@ -423,7 +438,11 @@ impl Run<'_> {
             req.extend_from_slice(&self.body);
         }
         let what = if is_post { "POST" } else { "GET" };
-        let mut sock = TcpStream::connect((self.args.host.as_str(), self.args.port))
+        let port = match self.args.read_port {
+            Some(p) if !is_post => p,
+            _ => self.args.port,
+        };
+        let mut sock = TcpStream::connect((self.args.host.as_str(), port))
             .map_err(|e| format!("stream {stream} {what}: connect: {e}"))?;
         sock.write_all(&req)
             .map_err(|e| format!("stream {stream} {what}: send request: {e}"))?;
@@ -436,6 +455,37 @@ impl Run<'_> {
         self.conns.push(Some(Conn::new(sock, stream, is_post)));
         self.open += 1;
         Ok(())
+    }
+
+    /// Blocks until the `--read-port` server's lookup finds `stream` (it learns of a stream
+    /// produced elsewhere through Redis, a flush window after its POST), at most 10 s.
+    fn await_remote(&self, stream: usize, port: u16) -> Result<(), String> {
+        let conv = self.conv(stream);
+        let body = format!("{{\"conversation_ids\":[\"{conv}\"]}}");
+        let req = format!(
+            "POST /v1/streams/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut sock = TcpStream::connect((self.args.host.as_str(), port))
+                .map_err(|e| format!("stream {stream} lookup: connect: {e}"))?;
+            sock.write_all(req.as_bytes())
+                .map_err(|e| format!("stream {stream} lookup: send: {e}"))?;
+            let mut resp = Vec::new();
+            sock.read_to_end(&mut resp)
+                .map_err(|e| format!("stream {stream} lookup: read: {e}"))?;
+            if memmem::find(&resp, conv.as_bytes()).is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "stream {stream}: not found on --read-port {port} within 10 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn close(&mut self, token: usize) {
@@ -517,6 +567,9 @@ fn run(args: &Args) -> Result<String, String> {
                 r.close(token);
             }
             if is_post && was_head && head_in {
+                if let (Some(port), true) = (args.read_port, args.readers > 1) {
+                    r.await_remote(stream, port)?;
+                }
                 for _ in 1..args.readers {
                     r.connect(stream, false)?;
                 }
