@@ -109,15 +109,15 @@ def default_max_sessions(session_bytes: int) -> int:
 MAX_DEFAULT_MIRROR_PROCS = 8
 
 
-def default_mirror_procs(cpus: int | None = None) -> int:
-    """Mirror processes when ``--mirror-procs`` is not given: a quarter of the cores, at least
+def default_mirror_procs(cores: int) -> int:
+    """Mirror processes when ``--mirror-procs`` is not given: a quarter of the ``cores``
+    (:func:`usable_cores`), at least
     one and at most ``MAX_DEFAULT_MIRROR_PROCS``. A mirror process copies ~4,000 streams at 50
     tokens/s with a core (docs/CLUSTER.md, "Sizing"), so a node gets mirror capacity in
     proportion to the fan-out and generation it can run, and the mirrors together never take
     more than a quarter of its CPU; an idle one costs next to nothing (a look at its share of
     the session table each window). Eight copy ~30,000 streams, beyond what one node's Redis
     shards would take (each mirror process adds a pipeline of its own)."""
-    cores = cpus if cpus is not None else (os.cpu_count() or 1)
     return max(1, min(MAX_DEFAULT_MIRROR_PROCS, cores // 4))
 
 
@@ -633,7 +633,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         **{name: getattr(args, name) for name in _SAME_NAME},
         http_procs=args.http_procs or auto_http_procs(usable_cores(), args.workers),
         max_sessions=args.max_sessions or default_max_sessions(args.session_bytes),
-        mirror_procs=args.mirror_procs or default_mirror_procs(),
+        mirror_procs=args.mirror_procs or default_mirror_procs(usable_cores()),
         segment=args.segment or "",
         key_digests=(digests := [key_digest(k) for k in _read_keys(args)]),
         resume_secret=secrets.token_hex(32) if digests else "",

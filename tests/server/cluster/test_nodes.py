@@ -255,8 +255,12 @@ def test_a_killed_mirror_process_is_restarted_and_its_streams_go_on(
         check_ids(body)
         assert body.endswith(b"data: [DONE]\n\n")
         assert follower.read_all_and_close() == body
-    _, _, health = a.request("GET", "/health")
-    assert json.loads(health)["mirror"]["connected"] is True
+
+    def connected() -> bool:
+        _, _, health = a.request("GET", "/health")
+        return bool(json.loads(health)["mirror"]["connected"])
+
+    wait_for(connected, "both mirrors to say they are connected (the new one too)")
 
 
 def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
