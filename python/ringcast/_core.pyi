@@ -225,6 +225,11 @@ class Segment:
         ``counted=False`` leaves it out of ``SessionInfo.readers``: for a reader that only
         serves other, counted readers (as the HTTP server's fan-out pump does).
         """
+    def flush_wakes(self) -> int:
+        """Tell the event loops of other processes about the appends made with
+        ``Writer.write(..., defer_wake=True)`` through this handle since the last call: one
+        datagram per subscribed, waiting process for the whole batch. Returns how many were
+        delivered."""
     def notifier(self) -> Notifier:
         """This segment handle's notifier (one per handle, normally one per process; created
         on first use)."""
@@ -252,12 +257,16 @@ class Writer:
     @property
     def cancelled(self) -> bool:
         """True once the session was cancelled, replaced or evicted (cheap atomic load)."""
-    def write(self, data: Buffer, progress: bool = True) -> bool:
+    def write(self, data: Buffer, progress: bool = True, defer_wake: bool = False) -> bool:
         """Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
         session is finalized or gone, or once another handle became its producer (``adopt``).
         ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
-        others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
-        buffer is copied without the GIL: no other thread may change it until this returns.
+        others, but the session's ``last_write_at`` (what idle detection reads) stays.
+        ``defer_wake=True``: event loops of other processes (``aread``) are told at the segment
+        handle's next ``Segment.flush_wakes()``, once per process for a whole batch of appends;
+        call it soon (once per turn of the producer's loop). Blocking readers wake at once. A
+        large buffer is copied without the GIL: no other thread may change it until this
+        returns.
 
         Raises ``SegmentError``, with nothing written, when the segment's filesystem has no
         memory left for these bytes (a full ``/dev/shm``); a few KiB stay in reserve, so a

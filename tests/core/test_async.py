@@ -108,6 +108,75 @@ w.finalize()
         assert got == pattern_at(start, len(got))
 
 
+def test_deferred_wakes_flushed_per_batch_lose_no_wake_up(
+    seg_path: str, loop_kind: str, run_async, child_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer in another process appends to many sessions with ``defer_wake=True`` and
+    calls ``flush_wakes()`` after each batch (of varying size, at varying moments of this
+    loop's arm and drain): every reader here reads every stream to its end, woken only by
+    datagrams (the rescan is put out of reach, so a lost wake-up hangs the test)."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 3600.0)
+    streams, per_stream = 16, scaled(40_000, 4_000)
+    seg = ringcast.Segment.create(seg_path, max_sessions=32, session_bytes=1 << 20)
+    writers = [seg.create_or_replace(f"s{i}") for i in range(streams)]
+    readers = [seg.reader(f"s{i}", 0) for i in range(streams)]
+    gens = [w.generation for w in writers]
+    code = f"""
+import random, sys, time, ringcast
+from children import pattern_at
+seg = ringcast.Segment.open(sys.argv[1])
+ws = [seg.adopt(f"s{{i}}", "", g) for i, g in enumerate({gens})]
+offs = [0] * len(ws)
+rng = random.Random(7)
+sys.stdin.readline()
+while any(o < {per_stream} for o in offs):
+    for _ in range(rng.randint(1, 40)):
+        i = rng.randrange(len(ws))
+        n = min(rng.randint(1, 64), {per_stream} - offs[i])
+        if n:
+            assert ws[i].write(pattern_at(offs[i], n), defer_wake=True)
+            offs[i] += n
+    seg.flush_wakes()
+    if rng.random() < 0.05:
+        time.sleep(0.0005)
+sys.stdin.readline()  # every byte was read: only datagrams could have told the reader
+for w in ws:
+    w.finalize()
+"""
+    producer = subprocess.Popen(
+        [sys.executable, "-c", code, seg.path], stdin=subprocess.PIPE, env=child_env, text=True
+    )
+
+    async def read_all(r: ringcast.Reader) -> bytes:
+        out = bytearray()
+        while len(out) < per_stream:
+            out += await r.aread(1 << 12)
+        return bytes(out)
+
+    async def main() -> list[bytes]:
+        tasks = [asyncio.create_task(read_all(r)) for r in readers]
+        await asyncio.sleep(0)
+        assert producer.stdin is not None
+        producer.stdin.write("go\n")
+        producer.stdin.flush()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        producer.stdin.write("read\n")
+        producer.stdin.flush()
+        for r in readers:
+            assert await asyncio.wait_for(r.aread(), 30) == b""
+        return got
+
+    with producer:
+        results = run_async(loop_kind, main)
+        assert producer.stdin is not None
+        producer.stdin.close()
+        assert producer.wait(60) == 0
+    for got in results:
+        assert got == pattern_at(0, per_stream)
+
+
 def test_aread_at_a_segment_path_longer_than_a_socket_address_is_woken_from_another_process(
     tmp_path, loop_kind: str, run_async, child_env
 ) -> None:

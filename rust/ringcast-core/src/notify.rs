@@ -13,6 +13,16 @@
 //!   loop. The event loop watches that socket directly, so a wake-up is one hop: producer →
 //!   the loop's thread. There is no notifier thread.
 //!
+//! A producer may also *defer* the datagrams ([`publish_deferred`]): the `seq` bump and the
+//! futex wake happen at once, the subscribed rows are added to this handle's pending set, and
+//! [`flush`] (`Segment::flush_wakes`, once per turn of the producer's event loop) then does
+//! the ARMED → SENDING → IDLE step once per row for every append of the batch, instead of per
+//! append. The no-lost-wake-up argument is the same with the look at `armed` moved to the
+//! flush, which comes after the bump: a row found not ARMED there is re-armed later, and the
+//! scan after that arm sees the bump. The price: until the flush (or for a producer killed
+//! before it, until the next publish to that process, its rescan or the dead-producer sweep)
+//! the bytes are readable but the event loops are not told.
+//!
 //! A notifier is disarmed from the first datagram until one of its loop's readers is about to
 //! wait again (`arm`, then a `drain` to see what came meanwhile), so a burst of appends while
 //! the reader process is busy costs the producer one `sendto` per process, then nothing (one
@@ -37,7 +47,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::layout::MAX_PROCESSES;
 use crate::layout::{arm_state, ProcEntry, SlotMeta};
-use crate::sync::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::sys::dgram::{self, Receiver, Senders, Sent, SocketDir};
 use crate::sys::futex::{self, WaitOutcome};
 use crate::view::SegmentView;
@@ -80,6 +90,8 @@ impl WakeDir {
 pub(crate) struct Wakers {
     pub(crate) dir: WakeDir,
     senders: Senders,
+    /// The rows (bit `i` = row `i`) that deferred publishes left for the next [`flush`].
+    deferred: AtomicU64,
 }
 
 impl Wakers {
@@ -87,6 +99,7 @@ impl Wakers {
         Wakers {
             dir: WakeDir::of_segment(segment_path),
             senders: Senders::new(MAX_PROCESSES),
+            deferred: AtomicU64::new(0),
         }
     }
 
@@ -115,9 +128,10 @@ pub(crate) fn sleep_unless_published(
     }
 }
 
-/// Tells every kind of waiter that `m`, a slot of `view` (whose notifiers `wake` reaches),
-/// changed (new bytes or a new state).
-pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
+/// Bumps `m`'s `seq` and wakes the threads sleeping on it; returns the processes subscribed to
+/// it (bit `i` = row `i`), which the caller signals now ([`publish`]) or at the flush
+/// ([`publish_deferred`]).
+fn bump(m: &SlotMeta) -> u64 {
     // SeqCst: pairs with the waiter's SeqCst setting of its bit in `waiting` (or subscription,
     // or the notifier's store of `armed`) followed by its load of `seq`: either it sees the
     // new seq, or we see it waiting (armed).
@@ -125,7 +139,40 @@ pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
     if m.waiting.load(Ordering::SeqCst) != 0 {
         futex::wake(&m.seq, u32::MAX);
     }
-    let mut mask = m.subscribers.load(Ordering::SeqCst);
+    m.subscribers.load(Ordering::SeqCst)
+}
+
+/// Tells every kind of waiter that `m`, a slot of `view` (whose notifiers `wake` reaches),
+/// changed (new bytes or a new state).
+pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
+    signal_rows(view, wake, bump(m));
+}
+
+/// Like [`publish`], except that the datagrams wait for the next [`flush`] of `wake`: the
+/// futex waiters are woken now, the subscribed rows are remembered.
+pub(crate) fn publish_deferred(wake: &Wakers, m: &SlotMeta) {
+    let mask = bump(m);
+    // The plain load first: in a batch most appends find their rows already pending.
+    if mask != 0 && wake.deferred.load(Ordering::Relaxed) & mask != mask {
+        // SeqCst, after the bump: the flush's swap that takes these bits, and so its look at
+        // each row's `armed`, comes after the bump (the argument of `signal_rows`).
+        wake.deferred.fetch_or(mask, Ordering::SeqCst);
+    }
+}
+
+/// Signals the rows that deferred publishes on `wake` left pending (each once, however many
+/// publishes named it); returns how many were delivered a datagram.
+pub(crate) fn flush(view: &SegmentView, wake: &Wakers) -> usize {
+    if wake.deferred.load(Ordering::Relaxed) == 0 {
+        return 0;
+    }
+    signal_rows(view, wake, wake.deferred.swap(0, Ordering::SeqCst))
+}
+
+/// Sends a datagram to each row of `mask` that is ARMED (moving it to IDLE); returns how many
+/// were delivered. Every caller has bumped the `seq` of the sessions it signals for before this.
+fn signal_rows(view: &SegmentView, wake: &Wakers, mut mask: u64) -> usize {
+    let mut sent = 0;
     while mask != 0 {
         let row = mask.trailing_zeros() as usize;
         mask &= mask - 1;
@@ -150,7 +197,11 @@ pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
         // publish. Otherwise the datagram is in the socket (or the name is gone): IDLE.
         let after = match wake.send(row) {
             Sent::Failed => arm_state::ARMED,
-            _ => arm_state::IDLE,
+            Sent::NoReceiver => arm_state::IDLE,
+            Sent::Delivered => {
+                sent += 1;
+                arm_state::IDLE
+            }
         };
         // Fails only if the owner re-armed meanwhile (its arm treats SENDING as disarmed),
         // which must stay.
@@ -161,6 +212,7 @@ pub(crate) fn publish(view: &SegmentView, wake: &Wakers, m: &SlotMeta) {
             Ordering::SeqCst,
         );
     }
+    sent
 }
 
 struct Subscription {

@@ -215,6 +215,11 @@ impl Registry {
         &self.wake
     }
 
+    /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`).
+    pub(crate) fn flush_wakes(&self) -> usize {
+        notify::flush(&self.view, &self.wake)
+    }
+
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Segment(SegmentError::Closed));
@@ -225,6 +230,8 @@ impl Registry {
     /// Makes every handle of this mapping refuse further use, and drops its notifier (its
     /// socket file goes now, even if a reader still holds the notifier).
     pub(crate) fn close(&self) {
+        // Appends made before the close are told about, deferred or not.
+        self.flush_wakes();
         self.closed.store(true, Ordering::Release);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = local.notifier.take() {

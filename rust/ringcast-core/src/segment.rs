@@ -479,6 +479,13 @@ impl Segment {
         ))
     }
 
+    /// Tells the event loops of other processes about the appends made through this handle's
+    /// writers with `Wake::Deferred` since the last call: one datagram per subscribed, armed
+    /// process, however many appends. Returns how many datagrams were delivered.
+    pub fn flush_wakes(&self) -> usize {
+        self.reg.flush_wakes()
+    }
+
     /// This handle's notifier (created on first use; one socket per handle, no thread).
     pub fn notifier(&self) -> Result<Arc<Notifier>> {
         self.reg.notifier()

@@ -41,6 +41,18 @@ pub struct Writer {
     short_of_memory: AtomicBool,
 }
 
+/// When an append tells the event loops of other processes (their notifiers) about itself.
+/// Threads blocked in a read are woken at once either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A datagram to each subscribed, armed process now.
+    Now,
+    /// At this segment handle's next `Segment::flush_wakes`, once per process for every
+    /// deferred append since the last one. The caller must flush soon (once per turn of its
+    /// event loop, say): until then those loops are not told.
+    Deferred,
+}
+
 /// Outcome of a non-blocking read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Poll {
@@ -151,16 +163,19 @@ impl Writer {
     /// over. `SegmentError::NoSpace` (nothing written) when the segment's filesystem has no
     /// memory left for them; see `back_pages`.
     pub fn write(&self, data: &[u8]) -> Result<bool> {
-        self.append(data, true)
+        self.append(data, true, Wake::Now)
     }
 
     /// Appends keep-alive bytes (an SSE `: ping` comment, say): like `write`, except that they
     /// are not progress, so the session's last write time (what idle detection reads) stays.
     pub fn write_keepalive(&self, data: &[u8]) -> Result<bool> {
-        self.append(data, false)
+        self.append(data, false, Wake::Now)
     }
 
-    fn append(&self, data: &[u8], progress: bool) -> Result<bool> {
+    /// Appends bytes as `write` (`progress`) or `write_keepalive` (not), telling readers as
+    /// `wake` says: with `Wake::Deferred`, the event loops of other processes learn of them
+    /// at this segment handle's next `Segment::flush_wakes` (blocking readers at once).
+    pub fn append(&self, data: &[u8], progress: bool, wake: Wake) -> Result<bool> {
         self.reg.check_open()?;
         let view = self.reg.view();
         let m = self.meta();
@@ -176,7 +191,10 @@ impl Writer {
         match done {
             Some(Err(e)) => Err(e),
             Some(Ok(())) => {
-                notify::publish(view, self.reg.wakers(), m);
+                match wake {
+                    Wake::Now => notify::publish(view, self.reg.wakers(), m),
+                    Wake::Deferred => notify::publish_deferred(self.reg.wakers(), m),
+                }
                 Ok(true)
             }
             None => Ok(false),

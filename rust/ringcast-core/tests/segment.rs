@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use ringcast_core::{EndReason, Error, Poll, Quota, Segment, SessionState};
+use ringcast_core::{EndReason, Error, Poll, Quota, Segment, SessionState, Wake};
 
 mod common;
 use common::{cfg, TempSeg};
@@ -499,6 +499,76 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     seg.evict("a", "", EndReason::Evicted).unwrap();
     assert!(fd_readable(n.fd(), 10_000));
     assert_eq!(n.drain(), vec![a.slot()]);
+}
+
+#[test]
+fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
+    let t = TempSeg::new("notify-deferred");
+    let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
+    let a = seg.create_or_replace("a", "").unwrap();
+    let b = seg.create_or_replace("b", "").unwrap();
+    let n = seg.notifier().unwrap();
+    n.subscribe(a.slot(), a.generation()).unwrap();
+    n.subscribe(b.slot(), b.generation()).unwrap();
+    assert_eq!(seg.flush_wakes(), 0, "nothing deferred yet");
+    // Deferred appends to two sessions: the bytes are there, the notifier is not told yet.
+    for _ in 0..50 {
+        assert!(a.append(b"x", true, Wake::Deferred).unwrap());
+        assert!(b.append(b"y", true, Wake::Deferred).unwrap());
+    }
+    assert!(!fd_readable(n.fd(), 100));
+    assert_eq!(seg.reader("a", "", 0).unwrap().available(), 50);
+    // The flush tells the process once for the whole batch.
+    assert_eq!(seg.flush_wakes(), 1);
+    assert!(fd_readable(n.fd(), 10_000));
+    assert_eq!(pending_datagrams(n.fd()), 1);
+    let mut changed = n.drain();
+    changed.sort_unstable();
+    assert_eq!(changed, vec![a.slot(), b.slot()]);
+    assert_eq!(seg.flush_wakes(), 0, "a flush takes the pending set");
+    // A process that was not armed at the flush is not sent anything; its next arm reports
+    // what came meanwhile.
+    assert!(a.append(b"z", true, Wake::Deferred).unwrap());
+    assert_eq!(seg.flush_wakes(), 0);
+    assert!(!fd_readable(n.fd(), 100));
+    assert!(n.arm(false));
+    assert_eq!(n.drain(), vec![a.slot()]);
+    // Keep-alive bytes defer the same way.
+    assert!(b.append(b": ping\n\n", false, Wake::Deferred).unwrap());
+    assert!(!fd_readable(n.fd(), 100));
+    assert_eq!(seg.flush_wakes(), 1);
+    assert_eq!(n.drain(), vec![b.slot()]);
+    // Closing the handle flushes what is pending.
+    assert!(n.arm(false));
+    assert!(a.append(b"last", true, Wake::Deferred).unwrap());
+    seg.close();
+    assert!(
+        fd_readable(n.fd(), 10_000),
+        "close flushed the deferred wake-up"
+    );
+}
+
+#[test]
+fn a_deferred_append_wakes_a_blocked_reader_at_once() {
+    let t = TempSeg::new("notify-deferred-block");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let w = seg.create_or_replace("c", "").unwrap();
+    let mut r = seg.reader("c", "", 0).unwrap();
+    let barrier = Arc::new(Barrier::new(2));
+    let b2 = barrier.clone();
+    let h = std::thread::spawn(move || {
+        b2.wait();
+        let mut buf = [0u8; 8];
+        // No flush ever comes: the futex wake of the append itself must end this read.
+        match r.read_into(&mut buf, Some(Duration::from_secs(60))) {
+            Ok(Poll::Data(n)) => buf[..n].to_vec(),
+            other => panic!("{other:?}"),
+        }
+    });
+    barrier.wait();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(w.append(b"now", true, Wake::Deferred).unwrap());
+    assert_eq!(h.join().unwrap(), b"now");
 }
 
 /// A segment at a path of about 200 bytes (far more than a socket address holds): a notifier

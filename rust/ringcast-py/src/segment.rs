@@ -418,6 +418,14 @@ impl Segment {
         Ok(Reader::from(r))
     }
 
+    /// Tell the event loops of other processes about the appends made with
+    /// ``Writer.write(..., defer_wake=True)`` through this handle since the last call: one
+    /// datagram per subscribed, waiting process for the whole batch. Returns how many were
+    /// delivered.
+    fn flush_wakes(&self) -> usize {
+        self.seg.flush_wakes()
+    }
+
     /// This segment handle's notifier (one per handle, normally one per process; created on
     /// first use).
     fn notifier(&self, py: Python<'_>) -> PyResult<Notifier> {

@@ -88,18 +88,25 @@ impl Writer {
     /// Append bytes (any buffer, viewed as raw bytes); False, with nothing written, once the
     /// session is finalized or gone, or once another handle became its producer (``adopt``).
     /// ``progress=False`` marks keep-alive bytes (an SSE ``: ping`` comment): appended like any
-    /// others, but the session's ``last_write_at`` (what idle detection reads) stays. A large
+    /// others, but the session's ``last_write_at`` (what idle detection reads) stays.
+    /// ``defer_wake=True``: event loops of other processes are told at the segment handle's
+    /// next ``Segment.flush_wakes()`` (once per process for a whole batch of appends). A large
     /// buffer is copied without the GIL: no other thread may change it until this returns.
-    #[pyo3(signature = (data, progress=true))]
-    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>, progress: bool) -> PyResult<bool> {
+    #[pyo3(signature = (data, progress=true, defer_wake=false))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        progress: bool,
+        defer_wake: bool,
+    ) -> PyResult<bool> {
         let w = &self.w;
-        let append = |bytes: &[u8]| {
-            if progress {
-                w.write(bytes)
-            } else {
-                w.write_keepalive(bytes)
-            }
+        let wake = if defer_wake {
+            core::Wake::Deferred
+        } else {
+            core::Wake::Now
         };
+        let append = |bytes: &[u8]| w.append(bytes, progress, wake);
         if let Ok(b) = data.cast::<PyBytes>() {
             let bytes = b.as_bytes();
             if (bytes.len() as u64) < DETACH_COPY_BYTES {
