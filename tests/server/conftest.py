@@ -493,9 +493,10 @@ class _MemSession:
 
 
 class _MemWriter:
-    def __init__(self, s: _MemSession, token: int) -> None:
+    def __init__(self, s: _MemSession, token: int, deferred: set[_MemSession]) -> None:
         self.s = s
         self.token = token
+        self.deferred = deferred
         s.producer = token
 
     @property
@@ -514,11 +515,15 @@ class _MemWriter:
         s = self.s
         return s.ended is None and s.state == "running" and s.producer == self.token
 
-    def write(self, data: bytes, progress: bool = True) -> bool:
+    def write(self, data: bytes, progress: bool = True, defer_wake: bool = False) -> bool:
         if not self._mine():
             return False
         self.s.buf += data
-        self.s.wake()
+        if defer_wake:
+            # As the segment does: waiting readers hear of it at the store's flush_wakes().
+            self.deferred.add(self.s)
+        else:
+            self.s.wake()
         return True
 
     def finalize(self, state: str = "done") -> bool:
@@ -606,6 +611,14 @@ class MemoryStore:
         self.sessions: dict[tuple[str, str], _MemSession] = {}
         self.incarnations = 0
         self.tokens = 0
+        self.deferred: set[_MemSession] = set()
+
+    def flush_wakes(self) -> int:
+        deferred = list(self.deferred)
+        self.deferred.clear()  # the writers hold this very set
+        for s in deferred:
+            s.wake()
+        return len(deferred)
 
     def _end(self, s: _MemSession, reason: str) -> None:
         s.ended = reason
@@ -644,7 +657,7 @@ class MemoryStore:
         s = _MemSession(conversation_id, owner, self.incarnations, self.incarnations)
         self.sessions[(owner, conversation_id)] = s
         self.tokens += 1
-        return _MemWriter(s, self.tokens)
+        return _MemWriter(s, self.tokens, self.deferred)
 
     def adopt(self, conversation_id: str, owner: str, generation: int) -> _MemWriter:
         from ringcast import SessionNotFound
@@ -653,7 +666,7 @@ class MemoryStore:
         if s is None or s.generation != generation:
             raise SessionNotFound(conversation_id)
         self.tokens += 1
-        return _MemWriter(s, self.tokens)
+        return _MemWriter(s, self.tokens, self.deferred)
 
     async def open_reader(
         self, conversation_id: str, offset: int, owner: str, *, counted: bool = True

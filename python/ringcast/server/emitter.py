@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
-from ringcast.server.counters import SharedCounters
-from ringcast.server.store import StreamWriter
+from ringcast.server.counters import SharedCounters, WorkerCounter
+from ringcast.server.store import StreamStore, StreamWriter
 from ringcast.wire.openai import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -18,13 +19,60 @@ from ringcast.wire.openai import (
 )
 from ringcast.wire.sse import DONE_EVENT, frame_event
 
+_SENTINEL = "\x00ringcast:content\x00"
+_SENTINEL_JSON = json_encoder.encode(_SENTINEL)
+
+
+def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
+    """The bytes of a text chunk before and after its content's JSON string, given the chunk
+    encoded with :data:`_SENTINEL` as its content; None if the sentinel's
+    encoding is not there exactly once (a model name or id holding it: the chunk is then
+    built whole for each token)."""
+    if chunk.count(_SENTINEL_JSON) != 1:
+        return None
+    head, _, tail = chunk.partition(_SENTINEL_JSON)
+    return head, tail
+
+
+class TurnBatch:
+    """What the appends of one turn of a worker's event loop leave to the end of the turn.
+
+    Every append defers the wake-up of the readers' processes (``defer_wake``); the first of
+    a turn schedules one :meth:`StreamStore.flush_wakes` (``call_soon``: after every task the
+    turn woke), so an HTTP process is sent one datagram for all the events of a turn instead
+    of one per event, and wakes once to write them all. The worker's token counter is added
+    to there too."""
+
+    def __init__(self, store: StreamStore, counters: SharedCounters) -> None:
+        self.store = store
+        self.counters = counters
+        self.tokens = 0
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def note(self) -> None:
+        """An append was made with ``defer_wake=True``."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        self.store.flush_wakes()
+        if self.tokens:
+            self.counters.inc(WorkerCounter.TOKENS, self.tokens)
+            self.tokens = 0
+
 
 class Gone(Exception):
     """The session ended under the producer (cancelled, replaced or evicted)."""
 
 
 class Emitter:
-    """Frames and appends events for one session; raises ``Gone`` once writes are refused."""
+    """Frames and appends events for one session; raises ``Gone`` once writes are refused.
+
+    With a ``batch``, appends defer their wake-ups to the end of the loop's turn (see
+    :class:`TurnBatch`); without, each append wakes the readers' processes itself."""
 
     def __init__(
         self,
@@ -33,8 +81,10 @@ class Emitter:
         model: str,
         counters: SharedCounters,
         chunk_id: str | None = None,
+        batch: TurnBatch | None = None,
     ) -> None:
         self.writer = writer
+        self.batch = batch
         self.route = route
         self.model = model
         self.counters = counters
@@ -44,11 +94,31 @@ class Emitter:
         self.created = int(time.time())
         self.tokens = 0
         self.started = False
+        # A text chunk is the same bytes every time but for its content: encoded once around
+        # a sentinel, each token then costs one string encode (msgspec escapes a string the
+        # same wherever it stands) instead of building and encoding four Structs.
+        self._text_frame = _split_around_content(self._chunk(_SENTINEL))
 
     def raw(self, event: bytes) -> None:
-        w = self.writer
-        if not w.write(frame_event(w.total_bytes, event)):
+        self._append(frame_event(self.writer.total_bytes, event))
+
+    def count_token(self) -> None:
+        """One more token in the worker's ``tokens`` counter (added at the end of the turn
+        with a batch)."""
+        if self.batch is None:
+            self.counters.inc(WorkerCounter.TOKENS)
+        else:
+            self.batch.tokens += 1
+
+    def _append(self, framed: bytes) -> None:
+        batch = self.batch
+        if batch is None:
+            if not self.writer.write(framed):
+                raise Gone
+            return
+        if not self.writer.write(framed, defer_wake=True):
             raise Gone
+        batch.note()
 
     def _chunk(
         self,
@@ -87,8 +157,14 @@ class Emitter:
                 self.raw(self._chunk("", role="assistant"))
 
     def text(self, piece: str) -> None:
-        self.start()
-        self.raw(self._chunk(piece))
+        if not self.started:
+            self.start()
+        frame = self._text_frame
+        if frame is None:
+            data = self._chunk(piece)
+        else:
+            data = frame[0] + json_encoder.encode(piece) + frame[1]
+        self._append(frame_event(self.writer.total_bytes, data))
         self.tokens += 1
 
     def finish(self, reason: str, prompt_tokens: int) -> None:

@@ -81,6 +81,9 @@ class SegmentStore:
     def stats(self) -> SegmentStats:
         return self.segment.stats()
 
+    def flush_wakes(self) -> int:
+        return self.segment.flush_wakes()
+
 
 def open_store(cfg: ServeConfig, on_evicted: Callable[[int], None] | None = None) -> StreamStore:
     """The stream store of a child process of ``ringcast serve`` (see

@@ -110,10 +110,12 @@ class StreamWriter(Protocol):
         """The stream was cancelled, replaced or evicted: stop producing."""
         ...
 
-    def write(self, data: bytes, progress: bool = True) -> bool:
+    def write(self, data: bytes, progress: bool = True, defer_wake: bool = False) -> bool:
         """Append ``data``; False if the stream is no longer this writer's (cancelled,
         replaced, evicted, or adopted by another handle). ``progress=False``: keep-alive bytes
-        that do not count as progress for the idle timeout."""
+        that do not count as progress for the idle timeout. ``defer_wake=True``: readers
+        waiting in other processes may learn of the bytes only at the store's next
+        :meth:`StreamStore.flush_wakes` (a producer batching the appends of a turn)."""
         ...
 
     def finalize(self, state: str = "done") -> bool:
@@ -252,6 +254,12 @@ class StreamStore(Protocol):
         ...
 
     def stats(self) -> StoreStats: ...
+
+    def flush_wakes(self) -> int:
+        """Tell the waiting readers about every append made with ``defer_wake=True`` through
+        this store's writers since the last call (one wake-up per reading process for the
+        whole batch); how many processes were told."""
+        ...
 
 
 class StoreUnavailable(Exception):

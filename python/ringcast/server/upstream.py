@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ringcast.server.config import ServeConfig
-from ringcast.server.counters import WorkerCounter
 from ringcast.server.emitter import Emitter
 from ringcast.server.upstream_link import (
     UPSTREAM_READ_TIMEOUT,
@@ -121,7 +120,7 @@ async def proxy_upstream(
                 if event.strip():
                     done = done or _is_done_event(event)
                     emitter.raw(event)
-                    emitter.counters.inc(WorkerCounter.TOKENS)
+                    emitter.count_token()
             if done:
                 # The answer is whole: do not wait on an upstream that keeps the connection
                 # open after it (the `finally` closes it).

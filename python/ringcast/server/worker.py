@@ -37,7 +37,7 @@ from ringcast.server import rundir
 from ringcast.server.child import STARTUP_REFUSED, child_main
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import SharedCounters, WorkerCounter, open_child_counters
-from ringcast.server.emitter import Emitter, Gone
+from ringcast.server.emitter import Emitter, Gone, TurnBatch
 from ringcast.server.plugin import GenerateFn, JobContext, load_generator
 from ringcast.server.segment_store import open_store
 from ringcast.server.store import StreamStore, StreamWriter, fail_stream
@@ -94,6 +94,15 @@ class WorkerApp:
         self.upstream_read_timeout = upstream_read_timeout
         self.active: dict[asyncio.Task[None], StreamWriter] = {}
         self.shutting_down = False
+        self._batch: TurnBatch | None = None
+
+    @property
+    def batch(self) -> TurnBatch:
+        """The appends of every job of this worker share one :class:`TurnBatch` (made on the
+        worker's loop, at its first job)."""
+        if self._batch is None:
+            self._batch = TurnBatch(self.store, self.counters)
+        return self._batch
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -143,7 +152,7 @@ class WorkerApp:
 
     async def run_job(self, job: Job, writer: StreamWriter) -> None:
         self.counters.inc(WorkerCounter.JOBS_STARTED)
-        emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters)
+        emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters, batch=self.batch)
         try:
             if self.generate is None and self.cfg.upstream:
                 await proxy_upstream(self.cfg, job, emitter, self.upstream_read_timeout)
@@ -190,7 +199,7 @@ class WorkerApp:
                     if not raw:
                         emitter.start()
                     emitter.raw(piece)
-                self.counters.inc(WorkerCounter.TOKENS)
+                emitter.count_token()
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         if not raw:
@@ -228,6 +237,8 @@ class WorkerApp:
             task.cancel()
         if self.active:
             await asyncio.wait(list(self.active), timeout=3.0)
+        if self._batch is not None:
+            self._batch.flush()
 
 
 async def serve_worker(cfg: ServeConfig, index: int) -> None:

@@ -129,6 +129,9 @@ class ClusterStore:
     def stats(self) -> SegmentStats:
         return self.local.stats()
 
+    def flush_wakes(self) -> int:
+        return self.local.flush_wakes()
+
 
 def open_cluster_store(
     cfg: ServeConfig, on_evicted: Callable[[int], None], on_error: Callable[[], None]
