@@ -1156,9 +1156,10 @@ class DurableStreams:
             else:
                 self.meta.drop(meta)
             self.writers.pop((t.owner, name, meta.generation), None)
-        if tombstone and self.peers is not None:
-            await self.peers.publish(meta, deleted=True)
         await self.store.cancel(name, t.owner)
+        if tombstone and self.peers is not None:
+            # After the cancel, which removes a finished stream's keys from Redis.
+            await self.peers.publish(meta, deleted=True)
         self.send(conn, 204, b"", "", [])
 
 

@@ -557,6 +557,16 @@ def test_a_generic_durable_stream_works_from_every_node(
         assert b.request("GET", path, headers=h2)[2] == b"two"
         assert a.request("GET", path, headers=h1)[2] == b"".join(sent) + want
 
+        # A fork made through B is made where its source is, and reads on both nodes.
+        fork = f"/ds/v1/stream/fork-{uid()}"
+        status, hs, _ = b.request("PUT", fork, b"", {**h1, **text, "Stream-Forked-From": path})
+        assert (status, hs["x-ringcast-node"]) == (201, a.node_id)
+        # Location is built from the Host the client gave B, not A's address.
+        assert hs["location"].endswith(fork) and f":{a.port}/" not in hs["location"]
+        copied = b"".join(sent) + want
+        wait_for(lambda: b.request("GET", fork, headers=h1)[2] == copied, "the fork on B")
+        assert a.request("GET", fork, headers=h1)[2] == copied
+
         # Close through B: B's SSE tail ends with the close.
         status, hs, _ = b.request("POST", path, b"", {**h1, "Stream-Closed": "true"})
         assert (status, hs["stream-closed"]) == (204, "true")
@@ -565,10 +575,15 @@ def test_a_generic_durable_stream_works_from_every_node(
         assert status == 200 and b'"streamClosed":true' in body
         assert b.request("POST", path, b"late", {**h1, **text})[0] == 409
 
-        # Delete through B: gone on both nodes; key two's stream stays.
+        # Delete through B: its fork outlives it, so it is a tombstone (410) on both nodes;
+        # the fork deleted through B is gone (404) on both; key two's stream stays.
         assert b.request("DELETE", path, headers=h1)[0] == 204
-        assert a.request("GET", path, headers=h1)[0] == 404
-        wait_for(lambda: b.request("GET", path, headers=h1)[0] == 404, "the delete on B")
+        assert a.request("GET", path, headers=h1)[0] == 410
+        wait_for(lambda: b.request("GET", path, headers=h1)[0] == 410, "the delete on B")
+        assert b.request("DELETE", fork, headers=h1)[0] == 204
+        assert a.request("GET", fork, headers=h1)[0] == 404
+        wait_for(lambda: b.request("GET", fork, headers=h1)[0] == 404, "the fork's delete")
+        assert a.request("GET", path, headers=h1)[0] == 404  # its last fork went
         assert b.request("GET", path, headers=h2)[2] == b"two"
 
 

@@ -42,6 +42,8 @@ CLAIM_WAIT_S = 0.5
 """How long a lookup waits for the owner's mirror to claim a stream whose metadata is in
 Redis already (a stream created a moment ago; the claim comes within a flush window)."""
 CLAIM_POLL_S = 0.02
+TOMBSTONE_MS = 60_000
+"""How long other nodes answer 410 for a deleted stream that forks outlive."""
 PUBLISH_TIMEOUT_S = 1.0
 """A create or an update waits at most this long for Redis before it answers anyway."""
 
@@ -102,9 +104,14 @@ class ClusterPeers:
         try:
             pipe = self.remote.client.pipeline(transaction=False)
             pipe.hset(k.meta, mapping=mapping)  # type: ignore[arg-type]
-            # A hash made here (before the mirror's claim) expires unless the claim comes;
-            # one the mirror keeps already has its expiry, which NX leaves alone.
-            pipe.pexpire(k.meta, self.keep_ms, nx=True)
+            if deleted:
+                # A tombstone: its session's keys are gone or going (a cancelled session's
+                # expire within a minute); other nodes answer 410 until then.
+                pipe.pexpire(k.meta, TOMBSTONE_MS)
+            else:
+                # A hash made here (before the mirror's claim) expires unless the claim
+                # comes; one the mirror keeps already has its expiry, which NX leaves alone.
+                pipe.pexpire(k.meta, self.keep_ms, nx=True)
             await asyncio.wait_for(pipe.execute(), PUBLISH_TIMEOUT_S)
         except errors as e:
             self.on_error()
