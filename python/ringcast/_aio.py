@@ -10,9 +10,17 @@ wait (after yielding the CPU once) or when readers are left waiting after a drai
 re-arm is followed by a scan of what came while disarmed. So appends while all of a process's
 readers are busy cost the producer nothing, and a busy machine batches instead of waking.
 
-Each event loop registers that fd once (``add_reader``); on readiness it drains the list of
-advanced slots and wakes only the futures waiting on those slots. Ten thousand waiting readers
-therefore cost ten thousand futures and no thread.
+Each event loop registers that fd once (``add_reader``); on readiness it takes the datagram,
+scans for the advanced slots and wakes only the futures waiting on those slots. Ten thousand
+waiting readers therefore cost ten thousand futures and no thread.
+
+Besides one-shot waits (a future per ``aread`` that has to wait), a hub holds standing
+*watches* (:func:`watch`): a consumer that wants every change of one session, such as the
+server's fan-out pump, registers once and the hub calls its ``on_ready()`` straight from the
+readiness callback for each advanced slot, so a batch of changes costs one loop callback and
+no future, task switch or awaitable per event. A watch counts as a waiting reader for the
+wake-up protocol below (arming, re-arming, rescans, producer checks) for as long as it is
+registered.
 
 Subscriptions are sticky: a hub holds one subscription per slot (the newest generation it has
 seen there) for as long as readers keep waiting on it, so a reader that reads and waits again
@@ -29,6 +37,7 @@ import asyncio
 import logging
 import select
 import weakref
+from typing import Protocol
 
 from ringcast._core import Notifier, Reader, SessionEnded
 
@@ -64,6 +73,38 @@ def _release(notifier: Notifier, subscribed: dict[int, int]) -> None:
             pass
 
 
+class Consumer(Protocol):
+    """What a standing watch (:func:`watch`) calls, from the event loop's thread."""
+
+    def on_ready(self) -> None:
+        """The session may have advanced (or ended): read what is there with
+        ``read_nowait``, which may still return None (a change already read). Must not
+        raise; it may cancel its own watch."""
+
+    def on_error(self, exc: BaseException) -> None:
+        """The session's producer died (``SessionEnded("producer_died")``); the watch is
+        already cancelled."""
+
+
+class Watch:
+    """A standing wait on one reader's session (see :func:`watch`)."""
+
+    __slots__ = ("_hub", "consumer", "generation", "reader", "slot")
+
+    def __init__(self, hub: _LoopHub, reader: Reader, consumer: Consumer) -> None:
+        self._hub: _LoopHub | None = hub
+        self.reader = reader
+        self.consumer = consumer
+        self.slot = reader.slot
+        self.generation = reader.generation
+
+    def cancel(self) -> None:
+        """Stop watching (idempotent); the subscription is dropped lazily, as for futures."""
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            hub._unwatch(self)
+
+
 class _LoopHub:
     """Per-event-loop table of waiters, fed by the process's notifier fd."""
 
@@ -92,6 +133,13 @@ class _LoopHub:
         self._watched: dict[tuple[int, int], Reader] = {}
         self._dead_once: set[tuple[int, int]] = set()
         self._check_handle: asyncio.TimerHandle | None = None
+        # slot -> standing watches on it (a tuple, replaced on change, so a consumer may
+        # cancel its watch while the hub iterates).
+        self._watches: dict[int, tuple[Watch, ...]] = {}
+
+    def _waiting(self) -> bool:
+        """Whether any reader waits: a future or a standing watch."""
+        return bool(self._waiters) or bool(self._watches)
 
     def _rescan(self) -> None:
         """Safety net: every RESCAN_S, re-arm and scan for readers still waiting. The wake-up
@@ -102,7 +150,7 @@ class _LoopHub:
         if loop is None or loop.is_closed():
             return
         try:
-            if self._waiters:
+            if self._waiting():
                 self._rescan_now()
             else:
                 self._sending_seen = False
@@ -153,20 +201,28 @@ class _LoopHub:
         """Every PRODUCER_CHECK_S while readers wait: fail the waits of sessions whose
         producer was found dead at this check and the one before."""
         self._check_handle = None
-        for key, reader in list(self._watched.items()):
-            pid = reader.dead_producer()
-            if pid is None:
-                self._dead_once.discard(key)
-            elif key not in self._dead_once:
-                self._dead_once.add(key)
-            else:
-                self._dead_once.discard(key)
-                self._fail(key, pid)
+        # One reader per waited-on session; one /proc read per distinct producer.
+        readers = dict(self._watched)
+        for watches in self._watches.values():
+            for w in watches:
+                readers.setdefault((w.slot, w.generation), w.reader)
+        pids = Reader.dead_producers(list(readers.values()))
+        for key, pid in zip(list(readers), pids, strict=True):
+            self._check_death(key, pid)
         self._arm_check()
+
+    def _check_death(self, key: tuple[int, int], pid: int | None) -> None:
+        if pid is None:
+            self._dead_once.discard(key)
+        elif key not in self._dead_once:
+            self._dead_once.add(key)
+        else:
+            self._dead_once.discard(key)
+            self._fail(key, pid)
 
     def _arm_check(self) -> None:
         loop = self._loop()
-        if self._watched and self._check_handle is None and loop is not None:
+        if (self._watched or self._watches) and self._check_handle is None and loop is not None:
             self._check_handle = loop.call_later(PRODUCER_CHECK_S, self._check_producers)
 
     def _fail(self, key: tuple[int, int], pid: int) -> None:
@@ -179,13 +235,21 @@ class _LoopHub:
         for fut in futures:
             if not fut.done():
                 fut.set_exception(_producer_died(pid))
+        for w in self._watches.get(slot, ()):
+            if w.generation == generation:
+                w.cancel()
+                self._call(w, _producer_died(pid))
 
     def _on_ready(self) -> None:
-        self._wake(self._notifier.drain())
-        # Readers still waiting need the next change signalled. (Readers just woken re-arm when
-        # they wait again; a publish that disarms us after this arm sends a datagram, which
-        # calls this again.)
-        self._rearm(yield_first=False)
+        # The datagram that woke us (more, if any, keep the socket readable: the loop calls
+        # back), then the sessions that advanced.
+        self._wake(self._notifier.scan(True))
+        # Readers still waiting need the next change signalled: re-arm, and scan what was
+        # published while disarmed. (Readers just woken re-arm when they wait again.) The scan
+        # reads no datagram, so a publish right after this arm leaves its datagram in the
+        # socket and calls this again: one arm is enough, unlike `_rearm`'s drains.
+        if self._waiting() and self._notifier.arm(False):
+            self._wake(self._notifier.scan())
 
     def _rearm(self, yield_first: bool) -> None:
         """While readers wait: re-arms the notifier if a publish disarmed it, and then scans
@@ -197,15 +261,31 @@ class _LoopHub:
         in its socket, and no later publish would tell it anything: a lost wake-up (found by
         the rescan's warning, reproduced in tests/test_core_async.py). So arm again until an
         arm finds us still armed."""
-        while self._waiters and self._notifier.arm(yield_first):
+        while self._waiting() and self._notifier.arm(yield_first):
             yield_first = False
             self._wake(self._notifier.drain())
 
     def _wake(self, changed: list[int]) -> int:
-        """Resolves the futures waiting on the changed slots; returns how many."""
+        """Calls the watches and resolves the futures waiting on the changed slots; returns
+        how many."""
         woken = 0
+        watches = self._watches
+        waiters = self._waiters
         for slot in changed:
-            by_gen = self._waiters.pop(slot, None)
+            standing = watches.get(slot)
+            if standing is not None:
+                for w in standing:
+                    if w._hub is not None:
+                        # Inline for the common case (one call per event); `_call` reports
+                        # what a consumer lets out.
+                        try:
+                            w.consumer.on_ready()
+                        except Exception as e:
+                            self._report(w, e)
+                        woken += 1
+                if slot not in waiters:
+                    continue
+            by_gen = waiters.pop(slot, None)
             if by_gen is not None:
                 for gen in by_gen:
                     self._watched.pop((slot, gen), None)
@@ -223,14 +303,58 @@ class _LoopHub:
                         woken += 1
         return woken
 
-    async def wait(self, reader: Reader) -> None:
-        slot, generation = reader.slot, reader.generation
+    def _call(self, w: Watch, exc: BaseException | None) -> None:
+        """Calls a watch's consumer: ``on_ready()``, or ``on_error(exc)``."""
+        try:
+            if exc is None:
+                w.consumer.on_ready()
+            else:
+                w.consumer.on_error(exc)
+        except Exception as e:
+            self._report(w, e)
+
+    def _report(self, w: Watch, e: Exception) -> None:
+        """A consumer let ``e`` out: it goes to the loop's exception handler, and the watch
+        is cancelled, instead of stopping the wake-up of the other slots."""
+        w.cancel()
+        loop = self._loop()
+        if loop is not None:
+            loop.call_exception_handler(
+                {"message": "a ringcast watch consumer raised", "exception": e}
+            )
+
+    def _subscribe(self, slot: int, generation: int) -> None:
         held = self._subscribed.get(slot)
         if held is None or generation > held:
             # A newer generation replaces the slot's subscription in the notifier. An older
             # one is not subscribed: its session has left the slot, which `ready()` sees.
             self._notifier.subscribe(slot, generation)
             self._subscribed[slot] = generation
+
+    def watch(self, reader: Reader, consumer: Consumer) -> Watch:
+        w = Watch(self, reader, consumer)
+        self._subscribe(w.slot, w.generation)
+        self._watches[w.slot] = (*self._watches.get(w.slot, ()), w)
+        self._arm_check()
+        # As for a future (see `wait`): subscribed and armed before the readiness check.
+        self._rearm(yield_first=False)
+        if reader.ready() and w._hub is not None:
+            self._call(w, None)
+        return w
+
+    def _unwatch(self, w: Watch) -> None:
+        left = tuple(x for x in self._watches.get(w.slot, ()) if x is not w)
+        if left:
+            self._watches[w.slot] = left
+        else:
+            self._watches.pop(w.slot, None)
+        key = (w.slot, w.generation)
+        if key not in self._watched and not any(x.generation == w.generation for x in left):
+            self._dead_once.discard(key)
+
+    async def wait(self, reader: Reader) -> None:
+        slot, generation = reader.slot, reader.generation
+        self._subscribe(slot, generation)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
         self._watched.setdefault((slot, generation), reader)
@@ -294,6 +418,16 @@ def _hub_for(notifier: Notifier) -> _LoopHub:
     if hub is None:
         hub = by_fd[fd] = _LoopHub(loop, notifier)
     return hub
+
+
+def watch(reader: Reader, consumer: Consumer) -> Watch:
+    """Calls ``consumer.on_ready()`` from the running loop's notifier callback whenever
+    ``reader``'s session may have advanced or ended, until the returned watch is cancelled;
+    and once at once (synchronously) if it is ready now. Where ``aread`` costs a future and a
+    task switch per change, a watch costs a method call: for a consumer that writes what it
+    reads straight on (the server's fan-out pump). ``consumer.on_error`` gets
+    ``SessionEnded("producer_died")`` as ``aread`` would raise it."""
+    return _hub_for(reader.notifier()).watch(reader, consumer)
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:

@@ -5,7 +5,7 @@ The public names are re-exported (and documented for users) by ``ringcast/__init
 """
 
 import builtins
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Final, Literal, final
 
 from typing_extensions import Buffer
@@ -311,6 +311,11 @@ class Reader:
         """The pid of the session's producer if the session is running but that process is
         gone (no byte will come unless another process takes the session over), else
         ``None``. Reads ``/proc``: for a waiting reader now and then, not per read."""
+    @staticmethod
+    def dead_producers(readers: Sequence[Reader]) -> list[int | None]:
+        """``dead_producer()`` of each reader (None for a closed one), looking at each
+        distinct producer once: what a loop that checks thousands of waiting readers, most of
+        them fed by a few producers, calls instead of one ``/proc`` read per reader."""
     def read_nowait(self, max_bytes: int = 1 << 20) -> bytes | None:
         """Bytes available now, ``b""`` at the end, ``None`` if it would have to wait."""
     def aread(self, max_bytes: int = 1 << 20) -> Awaitable[bytes]:
@@ -364,6 +369,11 @@ class Notifier:
     def drain(self) -> list[int]:
         """Empty the socket and return the subscribed slots that advanced (or ended) since
         the last drain. Does not re-arm."""
+    def scan(self, take_one: bool = False) -> list[int]:
+        """Like ``drain()``, but reads no datagram, or with ``take_one`` just one (the one a
+        readiness callback was woken by; more left in the socket keep it readable). A scan
+        after ``arm()`` leaves a datagram sent after that arm in the socket, so one ``arm()``
+        + ``scan()`` is enough before waiting again, where ``drain()`` needs the repeat."""
     def arm(self, yield_first: bool = False) -> bool:
         """Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
         what was published meanwhile sent nothing). ``yield_first`` yields the CPU once

@@ -427,6 +427,9 @@ class _CountingNotifier:
     def drain(self) -> list[int]:
         return self.n.drain()
 
+    def scan(self, take_one: bool = False) -> list[int]:
+        return self.n.scan(take_one)
+
     def arm(self, yield_first: bool = False) -> bool:
         return self.n.arm(yield_first)
 
@@ -749,3 +752,174 @@ def test_a_reader_already_waiting_when_a_producer_dies_sending_is_rescued(
         run_async(loop_kind, main)
     assert "by a producer that died sending" in caplog.text
     mm.close()
+
+
+class _Collector:
+    """A standing-watch consumer that reads what is there on every call."""
+
+    def __init__(self, r: ringcast.Reader) -> None:
+        self.r = r
+        self.got = bytearray()
+        self.calls = 0
+        self.errors: list[BaseException] = []
+        self.changed = asyncio.Event()
+        self.watch: Any = None
+
+    def on_ready(self) -> None:
+        self.calls += 1
+        try:
+            while (data := self.r.read_nowait()) is not None:
+                if not data:
+                    self.errors.append(EOFError())
+                    self.watch.cancel()
+                    break
+                self.got += data
+        except ringcast.SessionEnded as e:
+            self.errors.append(e)
+            self.watch.cancel()
+        self.changed.set()
+
+    def on_error(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.changed.set()
+
+
+async def _until(cond: Any, c: _Collector) -> None:
+    while not cond():
+        c.changed.clear()
+        await asyncio.wait_for(c.changed.wait(), 30)
+
+
+def test_a_standing_watch_is_called_for_every_change_and_the_end(
+    seg: ringcast.Segment, loop_kind: str, run_async
+) -> None:
+    """A watch sees bytes already there at once, then every append, then the end; it holds
+    one subscription throughout and none is left once it ended."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("watched")
+    w.write(b"before,")
+    r = seg.reader("watched")
+    counting = _CountingNotifier(seg.notifier())
+
+    async def main() -> None:
+        hub = _install_hub(counting)
+        c = _Collector(r)
+        c.watch = _aio.watch(r, c)
+        assert bytes(c.got) == b"before,", "ready at once: called synchronously"
+        for i in range(50):
+            w.write(b"%d," % i)
+            await _until(lambda i=i: c.got.endswith(b"%d," % i), c)
+        w.finalize()
+        await _until(lambda: bool(c.errors), c)
+        assert isinstance(c.errors[0], EOFError)
+        assert bytes(c.got) == b"before," + b"".join(b"%d," % i for i in range(50))
+        assert counting.calls == [("subscribe", r.slot, r.generation)]
+        assert hub._watches == {}
+        hub.close()
+
+    run_async(loop_kind, main)
+
+
+def test_watches_and_futures_share_a_hub_and_a_cancelled_watch_is_not_called(
+    seg: ringcast.Segment, loop_kind: str, run_async
+) -> None:
+    """A watch, a cancelled watch and an ``aread`` on three sessions of one process: each
+    append reaches only its own session's consumer; a consumer that raises is reported to the
+    loop's exception handler and loses its watch, without stopping the others."""
+    from ringcast import _aio
+
+    wa, wb, wc = (seg.create_or_replace(x) for x in ("a", "b", "c"))
+    ra, rb, rc = (seg.reader(x) for x in ("a", "b", "c"))
+
+    class _Raising(_Collector):
+        def on_ready(self) -> None:
+            super().on_ready()
+            raise RuntimeError("consumer bug")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        handler = loop.get_exception_handler()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        ca, cb, craise = _Collector(ra), _Collector(rb), _Raising(rc)
+        ca.watch = _aio.watch(ra, ca)
+        cb.watch = _aio.watch(rb, cb)
+        craise.watch = _aio.watch(rc, craise)
+        cb.watch.cancel()
+        cb.watch.cancel()  # idempotent
+        wc.write(b"boom")
+        await _until(lambda: bool(reported), craise)
+        assert str(reported[0]["exception"]) == "consumer bug"
+        wb.write(b"unseen")
+        wa.write(b"seen")
+        await _until(lambda: bytes(ca.got) == b"seen", ca)
+        wc.write(b"after")
+        waiting = asyncio.create_task(rc.aread())
+        assert await asyncio.wait_for(waiting, 30) == b"after"
+        assert cb.calls == 0 and bytes(cb.got) == b""
+        assert craise.calls == 1, "its watch was dropped when it raised"
+        ca.watch.cancel()
+        loop.set_exception_handler(handler)
+
+    run_async(loop_kind, main)
+
+
+def test_a_lost_wake_up_costs_a_watch_at_most_the_rescan(
+    seg: ringcast.Segment, loop_kind: str, caplog: pytest.LogCaptureFixture, run_async
+) -> None:
+    """A standing watch counts as a waiting reader for the safety net: with every datagram
+    lost, the rescan still calls it."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("deaf-watch")
+    r = seg.reader("deaf-watch")
+    deaf = _DeafNotifier(seg.notifier())
+
+    async def main() -> None:
+        hub = _install_hub(deaf)
+        c = _Collector(r)
+        c.watch = _aio.watch(r, c)
+        assert c.calls == 0
+        t0 = time.monotonic()
+        w.write(b"late but not lost")
+        await _until(lambda: bytes(c.got) == b"late but not lost", c)
+        assert time.monotonic() - t0 <= _aio.RESCAN_S + 1.0
+        assert "rescan woke 1 waiting reader(s)" in caplog.text
+        c.watch.cancel()
+        hub.close()
+        os.close(deaf.r)
+        os.close(deaf.w)
+
+    run_async(loop_kind, main)
+
+
+def test_a_datagram_drained_right_after_an_arm_leaves_a_watching_process_armed(
+    seg: ringcast.Segment, loop_kind: str, monkeypatch: pytest.MonkeyPatch, run_async
+) -> None:
+    """The re-arm loop holds for watches too: a publish right after the arm whose datagram
+    the following drain swallows leaves the process armed, so a later append still reaches
+    a watch (the rescan is out of reach here, so a lost wake-up would hang)."""
+    from ringcast import _aio
+
+    monkeypatch.setattr(_aio, "RESCAN_S", 3600.0)
+    wa, wb = seg.create_or_replace("raced-w"), seg.create_or_replace("left-watching")
+    ra, rb = seg.reader("raced-w"), seg.reader("left-watching")
+    racing = _RacingNotifier(seg.notifier())
+
+    async def main() -> None:
+        hub = _install_hub(racing)
+        ca, cb = _Collector(ra), _Collector(rb)
+        ca.watch = _aio.watch(ra, ca)
+        cb.watch = _aio.watch(rb, cb)
+        racing.race = wa
+        wa.write(b"first")
+        await _until(lambda: bytes(ca.got) == b"firstraced", ca)
+        assert racing.race is None, "the race fired"
+        wb.write(b"heard")
+        await _until(lambda: bytes(cb.got) == b"heard", cb)
+        ca.watch.cancel()
+        cb.watch.cancel()
+        hub.close()
+
+    run_async(loop_kind, main)

@@ -732,6 +732,55 @@ def test_notifier_reports_the_slots_that_advanced(seg: ringcast.Segment) -> None
     n.unsubscribe(w2.slot, w2.generation)
 
 
+def test_a_scan_takes_at_most_one_datagram_and_a_datagram_after_an_arm_stays(
+    seg: ringcast.Segment,
+) -> None:
+    """``scan(take_one=True)`` takes the datagram a readiness callback was woken by, and no
+    more; a plain ``scan()`` takes none, so a publish right after an ``arm()`` leaves the
+    socket readable, whatever scan follows (what lets ``_aio`` arm once, not until armed)."""
+    import select
+
+    w = seg.create_or_replace("a")
+    n = seg.notifier()
+    n.subscribe(w.slot, w.generation)
+    w.write(b"x")
+    assert select.select([n.fileno()], [], [], 30)[0]
+    assert n.scan() == [w.slot]
+    assert select.select([n.fileno()], [], [], 0)[0], "the datagram is still there"
+    assert n.scan(take_one=True) == []
+    assert select.select([n.fileno()], [], [], 0)[0] == []
+    # Two datagrams (an arm, a publish, another arm, another publish): one taken per call.
+    assert n.arm() is True
+    w.write(b"y")
+    assert n.arm() is True
+    w.write(b"z")
+    assert n.scan(take_one=True) == [w.slot]
+    assert select.select([n.fileno()], [], [], 0)[0], "the second datagram keeps it readable"
+    assert n.scan(take_one=True) == []
+    assert select.select([n.fileno()], [], [], 0)[0] == []
+    assert n.scan(take_one=True) == []  # an empty socket: nothing to take, no error
+    # A publish right after an arm: its datagram outlives the scan that follows the arm.
+    assert n.arm() is True
+    w.write(b"after the arm")
+    assert n.scan() == [w.slot]
+    assert select.select([n.fileno()], [], [], 0)[0]
+    n.unsubscribe(w.slot, w.generation)
+
+
+def test_dead_producers_reads_each_producer_once_and_answers_per_reader(
+    seg: ringcast.Segment,
+) -> None:
+    """``Reader.dead_producers`` answers what ``dead_producer`` answers, reader by reader (a
+    live producer: None; a closed reader: None)."""
+    ws = [seg.create_or_replace(f"p{i}") for i in range(5)]
+    rs = [seg.reader(f"p{i}") for i in range(5)]
+    rs[3].close()
+    assert ringcast.Reader.dead_producers(rs) == [None] * 5
+    assert ringcast.Reader.dead_producers([]) == []
+    assert [r.dead_producer() for i, r in enumerate(rs) if i != 3] == [None] * 4
+    del ws
+
+
 def test_non_contiguous_buffers_are_refused_without_side_effects(seg: ringcast.Segment) -> None:
     w = seg.create_or_replace("c")
     with pytest.raises((ValueError, BufferError, TypeError)):

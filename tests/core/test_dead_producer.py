@@ -85,6 +85,57 @@ def test_aread_raises_producer_died(producer, loop: str) -> None:
         assert asyncio.run(main()) == "producer_died"
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_standing_watch_is_told_its_producer_died(producer, loop: str) -> None:
+    """What ``aread`` raises, a standing watch (``ringcast._aio.watch``, the server's fan-out
+    pump) gets through ``on_error``, its watch already cancelled."""
+    from ringcast import _aio
+
+    seg, proc = producer
+    r = seg.reader("conv-1", offset=0)
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.got = b""
+            self.died: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+        def on_ready(self) -> None:
+            self.got += r.read_nowait() or b""
+
+        def on_error(self, exc: BaseException) -> None:
+            self.died.set_result(exc)
+
+    async def main() -> str:
+        c = Consumer()
+        watch = _aio.watch(r, c)
+        assert c.got == b"data: first\n\n"
+        await asyncio.sleep(0.6)  # the watch has seen a live producer
+        assert not c.died.done()
+        _kill(proc)
+        exc = await asyncio.wait_for(c.died, 30)
+        assert isinstance(exc, ringcast.SessionEnded)
+        assert watch._hub is None, "cancelled before on_error"
+        return exc.reason
+
+    if loop == "uvloop":
+        import uvloop
+
+        assert uvloop.run(main()) == "producer_died"
+    else:
+        assert asyncio.run(main()) == "producer_died"
+
+
+def test_dead_producers_names_the_dead_producer_of_each_reader(producer) -> None:
+    seg, proc = producer
+    live = seg.create_or_replace("mine")  # this process produces it: alive
+    readers = [seg.reader("conv-1"), seg.reader("mine"), seg.reader("conv-1")]
+    assert ringcast.Reader.dead_producers(readers) == [None, None, None]
+    _kill(proc)
+    assert ringcast.Reader.dead_producers(readers) == [proc.pid, None, proc.pid]
+    assert readers[0].dead_producer() == proc.pid
+    live.finalize()
+
+
 def test_a_session_taken_over_is_not_a_dead_producer(producer) -> None:
     """What a manager does (take the session over, end it in-band) leaves nothing dead."""
     seg, proc = producer

@@ -72,6 +72,6 @@ pub use registry::{Quota, SessionInfo, SessionState};
 #[cfg(not(loom))]
 pub use segment::{Segment, SegmentConfig, SegmentStats};
 #[cfg(not(loom))]
-pub use stream::{Poll, Reader, Wake, Writer};
+pub use stream::{Poll, ProducerCheck, Reader, Wake, Writer};
 #[cfg(not(loom))]
 pub use sys::process::ProcessId;

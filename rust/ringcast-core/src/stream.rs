@@ -3,6 +3,7 @@
 //! wait through `notify`; every handle re-checks its generation after each operation, so none
 //! ever touches a newer session in a reused slot.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -326,6 +327,23 @@ impl Writer {
     }
 }
 
+/// The producers found alive or dead during one pass of [`Reader::dead_producer_in`] checks.
+/// Meant to live for one pass: a producer that dies after it was looked at is seen by the
+/// next pass.
+#[derive(Default)]
+pub struct ProducerCheck {
+    seen: HashMap<(u32, u64), bool>,
+}
+
+impl ProducerCheck {
+    fn is_alive(&mut self, producer: process::ProcessId) -> bool {
+        *self
+            .seen
+            .entry((producer.pid, producer.start_time))
+            .or_insert_with(|| producer.is_alive())
+    }
+}
+
 /// A cursor into one session.
 pub struct Reader {
     reg: Arc<Registry>,
@@ -445,6 +463,13 @@ impl Reader {
     /// the session over (`Segment::take_over_dead`, what `ringcast serve`'s manager does).
     /// Reads `/proc/<pid>/stat`, so a waiting reader asks now and then, not per wake-up.
     pub fn dead_producer(&self) -> Option<u32> {
+        self.dead_producer_in(&mut ProducerCheck::default())
+    }
+
+    /// [`dead_producer`](Self::dead_producer), taking the answer for a producer already looked
+    /// at in `check` from there: one pass over the readers of a process (thousands of
+    /// sessions, a few producers) reads `/proc` once per producer, not once per session.
+    pub fn dead_producer_in(&self, check: &mut ProducerCheck) -> Option<u32> {
         let m = self.meta();
         let producer = process::ProcessId {
             pid: m.producer_pid.load(Ordering::Acquire),
@@ -455,7 +480,7 @@ impl Reader {
         if !running || m.generation.load(Ordering::Acquire) != self.generation {
             return None;
         }
-        (producer.pid != 0 && !producer.is_alive()).then_some(producer.pid)
+        (producer.pid != 0 && !check.is_alive(producer)).then_some(producer.pid)
     }
 
     /// True when the session is finished and this reader has every byte.

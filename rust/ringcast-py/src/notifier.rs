@@ -52,6 +52,14 @@ impl Notifier {
     fn drain(&self) -> Vec<u32> {
         self.n.drain()
     }
+    /// Like ``drain()``, but reads no datagram, or with ``take_one`` just one (the one a
+    /// readiness callback was woken by; more left in the socket keep it readable). A scan
+    /// after ``arm()`` leaves a datagram sent after that arm in the socket, so one ``arm()``
+    /// + ``scan()`` is enough before waiting again, where ``drain()`` needs the repeat.
+    #[pyo3(signature = (take_one=false))]
+    fn scan(&self, take_one: bool) -> Vec<u32> {
+        self.n.scan(take_one)
+    }
     /// Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
     /// what was published meanwhile sent nothing). ``yield_first`` yields the CPU once
     /// before re-arming, so a busy producer appends more before this process sleeps.

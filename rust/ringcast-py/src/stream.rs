@@ -333,6 +333,18 @@ impl Reader {
         Ok(self.get_ref(py)?.dead_producer())
     }
 
+    /// ``dead_producer()`` of each reader (None for a closed one), looking at each distinct
+    /// producer once: what a loop that checks thousands of waiting readers, most of them fed
+    /// by a few producers, calls instead of one ``/proc`` read per reader.
+    #[staticmethod]
+    fn dead_producers(readers: Vec<PyRef<'_, Reader>>) -> Vec<Option<u32>> {
+        let mut check = core::ProducerCheck::default();
+        readers
+            .iter()
+            .map(|r| r.r.as_ref().and_then(|r| r.dead_producer_in(&mut check)))
+            .collect()
+    }
+
     /// Like ``read`` but fills a writable buffer; returns the byte count. The copy runs
     /// without the GIL: no other thread may use ``buffer`` until this returns.
     #[pyo3(signature = (buffer, timeout=None))]

@@ -234,6 +234,32 @@ impl Receiver {
         self.0
     }
 
+    /// Reads and discards one pending datagram, if there is one; true if there was. One
+    /// system call where [`drain`](Self::drain) needs two (the last one finds the socket
+    /// empty): a caller woken by readiness takes the datagram that woke it, and a level-
+    /// triggered event loop calls it back while more wait.
+    pub fn take_one(&self) -> bool {
+        let mut buf = [0u8; 16];
+        loop {
+            // SAFETY: as in `drain`: at most `buf.len()` bytes into `buf`, which outlives the
+            // call; MSG_DONTWAIT keeps it from blocking.
+            let rc = unsafe {
+                libc::recv(
+                    self.0,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc >= 0 {
+                return true;
+            }
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
+
     /// Reads and discards every pending datagram; returns how many there were.
     pub fn drain(&self) -> usize {
         let mut n = 0;
