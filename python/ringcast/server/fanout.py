@@ -15,13 +15,16 @@ import functools
 import time
 from collections.abc import Callable
 
-from ringcast._core import OffsetLost, SessionEnded, SessionNotFound
+from ringcast import _aio
+from ringcast._core import OffsetLost, Reader, SessionEnded, SessionNotFound
 from ringcast.http.protocol import Connection, frame_chunk
 from ringcast.server.counters import HttpCounter, SharedCounters
 from ringcast.server.store import StreamReader, StreamStore, StreamView
 from ringcast.wire.sse import error_event
 
 RELAY_READ = 256 * 1024
+SENT_FLUSH_S = 0.05
+"""How long the bytes a pump wrote may wait before ``http_bytes_sent_total`` shows them."""
 # Adaptive coalescing (Coalescing.run): sample period and moving-average weight of the
 # event-loop lag; the lag above which a process is behind (the linger may climb to half the
 # cap), far behind (to the whole cap), and below which it keeps up (an idle uvloop shows
@@ -112,6 +115,13 @@ class Pump:
     transport (a synchronous call). A joined connection's relay task sleeps on one future
     until the stream ends or the pump detaches it (its write buffer reached the high-water
     mark, or the pump itself fell behind); it then continues on its own reader.
+
+    A pump over the local segment (a ``ringcast.Reader``) is not a task either: it is a
+    standing watch of the process's notifier hub (``ringcast._aio.watch``), which calls
+    :meth:`on_ready` from its readiness callback for every advanced session, so an event
+    costs a method call, one read and the writes: no future, task switch or awaitable. A
+    pump over another store's reader (one without a notifier, e.g. Redis) runs :meth:`run`,
+    a task that awaits :meth:`next_bytes`.
     """
 
     def __init__(
@@ -129,10 +139,24 @@ class Pump:
         self.offset = reader.offset
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
         self.framed = b""
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.loop = asyncio.get_running_loop()
+        self.last_write = 0.0
+        # Moving average of the time between this stream's events; it starts at the cap, as
+        # if the stream were slow, so one early burst (the role chunk and the first token come
+        # together) does not make a model-paced stream wait.
+        self.spacing = fanout.coalescing.cap
+        self.stopped = False
+        self.watch: _aio.Watch | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        if isinstance(reader, Reader):
+            # Started once the relay that made it has joined (as a task would start).
+            self.loop.call_soon(self._start)
+        else:
+            self.task = self.loop.create_task(self.run())
 
     def join(self, conn: Connection) -> asyncio.Future[Outcome]:
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Outcome] = self.loop.create_future()
         self.subs[conn] = fut
         fut.add_done_callback(functools.partial(self._left, conn))
         return fut
@@ -140,32 +164,119 @@ class Pump:
     def _left(self, conn: Connection, fut: asyncio.Future[Outcome]) -> None:
         if self.subs.get(conn) is fut:
             del self.subs[conn]
-        if not self.subs and not self.task.done():
-            self.task.cancel()
+        if not self.subs:
+            if self.task is not None:
+                if not self.task.done():
+                    self.task.cancel()
+            else:
+                self._stop(("solo", 0))
+
+    def _linger(self) -> float:
+        """Coalescing: no fan-out pass within ``coalescing.linger`` of the previous one, so a
+        fast stream reaches each client in fewer, larger writes (one send per client per pass
+        is the cost that dominates fan-out). ``coalescing.linger`` is 0 while the process keeps
+        up (see :meth:`Coalescing.run`), and a stream whose events come further apart than
+        half of it (a model's pace) never waits: it would gain no batching, only delay.
+        Returns how long to wait before the next pass (0: now)."""
+        linger = self.fanout.coalescing.linger
+        if linger and self.spacing < linger / 2:
+            wait = self.last_write + linger - self.loop.time()
+            if wait > 0:
+                return wait
+        return 0.0
+
+    def _fan(self, data: bytes) -> None:
+        """One pass: ``data`` to every joined connection, counted, and the stream's event
+        spacing updated."""
+        self.offset += len(data)
+        sent = self.deliver(data)
+        if sent:
+            self.fanout.count_sent(sent)
+        now = self.loop.time()
+        if self.last_write:
+            gap = (now - self.last_write) / max(1, data.count(b"\n\n"))
+            self.spacing += (gap - self.spacing) / 4
+        self.last_write = now
+
+    # -- a pump over the local segment: a standing watch
+
+    def _start(self) -> None:
+        if self.stopped:
+            return
+        assert isinstance(self.reader, Reader)
+        self.watch = _aio.watch(self.reader, self)
+
+    def on_ready(self) -> None:
+        """The notifier hub's call: the session may have advanced."""
+        if self.timer is not None or self.stopped:
+            return
+        if self.fanout.coalescing.linger and (wait := self._linger()):
+            self.timer = self.loop.call_later(wait, self._after_linger)
+            return
+        self._pass()
+
+    def on_error(self, exc: BaseException) -> None:
+        """The hub found the producer dead (``SessionEnded("producer_died")``)."""
+        self._stop(("ended", getattr(exc, "reason", "producer_died")))
+
+    def _after_linger(self) -> None:
+        self.timer = None
+        if not self.stopped:
+            self._pass()
+
+    def _pass(self) -> None:
+        try:
+            while True:
+                data = self.read_now()
+                if data is None:
+                    return
+                if not data:
+                    self.finished()
+                    self._stop(("done", None))
+                    return
+                # Read again even after a short read: a change drained already (the end,
+                # say) must not wait for a next one that may never come.
+                self._fan(data)
+        except OffsetLost:
+            self._stop(("solo", self.offset))  # each connection finds out for itself
+        except SessionEnded as e:
+            self._stop(("ended", e.reason))
+        except BaseException:
+            self._stop(("solo", self.offset))
+            raise
+
+    def read_now(self) -> bytes | None:
+        """The bytes at the live edge now (``b""``: the stream finished; None: none yet)."""
+        return self.reader.read_nowait(RELAY_READ)
+
+    def _stop(self, outcome: Outcome) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._close(outcome)
+
+    def _close(self, outcome: Outcome) -> None:
+        pumps = self.registry
+        if pumps.get(self.key) is self:
+            del pumps[self.key]
+        self.reader.close()
+        for fut in list(self.subs.values()):
+            if not fut.done():
+                fut.set_result(outcome if outcome[0] != "solo" else ("solo", self.offset))
+
+    # -- a pump over another store's reader: a task
 
     async def run(self) -> None:
         outcome: Outcome = ("solo", 0)
-        loop = asyncio.get_running_loop()
-        coalescing = self.fanout.coalescing
-        counters = self.fanout.counters
-        last_write = 0.0
-        # Moving average of the time between this stream's events; it starts at the cap, as
-        # if the stream were slow, so one early burst (the role chunk and the first token come
-        # together) does not make a model-paced stream wait.
-        spacing = coalescing.cap
         try:
             while True:
-                # Coalescing: no fan-out pass within `coalescing.linger` of the previous one, so a
-                # fast stream reaches each client in fewer, larger writes (one send per client
-                # per pass is the cost that dominates fan-out). `coalescing.linger` is 0 while the
-                # process keeps up (see `Coalescing.run`), and a stream whose events come
-                # further apart than half of it (a model's pace) never waits: it would gain no
-                # batching, only delay.
-                linger = coalescing.linger
-                if linger and spacing < linger / 2:
-                    wait = last_write + linger - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
+                wait = self._linger()
+                if wait:
+                    await asyncio.sleep(wait)
                 try:
                     data = await self.next_bytes()
                 except OffsetLost:
@@ -177,23 +288,10 @@ class Pump:
                     self.finished()
                     outcome = ("done", None)
                     break
-                self.offset += len(data)
-                sent = self.deliver(data)
-                if sent:
-                    counters.inc(HttpCounter.BYTES_SENT, sent)
-                now = loop.time()
-                if last_write:
-                    gap = (now - last_write) / max(1, data.count(b"\n\n"))
-                    spacing += (gap - spacing) / 4
-                last_write = now
+                self._fan(data)
         finally:
-            pumps = self.registry
-            if pumps.get(self.key) is self:
-                del pumps[self.key]
-            self.reader.close()
-            for fut in list(self.subs.values()):
-                if not fut.done():
-                    fut.set_result(outcome if outcome[0] != "solo" else ("solo", self.offset))
+            self.stopped = True
+            self._close(outcome)
 
     async def next_bytes(self) -> bytes:
         """The next bytes at the live edge (``b""``: the stream finished)."""
@@ -261,10 +359,19 @@ class EventPump(Pump):
     async def next_bytes(self) -> bytes:
         if self.closed:
             return b""
-        data = await self.reader.aread(self.max_read)
+        return self._fill(await self.reader.aread(self.max_read))
+
+    def read_now(self) -> bytes | None:
+        if self.closed:
+            return b""
+        data = self.reader.read_nowait(self.max_read)
+        return data if data is None else self._fill(data)
+
+    def _fill(self, data: bytes) -> bytes:
+        """``data`` and everything after it there is now (to the limit), so the control
+        event can say "up to date"."""
         if not data:
             return data
-        # Everything there is now (to the limit), so the control event can say "up to date".
         out = bytearray(data)
         while len(out) < self.max_read:
             more = self.reader.read_nowait(self.max_read - len(out))
@@ -306,6 +413,21 @@ class FanOut:
         self.counters = counters
         self.pumps: dict[tuple[int, int], Pump] = {}
         self.event_pumps: dict[tuple[int, int], Pump] = {}
+        self.unsent = 0
+        """Bytes the pumps wrote that the shared counter does not show yet."""
+
+    def count_sent(self, n: int) -> None:
+        """Counts ``n`` bytes a pump wrote. The shared counter (a ``struct`` write into the
+        counters file, most of a microsecond) is updated once per ``SENT_FLUSH_S``, not once
+        per event."""
+        if not self.unsent:
+            asyncio.get_running_loop().call_later(SENT_FLUSH_S, self.flush_sent)
+        self.unsent += n
+
+    def flush_sent(self) -> None:
+        if self.unsent:
+            self.counters.inc(HttpCounter.BYTES_SENT, self.unsent)
+            self.unsent = 0
 
     async def tail_events(
         self,
