@@ -273,3 +273,69 @@ def test_bad_http_procs_are_refused(tmp_path: Path) -> None:
         out = ringcast("serve", "--port", "0", "--http-procs", bad, cwd=tmp_path)
         assert out.returncode == 2, bad
         assert "--http-procs" in out.stderr and "give auto or a whole number >= 1" in out.stderr
+
+
+def test_cgroup_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ringcast.server import config
+
+    root = tmp_path / "cgroup"
+    monkeypatch.setattr(config, "CGROUP_ROOT", str(root))
+    proc = tmp_path / "proc-self-cgroup"
+    # v2: the tightest quota of the cgroup and its ancestors counts; "max" is none.
+    (root / "kube" / "pod" / "box").mkdir(parents=True)
+    (root / "kube" / "cpu.max").write_text("250000 100000\n")
+    (root / "kube" / "pod" / "cpu.max").write_text("max 100000\n")
+    (root / "kube" / "pod" / "box" / "cpu.max").write_text("400000 100000\n")
+    proc.write_text("0::/kube/pod/box\n")
+    assert config.cgroup_cpu_limit(str(proc)) == 2.5
+    (root / "kube" / "cpu.max").write_text("max 100000\n")
+    assert config.cgroup_cpu_limit(str(proc)) == 4.0
+    # v1 (a hybrid host): the cpu controller's cfs quota; -1 is none.
+    v1 = root / "cpu,cpuacct" / "docker" / "c1"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("4:memory:/docker/c1\n2:cpu,cpuacct:/docker/c1\n0::/\n")
+    assert config.cgroup_cpu_limit(str(proc)) == 0.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert config.cgroup_cpu_limit(str(proc)) is None
+    assert config.cgroup_cpu_limit(str(tmp_path / "no-such-file")) is None
+
+
+def _cpu_cgroup_dir() -> Path | None:
+    """A cgroup directory under which this (root) process may make a child with a CPU
+    quota: the v1 cpu hierarchy, or the v2 root with the cpu controller enabled."""
+    if os.geteuid() != 0:
+        return None
+    for base in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")):
+        if (base / "cpu.cfs_period_us").exists():
+            return base
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if "cpu" in (v2 / "cgroup.subtree_control").read_text().split():
+            return v2
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.skipif(_cpu_cgroup_dir() is None, reason="needs root and a cgroup cpu controller")
+def test_a_process_in_a_half_cpu_cgroup_counts_one_core() -> None:
+    base = _cpu_cgroup_dir()
+    assert base is not None
+    group = base / f"ringcast-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        if (group / "cpu.max").exists():
+            (group / "cpu.max").write_text("50000 100000\n")
+        else:
+            (group / "cpu.cfs_quota_us").write_text("50000\n")
+        # The shell joins the group, then becomes ringcast serve --help.
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"',
+             sys.executable, "-m", "ringcast.cli", "serve", "--help"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert "here 1 cores, so auto is 1 with 1 worker" in " ".join(out.stdout.split())
+    finally:
+        group.rmdir()

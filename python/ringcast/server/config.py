@@ -48,25 +48,67 @@ AUTO_HTTP_PROCS_MAX = 32
 users of the library that attach to the segment."""
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cpu_quota(directory: str) -> float | None:
+    """CPUs the quota files in one cgroup directory allow (v2 ``cpu.max``: ``QUOTA PERIOD`` or
+    ``max PERIOD``; v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1 for none), None when
+    there is no quota there."""
+    try:
+        with open(os.path.join(directory, "cpu.max"), encoding="ascii") as f:
+            quota, period = f.read().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(directory, "cpu.cfs_quota_us"), encoding="ascii") as f:
+            quota_us = int(f.read())
+        with open(os.path.join(directory, "cpu.cfs_period_us"), encoding="ascii") as f:
+            period_us = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The tightest CPU quota over this process's cgroup and its ancestors, in CPUs (cgroup
+    v2, and v1's ``cpu`` controller where a host still mounts it), None without one."""
+    try:
+        with open(proc_cgroup, encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:  # v2 (unified), or hybrid's unified part
+            bases = [CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")]
+        elif "cpu" in controllers.split(","):  # v1: mounted as cpu, or cpu,cpuacct
+            bases = [os.path.join(CGROUP_ROOT, controllers), os.path.join(CGROUP_ROOT, "cpu")]
+        else:
+            continue
+        for base in dict.fromkeys(bases):
+            level = path.rstrip("/")
+            while True:
+                quota = _cpu_quota(base + level)
+                if quota is not None:
+                    limits.append(quota)
+                if not level:
+                    break
+                level = os.path.dirname(level).rstrip("/")
+    return min(limits, default=None)
+
+
 def usable_cores() -> int:
     """CPUs this process may use: its affinity mask (``taskset``, cpusets), capped by the
-    CPU quota of its cgroup (v2 ``cpu.max`` of its cgroup and of every ancestor, rounded up:
-    a container given 1.5 CPUs on a 64-core host counts 2), at least 1."""
+    CPU quota of its cgroup (:func:`cgroup_cpu_limit`, rounded up: a container given 1.5
+    CPUs on a 64-core host counts 2), at least 1."""
     n = len(os.sched_getaffinity(0))
-    try:
-        with open("/proc/self/cgroup", encoding="ascii") as f:
-            path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
-    except OSError:
-        path = None
-    while path is not None:
-        try:
-            with open(f"/sys/fs/cgroup{path.rstrip('/')}/cpu.max", encoding="ascii") as f:
-                quota, period = f.read().split()
-            if quota != "max":
-                n = min(n, math.ceil(int(quota) / int(period)))
-        except (OSError, ValueError):
-            pass  # no cpu controller at this level, or no cgroup v2 at all
-        path = None if path in ("/", "") else os.path.dirname(path.rstrip("/"))
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, math.ceil(limit))
     return max(1, n)
 
 
