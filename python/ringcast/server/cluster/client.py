@@ -128,7 +128,9 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(
+        self, client: Client, keys: Sequence[str | bytes], args: Sequence[Any]
+    ) -> Any:
         from redis.exceptions import NoScriptError
 
         try:
@@ -136,7 +138,7 @@ class Script:
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+    def queue(self, pipe: Pipeline, keys: Sequence[str | bytes], args: Sequence[Any]) -> None:
         """Queue a call in a pipeline; a NOSCRIPT reply comes back as that command's result
         (:func:`is_noscript`) and the caller retries it with :meth:`__call__`."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)

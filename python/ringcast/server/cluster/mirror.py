@@ -63,6 +63,8 @@ BATCH = 128
 """Sessions per SYNC call on one Redis server: one reply to parse instead of 128 (the client's
 cost per reply is what limits a window), and a script short enough not to hold Redis up. A
 Redis Cluster gets one session per call (a script's keys must share a slot)."""
+_COUNTS = [str(n).encode() for n in range(64)]
+"""A SYNC call's per-session argument counts, encoded once."""
 CONTROL_BLOCK_MS = 1000
 CONTROL_MAXLEN = 10_000
 
@@ -122,6 +124,12 @@ class Tracked:
     """Bytes in the call in flight."""
     ending: tuple[str, str] | None = None
     reindex: bool = False
+    meta_key: bytes = b""
+    base_key: bytes = b""
+    head: str = ""
+    """The header of its SYNC calls up to the epoch (src, node, instance)..."""
+    mid: str = ""
+    """... and between the epoch and the window's time (segment epoch, created)."""
 
 
 @dataclass
@@ -188,40 +196,62 @@ class Mirror:
             self.wake.clear()
 
     def _refresh(self, now: float) -> list[Tracked]:
-        """Update the tracked set from the segment's list; the sessions to send this window."""
+        """Update the tracked set from the segment's list (this mirror's share of it) and the
+        lag figures; the sessions to send this window. One pass over the list, another over
+        the tracked set only when some of it left the list."""
         seen: set[tuple[int, int]] = set()
+        active: list[Tracked] = []
+        lag, oldest = 0, now
+        tracked = self.tracked
         for info in self.seg.list(shard=(self.cfg.index, self.cfg.procs)):
             if info.owner in self.exclude:
                 continue
             k = (info.slot, info.generation)
             seen.add(k)
-            t = self.tracked.get(k)
+            t = tracked.get(k)
             if t is None:
-                src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
-                t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src)
-                self.tracked[k] = t
-                self.by_key[(info.owner, info.conversation_id)] = t
+                t = self._track(info)
             t.info = info
-        for k in [k for k, t in self.tracked.items() if k not in seen and t.finished]:
-            t = self.tracked.pop(k)
-            if self.by_key.get((t.info.owner, t.info.conversation_id)) is t:
-                del self.by_key[(t.info.owner, t.info.conversation_id)]
-            if t.reader is not None:
-                t.reader.close()
-        lag, oldest = 0, now
-        for k, t in self.tracked.items():
             if t.finished:
                 continue
-            behind = t.info.total_bytes - t.next if k in seen else 1
+            active.append(t)
+            behind = info.total_bytes - t.next
             if behind > 0:
-                lag += max(0, behind)
+                lag += behind
                 t.behind_since = t.behind_since or now
                 oldest = min(oldest, t.behind_since)
             else:
                 t.behind_since = 0.0
+        if len(seen) != len(tracked):
+            for k, t in list(tracked.items()):
+                if k in seen:
+                    continue
+                if t.finished:
+                    del tracked[k]
+                    if self.by_key.get((t.info.owner, t.info.conversation_id)) is t:
+                        del self.by_key[(t.info.owner, t.info.conversation_id)]
+                    if t.reader is not None:
+                        t.reader.close()
+                else:  # gone from the segment before its end was sent: _collect says how
+                    active.append(t)
+                    lag += 1
+                    t.behind_since = t.behind_since or now
+                    oldest = min(oldest, t.behind_since)
         self.stats.lag_bytes, self.stats.lag_seconds = lag, now - oldest
-        self.stats.sessions = len(self.tracked)
-        return [t for t in self.tracked.values() if not t.finished]
+        self.stats.sessions = len(tracked)
+        return active
+
+    def _track(self, info: SessionInfo) -> Tracked:
+        src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
+        t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src)
+        # What a SYNC call carries unchanged in every window, made once (the client's cost is
+        # per argument and per byte it encodes: bytes pass through as they are).
+        t.meta_key, t.base_key = t.keys.meta.encode(), t.keys.base.encode()
+        t.head = f"{src}\x1f{self.cfg.node_id}\x1f{self.cfg.instance}\x1f"
+        t.mid = f"\x1f{self.seg.epoch}\x1f{info.started_at:.3f}"
+        self.tracked[(info.slot, info.generation)] = t
+        self.by_key[(info.owner, info.conversation_id)] = t
+        return t
 
     def _collect(self, t: Tracked) -> tuple[list[bytes], str, str]:
         """Read what the session's ring has beyond ``t.next`` (at most WINDOW_MAX bytes);
@@ -264,11 +294,15 @@ class Mirror:
             return False  # before any claim: readers elsewhere must find this node alive
         self.lease_first = False
         now = time.time()
-        now_s = f"{now:.3f}"
+        # The header's fields that are the same for every session of this window (its order:
+        # scripts.SYNC): 7 now, 8 session bytes, [9 keep ms], 10 ttl ms.
+        keep_ms, every = self.cfg.keep_ms, min(30.0, self.cfg.keep_ms / 4000)
+        window = f"\x1f{now:.3f}\x1f{self.cfg.session_bytes}\x1f"
+        ttl = f"\x1f{self.cfg.ttl_ms}\x1f"
         calls: list[tuple[Tracked, list[Any]]] = []
         for t in self._refresh(now):
             chunks, state, reason = self._collect(t)
-            due = now - t.last_sync > min(30.0, self.cfg.keep_ms / 4000)
+            due = now - t.last_sync > every
             if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
                 continue
             claim = t.epoch == 0
@@ -276,31 +310,16 @@ class Mirror:
             # refresh, in case a lookup dropped it in the instant before the claim landed.
             t.reindex = claim or due
             start = t.next if t.gap_from is None else t.gap_from
-            t.sent = sum(len(c) for c in chunks)
+            t.sent = sum(map(len, chunks))
             t.ending = (state, reason) if state != "running" else None
-            info = t.info
             header = (
-                t.src,
-                self.cfg.node_id,
-                self.cfg.instance,
-                t.epoch,
-                self.seg.epoch,
-                f"{info.started_at:.3f}",
-                now_s,
-                self.cfg.session_bytes,
-                self.cfg.keep_ms if due else 0,
-                self.cfg.ttl_ms,
-                start,
-                t.next,
-                state,
-                reason,
+                f"{t.head}{t.epoch}{t.mid}{window}{keep_ms if due else 0}{ttl}"
+                f"{start}\x1f{t.next}\x1f{state}\x1f{reason}"
             )
-            args = [
-                "\x1f".join(map(str, header)),
-                info.conversation_id if claim else "",
-                info.owner if claim else "",
-                *chunks,
-            ]
+            if claim:
+                args = [header, t.info.conversation_id, t.info.owner, *chunks]
+            else:
+                args = [header, b"", b"", *chunks]
             calls.append((t, args))
         if not calls:
             return True
@@ -315,12 +334,13 @@ class Mirror:
         index). Per session: its reply, or the exception its batch failed with."""
         batches = [calls[i : i + self.batch] for i in range(0, len(calls), self.batch)]
 
-        def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[str], list[Any]]:
-            ks: list[str] = []
+        def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[bytes], list[Any]]:
+            ks: list[bytes] = []
             args: list[Any] = []
             for t, a in batch:
-                ks += (t.keys.meta, t.keys.base)
-                args += (len(a), *a)
+                ks += (t.meta_key, t.base_key)
+                args.append(_COUNTS[len(a)] if len(a) < len(_COUNTS) else len(a))
+                args += a
             return ks, args
 
         try:
