@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
          "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    seg_path = os.path.join(tmp, "seg")
+    # In shared memory, as ringcast serve's (on a disk the first write of each session waits
+    # for the filesystem to allocate its page).
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tmp
+    seg_path = os.path.join(shm, f"ringcast-bench-{os.getpid()}.seg")
     seg = Segment.create(
         seg_path, max_sessions=args.streams + args.cancels + 8, session_bytes=256 * 1024
     )

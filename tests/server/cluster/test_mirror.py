@@ -401,6 +401,38 @@ def test_redis_restarted_empty_is_caught_up_with_a_gap(tmp_path: Path, redis_ser
     run(tmp_path, target, body)
 
 
+def test_lag_in_seconds_is_the_age_of_the_oldest_unmirrored_byte(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A stream that never stops is behind at every window, yet its lag is a window's age,
+    not the time since it started; with Redis paused it grows with the pause."""
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body(h: Harness) -> None:
+        a = h.node()
+        w = a.seg.create_or_replace("conv-" + uid(), "k")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        lags: list[float] = []
+        while loop.time() - start < 2.0:
+            await produce(w, 0, 5)
+            lags.append(a.mirror.stats.lag_seconds)
+        assert a.mirror.stats.windows > 10 and max(lags[len(lags) // 2 :]) < 1.0, lags
+        paused = asyncio.create_task(
+            asyncio.to_thread(redis_server.cli, "CLIENT", "PAUSE", "1500", "WRITE")
+        )
+
+        async def lagging() -> bool:
+            await produce(w, 0, 5)
+            return a.mirror.stats.lag_seconds >= 0.5
+
+        await until(lagging)
+        await paused
+        w.finalize()
+
+    run(tmp_path, target, body)
+
+
 def test_paused_redis_leaves_a_gap_that_remote_readers_see(
     tmp_path: Path, redis_server: Any
 ) -> None:

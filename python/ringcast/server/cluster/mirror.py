@@ -118,7 +118,10 @@ class Tracked:
     epoch: int = 0
     finished: bool = False
     """Its end is in Redis (or Redis ended it): nothing more to send."""
-    behind_since: float = 0.0
+    synced_at: float = 0.0
+    """Start of the last window that left nothing of it unsent (at first, of the window that
+    found it): every byte of it not yet in Redis was written after that, so the node's lag in
+    seconds is the age of the oldest such time among the sessions that are behind."""
     last_sync: float = 0.0
     sent: int = 0
     """Bytes in the call in flight."""
@@ -210,7 +213,7 @@ class Mirror:
             seen.add(k)
             t = tracked.get(k)
             if t is None:
-                t = self._track(info)
+                t = self._track(info, now)
             t.info = info
             if t.finished:
                 continue
@@ -218,10 +221,9 @@ class Mirror:
             behind = info.total_bytes - t.next
             if behind > 0:
                 lag += behind
-                t.behind_since = t.behind_since or now
-                oldest = min(oldest, t.behind_since)
+                oldest = min(oldest, t.synced_at)
             else:
-                t.behind_since = 0.0
+                t.synced_at = now
         if len(seen) != len(tracked):
             for k, t in list(tracked.items()):
                 if k in seen:
@@ -235,15 +237,14 @@ class Mirror:
                 else:  # gone from the segment before its end was sent: _collect says how
                     active.append(t)
                     lag += 1
-                    t.behind_since = t.behind_since or now
-                    oldest = min(oldest, t.behind_since)
+                    oldest = min(oldest, t.synced_at)
         self.stats.lag_bytes, self.stats.lag_seconds = lag, now - oldest
         self.stats.sessions = len(tracked)
         return active
 
-    def _track(self, info: SessionInfo) -> Tracked:
+    def _track(self, info: SessionInfo, now: float) -> Tracked:
         src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
-        t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src)
+        t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src, synced_at=now)
         # What a SYNC call carries unchanged in every window, made once (the client's cost is
         # per argument and per byte it encodes: bytes pass through as they are).
         t.meta_key, t.base_key = t.keys.meta.encode(), t.keys.base.encode()
@@ -411,6 +412,8 @@ class Mirror:
                 self._reopen(t, int(total))
             else:
                 t.next = int(total)
+                if t.next >= t.info.total_bytes:
+                    t.synced_at = now  # all it had at this window's start is in Redis
             if t.ending is not None:
                 t.finished = True
         elif status == scripts.SYNC_RESYNC:
