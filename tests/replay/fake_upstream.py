@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ringcast.http.parse import body_length, parse_head
+from ringcast.http.parse import HeadParser
 
 
 def load_capture(path: Path) -> list[dict[str, Any]]:
@@ -29,8 +29,10 @@ async def _serve_capture(capture: Path) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             t0 = asyncio.get_running_loop().time()
-            req = parse_head(head[:-4])
-            length = body_length(req, 1 << 20)
+            parser = HeadParser()
+            parser.feed(bytearray(head))
+            assert parser.request is not None
+            length = parser.request.content_length
             body = json.loads(await reader.readexactly(length)) if length else {}
             s = by_messages.get(json.dumps(body.get("messages"), sort_keys=True))
             if s is None:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ringcast.http.parse import Request, parse_head
+from ringcast.http.parse import HeadParser, Request
 
 
 def read_request(rfile: BinaryIO) -> tuple[Request, bytes] | None:
@@ -23,8 +23,10 @@ def read_request(rfile: BinaryIO) -> tuple[Request, bytes] | None:
         if not line:
             return None
         head += line
-    req = parse_head(head[:-4])
-    return req, rfile.read(int(req.headers.get("content-length", "0")))
+    parser = HeadParser()
+    parser.feed(bytearray(head))
+    assert parser.request is not None
+    return parser.request, rfile.read(parser.request.content_length)
 
 
 def reply(wfile: BinaryIO, status: str, body: bytes, ctype: str, extra: str = "") -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from pages import read_request, reply, serving
+from ringcast.http.parse import ChunkedBody
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -424,6 +425,30 @@ def test_forwarded_head_declares_exactly_the_body_forwarded(
         b"POST /tokenize HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
         b"hello" % host.encode()
     ]
+
+
+def test_a_chunked_body_goes_up_chunked(recorder: tuple[RecordingUpstream, Any]) -> None:
+    """A chunked request body streams through: ringcast decodes it and sends it up chunked
+    again (its own framing, as with Content-Length), trailer fields dropped."""
+    up, s = recorder
+    raw = (
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3;ext=1\r\nhel\r\n4\r\nlo\r\n\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    status, _, body = s.request("POST", "/tokenize", raw=raw)
+    assert (status, body) == (200, b"ok")
+    assert up.closed.wait(30)
+    host = up.url.removeprefix("http://")
+    head = (
+        b"POST /tokenize HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" % host.encode()
+    )
+    (got,) = up.received
+    assert got.startswith(head) and got.endswith(b"0\r\n\r\n")
+    decoded: list[bytes] = []
+    decoder = ChunkedBody(decoded.append)
+    assert decoder.feed(bytearray(got[len(head) :])) == len(got) - len(head)
+    assert decoder.done and b"".join(decoded) == b"hello\r\n"
 
 
 def test_a_raw_utf8_target_goes_up_as_the_client_sent_it(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from ringcast.http.parse import body_length, parse_head
+from ringcast.http.parse import HeadParser
 from ringcast.server.upstream_link import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
 from ringcast.wire.sse import strip_id_lines
 
@@ -70,8 +70,10 @@ def read_request(rfile: BinaryIO) -> dict[str, Any] | None:
         if not line:
             return None
         head += line
-    req = parse_head(head[:-4])
-    body: dict[str, Any] = json.loads(rfile.read(body_length(req, 1 << 20)))
+    parser = HeadParser()
+    parser.feed(bytearray(head))
+    assert parser.request is not None
+    body: dict[str, Any] = json.loads(rfile.read(parser.request.content_length))
     return body
 
 

@@ -1,4 +1,14 @@
-"""Request parsing of the HTTP/1.1 server: request line, headers, body length, query strings.
+"""Request parsing of the HTTP/1.1 server, and query strings.
+
+A request head is read in two parts. The request line is ringcast's own: any token is a
+method (routes answer 405 for those they do not take, after the key check), the target is
+raw bytes that must be UTF-8, and a well-formed line in another HTTP version is a 505. The
+header fields, their framing and a chunked body are llhttp's (the parser of Node.js and
+uvicorn, through ``httptools``), which sees the request line re-written in the one shape it
+accepts: a neutral method (its table refuses unknown ones, and CONNECT would make it a
+tunnel) and the target with each byte above 0x7F percent-escaped (it refuses raw UTF-8; the
+path is percent-decoded by the routes, so ``%C3%A9`` and the raw bytes of ``é`` mean the
+same). An ``Upgrade`` is ignored, as RFC 9110 7.8 allows: ringcast only speaks HTTP/1.1.
 
 The errors it raises (:class:`HttpError`) carry the status to answer and whether the
 connection must close after it.
@@ -7,8 +17,15 @@ connection must close after it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
+
+import httptools
+
+MAX_HEAD = 16 * 1024
+"""Largest request head (request line and header fields): 414 for a longer request line, 431
+for a longer head."""
 
 REASONS = {
     100: "Continue",
@@ -23,12 +40,13 @@ REASONS = {
     405: "Method Not Allowed",
     409: "Conflict",
     410: "Gone",
-    411: "Length Required",
     413: "Payload Too Large",
+    414: "URI Too Long",
     416: "Range Not Satisfiable",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
@@ -38,24 +56,26 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     410: "offset_lost",
-    411: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     416: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
     500: "server_error",
+    501: "invalid_request_error",
     503: "unavailable_error",
     505: "invalid_request_error",
 }
 
 # Matched with fullmatch: ``$`` also matches before a final newline, and so let "5\n"
 # (``from=5%0A``) through as 5.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DECIMAL = re.compile(r"[0-9]{1,19}")
-# Control characters other than HTAB in a header value (RFC 9110 5.5): refused, never passed on.
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_TARGET_CTL = re.compile(rb"[\x00-\x1f\x7f]")
-_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# method SP target SP version: the method a token, the target from "/" on without spaces or
+# control characters (bytes above 0x7F are the UTF-8 checked below).
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[^\x00-\x20\x7f]*) (HTTP/[0-9]\.[0-9])"
+)
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
 class HttpError(Exception):
@@ -80,6 +100,8 @@ class Request:
         "admitted",
         "body",
         "body_stream",
+        "chunked",
+        "content_length",
         "headers",
         "keep_alive",
         "method",
@@ -99,6 +121,10 @@ class Request:
         self.headers = headers
         self.target = b""
         """The request target exactly as the client sent it (bytes), for the passthrough."""
+        self.content_length = 0
+        """The body's ``Content-Length`` (0 without one, or with a chunked body)."""
+        self.chunked = False
+        """The body comes ``Transfer-Encoding: chunked`` (its length is known at its end)."""
         self.body = b""
         self.body_stream: Any = None
         """With an application that streams this request's body: its
@@ -130,83 +156,216 @@ class Request:
         return out
 
 
-def bare_line_end(head: bytes | bytearray) -> bool:
-    """``head`` (a request head so far, without its final blank line) has a line ended by a
-    bare LF or a bare CR. Such a head never ends in CRLF CRLF, so without this check the
-    connection would wait for the idle timeout instead of answering 400."""
-    if head.endswith(b"\r"):
-        head = head[:-1]  # its LF may be in the next packet
-    crlf = head.count(b"\r\n")
-    return head.count(b"\n") != crlf or head.count(b"\r") != crlf
+def _escape_non_ascii(match: re.Match[bytes]) -> bytes:
+    return b"%%%02X" % match[0][0]
 
 
-def parse_head(head: bytes) -> Request:
-    """Parse a request line and headers (without the final blank line)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise HttpError(400, "malformed request line", close=True)
-    method_b, target_b, version = parts
-    # A line that is not a request line at all is the client's error (400); 505 is only for a
-    # well-formed request in an HTTP version ringcast does not speak.
-    if (
-        not _TOKEN.fullmatch(method_b)
-        or not target_b.startswith(b"/")
-        or _TARGET_CTL.search(target_b)
-        or not _VERSION.fullmatch(version)
-    ):
-        raise HttpError(400, "malformed request line", close=True)
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name_b, sep, value_b = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name_b):
-            raise HttpError(400, "malformed header line", close=True)
-        name = name_b.decode("ascii").lower()
-        value = value_b.strip(b" \t").decode("latin-1")
-        if _CTL.search(value):
-            raise HttpError(400, f"control character in the value of header {name!r}", close=True)
-        if name in headers:
-            if name == "content-length" and headers[name] != value:
-                raise HttpError(400, "conflicting Content-Length headers", close=True)
-            if name != "content-length":
-                headers[name] = headers[name] + ", " + value
+def _llhttp_error(e: httptools.HttpParserError, what: str) -> HttpError:
+    """The answer to what llhttp refused in ``what`` (its reason is in the message)."""
+    reason = str(e)
+    words = reason.split()
+    if what == "request head" and ("CR" in words or "LF" in words or "CRLF" in words):
+        # A line ended by a bare LF or CR: refused at once (a head that never ends in
+        # CRLF CRLF would otherwise wait for the idle timeout).
+        return HttpError(400, f"request head lines must end in CRLF ({reason})", close=True)
+    return HttpError(400, f"malformed {what}: {reason}", close=True)
+
+
+class HeadParser:
+    """The head of one request, from the start of a connection's unparsed bytes.
+
+    :meth:`feed` is given the same growing buffer until it returns the head's length; the
+    :class:`Request` is then in :attr:`request`, and its body follows in the buffer. llhttp
+    sees each byte of the head once, as it arrives, so a malformed line is refused at once.
+    """
+
+    __slots__ = (
+        "_complete",
+        "_fed",
+        "_headers",
+        "_llhttp",
+        "_method",
+        "_start",
+        "_target",
+        "_version",
+        "request",
+    )
+
+    def __init__(self) -> None:
+        self._llhttp = httptools.HttpRequestParser(self)
+        self._start = 0
+        """Length of the request line (with its CRLF), once read; 0 before."""
+        self._fed = 0
+        """Bytes after the request line given to llhttp so far."""
+        self._headers: dict[str, str] = {}
+        self._complete = False
+        self._method = ""
+        self._target = b""
+        self._version = b""
+        self.request: Request | None = None
+
+    # -- llhttp's callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp checked the name is a token and the value holds no control character but
+        # HTAB; it leaves trailing white space on the value.
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers = self._headers
+        if key in headers:
+            # (A second Content-Length is refused by llhttp.)
+            headers[key] = headers[key] + ", " + text
         else:
-            headers[name] = value
-    try:
-        # Raw non-ASCII bytes in a target are UTF-8 (what curl and browsers send for a path
-        # typed as ``/v1/stream/café``), as are its percent-escapes.
-        target = target_b.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HttpError(400, "request target is not valid UTF-8", close=True) from None
-    path, _, query = target.partition("?")
-    req = Request(method_b.decode("ascii"), path, query, version, headers)
-    req.target = target_b
-    return req
+            headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self._complete = True
+
+    def _build(self) -> Request:
+        """The :class:`Request` of a head llhttp found whole."""
+        target, version, headers = self._target, self._version, self._headers
+        try:
+            # Raw non-ASCII bytes in a target are UTF-8 (what curl and browsers send for a
+            # path typed as ``/v1/stream/café``), as are its percent-escapes.
+            text = target.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "request target is not valid UTF-8", close=True) from None
+        path, _, query = text.partition("?")
+        req = Request(self._method, path, query, version, headers)
+        req.target = target
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            # llhttp refused a request whose last transfer coding is not chunked, and one
+            # with Content-Length beside it (RFC 9112 6.1, 6.3: a request to smuggle).
+            if version == b"HTTP/1.0":
+                raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request", close=True)
+            if te.lower() != "chunked":
+                raise HttpError(
+                    501,
+                    f"Transfer-Encoding {te[:64]!r} is not supported: send the body plain, "
+                    "chunked or with Content-Length",
+                    close=True,
+                )
+            req.chunked = True
+        elif "content-length" in headers:
+            req.content_length = int(headers["content-length"])  # digits: llhttp checked
+        return req
+
+    # -- parsing
+
+    def feed(self, buf: bytearray) -> int:
+        """Parse what ``buf`` holds of the head so far: its length once it is whole (the
+        caller then drops that much), else 0. Raises :class:`HttpError`."""
+        if not self._start and not self._request_line(buf):
+            return 0
+        start = self._start
+        # The head ends at its first empty line: right after the request line's CRLF, or at
+        # the first CRLF CRLF after it (llhttp refuses a bare CR or LF in between).
+        end = buf.find(b"\r\n\r\n", max(start - 2, start + self._fed - 3))
+        stop = len(buf) if end < 0 else end + 4
+        if (end if end >= 0 else stop) > MAX_HEAD:
+            raise HttpError(431, "request head too large", close=True)
+        if stop > start + self._fed:
+            with memoryview(buf) as view:
+                self._llhttp_feed(view[start + self._fed : stop])
+            self._fed = stop - start
+        if end < 0:
+            return 0
+        assert self._complete  # llhttp saw the empty line
+        self.request = self._build()
+        return stop
+
+    def _llhttp_feed(self, data: bytes | memoryview) -> None:
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # ignored (RFC 9110 7.8): the head is whole, the body is read as HTTP/1.1
+        except httptools.HttpParserError as e:
+            raise _llhttp_error(e, "request head") from None
+
+    def _request_line(self, buf: bytearray) -> bool:
+        """Read and check the request line if it is all there; False if not yet."""
+        nl = buf.find(b"\n", 0, MAX_HEAD + 1)
+        if nl < 0:
+            cr = buf.find(b"\r", 0, MAX_HEAD)
+            if 0 <= cr < len(buf) - 1 and buf[cr + 1] != 0x0A:
+                raise HttpError(400, "request head lines must end in CRLF", close=True)
+            if len(buf) > MAX_HEAD:
+                raise HttpError(414, f"request line longer than {MAX_HEAD} bytes", close=True)
+            return False
+        line = bytes(buf[: nl - 1]) if nl else b""
+        if not nl or buf[nl - 1] != 0x0D or b"\r" in line:
+            raise HttpError(400, "request head lines must end in CRLF", close=True)
+        m = _REQUEST_LINE.fullmatch(line)
+        if m is None:
+            # Not a request line at all (no version: HTTP/0.9's "GET /" included): the
+            # client's error. 505 is only for a well-formed request in a version ringcast
+            # does not speak.
+            raise HttpError(400, "malformed request line", close=True)
+        method, target, version = m.groups()
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+        self._method = method.decode("ascii")
+        self._target, self._version = target, version
+        escaped = target if target.isascii() else _NON_ASCII.sub(_escape_non_ascii, target)
+        self._llhttp_feed(b"GET " + escaped + b" " + version + b"\r\n")
+        self._start = nl + 1
+        return True
 
 
-def body_length(req: Request, max_body: int | None) -> int:
-    """The length of ``req``'s body from its ``Content-Length`` (0 without one); 411 for a
-    chunked body, 400 for a malformed length, 413 above ``max_body`` (None: no limit, for a
-    body that is streamed, not held)."""
-    if "transfer-encoding" in req.headers:
-        raise HttpError(
-            411, "chunked request bodies are not supported; send Content-Length", close=True
-        )
-    cl = req.headers.get("content-length")
-    if cl is None:
-        return 0
-    if not _DECIMAL.fullmatch(cl):
-        raise HttpError(400, f"invalid Content-Length {cl[:32]!r}", close=True)
-    n = int(cl)
-    if max_body is not None and n > max_body:
-        raise HttpError(
-            413,
-            f"request body of {n} bytes exceeds the limit of {max_body} bytes",
-            close=True,
-        )
-    return n
+class ChunkedBody:
+    """A ``Transfer-Encoding: chunked`` request body, decoded by llhttp as it arrives.
+
+    Its decoder is a parser of its own, given a head that says only "chunked" and then the
+    body's bytes: the one the head was read with would take an ``Upgrade`` as the end of HTTP
+    and skip the body. :meth:`feed` stops exactly at the body's end, so what follows (a
+    pipelined request) stays for the next head: a chunked body can only end right after a
+    CRLF CRLF (the empty line after the last chunk and its trailer fields), so the bytes are
+    given to llhttp in runs that end at each of those, and the first run that completes the
+    body is the last.
+    """
+
+    __slots__ = ("_llhttp", "_sink", "_tail", "done")
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._tail = b""
+        """The last (up to) 3 bytes given to llhttp: a CRLF CRLF may straddle two calls."""
+        self.done = False
+        self._llhttp = httptools.HttpRequestParser(self)
+        self._llhttp.feed_data(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        self._sink(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def feed(self, buf: bytearray) -> int:
+        """Decode the start of ``buf``, handing the body's bytes to the sink; returns how
+        many bytes of ``buf`` were the body's (all of them, unless it ended inside).
+        Raises :class:`HttpError` on a malformed body."""
+        n = len(buf)
+        pos = 0
+        straddle = -1
+        if self._tail:
+            joined = self._tail + bytes(buf[:3])
+            i = joined.find(b"\r\n\r\n")  # (ends inside buf: the tail is shorter)
+            straddle = i + 4 - len(self._tail) if i >= 0 else -1
+        with memoryview(buf) as view:
+            while pos < n and not self.done:
+                if straddle > pos:
+                    end, straddle = straddle, -1
+                else:
+                    i = buf.find(b"\r\n\r\n", max(pos - 3, 0))
+                    end = i + 4 if i >= 0 else n
+                try:
+                    self._llhttp.feed_data(view[pos:end])
+                except httptools.HttpParserError as e:
+                    raise _llhttp_error(e, "chunked body") from None
+                pos = end
+        self._tail = (self._tail + bytes(buf[max(0, pos - 3) : pos]))[-3:]
+        return pos
 
 
 def parse_offset(value: str, what: str) -> int:

@@ -3,8 +3,9 @@ request bodies, and response framing.
 
 - keep-alive and pipelining: one request at a time per connection; later requests wait in the
   buffer, and reading pauses when that buffer grows;
-- ``Content-Length`` bodies up to ``max_body`` (413 beyond, ``100-continue`` honoured);
-  chunked request bodies are refused with 411, since no OpenAI client sends them;
+- request heads and chunked bodies parsed by llhttp (:mod:`ringcast.http.parse`);
+- ``Content-Length`` and chunked bodies up to ``max_body`` (413 beyond, ``100-continue``
+  honoured once the application admitted the head);
 - a body the application streams instead of holding (:meth:`HttpApp.streams_body`: a
   request it forwards elsewhere) is handed over as it arrives, as a :class:`BodyStream`, with
   reading paused while more than ``PIPELINE_BUFFER`` of it waits;
@@ -31,20 +32,15 @@ from typing import Protocol, cast
 
 from ringcast.http.flow import FlowControl
 from ringcast.http.logs import log_failure
-from ringcast.http.parse import (
-    REASONS,
-    HttpError,
-    Request,
-    bare_line_end,
-    body_length,
-    parse_head,
-)
+from ringcast.http.parse import REASONS, ChunkedBody, HeadParser, HttpError, Request
 from ringcast.wire.openai import error_json
 
 log = logging.getLogger("ringcast.http")
 
-MAX_HEAD = 16 * 1024
 PIPELINE_BUFFER = 64 * 1024
+MAX_CHUNK_FRAMING = 64 * 1024
+"""Bytes of chunk framing (size lines, extensions, trailer fields) a held chunked body may
+carry beyond the same again of its limit: past that it is a 413 too."""
 LINGER_S = 2.0
 """How long a connection that refused a body (413) discards what still arrives before it
 closes."""
@@ -108,8 +104,18 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.buf = bytearray()
+        self.head = HeadParser()
         self.pending: Request | None = None
+        """The request whose body is being read."""
         self.need = 0
+        """Bytes still to come of the pending request's ``Content-Length`` body."""
+        self.chunks: ChunkedBody | None = None
+        """The decoder of the pending request's chunked body."""
+        self.chunked_parts: list[bytes] = []
+        self.chunked_size = 0
+        self.chunked_raw = 0
+        self.limit: int | None = None
+        """The pending request's body limit (None: streamed, unlimited)."""
         self.busy = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
@@ -167,21 +173,12 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
-        stream = self.body_stream
-        if stream is not None and stream.left:
-            take = stream.left
-            stream.feed(data[:take])
-            data = data[take:]
-            if not data:
-                return
         self.buf += data
-        if self.busy:
-            if len(self.buf) > PIPELINE_BUFFER and not self.reading_paused:
-                assert self.transport is not None
-                self.transport.pause_reading()
-                self.reading_paused = True
-            return
         self._parse()
+        if self.busy and len(self.buf) > PIPELINE_BUFFER and not self.reading_paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.reading_paused = True
 
     def eof_received(self) -> bool:
         # A client that half-closes is treated as gone: that is how disconnects show up.
@@ -233,60 +230,119 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _parse(self) -> None:
-        while not self.busy and not self.closed:
-            if self.pending is None:
-                end = self.buf.find(b"\r\n\r\n")
-                if bare_line_end(self.buf[:end] if end >= 0 else self.buf[:MAX_HEAD]):
-                    self._reject(HttpError(400, "request head lines must end in CRLF", close=True))
+        """Read heads and bodies off ``buf``: one request at a time, the next head only once
+        the previous request was answered (a streamed body is read on while it is handled)."""
+        while not self.closed and not self.discarding:
+            req = self.pending
+            if req is None:
+                if self.busy or not self.buf:
                     return
-                if end < 0:
-                    if len(self.buf) > MAX_HEAD:
-                        self._reject(HttpError(431, "request head too large", close=True))
-                    return
-                if end > MAX_HEAD:
-                    self._reject(HttpError(431, "request head too large", close=True))
-                    return
-                head = bytes(self.buf[:end])
-                del self.buf[: end + 4]
                 try:
-                    req = parse_head(head)
-                    streamed = self.app.streams_body(req)
-                    self.need = body_length(req, None if streamed else self.app.http.max_body)
+                    used = self.head.feed(self.buf)
                 except HttpError as e:
                     self._reject(e)
                     return
-                expects = self.need and req.headers.get("expect", "").lower() == "100-continue"
-                try:
-                    self.app.admit(req)
-                except HttpError as e:
-                    if expects:
-                        # The client waits for our word before sending the body: it gets
-                        # the refusal instead, and the connection ends with it.
-                        self._reject(e)
-                        return
-                    self.refusal = e  # answered once the body that is on its way is read
-                self.pending = req
-                if expects:
-                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if streamed:
-                    # The body goes to the application as it arrives: what is here now, then
-                    # data_received feeds the rest.
-                    self.body_stream = req.body_stream = BodyStream(self, self.need)
-                    take = bytes(self.buf[: self.need])
-                    del self.buf[: self.need]
-                    self.body_stream.feed(take)
-                    self.need = 0
-            if len(self.buf) < self.need:
+                if not used:
+                    return
+                del self.buf[:used]
+                req = self.head.request
+                assert req is not None
+                self.head = HeadParser()
+                if not self._start_body(req):
+                    return
+            try:
+                if not self._read_body(req):
+                    return
+            except HttpError as e:
+                if req.body_stream is not None and self.transport is not None:
+                    # Its handler may have started the response: the connection is cut
+                    # instead, as when the client goes away mid-body.
+                    self.transport.close()
+                    self._lost()
+                    return
+                self._reject(e)
                 return
-            req = self.pending
-            req.body = bytes(self.buf[: self.need])
-            del self.buf[: self.need]
             self.pending = None
-            self.need = 0
-            self.busy = True
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
-            self.task = asyncio.get_running_loop().create_task(self._run(req))
+            if req.body_stream is not None:
+                req.body_stream.finish()  # its request is being handled already
+                continue
+            self._dispatch(req)
+
+    def _start_body(self, req: Request) -> bool:
+        """Decide on ``req``'s head: its body limit (413), admission, ``100 Continue``, a
+        streamed body. False if it was refused here (the connection closes)."""
+        streamed = self.app.streams_body(req)
+        self.limit = None if streamed else self.app.http.max_body
+        if self.limit is not None and req.content_length > self.limit:
+            self._reject(too_large(req.content_length, self.limit))
+            return False
+        has_body = req.chunked or req.content_length > 0
+        expects = has_body and req.headers.get("expect", "").lower() == "100-continue"
+        try:
+            self.app.admit(req)
+        except HttpError as e:
+            if expects:
+                # The client waits for our word before sending the body: it gets the
+                # refusal instead, and the connection ends with it.
+                self._reject(e)
+                return False
+            self.refusal = e  # answered once the body that is on its way is read
+        self.pending = req
+        self.need = req.content_length
+        if req.chunked:
+            self.chunks = ChunkedBody(self._chunked_data)
+            self.chunked_parts, self.chunked_size, self.chunked_raw = [], 0, 0
+        if expects:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if streamed:
+            # The body goes to the application as it arrives, while it handles the request.
+            self.body_stream = req.body_stream = BodyStream(self)
+            self._dispatch(req)
+        return True
+
+    def _chunked_data(self, data: bytes) -> None:
+        if self.body_stream is not None:
+            self.body_stream.feed(data)
+        else:
+            self.chunked_parts.append(data)
+            self.chunked_size += len(data)
+
+    def _read_body(self, req: Request) -> bool:
+        """Take what ``buf`` holds of ``req``'s body; True once it is all in."""
+        chunks = self.chunks
+        if chunks is None:
+            stream = self.body_stream
+            if stream is None:
+                if len(self.buf) < self.need:
+                    return False
+                req.body = bytes(self.buf[: self.need])
+            elif self.need and self.buf:
+                stream.feed(bytes(self.buf[: self.need]))
+            taken = min(self.need, len(self.buf))
+            del self.buf[:taken]
+            self.need -= taken
+            return self.need == 0
+        used = chunks.feed(self.buf)
+        del self.buf[:used]
+        self.chunked_raw += used
+        limit = self.limit
+        if limit is not None and (
+            self.chunked_size > limit or self.chunked_raw > 2 * limit + MAX_CHUNK_FRAMING
+        ):
+            raise too_large(self.chunked_size, limit, chunked=True)
+        if not chunks.done:
+            return False
+        self.chunks = None
+        if self.body_stream is None:
+            req.body = b"".join(self.chunked_parts)
+            self.chunked_parts = []
+        return True
+
+    def _dispatch(self, req: Request) -> None:
+        self.busy = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.task = asyncio.get_running_loop().create_task(self._run(req))
 
     def _reject(self, e: HttpError) -> None:
         self.keep_alive = False
@@ -315,7 +371,7 @@ class Connection(asyncio.Protocol):
             await self.app.handle(req, self)
         except HttpError as e:
             self.app.count_status(e.status)
-            if e.close or (self.body_stream is not None and self.body_stream.left):
+            if e.close or (self.body_stream is not None and not self.body_stream.complete):
                 # (A streamed body left unread would be parsed as the next request.)
                 self.keep_alive = False
             self.send(e.status, error_json(e.status, e.message, e.type, e.first_available))
@@ -331,7 +387,7 @@ class Connection(asyncio.Protocol):
                 self.keep_alive = False
                 self.send(500, error_json(500, "internal server error", "server_error"))
         if self.body_stream is not None:
-            if self.body_stream.left:
+            if not self.body_stream.complete:
                 # The rest of an unread body would be parsed as the next request.
                 self.keep_alive = False
             self.body_stream = None
@@ -457,10 +513,10 @@ class BodyStream:
     slows to the pace of whoever consumes it.
     """
 
-    def __init__(self, conn: Connection, length: int) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.left = length
-        """Body bytes not yet received."""
+        self.complete = False
+        """The whole body was received (its last bytes may still wait here)."""
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -470,12 +526,16 @@ class BodyStream:
     def feed(self, data: bytes) -> None:
         if not data:
             return
-        self.left -= len(data)
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > PIPELINE_BUFFER and not self._paused and self.conn.transport:
             self._paused = True
             self.conn.transport.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        """The body's last bytes were fed."""
+        self.complete = True
         self._wake()
 
     def close(self) -> None:
@@ -492,7 +552,7 @@ class BodyStream:
         """The next body bytes as they came; ``b""`` once the whole body was read.
         ``ConnectionResetError`` if the client went away before sending all of it."""
         while not self._chunks:
-            if self.left == 0:
+            if self.complete:
                 return b""
             if self._lost:
                 raise ConnectionResetError("client went away while sending the request body")
@@ -505,6 +565,12 @@ class BodyStream:
             self._paused = False
             self.conn.transport.resume_reading()
         return data
+
+
+def too_large(size: int, limit: int, chunked: bool = False) -> HttpError:
+    """The 413 for a request body of ``size`` bytes (so far, if ``chunked``) above ``limit``."""
+    what = "chunked request body" if chunked else f"request body of {size} bytes"
+    return HttpError(413, f"{what} exceeds the limit of {limit} bytes (--max-body)", close=True)
 
 
 def reason(status: int) -> str:

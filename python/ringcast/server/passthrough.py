@@ -24,7 +24,7 @@ import logging
 
 from ringcast.http.client import HTTPError, ResponseParser
 from ringcast.http.parse import HttpError, Request
-from ringcast.http.protocol import Connection
+from ringcast.http.protocol import Connection, frame_chunk
 from ringcast.server.config import ServeConfig
 from ringcast.server.upstream_link import (
     CREDENTIAL_HEADERS,
@@ -89,14 +89,17 @@ def request_head(
     """The request head sent upstream: the caller's, end to end, with ``Host`` naming the
     upstream, one connection per request, and the key as the module docstring says. The
     target goes up as the bytes the client sent (after the upstream's path prefix ``root``);
-    ``Content-Length`` is ringcast's own, the length of the body it forwards."""
+    the framing is ringcast's own: the ``Content-Length`` of the body it forwards, or chunked
+    for a chunked body."""
     headers = _end_to_end(list(req.headers.items()))
     # ringcast answered the client's 100-continue itself, and sets the framing itself.
     drop = {"host", "expect", "content-length", *CREDENTIAL_HEADERS}
     lines = [f"Host: {authority}"]
     lines += [f"{k}: {v}" for k, v in headers if k not in drop]
-    if "content-length" in req.headers:  # validated by the parser (body_length)
-        lines.append(f"Content-Length: {int(req.headers['content-length'])}")
+    if req.chunked:  # forwarded as it arrives, so chunked again
+        lines.append("Transfer-Encoding: chunked")
+    elif "content-length" in req.headers:
+        lines.append(f"Content-Length: {req.content_length}")
     lines += credential_lines(cfg, caller_credentials(cfg, dict(headers), strip_auth))
     lines.append("Connection: close")
     start = req.method.encode("ascii") + b" " + root.encode("utf-8") + req.target + b" HTTP/1.1"
@@ -107,11 +110,13 @@ async def _send_body(req: Request, writer: asyncio.StreamWriter) -> None:
     """Forward the request body as it arrives, at the pace the upstream takes it."""
     if req.body_stream is None:
         if req.body:
-            writer.write(req.body)
-        return
-    while data := await req.body_stream.read():
-        writer.write(data)
-        await writer.drain()
+            writer.write(frame_chunk(req.body) if req.chunked else req.body)
+    else:
+        while data := await req.body_stream.read():
+            writer.write(frame_chunk(data) if req.chunked else data)
+            await writer.drain()
+    if req.chunked:
+        writer.write(b"0\r\n\r\n")
 
 
 async def passthrough(
