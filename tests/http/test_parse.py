@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcast.http.parse import MAX_HEAD, ChunkedBody, HeadParser, HttpError, Request
+from ringcast.http.parse import (
+    MAX_CHUNK_FRAMING,
+    MAX_HEAD,
+    ChunkedBody,
+    HeadParser,
+    HttpError,
+    Request,
+    RequestBody,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,3 +241,25 @@ def test_malformed_chunked_body_is_400(body: bytes) -> None:
     with pytest.raises(HttpError) as e:
         ChunkedBody(lambda data: None).feed(bytearray(body))
     assert e.value.status == 400
+
+
+def test_request_body_limits() -> None:
+    held = RequestBody(3, False, 10)
+    buf = bytearray(b"ab")
+    assert held.feed(buf) == 0 and not held.done  # a Content-Length body is taken whole
+    buf += b"cGET"
+    assert held.feed(buf) == 3 and held.done and held.take() == b"abc"
+    # A chunked body is refused once its decoded bytes pass the limit...
+    with pytest.raises(HttpError) as e:
+        RequestBody(0, True, 10).feed(bytearray(b"b\r\n" + b"x" * 11 + b"\r\n"))
+    assert e.value.status == 413
+    # ...or its framing alone grows past twice the limit and MAX_CHUNK_FRAMING.
+    framing = b"1;" + b"e" * (20 + MAX_CHUNK_FRAMING)
+    with pytest.raises(HttpError) as e:
+        RequestBody(0, True, 10).feed(bytearray(framing))
+    assert e.value.status == 413
+    # Streamed (no limit): handed over as it comes.
+    got: list[bytes] = []
+    streamed = RequestBody(0, True, None, got.append)
+    assert streamed.feed(bytearray(b"3\r\nabc\r\n")) == 8 and got == [b"abc"]
+    assert streamed.feed(bytearray(b"0\r\n\r\n")) == 5 and streamed.done

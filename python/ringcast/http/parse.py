@@ -368,6 +368,82 @@ class ChunkedBody:
         return pos
 
 
+MAX_CHUNK_FRAMING = 64 * 1024
+"""Bytes of chunk framing (size lines, extensions, trailer fields) a held chunked body may
+carry beyond the same again of its limit: past that it is a 413 too."""
+
+
+def too_large(size: int, limit: int, chunked: bool = False) -> HttpError:
+    """The 413 for a request body of ``size`` bytes (so far, if ``chunked``) above ``limit``."""
+    what = "chunked request body" if chunked else f"request body of {size} bytes"
+    return HttpError(413, f"{what} exceeds the limit of {limit} bytes (--max-body)", close=True)
+
+
+class RequestBody:
+    """The body of one request as it arrives: ``length`` bytes (its ``Content-Length``; 0
+    without a body), or chunked (decoded by :class:`ChunkedBody`). Held whole up to ``limit``
+    bytes (413 past it), or handed to ``sink`` as it comes (``limit`` None)."""
+
+    __slots__ = ("_chunks", "_held", "_limit", "_need", "_raw", "_sink", "_size", "done")
+
+    def __init__(
+        self,
+        length: int,
+        chunked: bool,
+        limit: int | None,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._need = length
+        self._limit = limit
+        self._sink = sink
+        self._held: list[bytes] = []
+        self._size = 0
+        self._raw = 0
+        self._chunks = ChunkedBody(self._decoded) if chunked else None
+        self.done = not chunked and not length
+
+    def _decoded(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+        else:
+            self._held.append(data)
+            self._size += len(data)
+
+    def feed(self, buf: bytearray) -> int:
+        """Take what ``buf`` holds of the body; returns how many bytes of it were the body's
+        (the caller drops them). Raises :class:`HttpError`: 400 for a malformed chunked body,
+        413 past the limit."""
+        if self.done:
+            return 0
+        chunks = self._chunks
+        if chunks is None:
+            if self._sink is None:
+                # Held: one copy, once it is all here.
+                if len(buf) < self._need:
+                    return 0
+                self._held.append(bytes(buf[: self._need]))
+                taken = self._need
+            else:
+                taken = min(self._need, len(buf))
+                if taken:
+                    self._sink(bytes(buf[:taken]))
+            self._need -= taken
+            self.done = self._need == 0
+            return taken
+        used = chunks.feed(buf)
+        self._raw += used
+        limit = self._limit
+        if limit is not None and (self._size > limit or self._raw > 2 * limit + MAX_CHUNK_FRAMING):
+            raise too_large(self._size, limit, chunked=True)
+        self.done = chunks.done
+        return used
+
+    def take(self) -> bytes:
+        """The held body, once :attr:`done`."""
+        held, self._held = self._held, []
+        return held[0] if len(held) == 1 else b"".join(held)
+
+
 def parse_offset(value: str, what: str) -> int:
     """A byte offset from a query parameter or header (``""`` is 0); 400 if malformed."""
     if value == "":

@@ -32,15 +32,12 @@ from typing import Protocol, cast
 
 from ringcast.http.flow import FlowControl
 from ringcast.http.logs import log_failure
-from ringcast.http.parse import REASONS, ChunkedBody, HeadParser, HttpError, Request
+from ringcast.http.parse import REASONS, HeadParser, HttpError, Request, RequestBody, too_large
 from ringcast.wire.openai import error_json
 
 log = logging.getLogger("ringcast.http")
 
 PIPELINE_BUFFER = 64 * 1024
-MAX_CHUNK_FRAMING = 64 * 1024
-"""Bytes of chunk framing (size lines, extensions, trailer fields) a held chunked body may
-carry beyond the same again of its limit: past that it is a 413 too."""
 LINGER_S = 2.0
 """How long a connection that refused a body (413) discards what still arrives before it
 closes."""
@@ -106,16 +103,8 @@ class Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.head = HeadParser()
         self.pending: Request | None = None
-        """The request whose body is being read."""
-        self.need = 0
-        """Bytes still to come of the pending request's ``Content-Length`` body."""
-        self.chunks: ChunkedBody | None = None
-        """The decoder of the pending request's chunked body."""
-        self.chunked_parts: list[bytes] = []
-        self.chunked_size = 0
-        self.chunked_raw = 0
-        self.limit: int | None = None
-        """The pending request's body limit (None: streamed, unlimited)."""
+        """The request whose body is being read, by ``body``."""
+        self.body = RequestBody(0, False, None)
         self.busy = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
@@ -251,8 +240,7 @@ class Connection(asyncio.Protocol):
                 if not self._start_body(req):
                     return
             try:
-                if not self._read_body(req):
-                    return
+                used = self.body.feed(self.buf)
             except HttpError as e:
                 if req.body_stream is not None and self.transport is not None:
                     # Its handler may have started the response: the connection is cut
@@ -262,19 +250,23 @@ class Connection(asyncio.Protocol):
                     return
                 self._reject(e)
                 return
+            del self.buf[:used]
+            if not self.body.done:
+                return
             self.pending = None
             if req.body_stream is not None:
                 req.body_stream.finish()  # its request is being handled already
                 continue
+            req.body = self.body.take()
             self._dispatch(req)
 
     def _start_body(self, req: Request) -> bool:
         """Decide on ``req``'s head: its body limit (413), admission, ``100 Continue``, a
         streamed body. False if it was refused here (the connection closes)."""
         streamed = self.app.streams_body(req)
-        self.limit = None if streamed else self.app.http.max_body
-        if self.limit is not None and req.content_length > self.limit:
-            self._reject(too_large(req.content_length, self.limit))
+        limit = None if streamed else self.app.http.max_body
+        if limit is not None and req.content_length > limit:
+            self._reject(too_large(req.content_length, limit))
             return False
         has_body = req.chunked or req.content_length > 0
         expects = has_body and req.headers.get("expect", "").lower() == "100-continue"
@@ -288,54 +280,15 @@ class Connection(asyncio.Protocol):
                 return False
             self.refusal = e  # answered once the body that is on its way is read
         self.pending = req
-        self.need = req.content_length
-        if req.chunked:
-            self.chunks = ChunkedBody(self._chunked_data)
-            self.chunked_parts, self.chunked_size, self.chunked_raw = [], 0, 0
         if expects:
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if streamed:
             # The body goes to the application as it arrives, while it handles the request.
             self.body_stream = req.body_stream = BodyStream(self)
+            self.body = RequestBody(req.content_length, req.chunked, None, self.body_stream.feed)
             self._dispatch(req)
-        return True
-
-    def _chunked_data(self, data: bytes) -> None:
-        if self.body_stream is not None:
-            self.body_stream.feed(data)
         else:
-            self.chunked_parts.append(data)
-            self.chunked_size += len(data)
-
-    def _read_body(self, req: Request) -> bool:
-        """Take what ``buf`` holds of ``req``'s body; True once it is all in."""
-        chunks = self.chunks
-        if chunks is None:
-            stream = self.body_stream
-            if stream is None:
-                if len(self.buf) < self.need:
-                    return False
-                req.body = bytes(self.buf[: self.need])
-            elif self.need and self.buf:
-                stream.feed(bytes(self.buf[: self.need]))
-            taken = min(self.need, len(self.buf))
-            del self.buf[:taken]
-            self.need -= taken
-            return self.need == 0
-        used = chunks.feed(self.buf)
-        del self.buf[:used]
-        self.chunked_raw += used
-        limit = self.limit
-        if limit is not None and (
-            self.chunked_size > limit or self.chunked_raw > 2 * limit + MAX_CHUNK_FRAMING
-        ):
-            raise too_large(self.chunked_size, limit, chunked=True)
-        if not chunks.done:
-            return False
-        self.chunks = None
-        if self.body_stream is None:
-            req.body = b"".join(self.chunked_parts)
-            self.chunked_parts = []
+            self.body = RequestBody(req.content_length, req.chunked, limit)
         return True
 
     def _dispatch(self, req: Request) -> None:
@@ -565,12 +518,6 @@ class BodyStream:
             self._paused = False
             self.conn.transport.resume_reading()
         return data
-
-
-def too_large(size: int, limit: int, chunked: bool = False) -> HttpError:
-    """The 413 for a request body of ``size`` bytes (so far, if ``chunked``) above ``limit``."""
-    what = "chunked request body" if chunked else f"request body of {size} bytes"
-    return HttpError(413, f"{what} exceeds the limit of {limit} bytes (--max-body)", close=True)
 
 
 def reason(status: int) -> str:
