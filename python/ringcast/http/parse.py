@@ -256,8 +256,11 @@ class HeadParser:
     def feed(self, buf: bytearray) -> int:
         """Parse what ``buf`` holds of the head so far: its length once it is whole (the
         caller then drops that much), else 0. Raises :class:`HttpError`."""
-        if not self._start and not self._request_line(buf):
-            return 0
+        line = b""
+        if not self._start:
+            line = self._request_line(buf)
+            if not line:
+                return 0
         start = self._start
         # The head ends at its first empty line: right after the request line's CRLF, or at
         # the first CRLF CRLF after it (llhttp refuses a bare CR or LF in between).
@@ -265,9 +268,9 @@ class HeadParser:
         stop = len(buf) if end < 0 else end + 4
         if (end if end >= 0 else stop) > MAX_HEAD:
             raise HttpError(431, "request head too large", close=True)
-        if stop > start + self._fed:
-            with memoryview(buf) as view:
-                self._llhttp_feed(view[start + self._fed : stop])
+        if stop > start + self._fed or line:
+            # (One call for a head that came whole: the line and its fields together.)
+            self._llhttp_feed(line + buf[start + self._fed : stop])
             self._fed = stop - start
         if end < 0:
             return 0
@@ -275,7 +278,7 @@ class HeadParser:
         self.request = self._build()
         return stop
 
-    def _llhttp_feed(self, data: bytes | memoryview) -> None:
+    def _llhttp_feed(self, data: bytes) -> None:
         try:
             self._llhttp.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -283,8 +286,9 @@ class HeadParser:
         except httptools.HttpParserError as e:
             raise _llhttp_error(e, "request head") from None
 
-    def _request_line(self, buf: bytearray) -> bool:
-        """Read and check the request line if it is all there; False if not yet."""
+    def _request_line(self, buf: bytearray) -> bytes:
+        """Read and check the request line if it is all there: the line llhttp is to see
+        (b"" if it is not all there yet)."""
         nl = buf.find(b"\n", 0, MAX_HEAD + 1)
         if nl < 0:
             cr = buf.find(b"\r", 0, MAX_HEAD)
@@ -292,7 +296,7 @@ class HeadParser:
                 raise HttpError(400, "request head lines must end in CRLF", close=True)
             if len(buf) > MAX_HEAD:
                 raise HttpError(414, f"request line longer than {MAX_HEAD} bytes", close=True)
-            return False
+            return b""
         line = bytes(buf[: nl - 1]) if nl else b""
         if not nl or buf[nl - 1] != 0x0D or b"\r" in line:
             raise HttpError(400, "request head lines must end in CRLF", close=True)
@@ -308,9 +312,8 @@ class HeadParser:
         self._method = method.decode("ascii")
         self._target, self._version = target, version
         escaped = target if target.isascii() else _NON_ASCII.sub(_escape_non_ascii, target)
-        self._llhttp_feed(b"GET " + escaped + b" " + version + b"\r\n")
         self._start = nl + 1
-        return True
+        return b"GET " + escaped + b" " + version + b"\r\n"
 
 
 class ChunkedBody:
