@@ -171,6 +171,34 @@ def _llhttp_error(e: httptools.HttpParserError, what: str) -> HttpError:
     return HttpError(400, f"malformed {what}: {reason}", close=True)
 
 
+class _Fields:
+    """What llhttp reports of a head's fields (its callbacks: an object apart from the
+    parser, so that no reference cycle keeps the two alive after the head)."""
+
+    __slots__ = ("complete", "headers")
+    on_url = on_body = on_message_begin = on_message_complete = None  # (not wanted)
+    on_chunk_header = on_chunk_complete = None
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp checked the name is a token and the value holds no control character but
+        # HTAB; it leaves trailing white space on the value.
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers = self.headers
+        if key in headers:
+            # (A second Content-Length is refused by llhttp.)
+            headers[key] = headers[key] + ", " + text
+        else:
+            headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class HeadParser:
     """The head of one request, from the start of a connection's unparsed bytes.
 
@@ -180,9 +208,8 @@ class HeadParser:
     """
 
     __slots__ = (
-        "_complete",
         "_fed",
-        "_headers",
+        "_fields",
         "_llhttp",
         "_method",
         "_start",
@@ -192,38 +219,20 @@ class HeadParser:
     )
 
     def __init__(self) -> None:
-        self._llhttp = httptools.HttpRequestParser(self)
+        self._fields = _Fields()
+        self._llhttp = httptools.HttpRequestParser(self._fields)
         self._start = 0
         """Length of the request line (with its CRLF), once read; 0 before."""
         self._fed = 0
         """Bytes after the request line given to llhttp so far."""
-        self._headers: dict[str, str] = {}
-        self._complete = False
         self._method = ""
         self._target = b""
         self._version = b""
         self.request: Request | None = None
 
-    # -- llhttp's callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp checked the name is a token and the value holds no control character but
-        # HTAB; it leaves trailing white space on the value.
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
-        headers = self._headers
-        if key in headers:
-            # (A second Content-Length is refused by llhttp.)
-            headers[key] = headers[key] + ", " + text
-        else:
-            headers[key] = text
-
-    def on_headers_complete(self) -> None:
-        self._complete = True
-
     def _build(self) -> Request:
         """The :class:`Request` of a head llhttp found whole."""
-        target, version, headers = self._target, self._version, self._headers
+        target, version, headers = self._target, self._version, self._fields.headers
         try:
             # Raw non-ASCII bytes in a target are UTF-8 (what curl and browsers send for a
             # path typed as ``/v1/stream/café``), as are its percent-escapes.
@@ -274,7 +283,7 @@ class HeadParser:
             self._fed = stop - start
         if end < 0:
             return 0
-        assert self._complete  # llhttp saw the empty line
+        assert self._fields.complete  # llhttp saw the empty line
         self.request = self._build()
         return stop
 
@@ -316,6 +325,26 @@ class HeadParser:
         return b"GET " + escaped + b" " + version + b"\r\n"
 
 
+class _Chunks:
+    """What llhttp reports of a chunked body (its callbacks, apart from the parser)."""
+
+    __slots__ = ("done", "sink", "size")
+    on_url = on_header = on_headers_complete = on_message_begin = None  # (not wanted)
+    on_chunk_header = on_chunk_complete = None
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        self.size = 0
+        self.done = False
+
+    def on_body(self, data: bytes) -> None:
+        self.size += len(data)
+        self.sink(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
 class ChunkedBody:
     """A ``Transfer-Encoding: chunked`` request body, decoded by llhttp as it arrives.
 
@@ -328,21 +357,24 @@ class ChunkedBody:
     body is the last.
     """
 
-    __slots__ = ("_llhttp", "_sink", "_tail", "done")
+    __slots__ = ("_events", "_llhttp", "_tail")
 
     def __init__(self, sink: Callable[[bytes], None]) -> None:
-        self._sink = sink
         self._tail = b""
         """The last (up to) 3 bytes given to llhttp: a CRLF CRLF may straddle two calls."""
-        self.done = False
-        self._llhttp = httptools.HttpRequestParser(self)
+        self._events = _Chunks(sink)
+        self._llhttp = httptools.HttpRequestParser(self._events)
         self._llhttp.feed_data(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
 
-    def on_body(self, data: bytes) -> None:
-        self._sink(data)
+    @property
+    def done(self) -> bool:
+        """The body's end was read."""
+        return self._events.done
 
-    def on_message_complete(self) -> None:
-        self.done = True
+    @property
+    def size(self) -> int:
+        """Body bytes decoded so far."""
+        return self._events.size
 
     def feed(self, buf: bytearray) -> int:
         """Decode the start of ``buf``, handing the body's bytes to the sink; returns how
@@ -356,7 +388,7 @@ class ChunkedBody:
             i = joined.find(b"\r\n\r\n")  # (ends inside buf: the tail is shorter)
             straddle = i + 4 - len(self._tail) if i >= 0 else -1
         with memoryview(buf) as view:
-            while pos < n and not self.done:
+            while pos < n and not self._events.done:
                 if straddle > pos:
                     end, straddle = straddle, -1
                 else:
@@ -387,7 +419,7 @@ class RequestBody:
     without a body), or chunked (decoded by :class:`ChunkedBody`). Held whole up to ``limit``
     bytes (413 past it), or handed to ``sink`` as it comes (``limit`` None)."""
 
-    __slots__ = ("_chunks", "_held", "_limit", "_need", "_raw", "_sink", "_size", "done")
+    __slots__ = ("_chunks", "_held", "_limit", "_need", "_raw", "_sink", "done")
 
     def __init__(
         self,
@@ -400,17 +432,10 @@ class RequestBody:
         self._limit = limit
         self._sink = sink
         self._held: list[bytes] = []
-        self._size = 0
         self._raw = 0
-        self._chunks = ChunkedBody(self._decoded) if chunked else None
+        # (The held body's sink is its list's append: no reference cycle through the decoder.)
+        self._chunks = ChunkedBody(sink or self._held.append) if chunked else None
         self.done = not chunked and not length
-
-    def _decoded(self, data: bytes) -> None:
-        if self._sink is not None:
-            self._sink(data)
-        else:
-            self._held.append(data)
-            self._size += len(data)
 
     def feed(self, buf: bytearray) -> int:
         """Take what ``buf`` holds of the body; returns how many bytes of it were the body's
@@ -436,8 +461,8 @@ class RequestBody:
         used = chunks.feed(buf)
         self._raw += used
         limit = self._limit
-        if limit is not None and (self._size > limit or self._raw > 2 * limit + MAX_CHUNK_FRAMING):
-            raise too_large(self._size, limit, chunked=True)
+        if limit is not None and (chunks.size > limit or self._raw > 2 * limit + MAX_CHUNK_FRAMING):
+            raise too_large(chunks.size, limit, chunked=True)
         self.done = chunks.done
         return used
 
