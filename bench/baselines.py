@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-from ringcast.http.parse import HttpError, Request, body_length, parse_head, parse_offset
+from ringcast.http.parse import HeadParser, HttpError, Request, parse_offset
 from ringcast.trace import ReplaySource, parse_speed
 from ringcast.wire.openai import error_json
 from ringcast.wire.sse import DONE_EVENT, frame_event
@@ -397,8 +397,15 @@ async def _handle(
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         try:
-            req = parse_head(head[:-4])
-            req.body = await reader.readexactly(body_length(req, MAX_BODY))
+            parser = HeadParser()
+            parser.feed(bytearray(head))
+            req = parser.request
+            assert req is not None  # (a whole head)
+            if req.chunked:  # (the load tester never sends one)
+                raise HttpError(400, "this baseline takes Content-Length bodies only")
+            if req.content_length > MAX_BODY:
+                raise HttpError(413, f"request body above {MAX_BODY} bytes")
+            req.body = await reader.readexactly(req.content_length)
             if req.method == "POST" and req.path in ("/v1/chat/completions", "/v1/completions"):
                 conv = req.headers.get("x-conversation-id") or f"anon-{id(writer)}"
                 await store.start(conv, events(req.body))
