@@ -271,6 +271,10 @@ class Writer:
         Raises ``SegmentError``, with nothing written, when the segment's filesystem has no
         memory left for these bytes (a full ``/dev/shm``); a few KiB stay in reserve, so a
         short error event can still be written before ``finalize("failed")``."""
+    def write_event(self, event: bytes, defer_wake: bool = False) -> bool:
+        """Append one SSE event: ``id: <offset just after it>\\n`` then ``event``, the framing
+        of ``ringcast.wire.sse.frame_event``, with the offset taken under the append lock.
+        Returns and raises as ``write``; ``defer_wake`` as there."""
     def finalize(self, state: str = "done") -> bool:
         """End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if
         it had already ended."""

@@ -177,12 +177,47 @@ impl Writer {
     /// `wake` says: with `Wake::Deferred`, the event loops of other processes learn of them
     /// at this segment handle's next `Segment::flush_wakes` (blocking readers at once).
     pub fn append(&self, data: &[u8], progress: bool, wake: Wake) -> Result<bool> {
+        self.append_inner(data, None::<fn(u64) -> Vec<u8>>, progress, wake)
+    }
+
+    /// Appends `header(start) ++ data` as one append, where `start` is the session's
+    /// `total_bytes` just before it, read under the append lock (so a header that names an
+    /// offset, as an SSE `id:` line does, is exact even with other appends from other threads
+    /// or handles). Otherwise as `append`.
+    pub fn append_headed(
+        &self,
+        data: &[u8],
+        header: impl FnOnce(u64) -> Vec<u8>,
+        progress: bool,
+        wake: Wake,
+    ) -> Result<bool> {
+        self.append_inner(data, Some(header), progress, wake)
+    }
+
+    fn append_inner(
+        &self,
+        data: &[u8],
+        header: Option<impl FnOnce(u64) -> Vec<u8>>,
+        progress: bool,
+        wake: Wake,
+    ) -> Result<bool> {
         self.reg.check_open()?;
         let view = self.reg.view();
         let m = self.meta();
         let done = self.with_append_lock(|| {
-            self.back_pages(m, data.len() as u64)?;
-            ring::append(&Cursors::of(m), &view.ring(self.claim.slot), data);
+            let joined;
+            let bytes = match header {
+                None => data,
+                Some(header) => {
+                    // Relaxed: only the producer (us, under the append lock) writes `cursor`.
+                    let mut buf = header(m.cursor.load(Ordering::Relaxed));
+                    buf.extend_from_slice(data);
+                    joined = buf;
+                    &joined[..]
+                }
+            };
+            self.back_pages(m, bytes.len() as u64)?;
+            ring::append(&Cursors::of(m), &view.ring(self.claim.slot), bytes);
             if progress {
                 m.last_write_ns
                     .store(process::unix_nanos(), Ordering::Relaxed);

@@ -549,6 +549,38 @@ fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
 }
 
 #[test]
+fn append_headed_makes_its_header_from_the_offset_where_it_lands() {
+    let t = TempSeg::new("headed");
+    let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
+    let w = seg.create_or_replace("h", "").unwrap();
+    assert!(w.write(b"abc").unwrap());
+    let header = |start: u64| format!("<{start}>").into_bytes();
+    assert!(w.append_headed(b"xy", header, true, Wake::Now).unwrap());
+    assert!(w.append_headed(b"z", header, true, Wake::Deferred).unwrap());
+    let mut r = seg.reader("h", "", 0).unwrap();
+    let mut buf = [0u8; 64];
+    let Ok(Poll::Data(n)) = r.read_into(&mut buf, None) else {
+        panic!("no data")
+    };
+    assert_eq!(&buf[..n], b"abc<3>xy<8>z");
+    // A writer that is no longer the producer appends nothing and makes no header.
+    seg.evict("h", "", EndReason::Evicted).unwrap();
+    let called = std::cell::Cell::new(false);
+    let refused = w
+        .append_headed(
+            b"late",
+            |_| {
+                called.set(true);
+                Vec::new()
+            },
+            true,
+            Wake::Now,
+        )
+        .unwrap();
+    assert!(!refused && !called.get());
+}
+
+#[test]
 fn a_deferred_append_wakes_a_blocked_reader_at_once() {
     let t = TempSeg::new("notify-deferred-block");
     let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();

@@ -45,6 +45,30 @@ fn byte_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
     }
 }
 
+/// Decimal digits of `n`.
+fn digits(n: u64) -> u64 {
+    n.checked_ilog10().unwrap_or(0) as u64 + 1
+}
+
+/// The `id:` line of an SSE event of `body_len` bytes appended at offset `start`, as
+/// `ringcast.wire.sse.frame_event` makes it (the one definition of the rule; this is its
+/// producer-side twin, checked against it by `tests/wire/test_sse.py`): `id: N\n` where N is
+/// the offset just after the framed event, so N counts its own digits (a fixed point: at most
+/// one correction, when adding the digits carries N into one more). Capacity for the body.
+fn sse_id_line(start: u64, body_len: usize) -> Vec<u8> {
+    let base = start.saturating_add(body_len as u64 + 5); // "id: " + "\n"
+    let d = digits(base);
+    let mut n = base + d;
+    if digits(n) != d {
+        n += 1;
+    }
+    let mut line = Vec::with_capacity(26 + body_len);
+    line.extend_from_slice(b"id: ");
+    line.extend_from_slice(n.to_string().as_bytes());
+    line.push(b'\n');
+    line
+}
+
 /// The producer handle of one session: the only one that appends.
 #[pyclass(module = "ringcast", frozen)]
 pub(crate) struct Writer {
@@ -128,6 +152,30 @@ impl Writer {
         // since the copy runs without the GIL and Python cannot enforce it.
         let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
         py.detach(|| append(bytes)).py_err(py)
+    }
+
+    /// Append one SSE event: ``id: <offset just after it>\n`` then ``event`` (``bytes``), the
+    /// framing of ``ringcast.wire.sse.frame_event``, with the offset taken under the append
+    /// lock. Returns and raises as ``write``; ``defer_wake`` as there.
+    #[pyo3(signature = (event, defer_wake=false))]
+    fn write_event(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyBytes>,
+        defer_wake: bool,
+    ) -> PyResult<bool> {
+        let wake = if defer_wake {
+            core::Wake::Deferred
+        } else {
+            core::Wake::Now
+        };
+        let bytes = event.as_bytes();
+        let header = |start: u64| sse_id_line(start, bytes.len());
+        if (bytes.len() as u64) < DETACH_COPY_BYTES {
+            return self.w.append_headed(bytes, header, true, wake).py_err(py);
+        }
+        py.detach(|| self.w.append_headed(bytes, header, true, wake))
+            .py_err(py)
     }
 
     /// End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if it
