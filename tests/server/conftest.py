@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from ringcast.http.client import HTTPError, ResponseParser
 from ringcast.server.store import Quota
+from ringcast.wire.sse import frame_event
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -525,6 +526,9 @@ class _MemWriter:
         else:
             self.s.wake()
         return True
+
+    def write_event(self, event: bytes, defer_wake: bool = False) -> bool:
+        return self.write(frame_event(len(self.s.buf), event), defer_wake=defer_wake)
 
     def finalize(self, state: str = "done") -> bool:
         if not self._mine():

@@ -17,7 +17,7 @@ from ringcast.wire.openai import (
     Usage,
     json_encoder,
 )
-from ringcast.wire.sse import DONE_EVENT, frame_event
+from ringcast.wire.sse import DONE_EVENT
 
 _SENTINEL = "\x00ringcast:content\x00"
 _SENTINEL_JSON = json_encoder.encode(_SENTINEL)
@@ -100,7 +100,7 @@ class Emitter:
         self._text_frame = _split_around_content(self._chunk(_SENTINEL))
 
     def raw(self, event: bytes) -> None:
-        self._append(frame_event(self.writer.total_bytes, event))
+        self._append(event)
 
     def count_token(self) -> None:
         """One more token in the worker's ``tokens`` counter (added at the end of the turn
@@ -110,13 +110,15 @@ class Emitter:
         else:
             self.batch.tokens += 1
 
-    def _append(self, framed: bytes) -> None:
+    def _append(self, event: bytes) -> None:
+        """Appends ``event`` framed with its ``id:`` line (``Writer.write_event``: the offset
+        is taken under the append lock, no ``total_bytes`` round trip and no copy here)."""
         batch = self.batch
         if batch is None:
-            if not self.writer.write(framed):
+            if not self.writer.write_event(event):
                 raise Gone
             return
-        if not self.writer.write(framed, defer_wake=True):
+        if not self.writer.write_event(event, defer_wake=True):
             raise Gone
         batch.note()
 
@@ -164,7 +166,7 @@ class Emitter:
             data = self._chunk(piece)
         else:
             data = frame[0] + json_encoder.encode(piece) + frame[1]
-        self._append(frame_event(self.writer.total_bytes, data))
+        self._append(data)
         self.tokens += 1
 
     def finish(self, reason: str, prompt_tokens: int) -> None:

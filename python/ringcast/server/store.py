@@ -118,6 +118,12 @@ class StreamWriter(Protocol):
         :meth:`StreamStore.flush_wakes` (a producer batching the appends of a turn)."""
         ...
 
+    def write_event(self, event: bytes, defer_wake: bool = False) -> bool:
+        """Append one SSE event framed with its ``id:`` line, as
+        ``write(frame_event(total_bytes, event))`` does, the offset taken as the bytes go in;
+        returns as :meth:`write`."""
+        ...
+
     def finalize(self, state: str = "done") -> bool:
         """End the stream ``"done"`` or ``"failed"``; False if it was no longer this
         writer's."""
