@@ -123,9 +123,15 @@ def main() -> None:
     checkouts = [Path(c).resolve() for c in (args.checkout or [str(HERE.parent)])]
     loadgen = build_loadgen()
     runs: dict[Path, list[dict[str, float]]] = {c: [] for c in checkouts}
-    for _ in range(args.repeat):
+    for i in range(args.repeat):
         for c in checkouts:
-            runs[c].append(measure(c, args, loadgen))
+            r = measure(c, args, loadgen)
+            runs[c].append(r)
+            print(
+                f"run {i + 1} {str(c)[-28:]}: worker {r['worker_us']:.2f} http {r['http_us']:.2f}"
+                f" server {r['server_us']:.2f} us/event, p99 {r['p99_ms']:.1f} ms",
+                flush=True,
+            )
     print(
         f"{args.streams} streams x {args.readers} readers, {args.tokens} tokens at "
         f"{args.tokens_per_s:g}/s, --http-procs {args.http_procs}, "
