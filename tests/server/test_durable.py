@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -337,3 +338,19 @@ def test_sse_tails_share_the_pump_and_a_stalled_one_loses_nothing(serve, respons
         assert s.metric("slow_readers_detached_total") >= 1
         # The stalled tail was detached from the pump and goes on where it stopped.
         assert data_of(response(stalled).read_all_and_close()) == whole
+
+
+def test_a_stream_name_outside_latin_1_is_created_and_located(serve) -> None:
+    """A raw UTF-8 name (``/ds/v1/stream/日本``, as curl sends it) is created with a 201 whose
+    ``Location`` gives the name percent-encoded; it was a 500 (the head is Latin-1 bytes)."""
+    with serve(http_procs=1) as srv:
+        for name in ("日本-1", "café-1"):
+            raw_path = f"/ds/v1/stream/{name}".encode()
+            head = (
+                b"PUT " + raw_path + b" HTTP/1.1\r\nHost: h\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 2\r\nConnection: close\r\n\r\nhi"
+            )
+            status, hs, _ = srv.request("PUT", "", raw=head)
+            assert status == 201, (name, status)
+            assert hs["location"] == "http://h/ds/v1/stream/" + quote(name)
+            assert srv.request("GET", hs["location"][len("http://h") :])[2] == b"hi"

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import msgspec
 
@@ -122,6 +122,16 @@ class DsError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or []
+
+
+_ASCII_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def ascii_target(text: str) -> str:
+    """A request path or query as it may go on the wire (in a request line or a ``Location``,
+    which are Latin-1 bytes): its non-ASCII characters as percent-escapes of their UTF-8,
+    the rest (``%`` and its escapes included) as they were, so it names the same stream."""
+    return text if text.isascii() else quote(text, safe=_ASCII_SAFE)
 
 
 def format_offset(n: int) -> str:
@@ -289,7 +299,13 @@ class DurableStreams:
         m = req.method
         remote_ok = FORWARDED not in req.headers
         if m == "PUT":
-            holder = await self.holder_of_create(req, owner, name) if remote_ok else None
+            holder = await self.holder_of_create(req, owner, name)
+            if holder is not None and not remote_ok:
+                # Forwarded here, yet another node holds it (the holder moved meanwhile), or
+                # a client forged the mark: creating it here would give the name two holders.
+                raise DsError(
+                    409, f"the stream, or the one it forks, is held by node {holder.node!r}"
+                )
             if holder is not None:
                 await self.forward(req, conn, holder)
             else:
@@ -418,7 +434,8 @@ class DurableStreams:
         out = [(k, v) for k, v in hs if k.lower() not in _NOT_RELAYED]
         out.append(("X-Ringcast-Node", r.node))
         if status == 201:
-            out.append(("Location", f"http://{req.headers.get('host', 'localhost')}{req.path}"))
+            host = req.headers.get("host", "localhost")
+            out.append(("Location", f"http://{host}{ascii_target(req.path)}"))
         self.send(conn, status, body, ct, out, head=req.method == "HEAD")
 
     async def forward_call(
@@ -431,7 +448,7 @@ class DurableStreams:
             raise DsError(503, f"the stream is held by node {r.node!r}, whose address is unknown")
         headers = {k: v for k, v in req.headers.items() if k not in _HOP}
         headers[FORWARDED] = self.peers.node_id
-        path = req.path + ("?" + req.query if req.query else "")
+        path = ascii_target(req.path) + ("?" + ascii_target(req.query) if req.query else "")
         status, hs, body = 0, [], bytearray()
 
         async def call() -> None:
@@ -889,7 +906,7 @@ class DurableStreams:
             await self.peers.publish(row)
         host = req.headers.get("host", "localhost")
         hs = [
-            ("Location", f"http://{host}{req.path}"),
+            ("Location", f"http://{host}{ascii_target(req.path)}"),
             ("Stream-Next-Offset", format_offset(total)),
         ]
         if closing:

@@ -290,6 +290,7 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
     assert "--mirror-procs must be" in serve("--redis", "redis://h:1", "--mirror-procs", "65")
     assert "--mirror-procs only applies" in serve("--mirror-procs", "2")
     assert "too short" in serve("--redis", "redis://h:1", "--node-lease-ms", "50")
+    assert "non-empty ASCII" in serve("--redis", "redis://h:1", "--node-id", "节点")
     missing = serve("--redis", "redis://h:1", code="sys.modules['redis'] = None; ")
     assert missing.count("\n") == 1 and "pip install 'ringcast[redis]'" in missing
     env_bad = serve(env={"RINGCAST_REDIS_URL": "mysql://h:1"})
@@ -607,3 +608,60 @@ def test_reads_on_another_node_slide_a_durable_streams_ttl(
     time.sleep(2.5)
     assert b.request("GET", path)[0] == 404
     assert a.request("GET", path)[0] == 404
+
+
+def raw_ds(node: Any, method: str, name: str, body: bytes = b"", extra: bytes = b"") -> Any:
+    """A Durable Streams request whose target carries ``name`` as raw UTF-8 (as curl sends
+    ``/ds/v1/stream/日本``): status, headers, body."""
+    head = (
+        f"{method} /ds/v1/stream/".encode() + name.encode() + b" HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Type: text/plain\r\n"
+        + extra
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    return node.request(method, "", raw=head)
+
+
+def test_a_non_ascii_stream_name_is_forwarded_to_its_node(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """Appends and deletes through B of streams held by A whose names are raw UTF-8 reach A
+    under the same name: a name outside Latin-1 was a 500 on B (the request line sent to A
+    is Latin-1 bytes), one inside it a 400 from A (sent as Latin-1, not UTF-8)."""
+    a, b = nodes(2, redis=["--redis", redis_server.url])
+    for name in (f"日本-{uid()}", f"café-{uid()}"):
+        assert raw_ds(a, "PUT", name, b"hi")[0] == 201
+        wait_for(lambda n=name: raw_ds(b, "GET", n)[0] == 200, "the stream to reach node B")
+        status, hs, body = raw_ds(b, "POST", name, b"yo")
+        assert status == 204, body
+        assert hs["x-ringcast-node"] == a.node_id
+        assert raw_ds(a, "GET", name)[2] == b"hiyo"
+        status, _, body = raw_ds(b, "PUT", name, b"", b"Stream-Closed: true\r\n")
+        assert status in (200, 204), body  # an idempotent create closing it, done on A
+        assert raw_ds(b, "DELETE", name)[0] == 204
+        assert raw_ds(a, "GET", name)[0] == 404
+
+
+def test_a_forged_forwarded_mark_cannot_give_a_stream_a_second_node(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """A client sending the mark that nodes put on forwarded requests
+    (``X-Ringcast-Forwarded-By``) with a create of a name A holds, through B, gets a 409:
+    it made B create a second stream of that name, which then shadowed A's on both nodes
+    (reads on A served B's bytes, appends through B went to B's)."""
+    a, b = nodes(2, redis=["--redis", redis_server.url])
+    name = f"held-{uid()}"
+    assert raw_ds(a, "PUT", name, b"mine")[0] == 201
+    wait_for(lambda: raw_ds(b, "GET", name)[0] == 200, "the stream to reach node B")
+    forged = b"X-Ringcast-Forwarded-By: " + a.node_id.encode() + b"\r\n"
+    status, _, body = raw_ds(b, "PUT", name, b"forged", forged)
+    assert status == 409, body
+    assert a.node_id.encode() in body
+    assert raw_ds(b, "POST", name, b"+")[0] == 204
+    assert raw_ds(a, "GET", name)[2] == b"mine+"
+    assert raw_ds(b, "GET", name)[2] in (b"mine", b"mine+")  # B reads A's (mirrored) bytes
+    # A fork through B with the mark, of a stream B does not hold, is refused the same way.
+    fork = b"Stream-Forked-From: /ds/v1/stream/" + name.encode() + b"\r\n"
+    status, _, body = raw_ds(b, "PUT", f"fork-{uid()}", b"", forged + fork)
+    assert status == 409, body

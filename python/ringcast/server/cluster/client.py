@@ -66,9 +66,13 @@ def check_cluster_args(args: Any) -> str | None:
             "windows (a node renews its lease every quarter of it)"
         )
     if args.node_id is not None and (
-        not args.node_id or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)
+        not args.node_id
+        or not args.node_id.isascii()
+        or any(ord(c) < 32 or ord(c) == 127 for c in args.node_id)
     ):
-        return f"--node-id {args.node_id!r}: must be non-empty, without control characters"
+        # ASCII: it goes in HTTP headers (X-Ringcast-Node, X-Ringcast-Forwarded-By), whose
+        # bytes are Latin-1; a node id beyond it made every forwarded request a 500.
+        return f"--node-id {args.node_id!r}: must be non-empty ASCII, without control characters"
     if args.advertise_url is not None:
         parts = urlsplit(args.advertise_url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
