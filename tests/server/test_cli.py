@@ -302,6 +302,29 @@ def test_cgroup_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.cgroup_cpu_limit(str(tmp_path / "no-such-file")) is None
 
 
+def test_malformed_or_non_ascii_cgroup_files_never_stop_a_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cgroup named outside ASCII (its bytes are in /proc/self/cgroup as they are) had
+    ``--http-procs auto``, the default, raise UnicodeDecodeError at start; a cpu.max with a
+    zero period raised ZeroDivisionError. Now the name is followed, a nonsense quota is none."""
+    from ringcast.server import config
+
+    root = tmp_path / "cgroup"
+    monkeypatch.setattr(config, "CGROUP_ROOT", str(root))
+    proc = tmp_path / "proc-self-cgroup"
+    box = os.fsencode(root) + b"/caf\xc3\xa9/\xff"
+    os.makedirs(box)
+    with open(box + b"/cpu.max", "w") as f:
+        f.write("150000 100000\n")
+    proc.write_bytes(b"0::/caf\xc3\xa9/\xff\n")
+    assert config.cgroup_cpu_limit(str(proc)) == 1.5
+    for bad in ("100000 0", "0 100000", "-5 100000", "1 2 3", "\xff", ""):
+        with open(box + b"/cpu.max", "w", encoding="latin-1") as f:
+            f.write(bad)
+        assert config.cgroup_cpu_limit(str(proc)) is None, bad
+
+
 def _cpu_cgroup_dir() -> Path | None:
     """A cgroup directory under which this (root) process may make a child with a CPU
     quota: the v1 cpu hierarchy, or the v2 root with the cpu controller enabled."""

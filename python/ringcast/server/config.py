@@ -58,7 +58,10 @@ def _cpu_quota(directory: str) -> float | None:
     try:
         with open(os.path.join(directory, "cpu.max"), encoding="ascii") as f:
             quota, period = f.read().split()
-        return None if quota == "max" else int(quota) / int(period)
+        if quota == "max":
+            return None
+        q, p = int(quota), int(period)
+        return q / p if q > 0 and p > 0 else None  # "0 0" was a ZeroDivisionError at start
     except (OSError, ValueError):
         pass
     try:
@@ -75,8 +78,10 @@ def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup") -> float | None:
     """The tightest CPU quota over this process's cgroup and its ancestors, in CPUs (cgroup
     v2, and v1's ``cpu`` controller where a host still mounts it), None without one."""
     try:
-        with open(proc_cgroup, encoding="ascii") as f:
-            lines = f.read().splitlines()
+        # A cgroup's name may be any bytes but "/" (``mkdir café``): decoded as file names
+        # are, so that the paths built from it open what the kernel named.
+        with open(proc_cgroup, "rb") as f:
+            lines = os.fsdecode(f.read()).splitlines()
     except OSError:
         return None
     limits = []
