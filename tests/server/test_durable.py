@@ -354,3 +354,25 @@ def test_a_stream_name_outside_latin_1_is_created_and_located(serve) -> None:
             assert status == 201, (name, status)
             assert hs["location"] == "http://h/ds/v1/stream/" + quote(name)
             assert srv.request("GET", hs["location"][len("http://h") :])[2] == b"hi"
+
+
+def test_numbers_of_any_length_are_a_400_or_ignored_never_a_500(serve) -> None:
+    """Decimals past what ``int()`` parses (4,300 digits) or SQLite stores (2^63) in a
+    ``cursor``, ``Stream-TTL`` or ``Producer-Epoch`` were 500s (the SSE tail's came after its
+    200, cutting the stream); now a 400, or for a cursor, which is only a hint, ignored."""
+    huge, past_i64 = "1" + "0" * 5000, "1" + "0" * 19
+    with serve(http_procs=1) as srv:
+        path = "/ds/v1/stream/numbers"
+        hs = {"Content-Type": "text/plain", "Stream-Closed": "true"}
+        assert srv.request("PUT", path, b"hi", hs)[0] == 201
+        for live in ("long-poll", "sse"):
+            status, _, body = srv.request("GET", f"{path}?offset=-1&live={live}&cursor={huge}")
+            assert status == 200, body
+            assert b"hi" in body and (live == "long-poll" or b'"streamClosed":true' in body)
+        for n in (huge, past_i64, str(2**53)):
+            status, _, body = srv.request("PUT", f"{path}-ttl", b"", {"Stream-TTL": n})
+            assert status == 400 and b"Stream-TTL" in body, (n[:22], status, body)
+            producer = {"Producer-Id": "p", "Producer-Epoch": n, "Producer-Seq": "0"}
+            status, _, body = srv.request("POST", path, b"x", producer)
+            assert status == 400 and b"Producer-Epoch" in body, (n[:22], status, body)
+        assert srv.request("PUT", f"{path}-ttl", b"", {"Stream-TTL": str(2**53 - 1)})[0] == 201

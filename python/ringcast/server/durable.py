@@ -102,7 +102,9 @@ _NOT_RELAYED = _HOP | {
 }  # fmt: skip
 
 _OFFSET = re.compile(r"0{16}_([0-9]{16})")  # matched with fullmatch: "$" lets "\n" through
-_NONNEG = re.compile(r"^(0|[1-9][0-9]*)$")
+_NONNEG = re.compile(r"0|[1-9][0-9]{0,18}")
+"""A non-negative decimal of at most 19 digits (matched with fullmatch): a longer one made
+``int()`` raise past 4,300 digits, and overflowed SQLite's INTEGER past 2^63 (500s)."""
 _SECURITY = [
     ("X-Content-Type-Options", "nosniff"),
     ("Cross-Origin-Resource-Policy", "cross-origin"),
@@ -156,7 +158,7 @@ def cursor_for(client: str | None) -> str:
     """The ``Stream-Cursor`` of a live response: the current 20 s interval, or past the
     client's cursor by a random 1-3600 s when the client is already there."""
     now = int((time.time() - CURSOR_EPOCH) // CURSOR_INTERVAL_S)
-    if client is not None and _NONNEG.match(client) and int(client) >= now:
+    if client is not None and _NONNEG.fullmatch(client) and int(client) >= now:
         jitter = secrets.randbelow(3600) + 1
         return str(int(client) + max(1, math.ceil(jitter / CURSOR_INTERVAL_S)))
     return str(now)
@@ -803,8 +805,10 @@ class DurableStreams:
             raise DsError(400, "give Stream-TTL or Stream-Expires-At, not both")
         ttl: int | None = None
         if ttl_raw is not None:
-            if not _NONNEG.match(ttl_raw):
-                raise DsError(400, f"invalid Stream-TTL {ttl_raw[:32]!r}: whole seconds, no sign")
+            if not _NONNEG.fullmatch(ttl_raw) or int(ttl_raw) > MAX_SAFE_INT:
+                raise DsError(
+                    400, f"invalid Stream-TTL {ttl_raw[:32]!r}: whole seconds to 2^53-1, no sign"
+                )
             ttl = int(ttl_raw)
         exp_ts: float | None = None
         if exp_raw is not None:
@@ -817,7 +821,7 @@ class DurableStreams:
             raise DsError(400, "Stream-Fork-Offset and -Sub-Offset need Stream-Forked-From")
         sub = 0
         if sub_raw is not None:
-            if not _NONNEG.match(sub_raw) or int(sub_raw) > MAX_SAFE_INT:
+            if not _NONNEG.fullmatch(sub_raw) or int(sub_raw) > MAX_SAFE_INT:
                 raise DsError(400, f"invalid Stream-Fork-Sub-Offset {sub_raw[:32]!r}")
             sub = int(sub_raw)
             if sub > 0 and fork_offset is None:
@@ -1214,7 +1218,7 @@ def parse_producer(h: dict[str, str]) -> tuple[str, int, int] | None:
         raise DsError(400, "Producer-Id is empty")
     out = []
     for name, v in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
-        if not _NONNEG.match(v) or int(v) > MAX_SAFE_INT:
+        if not _NONNEG.fullmatch(v) or int(v) > MAX_SAFE_INT:
             raise DsError(400, f"invalid {name} {v[:32]!r}: an integer from 0 to 2^53-1")
         out.append(int(v))
     return pid, out[0], out[1]
