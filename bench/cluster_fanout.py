@@ -137,18 +137,25 @@ def measure(
 ) -> dict[str, float]:
     if mode == "redis":
         (proc, port), read_port = nodes["baseline"], None
-        pids = [proc.pid]
+        sides = {"a": proc.pid}
     else:
         (_, port), read_port = nodes["a"], (nodes["b"][1] if mode == "remote" else None)
-        pids = [nodes["a"][0].pid, nodes["b"][0].pid]
+        sides = {"a": nodes["a"][0].pid, "b": nodes["b"][0].pid}
 
-    def cpu() -> float:
-        return sum(server_usage(pid, "ringcast", (redis_pid,) if i == 0 else ())[0]
-                   for i, pid in enumerate(pids))  # fmt: skip
+    def cpu() -> dict[str, float]:
+        """CPU seconds by side: node A (or the baseline), node B, the private Redis."""
+        out = {"a": 0.0, "b": 0.0, "redis": 0.0}
+        for side, pid in sides.items():
+            by_role, _ = server_usage(pid, "ringcast", (redis_pid,) if side == "a" else ())
+            for role, seconds in by_role.items():
+                out["redis" if role == "redis" else side] += seconds
+        return out
 
     cpu0 = cpu()
     got = loadgen_run(loadgen, args, port, read_port)
-    server_cpu = cpu() - cpu0
+    cpu1 = cpu()
+    used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    server_cpu = sum(used.values())
     events = int(got["events"])
     expected = args.streams * args.readers * args.tokens
     if events != expected:
@@ -159,6 +166,9 @@ def measure(
         "p99_ms": got["p99_ms"],
         "server_cpu_s": server_cpu,
         "server_cpu_us_per_event": server_cpu * 1e6 / events,
+        "cpu_s_node_a": used["a"],
+        "cpu_s_node_b": used["b"],
+        "cpu_s_redis": used["redis"],
         "client_cpu_s": got["cpu_s"],
     }
 
@@ -218,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(f"{'mode':<8}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'server cpu s':>14}"
-          f"{'us/event':>10}")  # fmt: skip
+          f"{'us/event':>10}   cpu s: node A (baseline) / node B / redis")  # fmt: skip
     for m, r in res.items():
         print(
             f"{m:<8}{r['events_per_s']:>11,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
             f"{r['server_cpu_s']:>14.2f}{r['server_cpu_us_per_event']:>10.2f}"
+            f"   {r['cpu_s_node_a']:.2f} / {r['cpu_s_node_b']:.2f} / {r['cpu_s_redis']:.2f}"
         )
     ratios: dict[str, float] = {}
     if "remote" in res:
