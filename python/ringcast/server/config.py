@@ -158,13 +158,15 @@ MAX_DEFAULT_MIRROR_PROCS = 8
 
 def default_mirror_procs(cores: int) -> int:
     """Mirror processes when ``--mirror-procs`` is not given: a quarter of the ``cores``
-    (:func:`usable_cores`), at least
-    one and at most ``MAX_DEFAULT_MIRROR_PROCS``. A mirror process copies ~4,000 streams at 50
-    tokens/s with a core (docs/CLUSTER.md, "Sizing"), so a node gets mirror capacity in
-    proportion to the fan-out and generation it can run, and the mirrors together never take
-    more than a quarter of its CPU; an idle one costs next to nothing (a look at its share of
-    the session table each window). Eight copy ~30,000 streams, beyond what one node's Redis
-    shards would take (each mirror process adds a pipeline of its own)."""
+    (:func:`usable_cores`), at least one and at most ``MAX_DEFAULT_MIRROR_PROCS``.
+
+    A mirror's cost is per stream that changed in a window (~18 us of CPU, measured on a
+    loaded VM: ~1,400 streams at 50 tokens/s per core at a 25 ms window; docs/CLUSTER.md,
+    "Sizing"), and the streams a node runs grow with its size, so its mirror capacity does
+    too, while the mirrors together never take more than a quarter of its CPU from the
+    fan-out and the workers. An idle mirror process costs next to nothing (its share of the
+    session table listed once a window). Past eight, Redis (each mirror adds its own
+    pipeline) is the limit, not the mirror."""
     return max(1, min(MAX_DEFAULT_MIRROR_PROCS, cores // 4))
 
 
@@ -580,9 +582,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="mirror processes; each copies the streams of its share of the segment's slots, "
-        "and one copies ~4,000 streams at 50 tokens/s with a core (default: a quarter of the "
-        "cores, 1 to 8)",
+        help="mirror processes; each copies the streams of its share of the segment's slots "
+        "(one core: ~1,400 streams at 50 tokens/s at --mirror-ms 25; docs/CLUSTER.md, "
+        "Sizing); 0: a quarter of the usable cores, 1 to 8",
     )
     cluster.add_argument(
         "--node-lease-ms",
