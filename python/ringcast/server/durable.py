@@ -704,10 +704,17 @@ class DurableStreams:
         known = t.info.total_bytes
         first = reader
 
+        last: list[bytes] = [b"", b""]  # a pass's data, and its data event
+
         def render(data: bytes, offset: int, cursor: str, closed: bool) -> bytes:
+            # Called by the pump once per distinct cursor per pass, with the same ``data``
+            # object: its data event is made once. (Clients send back the cursor they got,
+            # and one at the live edge gets it jittered at random: past a reconnect, every
+            # tail has a cursor of its own, and each pass was encoded once per tail.)
+            if data is not last[0]:
+                last[:] = data, self.sse_data(t, data, binary) if data else b""
             up_to_date = closed or len(data) < READ_CHUNK
-            events = self.sse_data(t, data, binary) if data else b""
-            return events + self.sse_control(offset, cursor, up_to_date, closed)
+            return last[1] + self.sse_control(offset, cursor, up_to_date, closed)
 
         try:
             while True:
