@@ -41,7 +41,7 @@ from ringcast.server.emitter import Emitter, Gone, TurnBatch
 from ringcast.server.plugin import GenerateFn, JobContext, load_generator
 from ringcast.server.segment_store import open_store
 from ringcast.server.store import StreamStore, StreamWriter, fail_stream
-from ringcast.server.synthetic import synthetic_model
+from ringcast.server.synthetic import Ticker, synthetic_model
 from ringcast.server.upstream import proxy_upstream
 from ringcast.server.upstream_link import (
     UPSTREAM_READ_TIMEOUT,
@@ -97,6 +97,7 @@ class WorkerApp:
         self.active: dict[asyncio.Task[None], StreamWriter] = {}
         self.shutting_down = False
         self._batch: TurnBatch | None = None
+        self._ticker: Ticker | None = None
 
     @property
     def batch(self) -> TurnBatch:
@@ -188,6 +189,14 @@ class WorkerApp:
         else:
             request = completion_request_decoder.decode(job.body)
         ctx = JobContext(job.route, job.body, request, writer)
+        if self.generate is None and self.cfg.tokens_per_s > 0:
+            # The paced synthetic model: every stream of this worker on one Ticker.
+            if self._ticker is None:
+                self._ticker = Ticker(self.cfg.tokens_per_s, self.cfg.prefill_s)
+            mt = ctx.max_tokens
+            await self._ticker.run(ctx, emitter, self.cfg.default_max_tokens if mt is None else mt)
+            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+            return
         gen_fn = self.generate or synthetic_model(self.cfg)
         # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
         # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
