@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -763,6 +764,12 @@ def roles_text(r: dict[str, float]) -> str:
     return " ".join(f"{x} {r['cpu:' + x] / events * 1e6:.1f}" for x in roles)
 
 
+def div(a: float, b: float) -> float:
+    """``a / b``, NaN for ``b == 0`` (a short run whose CPU time, counted in 10 ms ticks,
+    came out 0)."""
+    return a / b if b else math.nan
+
+
 def print_table(results: dict[str, dict[str, float]]) -> None:
     print(
         f"{'system':<18}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'us/event':>10}"
@@ -781,10 +788,10 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         for name, r in results.items():
             if name != "ringcast":
                 print(
-                    f"ringcast/{name}: events/s x{rc['events_per_s'] / r['events_per_s']:.2f}, "
-                    f"p50 x{rc['p50_ms'] / r['p50_ms']:.2f}, "
-                    f"p99 x{rc['p99_ms'] / r['p99_ms']:.2f}, "
-                    f"CPU/event x{rc['cpu_us_per_event'] / r['cpu_us_per_event']:.2f}"
+                    f"ringcast/{name}: events/s x{div(rc['events_per_s'], r['events_per_s']):.2f}, "
+                    f"p50 x{div(rc['p50_ms'], r['p50_ms']):.2f}, "
+                    f"p99 x{div(rc['p99_ms'], r['p99_ms']):.2f}, "
+                    f"CPU/event x{div(rc['cpu_us_per_event'], r['cpu_us_per_event']):.2f}"
                 )
 
 
@@ -881,13 +888,13 @@ def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, f
         best = min(single, key=lambda n: results[n]["cpu_us_per_event"])
         fastest = min(single, key=lambda n: results[n]["p99_ms"])
         out["best_single"] = best
-        out["cpu_vs_single"] = rc["cpu_us_per_event"] / results[best]["cpu_us_per_event"]
-        out["p99_vs_single"] = rc["p99_ms"] / results[fastest]["p99_ms"]
+        out["cpu_vs_single"] = div(rc["cpu_us_per_event"], results[best]["cpu_us_per_event"])
+        out["p99_vs_single"] = div(rc["p99_ms"], results[fastest]["p99_ms"])
         out["fastest_single"] = fastest
     if fixed:
         best_fixed = min(fixed, key=lambda n: results[n]["p99_ms"])
         out["best_fixed"] = best_fixed
-        out["p99_vs_fixed"] = rc["p99_ms"] / results[best_fixed]["p99_ms"]
+        out["p99_vs_fixed"] = div(rc["p99_ms"], results[best_fixed]["p99_ms"])
     ok = out.get("p99_vs_fixed", 0.0) <= 1.5  # type: ignore[operator]
     if (s, r) in GRID_CPU_POINTS and single:
         ok = ok and out["cpu_vs_single"] <= 1.0 and out["p99_vs_single"] <= 1.0  # type: ignore[operator]
