@@ -31,18 +31,30 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "write: send to the client socket",
         ("UVStream_write", "sock_write_iter", "tcp_sendmsg", "__GI___libc_write", "ksys_write"),
     ),
-    ("both", "wake: notifier datagram send", (r"dgram::Senders::send", r"unix_dgram_sendmsg")),
-    ("http", "wake: arm the notifier (sched_yield)", (r"Notifier::arm", r"sched_yield")),
     (
-        "http",
-        "drain: notifier fd -> futures",
-        (r"_LoopHub\._on_ready", r"Notifier::drain", r"_LoopHub\._wake"),
+        "both",
+        "wake: notifier datagram send",
+        (r"dgram::Senders::send", r"unix_dgram_sendmsg", r"flush_wakes"),
     ),
+    ("http", "wake: arm the notifier (sched_yield)", (r"Notifier::arm", r"sched_yield")),
     ("http", "producer checks (/proc/<pid>/stat)", (r"_check_producers", r"stat_of")),
+    # Before the drain: since the pumps became standing watches (978e7a4) they run inside
+    # the notifier's readiness callback, whose own work stays the drain's.
     (
         "http",
         "pump: read the ring, frame, fan out",
-        (r"Pump\.run", r"FanOut\.relay", r"\baread\b", r"_LoopHub\.wait"),
+        (r"Pump\.", r"FanOut\.relay", r"\baread\b", r"_LoopHub\.wait"),
+    ),
+    (
+        "http",
+        "drain: notifier fd -> futures",
+        (
+            r"_LoopHub\._on_ready",
+            r"Notifier::drain",
+            r"Notifier::scan",
+            r"__pymethod_scan__",
+            r"_LoopHub\._wake",
+        ),
     ),
     ("http", "coalescing timer", (r"Coalescing\.run",)),
     (
@@ -63,6 +75,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         (
             r"Writer::append",
             r"Writer::write",
+            r"Emitter\._append",
             r"Writer\.write",
             r"__pymethod_write__",
             r"__pymethod_get_total_bytes__",
