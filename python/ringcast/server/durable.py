@@ -90,6 +90,9 @@ FORWARDED = "x-ringcast-forwarded-by"
 stream; such a request is never forwarded again."""
 FORWARD_TIMEOUT_S = 10.0
 """Most a forwarded request waits for the owning node's whole answer (502 beyond)."""
+TOMBSTONE_REFRESH_S = 15.0
+"""How often an HTTP process copies its node's tombstones to Redis again: a quarter of their
+expiry there (``ringcast.server.cluster.ds.TOMBSTONE_MS``, 60 s)."""
 _HOP = frozenset(
     (
         "connection", "keep-alive", "transfer-encoding", "content-length", "host", "te",
@@ -538,6 +541,19 @@ class DurableStreams:
         read = Request("GET", req.path, "offset=now", req.version, dict(req.headers))
         with contextlib.suppress(DsError):
             await self.forward_call(read, r)
+
+    async def keep_tombstones(self) -> None:
+        """With ``--redis``: copy this node's tombstones (deleted sources that forks still
+        read) to Redis again every :data:`TOMBSTONE_REFRESH_S`. A tombstone there expires
+        (so that a node gone for good leaves none behind); before this, it expired 60 s after
+        the delete while the forks kept it here for good, and another node then created the
+        name again (201 there, 410 here), which this node refuses (409)."""
+        assert self.peers is not None
+        while True:
+            await asyncio.sleep(TOMBSTONE_REFRESH_S)
+            for m in self.meta.all_streams():
+                if m.deleted:
+                    await self.peers.publish(m)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -55,6 +55,8 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     loop = asyncio.get_running_loop()
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         app.track(loop.create_task(app.coalescing.run()))
+    if app.durable.peers is not None and index == 0:
+        app.track(loop.create_task(app.durable.keep_tombstones()))
     # create_server calls listen() itself, with its own backlog (asyncio's and uvloop's
     # default: 100) unless given one.
     server = await loop.create_server(

@@ -665,3 +665,26 @@ def test_a_forged_forwarded_mark_cannot_give_a_stream_a_second_node(
     fork = b"Stream-Forked-From: /ds/v1/stream/" + name.encode() + b"\r\n"
     status, _, body = raw_ds(b, "PUT", f"fork-{uid()}", b"", forged + fork)
     assert status == 409, body
+
+
+@pytest.mark.timeout(300)
+def test_a_deleted_source_stays_deleted_on_every_node_while_its_forks_live(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """A source deleted while a fork lives is a tombstone on its node for the fork's life,
+    and its copy in Redis is kept as long: it expired after 60 s, and node B then created
+    the name again (201; B served the new stream, A answered 410 and refused a create)."""
+    import time
+
+    a, b = nodes(2, redis=["--redis", redis_server.url])
+    name, fork = f"src-{uid()}", f"fork-{uid()}"
+    assert raw_ds(a, "PUT", name, b"hi")[0] == 201
+    forked = f"Stream-Forked-From: /ds/v1/stream/{name}\r\n".encode()
+    assert raw_ds(a, "PUT", fork, b"", forked)[0] == 201
+    assert raw_ds(a, "DELETE", name)[0] == 204
+    wait_for(lambda: raw_ds(b, "GET", name)[0] == 410, "the tombstone on node B")
+    time.sleep(65)  # past the 60 s a tombstone lives in Redis unless its node renews it
+    assert raw_ds(b, "GET", name)[0] == 410
+    assert raw_ds(b, "PUT", name, b"again")[0] == 409  # forwarded to A, which refuses it
+    assert raw_ds(a, "GET", name)[0] == 410
+    assert raw_ds(b, "GET", fork)[2] == b"hi"
