@@ -62,7 +62,8 @@ def serve(checkout: Path, args: argparse.Namespace, tmp: str) -> tuple[subproces
         os.environ,
         BENCH_TPS=str(args.tokens_per_s),
         BENCH_PREFILL=str(args.prefill),
-        PYTHONPATH=str(HERE),
+        # That checkout's own bench/baselines.py: it imports that checkout's ringcast.
+        PYTHONPATH=str(checkout / "bench"),
     )
     gen = [] if args.synthetic else ["--generator", "baselines:timestamped"]
     cmd = [
