@@ -59,6 +59,35 @@ def test_kill_worker_fails_its_streams_and_is_restarted(
         s.stop()
 
 
+def test_a_reader_that_finds_its_producer_dead_ends_the_stream_in_band(
+    serve, kill, sse_events, error_of
+) -> None:
+    """With the manager's sweep held up (the manager stopped), the HTTP process's own
+    producer check finds the killed worker dead: it ends the stream in-band itself, so its
+    client gets exactly the stream's bytes, the same a read from offset 0 gets afterwards."""
+    s = serve.start("--tokens-per-s", "20")
+    try:
+        r = s.post_chat("orphan", max_tokens=1000)
+        got = r.read_at_least(500)
+        (worker,) = s.children("worker")
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            kill(worker)
+            got += r.read_all_and_close()
+            _, _, whole = s.request("GET", "/v1/stream?conv_id=orphan")
+            assert state(s, "orphan") == "failed"
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        assert got == whole
+        last = sse_events(got)[-1]
+        assert error_of(last)["type"] == "producer_died"
+        assert last.startswith(f"id: {len(got)}\n".encode())  # in the ring, not made up
+        # The sweep, running again, finds nothing left to end.
+        assert s.metric("dead_producers_total") == 0
+    finally:
+        s.stop()
+
+
 def _pid_of_process(srv: Any, index: str, wait_for: Any) -> int:
     def probe() -> int | None:
         _, headers, body = srv.request("GET", "/health")

@@ -19,7 +19,7 @@ from ringcast import _aio
 from ringcast._core import OffsetLost, Reader, SessionEnded, SessionNotFound
 from ringcast.http.protocol import Connection, frame_chunk
 from ringcast.server.counters import HttpCounter, SharedCounters
-from ringcast.server.store import StreamReader, StreamStore, StreamView
+from ringcast.server.store import EndsDeadProducers, StreamReader, StreamStore, StreamView
 from ringcast.wire.sse import error_event
 
 RELAY_READ = 256 * 1024
@@ -37,6 +37,10 @@ LAG_SEVERE = 0.004
 LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
+MAX_TAKEOVERS = 3
+"""How many times one relay or pump ends its stream in-band after finding its producer dead
+(each time, the process that took it over may itself have died before finishing: then the
+stream's producer is dead again)."""
 
 
 class Coalescing:
@@ -130,12 +134,15 @@ class Pump:
         registry: dict[tuple[int, int], Pump],
         key: tuple[int, int],
         reader: StreamReader,
+        owner: str,
     ) -> None:
         self.fanout = fanout
         self.registry = registry
         """The dict of pumps this one is listed in (under ``key``) while it runs."""
         self.key = key
         self.reader = reader
+        self.owner = owner
+        self.takeovers = 0
         self.offset = reader.offset
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
         self.framed = b""
@@ -204,7 +211,11 @@ class Pump:
         if self.stopped:
             return
         assert isinstance(self.reader, Reader)
-        self.watch = _aio.watch(self.reader, self)
+        watch = _aio.watch(self.reader, self)
+        if self.stopped:
+            watch.cancel()  # its first pass, made at once, ended the stream
+        else:
+            self.watch = watch
 
     def on_ready(self) -> None:
         """The notifier hub's call: the session may have advanced."""
@@ -217,7 +228,19 @@ class Pump:
 
     def on_error(self, exc: BaseException) -> None:
         """The hub found the producer dead (``SessionEnded("producer_died")``)."""
-        self._stop(("ended", getattr(exc, "reason", "producer_died")))
+        reason = getattr(exc, "reason", "producer_died")
+        if self._end_dead(reason):
+            self._start()  # watch again: the stream now holds its end
+        else:
+            self._stop(("ended", reason))
+
+    def _end_dead(self, reason: str) -> bool:
+        """The stream ended (``reason``): if its producer died, end it in-band
+        (:meth:`FanOut.end_dead`); True if the pump should read on."""
+        if reason != "producer_died" or self.takeovers >= MAX_TAKEOVERS:
+            return False
+        self.takeovers += 1
+        return self.fanout.end_dead(self.reader.conversation_id, self.owner)
 
     def _after_linger(self) -> None:
         self.timer = None
@@ -240,7 +263,10 @@ class Pump:
         except OffsetLost:
             self._stop(("solo", self.offset))  # each connection finds out for itself
         except SessionEnded as e:
-            self._stop(("ended", e.reason))
+            if self._end_dead(e.reason):
+                self._pass()
+            else:
+                self._stop(("ended", e.reason))
         except BaseException:
             self._stop(("solo", self.offset))
             raise
@@ -282,6 +308,8 @@ class Pump:
                 except OffsetLost:
                     break  # each connection goes on alone and finds out for itself
                 except SessionEnded as e:
+                    if self._end_dead(e.reason):
+                        continue
                     outcome = ("ended", e.reason)
                     break
                 if not data:
@@ -339,6 +367,7 @@ class EventPump(Pump):
         registry: dict[tuple[int, int], Pump],
         key: tuple[int, int],
         reader: StreamReader,
+        owner: str,
         render: Render,
         max_read: int,
     ) -> None:
@@ -348,7 +377,7 @@ class EventPump(Pump):
         self.closed = False
         """The pass just read reached the end of the finished stream."""
         self.rendered: dict[str, tuple[bytes, bytes]] = {}
-        super().__init__(fanout, registry, key, reader)
+        super().__init__(fanout, registry, key, reader, owner)
 
     def join_tagged(self, conn: Connection, tag: str) -> asyncio.Future[Outcome]:
         self.tags[conn] = tag
@@ -429,6 +458,19 @@ class FanOut:
             self.counters.inc(HttpCounter.BYTES_SENT, self.unsent)
             self.unsent = 0
 
+    def end_dead(self, conversation_id: str, owner: str) -> bool:
+        """A reader found the stream's producer dead (``SessionEnded("producer_died")``):
+        end the stream in-band through the store, with the error event the manager's sweep
+        would append, so that this reader reads its end from the stream as every other reader
+        and replay does. A lost race (the sweep or another HTTP process ended it first) is
+        fine: the stream holds its end either way. False if the store cannot
+        (:class:`~ringcast.server.store.EndsDeadProducers`): the caller writes the terminal
+        event itself."""
+        if not isinstance(self.store, EndsDeadProducers):
+            return False
+        self.store.end_dead_producer(conversation_id, owner)
+        return True
+
     async def tail_events(
         self,
         conn: Connection,
@@ -451,7 +493,7 @@ class FanOut:
             )
             pump = self.event_pumps.get(key)
             if pump is None:
-                pump = EventPump(self, self.event_pumps, key, edge, render, max_read)
+                pump = EventPump(self, self.event_pumps, key, edge, owner, render, max_read)
                 self.event_pumps[key] = pump
             else:  # another tail made one while a remote store answered
                 edge.close()
@@ -478,6 +520,7 @@ class FanOut:
         key = (reader.slot, reader.generation)
         conv = reader.conversation_id
         start = reader.offset
+        takeovers = 0
         try:
             while True:
                 try:
@@ -491,7 +534,7 @@ class FanOut:
                             )
                             pump = self.pumps.get(key)
                             if pump is None:
-                                pump = self.pumps[key] = Pump(self, self.pumps, key, edge)
+                                pump = self.pumps[key] = Pump(self, self.pumps, key, edge, owner)
                             else:  # another relay made one while a remote store answered
                                 edge.close()
                         if pump.offset == reader.offset:
@@ -523,6 +566,13 @@ class FanOut:
                     )
                     break
                 except SessionEnded as e:
+                    if (
+                        e.reason == "producer_died"
+                        and takeovers < MAX_TAKEOVERS
+                        and self.end_dead(conv, owner)
+                    ):
+                        takeovers += 1
+                        continue  # to read the stream's end
                     write_end(conn, e.reason)
                     break
                 except SessionNotFound:

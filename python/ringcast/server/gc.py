@@ -45,14 +45,23 @@ def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:
     return evicted
 
 
-def fail_session(seg: Segment, info: SessionInfo, message: str, type_: str) -> bool:
+def fail_session(seg: Segment, conversation_id: str, owner: str, message: str, type_: str) -> bool:
     """Take over a running session whose producer is dead, append an SSE error event and
-    finalize it ``failed``. False if the producer is alive or the session is gone."""
-    w = seg.take_over_dead(info.conversation_id, info.owner)
+    finalize it ``failed``. False if the producer is alive or the session is gone (or
+    finished: someone else ended it first)."""
+    w = seg.take_over_dead(conversation_id, owner)
     if w is None:
         return False
     fail_stream(w, 500, message, type_)
     return True
+
+
+def fail_dead_producer(seg: Segment, conversation_id: str, owner: str) -> bool:
+    """End a session whose producer died with the in-band ``producer_died`` error event: the
+    manager's sweep does it, and so does an HTTP process whose reader found the producer dead
+    first (:meth:`ringcast.server.segment_store.SegmentStore.end_dead_producer`), so every
+    reader gets the same bytes, whoever wins. False as :func:`fail_session`."""
+    return fail_session(seg, conversation_id, owner, "the producer process died", "producer_died")
 
 
 def sweep_dead_producers(seg: Segment, now: float) -> int:
@@ -62,7 +71,7 @@ def sweep_dead_producers(seg: Segment, now: float) -> int:
             # A Durable Stream has no producer process: any HTTP process appends to it.
             continue
         if not info.producer_alive:
-            if fail_session(seg, info, "the producer process died", "producer_died"):
+            if fail_dead_producer(seg, info.conversation_id, info.owner):
                 n += 1
         elif info.owner == ANON_OWNER and info.readers == 0 and now - info.started_at > 2.0:
             # An anonymous stream nobody can read any more (its HTTP process died).

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ringcast._core import Reader, RegistryFull, Segment, SegmentStats, SessionInfo, Writer
 from ringcast.server.config import ServeConfig
-from ringcast.server.gc import evict_lru
+from ringcast.server.gc import evict_lru, fail_dead_producer
 from ringcast.server.store import Quota, StreamStore
 
 
@@ -83,6 +83,10 @@ class SegmentStore:
 
     def flush_wakes(self) -> int:
         return self.segment.flush_wakes()
+
+    def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
+        """See :class:`~ringcast.server.store.EndsDeadProducers`."""
+        return fail_dead_producer(self.segment, conversation_id, owner)
 
 
 def open_store(cfg: ServeConfig, on_evicted: Callable[[int], None] | None = None) -> StreamStore:

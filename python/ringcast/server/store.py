@@ -49,12 +49,19 @@ or *ended* (cancelled, replaced, evicted: reads raise ``SessionEnded`` and the r
 the terminal event of :data:`ringcast.server.routes.END_EVENTS`). A store never invents bytes
 in a stream; a remote store whose producer node died ends the stream failed with an error
 event, as the dead-producer sweep does locally.
+
+**A dead producer.** A local reader whose producer process died raises
+``SessionEnded("producer_died")`` (``ringcast.Reader``), but nothing of that is in the stream
+until the manager's sweep ends it in-band. A store that can end it itself
+(:class:`EndsDeadProducers`) lets the fan-out do so at once, and every reader then reads the
+same terminal event from the stream; with another store the fan-out writes the terminal event
+itself, as for ``"cancelled"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ringcast._core import OffsetLost, SegmentError, SessionEnded
 from ringcast.wire.sse import error_event, frame_event
@@ -265,6 +272,19 @@ class StreamStore(Protocol):
         """Tell the waiting readers about every append made with ``defer_wake=True`` through
         this store's writers since the last call (one wake-up per reading process for the
         whole batch); how many processes were told."""
+        ...
+
+
+@runtime_checkable
+class EndsDeadProducers(Protocol):
+    """A store that can end a stream whose producer died, in-band (the local segment)."""
+
+    def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
+        """Take over the stream if its producer is dead, append the ``producer_died`` error
+        event and finalize it ``failed``, as the manager's sweep does
+        (:func:`ringcast.server.gc.fail_dead_producer`). False if someone else ended it first
+        (the sweep, another HTTP process), its producer is alive, or it is gone: the stream
+        then holds its own end, or readers learn of it from the store."""
         ...
 
 

@@ -206,7 +206,13 @@ class Manager:
         # Whatever is still running lost its producer: finalize it with an error event.
         for info in self.seg.list():
             if not info.is_done and not is_durable_owner(info.owner):
-                gc.fail_session(self.seg, info, "the server shut down", "server_shutdown")
+                gc.fail_session(
+                    self.seg,
+                    info.conversation_id,
+                    info.owner,
+                    "the server shut down",
+                    "server_shutdown",
+                )
         # Mirror 0 last: it gives up the node's lease once its own ends are in Redis, and the
         # other mirrors' must be there before (or they would end node_lost elsewhere).
         self._stop([c for c in self.children if c.role == "mirror" and c.index > 0], 8.0)

@@ -132,6 +132,10 @@ class ClusterStore:
     def flush_wakes(self) -> int:
         return self.local.flush_wakes()
 
+    def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
+        # Only a local reader learns that its producer died (a Redis one never does).
+        return self.local.end_dead_producer(conversation_id, owner)
+
 
 def open_cluster_store(
     cfg: ServeConfig, on_evicted: Callable[[int], None], on_error: Callable[[], None]
