@@ -275,6 +275,20 @@ def test_bad_http_procs_are_refused(tmp_path: Path) -> None:
         assert "--http-procs" in out.stderr and "give auto or a whole number >= 1" in out.stderr
 
 
+def test_more_processes_than_the_segment_has_rows_are_refused(tmp_path: Path) -> None:
+    """70 HTTP processes cannot all attach to a segment of 64 process rows: refused before
+    anything starts, with the count and the flags to lower (it used to start, lose children
+    and stop with "children failed to start")."""
+    out = ringcast("serve", "--port", "0", "--http-procs", "70", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "1 manager + 70 HTTP + 1 worker processes make 72" in out.stderr
+    assert "lower --http-procs or --workers" in out.stderr
+    out = ringcast("serve", "--port", "0", "--workers", "40", "--http-procs", "20", cwd=tmp_path)
+    assert out.returncode == 2 and "make 61" in out.stderr
+    out = ringcast("serve", "--port", "0", "--mirror-procs", "-1", cwd=tmp_path)
+    assert out.returncode == 2 and "--mirror-procs must be >= 0" in out.stderr
+
+
 def test_cgroup_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ringcast.server import config
 

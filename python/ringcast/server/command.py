@@ -8,8 +8,15 @@ import math
 import sys
 import urllib.parse
 
+from ringcast._core import MAX_PROCESSES
 from ringcast.server.cluster.client import check_cluster_args
-from ringcast.server.config import SERVE_DESCRIPTION, SERVE_EPILOG, config_from_args, configure
+from ringcast.server.config import (
+    SERVE_DESCRIPTION,
+    SERVE_EPILOG,
+    ServeConfig,
+    config_from_args,
+    configure,
+)
 from ringcast.server.plugin import check_generator
 from ringcast.server.upstream import check_upstream, upstream_is_self
 from ringcast.trace import check_trace
@@ -25,6 +32,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         "session_bytes",
         "max_body",
         "max_conns_per_client",
+        "mirror_procs",
     ):
         value = getattr(args, name)  # None: not given, a default applies
         if value is not None and value < 0:
@@ -57,6 +65,30 @@ def check_args(args: argparse.Namespace) -> str | None:
     return check_cluster_args(args)
 
 
+PROCESS_ROWS_RESERVED = 4
+"""Process rows of the segment a server leaves to others: library readers and tools that
+attach to it (``ringcast trace``, a user's script)."""
+
+
+def check_process_rows(cfg: ServeConfig) -> str | None:
+    """Why the server's processes would not fit the segment's process table, or None. Every
+    process that attaches takes a row (``ringcast.MAX_PROCESSES`` in all); one too many would
+    fail to start and take the whole server down with a vaguer message."""
+    mirrors = cfg.mirror_procs if cfg.clustered else 0
+    needed = 1 + cfg.http_procs + cfg.workers + mirrors
+    available = MAX_PROCESSES - PROCESS_ROWS_RESERVED
+    if needed <= available:
+        return None
+    parts = f"1 manager + {cfg.http_procs} HTTP + {cfg.workers} worker"
+    if mirrors:
+        parts += f" + {mirrors} mirror"
+    return (
+        f"{parts} processes make {needed}, more than the {available} the segment's process "
+        f"table offers a server ({MAX_PROCESSES} rows, {PROCESS_ROWS_RESERVED} left to library "
+        "readers); lower --http-procs or --workers" + (" or --mirror-procs" if mirrors else "")
+    )
+
+
 def _redis_password(url: str | None) -> str | None:
     """The password in a ``--redis`` URL, if it holds one."""
     try:
@@ -76,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except ValueError as e:
         print(f"ringcast serve: {e}", file=sys.stderr)
+        return 2
+    if (problem := check_process_rows(cfg)) is not None:
+        print(f"ringcast serve: {problem}", file=sys.stderr)
         return 2
     for flag, secret, safe in (
         ("api_key", args.api_key, "$RINGCAST_API_KEY or --api-key-file (mode 0600)"),
