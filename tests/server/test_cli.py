@@ -236,7 +236,7 @@ def test_http_procs_auto_is_one_per_core_left_by_the_workers() -> None:
 
 
 def test_usable_cores_follow_the_affinity_mask_and_help_says_what_auto_is() -> None:
-    from ringcast.server.config import auto_http_procs, usable_cores
+    from ringcast.server.config import auto_http_procs, default_mirror_procs, usable_cores
 
     pinned = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c",
@@ -248,11 +248,13 @@ def test_usable_cores_follow_the_affinity_mask_and_help_says_what_auto_is() -> N
     assert 1 <= cores <= len(os.sched_getaffinity(0))
     out = " ".join(ringcast("serve", "--help").stdout.split())
     assert f"here {cores} cores, so auto is {auto_http_procs(cores, 1)} with 1 worker" in out
+    assert f"here {cores} cores, so 0 runs {default_mirror_procs(cores)}" in out
     pinned_help = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-m", "ringcast.cli", "serve", "--help"],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert "here 1 cores, so auto is 1 with 1 worker" in " ".join(pinned_help.stdout.split())
+    assert "here 1 cores, so 0 runs 1" in " ".join(pinned_help.stdout.split())
 
 
 @pytest.mark.parametrize("given", [None, "auto", "AUTO"])

@@ -584,7 +584,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="mirror processes; each copies the streams of its share of the segment's slots "
         "(one core: ~1,400 streams at 50 tokens/s at --mirror-ms 25; docs/CLUSTER.md, "
-        "Sizing); 0: a quarter of the usable cores, 1 to 8",
+        f"Sizing); 0: a quarter of the usable cores, 1 to 8; here {cores} cores, so 0 "
+        f"runs {default_mirror_procs(cores)}",
     )
     cluster.add_argument(
         "--node-lease-ms",

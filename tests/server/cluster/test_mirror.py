@@ -467,3 +467,26 @@ def test_paused_redis_leaves_a_gap_that_remote_readers_see(
         assert a.mirror.stats.gaps == 1
 
     run(tmp_path, target, body)
+
+
+def test_a_redis_unreachable_from_the_start_is_logged(
+    tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node started against a Redis that never answers warns once (it used to warn only on
+    losing a Redis it had reached, so a wrong --redis URL served on in silence)."""
+    target = Target(url=redis_server.url, server=redis_server)
+    redis_server.kill()
+
+    async def body(h: Harness) -> None:
+        with caplog.at_level("WARNING", logger="ringcast"):
+            a = h.node()
+            await until(lambda: _errors_at_least(a, 3))
+        warned = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert not a.mirror.stats.connected
+
+    run(tmp_path, target, body)
+
+
+async def _errors_at_least(node: Node, n: int) -> bool:
+    return node.mirror.stats.redis_errors >= n

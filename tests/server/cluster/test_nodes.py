@@ -284,6 +284,9 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
 
     assert "--node-id only applies with --redis" in serve("--node-id", "x")
     assert "redis://, rediss:// or unix://" in serve("--redis", "http://127.0.0.1:1")
+    bare = serve("--redis", "localhost:6379")  # no scheme: not "--redis 'localhost'"
+    assert "--redis has no scheme" in bare and "redis://127.0.0.1:6379/0" in bare
+    assert "secret" not in serve("--redis", "http://:secret@h:1")
     assert "give one" in serve("--redis", "redis://h:1", "--redis-cluster", "h:1")
     assert "is not HOST:PORT" in serve("--redis-cluster", "h:1,nope")
     assert "--mirror-ms" in serve("--redis", "redis://h:1", "--mirror-ms", "0")
@@ -295,6 +298,7 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
     assert missing.count("\n") == 1 and "pip install 'ringcast[redis]'" in missing
     env_bad = serve(env={"RINGCAST_REDIS_URL": "mysql://h:1"})
     assert "redis://, rediss:// or unix://" in env_bad
+    assert "$RINGCAST_REDIS_URL has scheme mysql://" in env_bad
 
 
 def test_without_redis_there_is_no_mirror(serve: Any) -> None:

@@ -50,7 +50,14 @@ def check_cluster_args(args: Any) -> str | None:
                 return f"--{opt.replace('_', '-')} only applies with --redis or --redis-cluster"
         return None
     if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        return f"--redis {urlsplit(url).scheme or url!r}: the URL must be redis://, rediss:// or unix://"
+        # Name the scheme only (the rest may hold a password); 'localhost:6379' parses as
+        # scheme 'localhost', so a URL without '://' is said to have none.
+        source = "--redis" if args.redis else "$RINGCAST_REDIS_URL"
+        found = f"scheme {urlsplit(url).scheme}://" if "://" in url else "no scheme"
+        return (
+            f"{source} has {found}: the URL must be redis://, rediss:// or unix:// "
+            "(e.g. redis://127.0.0.1:6379/0)"
+        )
     if args.redis_cluster:
         try:
             parse_seeds(args.redis_cluster)

@@ -369,8 +369,14 @@ class Mirror:
 
     def _failed(self, e: BaseException) -> None:
         self.stats.redis_errors += 1
-        if self.stats.connected:
-            log.warning("mirror: Redis unavailable (%s); local serving goes on", e)
+        # Once per outage, and at the first error even if Redis never answered: a node started
+        # against a wrong or unreachable URL says so instead of serving in silence.
+        if self.stats.connected or self.stats.redis_errors == 1:
+            log.warning(
+                "mirror: Redis unavailable (%s); local serving goes on, streams are not "
+                "mirrored to the other nodes until it answers",
+                e,
+            )
         self.stats.connected = False
 
     def _ok(self) -> None:
