@@ -78,6 +78,14 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--speed", "2", cwd=tmp_path)
     assert out.returncode == 2
     assert "--speed only applies with --replay" in out.stderr
+    for opt, bad in [("--ttl", "-1"), ("--tokens-per-s", "-5"), ("--idle-timeout", "nan"),
+                     ("--prefill-s", "-0.5"), ("--sse-ping-interval", "-1")]:  # fmt: skip
+        out = ringcast("serve", "--port", "0", opt, bad, cwd=tmp_path)
+        assert out.returncode == 2, (opt, bad)
+        assert f"{opt} must be a number >= 0 (got {float(bad)})" in out.stderr
+    out = ringcast("serve", "--port", "0", "--session-bytes", "10", cwd=tmp_path)
+    assert out.returncode == 2  # every stream's reader got 410 at once
+    assert "--session-bytes 10 is too small: a stream's ring must hold at least 4096" in out.stderr
     for bad in ("0", "-1", "nan", "inf"):
         out = ringcast("serve", "--port", "0", "--write-timeout", bad, cwd=tmp_path)
         assert out.returncode == 2, bad

@@ -21,6 +21,9 @@ from ringcast.server.plugin import check_generator
 from ringcast.server.upstream import check_upstream, upstream_is_self
 from ringcast.trace import check_trace
 
+MIN_SESSION_BYTES = 4096
+"""The smallest ``--session-bytes`` the server takes: room for some events of a stream."""
+
 
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with parsed ``ringcast serve`` arguments (a message naming the option),
@@ -39,6 +42,17 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 0"
     if args.workers == 0:
         return "--workers must be at least 1"
+    if args.session_bytes is not None and args.session_bytes < MIN_SESSION_BYTES:
+        # A ring smaller than a few events drops each one as it is written: every reader
+        # got 410 offset_lost at once.
+        return (
+            f"--session-bytes {args.session_bytes} is too small: a stream's ring must hold "
+            f"at least {MIN_SESSION_BYTES} bytes (a chunk's SSE event is ~250; default 4MiB)"
+        )
+    for name in ("ttl", "idle_timeout", "tokens_per_s", "prefill_s", "sse_ping_interval"):
+        value = getattr(args, name)
+        if not value >= 0:  # also NaN
+            return f"--{name.replace('_', '-')} must be a number >= 0 (got {value})"
     if not 0 < args.write_timeout < math.inf:
         return f"--write-timeout must be a number of seconds > 0 (got {args.write_timeout})"
     if not 0 <= args.coalesce_ms <= 1000:

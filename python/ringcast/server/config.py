@@ -506,7 +506,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=size_arg,
         default=_D.session_bytes,
         metavar="SIZE",
-        help="ring size per session, e.g. 4M or 64KiB; older bytes are dropped",
+        help="ring size per session, e.g. 4M or 64KiB, at least 4KiB; older bytes are dropped",
     )
     store.add_argument(
         "--max-id-len",
