@@ -264,6 +264,7 @@ class Server(Client):
             self.kill()
             raise RuntimeError(f"ringcast serve did not start: {line!r}")
         self.host = m.group(1)
+        self.banner = line  # the "listening on" line
         super().__init__(int(m.group(2)))
         self.url = f"http://{self.host}:{self.port}"
 

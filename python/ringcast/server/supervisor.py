@@ -404,9 +404,17 @@ def serve(cfg: ServeConfig) -> int:
         else:
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
-                f"({cfg.http_procs} HTTP processes, {cfg.workers} workers, "
+                f"({_count(cfg.http_procs, 'HTTP process')}, {_count(cfg.workers, 'worker')}, "
                 f"{mgr.event_loops()} event loop, "
-                f"segment {cfg.segment}, {'re-attached' if existed else 'created'})",
+                f"segment {cfg.segment}, {'re-attached' if existed else 'created'}"
+                + (
+                    f"; node {cfg.node_id} mirrored to "
+                    f"{'a Redis Cluster' if cfg.redis_cluster else 'Redis'} by "
+                    f"{_count(cfg.mirror_procs, 'mirror process')}"
+                    if cfg.clustered
+                    else ""
+                )
+                + ")",
                 flush=True,
             )
             mgr.run()
@@ -427,3 +435,8 @@ def serve(cfg: ServeConfig) -> int:
         if not failed:
             log.info("stopped")
     return (STARTUP_REFUSED if mgr.refused else 1) if failed else 0
+
+
+def _count(n: int, what: str) -> str:
+    """``1 worker``, ``2 workers``, ``2 mirror processes``."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}{'es' if what.endswith('s') else 's'}"

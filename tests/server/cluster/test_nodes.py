@@ -239,6 +239,7 @@ def test_a_killed_mirror_process_is_restarted_and_its_streams_go_on(
         2, "--tokens-per-s", "100", "--mirror-procs", "2", redis=["--redis", redis_server.url]
     )
     assert len(wait_for(lambda: len(mirror_pids(a)) == 2 and mirror_pids(a), "two mirrors")) == 2
+    assert re.search(r"; node node-\w+ mirrored to Redis by 2 mirror processes\)$", a.banner)
     convs = [f"conv-{i}-{uid()}" for i in range(4)]
     posts = [a.post_chat(conv, max_tokens=150) for conv in convs]
     firsts = [p.read_at_least(500) for p in posts]
@@ -303,6 +304,7 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
 
 def test_without_redis_there_is_no_mirror(serve: Any) -> None:
     with serve(http_procs=1) as s:
+        assert "(1 HTTP process, 1 worker, " in s.banner and "mirror" not in s.banner
         _, _, health = s.request("GET", "/health")
         assert "mirror" not in json.loads(health)
         _, _, metrics = s.request("GET", "/metrics")
