@@ -127,8 +127,6 @@ class Tracked:
     """Bytes in the call in flight."""
     ending: tuple[str, str] | None = None
     reindex: bool = False
-    meta_key: bytes = b""
-    base_key: bytes = b""
     head: str = ""
     """The header of its SYNC calls up to the epoch (src, node, instance)..."""
     mid: str = ""
@@ -245,9 +243,7 @@ class Mirror:
     def _track(self, info: SessionInfo, now: float) -> Tracked:
         src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
         t = Tracked(info, keys.SessionKeys(info.conversation_id, info.owner), src, synced_at=now)
-        # What a SYNC call carries unchanged in every window, made once (the client's cost is
-        # per argument and per byte it encodes: bytes pass through as they are).
-        t.meta_key, t.base_key = t.keys.meta.encode(), t.keys.base.encode()
+        # The pieces of its SYNC header that are the same in every window, made once.
         t.head = f"{src}\x1f{self.cfg.node_id}\x1f{self.cfg.instance}\x1f"
         t.mid = f"\x1f{self.seg.epoch}\x1f{info.started_at:.3f}"
         self.tracked[(info.slot, info.generation)] = t
@@ -320,7 +316,7 @@ class Mirror:
             if claim:
                 args = [header, t.info.conversation_id, t.info.owner, *chunks]
             else:
-                args = [header, b"", b"", *chunks]
+                args = [header, "", "", *chunks]
             calls.append((t, args))
         if not calls:
             return True
@@ -335,11 +331,11 @@ class Mirror:
         index). Per session: its reply, or the exception its batch failed with."""
         batches = [calls[i : i + self.batch] for i in range(0, len(calls), self.batch)]
 
-        def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[bytes], list[Any]]:
-            ks: list[bytes] = []
+        def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[str], list[Any]]:
+            ks: list[str] = []
             args: list[Any] = []
             for t, a in batch:
-                ks += (t.meta_key, t.base_key)
+                ks += (t.keys.meta, t.keys.base)
                 args.append(_COUNTS[len(a)] if len(a) < len(_COUNTS) else len(a))
                 args += a
             return ks, args
