@@ -447,11 +447,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--model-name",
+        metavar="NAME",
         default=_D.model_name,
         help="model id reported by /v1/models (%(default)s)",
     )
     model.add_argument(
         "--tokens-per-s",
+        metavar="N",
         type=float,
         default=_D.tokens_per_s,
         help="synthetic model speed; 0 = as fast as possible (%(default)s)",
@@ -473,6 +475,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--default-max-tokens",
+        metavar="N",
         type=int,
         default=_D.default_max_tokens,
         help="synthetic tokens when the request sets no max_tokens",
@@ -486,6 +489,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--max-sessions",
+        metavar="N",
         type=int,
         default=None,
         help=f"session table slots (default {DEFAULT_MAX_SESSIONS}, fewer if --session-bytes "
@@ -510,18 +514,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--max-id-len",
+        metavar="BYTES",
         type=int,
         default=_D.max_id_len,
         help="longest conversation id in bytes (%(default)s)",
     )
     store.add_argument(
         "--ttl",
+        metavar="S",
         type=float,
         default=_D.ttl,
         help="seconds a completed session is kept (%(default)s)",
     )
     store.add_argument(
         "--idle-timeout",
+        metavar="S",
         type=float,
         default=_D.idle_timeout,
         help="evict a running session without progress for this long; 0 = never (%(default)s)",
@@ -562,6 +569,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cluster.add_argument(
         "--node-id",
+        metavar="NAME",
         help="this node's name in Redis; unique per node (default: host name and port)",
     )
     cluster.add_argument(
@@ -573,6 +581,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cluster.add_argument(
         "--mirror-ms",
+        metavar="MS",
         type=float,
         default=_D.mirror_ms,
         help="flush window of the mirror: what a node's loss can cost (%(default)s)",
@@ -589,6 +598,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cluster.add_argument(
         "--node-lease-ms",
+        metavar="MS",
         type=int,
         default=_D.node_lease_ms,
         help="a node that has not renewed its lease for this long is lost: its running "
