@@ -13,6 +13,7 @@ stay deterministic), sized so the module runs in well under a minute on a loaded
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -232,6 +233,19 @@ bodies = (
 
 
 @st.composite
+def chunk_encoded(draw: st.DrawFn, body: bytes) -> bytes:
+    """``body`` as a well-formed chunked body: cut in up to five chunks, each with a chunk
+    extension or not, the last chunk with trailer fields or not."""
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=4)))
+    edges = [0, *cuts, len(body)]
+    pieces = [body[a:b] for a, b in itertools.pairwise(edges) if body[a:b]]
+    ext = draw(st.sampled_from([b"", b";a", b';a=b;c="d"']))
+    trailer = draw(st.sampled_from([b"", b"X-T: 1\r\n", b"A: b\r\nC: d\r\n"]))
+    chunks = b"".join(b"%x%s\r\n%s\r\n" % (len(p), ext, p) for p in pieces)
+    return chunks + b"0\r\n" + trailer + b"\r\n"
+
+
+@st.composite
 def requests(draw: st.DrawFn) -> bytes:
     method = draw(methods)
     path = draw(targets())
@@ -242,15 +256,20 @@ def requests(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         headers.append(("Last-Event-ID", draw(offsets)))
     body = draw(bodies) if method in ("POST", "PUT", "PATCH") or draw(st.booleans()) else b""
-    framing = draw(st.sampled_from(["exact", "exact", "exact", "short", "long", "chunked", "none"]))
+    framing = draw(
+        st.sampled_from(["exact", "exact", "exact", "short", "long", "chunked", "encoded", "none"])
+    )
     if framing == "exact":
         headers.append(("Content-Length", str(len(body))))
     elif framing == "short":
         headers.append(("Content-Length", str(max(0, len(body) - 1))))
     elif framing == "long":
         headers.append(("Content-Length", str(len(body) + 5)))
-    elif framing == "chunked":
+    elif framing == "chunked":  # (the body left as it is: mostly malformed chunks)
         headers.append(("Transfer-Encoding", "chunked"))
+    elif framing == "encoded":  # well-formed chunks, with extensions and trailer fields
+        headers.append(("Transfer-Encoding", "chunked"))
+        body = draw(chunk_encoded(body))
     if draw(st.booleans()):
         headers.append(("Expect", "100-continue"))
     headers += draw(st.lists(st.tuples(tokens, st.text(max_size=20)), max_size=3))
