@@ -659,7 +659,9 @@ def test_a_forged_forwarded_mark_cannot_give_a_stream_a_second_node(
     a, b = nodes(2, redis=["--redis", redis_server.url])
     name = f"held-{uid()}"
     assert raw_ds(a, "PUT", name, b"mine")[0] == 201
-    wait_for(lambda: raw_ds(b, "GET", name)[0] == 200, "the stream to reach node B")
+    # Its bytes, not only its metadata (copied at once; the bytes follow within a flush
+    # window, later on a loaded machine): B's reads below must show A's stream.
+    wait_for(lambda: raw_ds(b, "GET", name)[2] == b"mine", "the stream's bytes to reach node B")
     forged = b"X-Ringcast-Forwarded-By: " + a.node_id.encode() + b"\r\n"
     status, _, body = raw_ds(b, "PUT", name, b"forged", forged)
     assert status == 409, body
