@@ -107,6 +107,16 @@ def produce(
     out.value = written
 
 
+async def wait_for_redis(client: Any) -> None:
+    """Until the Redis just started answers ``PING``."""
+    while True:
+        try:
+            await client.ping()
+            return
+        except Exception:
+            await asyncio.sleep(0.05)
+
+
 async def read_remote(store: RemoteStore, conv: str, lat: list[float]) -> int:
     while (await store.info(conv, OWNER)) is None:
         await asyncio.sleep(0.01)
@@ -262,12 +272,7 @@ async def capacity(args: argparse.Namespace, cfg: MirrorConfig, redis_pid: int) 
     one core of each keeps up with at ``--tokens-per-s`` and ``--mirror-ms``."""
     seg = Segment.open(cfg.segment)
     client = connect(cfg.redis_url)
-    while True:
-        try:
-            await client.ping()
-            break
-        except Exception:
-            await asyncio.sleep(0.05)
+    await wait_for_redis(client)
     mirror = Mirror(cfg, seg, client)
     writers = [seg.create_or_replace(f"s{i}", OWNER) for i in range(args.streams)]
     pad = "x" * max(0, args.event_bytes - 60)
@@ -322,12 +327,7 @@ async def run(
     seg_path: str,
 ) -> dict[str, Any]:
     client = connect(cfg.redis_url)
-    while True:
-        try:
-            await client.ping()
-            break
-        except Exception:
-            await asyncio.sleep(0.05)
+    await wait_for_redis(client)
     store = RemoteStore(connect(cfg.redis_url), "bench-reader", 600_000)
     loop = asyncio.get_running_loop()
     pids = [m[0].pid for m in mirrors]

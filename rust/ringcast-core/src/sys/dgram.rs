@@ -241,8 +241,8 @@ impl Receiver {
     pub fn take_one(&self) -> bool {
         let mut buf = [0u8; 16];
         loop {
-            // SAFETY: as in `drain`: at most `buf.len()` bytes into `buf`, which outlives the
-            // call; MSG_DONTWAIT keeps it from blocking.
+            // SAFETY: receives at most `buf.len()` bytes into `buf`, which lives across the
+            // call; the socket is non-blocking and MSG_DONTWAIT makes sure of it.
             let rc = unsafe {
                 libc::recv(
                     self.0,
@@ -254,6 +254,8 @@ impl Receiver {
             if rc >= 0 {
                 return true;
             }
+            // EAGAIN: empty. Anything else (cannot happen on a bound dgram socket) also ends
+            // it: never spin.
             if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
                 return false;
             }
@@ -263,28 +265,10 @@ impl Receiver {
     /// Reads and discards every pending datagram; returns how many there were.
     pub fn drain(&self) -> usize {
         let mut n = 0;
-        let mut buf = [0u8; 16];
-        loop {
-            // SAFETY: receives at most `buf.len()` bytes into `buf`, which lives across the
-            // call; the socket is non-blocking and MSG_DONTWAIT makes sure of it.
-            let rc = unsafe {
-                libc::recv(
-                    self.0,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // EAGAIN: empty. Anything else (cannot happen on a bound dgram socket) also
-                // ends the loop: never spin.
-                return n;
-            }
+        while self.take_one() {
             n += 1;
         }
+        n
     }
 }
 
