@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from ringcast.http.parse import HeadParser
+from pages import read_request
 from ringcast.server.upstream_link import UPSTREAM_READ_TIMEOUT, upstream_read_timeout
 from ringcast.wire.sse import strip_id_lines
 
@@ -62,18 +62,12 @@ class FakeUpstream(socketserver.ThreadingTCPServer):
         self.status = 200
 
 
-def read_request(rfile: BinaryIO) -> dict[str, Any] | None:
+def read_json_request(rfile: BinaryIO) -> dict[str, Any] | None:
     """The JSON body of the request on ``rfile`` (None if the client hung up first)."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        line = rfile.readline()
-        if not line:
-            return None
-        head += line
-    parser = HeadParser()
-    parser.feed(bytearray(head))
-    assert parser.request is not None
-    body: dict[str, Any] = json.loads(rfile.read(parser.request.content_length))
+    got = read_request(rfile)
+    if got is None:
+        return None
+    body: dict[str, Any] = json.loads(got[1])
     return body
 
 
@@ -81,7 +75,7 @@ class Handler(socketserver.StreamRequestHandler):
     server: FakeUpstream
 
     def handle(self) -> None:
-        body = read_request(self.rfile)
+        body = read_json_request(self.rfile)
         if body is None:
             return
         self.server.requests.append(body)
@@ -333,7 +327,7 @@ class ScriptedHandler(socketserver.StreamRequestHandler):
     server: ScriptedUpstream
 
     def handle(self) -> None:
-        if read_request(self.rfile) is None:
+        if read_json_request(self.rfile) is None:
             return
         for piece in self.server.response:
             self.wfile.write(piece)
