@@ -430,6 +430,19 @@ def watch(reader: Reader, consumer: Consumer) -> Watch:
     return _hub_for(reader.notifier()).watch(reader, consumer)
 
 
+def poke(notifier: Notifier, slots: list[int]) -> int:
+    """Tells the running loop's readers of ``notifier``'s process that the sessions in
+    ``slots`` may have advanced, as a datagram from their producer would (watches are
+    called, waiting futures resolved, here and now); how many were. For a producer in the
+    same loop, which flushes its deferred wake-ups with ``Segment.flush_wakes(skip_own=True)``
+    and so sends its own process no datagram. The notifier's own scan still sees those
+    sessions as advanced at its next look (a consumer called twice reads nothing new the
+    second time)."""
+    by_fd = _hubs.get(asyncio.get_running_loop())
+    hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
+    return 0 if hub is None else hub._wake(slots)
+
+
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:
     """The wait behind ``Reader.aread``: read now, else wait for the notifier, repeat."""
     hub = _hub_for(notifier)

@@ -225,11 +225,15 @@ class Segment:
         ``counted=False`` leaves it out of ``SessionInfo.readers``: for a reader that only
         serves other, counted readers (as the HTTP server's fan-out pump does).
         """
-    def flush_wakes(self) -> int:
+    def flush_wakes(self, skip_own: bool = False) -> int:
         """Tell the event loops of other processes about the appends made with
         ``Writer.write(..., defer_wake=True)`` through this handle since the last call: one
         datagram per subscribed, waiting process for the whole batch. Returns how many were
-        delivered."""
+        delivered.
+
+        ``skip_own=True``: none to this process's own notifier, for a producer whose readers
+        share its event loop: it must then wake them itself (``ringcast._aio.poke`` with the
+        slots it appended to), or they wait for the next rescan."""
     def notifier(self) -> Notifier:
         """This segment handle's notifier (one per handle, normally one per process; created
         on first use)."""

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -618,7 +618,8 @@ class MemoryStore:
         self.tokens = 0
         self.deferred: set[_MemSession] = set()
 
-    def flush_wakes(self) -> int:
+    def flush_wakes(self, own: Collection[Any] = ()) -> int:
+        # Its readers all share the one loop: ``own`` changes nothing here.
         deferred = list(self.deferred)
         self.deferred.clear()  # the writers hold this very set
         for s in deferred:

@@ -40,8 +40,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)  # None: not given, a default applies
         if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
-    if args.workers == 0:
-        return "--workers must be at least 1"
     if args.session_bytes is not None and args.session_bytes < MIN_SESSION_BYTES:
         # A ring smaller than a few events drops each one as it is written: every reader
         # got 410 offset_lost at once.
@@ -93,7 +91,9 @@ def check_process_rows(cfg: ServeConfig) -> str | None:
     available = MAX_PROCESSES - PROCESS_ROWS_RESERVED
     if needed <= available:
         return None
-    parts = f"1 manager + {cfg.http_procs} HTTP + {cfg.workers} worker"
+    parts = f"1 manager + {cfg.http_procs} HTTP"
+    if cfg.workers:
+        parts += f" + {cfg.workers} worker"
     if mirrors:
         parts += f" + {mirrors} mirror"
     return (

@@ -174,7 +174,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     http_procs: int = 0  # 0: auto (auto_http_procs), resolved by config_from_args
-    workers: int = 1
+    workers: int = 0  # 0: each HTTP process runs the jobs it takes (job_rows)
     segment: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS  # from the command line: default_max_sessions()
     max_sessions_per_key: int = 0  # 0: half of max_sessions with 2+ keys (session_quota)
@@ -229,6 +229,13 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     mirror_procs: int = 1
     """Mirror processes (``--mirror-procs``; from the command line by default
     :func:`default_mirror_procs`)."""
+
+    @property
+    def job_rows(self) -> int:
+        """Rows of job counters (``WorkerCounter``): one per worker process, or with
+        ``--workers 0`` one per HTTP process (each runs the jobs it takes, counted in the row
+        of the worker of its index)."""
+        return self.workers or self.http_procs
 
     @property
     def clustered(self) -> bool:
@@ -332,7 +339,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "left after the --workers (cores this process may use, by its affinity mask and "
         f"cgroup quota, minus workers), at least 1, at most {AUTO_HTTP_PROCS_MAX}; here "
         f"{cores} cores, so auto is {auto_http_procs(cores, _D.workers)} with "
-        f"{_D.workers} worker (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
+        f"--workers {_D.workers} (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
     )
     net.add_argument(
         "--max-body",
@@ -407,7 +414,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_D.workers,
         metavar="N",
-        help="inference worker processes (%(default)s)",
+        help="inference worker processes that run the jobs apart from the HTTP processes, "
+        "so a generation outlives a crashed HTTP process and a CPU-heavy --generator does not "
+        "hold up serving; 0: none, each HTTP process runs the jobs it takes, which costs the "
+        "least CPU per event (docs/SERVER.md, 'Where jobs run') (%(default)s)",
     )
     model.add_argument(
         "--upstream",

@@ -85,7 +85,9 @@ assert max(max(HttpCounter), max(WorkerCounter), max(ManagerCounter), max(Mirror
 class SharedCounters:
     """Rows of 64-bit counters in a shared file; each row has exactly one writing process.
 
-    Row 0 is the manager, rows ``1..H`` the HTTP processes, then the workers. A process keeps
+    Row 0 is the manager, rows ``1..H`` the HTTP processes, then the workers (with
+    ``--workers 0``, one row of job counters per HTTP process), then the mirror processes. A
+    process keeps
     its own values in Python ints and stores them whole (aligned 8-byte stores, which x86-64
     and aarch64 do not tear), so there is no cross-process read-modify-write. A restarted
     process continues its row's counters; gauges are reset by the new process. The last word
@@ -132,7 +134,7 @@ class SharedCounters:
 
 
 def counter_rows(cfg: ServeConfig) -> int:
-    return 1 + cfg.http_procs + cfg.workers + (cfg.mirror_procs if cfg.clustered else 0)
+    return 1 + cfg.http_procs + cfg.job_rows + (cfg.mirror_procs if cfg.clustered else 0)
 
 
 def http_row(index: int) -> int:
@@ -144,7 +146,7 @@ def worker_row(cfg: ServeConfig, index: int) -> int:
 
 
 def mirror_row(cfg: ServeConfig, index: int) -> int:
-    return 1 + cfg.http_procs + cfg.workers + index
+    return 1 + cfg.http_procs + cfg.job_rows + index
 
 
 def read_mirrors(counters: SharedCounters, cfg: ServeConfig) -> tuple[int, ...]:

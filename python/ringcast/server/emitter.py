@@ -35,30 +35,42 @@ def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
 
 
 class TurnBatch:
-    """What the appends of one turn of a worker's event loop leave to the end of the turn.
+    """What the appends of one turn of a producer's event loop leave to the end of the turn.
 
     Every append defers the wake-up of the readers' processes (``defer_wake``); the first of
     a turn schedules one :meth:`StreamStore.flush_wakes` (``call_soon``: after every task the
     turn woke), so an HTTP process is sent one datagram for all the events of a turn instead
-    of one per event, and wakes once to write them all. The worker's token counter is added
-    to there too."""
+    of one per event, and wakes once to write them all. The producer's token counter is added
+    to there too.
 
-    def __init__(self, store: StreamStore, counters: SharedCounters) -> None:
+    ``own_loop`` (an HTTP process that runs its own jobs, ``--workers 0``): the readers of
+    this process are told by the flush directly, from the writers the turn appended through,
+    instead of by a datagram this process would send itself."""
+
+    def __init__(self, store: StreamStore, counters: SharedCounters, own_loop: bool = False) -> None:
         self.store = store
         self.counters = counters
         self.tokens = 0
+        self.own_loop = own_loop
+        self._written: dict[StreamWriter, None] = {}
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
 
-    def note(self) -> None:
-        """An append was made with ``defer_wake=True``."""
+    def note(self, writer: StreamWriter) -> None:
+        """An append was made through ``writer`` with ``defer_wake=True``."""
+        if self.own_loop:
+            self._written[writer] = None
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
-        self.store.flush_wakes()
+        if self.own_loop:
+            written, self._written = self._written, {}
+            self.store.flush_wakes(written)
+        else:
+            self.store.flush_wakes()
         if self.tokens:
             self.counters.inc(WorkerCounter.TOKENS, self.tokens)
             self.tokens = 0
@@ -120,7 +132,7 @@ class Emitter:
             return
         if not self.writer.write_event(event, defer_wake=True):
             raise Gone
-        batch.note()
+        batch.note(self.writer)
 
     def _chunk(
         self,

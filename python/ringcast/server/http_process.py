@@ -21,6 +21,7 @@ from ringcast.server.counters import HttpCounter, open_child_counters
 from ringcast.server.routes import App
 from ringcast.server.segment_store import open_store
 from ringcast.server.store import StreamStore
+from ringcast.server.worker import make_worker_app
 
 log = logging.getLogger("ringcast.server")
 
@@ -53,6 +54,13 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     )
     app = App(cfg, index, store, counters)
     loop = asyncio.get_running_loop()
+    if cfg.workers == 0:
+        # This process runs the jobs it takes (docs/SERVER.md, "Where jobs run"), with the
+        # counters of a worker of the same index.
+        jobs = app.jobs = make_worker_app(
+            cfg, store, open_child_counters(cfg, "worker", index), own_loop=True
+        )
+        app.track(loop.create_task(jobs.watch_cancel()))
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         app.track(loop.create_task(app.coalescing.run()))
     if app.durable.peers is not None and index == 0:
@@ -67,10 +75,13 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
     log.debug("HTTP process %d listening", index)
     await stop.wait()
-    # Stop accepting, close idle keep-alive connections, end the streams no worker took yet,
-    # let the others end as workers finalize their sessions, then close whatever is left.
+    # Stop accepting, close idle keep-alive connections, end the streams no worker took yet
+    # (or, running jobs here, end them all with server_shutdown), let the others end as
+    # workers finalize their sessions, then close whatever is left.
     server.close()
     app.dispatcher.stop()
+    if app.jobs is not None:
+        await app.jobs.shutdown()
     for c in list(app.connections):
         if not c.busy and c.transport is not None:
             c.transport.close()

@@ -68,7 +68,7 @@ class SharedCountersCollector(Collector):
             by_state[i.state] = by_state.get(i.state, 0) + 1
             readers += i.readers
         http = [counters.read_row(http_row(i)) for i in range(cfg.http_procs)]
-        workers = [counters.read_row(worker_row(cfg, i)) for i in range(cfg.workers)]
+        workers = [counters.read_row(worker_row(cfg, i)) for i in range(cfg.job_rows)]
         mgr = counters.read_row(0)
 
         def total(rows: list[tuple[int, ...]], idx: int) -> int:
@@ -224,7 +224,7 @@ class SharedCountersCollector(Collector):
         yield _family(
             "counter",
             "worker_jobs",
-            "Jobs per worker and outcome.",
+            "Jobs per worker (with --workers 0: per HTTP process) and outcome.",
             ["worker", "outcome"],
             [
                 ([str(i), o], r[idx])
@@ -240,7 +240,7 @@ class SharedCountersCollector(Collector):
         yield _family(
             "gauge",
             "worker_jobs_active",
-            "Jobs generating right now.",
+            "Jobs generating right now, per worker (with --workers 0: per HTTP process).",
             ["worker"],
             [([str(i)], r[WorkerCounter.ACTIVE]) for i, r in enumerate(workers)],
         )
@@ -258,7 +258,7 @@ class SharedCountersCollector(Collector):
             ["role", "index", "loop"],
             [
                 ([role, str(i), loop_of(r)], 1)
-                for role, rows in (("http", http), ("worker", workers))
+                for role, rows in (("http", http), ("worker", workers[: cfg.workers]))
                 for i, r in enumerate(rows)
             ],
         )

@@ -50,6 +50,7 @@ from ringcast.server.durable import DurableStreams
 from ringcast.server.durable_meta import durable_owner
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
+from ringcast.server.worker import WorkerApp
 from ringcast.server.metrics import Metrics
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
@@ -141,6 +142,9 @@ class App:
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
         self.dispatcher = Dispatcher(cfg, index, counters)
+        self.jobs: WorkerApp | None = None
+        """With ``--workers 0``: this process runs the jobs it takes (set by the HTTP
+        process's main before it listens); else they go to the workers."""
         self.prometheus = Metrics(cfg, store, counters)
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
@@ -426,7 +430,13 @@ class App:
             else ()
         )
         job = Job(conv, owner, writer.generation, route, req.body, creds)
-        self.track(asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer)))
+        if self.jobs is not None:
+            # This process made the session, so it is its producer already: no hand-off.
+            self.jobs.run_here(job, writer)
+        else:
+            self.track(
+                asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer))
+            )
         finished = False
         try:
             if stream:

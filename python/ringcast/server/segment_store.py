@@ -8,9 +8,18 @@ reads cost nothing extra).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from ringcast._core import Reader, RegistryFull, Segment, SegmentStats, SessionInfo, Writer
+from ringcast import _aio
+from ringcast._core import (
+    Notifier,
+    Reader,
+    RegistryFull,
+    Segment,
+    SegmentStats,
+    SessionInfo,
+    Writer,
+)
 from ringcast.server.config import ServeConfig
 from ringcast.server.gc import evict_lru, fail_dead_producer
 from ringcast.server.store import Quota, StreamStore
@@ -30,6 +39,7 @@ class SegmentStore:
         self.on_evicted = on_evicted
         """Called with the number of sessions a full create evicted (``/metrics`` counts
         them)."""
+        self._notifier: Notifier | None = None
 
     @property
     def epoch(self) -> int:
@@ -81,8 +91,16 @@ class SegmentStore:
     def stats(self) -> SegmentStats:
         return self.segment.stats()
 
-    def flush_wakes(self) -> int:
-        return self.segment.flush_wakes()
+    def flush_wakes(self, own: Collection[Writer] = ()) -> int:
+        if not own:
+            return self.segment.flush_wakes()
+        # This process's readers are told here, by a direct call into its loop's hub; the
+        # datagram the flush would send this process's own notifier is left out.
+        sent = self.segment.flush_wakes(skip_own=True)
+        if self._notifier is None:
+            self._notifier = self.segment.notifier()
+        _aio.poke(self._notifier, [w.slot for w in own])
+        return sent
 
     def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
         """See :class:`~ringcast.server.store.EndsDeadProducers`."""

@@ -172,8 +172,10 @@ class Manager:
             c.backoff = 0.1 if lived > 5.0 else min(c.backoff * 2, 5.0)
             c.proc = None
             c.restart_at = now + (0.0 if lived > 5.0 else c.backoff)
-            if c.role == "worker":
-                # Its sessions are orphaned now: fail them at once, not at the next sweep.
+            if c.role in ("worker", "http"):
+                # The sessions it produced (a worker's; an HTTP process's that it had not
+                # handed off yet, or all of its own with --workers 0) are orphaned now: fail
+                # them at once, not at the next sweep.
                 self.sweep()
 
     # -- collection
@@ -404,7 +406,8 @@ def serve(cfg: ServeConfig) -> int:
         else:
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
-                f"({_count(cfg.http_procs, 'HTTP process')}, {_count(cfg.workers, 'worker')}, "
+                f"({_count(cfg.http_procs, 'HTTP process')}, "
+                f"{_count(cfg.workers, 'worker') if cfg.workers else 'jobs run in them'}, "
                 f"{mgr.event_loops()} event loop, "
                 f"segment {cfg.segment}, {'re-attached' if existed else 'created'}"
                 + (

@@ -88,8 +88,12 @@ class WorkerApp:
         counters: SharedCounters,
         generate: GenerateFn | None,
         upstream_read_timeout: float = UPSTREAM_READ_TIMEOUT,
+        own_loop: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.own_loop = own_loop
+        """The jobs' readers share this loop (an HTTP process running its own jobs): the
+        appends of a turn wake them directly (:class:`TurnBatch`)."""
         self.store = store
         self.counters = counters
         self.generate = generate
@@ -104,7 +108,7 @@ class WorkerApp:
         """The appends of every job of this worker share one :class:`TurnBatch` (made on the
         worker's loop, at its first job)."""
         if self._batch is None:
-            self._batch = TurnBatch(self.store, self.counters)
+            self._batch = TurnBatch(self.store, self.counters, self.own_loop)
         return self._batch
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -132,6 +136,15 @@ class WorkerApp:
         with contextlib.suppress(OSError):
             await w.drain()
         w.close()
+
+    def run_here(self, job: Job, writer: StreamWriter) -> None:
+        """Run a job whose session this process made and so produces already (an HTTP
+        process with ``--workers 0``); once this process is stopping, end the stream with
+        ``server_shutdown`` instead, as a hand-off that finds no worker does."""
+        if self.shutting_down:
+            self._fail(writer, 503, "the server is shutting down", "server_shutdown")
+            return
+        self.start_job(job, writer)
 
     def start_job(self, job: Job, writer: StreamWriter) -> asyncio.Task[None]:
         """Run an adopted job in a task of its own, counted in :attr:`active`."""
@@ -260,9 +273,13 @@ class WorkerApp:
             self._batch.flush()
 
 
-async def serve_worker(cfg: ServeConfig, index: int) -> None:
-    store = open_store(cfg)
-    counters = open_child_counters(cfg, "worker", index)
+def make_worker_app(
+    cfg: ServeConfig, store: StreamStore, counters: SharedCounters, own_loop: bool = False
+) -> WorkerApp:
+    """The job runner of a worker process, or (``own_loop``: ``--workers 0``) of an HTTP
+    process that runs its own jobs: the token source ``cfg`` names, loaded now. A
+    ``--generator`` that does not load stops the process with ``STARTUP_REFUSED`` and one
+    line on stderr (the manager then stops with it)."""
     counters.set(WorkerCounter.ACTIVE, 0)
     try:
         generate = load_generator(cfg.generator) if cfg.generator else None
@@ -279,7 +296,12 @@ async def serve_worker(cfg: ServeConfig, index: int) -> None:
         generate = replay_generator(cfg.replay, cfg.replay_speed)
     # Read here, once logging is set up, so a bad value is reported when the worker starts.
     read_timeout = upstream_read_timeout() if cfg.upstream else UPSTREAM_READ_TIMEOUT
-    app = WorkerApp(cfg, store, counters, generate, read_timeout)
+    return WorkerApp(cfg, store, counters, generate, read_timeout, own_loop)
+
+
+async def serve_worker(cfg: ServeConfig, index: int) -> None:
+    store = open_store(cfg)
+    app = make_worker_app(cfg, store, open_child_counters(cfg, "worker", index))
     path = rundir.worker_socket(cfg.run_dir, index)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -161,12 +161,13 @@ pub(crate) fn publish_deferred(wake: &Wakers, m: &SlotMeta) {
 }
 
 /// Signals the rows that deferred publishes on `wake` left pending (each once, however many
-/// publishes named it); returns how many were delivered a datagram.
-pub(crate) fn flush(view: &SegmentView, wake: &Wakers) -> usize {
+/// publishes named it), except those of `skip` (bit `i` = row `i`: the caller's own row, whose
+/// event loop it tells itself); returns how many were delivered a datagram.
+pub(crate) fn flush(view: &SegmentView, wake: &Wakers, skip: u64) -> usize {
     if wake.deferred.load(Ordering::Relaxed) == 0 {
         return 0;
     }
-    signal_rows(view, wake, wake.deferred.swap(0, Ordering::SeqCst))
+    signal_rows(view, wake, wake.deferred.swap(0, Ordering::SeqCst) & !skip)
 }
 
 /// Sends a datagram to each row of `mask` that is ARMED (moving it to IDLE); returns how many

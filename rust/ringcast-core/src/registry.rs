@@ -215,9 +215,15 @@ impl Registry {
         &self.wake
     }
 
-    /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`).
-    pub(crate) fn flush_wakes(&self) -> usize {
-        notify::flush(&self.view, &self.wake)
+    /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`);
+    /// with `skip_own`, none to this process's own row (its caller wakes its own readers).
+    pub(crate) fn flush_wakes(&self, skip_own: bool) -> usize {
+        let skip = if skip_own {
+            self.local().proc_index.map_or(0, |i| 1u64 << i)
+        } else {
+            0
+        };
+        notify::flush(&self.view, &self.wake, skip)
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
@@ -231,7 +237,7 @@ impl Registry {
     /// socket file goes now, even if a reader still holds the notifier).
     pub(crate) fn close(&self) {
         // Appends made before the close are told about, deferred or not.
-        self.flush_wakes();
+        self.flush_wakes(false);
         self.closed.store(true, Ordering::Release);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = local.notifier.take() {

@@ -483,7 +483,16 @@ impl Segment {
     /// writers with `Wake::Deferred` since the last call: one datagram per subscribed, armed
     /// process, however many appends. Returns how many datagrams were delivered.
     pub fn flush_wakes(&self) -> usize {
-        self.reg.flush_wakes()
+        self.reg.flush_wakes(false)
+    }
+
+    /// [`Segment::flush_wakes`], except that this process's own notifier is sent nothing: for
+    /// a producer that also reads its sessions in the same event loop and tells its own readers
+    /// directly (a datagram to itself would cost a `sendto`, a loop wake-up and a `recv` per
+    /// turn to say what it already knows). The caller must then wake every reader of this
+    /// process waiting on a session it appended to.
+    pub fn flush_wakes_except_own(&self) -> usize {
+        self.reg.flush_wakes(true)
     }
 
     /// This handle's notifier (created on first use; one socket per handle, no thread).

@@ -422,8 +422,17 @@ impl Segment {
     /// ``Writer.write(..., defer_wake=True)`` through this handle since the last call: one
     /// datagram per subscribed, waiting process for the whole batch. Returns how many were
     /// delivered.
-    fn flush_wakes(&self) -> usize {
-        self.seg.flush_wakes()
+    ///
+    /// ``skip_own=True``: none to this process's own notifier, for a producer whose readers
+    /// share its event loop: it must then wake them itself (``ringcast._aio.poke`` with the
+    /// slots it appended to), or they wait for the next rescan.
+    #[pyo3(signature = (skip_own=false))]
+    fn flush_wakes(&self, skip_own: bool) -> usize {
+        if skip_own {
+            self.seg.flush_wakes_except_own()
+        } else {
+            self.seg.flush_wakes()
+        }
     }
 
     /// This segment handle's notifier (one per handle, normally one per process; created on

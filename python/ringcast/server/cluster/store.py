@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
 from ringcast._core import Segment, SegmentStats, SessionNotFound, Writer
@@ -129,8 +129,8 @@ class ClusterStore:
     def stats(self) -> SegmentStats:
         return self.local.stats()
 
-    def flush_wakes(self) -> int:
-        return self.local.flush_wakes()
+    def flush_wakes(self, own: Collection[Writer] = ()) -> int:
+        return self.local.flush_wakes(own)
 
     def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
         # Only a local reader learns that its producer died (a Redis one never does).
