@@ -430,17 +430,19 @@ def watch(reader: Reader, consumer: Consumer) -> Watch:
     return _hub_for(reader.notifier()).watch(reader, consumer)
 
 
-def poke(notifier: Notifier, slots: list[int]) -> int:
-    """Tells the running loop's readers of ``notifier``'s process that the sessions in
+def poke(loop: asyncio.AbstractEventLoop, notifier: Notifier, slots: list[int]) -> int:
+    """Tells ``loop``'s readers (the running loop's: passed in, as a producer holds it, since
+    ``asyncio.get_running_loop()`` costs a ``getpid`` system call) of ``notifier``'s process
+    that the sessions in
     ``slots`` may have advanced, as a datagram from their producer would (watches are
     called, waiting futures resolved, here and now); how many were. For a producer in the
     same loop, which flushes its deferred wake-ups with ``Segment.flush_wakes(skip_own=True)``
-    and so sends its own process no datagram. The notifier's own scan still sees those
-    sessions as advanced at its next look (a consumer called twice reads nothing new the
-    second time)."""
-    by_fd = _hubs.get(asyncio.get_running_loop())
+    and so sends its own process no datagram. Only the slots the notifier is subscribed to
+    and that moved since its last look count (``Notifier.scan_slots``), and that look is
+    updated, so the next scan does not report them again."""
+    by_fd = _hubs.get(loop)
     hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
-    return 0 if hub is None else hub._wake(slots)
+    return 0 if hub is None else hub._wake(notifier.scan_slots(slots))
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:

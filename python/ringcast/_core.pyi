@@ -382,6 +382,11 @@ class Notifier:
         readiness callback was woken by; more left in the socket keep it readable). A scan
         after ``arm()`` leaves a datagram sent after that arm in the socket, so one ``arm()``
         + ``scan()`` is enough before waiting again, where ``drain()`` needs the repeat."""
+    def scan_slots(self, slots: list[int]) -> list[int]:
+        """Like ``scan()`` without the socket, limited to ``slots``: those of them this notifier
+        is subscribed to whose session moved since the last look (which this updates, as
+        ``scan`` does). For a producer sharing its event loop with its readers, which
+        flushes with ``Segment.flush_wakes(skip_own=True)`` and knows where it appended."""
     def arm(self, yield_first: bool = False) -> bool:
         """Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
         what was published meanwhile sent nothing). ``yield_first`` yields the CPU once

@@ -208,7 +208,7 @@ class Server(Client):
         tmp: Path,
         *args: str,
         http_procs: int | str | None = 2,
-        workers: int = 1,
+        workers: int | None = 1,
         segment: Path | None = None,
         env: dict[str, str] | None = None,
         log: Path | None = None,
@@ -222,7 +222,10 @@ class Server(Client):
         short by a timeout or Ctrl-C). Outside the terminal's process group it would not get
         a Ctrl-C's SIGINT, so its manager also dies with the test process
         (``PR_SET_PDEATHSIG``), however the test process ends (its children die with the
-        manager); ``http_procs=None``: no ``--http-procs``, ringcast's default."""
+        manager); ``http_procs=None``, ``workers=None``: no ``--http-procs`` or
+        ``--workers``, ringcast's defaults (``workers`` is 1 unless given: most tests are of
+        the server with worker processes; tests/server/test_jobs_in_http.py those of the
+        default, jobs run in the HTTP processes)."""
         self.segment = segment or tmp / "seg"
         cmd = [
             *(prefix or []),
@@ -233,8 +236,7 @@ class Server(Client):
             "--port",
             "0",
             *(["--http-procs", str(http_procs)] if http_procs is not None else []),
-            "--workers",
-            str(workers),
+            *(["--workers", str(workers)] if workers is not None else []),
             "--segment",
             str(self.segment),
             "--log-level",
@@ -618,7 +620,7 @@ class MemoryStore:
         self.tokens = 0
         self.deferred: set[_MemSession] = set()
 
-    def flush_wakes(self, own: Collection[Any] = ()) -> int:
+    def flush_wakes(self, own: Collection[Any] = (), loop: Any = None) -> int:
         # Its readers all share the one loop: ``own`` changes nothing here.
         deferred = list(self.deferred)
         self.deferred.clear()  # the writers hold this very set

@@ -58,9 +58,9 @@ def test_no_command_prints_help() -> None:
 
 
 def test_bad_values_are_refused(tmp_path: Path) -> None:
-    out = ringcast("serve", "--port", "0", "--workers", "0", cwd=tmp_path)
+    out = ringcast("serve", "--port", "0", "--workers", "-1", cwd=tmp_path)
     assert out.returncode == 2
-    assert "--workers" in out.stderr
+    assert "--workers must be >= 0" in out.stderr
     out = ringcast("serve", "--port", "0", "--api-key-file", str(tmp_path / "nope"))
     assert out.returncode == 2
     assert "api-key-file" in out.stderr
@@ -255,13 +255,13 @@ def test_usable_cores_follow_the_affinity_mask_and_help_says_what_auto_is() -> N
     cores = usable_cores()
     assert 1 <= cores <= len(os.sched_getaffinity(0))
     out = " ".join(ringcast("serve", "--help").stdout.split())
-    assert f"here {cores} cores, so auto is {auto_http_procs(cores, 1)} with 1 worker" in out
+    assert f"here {cores} cores, so auto is {auto_http_procs(cores, 0)} with --workers 0" in out
     assert f"here {cores} cores, so 0 runs {default_mirror_procs(cores)}" in out
     pinned_help = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-m", "ringcast.cli", "serve", "--help"],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
-    assert "here 1 cores, so auto is 1 with 1 worker" in " ".join(pinned_help.stdout.split())
+    assert "here 1 cores, so auto is 1 with --workers 0" in " ".join(pinned_help.stdout.split())
     assert "here 1 cores, so 0 runs 1" in " ".join(pinned_help.stdout.split())
 
 
@@ -291,7 +291,7 @@ def test_more_processes_than_the_segment_has_rows_are_refused(tmp_path: Path) ->
     and stop with "children failed to start")."""
     out = ringcast("serve", "--port", "0", "--http-procs", "70", cwd=tmp_path)
     assert out.returncode == 2
-    assert "1 manager + 70 HTTP + 1 worker processes make 72" in out.stderr
+    assert "1 manager + 70 HTTP processes make 71" in out.stderr
     assert "lower --http-procs or --workers" in out.stderr
     out = ringcast("serve", "--port", "0", "--workers", "40", "--http-procs", "20", cwd=tmp_path)
     assert out.returncode == 2 and "make 61" in out.stderr
@@ -383,6 +383,6 @@ def test_a_process_in_a_half_cpu_cgroup_counts_one_core() -> None:
              sys.executable, "-m", "ringcast.cli", "serve", "--help"],
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
-        assert "here 1 cores, so auto is 1 with 1 worker" in " ".join(out.stdout.split())
+        assert "here 1 cores, so auto is 1 with --workers 0" in " ".join(out.stdout.split())
     finally:
         group.rmdir()

@@ -47,7 +47,9 @@ class TurnBatch:
     this process are told by the flush directly, from the writers the turn appended through,
     instead of by a datagram this process would send itself."""
 
-    def __init__(self, store: StreamStore, counters: SharedCounters, own_loop: bool = False) -> None:
+    def __init__(
+        self, store: StreamStore, counters: SharedCounters, own_loop: bool = False
+    ) -> None:
         self.store = store
         self.counters = counters
         self.tokens = 0
@@ -68,7 +70,7 @@ class TurnBatch:
         self._scheduled = False
         if self.own_loop:
             written, self._written = self._written, {}
-            self.store.flush_wakes(written)
+            self.store.flush_wakes(written, self._loop)
         else:
             self.store.flush_wakes()
         if self.tokens:

@@ -145,7 +145,6 @@ class Pump:
         self.takeovers = 0
         self.offset = reader.offset
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
-        self.framed = b""
         self.loop = asyncio.get_running_loop()
         self.last_write = 0.0
         # Moving average of the time between this stream's events; it starts at the cap, as
@@ -194,15 +193,15 @@ class Pump:
 
     def _fan(self, data: bytes) -> None:
         """One pass: ``data`` to every joined connection, counted, and the stream's event
-        spacing updated."""
+        spacing updated. (The per-event path of every stream: kept to few steps.)"""
         self.offset += len(data)
         sent = self.deliver(data)
         if sent:
             self.fanout.count_sent(sent)
         now = self.loop.time()
-        if self.last_write:
-            gap = (now - self.last_write) / max(1, data.count(b"\n\n"))
-            self.spacing += (gap - self.spacing) / 4
+        last = self.last_write
+        if last:
+            self.spacing += ((now - last) / (data.count(b"\n\n") or 1) - self.spacing) / 4
         self.last_write = now
 
     # -- a pump over the local segment: a standing watch
@@ -248,9 +247,10 @@ class Pump:
             self._pass()
 
     def _pass(self) -> None:
+        read = self.read_now
         try:
             while True:
-                data = self.read_now()
+                data = read()
                 if data is None:
                     return
                 if not data:
@@ -325,20 +325,24 @@ class Pump:
         """The next bytes at the live edge (``b""``: the stream finished)."""
         return await self.reader.aread(RELAY_READ)
 
-    def frame(self, conn: Connection, data: bytes) -> tuple[bytes, bytes]:
-        """What ``conn`` gets of a pass's ``data``: (chunk-framed, unframed)."""
-        return self.framed, data
+    per_conn: Callable[[Connection, bytes], tuple[bytes, bytes]] | None = None
+    """What a connection gets of a pass's bytes, (chunk-framed, unframed), if it is not the
+    same for all (:class:`EventPump`); None: the bytes, framed once for all."""
 
     def deliver(self, data: bytes) -> int:
         """Write a pass's bytes to every joined connection; detach those whose buffer is
         full. The body bytes sent."""
         # Framed once for every chunked connection of this pass.
-        self.framed = frame_chunk(data)
+        framed = b"%x\r\n%s\r\n" % (len(data), data)
+        raw = data
+        per_conn = self.per_conn
         sent = 0
-        for conn, fut in list(self.subs.items()):
+        # A copy: a write may close a connection, whose relay then leaves the pump.
+        for conn, fut in tuple(self.subs.items()):
             if fut.done():
                 continue
-            framed, raw = self.frame(conn, data)
+            if per_conn is not None:
+                framed, raw = per_conn(conn, data)
             sent += conn.write_framed(framed, raw)
             if conn.write_paused or conn.closed:
                 fut.set_result(("solo", self.offset))
@@ -377,6 +381,7 @@ class EventPump(Pump):
         self.closed = False
         """The pass just read reached the end of the finished stream."""
         self.rendered: dict[str, tuple[bytes, bytes]] = {}
+        self.per_conn = self.frame
         super().__init__(fanout, registry, key, reader, owner)
 
     def join_tagged(self, conn: Connection, tag: str) -> asyncio.Future[Outcome]:
@@ -417,6 +422,8 @@ class EventPump(Pump):
         return super().deliver(data)
 
     def frame(self, conn: Connection, data: bytes) -> tuple[bytes, bytes]:
+        """What ``conn`` gets of a pass's ``data`` (:attr:`Pump.per_conn`): the events for
+        its tag, rendered once per tag and pass."""
         tag = self.tags.get(conn, "")
         hit = self.rendered.get(tag)
         if hit is None:

@@ -50,7 +50,6 @@ from ringcast.server.durable import DurableStreams
 from ringcast.server.durable_meta import durable_owner
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
-from ringcast.server.worker import WorkerApp
 from ringcast.server.metrics import Metrics
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
@@ -63,6 +62,7 @@ from ringcast.server.store import (
     quota_message,
 )
 from ringcast.server.upstream_link import caller_credentials
+from ringcast.server.worker import WorkerApp
 from ringcast.wire.jobs import Job
 from ringcast.wire.openai import (
     AssistantMessage,
@@ -434,14 +434,13 @@ class App:
             # This process made the session, so it is its producer already: no hand-off.
             self.jobs.run_here(job, writer)
         else:
-            self.track(
-                asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer))
-            )
+            self.track(asyncio.get_running_loop().create_task(self.dispatcher.handoff(job, writer)))
         finished = False
         try:
             if stream:
-                info = await self.store.get(conv, owner)
-                headers = self.resume_headers(reader, info, 0)
+                # Made just now: nothing of it dropped yet (no lookup, which reads the
+                # producer's /proc entry to tell whether it runs).
+                headers = self.resume_headers(reader, None, 0)
                 digest = None if anonymous else self.caller_digest(req)
                 if digest is not None:
                     token = resume_token.issue(self.cfg.resume_secret, digest, conv)

@@ -8,7 +8,9 @@ reads cost nothing extra).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection
+from typing import cast
 
 from ringcast import _aio
 from ringcast._core import (
@@ -22,7 +24,7 @@ from ringcast._core import (
 )
 from ringcast.server.config import ServeConfig
 from ringcast.server.gc import evict_lru, fail_dead_producer
-from ringcast.server.store import Quota, StreamStore
+from ringcast.server.store import Quota, StreamStore, StreamWriter
 
 
 class SegmentStore:
@@ -91,15 +93,18 @@ class SegmentStore:
     def stats(self) -> SegmentStats:
         return self.segment.stats()
 
-    def flush_wakes(self, own: Collection[Writer] = ()) -> int:
-        if not own:
+    def flush_wakes(
+        self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
+    ) -> int:
+        if not own or loop is None:
             return self.segment.flush_wakes()
         # This process's readers are told here, by a direct call into its loop's hub; the
         # datagram the flush would send this process's own notifier is left out.
         sent = self.segment.flush_wakes(skip_own=True)
         if self._notifier is None:
             self._notifier = self.segment.notifier()
-        _aio.poke(self._notifier, [w.slot for w in own])
+        # This store's writers are the segment's (``create``, ``adopt``): each has its slot.
+        _aio.poke(loop, self._notifier, [cast(Writer, w).slot for w in own])
         return sent
 
     def end_dead_producer(self, conversation_id: str, owner: str) -> bool:

@@ -60,6 +60,7 @@ itself, as for ``"cancelled"``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Collection, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -268,13 +269,15 @@ class StreamStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
-    def flush_wakes(self, own: Collection[StreamWriter] = ()) -> int:
+    def flush_wakes(
+        self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
+    ) -> int:
         """Tell the waiting readers about every append made with ``defer_wake=True`` through
         this store's writers since the last call (one wake-up per reading process for the
-        whole batch); how many other processes were told. ``own``: the writers of those
-        appends, given by a producer whose readers share its event loop: its own readers of
-        their streams are told directly, here and now, not through the way other processes
-        are."""
+        whole batch); how many other processes were told. ``own`` and ``loop``: the writers
+        of those appends and the running loop, given by a producer whose readers share that
+        loop: its own readers of their streams are told directly, here and now, not the way
+        other processes are."""
         ...
 
 

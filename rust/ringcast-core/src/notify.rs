@@ -472,6 +472,29 @@ impl Notifier {
         self.changed()
     }
 
+    /// Like [`scan`](Self::scan) without the socket, limited to `slots`: those of them that
+    /// are subscribed and moved since the last look. For a producer that shares its event loop
+    /// with its readers and knows which sessions it appended to (it sends its own process no
+    /// datagram: `Segment::flush_wakes_except_own`), at a cost in the slots it names rather than
+    /// in every subscription.
+    pub fn scan_slots(&self, slots: &[u32]) -> Vec<u32> {
+        let mut changed = Vec::new();
+        if !self.owned() {
+            return changed;
+        }
+        let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        for &slot in slots {
+            let Some(sub) = subs.get_mut(&slot) else { continue };
+            let Ok(m) = self.slot(slot) else { continue };
+            let seq = m.seq.load(Ordering::SeqCst);
+            if seq != sub.last_seq || m.generation.load(Ordering::Acquire) != sub.generation {
+                sub.last_seq = seq;
+                changed.push(slot);
+            }
+        }
+        changed
+    }
+
     /// The subscribed slots whose `seq` (or generation) moved since the last look.
     fn changed(&self) -> Vec<u32> {
         let mut changed = Vec::new();

@@ -60,6 +60,13 @@ impl Notifier {
     fn scan(&self, take_one: bool) -> Vec<u32> {
         self.n.scan(take_one)
     }
+    /// Like ``scan()`` without the socket, limited to ``slots``: those of them this notifier
+    /// is subscribed to whose session moved since the last look (which this updates, as
+    /// ``scan`` does). For a producer sharing its event loop with its readers, which
+    /// flushes with ``Segment.flush_wakes(skip_own=True)`` and knows where it appended.
+    fn scan_slots(&self, slots: Vec<u32>) -> Vec<u32> {
+        self.n.scan_slots(&slots)
+    }
     /// Re-arm if a producer disarmed this notifier; True if it was disarmed (then drain:
     /// what was published meanwhile sent nothing). ``yield_first`` yields the CPU once
     /// before re-arming, so a busy producer appends more before this process sleeps.

@@ -24,7 +24,13 @@ from ringcast.server.cluster.client import connect, redis_errors
 from ringcast.server.cluster.remote import RemoteInfo, RemoteReader, RemoteStore
 from ringcast.server.config import ServeConfig
 from ringcast.server.segment_store import SegmentStore
-from ringcast.server.store import Quota, StoreUnavailable, StreamReader, StreamView
+from ringcast.server.store import (
+    Quota,
+    StoreUnavailable,
+    StreamReader,
+    StreamView,
+    StreamWriter,
+)
 
 log = logging.getLogger("ringcast.server.cluster")
 
@@ -129,8 +135,10 @@ class ClusterStore:
     def stats(self) -> SegmentStats:
         return self.local.stats()
 
-    def flush_wakes(self, own: Collection[Writer] = ()) -> int:
-        return self.local.flush_wakes(own)
+    def flush_wakes(
+        self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
+    ) -> int:
+        return self.local.flush_wakes(own, loop)
 
     def end_dead_producer(self, conversation_id: str, owner: str) -> bool:
         # Only a local reader learns that its producer died (a Redis one never does).

@@ -1,0 +1,176 @@
+"""The default ``--workers 0``: each HTTP process runs the jobs it takes (docs/SERVER.md,
+"Where jobs run"). Real server trees; readers in the producing process are woken by its own
+flush, readers in another HTTP process by the segment's notifier as before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ringcast
+from ringcast import _aio
+from ringcast.server.counters import SharedCounters
+from ringcast.server.emitter import Emitter, TurnBatch
+from ringcast.server.segment_store import SegmentStore
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def state(srv: Any, conv: str) -> str:
+    _, _, body = srv.request("POST", "/v1/streams/lookup", {"conversation_ids": [conv]})
+    found = json.loads(body)
+    return str(found[0]["state"]) if found else "gone"
+
+
+def open_on_other_process(srv: Any, index: str, path: str, wait_for: Any) -> Any:
+    """A GET of ``path`` answered by an HTTP process other than ``index`` (connections are
+    spread by the kernel: retry until one lands there)."""
+
+    def attempt() -> Any:
+        r = srv.open_request("GET", path)
+        if r.headers["x-ringcast-process"] != index:
+            return r
+        r.close()
+        return None
+
+    return wait_for(attempt, "a connection to the other HTTP process")
+
+
+def test_the_default_runs_jobs_in_the_http_processes(serve: Any, wait_for: Any) -> None:
+    """No worker process; a stream produced in one HTTP process reaches a live reader in the
+    other byte for byte, and the POST's own client (in the producing process) the same."""
+    with serve("--tokens-per-s", "40", http_procs=2, workers=None) as s:
+        assert "(2 HTTP processes, jobs run in them, " in s.banner
+        assert s.children("worker") == []
+        r = s.post_chat("shared", max_tokens=60)
+        producer = r.headers["x-ringcast-process"]
+        first = r.read_at_least(300)
+        other = open_on_other_process(s, producer, "/v1/stream?conv_id=shared&from=0", wait_for)
+        mine = first + r.read_all_and_close()
+        theirs = other.read_all_and_close()
+        assert mine == theirs
+        assert mine.endswith(b"data: [DONE]\n\n")
+        assert mine.count(b"\n\n") == 63  # role chunk, 60 tokens, the final chunk, [DONE]
+        assert s.metric(f'worker_jobs_total{{worker="{producer}",outcome="done"}}') == 1
+        assert s.metric('worker_jobs_total{outcome="started"}') == 1
+        assert s.metric('event_loop_info{role="http"}') == 2
+        assert s.metric('event_loop_info{role="worker"}') == 0
+
+
+def test_delete_from_the_other_process_cancels_the_job(serve: Any, wait_for: Any) -> None:
+    with serve("--tokens-per-s", "20", http_procs=2, workers=None) as s:
+        r = s.post_chat("doomed", max_tokens=1000)
+        producer = r.headers["x-ringcast-process"]
+        r.read_at_least(300)
+
+        def delete_elsewhere() -> bool:
+            _, headers, _ = s.request("DELETE", "/v1/stream?conv_id=doomed")
+            return headers["x-ringcast-process"] != producer
+
+        wait_for(delete_elsewhere, "a DELETE answered by the other HTTP process")
+        tail = r.read_all_and_close()
+        assert b'"type":"cancelled"' in tail or b"cancelled" in tail
+        wait_for(
+            lambda: s.metric(f'worker_jobs_total{{worker="{producer}",outcome="cancelled"}}') == 1,
+            "the job to stop",
+        )
+
+
+def test_kill_9_of_the_producing_http_process_ends_its_streams_in_band(
+    serve: Any, wait_for: Any, kill: Any, sse_events: Any, error_of: Any
+) -> None:
+    """With the jobs in the HTTP processes, a dead HTTP process is a dead producer: a reader
+    in the other process gets every byte that was written, then the in-band
+    ``producer_died`` event; the manager restarts the process and new requests work."""
+    with serve("--tokens-per-s", "20", http_procs=2, workers=None) as s:
+        r = s.post_chat("orphaned", max_tokens=1000)
+        producer = r.headers["x-ringcast-process"]
+        r.read_at_least(300)
+        other = open_on_other_process(s, producer, "/v1/stream?conv_id=orphaned", wait_for)
+        seen = other.read_at_least(300)
+
+        def pid_of(index: str) -> int | None:
+            _, headers, body = s.request("GET", "/health")
+            return int(json.loads(body)["pid"]) if headers["x-ringcast-process"] == index else None
+
+        pid = wait_for(lambda: pid_of(producer), "the producing process's pid")
+        kill(pid)
+        r.close()  # its process is gone: its client gets a reset
+        seen += other.read_all_and_close()
+        last = sse_events(seen)[-1]
+        assert error_of(last)["type"] == "producer_died"
+        assert last.startswith(f"id: {len(seen)}\n".encode())  # in the ring
+        _, _, whole = s.request("GET", "/v1/stream?conv_id=orphaned")
+        assert whole == seen
+        assert state(s, "orphaned") == "failed"
+        wait_for(lambda: len(s.children("http")) == 2, "the HTTP process to be restarted")
+        body = wait_for(
+            lambda: s.post_chat("after", max_tokens=3).read_all_and_close(), "a new stream"
+        )
+        assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_sigterm_ends_running_jobs_with_server_shutdown(
+    serve: Any, sse_events: Any, error_of: Any
+) -> None:
+    s = serve.start("--tokens-per-s", "20", http_procs=1, workers=None)
+    try:
+        r = s.post_chat("cut", max_tokens=1000)
+        r.read_at_least(300)
+        s.proc.send_signal(signal.SIGTERM)
+        events = sse_events(r.read_all_and_close())
+        assert error_of(events[-1])["type"] == "server_shutdown"
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
+def test_a_flush_wakes_its_own_loops_readers_without_a_datagram(tmp_path: Path) -> None:
+    """The producer's turn ends with ``Segment.flush_wakes(skip_own=True)`` and a direct call
+    into its own loop's hub: a watch of the session in the same loop gets its call, and the
+    process's notifier socket gets nothing (no datagram to itself, no extra wake-up)."""
+    path = str(tmp_path / "own.seg")
+    seg = ringcast.Segment.create(path, max_sessions=8, session_bytes=1 << 16)
+    try:
+
+        async def main() -> tuple[list[bytes], list[Any]]:
+            store = SegmentStore(seg)
+            writer = store.create("c", "")
+            reader = seg.reader("c", 0, "", counted=False)
+            got: list[bytes] = []
+
+            class Consumer:
+                def on_ready(self) -> None:
+                    while (data := reader.read_nowait(1 << 16)) is not None and data:
+                        got.append(data)
+
+                def on_error(self, exc: BaseException) -> None:
+                    raise AssertionError(exc)
+
+            watch = _aio.watch(reader, Consumer())
+            counters = SharedCounters(str(tmp_path / "counters"), 1, create=True)
+            counters.bind_row(0)
+            batch = TurnBatch(store, counters, own_loop=True)
+            emitter = Emitter(writer, "chat", "m", counters, batch=batch)
+            emitter.text("hello")
+            assert got == []  # told at the end of the turn, not at each append
+            await asyncio.sleep(0)
+            poller = select.poll()
+            poller.register(reader.notifier().fileno(), select.POLLIN)
+            watch.cancel()
+            return got, poller.poll(0)
+
+        got, readable = asyncio.run(main())
+        events = b"".join(got)
+        assert events.count(b"\n\n") == 2  # the role chunk and the token
+        assert b'"content":"hello"' in events
+        assert readable == []
+    finally:
+        seg.close()
+        os.unlink(path)
