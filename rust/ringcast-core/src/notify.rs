@@ -484,7 +484,9 @@ impl Notifier {
         }
         let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
         for &slot in slots {
-            let Some(sub) = subs.get_mut(&slot) else { continue };
+            let Some(sub) = subs.get_mut(&slot) else {
+                continue;
+            };
             let Ok(m) = self.slot(slot) else { continue };
             let seq = m.seq.load(Ordering::SeqCst);
             if seq != sub.last_seq || m.generation.load(Ordering::Acquire) != sub.generation {

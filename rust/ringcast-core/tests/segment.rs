@@ -549,6 +549,32 @@ fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
 }
 
 #[test]
+fn a_flush_except_own_sends_this_process_nothing_and_scan_slots_reports_only_the_named() {
+    let t = TempSeg::new("notify-own");
+    let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
+    let a = seg.create_or_replace("a", "").unwrap();
+    let b = seg.create_or_replace("b", "").unwrap();
+    let n = seg.notifier().unwrap();
+    n.subscribe(a.slot(), a.generation()).unwrap();
+    n.subscribe(b.slot(), b.generation()).unwrap();
+    assert!(!n.arm(false), "a new notifier starts armed");
+    assert!(a.append(b"x", true, Wake::Deferred).unwrap());
+    assert!(b.append(b"y", true, Wake::Deferred).unwrap());
+    // Our own row is the only subscriber: nothing is sent, and the row stays armed.
+    assert_eq!(seg.flush_wakes_except_own(), 0);
+    assert!(!fd_readable(n.fd(), 100));
+    assert!(!n.arm(false), "still armed");
+    // The producer names the slot it appended to: only that one is reported, once.
+    assert_eq!(n.scan_slots(&[a.slot()]), vec![a.slot()]);
+    assert_eq!(n.scan_slots(&[a.slot()]), Vec::<u32>::new());
+    // An unsubscribed or out-of-range slot is skipped; b is still news to a full scan.
+    assert_eq!(n.scan_slots(&[7, u32::MAX]), Vec::<u32>::new());
+    assert_eq!(n.scan(false), vec![b.slot()]);
+    // What the flush skipped is gone from the pending set: a plain flush sends nothing now.
+    assert_eq!(seg.flush_wakes(), 0);
+}
+
+#[test]
 fn append_headed_makes_its_header_from_the_offset_where_it_lands() {
     let t = TempSeg::new("headed");
     let seg = Segment::create(&t.0, cfg(4, 4096)).unwrap();
