@@ -18,10 +18,10 @@ from ringcast.server.child import child_main
 from ringcast.server.cluster.store import open_cluster_store
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import HttpCounter, open_child_counters
+from ringcast.server.jobs import Jobs, load_source
 from ringcast.server.routes import App
 from ringcast.server.segment_store import open_store
 from ringcast.server.store import StreamStore
-from ringcast.server.worker import make_worker_app
 
 log = logging.getLogger("ringcast.server")
 
@@ -57,9 +57,8 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     if cfg.workers == 0:
         # This process runs the jobs it takes (docs/SERVER.md, "Where jobs run"), with the
         # counters of a worker of the same index.
-        jobs = app.jobs = make_worker_app(
-            cfg, store, open_child_counters(cfg, "worker", index), own_loop=True
-        )
+        counters_of_jobs = open_child_counters(cfg, "worker", index)
+        jobs = app.jobs = Jobs(cfg, store, counters_of_jobs, *load_source(cfg), own_loop=True)
         app.track(loop.create_task(jobs.watch_cancel()))
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         app.track(loop.create_task(app.coalescing.run()))

@@ -50,6 +50,7 @@ from ringcast.server.durable import DurableStreams
 from ringcast.server.durable_meta import durable_owner
 from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, final_total
 from ringcast.server.handoff import Dispatcher
+from ringcast.server.jobs import Jobs
 from ringcast.server.metrics import Metrics
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
@@ -62,7 +63,6 @@ from ringcast.server.store import (
     quota_message,
 )
 from ringcast.server.upstream_link import caller_credentials
-from ringcast.server.worker import WorkerApp
 from ringcast.wire.jobs import Job
 from ringcast.wire.openai import (
     AssistantMessage,
@@ -142,7 +142,7 @@ class App:
         self.coalescing = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         self.fanout = FanOut(store, self.coalescing, counters)
         self.dispatcher = Dispatcher(cfg, index, counters)
-        self.jobs: WorkerApp | None = None
+        self.jobs: Jobs | None = None
         """With ``--workers 0``: this process runs the jobs it takes (set by the HTTP
         process's main before it listens); else they go to the workers."""
         self.prometheus = Metrics(cfg, store, counters)

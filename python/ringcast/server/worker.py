@@ -1,115 +1,42 @@
-"""Inference workers of ``ringcast serve``: the producers that append SSE bytes to sessions.
+"""Inference workers of ``ringcast serve --workers N``: processes that run the jobs apart from
+the HTTP processes (:mod:`.jobs` runs them; with ``--workers 0``, the default, the HTTP
+processes run their own).
 
 A worker (``python -m ringcast.server.worker CONFIG INDEX``, spawned by the manager) listens on a
 Unix socket for jobs from the HTTP processes, adopts each job's session
 (``Segment.adopt``), answers ``A`` and then generates on its own: the HTTP process and its
 client may go away, the generation continues until it ends or the session is cancelled.
-Cancellation (DELETE, replacement, eviction, an anonymous client's disconnect) is seen by
-polling ``Writer.cancelled`` — an atomic load — every 20 ms for every active job, so it
-stops a job also while it waits for its first token or for an upstream server.
-
-Four sources of tokens:
-
-- the **synthetic model** (default): deterministic text derived from the prompt, paced at
-  ``--tokens-per-s`` after an optional ``--prefill-s``, honouring ``max_tokens``;
-- the **upstream proxy** (``--upstream URL``): see :mod:`ringcast.server.upstream`;
-- a **plug-in** (``--generator module:function``): see :mod:`ringcast.server.plugin`;
-- a **recorded trace** (``--replay trace.jsonl``): see :mod:`ringcast.trace`.
-
-Every event is framed ``id: <offset after it>\\n...`` (see ``ringcast.wire.sse.frame_event``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import msgspec
 
-from ringcast._core import RingcastError, SegmentError, SessionEnded, SessionNotFound
+from ringcast._core import RingcastError, SessionEnded, SessionNotFound
 from ringcast.http.logs import log_failure
 from ringcast.server import rundir
-from ringcast.server.child import STARTUP_REFUSED, child_main
+from ringcast.server.child import child_main
 from ringcast.server.config import ServeConfig
-from ringcast.server.counters import SharedCounters, WorkerCounter, open_child_counters
-from ringcast.server.emitter import Emitter, Gone, TurnBatch
-from ringcast.server.plugin import GenerateFn, JobContext, load_generator
+from ringcast.server.counters import open_child_counters
+from ringcast.server.jobs import Jobs, load_source, log
 from ringcast.server.segment_store import open_store
-from ringcast.server.store import StreamStore, StreamWriter, fail_stream
-from ringcast.server.synthetic import Ticker, synthetic_model
-from ringcast.server.upstream import proxy_upstream
-from ringcast.server.upstream_link import (
-    UPSTREAM_READ_TIMEOUT,
-    UpstreamError,
-    upstream_read_timeout,
-)
 from ringcast.wire.jobs import (
     JOB_ACK_ADOPTED,
     JOB_ACK_GONE,
     LENGTH_SIZE,
-    Job,
     decode_job,
     frame_length,
 )
-from ringcast.wire.openai import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_request_decoder,
-    completion_request_decoder,
-)
-
-log = logging.getLogger("ringcast.worker")
-
-CANCEL_POLL = 0.02
-PING_CHECK_FRACTION = 0.05
-PING_CHECK_MAX = 0.5
-PING_EVENT = b": ping\n\n"
 
 
-def _ping(writer: StreamWriter) -> bool:
-    """Appends a keep-alive comment; False if the stream is no longer this writer's, or if
-    there is no memory for it (the job's own next write then fails the stream)."""
-    try:
-        return writer.write(PING_EVENT, progress=False)
-    except SegmentError:
-        return False
-
-
-class WorkerApp:
-    def __init__(
-        self,
-        cfg: ServeConfig,
-        store: StreamStore,
-        counters: SharedCounters,
-        generate: GenerateFn | None,
-        upstream_read_timeout: float = UPSTREAM_READ_TIMEOUT,
-        own_loop: bool = False,
-    ) -> None:
-        self.cfg = cfg
-        self.own_loop = own_loop
-        """The jobs' readers share this loop (an HTTP process running its own jobs): the
-        appends of a turn wake them directly (:class:`TurnBatch`)."""
-        self.store = store
-        self.counters = counters
-        self.generate = generate
-        self.upstream_read_timeout = upstream_read_timeout
-        self.active: dict[asyncio.Task[None], StreamWriter] = {}
-        self.shutting_down = False
-        self._batch: TurnBatch | None = None
-        self._ticker: Ticker | None = None
-
-    @property
-    def batch(self) -> TurnBatch:
-        """The appends of every job of this worker share one :class:`TurnBatch` (made on the
-        worker's loop, at its first job)."""
-        if self._batch is None:
-            self._batch = TurnBatch(self.store, self.counters, self.own_loop)
-        return self._batch
+class WorkerApp(Jobs):
+    """A worker process's jobs, and the socket they come in on."""
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -137,171 +64,10 @@ class WorkerApp:
             await w.drain()
         w.close()
 
-    def run_here(self, job: Job, writer: StreamWriter) -> None:
-        """Run a job whose session this process made and so produces already (an HTTP
-        process with ``--workers 0``); once this process is stopping, end the stream with
-        ``server_shutdown`` instead, as a hand-off that finds no worker does."""
-        if self.shutting_down:
-            self._fail(writer, 503, "the server is shutting down", "server_shutdown")
-            return
-        self.start_job(job, writer)
-
-    def start_job(self, job: Job, writer: StreamWriter) -> asyncio.Task[None]:
-        """Run an adopted job in a task of its own, counted in :attr:`active`."""
-        task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
-        self.active[task] = writer
-        self.counters.inc(WorkerCounter.ACTIVE)
-        task.add_done_callback(self._job_done)
-        return task
-
-    def _job_done(self, task: asyncio.Task[None]) -> None:
-        writer = self.active.pop(task, None)
-        self.counters.inc(WorkerCounter.ACTIVE, -1)
-        if task.cancelled() and writer is not None:
-            # Cancelled before its first step (a shutdown right after the adoption), so none
-            # of run_job's handlers ran: end the stream as they would have. Else it would stay
-            # running with this process, soon gone, as its producer until a manager's sweep.
-            if self.shutting_down and not writer.cancelled:
-                self._fail(writer, 503, "the server is shutting down", "server_shutdown")
-            else:
-                self.counters.inc(WorkerCounter.JOBS_CANCELLED)
-
-    async def run_job(self, job: Job, writer: StreamWriter) -> None:
-        self.counters.inc(WorkerCounter.JOBS_STARTED)
-        emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters, batch=self.batch)
-        try:
-            if self.generate is None and self.cfg.upstream:
-                await proxy_upstream(self.cfg, job, emitter, self.upstream_read_timeout)
-            else:
-                await self.run_generator(job, writer, emitter)
-            writer.finalize("done")
-            self.counters.inc(WorkerCounter.JOBS_DONE)
-        except (Gone, asyncio.CancelledError):
-            if self.shutting_down and not writer.cancelled:
-                self._fail(writer, 503, "the server is shutting down", "server_shutdown")
-            else:
-                self.counters.inc(WorkerCounter.JOBS_CANCELLED)
-        except UpstreamError as e:
-            self._fail(writer, e.code, str(e), "upstream_error")
-        except SegmentError as e:
-            # The shared-memory filesystem is full: this stream fails, the others run on.
-            log.warning("a stream failed: %s", e)
-            self._fail(writer, 507, "the server has no memory left for this stream", "no_memory")
-        except Exception as e:
-            log_failure(log, "a generation failed", e)
-            self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-
-    def _fail(self, writer: StreamWriter, code: int, message: str, type_: str) -> None:
-        self.counters.inc(WorkerCounter.JOBS_FAILED)
-        fail_stream(writer, code, message, type_)
-
-    async def run_generator(self, job: Job, writer: StreamWriter, emitter: Emitter) -> None:
-        request: ChatCompletionRequest | CompletionRequest
-        if job.route == "chat":
-            request = chat_request_decoder.decode(job.body)
-        else:
-            request = completion_request_decoder.decode(job.body)
-        ctx = JobContext(job.route, job.body, request, writer)
-        if self.generate is None and self.cfg.tokens_per_s > 0:
-            # The paced synthetic model: every stream of this worker on one Ticker.
-            if self._ticker is None:
-                self._ticker = Ticker(self.cfg.tokens_per_s, self.cfg.prefill_s)
-            mt = ctx.max_tokens
-            await self._ticker.run(ctx, emitter, self.cfg.default_max_tokens if mt is None else mt)
-            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
-            return
-        gen_fn = self.generate or synthetic_model(self.cfg)
-        # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
-        # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
-        raw = getattr(gen_fn, "ringcast_raw_stream", False)
-        gen = gen_fn(ctx)
-        try:
-            async for piece in gen:
-                if isinstance(piece, str):
-                    emitter.text(piece)
-                else:
-                    if not raw:
-                        emitter.start()
-                    emitter.raw(piece)
-                emitter.count_token()
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
-        if not raw:
-            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
-
-    async def watch_cancel(self) -> None:
-        """Cancel jobs whose session was cancelled (every ``CANCEL_POLL``); ping streams that
-        stay silent (looked at every ``PING_CHECK_FRACTION`` of the interval, at most every
-        ``PING_CHECK_MAX`` s and at least every ``CANCEL_POLL``: with a thousand jobs the
-        cancellation poll is one atomic load each, the silence check a few lookups more)."""
-        loop = asyncio.get_running_loop()
-        interval = self.cfg.sse_ping_interval
-        check_every = min(max(interval * PING_CHECK_FRACTION, CANCEL_POLL), PING_CHECK_MAX)
-        next_check = 0.0
-        progress: dict[asyncio.Task[None], tuple[int, float]] = {}
-        while True:
-            await asyncio.sleep(CANCEL_POLL)
-            # Not copied: cancel() only schedules the task's end, nothing here changes the dict.
-            for task, writer in self.active.items():
-                if writer.cancelled and not task.done():
-                    task.cancel()
-            now = loop.time()
-            if interval <= 0 or now < next_check:
-                continue
-            next_check = now + check_every
-            for task, writer in list(self.active.items()):
-                if writer.cancelled:
-                    continue
-                total = writer.total_bytes
-                last = progress.get(task)
-                if last is None or last[0] != total:
-                    progress[task] = (total, now)
-                elif now - last[1] >= interval and _ping(writer):
-                    # A comment, not an event: no id line, the next event's id counts it. Not
-                    # progress either: a stream that only pings can still be found idle.
-                    progress[task] = (writer.total_bytes, now)
-            for task in [t for t in progress if t not in self.active]:
-                del progress[task]
-
-    async def shutdown(self) -> None:
-        self.shutting_down = True
-        for task in list(self.active):
-            task.cancel()
-        if self.active:
-            await asyncio.wait(list(self.active), timeout=3.0)
-        if self._batch is not None:
-            self._batch.flush()
-
-
-def make_worker_app(
-    cfg: ServeConfig, store: StreamStore, counters: SharedCounters, own_loop: bool = False
-) -> WorkerApp:
-    """The job runner of a worker process, or (``own_loop``: ``--workers 0``) of an HTTP
-    process that runs its own jobs: the token source ``cfg`` names, loaded now. A
-    ``--generator`` that does not load stops the process with ``STARTUP_REFUSED`` and one
-    line on stderr (the manager then stops with it)."""
-    counters.set(WorkerCounter.ACTIVE, 0)
-    try:
-        generate = load_generator(cfg.generator) if cfg.generator else None
-    except Exception as e:
-        # One line, not the import's traceback; the manager then stops with this status.
-        print(
-            f"ringcast serve: cannot load --generator {cfg.generator}: {type(e).__name__}: {e}",
-            file=sys.stderr,
-        )
-        raise SystemExit(STARTUP_REFUSED) from None
-    if cfg.replay:
-        from ringcast.trace import replay_generator
-
-        generate = replay_generator(cfg.replay, cfg.replay_speed)
-    # Read here, once logging is set up, so a bad value is reported when the worker starts.
-    read_timeout = upstream_read_timeout() if cfg.upstream else UPSTREAM_READ_TIMEOUT
-    return WorkerApp(cfg, store, counters, generate, read_timeout, own_loop)
-
 
 async def serve_worker(cfg: ServeConfig, index: int) -> None:
     store = open_store(cfg)
-    app = make_worker_app(cfg, store, open_child_counters(cfg, "worker", index))
+    app = WorkerApp(cfg, store, open_child_counters(cfg, "worker", index), *load_source(cfg))
     path = rundir.worker_socket(cfg.run_dir, index)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
