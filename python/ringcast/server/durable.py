@@ -234,6 +234,12 @@ class Target:
     def closed(self) -> bool:
         return self.info.is_done
 
+    @property
+    def acked(self) -> int:
+        """Bytes its owning node acknowledged that are not readable here yet (another node's
+        stream whose mirror is behind; 0 otherwise): no read below it is up to date."""
+        return self.remote.acked if self.remote is not None else 0
+
 
 class DurableStreams:
     """The Durable Streams routes of one HTTP process."""
@@ -318,7 +324,7 @@ class DurableStreams:
             return
         if m == "POST":
             parse_producer(req.headers)  # a malformed producer is a 400 before a 404
-        t = await self.resolve(owner, name, remote_ok)
+        t = await self.resolve(owner, name, remote_ok, read=m in ("GET", "HEAD"))
         if t.remote is not None and m in ("POST", "DELETE"):
             await self.forward(req, conn, t.remote)
         elif m == "POST":
@@ -359,10 +365,13 @@ class DurableStreams:
         no_body = head or status in (204, 304)
         conn.send(status, b"" if no_body else body, content_type, [*_SECURITY, *headers])
 
-    async def resolve(self, owner: str, name: str, remote_ok: bool = True) -> Target:
+    async def resolve(
+        self, owner: str, name: str, remote_ok: bool = True, read: bool = False
+    ) -> Target:
         """The live stream ``name`` of ``owner``: 404 if absent or expired (an expired one is
         removed at once), 410 if it was deleted while forks of it live. With ``--redis``, a
-        stream that is not here may be another node's (``remote_ok``: look there)."""
+        stream that is not here may be another node's (``remote_ok``: look there; ``read``:
+        for a read, which waits a moment for what that node acknowledged to be mirrored)."""
         downer = durable_owner(owner)
         meta = self.meta.get(downer, name)
         info = await self.store.get(name, downer)
@@ -374,23 +383,25 @@ class DurableStreams:
             or (info.slot, info.generation) != (meta.slot, meta.generation)
         ):
             if remote_ok and self.peers is not None:
-                return await self.resolve_remote(downer, name)
+                return await self.resolve_remote(downer, name, read)
             raise DsError(404, "Stream not found or expired")
         if meta.expired(time.time()):
             await self.expire(meta)
             raise DsError(404, "Stream not found or expired")
         return Target(name, downer, info, meta)
 
-    async def lookup_remote(self, downer: str, name: str) -> RemoteStream | None:
+    async def lookup_remote(
+        self, downer: str, name: str, read: bool = False
+    ) -> RemoteStream | None:
         assert self.peers is not None
         try:
-            return await self.peers.lookup(name, downer)
+            return await self.peers.lookup(name, downer, read)
         except StoreUnavailable as e:
             raise DsError(503, str(e)) from None
 
-    async def resolve_remote(self, downer: str, name: str) -> Target:
+    async def resolve_remote(self, downer: str, name: str, read: bool) -> Target:
         """A stream another node holds, as Redis has it (its node expires it, not this one)."""
-        r = await self.lookup_remote(downer, name)
+        r = await self.lookup_remote(downer, name, read)
         if r is not None and r.meta.deleted:
             raise DsError(410, "the stream was deleted (forks of it are still readable)")
         info = await self.store.get(name, downer) if r is not None else None
@@ -502,7 +513,7 @@ class DurableStreams:
                 400, f"malformed offset {raw[:64]!r}: use -1, now or a Stream-Next-Offset"
             )
         n = int(m.group(1))
-        if n > t.info.total_bytes:
+        if n > max(t.info.total_bytes, t.acked):
             raise DsError(400, f"offset {raw} is beyond the end of the stream")
         return n
 
@@ -614,10 +625,13 @@ class DurableStreams:
         finally:
             reader.close()
 
-    async def available(self, reader: StreamReader, known: int) -> tuple[bytes, bool, bool]:
+    async def available(
+        self, reader: StreamReader, known: int, acked: int = 0
+    ) -> tuple[bytes, bool, bool]:
         """What ``reader`` can read now (up to :data:`READ_CHUNK`): the bytes, whether that is
         all there is (up to date), and whether the stream is closed and fully read. ``known``:
-        bytes the stream is known to hold (a remote reader behind them fetches them)."""
+        bytes the stream is known to hold (a remote reader behind them fetches them);
+        ``acked``: bytes it holds on its node that are not here yet (:attr:`Target.acked`)."""
         out = bytearray()
         while len(out) < READ_CHUNK:
             try:
@@ -630,7 +644,7 @@ class DurableStreams:
                     raise DsError(404, f"the stream ended: {e.reason}") from None
                 return bytes(out), False, False
             if data is None:
-                return bytes(out), True, False
+                return bytes(out), reader.offset >= acked, False
             if data == b"":
                 return bytes(out), True, True
             out += data
@@ -645,9 +659,10 @@ class DurableStreams:
         self, req: Request, conn: Connection, t: Target, reader: StreamReader, now: bool
     ) -> None:
         start = reader.offset
-        data, up_to_date, closed = (b"", True, t.closed and reader.offset >= t.info.total_bytes)
+        data, closed = b"", t.closed and reader.offset >= t.info.total_bytes
+        up_to_date = reader.offset >= t.acked
         if not now:
-            data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
+            data, up_to_date, closed = await self.available(reader, t.info.total_bytes, t.acked)
         end = start + len(data)
         etag = f'"{t.info.slot}.{t.info.generation}:{start}:{end}{":c" if closed else ""}"'
         hs = [("Stream-Next-Offset", format_offset(end))]
@@ -659,9 +674,11 @@ class DurableStreams:
             hs.append(("Cache-Control", "no-store"))
         else:
             hs.append(("ETag", etag))
+            # Short of what the stream's node acknowledged (its mirror is behind), the same
+            # request soon answers more: revalidate, as at the open tail.
             hs.append(
                 ("Cache-Control", "no-cache")
-                if up_to_date and not closed
+                if (up_to_date and not closed) or end < t.acked
                 else ("Cache-Control", "private, max-age=60, stale-while-revalidate=300")
             )
             inm = req.headers.get("if-none-match")
@@ -673,7 +690,7 @@ class DurableStreams:
     async def long_poll(
         self, conn: Connection, t: Target, reader: StreamReader, client_cursor: str | None
     ) -> None:
-        data, up_to_date, closed = await self.available(reader, t.info.total_bytes)
+        data, up_to_date, closed = await self.available(reader, t.info.total_bytes, t.acked)
         if not data and not closed:
             try:
                 first = await asyncio.wait_for(reader.aread(READ_CHUNK), self.long_poll_s)
@@ -682,7 +699,7 @@ class DurableStreams:
             except SessionEnded as e:
                 raise DsError(404, f"the stream ended: {e.reason}") from None
             if first:
-                more, up_to_date, closed = await self.available(reader, t.info.total_bytes)
+                more, up_to_date, closed = await self.available(reader, t.info.total_bytes, t.acked)
                 data = first + more
             elif first == b"":
                 closed = True
@@ -717,7 +734,7 @@ class DurableStreams:
         deadline = loop.time() + SSE_MAX_S
         cursor = cursor_for(client_cursor)
         sent_control = False
-        known = t.info.total_bytes
+        known, acked = t.info.total_bytes, t.acked
         first = reader
 
         last: list[bytes] = [b"", b""]  # a pass's data, and its data event
@@ -734,7 +751,7 @@ class DurableStreams:
 
         try:
             while True:
-                data, up_to_date, closed = await self.available(reader, known)
+                data, up_to_date, closed = await self.available(reader, known, acked)
                 if data:
                     conn.write_body(self.sse_data(t, data, binary))
                 if data or closed or not sent_control:
@@ -773,7 +790,7 @@ class DurableStreams:
                 except TimeoutError:
                     break
                 if more:
-                    rest, up_to_date, closed = await self.available(reader, known)
+                    rest, up_to_date, closed = await self.available(reader, known, acked)
                     conn.write_body(self.sse_data(t, more + rest, binary))
                     conn.write_body(self.sse_control(reader.offset, cursor, up_to_date, closed))
                     if closed:
@@ -930,7 +947,7 @@ class DurableStreams:
             self.writers[(downer, name, writer.generation)] = writer
             total = writer.total_bytes
         if self.peers is not None:
-            await self.peers.publish(row)
+            await self.peers.publish(row, acked=(total, closing))
         host = req.headers.get("host", "localhost")
         hs = [
             ("Location", f"http://{host}{ascii_target(req.path)}"),
@@ -1145,6 +1162,10 @@ class DurableStreams:
                 self.meta.set_producer(t.owner, name, producer[0], producer[1], accepted_seq)
                 hs += [("Producer-Epoch", str(producer[1])), ("Producer-Seq", str(accepted_seq))]
             total = writer.total_bytes
+        if self.peers is not None:
+            # Before the answer: a read on another node that starts after it waits for
+            # these bytes to be mirrored, or does not call itself up to date.
+            await self.peers.acknowledge(meta, total, closing)
         hs.append(("Stream-Next-Offset", format_offset(total)))
         if closing:
             hs.append(("Stream-Closed", "true"))

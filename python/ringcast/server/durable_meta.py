@@ -138,6 +138,10 @@ class RemoteStream:
     url: str
     """The owning node's ``--advertise-url``: appends, closes, deletes and creates of this
     stream are forwarded there."""
+    acked: int = 0
+    """Bytes the owning node had answered a writer with that Redis did not hold yet when the
+    lookup stopped waiting for them (0: it held them all). A read here serves what Redis
+    holds and is not up to date below this offset."""
 
 
 class StreamPeers(Protocol):
@@ -147,14 +151,26 @@ class StreamPeers(Protocol):
     @property
     def node_id(self) -> str: ...
 
-    async def publish(self, m: StreamMeta, **fields: object) -> None:
+    async def publish(
+        self, m: StreamMeta, acked: tuple[int, bool] | None = None, **fields: object
+    ) -> None:
         """Copy the read side of ``m`` (with ``fields`` applied) beside its stream in Redis,
-        so other nodes can serve it. Never raises: Redis trouble is counted and logged."""
+        so other nodes can serve it; ``acked``: (total, closed) this node is answering its
+        creator with, as :meth:`acknowledge`. Never raises: Redis trouble is counted and
+        logged."""
         ...
 
-    async def lookup(self, name: str, owner: str) -> RemoteStream | None:
-        """The stream ``name`` of ``owner`` if another node holds it, else None. Raises
-        :class:`~ringcast.server.store.StoreUnavailable` if Redis cannot be reached."""
+    async def acknowledge(self, m: StreamMeta, total: int, closed: bool) -> None:
+        """Before this node answers a writer of ``m`` with ``total`` bytes (and ``closed``):
+        record it, so other nodes do not call a read up to date that has less. Never
+        raises."""
+        ...
+
+    async def lookup(self, name: str, owner: str, read: bool = False) -> RemoteStream | None:
+        """The stream ``name`` of ``owner`` if another node holds it, else None. ``read``:
+        for a read, which first waits a moment for Redis to hold what that node acknowledged
+        (:attr:`RemoteStream.acked`); a write is forwarded to it, which needs no such wait.
+        Raises :class:`~ringcast.server.store.StoreUnavailable` if Redis cannot be reached."""
         ...
 
 

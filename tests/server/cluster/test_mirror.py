@@ -15,8 +15,10 @@ import msgspec
 import pytest
 from ringcast import OffsetLost, Segment, SessionEnded, Writer
 from ringcast.server.cluster.client import Client, connect
+from ringcast.server.cluster.ds import ClusterPeers
 from ringcast.server.cluster.mirror import Mirror, MirrorConfig
 from ringcast.server.cluster.remote import RemoteReader, RemoteStore
+from ringcast.server.durable_meta import StreamMeta
 
 
 @dataclass
@@ -344,6 +346,57 @@ async def _node_is(store: RemoteStore, conv: str, owner: str, node: str) -> bool
     return info is not None and info.node == node
 
 
+def test_a_durable_stream_read_elsewhere_waits_for_what_its_node_acknowledged(
+    tmp_path: Path, target: Target
+) -> None:
+    """``ds.acked`` (:mod:`ringcast.server.cluster.ds`): another node's lookup for a read
+    waits until Redis holds what the owning node answered its writers with, and hands on the
+    total it was still short of when it stopped waiting; of two records sent out of order
+    the later one stays; a stream that ended in Redis short of it (its node lost) is not
+    waited for."""
+
+    async def body(h: Harness) -> None:
+        a = h.node(lease_ms=600)
+        mine = ClusterPeers(h.reader(a.node_id), a.node_id, "", a.seg.epoch, 60_000, _no_error)
+        other = ClusterPeers(h.reader("node-b"), "node-b", "", 1, 60_000, _no_error)
+        name, owner = "s-" + uid(), "ds:"
+        w = a.seg.create_or_replace(name, owner)
+        assert w.write(b"head")
+        m = StreamMeta(
+            owner, name, w.slot, w.generation, "text/plain", None, None, None, 0.0, None,
+            None, None, False, 0, None,
+        )  # fmt: skip
+        await mine.publish(m, acked=(4, False))
+        r = await other.lookup(name, owner, read=True)
+        assert r is not None and (r.node, r.acked) == (a.node_id, 0)
+        for task in a.tasks:  # A's mirror stops: Redis keeps "head"
+            task.cancel()
+        await asyncio.gather(*a.tasks, return_exceptions=True)
+        assert w.write(b"tail")
+        await mine.acknowledge(m, 8, False)
+        await mine.acknowledge(m, 4, False)  # an earlier append's record, arriving late
+        r = await other.lookup(name, owner, read=True)
+        assert r is not None and r.acked == 8
+        # A write is forwarded to A, which has the bytes: its lookup does not wait for them.
+        r = await other.lookup(name, owner)
+        assert r is not None and r.acked == 0
+        # Its lease lapses: the stream ends node_lost after "head"; nothing more will come.
+        await until(lambda: _state_is(other.remote, name, owner, "failed"))
+        r = await other.lookup(name, owner, read=True)
+        assert r is not None and r.acked == 0
+
+    run(tmp_path, target, body)
+
+
+def _no_error() -> None:
+    pass
+
+
+async def _state_is(store: RemoteStore, conv: str, owner: str, state: str) -> bool:
+    info = await store.info(conv, owner)
+    return info is not None and info.state == state
+
+
 def test_lost_node_ends_its_streams_node_lost(tmp_path: Path, target: Target) -> None:
     async def body(h: Harness) -> None:
         a = h.node(lease_ms=600)
@@ -490,3 +543,36 @@ def test_a_redis_unreachable_from_the_start_is_logged(
 
 async def _errors_at_least(node: Node, n: int) -> bool:
     return node.mirror.stats.redis_errors >= n
+
+
+def test_appends_totals_go_on_without_redis(
+    tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A holding node's records of its appends' totals (``ds.acked``) against a Redis that
+    went away: no exception reaches the append, each failure is counted, the outage is
+    logged once, and the records of later appends are sent without being waited for."""
+    target = Target(url=redis_server.url, server=redis_server)
+    redis_server.kill()
+    errors: list[int] = []
+
+    async def body(h: Harness) -> None:
+        peers = ClusterPeers(h.reader("node-a"), "node-a", "", 1, 60_000, lambda: errors.append(1))
+        m = StreamMeta(
+            "ds:", "s", 0, 1, "text/plain", None, None, None, 0.0, None, None, None, False, 0,
+            None,
+        )  # fmt: skip
+        with caplog.at_level("WARNING", logger="ringcast"):
+            await peers.acknowledge(m, 4, False)
+            assert errors == [1] and not peers.acks.healthy
+            for total in (8, 12):
+                await peers.acknowledge(m, total, False)
+            await until(lambda: _no_ack_in_flight(peers))
+        assert len(errors) >= 2
+        warned = [r for r in caplog.records if "totals are not copied" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+
+    run(tmp_path, target, body)
+
+
+async def _no_ack_in_flight(peers: ClusterPeers) -> bool:
+    return peers.acks.task is None

@@ -11,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -471,7 +473,6 @@ def test_a_generic_durable_stream_works_from_every_node(
     resumes a generic stream created on node A through node B: B serves reads from Redis and
     forwards appends, a duplicate create, the close and the delete to A. Another key sees
     nothing of it on either node."""
-    import threading
 
     import httpx
     from durable_streams import DurableStream, stream
@@ -599,14 +600,13 @@ def test_reads_on_another_node_slide_a_durable_streams_ttl(
 ) -> None:
     """``Stream-TTL`` counts from the last use on any node: reads on B keep a stream created
     on A alive past its TTL; once nobody uses it, it expires on both."""
-    import time
-
     a, b = nodes(2, redis=["--redis", redis_server.url])
     path = f"/ds/v1/stream/ttl-{uid()}"
     hs = {"Content-Type": "text/plain", "Stream-TTL": "2"}
     assert a.request("PUT", path, b"kept", hs)[0] == 201
-    # Its bytes, not only its metadata (copied before the create is answered; the bytes
-    # follow within a flush window): a GET on B in between is a 200 of nothing yet.
+    # Its bytes: a read on B waits up to 0.5 s for the mirror to bring what A answered the
+    # create with, and past that is a 200 of less, not up to date (a loaded machine's
+    # window can be that late). This test is about the TTL, so it waits for them.
     wait_for(lambda: b.request("GET", path)[2] == b"kept", "the stream's bytes to reach node B")
     end = time.monotonic() + 5
     while time.monotonic() < end:
@@ -616,6 +616,83 @@ def test_reads_on_another_node_slide_a_durable_streams_ttl(
     time.sleep(2.5)
     assert b.request("GET", path)[0] == 404
     assert a.request("GET", path)[0] == 404
+
+
+def ds_offset(n: int) -> str:
+    return f"{0:016d}_{n:016d}"
+
+
+def test_a_read_on_another_node_never_calls_a_stream_up_to_date_short_of_an_answered_write(
+    redis_server: Any, nodes: Nodes, wait_for: Any
+) -> None:
+    """An append answered on A is mirrored within a flush window; a read on B meanwhile was
+    a 200 of the older bytes with ``Stream-Up-To-Date: true`` (and, right after a create
+    with a body whose first window the mirror claimed empty, of no bytes at all), and an
+    offset A had handed out was a 400 on B. A's mirror is stopped here (SIGSTOP) between
+    the two, so Redis cannot have the append: B waits a moment for it, then serves what
+    Redis holds without calling it up to date; once the mirror runs, B has it all."""
+    # A lease longer than the pause, so that B does not take A for lost meanwhile.
+    a, b = nodes(2, "--node-lease-ms", "10000", redis=["--redis", redis_server.url])
+    path = f"/ds/v1/stream/acked-{uid()}"
+    text = {"Content-Type": "text/plain"}
+    assert a.request("PUT", path, b"head", text)[0] == 201
+    wait_for(lambda: b.request("GET", path)[2] == b"head", "the stream's bytes on node B")
+    mirrors = mirror_pids(a)
+    assert mirrors
+    for pid in mirrors:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        status, hs, _ = a.request("POST", path, b"tail", text)
+        assert (status, hs["stream-next-offset"]) == (204, ds_offset(8))
+        status, hs, body = b.request("GET", path)
+        assert (status, body, hs["stream-next-offset"]) == (200, b"head", ds_offset(4))
+        assert "stream-up-to-date" not in hs
+        assert hs["cache-control"] == "no-cache"  # the same GET soon answers more
+        status, hs, body = b.request("GET", f"{path}?offset=now")
+        assert (status, hs["stream-next-offset"]) == (200, ds_offset(4))
+        assert "stream-up-to-date" not in hs
+        assert b.request("HEAD", path)[1]["stream-next-offset"] == ds_offset(4)
+        # The offset A handed out is a valid one on B: nothing after it, up to date.
+        status, hs, body = b.request("GET", f"{path}?offset={ds_offset(8)}")
+        assert (status, body, hs["stream-next-offset"]) == (200, b"", ds_offset(8))
+        assert hs["stream-up-to-date"] == "true"
+        # An SSE tail from the start: its first control event is not up to date either.
+        sse = b.open_request("GET", f"{path}?offset=-1&live=sse")
+        first = sse.read_at_least(1)
+        while b"event: control" not in first:
+            first += sse.read_some()
+        control = first.split(b"event: control\ndata:", 1)[1].split(b"\n", 1)[0]
+        assert json.loads(control) == {
+            "streamNextOffset": ds_offset(4),
+            "streamCursor": json.loads(control)["streamCursor"],
+        }
+        # A long-poll from B's end waits for the bytes A answered with; a catch-up read
+        # started now waits for them a moment (0.5 s), and has them or says it has not.
+        got: dict[str, Any] = {}
+        reads = [
+            threading.Thread(target=lambda q=q: got.update({q: b.request("GET", path + q)}))
+            for q in (f"?offset={ds_offset(4)}&live=long-poll", "")
+        ]
+        for t in reads:
+            t.start()
+        time.sleep(0.1)
+    finally:
+        for pid in mirrors:
+            os.kill(pid, signal.SIGCONT)
+    for t in reads:
+        t.join(30)
+    status, hs, body = got[f"?offset={ds_offset(4)}&live=long-poll"]
+    assert (status, body, hs["stream-next-offset"]) == (200, b"tail", ds_offset(8))
+    status, hs, body = got[""]
+    assert status == 200 and body in (b"head", b"headtail")
+    assert hs["stream-next-offset"] == ds_offset(len(body))
+    assert ("stream-up-to-date" in hs) == (body == b"headtail")
+    while b"data:tail" not in first:
+        first += sse.read_some()
+    sse.close()
+    status, hs, body = b.request("GET", path)
+    assert (status, body, hs["stream-next-offset"]) == (200, b"headtail", ds_offset(8))
+    assert hs["stream-up-to-date"] == "true"
 
 
 def raw_ds(node: Any, method: str, name: str, body: bytes = b"", extra: bytes = b"") -> Any:
@@ -661,8 +738,8 @@ def test_a_forged_forwarded_mark_cannot_give_a_stream_a_second_node(
     a, b = nodes(2, redis=["--redis", redis_server.url])
     name = f"held-{uid()}"
     assert raw_ds(a, "PUT", name, b"mine")[0] == 201
-    # Its bytes, not only its metadata (copied at once; the bytes follow within a flush
-    # window, later on a loaded machine): B's reads below must show A's stream.
+    # Its bytes (a read on B waits up to 0.5 s for them, and past that is not up to date
+    # with less): B's reads below must show A's stream.
     wait_for(lambda: raw_ds(b, "GET", name)[2] == b"mine", "the stream's bytes to reach node B")
     forged = b"X-Ringcast-Forwarded-By: " + a.node_id.encode() + b"\r\n"
     status, _, body = raw_ds(b, "PUT", name, b"forged", forged)
@@ -684,7 +761,6 @@ def test_a_deleted_source_stays_deleted_on_every_node_while_its_forks_live(
     """A source deleted while a fork lives is a tombstone on its node for the fork's life,
     and its copy in Redis is kept as long: it expired after 60 s, and node B then created
     the name again (201; B served the new stream, A answered 410 and refused a create)."""
-    import time
 
     a, b = nodes(2, redis=["--redis", redis_server.url])
     name, fork = f"src-{uid()}", f"fork-{uid()}"

@@ -154,3 +154,24 @@ if not e then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2] .. ':' .. e)
 return 1
 """
+
+ACK = """
+-- A Durable Stream's owning node records what it answered a writer with (a create's 201, an
+-- append's answer): ds.acked = <total>:<closed>:<src>, so that other nodes wait for the
+-- mirror to bring that much (ringcast.server.cluster.ds). Two appends answered by different
+-- processes may send theirs in either order: a record of the same incarnation that is not
+-- behind this one is kept. KEYS: meta. ARGV: 1 total, 2 closed (0 or 1), 3 src, 4 expiry ms
+-- for a hash that has none (it vanished meanwhile; the mirror's claim sets the real one).
+-- Reply: 1 if recorded.
+local cur = redis.call('HGET', KEYS[1], 'ds.acked')
+if cur then
+  local t, c, s = string.match(cur, '^(%d+):(%d):(.*)$')
+  if s == ARGV[3] and (tonumber(t) > tonumber(ARGV[1])
+      or (tonumber(t) == tonumber(ARGV[1]) and c >= ARGV[2])) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'ds.acked', ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
