@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pytest
 from ringcast import OffsetLost, Segment, SessionEnded, Writer
 from ringcast.server.cluster.client import Client, connect
 from ringcast.server.cluster.ds import ClusterPeers
-from ringcast.server.cluster.mirror import Mirror, MirrorConfig
+from ringcast.server.cluster.mirror import Mirror, MirrorConfig, Tracked
 from ringcast.server.cluster.remote import RemoteReader, RemoteStore
 from ringcast.server.durable_meta import StreamMeta
 
@@ -90,7 +91,7 @@ class Node:
         self.cfg = MirrorConfig(
             segment=self.seg.path,
             node_id=self.node_id,
-            mirror_ms=20,
+            mirror_ms=cfg.pop("mirror_ms", 20),
             lease_ms=cfg.pop("lease_ms", 3000),
             ttl=60,
             procs=procs,
@@ -576,3 +577,152 @@ def test_appends_totals_go_on_without_redis(
 
 async def _no_ack_in_flight(peers: ClusterPeers) -> bool:
     return peers.acks.task is None
+
+
+def test_a_window_is_split_in_phases_for_the_sessions_other_nodes_tail(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """``--mirror-ms 40``: five phases 8 ms apart. Sessions that no other node tails are all
+    sent in one pass per window; once another node tails every session, each pass sends the
+    sessions of one phase only (by slot), and none is sent more often than once per window
+    (plus its claim and its move to its phase): the window's syncs are spread over it, none
+    of them comes later. Every reader gets every byte."""
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body(h: Harness) -> None:
+        a = h.node(mirror_ms=40)
+        m = a.mirror
+        assert m.phases == 5
+        store = h.reader()
+        passes: list[tuple[int, list[Tracked]]] = []
+        windows = tailed_windows = 0
+        execute, flush = m._execute, m.flush
+
+        async def spy_execute(calls: list[tuple[Tracked, list[Any]]]) -> list[Any]:
+            passes.append((tailed_windows, [t for t, _ in calls]))
+            return await execute(calls)
+
+        async def spy_flush(phase: int | None = None) -> bool:
+            nonlocal windows, tailed_windows
+            if phase == 0:
+                windows += 1
+                tracked = m.tracked.values()
+                tailed_windows += bool(tracked) and all(t.tailed for t in tracked)
+            return await flush(phase)
+
+        m._execute, m.flush = spy_execute, spy_flush  # type: ignore[method-assign]
+        owner = "k"
+        convs = [f"conv-{i}-{uid()}" for i in range(10)]
+        writers = [a.seg.create_or_replace(c, owner) for c in convs]
+        firsts = await asyncio.gather(*(produce(w, 0, 10, pause=0.01) for w in writers))
+        for conv, data in zip(convs, firsts, strict=True):
+            await mirrored(store, conv, owner, len(data))
+        # Nobody tails them yet: one pass per window at most, all sessions in it.
+        assert 2 <= len(passes) <= windows, (len(passes), windows)
+        readers = [await store.open(conv, owner, 0) for conv in convs]
+        got = [asyncio.create_task(read_all(r)) for r in readers]
+        rests = await asyncio.gather(*(produce(w, 10, 60, pause=0.01) for w in writers))
+        for w in writers:
+            w.finalize()
+        for conv, g, first, rest in zip(convs, got, firsts, rests, strict=True):
+            await finished(store, conv, owner)
+            assert await g == first + rest
+        assert {t.info.slot % 5 for t in m.tracked.values()} == set(range(5))
+        phased = [sent for tw, sent in passes if tw >= 2]  # a window after all moved
+        mixed = [{t.info.slot % 5 for t in sent} for sent in phased]
+        assert len(phased) > 2 * len(convs) and all(len(x) == 1 for x in mixed), mixed
+        for t in m.tracked.values():
+            sends = sum(1 for _, sent in passes if t in sent)
+            assert 3 <= sends <= windows + 2, (sends, windows)
+
+    run(tmp_path, target, body)
+
+
+def test_an_event_after_an_idle_spell_is_in_redis_within_a_window(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Tailed sessions in every phase of a 200 ms window, idle, then one event each at a
+    random moment: each one is in Redis's copy within a window (plus a slack no loaded
+    machine needs), whichever phase its session is in."""
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body(h: Harness) -> None:
+        a = h.node(mirror_ms=200)
+        assert a.mirror.phases == 8
+        store = h.reader()
+        owner = "k"
+        convs = [f"conv-{i}-{uid()}" for i in range(8)]
+        writers = [a.seg.create_or_replace(c, owner) for c in convs]
+        for conv, w in zip(convs, writers, strict=True):
+            w.write(event(0))
+            await mirrored(store, conv, owner, len(event(0)))
+        readers = [await store.open(conv, owner, 0) for conv in convs]
+        got = [asyncio.create_task(read_all(r)) for r in readers]
+
+        async def tailed() -> bool:
+            return all(t.tailed and t.phase == t.info.slot % 8 for t in a.mirror.tracked.values())
+
+        await until(tailed)
+        assert {t.phase for t in a.mirror.tracked.values()} == set(range(8))
+        loop = asyncio.get_running_loop()
+        took = []
+        for i in range(1, 3):
+            for conv, w in zip(convs, writers, strict=True):
+                await asyncio.sleep(random.uniform(0.25, 0.45))  # idle beyond a window
+                w.write(event(i))
+                t0 = loop.time()
+                total = sum(len(event(j)) for j in range(i + 1))
+                await asyncio.wait_for(mirrored(store, conv, owner, total), 0.2 + 2.0)
+                took.append(loop.time() - t0)
+        for w in writers:
+            w.finalize()
+        assert await asyncio.gather(*got) == [event(0) + event(1) + event(2)] * len(got)
+        # On a quiet machine each takes at most the window plus a pass (~0.2 s); the bound
+        # asserted is generous (loaded CI machines).
+        assert max(took) < 0.2 + 2.0, took
+
+    run(tmp_path, target, body)
+
+
+def test_readers_opening_at_once_share_their_redis_reads(tmp_path: Path, redis_server: Any) -> None:
+    """Thirty readers opening one remote stream at once (a page of clients sent to this
+    node) cost Redis one lookup and one page read, not thirty; readers that open while the
+    stream's tail runs, at or past what it holds, cost none. All read the same bytes."""
+    target = Target(url=redis_server.url, server=redis_server)
+
+    async def body(h: Harness) -> None:
+        a = h.node()
+        store = h.reader()
+        conv, owner = "conv-" + uid(), "k"
+        w = a.seg.create_or_replace(conv, owner)
+        first = await produce(w, 0, 20)
+        await mirrored(store, conv, owner, len(first))
+
+        async def calls(command: str) -> int:
+            stats = await store.client.info("commandstats")
+            return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        before = {c: await calls(c) for c in ("hgetall", "xrange", "xrevrange")}
+        readers = await asyncio.gather(*(store.open(conv, owner, 0) for _ in range(30)))
+        grew = {c: await calls(c) - n for c, n in before.items()}
+        assert grew["hgetall"] == 1 and grew["xrange"] == 1 and grew["xrevrange"] == 1, grew
+        got = [asyncio.create_task(read_all(r)) for r in readers]
+        await until(lambda: _tailing(store))
+        before = {c: await calls(c) for c in ("hgetall", "xrange", "xrevrange")}
+        edge = next(iter(store.tails.values())).end
+        late = [await store.open(conv, owner, edge) for _ in range(10)]
+        grew = {c: await calls(c) - n for c, n in before.items()}
+        # (One HGETALL may be the tail's own check of a silent stream.)
+        assert grew["hgetall"] <= 1 and grew["xrange"] == grew["xrevrange"] == 0, grew
+        late_got = [asyncio.create_task(read_all(r)) for r in late]
+        rest = await produce(w, 20, 20)
+        w.finalize()
+        expected = first + rest
+        assert await asyncio.gather(*got) == [expected] * len(got)
+        assert await asyncio.gather(*late_got) == [expected[edge:]] * len(late_got)
+
+    run(tmp_path, target, body)
+
+
+async def _tailing(store: RemoteStore) -> bool:
+    return len(store.tails) == 1

@@ -33,13 +33,15 @@ def digest(text: str, n: int = 16) -> str:
 class SessionKeys:
     """The keys of one session."""
 
-    __slots__ = ("base", "meta", "owner_index", "tag")
+    __slots__ = ("base", "meta", "owner_index", "tag", "tailed")
 
     def __init__(self, conversation_id: str, owner: str) -> None:
         od = digest(owner)
         self.tag = f"{od}:{digest(owner + chr(0) + conversation_id, 32)}"
         self.meta = f"{PREFIX}{{{self.tag}}}:m"
         self.base = f"{PREFIX}{{{self.tag}}}:s"
+        self.tailed = f"{PREFIX}{{{self.tag}}}:t"
+        """Present while some node tails the session (set with an expiry by its tails)."""
         self.owner_index = owner_index(owner)
 
     def stream(self, epoch: int) -> str:

@@ -59,6 +59,11 @@ eighth of ``session_bytes``, so trimming (whole entries) keeps at least 7/8 of t
 WINDOW_MAX = 4 * ENTRY_MAX
 """Most bytes of one session sent in one window; a session further behind catches up over the
 next windows, so one fast session cannot hold up the window of all the others."""
+PHASE_MS = 8.0
+"""Spacing of a mirror's passes within a window: a window of ``--mirror-ms`` is split in
+``mirror_ms / PHASE_MS`` phases (at most MAX_PHASES), and each session is sent in the phase
+of its slot (see :meth:`Mirror.flush_loop`)."""
+MAX_PHASES = 8
 BATCH = 128
 """Sessions per SYNC call on one Redis server: one reply to parse instead of 128 (the client's
 cost per reply is what limits a window), and a script short enough not to hold Redis up. A
@@ -71,6 +76,11 @@ CONTROL_MAXLEN = 10_000
 SYNC = Script(scripts.SYNC)
 END = Script(scripts.END)
 FORGET = Script(scripts.FORGET)
+
+
+def phases(mirror_ms: float) -> int:
+    """How many phases a window of ``mirror_ms`` is split in (3 for the default 25 ms)."""
+    return max(1, min(MAX_PHASES, int(mirror_ms / PHASE_MS)))
 
 
 class MirrorConfig(msgspec.Struct, kw_only=True):
@@ -126,6 +136,11 @@ class Tracked:
     sent: int = 0
     """Bytes in the call in flight."""
     ending: tuple[str, str] | None = None
+    listed: bool = True
+    """In the segment's list at the last full pass (one gone from it is sent at once)."""
+    tailed: bool = False
+    """Another node tails it (its last sync said so): it is sent in its own phase."""
+    phase: int = 0
     reindex: bool = False
     head: str = ""
     """The header of its SYNC calls up to the epoch (src, node, instance)..."""
@@ -169,6 +184,9 @@ class Mirror:
         self.lease_first = False
         self.entry_max = max(1, min(ENTRY_MAX, cfg.session_bytes // 8))
         self.batch = 1 if is_cluster(client) else BATCH
+        self.phases = phases(cfg.mirror_ms)
+        self.by_phase: list[list[Tracked]] = [[] for _ in range(self.phases)]
+        """The running sessions of each phase, as the last full pass found them."""
 
     # -- flush loop
 
@@ -186,15 +204,45 @@ class Mirror:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def flush_loop(self) -> None:
+        """Windows of ``mirror_ms``, each split in ``phases`` passes ``mirror_ms / phases``
+        apart. Phase 0 lists this mirror's sessions (so a new one is claimed within a window)
+        and sends those of phase 0, any new one, and any that left the segment; phase ``j``
+        sends the sessions of phase ``j`` (slot // procs modulo phases). A session is read
+        once per window, on the same grid, so none of its bytes waits more than a window
+        plus a pass; and the sessions' syncs, and with them the other nodes' wake-ups and
+        fan-out, come spread over the window instead of in one burst per window (a burst
+        of N streams makes the last of them wait for the fan-out of all the others). A
+        phase without sessions costs nothing: no pass, no wake-up."""
         period = self.cfg.mirror_ms / 1000.0
+        step = period / self.phases
         loop = asyncio.get_running_loop()
         while True:
             start = loop.time()
-            await self.flush()
+            await self.flush(0)
             self.stats.last_window_s = loop.time() - start
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.0, period - (loop.time() - start)))
-            self.wake.clear()
+            for phase in range(1, self.phases):
+                if not self.by_phase[phase]:
+                    continue
+                if await self._sleep(start + phase * step - loop.time()):
+                    await self.flush()  # a control message: every session, now
+                await self.flush(phase)
+            # A window that took longer than the period is followed at once: its sessions
+            # are then read less often, and each read sends more.
+            if await self._sleep(start + period - loop.time()):
+                await self.flush()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if woken early (a control message ended a session,
+        whose end should go to Redis now)."""
+        if not self.wake.is_set():
+            if seconds <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.wake.wait(), seconds)
+            except TimeoutError:
+                return False
+        self.wake.clear()
+        return True
 
     def _refresh(self, now: float) -> list[Tracked]:
         """Update the tracked set from the segment's list (this mirror's share of it) and the
@@ -212,7 +260,7 @@ class Mirror:
             t = tracked.get(k)
             if t is None:
                 t = self._track(info, now)
-            t.info = info
+            t.info, t.listed = info, True
             if t.finished:
                 continue
             active.append(t)
@@ -233,12 +281,34 @@ class Mirror:
                     if t.reader is not None:
                         t.reader.close()
                 else:  # gone from the segment before its end was sent: _collect says how
+                    t.listed = False
                     active.append(t)
                     lag += 1
                     oldest = min(oldest, t.synced_at)
         self.stats.lag_bytes, self.stats.lag_seconds = lag, now - oldest
         self.stats.sessions = len(tracked)
         return active
+
+    def _sessions(self, now: float, phase: int | None) -> list[Tracked]:
+        """The sessions a pass of ``phase`` sends (see :meth:`flush_loop`)."""
+        if phase:
+            return [t for t in self.by_phase[phase] if not t.finished]
+        active = self._refresh(now)
+        n, procs = self.phases, self.cfg.procs
+        by_phase: list[list[Tracked]] = [[] for _ in range(n)]
+        first: list[Tracked] = []
+        for t in active:
+            p = t.info.slot // procs % n if t.tailed else 0
+            # Sent now as well: phase 0's own; those that cannot wait for theirs (not claimed
+            # yet: a new session is in Redis within a window of its start; gone from the
+            # segment); and one moving to a later phase, so that its read never waits more
+            # than a window.
+            if p == 0 or p > t.phase or t.epoch == 0 or not t.listed:
+                first.append(t)
+            t.phase = p
+            by_phase[p].append(t)
+        self.by_phase = by_phase
+        return active if phase is None else first
 
     def _track(self, info: SessionInfo, now: float) -> Tracked:
         src = keys.source_id(self.cfg.node_id, self.seg.epoch, info.slot, info.generation)
@@ -285,8 +355,10 @@ class Mirror:
             return chunks, "cancelled", reason
         return chunks, "running", ""
 
-    async def flush(self) -> bool:
-        """One window; False if a call to Redis failed."""
+    async def flush(self, phase: int | None = None) -> bool:
+        """One pass: every session of this mirror (``phase`` None), or those of ``phase``
+        (0 also lists the segment: see :meth:`flush_loop`). False if a call to Redis
+        failed."""
         if (not self.stats.connected or self.lease_first) and not await self.renew_lease():
             return False  # before any claim: readers elsewhere must find this node alive
         self.lease_first = False
@@ -297,7 +369,7 @@ class Mirror:
         window = f"\x1f{now:.3f}\x1f{self.cfg.session_bytes}\x1f"
         ttl = f"\x1f{self.cfg.ttl_ms}\x1f"
         calls: list[tuple[Tracked, list[Any]]] = []
-        for t in self._refresh(now):
+        for t in self._sessions(now, phase):
             chunks, state, reason = self._collect(t)
             due = now - t.last_sync > every
             if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
@@ -390,7 +462,7 @@ class Mirror:
             # Unknown whether it was applied: read again from the acknowledged offset.
             self._reopen(t)
             return
-        status, epoch, total, _first, old_node, old_inst, rstate = res
+        status, epoch, total, _first, old_node, old_inst, rstate, tailed = res
         old_node = old_node.decode() if isinstance(old_node, bytes) else old_node
         old_inst = old_inst.decode() if isinstance(old_inst, bytes) else old_inst
         rstate = rstate.decode() if isinstance(rstate, bytes) else rstate
@@ -407,7 +479,7 @@ class Mirror:
                     t.gap_from,
                     t.next,
                 )
-            t.epoch, t.gap_from = int(epoch), None
+            t.epoch, t.gap_from, t.tailed = int(epoch), None, bool(int(tailed))
             self.stats.bytes += t.sent
             self.stats.entries += len(args) - 3
             if int(total) != t.next + t.sent:

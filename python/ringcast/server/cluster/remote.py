@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ringcast import SessionNotFound
 from ringcast.server.cluster import keys
@@ -29,10 +30,16 @@ from ringcast.server.cluster.mirror import END, FORGET, send_control
 from ringcast.server.store import offset_lost, session_ended
 
 log = logging.getLogger("ringcast.server.cluster.remote")
+T = TypeVar("T")
 
 TAIL_BLOCK_MS = 200
 """How long a tail's ``XREAD`` blocks; on every silent return it checks the session's state
 and its node's lease, so a lost node is noticed within its lease plus this."""
+TAILED_MS = 3000
+"""A tail marks its session as tailed (``SessionKeys.tailed``) for this long, renewed every
+TAILED_RENEW_S while it runs: the producing node's mirror sends a tailed session in its own
+phase of the window (see ``Mirror.flush_loop``), the others all at once."""
+TAILED_RENEW_S = 1.0
 TAIL_KEEP = 1 << 20
 """Bytes a tail keeps behind its edge for readers a little behind; older ones read entries."""
 PAGE_ENTRIES = 64
@@ -122,6 +129,10 @@ class RemoteStore:
         self.node_id = node_id
         self.ttl_ms = ttl_ms
         self.tails: dict[str, RemoteTail] = {}
+        self.live: dict[str, RemoteTail] = {}
+        """Per session (its keys' base), its newest tail in this process."""
+        self.inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        """Redis reads about to be sent, which other callers may share (:meth:`shared`)."""
         self.leases: dict[str, tuple[float, str | None]] = {}
         self.suspects: dict[tuple[str, str], float] = {}
         """Node instances whose lease was found gone, and since when (monotonic)."""
@@ -163,8 +174,28 @@ class RemoteStore:
         again = parse_info(await self.client.hgetall(k.meta))
         return again if again is not None else info
 
+    async def shared(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
+        """``await make()``, shared with the callers that ask for the same ``key`` before it
+        is sent (in the same turn of the event loop): a burst of readers opening one stream
+        (a page of clients sent to this node at once) costs Redis one lookup and one page
+        read, not one per reader. A caller never gets an answer that was asked before it
+        arrived: once the call is on its way, the next caller makes its own."""
+        fut = self.inflight.get(key)
+        if fut is None:
+            fut = self.inflight[key] = asyncio.ensure_future(self._send(key, make))
+            fut.add_done_callback(_retrieved)
+        return await asyncio.shield(fut)
+
+    async def _send(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
+        if self.inflight.get(key) is asyncio.current_task():
+            del self.inflight[key]  # sent from here on: no more joiners
+        return await make()
+
     async def info(self, conv: str, owner: str) -> RemoteInfo | None:
         """The session as Redis has it (None if unknown there or cancelled)."""
+        return await self.shared(("info", conv, owner), lambda: self._info(conv, owner))
+
+    async def _info(self, conv: str, owner: str) -> RemoteInfo | None:
         k = keys.SessionKeys(conv, owner)
         info = parse_info(await self.client.hgetall(k.meta))
         if info is None or info.owner != owner or info.conversation_id != conv:
@@ -240,14 +271,26 @@ class RemoteStore:
         ``SessionNotFound`` if Redis has no such session. The caller checks ``offset`` against
         a finished session's total (416). With ``info`` (the incarnation another reader of
         this process opened), no round trip: a second reader of the same incarnation."""
+        k = keys.SessionKeys(conv, owner)
         if info is not None:
-            return RemoteReader(self, keys.SessionKeys(conv, owner), info, offset)
+            return RemoteReader(self, k, info, offset)
+        tail = self.live.get(k.base)
+        if tail is not None and tail.reason is None:
+            # A running stream that this process tails already (the same keys: the same
+            # owner and id): its incarnation is the tail's, which an end, a replace or a
+            # lost node would have ended; and at or past what the tail holds, the reader
+            # reads from it (a gap there is the tail's to report). No round trip.
+            reader = RemoteReader(self, k, tail.info, offset)
+            if offset < tail.base:
+                await reader.fetch()
+            self.stats.opened += 1
+            return reader
         info = await self.info(conv, owner)
         if info is None:
             raise SessionNotFound(conv)
         if offset < info.first_available:
             raise offset_lost(info.first_available)
-        reader = RemoteReader(self, keys.SessionKeys(conv, owner), info, offset)
+        reader = RemoteReader(self, k, info, offset)
         if not (info.is_done and offset > info.total_bytes):
             # A gap or a trim at the offset is a 410 now, not an error event later.
             await reader.fetch()
@@ -259,6 +302,7 @@ class RemoteStore:
         tail = self.tails.get(name)
         if tail is None:
             tail = self.tails[name] = RemoteTail(self, k, info)
+            self.live[k.base] = tail
             self.stats.tails += 1
         tail.refs += 1
         return tail
@@ -269,6 +313,8 @@ class RemoteStore:
             tail.task.cancel()
             if self.tails.get(tail.stream) is tail:
                 del self.tails[tail.stream]
+            if self.live.get(tail.keys.base) is tail:
+                del self.live[tail.keys.base]
 
 
 def _walk(entries: list[Any], offset: int) -> tuple[list[bytes], int, str | None]:
@@ -336,13 +382,18 @@ class RemoteReader:
         return self.info.segment_epoch
 
     async def fetch(self) -> None:
-        """Read entries from ``offset`` into ``pending`` (one page)."""
-        c = self.store.client
-        back = await c.xrevrange(self.stream, f"{self.offset}-1", "-", count=1)
+        """Read entries from ``offset`` into ``pending`` (one page; shared by the readers of
+        this process that fetch the same offset of the same stream at the same time)."""
+        key = ("page", self.stream, str(self.offset))
+        self.pending, self.pending_end = await self.store.shared(key, self._page)
+
+    async def _page(self) -> tuple[bytes, str | None]:
+        c, offset = self.store.client, self.offset
+        back = await c.xrevrange(self.stream, f"{offset}-1", "-", count=1)
         start = _s(back[0][0]) if back else "-"
         entries: Any = await c.xrange(self.stream, start, "+", count=PAGE_ENTRIES)
-        chunks, _end, reason = _walk(entries, self.offset)
-        self.pending, self.pending_end = b"".join(chunks), reason
+        chunks, _end, reason = _walk(entries, offset)
+        return b"".join(chunks), reason
 
     def _end(self, reason: str) -> bytes:
         if reason in ("done", "failed"):
@@ -452,8 +503,13 @@ class RemoteTail:
                     last = _s(entry_id)
                     self._entry(keys.entry_start(entry_id), fields)
 
+        loop = asyncio.get_running_loop()
+        marked = 0.0
         while self.reason is None:
             try:
+                if loop.time() >= marked:
+                    await c.set(self.keys.tailed, b"1", px=TAILED_MS)
+                    marked = loop.time() + TAILED_RENEW_S
                 res = await c.xread({self.stream: last}, count=256, block=TAIL_BLOCK_MS)
                 if res:
                     take(res)
@@ -524,9 +580,16 @@ class RemoteTail:
         return info.end or info.state
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A shared read's outcome is taken even if all its callers went away meanwhile."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def close_store(store: RemoteStore) -> None:
     for tail in list(store.tails.values()):
         tail.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await tail.task
     store.tails.clear()
+    store.live.clear()

@@ -30,7 +30,8 @@ SYNC = (
 -- 3 inst, 4 epoch (0: claim), 5 segment epoch, 6 created, 7 now, 8 session bytes, 9 keep ms
 -- (expiry while running; 0: leave it), 10 ttl ms (after the end), 11 start, 12 data start
 -- (> start: [start, data start) is a gap), 13 state, 14 end reason. Reply: one {status, epoch,
--- total, first, replaced node, its instance, state} per session.
+-- total, first, replaced node, its instance, state, tailed} per session (tailed: 1 while
+-- another node's tail marks the session, key <meta without its m>t).
 local function split(s)
   local t, i = {}, 1
   while true do
@@ -51,8 +52,8 @@ local function sync(meta, base, off, nargs)
   local keep = tonumber(a(9))
   if cur[1] ~= src then
     if epoch ~= 0 then
-      if not cur[1] then return {4, 0, 0, 0, '', '', ''} end
-      return {3, tonumber(cur[2]) or 0, 0, 0, '', '', cur[3] or ''}
+      if not cur[1] then return {4, 0, 0, 0, '', '', '', 0} end
+      return {3, tonumber(cur[2]) or 0, 0, 0, '', '', cur[3] or '', 0}
     end
     if cur[3] == 'running' then
       old_node, old_inst = cur[5], cur[6]
@@ -68,13 +69,13 @@ local function sync(meta, base, off, nargs)
     epoch = tonumber(cur[2])
   end
   if cur[3] ~= 'running' then
-    return {2, epoch, tonumber(cur[4]) or 0, tonumber(cur[7]) or 0, old_node, old_inst, cur[3]}
+    return {2, epoch, tonumber(cur[4]) or 0, tonumber(cur[7]) or 0, old_node, old_inst, cur[3], 0}
   end
   if cur[6] ~= a(3) then redis.call('HSET', meta, 'node', a(2), 'inst', a(3)) end
   local total, first = tonumber(cur[4]), tonumber(cur[7])
   local start, dstart = tonumber(a(11)), tonumber(a(12))
   if start ~= total then
-    return {1, epoch, total, first, old_node, old_inst, 'running'}
+    return {1, epoch, total, first, old_node, old_inst, 'running', 0}
   end
   local s = base .. ':' .. epoch
   if dstart > start then
@@ -110,7 +111,8 @@ local function sync(meta, base, off, nargs)
     redis.call('PEXPIRE', meta, keep)
     redis.call('PEXPIRE', s, keep)
   end
-  return {0, epoch, total, first, old_node, old_inst, state}
+  local tailed = redis.call('EXISTS', string.sub(meta, 1, -2) .. 't')
+  return {0, epoch, total, first, old_node, old_inst, state, tailed}
 end
 
 local out, off = {}, 0
