@@ -13,11 +13,17 @@ one POST on node A (itself a reader, on A) and ``--readers`` - 1 GETs from offse
 
 Modes run interleaved ``--repeat`` times (medians shown), the same nodes throughout. For each:
 events/s, p50/p99 of producer-to-reader latency, and server CPU (both nodes' process trees and
-the private Redis; the baseline's process and Redis) per delivered event. Then the ratios the
-issue sets targets for: remote p99 <= flush window + 10 ms, remote CPU per event <= 1.5x
-local. Before a stream's GETs on node B the client polls B's lookup until the stream is in
-Redis (a window after the POST); ``--prefill`` (seconds before the first token) must cover
-the set-up of every stream, or the first events wait for it.
+the private Redis; the baseline's process and Redis) per delivered event, also by process.
+Then the ratios the issue sets targets for: remote p99 <= flush window + 10 ms, remote CPU
+per event <= 1.5x local. Last (``--hops``, on by default), one more ``remote`` run, not in
+the medians, splits its latency in two: a probe in this process reads every mirrored stream
+from Redis (``XREAD`` of all of them) and times each event's arrival there against its
+producer stamp (node A's flush window, its mirror pass, the ``SYNC`` script), the rest is
+node B's (its tail, its fan-out) and the client's.
+
+Before a stream's GETs on node B the client polls B's lookup until the stream is in Redis (a
+window after the POST); ``--prefill`` (seconds before the first token) must cover the set-up
+of every stream, or the first events wait for it.
 
     python bench/cluster_fanout.py                               # 8 streams x 64 readers
     python bench/cluster_fanout.py --streams 16 --readers 128 --tokens 600 --repeat 5 \\
@@ -35,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +56,55 @@ from http_fanout import (  # noqa: E402  (bench/ is not a package)
 )
 
 MODES = ("local", "remote", "redis")
+STAMP = re.compile(rb'"content":"(\d{16,20})"')
+
+
+class RedisProbe(threading.Thread):
+    """Times every event's arrival in Redis: reads every mirrored stream (keys ``rc:…:s:…``,
+    found by ``SCAN``) with one blocking ``XREAD`` and keeps, per event whose producer stamp
+    is newer than the probe, the time from that stamp to its arrival here (ms)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.done = threading.Event()
+        self.since_ns = time.time_ns()
+        self.ages: list[float] = []
+
+    def run(self) -> None:
+        streams: dict[bytes, bytes] = {}
+        scanned, res = 0.0, None
+        while not self.done.is_set():
+            # New streams (read from their first entry): looked for while none has news, so
+            # a SCAN never delays an arrival (a stream's first token comes --prefill after
+            # its first sync).
+            if not res and time.monotonic() - scanned > 0.2:
+                for key in self.client.scan_iter(match="rc:*:s:*", count=1000):
+                    streams.setdefault(key, b"0-0")
+                scanned = time.monotonic()
+            if not streams:
+                time.sleep(0.01)
+                continue
+            res = self.client.xread(streams, block=50)  # type: ignore[arg-type]
+            now = time.time_ns()
+            for name, entries in res or []:
+                for entry_id, fields in entries:
+                    streams[name] = entry_id
+                    for m in STAMP.finditer(fields.get(b"d", b"")):
+                        if int(m.group(1)) > self.since_ns:
+                            self.ages.append((now - int(m.group(1))) / 1e6)
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.join(5)
+        self.client.close()
+        return sorted(self.ages)
+
+
+def quantile(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def start_node(args: argparse.Namespace, tmp: str, redis_url: str, name: str) -> tuple[Any, int]:
@@ -143,19 +199,23 @@ def measure(
         sides = {"a": nodes["a"][0].pid, "b": nodes["b"][0].pid}
 
     def cpu() -> dict[str, float]:
-        """CPU seconds by side: node A (or the baseline), node B, the private Redis."""
+        """CPU seconds by side (node A or the baseline, node B, the private Redis), and by
+        process kind within a side (``a http``, ``a mirror``, ...)."""
         out = {"a": 0.0, "b": 0.0, "redis": 0.0}
         for side, pid in sides.items():
             by_role, _ = server_usage(pid, "ringcast", (redis_pid,) if side == "a" else ())
             for role, seconds in by_role.items():
                 out["redis" if role == "redis" else side] += seconds
+                if role != "redis":
+                    kind = f"{side} {role.rstrip('0123456789')}"
+                    out[kind] = out.get(kind, 0.0) + seconds
         return out
 
     cpu0 = cpu()
     got = loadgen_run(loadgen, args, port, read_port)
     cpu1 = cpu()
-    used = {k: cpu1[k] - cpu0[k] for k in cpu0}
-    server_cpu = sum(used.values())
+    used = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+    server_cpu = used["a"] + used["b"] + used["redis"]
     events = int(got["events"])
     expected = args.streams * args.readers * args.tokens
     if events != expected:
@@ -170,6 +230,7 @@ def measure(
         "cpu_s_node_b": used["b"],
         "cpu_s_redis": used["redis"],
         "client_cpu_s": got["cpu_s"],
+        **{f"cpu_s {k}": v for k, v in used.items() if " " in k},
     }
 
 
@@ -195,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; medians shown (3)")
     ap.add_argument("--modes", default=",".join(MODES), help="of local,remote,redis (all)")
+    ap.add_argument(
+        "--hops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one more remote run with a probe that times each event's arrival in Redis (on)",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -214,13 +281,31 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for mode in modes:
                 runs[mode].append(measure(mode, args, loadgen, nodes, redis.pid))
+        hops: dict[str, float] = {}
+        if args.hops and "remote" in modes:
+            probe = RedisProbe(redis_url)
+            probe.start()
+            try:
+                run = measure("remote", args, loadgen, nodes, redis.pid)
+            finally:
+                ages = probe.stop()
+            hops = {
+                "in_redis_p50_ms": quantile(ages, 0.5),
+                "in_redis_p99_ms": quantile(ages, 0.99),
+                "reader_p50_ms": run["p50_ms"],
+                "reader_p99_ms": run["p99_ms"],
+                "events_timed_in_redis": len(ages),
+            }
     finally:
         for proc, _ in nodes.values():
             stop(proc)
         redis.kill()
         redis.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+    res = {
+        m: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in rs[0]}
+        for m, rs in runs.items()
+    }
     print(
         f"{args.streams} streams x {args.readers} readers, {args.tokens} tokens at "
         f"{args.tokens_per_s:g}/s, --mirror-ms {args.mirror_ms:g}, --http-procs "
@@ -235,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['server_cpu_s']:>14.2f}{r['server_cpu_us_per_event']:>10.2f}"
             f"   {r['cpu_s_node_a']:.2f} / {r['cpu_s_node_b']:.2f} / {r['cpu_s_redis']:.2f}"
         )
+    for m, r in res.items():
+        kinds = sorted(k for k in r if k.startswith("cpu_s "))
+        if kinds:
+            by = ", ".join(f"{k[6:]} {r[k]:.2f}" for k in kinds)
+            print(f"  {m} cpu s by process: {by}")
     ratios: dict[str, float] = {}
     if "remote" in res:
         r = res["remote"]
@@ -250,11 +340,25 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[f"p99_remote_over_{base}"] = p99
                 extra = " (target <= 1.5)" if base == "local" else ""
                 print(f"remote / {base}: CPU per event {cpu:.2f}x{extra}, p99 {p99:.2f}x")
+    if hops:
+        window = args.mirror_ms
+        print(
+            f"hops (one more remote run, not in the medians; {hops['events_timed_in_redis']:.0f}"
+            " events timed in Redis):\n"
+            f"  producer -> in Redis  p50 {hops['in_redis_p50_ms']:5.1f}  p99 "
+            f"{hops['in_redis_p99_ms']:5.1f} ms  (node A: the window, up to {window:g} ms; its "
+            "mirror pass; the SYNC script)\n"
+            f"  producer -> reader B  p50 {hops['reader_p50_ms']:5.1f}  p99 "
+            f"{hops['reader_p99_ms']:5.1f} ms\n"
+            f"  in Redis -> reader B  p50 {hops['reader_p50_ms'] - hops['in_redis_p50_ms']:5.1f} ms"
+            " (difference of the p50s: node B's tail and fan-out, the client)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {"args": vars(args), "load_average": os.getloadavg(), "results": res,
-                 "ratios": ratios, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                 "ratios": ratios, "hops": hops,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
                 f, indent=2,
             )  # fmt: skip
     return 0
