@@ -75,19 +75,21 @@ class RedisProbe(threading.Thread):
 
     def run(self) -> None:
         streams: dict[bytes, bytes] = {}
-        scanned, res = 0.0, None
+        scanned = 0.0
         while not self.done.is_set():
-            # New streams (read from their first entry): looked for while none has news, so
-            # a SCAN never delays an arrival (a stream's first token comes --prefill after
-            # its first sync).
-            if not res and time.monotonic() - scanned > 0.2:
+            # New streams, every 0.1 s (a stream's first token comes --prefill after its
+            # first sync), read from their last entry then: an event is timed only if this
+            # probe was already waiting for it.
+            if time.monotonic() - scanned > 0.1:
                 for key in self.client.scan_iter(match="rc:*:s:*", count=1000):
-                    streams.setdefault(key, b"0-0")
+                    if key not in streams:
+                        last: Any = self.client.xrevrange(key, count=1)
+                        streams[key] = last[0][0] if last else b"0-0"
                 scanned = time.monotonic()
             if not streams:
                 time.sleep(0.01)
                 continue
-            res = self.client.xread(streams, block=50)  # type: ignore[arg-type]
+            res: Any = self.client.xread(streams, block=20)  # type: ignore[arg-type]
             now = time.time_ns()
             for name, entries in res or []:
                 for entry_id, fields in entries:
