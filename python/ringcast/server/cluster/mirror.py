@@ -61,8 +61,8 @@ WINDOW_MAX = 4 * ENTRY_MAX
 next windows, so one fast session cannot hold up the window of all the others."""
 PHASE_MS = 8.0
 """Spacing of a mirror's passes within a window: a window of ``--mirror-ms`` is split in
-``mirror_ms / PHASE_MS`` phases (at most MAX_PHASES), and each session is sent in the phase
-of its slot (see :meth:`Mirror.flush_loop`)."""
+``mirror_ms / PHASE_MS`` phases (at most MAX_PHASES), and each session that another node
+tails is sent in the phase of its slot (see :meth:`Mirror.flush_loop`)."""
 MAX_PHASES = 8
 BATCH = 128
 """Sessions per SYNC call on one Redis server: one reply to parse instead of 128 (the client's
@@ -206,13 +206,14 @@ class Mirror:
     async def flush_loop(self) -> None:
         """Windows of ``mirror_ms``, each split in ``phases`` passes ``mirror_ms / phases``
         apart. Phase 0 lists this mirror's sessions (so a new one is claimed within a window)
-        and sends those of phase 0, any new one, and any that left the segment; phase ``j``
-        sends the sessions of phase ``j`` (slot // procs modulo phases). A session is read
-        once per window, on the same grid, so none of its bytes waits more than a window
-        plus a pass; and the sessions' syncs, and with them the other nodes' wake-ups and
-        fan-out, come spread over the window instead of in one burst per window (a burst
-        of N streams makes the last of them wait for the fan-out of all the others). A
-        phase without sessions costs nothing: no pass, no wake-up."""
+        and sends every one that no other node tails, and those of phase 0; phase ``j``
+        sends the tailed sessions of phase ``j`` (``slot // procs`` modulo ``phases``). A
+        session is read once per window, on the same grid, so none of its bytes waits more
+        than a window plus a pass; and the tailed sessions' syncs, and with them the other
+        nodes' wake-ups and fan-out, come spread over the window instead of in one burst
+        (a burst of N streams makes the last of them wait for the fan-out of all the
+        others). A phase without tailed sessions costs nothing: no pass, no wake-up; nor
+        does a session that nobody reads elsewhere (its burst waits for nobody)."""
         period = self.cfg.mirror_ms / 1000.0
         step = period / self.phases
         loop = asyncio.get_running_loop()
