@@ -345,23 +345,70 @@ class _Chunks:
         self.done = True
 
 
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r\n")
+"""A chunk-size line as the walk of :class:`ChunkedBody` reads it: hex digits, then
+extensions it does not look into, then CRLF. Broader than llhttp's grammar (llhttp refuses
+what it does not take when the line is given to it); what matters is that both read the
+same size from any line both take: the leading hex digits."""
+_SMALL_CHUNKS = re.compile(
+    b"(?:0*(?:"
+    + b"|".join(
+        b"[%s]" % bytes(sorted({ord(d), ord(d.upper())}))
+        + rb"[ \t]*(?:;[^\r\n]*)?\r\n.{%d}\r\n" % int(d, 16)
+        for d in "123456789abcdef"
+    )
+    + b"))*",
+    re.DOTALL,
+)
+"""A run of whole chunks of 1 to 15 bytes, read by the regex engine at once: walked a line
+at a time, a body of 1-byte chunks cost ~3 us a chunk (llhttp's own callback costs ~0.5)."""
+_SIZE_PART = re.compile(rb"0*([0-9A-Fa-f]*)[ \t]*(;[^\r\n]*)?(\r?)")
+"""The start of a size line cut off by the end of the bytes received."""
+_CRLF = b"\r\n"
+
+
 class ChunkedBody:
     """A ``Transfer-Encoding: chunked`` request body, decoded by llhttp as it arrives.
 
     Its decoder is a parser of its own, given a head that says only "chunked" and then the
     body's bytes: the one the head was read with would take an ``Upgrade`` as the end of HTTP
     and skip the body. :meth:`feed` stops exactly at the body's end, so what follows (a
-    pipelined request) stays for the next head: a chunked body can only end right after a
-    CRLF CRLF (the empty line after the last chunk and its trailer fields), so the bytes are
-    given to llhttp in runs that end at each of those, and the first run that completes the
-    body is the last.
+    pipelined request) stays for the next head; llhttp cannot say where in the bytes it was
+    given a body ended, so it must never be given bytes past that end.
+
+    The body can only end after its last chunk (size 0): the chunks before it are walked
+    here, size line by size line, and everything up to the last chunk's size line is given
+    to llhttp in one call per :meth:`feed` (each chunk's data, whatever it holds, within
+    it; a piece with at most one CRLF CRLF is given by runs, as below, and walked after).
+    From the last chunk on, or from a line the walk does not read, the body can only
+    end right after a CRLF CRLF (the empty line after the last chunk and its trailer
+    fields), so the rest is given in runs that end at each of those, and the first run that
+    completes the body is the last. The walk reads the size llhttp reads from every line
+    both take (the leading hex digits); a line it does not read, or a chunk not followed by
+    CRLF, ends the walk, never its agreement with llhttp.
+
+    Given in runs from the start, a body of chunk data dense in CRLF CRLF cost a llhttp call
+    per two bytes. Measured (CPU time in process, fed in 64 KiB pieces, the loaded 2-core
+    VM, 2026-12-04): 1 MiB of CRLF in one chunk 1,105 -> 2 ms, in 8 KiB chunks 1,129 -> 3
+    ms, in 2-byte chunks 439 -> 91 ms, in 16-byte chunks (each walked a line at a time, the
+    costliest body now) 569 -> 128 ms (0.18 us per byte); 1-byte chunks of "x" 60 -> 96 ms;
+    a small JSON body in one chunk 11.4 -> 12.5 us.
     """
 
-    __slots__ = ("_events", "_llhttp", "_tail")
+    __slots__ = ("_events", "_left", "_line", "_llhttp", "_tail", "_walking")
 
     def __init__(self, sink: Callable[[bytes], None]) -> None:
         self._tail = b""
         """The last (up to) 3 bytes given to llhttp: a CRLF CRLF may straddle two calls."""
+        self._walking = True
+        """llhttp's place in the body is known: ``_left`` bytes into a chunk, or ``_line``
+        into a size line."""
+        self._left = 0
+        """Bytes of the current chunk (its data and CRLF) not given to llhttp yet; 0 at a
+        size line."""
+        self._line = b""
+        """The start of a size line given to llhttp in an earlier :meth:`feed`, shortened to
+        what the walk needs (its size digits, ``;`` if an extension began, a trailing CR)."""
         self._events = _Chunks(sink)
         self._llhttp = httptools.HttpRequestParser(self._events)
         self._llhttp.feed_data(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -381,13 +428,27 @@ class ChunkedBody:
         many bytes of ``buf`` were the body's (all of them, unless it ended inside).
         Raises :class:`HttpError` on a malformed body."""
         n = len(buf)
-        pos = 0
         straddle = -1
         if self._tail:
             joined = self._tail + bytes(buf[:3])
             i = joined.find(b"\r\n\r\n")  # (ends inside buf: the tail is shorter)
             straddle = i + 4 - len(self._tail) if i >= 0 else -1
+        # A piece with at most one CRLF CRLF (most bodies, whole) costs at most two runs:
+        # given by runs, and walked after (to know where the next piece starts).
+        walk_after = self._walking and buf.count(b"\r\n\r\n") < 2
+        pos = self._walk(buf) if self._walking and not walk_after else 0
         with memoryview(buf) as view:
+            if pos:
+                try:
+                    self._llhttp.feed_data(view[:pos])
+                except httptools.HttpParserError as e:
+                    raise _llhttp_error(e, "chunked body") from None
+                except httptools.HttpParserUpgrade:
+                    self._events.done = True  # (as below: a request after the body)
+                if self._events.done:
+                    # Never: the walk stops before the last chunk. Were it wrong, llhttp
+                    # would have read on into what follows the body: refused, not served.
+                    raise HttpError(400, "malformed chunked body", close=True)
             while pos < n and not self._events.done:
                 if straddle > pos:
                     end, straddle = straddle, -1
@@ -399,8 +460,79 @@ class ChunkedBody:
                 except httptools.HttpParserError as e:
                     raise _llhttp_error(e, "chunked body") from None
                 pos = end
+        if walk_after and not self._events.done:
+            self._walk(buf)  # (llhttp took all of buf)
         self._tail = (self._tail + bytes(buf[max(0, pos - 3) : pos]))[-3:]
         return pos
+
+    def _walk(self, buf: bytearray) -> int:
+        """How much of ``buf`` llhttp can be given at once: all of it, or up to the last
+        chunk's size line, or up to what the walk does not read (which ends the walk)."""
+        n, p, left, line = len(buf), 0, self._left, self._line
+        while p < n:
+            if left:
+                q = p + left
+                # The chunk's CRLF, as much of it as is in buf: llhttp refuses another, and
+                # the walk would lose its place.
+                lo = max(q - 2, p)
+                if lo < n and buf[lo : min(q, n)] != _CRLF[2 - (q - lo) :][: n - lo]:
+                    break
+                if q > n:
+                    left, p = q - n, n
+                    break
+                left, p = 0, q
+                continue
+            if line:
+                nl = buf.find(b"\n", p)
+                if nl < 0:
+                    line = _partial_size_line(line + bytes(buf[p:]))
+                    if not line:
+                        break
+                    p = n
+                    break
+                m = _SIZE_LINE.fullmatch(line + bytes(buf[p : nl + 1]))
+                end, line = nl + 1, b""
+            else:
+                m = _SIZE_LINE.match(buf, p)
+                if m is None:
+                    if buf.find(b"\n", p) >= 0:
+                        break
+                    line = _partial_size_line(bytes(buf[p:]))
+                    if not line:
+                        break
+                    p = n
+                    break
+                end = m.end()
+            size = int(m[1], 16) if m is not None else 0
+            if size == 0:
+                break  # the last chunk, or a line the walk does not read
+            if size < 16:
+                # Small chunks, maybe many: as many whole ones as the regex engine takes.
+                q = _SMALL_CHUNKS.match(buf, p).end()  # type: ignore[union-attr]
+                if q > p:
+                    p = q
+                    continue
+            p, left = end, size + 2
+        else:
+            # All of buf read; the walk goes on in the next piece.
+            self._left, self._line = left, line
+            return p
+        if p == n and (left or line):
+            self._left, self._line = left, line  # (cut off by buf's end: goes on)
+            return p
+        self._walking, self._left, self._line = False, 0, b""
+        return p
+
+
+def _partial_size_line(start: bytes) -> bytes:
+    """The start of a size line cut off by the end of a piece, shortened to what the walk
+    needs of it (its size digits, ``;`` if an extension began, a trailing CR); b"" if no size
+    line starts so."""
+    m = _SIZE_PART.fullmatch(start)
+    if m is None:
+        return b""
+    digits, ext, cr = m.groups()
+    return (digits or b"0") + (b";" if ext is not None else b"") + cr
 
 
 MAX_CHUNK_FRAMING = 64 * 1024
