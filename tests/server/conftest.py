@@ -208,7 +208,7 @@ class Server(Client):
         tmp: Path,
         *args: str,
         http_procs: int | str | None = 2,
-        workers: int | None = 1,
+        workers: int | None = None,
         segment: Path | None = None,
         env: dict[str, str] | None = None,
         log: Path | None = None,
@@ -222,10 +222,9 @@ class Server(Client):
         short by a timeout or Ctrl-C). Outside the terminal's process group it would not get
         a Ctrl-C's SIGINT, so its manager also dies with the test process
         (``PR_SET_PDEATHSIG``), however the test process ends (its children die with the
-        manager); ``http_procs=None``, ``workers=None``: no ``--http-procs`` or
-        ``--workers``, ringcast's defaults (``workers`` is 1 unless given: most tests are of
-        the server with worker processes; tests/server/test_jobs_in_http.py those of the
-        default, jobs run in the HTTP processes)."""
+        manager); ``http_procs=None``, ``workers=None`` (the latter's default): no
+        ``--http-procs`` or ``--workers``, ringcast's defaults (jobs run in the HTTP
+        processes; tests of worker processes give ``workers``)."""
         self.segment = segment or tmp / "seg"
         cmd = [
             *(prefix or []),

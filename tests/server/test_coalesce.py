@@ -140,10 +140,15 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
     async def main() -> tuple[list[float], list[float], list[float]]:
         app = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         task = asyncio.create_task(app.run())
-        idle = []
-        for _ in range(20):
+        # While the loop keeps up: no linger, for 20 samples in a row. A machine busy with
+        # other work makes this loop late now and then (and the controller rightly lingers):
+        # wait up to 30 s for such a stretch.
+        idle: list[float] = []
+        for _ in range(3000):
             await asyncio.sleep(0.01)
-            idle.append(app.linger)
+            idle = [*idle, app.linger][-20:] if app.linger == 0.0 else []
+            if len(idle) == 20:
+                break
         # A loop held up 15 ms at a time: lag well past LAG_HIGH.
         busy = []
         for _ in range(60):
@@ -161,7 +166,7 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
 
     idle, busy, after = asyncio.run(main())
     seg.close()
-    assert max(idle) == 0.0, idle
+    assert idle == [0.0] * 20, "the linger never stayed at 0 on a loop that keeps up"
     assert busy[-1] == pytest.approx(0.020), busy
     assert after[-1] == 0.0, after
     assert after[5] > 0.0, "a loaded process keeps batching for a while after the load"
