@@ -39,7 +39,7 @@ import select
 import weakref
 from typing import Protocol
 
-from ringcast._core import Notifier, Reader, SessionEnded
+from ringcast._core import Notifier, Reader, RingcastError, SessionEnded
 
 log = logging.getLogger("ringcast.aio")
 
@@ -338,7 +338,20 @@ class _LoopHub:
         self._arm_check()
         # As for a future (see `wait`): subscribed and armed before the readiness check.
         self._rearm(yield_first=False)
-        if reader.ready() and w._hub is not None:
+        if w._hub is None:
+            return w
+        try:
+            ready = reader.ready()
+        except RingcastError as e:
+            # The rearm's drain called the consumer already, which read the session to its
+            # end and closed its reader ("the reader was closed", a plain RingcastError):
+            # nothing is left to watch (a watch left registered would keep this hub
+            # re-arming, rescanning and subscribed for ever).
+            w.cancel()
+            if type(e) is not RingcastError:
+                raise
+            return w
+        if ready:
             self._call(w, None)
         return w
 

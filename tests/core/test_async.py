@@ -821,6 +821,43 @@ def test_a_standing_watch_is_called_for_every_change_and_the_end(
     run_async(loop_kind, main)
 
 
+def test_a_watch_whose_first_call_closes_its_reader_is_dropped(
+    seg: ringcast.Segment, loop_kind: str, run_async
+) -> None:
+    """``watch`` re-arms (and so may drain and call its new consumer) before its own
+    readiness check. A consumer that reads a finished session to its end there and closes its
+    reader (as the server's pump does) made that check raise "the reader was closed", and the
+    watch stayed registered for ever: the hub then re-armed, rescanned and stayed subscribed
+    to the slot as if a reader waited."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("short")
+
+    class _Closing(_Collector):
+        def on_ready(self) -> None:
+            self.calls += 1
+            while (data := self.r.read_nowait()) is not None and data:
+                self.got += data
+            if data == b"":
+                self.r.close()
+
+    async def main() -> None:
+        hub = _aio._hub_for(seg.notifier())
+        first = _Collector(seg.reader("short"))
+        first.watch = _aio.watch(first.r, first)
+        first.watch.cancel()  # the slot stays subscribed (sticky), the hub armed
+        w.write(b"all of it")  # disarms the hub: its datagram is not taken yet
+        w.finalize()
+        closing = _Closing(seg.reader("short"))
+        watch = _aio.watch(closing.r, closing)  # re-arms, drains: calls `closing` at once
+        assert closing.calls == 1 and bytes(closing.got) == b"all of it"
+        assert watch._hub is None, "the watch of a closed reader is dropped"
+        assert hub._watches == {} and not hub._waiting()
+        hub.close()
+
+    run_async(loop_kind, main)
+
+
 def test_watches_and_futures_share_a_hub_and_a_cancelled_watch_is_not_called(
     seg: ringcast.Segment, loop_kind: str, run_async
 ) -> None:

@@ -114,3 +114,36 @@ def test_replay_generator_through_the_plugin_flag(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_a_replay_at_max_speed_lets_its_loop_serve_others(sample_trace: Path) -> None:
+    """``--speed max`` never sleeps between events; the replay still gives its loop back
+    every 16 events, or one stream would hold up every client of its process (with
+    ``--workers 0`` an HTTP process's) until it ended."""
+    import asyncio
+
+    from ringcast.trace import ReplaySource
+
+    source = ReplaySource(sample_trace, "max")
+
+    async def main() -> tuple[int, int]:
+        ticks = 0
+
+        async def other_client() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        task = asyncio.create_task(other_client())
+        await asyncio.sleep(0)
+        events = 0
+        for _ in range(20):
+            async for _ in source.events(None):
+                events += 1
+        task.cancel()
+        return events, ticks
+
+    events, ticks = asyncio.run(main())
+    assert events >= 64
+    assert ticks >= events // 16 - 20, (events, ticks)

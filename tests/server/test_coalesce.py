@@ -190,21 +190,32 @@ def test_adaptive_coalescing_takes_half_the_cap_while_merely_busy(tmp_path: Path
     counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
     counters.bind_row(1)
 
-    async def held(app: Coalescing, hold_s: float, for_s: float) -> list[float]:
+    async def held(app: Coalescing, hold_s: float, want: float, for_s: float) -> list[float]:
+        """The linger while the loop is held ``hold_s`` at a time, until it has been ``want``
+        for 0.3 s, or ``for_s`` has passed (a machine busy with other work adds lag of its
+        own, so the stretch it takes to settle varies; a controller that never gets there
+        fails)."""
         seen = []
         end = time.monotonic() + for_s
+        settled = 0.0
         while time.monotonic() < end:
             time.sleep(hold_s)
             await asyncio.sleep(0)
             seen.append(app.linger)
+            if app.linger != pytest.approx(want):
+                settled = 0.0
+            elif not settled:
+                settled = time.monotonic()
+            elif time.monotonic() - settled > 0.3:
+                break
         return seen
 
     async def main() -> tuple[list[float], list[float], list[float]]:
         app = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
         task = asyncio.create_task(app.run())
-        busy = await held(app, 0.0005, 1.5)
-        far = await held(app, 0.015, 1.0)
-        busy_again = await held(app, 0.0005, 2.0)
+        busy = await held(app, 0.0005, 0.020, 20.0)
+        far = await held(app, 0.015, 0.040, 10.0)
+        busy_again = await held(app, 0.0005, 0.020, 20.0)
         task.cancel()
         return busy, far, busy_again
 

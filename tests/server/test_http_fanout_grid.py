@@ -49,7 +49,9 @@ def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: P
             assert r["events"] == p["streams"] * p["readers"] * 20, name
             roles = {k[4:] for k in r if k.startswith("cpu:")}
             if name.startswith("ringcast"):
-                assert {"manager", "worker0", "http0"} <= roles, (name, roles)
+                # The defaults: the HTTP processes run the jobs, no worker process.
+                assert {"manager", "http0"} <= roles, (name, roles)
+                assert not any(role.startswith("worker") for role in roles), (name, roles)
             else:
                 assert roles == {"server"}
             by_role = sum(v for k, v in r.items() if k.startswith("cpu:"))
@@ -112,7 +114,7 @@ def test_flame_summary_puts_each_stack_in_its_step(bench_module: Any, tmp_path: 
 
 
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="needs py-spy (pip install py-spy)")
-def test_profile_writes_a_flame_graph_of_the_worker_and_each_http_process(tmp_path: Path) -> None:
+def test_profile_writes_a_flame_graph_of_each_http_process(tmp_path: Path) -> None:
     out = fanout(
         "--grid", "--points", "4x1", "--rates", "50", "--duration", "1", "--prefill", "0.3",
         "--client", "python", "--systems", "ringcast-1p", "--profile", str(tmp_path / "flame"),
@@ -121,9 +123,6 @@ def test_profile_writes_a_flame_graph_of_the_worker_and_each_http_process(tmp_pa
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "flame").glob("*.folded"))
-    assert names == [
-        "4x1-50tps-ringcast-1p-http0.pyspy.folded",
-        "4x1-50tps-ringcast-1p-worker0.pyspy.folded",
-    ]
-    worker = (tmp_path / "flame" / names[1]).read_text()
-    assert "run_job" in worker  # the worker's own frames, not another process's
+    assert names == ["4x1-50tps-ringcast-1p-http0.pyspy.folded"]
+    http = (tmp_path / "flame" / names[0]).read_text()
+    assert "run_job" in http  # it runs the jobs (--workers 0, the default)

@@ -174,3 +174,29 @@ def test_a_flush_wakes_its_own_loops_readers_without_a_datagram(tmp_path: Path) 
     finally:
         seg.close()
         os.unlink(path)
+
+
+def test_anonymous_streams_of_a_killed_http_process_are_removed(
+    serve: Any, wait_for: Any, kill: Any
+) -> None:
+    """Requests without a conversation id die with their HTTP process (their producer now):
+    the manager fails them and then removes them (nobody can read them: their ids were never
+    given out), instead of holding their bytes until --ttl."""
+    with serve("--tokens-per-s", "20", http_procs=1, workers=None) as s:
+        clients = [s.post_chat(None, max_tokens=1000) for _ in range(5)]
+        for r in clients:
+            r.read_at_least(300)
+        assert s.metric('sessions{state="running"}') == 5
+        _, _, health = s.request("GET", "/health")
+        kill(int(json.loads(health)["pid"]))
+        for r in clients:
+            r.close()
+
+        def sessions_left() -> float | None:
+            try:  # the HTTP process is being restarted meanwhile
+                return s.metric("sessions")
+            except OSError:
+                return None
+
+        wait_for(lambda: sessions_left() == 0, "the orphans' removal", timeout=15)
+        assert s.metric("dead_producers_total") == 5

@@ -277,6 +277,37 @@ def test_a_stalled_reader_holds_up_nobody_and_loses_nothing(
         assert s.metric("slow_readers_detached_total") >= 1
 
 
+def test_a_detached_reader_of_a_replaced_stream_gets_its_end_not_the_new_one(
+    tmp_path: Path, serve, response, wait_for, sse_events, error_of
+) -> None:
+    """A reader detached from the pump (its socket stalled) goes on alone from its offset by
+    opening a new reader; if a newer request took the conversation id meanwhile, that reader
+    must not be one of the new stream: the client gets its own stream's bytes, then the
+    ``replaced`` event (it once got the new stream's bytes spliced on at its offset)."""
+    with serve(
+        "--tokens-per-s", "0", "--http-procs", "1", "--session-bytes", str(32 << 20)
+    ) as s:  # fmt: skip
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", s.port))
+        first = s.post_chat("swap", max_tokens=40000, prompt="the first")
+        stalled.sendall(b"GET /v1/stream?conv_id=swap HTTP/1.1\r\nHost: x\r\n\r\n")
+        old = first.read_all_and_close()
+        assert old.endswith(b"data: [DONE]\n\n")
+        wait_for(
+            lambda: s.metric("slow_readers_detached_total") >= 1, "the stalled reader's detach"
+        )
+        new = s.post_chat("swap", max_tokens=40000, prompt="a second one").read_all_and_close()
+        got = response(stalled).read_all_and_close()
+        events = sse_events(got)
+        assert error_of(events[-1])["type"] == "replaced"
+        body = got[: len(got) - len(events[-1])]
+        assert body and old.startswith(body), "bytes that are not the first stream's"
+        assert body.endswith(b"\n\n"), "the end event follows a whole event"
+        new_id = json.loads(sse_events(new)[0].split(b"data: ", 1)[1])["id"]
+        assert new_id.encode() not in got
+
+
 def _listen_drops() -> int:
     """The kernel's count of connections dropped because a listener's queue was full (this
     network namespace, all listeners)."""

@@ -300,7 +300,7 @@ can read it from any byte offset through any HTTP process:
   PUT|POST|GET|HEAD|DELETE /ds/v1/stream/NAME    (the Durable Streams protocol)
   GET|HEAD /ds/v1/conversations/ID               (a conversation, read as a Durable Stream)
 
-Without --upstream or --generator the workers run a synthetic model (deterministic text at
+Without --upstream or --generator the jobs run a synthetic model (deterministic text at
 --tokens-per-s), which is handy for testing clients and for benchmarks.
 """
 

@@ -145,6 +145,8 @@ class Pump:
         self.takeovers = 0
         self.offset = reader.offset
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
+        self.carry = b""
+        """The start of an event a capped read cut (:meth:`read_now`), sent with its rest."""
         self.loop = asyncio.get_running_loop()
         self.last_write = 0.0
         # Moving average of the time between this stream's events; it starts at the cap, as
@@ -272,8 +274,25 @@ class Pump:
             raise
 
     def read_now(self) -> bytes | None:
-        """The bytes at the live edge now (``b""``: the stream finished; None: none yet)."""
-        return self.reader.read_nowait(RELAY_READ)
+        """The bytes at the live edge now (``b""``: the stream finished; None: none yet),
+        ending at an event's end: a read capped at ``RELAY_READ`` (a backlog) keeps the
+        start of its last event for the next pass. So the offset a connection is detached
+        at, and after which it may get an end event of the relay's own (``replaced``), is
+        never inside an event. (The producer appends whole events, so an uncapped read ends
+        at one already.)"""
+        data = self.reader.read_nowait(RELAY_READ)
+        carry = self.carry
+        if carry:
+            if data is None:
+                return None  # cannot be: the rest of the carried event is in the ring
+            self.carry = b""
+            data = carry + data
+        if data is not None and len(data) >= RELAY_READ and not data.endswith(b"\n\n"):
+            cut = data.rfind(b"\n\n") + 2
+            if cut > 1:
+                self.carry = data[cut:]
+                data = data[:cut]
+        return data
 
     def _stop(self, outcome: Outcome) -> None:
         if self.stopped:
@@ -478,6 +497,19 @@ class FanOut:
         self.store.end_dead_producer(conversation_id, owner)
         return True
 
+    async def open_same(
+        self, key: tuple[int, int], conv: str, offset: int, owner: str, counted: bool
+    ) -> StreamReader | None:
+        """A new reader at ``offset`` of the session incarnation ``key`` (slot, generation)
+        names, or None if ``conv`` now names another one (replaced, or ended and made again
+        while this process was not reading it): a store opens readers by id, and a reader
+        of the new incarnation would splice its bytes after the old one's."""
+        r = await self.store.open_reader(conv, offset, owner, counted=counted)
+        if (r.slot, r.generation) != key:
+            r.close()
+            return None
+        return r
+
     async def tail_events(
         self,
         conn: Connection,
@@ -495,9 +527,11 @@ class FanOut:
         key = (reader.slot, reader.generation)
         pump = self.event_pumps.get(key)
         if pump is None:
-            edge = await self.store.open_reader(
-                reader.conversation_id, reader.offset, owner, counted=False
+            edge = await self.open_same(
+                key, reader.conversation_id, reader.offset, owner, counted=False
             )
+            if edge is None:
+                return None  # another incarnation now: the caller's reader finds its end
             pump = self.event_pumps.get(key)
             if pump is None:
                 pump = EventPump(self, self.event_pumps, key, edge, owner, render, max_read)
@@ -536,15 +570,15 @@ class FanOut:
                         pump = self.pumps.get(key)
                         if pump is None:
                             # Not counted: its clients' own readers are.
-                            edge = await self.store.open_reader(
-                                conv, reader.offset, owner, counted=False
-                            )
+                            edge = await self.open_same(key, conv, reader.offset, owner, False)
                             pump = self.pumps.get(key)
-                            if pump is None:
+                            if edge is None:
+                                pass  # another incarnation now: the reader below finds its end
+                            elif pump is None:
                                 pump = self.pumps[key] = Pump(self, self.pumps, key, edge, owner)
                             else:  # another relay made one while a remote store answered
                                 edge.close()
-                        if pump.offset == reader.offset:
+                        if pump is not None and pump.offset == reader.offset:
                             outcome, value = await pump.join(conn)
                             if outcome == "done":
                                 finished = True
@@ -557,7 +591,13 @@ class FanOut:
                                 await conn.drain()
                             assert isinstance(value, int)
                             reader.close()
-                            reader = await self.store.open_reader(conv, value, owner)
+                            again = await self.open_same(key, conv, value, owner, True)
+                            if again is None:
+                                # The id names a newer session now: this one's bytes past
+                                # `value` are not its (a reader of it would be told so).
+                                write_end(conn, "replaced")
+                                break
+                            reader = again
                             continue
                         data = await reader.aread(RELAY_READ)
                 except OffsetLost as e:

@@ -67,8 +67,15 @@ def fail_dead_producer(seg: Segment, conversation_id: str, owner: str) -> bool:
 def sweep_dead_producers(seg: Segment, now: float) -> int:
     n = 0
     for info in seg.list():
-        if info.is_done or is_durable_owner(info.owner):
+        if is_durable_owner(info.owner):
             # A Durable Stream has no producer process: any HTTP process appends to it.
+            continue
+        if info.is_done:
+            if info.owner == ANON_OWNER and info.readers == 0 and now - info.completed_at > 2.0:
+                # An anonymous stream its HTTP process did not remove once answered: it died
+                # (with --workers 0, also its producer, which the branch below failed).
+                # Nobody can read it (its id was never given out): do not keep it --ttl long.
+                seg.evict(info.conversation_id, info.owner)
             continue
         if not info.producer_alive:
             if fail_dead_producer(seg, info.conversation_id, info.owner):

@@ -27,6 +27,7 @@ import sys
 
 from ringcast._core import SegmentError
 from ringcast.http.logs import log_failure
+from ringcast.server import rundir
 from ringcast.server.child import STARTUP_REFUSED
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import SharedCounters, WorkerCounter
@@ -240,16 +241,18 @@ class Jobs:
 def load_source(cfg: ServeConfig) -> tuple[GenerateFn | None, float]:
     """The token source ``cfg`` names, loaded now, and the upstream read timeout: the
     ``generate`` and ``upstream_read_timeout`` of :class:`Jobs`. A ``--generator`` that does
-    not load stops the process with ``STARTUP_REFUSED`` and one line on stderr (the manager
-    then stops with it)."""
+    not load stops the process with ``STARTUP_REFUSED`` (the manager then stops with it) and
+    one line on stderr: every process that loads it fails alike, so the first to fail says
+    why (:func:`rundir.first_to_refuse`) and the others only stop."""
     try:
         generate = load_generator(cfg.generator) if cfg.generator else None
     except Exception as e:
         # One line, not the import's traceback; the manager then stops with this status.
-        print(
-            f"ringcast serve: cannot load --generator {cfg.generator}: {type(e).__name__}: {e}",
-            file=sys.stderr,
-        )
+        if rundir.first_to_refuse(cfg.run_dir):
+            print(
+                f"ringcast serve: cannot load --generator {cfg.generator}: {type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
         raise SystemExit(STARTUP_REFUSED) from None
     if cfg.replay:
         from ringcast.trace import replay_generator

@@ -3,7 +3,8 @@ the clean-up of directories left by a supervisor that was killed.
 
 ``<tmp>/ringcast-run-<supervisor pid>-<random>/`` holds ``config.json`` (0600: key digests,
 upstream key), ``counters`` (:mod:`ringcast.server.counters`), ``worker-<i>.sock`` (each
-worker's job socket), ``ready-<role>-<i>`` (a child is up) and ``manager.lock``.
+worker's job socket), ``ready-<role>-<i>`` (a child is up), ``refused`` (a child that
+refused to start has said why) and ``manager.lock``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ def config_path(run_dir: str) -> str:
 
 def counters_path(run_dir: str) -> str:
     return os.path.join(run_dir, COUNTERS)
+
+
+def first_to_refuse(run_dir: str) -> bool:
+    """True for the first child of this run to call it (it creates ``refused``): of several
+    children that refuse to start for the same reason (each loads the same ``--generator``),
+    that one says why and the others only exit."""
+    try:
+        os.close(os.open(os.path.join(run_dir, "refused"), os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no run directory to tell by: say it
+    return True
 
 
 _run_dir_fds: dict[str, int] = {}
