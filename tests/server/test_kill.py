@@ -34,7 +34,7 @@ def gone(pid: int) -> bool:
 def test_kill_worker_fails_its_streams_and_is_restarted(
     tmp_path: Path, serve, wait_for, kill, sse_events, error_of
 ) -> None:
-    s = serve.start("--tokens-per-s", "20")
+    s = serve.start("--tokens-per-s", "20", workers=1)
     try:
         r = s.post_chat("victim", max_tokens=1000)
         r.read_at_least(500)
@@ -65,7 +65,7 @@ def test_a_reader_that_finds_its_producer_dead_ends_the_stream_in_band(
     """With the manager's sweep held up (the manager stopped), the HTTP process's own
     producer check finds the killed worker dead: it ends the stream in-band itself, so its
     client gets exactly the stream's bytes, the same a read from offset 0 gets afterwards."""
-    s = serve.start("--tokens-per-s", "20")
+    s = serve.start("--tokens-per-s", "20", workers=1)
     try:
         r = s.post_chat("orphan", max_tokens=1000)
         got = r.read_at_least(500)
@@ -100,7 +100,9 @@ def _pid_of_process(srv: Any, index: str, wait_for: Any) -> int:
 def test_kill_http_process_streams_go_on_and_resume_elsewhere(
     tmp_path: Path, serve, wait_for, kill
 ) -> None:
-    s = serve.start("--tokens-per-s", "50", http_procs=2)
+    # With a worker: the generation does not depend on the HTTP process (--workers 0, the
+    # default, is in test_jobs_in_http.py).
+    s = serve.start("--tokens-per-s", "50", http_procs=2, workers=1)
     try:
         r = s.post_chat("survives", max_tokens=150)
         index = r.headers["x-ringcast-process"]
