@@ -118,6 +118,29 @@ def test_openai_sdk_with_resume(srv: Any) -> None:
     assert len(resumes) >= 2 and 0 < resumes[0] < resumes[1] < len(whole)
 
 
+def test_openai_sdk_recipe_stops_at_an_error_event(serve: Any) -> None:
+    """An error event in the stream (here a DELETE's) ends the recipe's loop with
+    ``StreamEnded`` and the event's error, not a parse error of the SDK's chunk type."""
+    pytest.importorskip("openai")
+    namespace: dict[str, Any] = {}
+    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+    with serve("--tokens-per-s", "10", http_procs=1) as s:  # 64 tokens: 6.4 s
+        delete = threading.Timer(
+            0.5, lambda: s.request("DELETE", "/v1/stream?conv_id=recipe-deleted")
+        )
+        delete.start()
+        try:
+            with pytest.raises(namespace["StreamEnded"]) as ended:
+                namespace["chat_with_resume"](
+                    f"http://127.0.0.1:{s.port}",
+                    "recipe-deleted",
+                    [{"role": "user", "content": "a long story"}],
+                )
+        finally:
+            delete.join()
+    assert ended.value.args[0]["type"] == "cancelled"
+
+
 PAGE_HOOK = """<script>
 // The test's part: reload the page once, mid-stream; report when the recipe shows "done".
 const hook = setInterval(() => {

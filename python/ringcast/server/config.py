@@ -118,17 +118,21 @@ def usable_cores() -> int:
 
 
 def auto_http_procs(cores: int, workers: int) -> int:
-    """``--http-procs auto``: one HTTP process per core the workers leave, at least one and
-    at most ``AUTO_HTTP_PROCS_MAX``.
+    """``--http-procs auto``: one HTTP process per core the workers leave, and with no
+    workers one per core but one, at least one and at most ``AUTO_HTTP_PROCS_MAX``.
 
     Every process of ``ringcast serve`` is busy in proportion to the events it moves (the
-    workers to every event produced, the HTTP processes to every event delivered), so one
-    process per core is the most that can run at once. More HTTP processes than that compete
-    for the cores the workers need, and each costs per-event work of its own (a wake and a
-    pump per session it has readers of): on 2 cores with one worker, the second HTTP process
-    raised CPU per event and p99 at every point of ``bench/http_fanout.py --grid``
-    (``bench/RESULTS.md``). On a large machine this is one per core less one per worker."""
-    return max(1, min(AUTO_HTTP_PROCS_MAX, cores - workers))
+    workers to every event produced, the HTTP processes to every event produced there and
+    delivered), so one process per core is the most that can run at once. More HTTP
+    processes than that compete for the cores the workers need, and each costs per-event
+    work of its own (a wake and a pump per session it has readers of): on 2 cores with one
+    worker, the second HTTP process raised CPU per event and p99 at every point of
+    ``bench/http_fanout.py --grid``. With the jobs in the HTTP processes (``--workers 0``)
+    the core a worker took is left to the kernel's network stack, the manager and the
+    clients' side of loopback: on 2 cores, two HTTP processes cost ~1.5x the CPU per event
+    of one (``bench/RESULTS.md``). On a large machine this is one per core less one per
+    worker (or one)."""
+    return max(1, min(AUTO_HTTP_PROCS_MAX, cores - max(workers, 1)))
 
 
 def http_procs_arg(text: str) -> int:
@@ -336,8 +340,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.http_procs,
         metavar="N|auto",
         help="HTTP processes sharing the port via SO_REUSEPORT. auto: one per CPU core "
-        "left after the --workers (cores this process may use, by its affinity mask and "
-        f"cgroup quota, minus workers), at least 1, at most {AUTO_HTTP_PROCS_MAX}; here "
+        "left after the --workers, or after one core with --workers 0 (cores this process "
+        "may use, by its affinity mask and cgroup quota), at least 1, at most "
+        f"{AUTO_HTTP_PROCS_MAX}; here "
         f"{cores} cores, so auto is {auto_http_procs(cores, _D.workers)} with "
         f"--workers {_D.workers} (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
     )

@@ -1,4 +1,8 @@
-"""The plug-in API of the workers: ``ringcast serve --generator module:function``.
+"""The plug-in API of the jobs: ``ringcast serve --generator module:function``.
+
+With ``--workers 0`` (the default) a generator runs in the event loop of the HTTP process that
+took the request: one that computes between its awaits holds up that process's clients
+(``await asyncio.sleep(0)`` now and then, or give ``--workers N`` to run the jobs apart).
 
 A generator is an async generator function taking a :class:`JobContext`::
 
