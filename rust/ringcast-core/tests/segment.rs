@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use ringcast_core::{EndReason, Error, Poll, Quota, Segment, SessionState, Wake};
+use ringcast_core::{EndReason, Error, Notifier, Poll, Quota, Segment, SessionState, Wake, Writer};
 
 mod common;
 use common::{cfg, TempSeg};
@@ -501,15 +501,21 @@ fn notifier_fd_turns_readable_for_subscribed_sessions_only() {
     assert_eq!(n.drain(), vec![a.slot()]);
 }
 
-#[test]
-fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
-    let t = TempSeg::new("notify-deferred");
+/// A segment with sessions "a" and "b", both subscribed by this process's notifier.
+fn two_subscribed(t: &TempSeg) -> (Segment, Writer, Writer, Arc<Notifier>) {
     let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
     let a = seg.create_or_replace("a", "").unwrap();
     let b = seg.create_or_replace("b", "").unwrap();
     let n = seg.notifier().unwrap();
     n.subscribe(a.slot(), a.generation()).unwrap();
     n.subscribe(b.slot(), b.generation()).unwrap();
+    (seg, a, b, n)
+}
+
+#[test]
+fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
+    let t = TempSeg::new("notify-deferred");
+    let (seg, a, b, n) = two_subscribed(&t);
     assert_eq!(seg.flush_wakes(), 0, "nothing deferred yet");
     // Deferred appends to two sessions: the bytes are there, the notifier is not told yet.
     for _ in 0..50 {
@@ -551,12 +557,7 @@ fn deferred_wakes_wait_for_the_flush_and_send_one_datagram_per_process() {
 #[test]
 fn a_flush_except_own_sends_this_process_nothing_and_scan_slots_reports_only_the_named() {
     let t = TempSeg::new("notify-own");
-    let seg = Segment::create(&t.0, cfg(8, 4096)).unwrap();
-    let a = seg.create_or_replace("a", "").unwrap();
-    let b = seg.create_or_replace("b", "").unwrap();
-    let n = seg.notifier().unwrap();
-    n.subscribe(a.slot(), a.generation()).unwrap();
-    n.subscribe(b.slot(), b.generation()).unwrap();
+    let (seg, a, b, n) = two_subscribed(&t);
     assert!(!n.arm(false), "a new notifier starts armed");
     assert!(a.append(b"x", true, Wake::Deferred).unwrap());
     assert!(b.append(b"y", true, Wake::Deferred).unwrap());
