@@ -428,7 +428,10 @@ def run_one(
         seg = ringcast.Segment.create(path, max_sessions=4, session_bytes=ring)
         w = seg.create_or_replace("bench", "bench")
         cfg.update(path=path, conv="bench", generation=w.generation)
-        cleanup.extend([seg.close, lambda: os.unlink(path)])
+        # The readers' notifier sockets too: a reader process that exits without closing its
+        # segment leaves its socket file (and so the directory) behind.
+        wake = path + ".wake"
+        cleanup.extend([seg.close, lambda: os.unlink(path), lambda: shutil.rmtree(wake, True)])
         producer_fn = produce_ringcast
         reader_fn = read_ringcast_sync if transport == "ringcast-sync" else read_ringcast_async
     elif transport == "redis":
