@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -20,11 +21,13 @@ LOOP_KINDS = ("asyncio", "uvloop")
 
 @pytest.fixture
 def seg_path() -> Iterator[str]:
-    """A unique, not yet existing path under /dev/shm, removed after the test."""
+    """A unique, not yet existing path under /dev/shm, removed after the test, with its
+    notifier directory (a child killed by the test leaves its socket file in it)."""
     path = shm_path()
     yield path
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    shutil.rmtree(path + ".wake", ignore_errors=True)
 
 
 @pytest.fixture
