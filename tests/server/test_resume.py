@@ -284,10 +284,12 @@ def test_a_detached_reader_of_a_replaced_stream_gets_its_end_not_the_new_one(
     opening a new reader; if a newer request took the conversation id meanwhile, that reader
     must not be one of the new stream: the client gets its own stream's bytes, then the
     ``replaced`` event (it once got the new stream's bytes spliced on at its offset)."""
+    # The prefill lets the stalled reader join the pump at offset 0 before the first token,
+    # as in the test above (a reader that arrives behind reads alone and is never detached).
     with serve(
-        "--tokens-per-s", "0", "--http-procs", "1", "--session-bytes", str(32 << 20)
-    ) as s:  # fmt: skip
-        stalled = socket.socket()
+        "--tokens-per-s", "0", "--prefill-s", "1", "--http-procs", "1",
+        "--session-bytes", str(32 << 20),
+    ) as s, socket.socket() as stalled:  # fmt: skip
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", s.port))
         first = s.post_chat("swap", max_tokens=40000, prompt="the first")
