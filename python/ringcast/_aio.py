@@ -446,13 +446,13 @@ def watch(reader: Reader, consumer: Consumer) -> Watch:
 def poke(loop: asyncio.AbstractEventLoop, notifier: Notifier, slots: list[int]) -> int:
     """Tells ``loop``'s readers (the running loop's: passed in, as a producer holds it, since
     ``asyncio.get_running_loop()`` costs a ``getpid`` system call) of ``notifier``'s process
-    that the sessions in
-    ``slots`` may have advanced, as a datagram from their producer would (watches are
-    called, waiting futures resolved, here and now); how many were. For a producer in the
-    same loop, which flushes its deferred wake-ups with ``Segment.flush_wakes(skip_own=True)``
-    and so sends its own process no datagram. Only the slots the notifier is subscribed to
-    and that moved since its last look count (``Notifier.scan_slots``), and that look is
-    updated, so the next scan does not report them again."""
+    that the sessions in ``slots`` may have advanced, as a datagram from their producer
+    would (watches are called, waiting futures resolved, here and now); how many were. For
+    a producer in the same loop, which flushes its deferred wake-ups with
+    ``Segment.flush_wakes(skip_own=True)`` and so sends its own process no datagram. Only
+    the slots the notifier is subscribed to and that moved since its last look count
+    (``Notifier.scan_slots``), and that look is updated, so the next scan does not report
+    them again."""
     by_fd = _hubs.get(loop)
     hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
     return 0 if hub is None else hub._wake(notifier.scan_slots(slots))

@@ -351,10 +351,11 @@ class Pump:
     def deliver(self, data: bytes) -> int:
         """Write a pass's bytes to every joined connection; detach those whose buffer is
         full. The body bytes sent."""
-        # Framed once for every chunked connection of this pass.
-        framed = b"%x\r\n%s\r\n" % (len(data), data)
-        raw = data
         per_conn = self.per_conn
+        # Framed once for every chunked connection of this pass (per connection instead with
+        # ``per_conn``).
+        framed = frame_chunk(data) if per_conn is None else b""
+        raw = data
         sent = 0
         # A copy: a write may close a connection, whose relay then leaves the pump.
         for conn, fut in tuple(self.subs.items()):

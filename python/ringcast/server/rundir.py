@@ -15,6 +15,7 @@ import shutil
 
 CONFIG = "config.json"
 COUNTERS = "counters"
+REFUSED = "refused"
 
 
 def config_path(run_dir: str) -> str:
@@ -30,7 +31,7 @@ def first_to_refuse(run_dir: str) -> bool:
     children that refuse to start for the same reason (each loads the same ``--generator``),
     that one says why and the others only exit."""
     try:
-        os.close(os.open(os.path.join(run_dir, "refused"), os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(os.path.join(run_dir, REFUSED), os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         return False
     except OSError:
