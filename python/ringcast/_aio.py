@@ -37,6 +37,7 @@ import asyncio
 import logging
 import select
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from ringcast._core import Notifier, Reader, RingcastError, SessionEnded
@@ -303,6 +304,10 @@ class _LoopHub:
                         woken += 1
         return woken
 
+    def poke(self, slots: list[int]) -> int:
+        """See :func:`poke`."""
+        return self._wake(self._notifier.scan_slots(slots))
+
     def _call(self, w: Watch, exc: BaseException | None) -> None:
         """Calls a watch's consumer: ``on_ready()``, or ``on_error(exc)``."""
         try:
@@ -443,6 +448,15 @@ def watch(reader: Reader, consumer: Consumer) -> Watch:
     return _hub_for(reader.notifier()).watch(reader, consumer)
 
 
+def poker(loop: asyncio.AbstractEventLoop, notifier: Notifier) -> Callable[[list[int]], int] | None:
+    """:func:`poke` bound to ``loop`` and ``notifier``, for a producer that pokes once per turn
+    of its loop (the lookups done once); None while that loop has no hub for the notifier
+    (no reader of it has waited yet: there is nobody to tell)."""
+    by_fd = _hubs.get(loop)
+    hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
+    return None if hub is None else hub.poke
+
+
 def poke(loop: asyncio.AbstractEventLoop, notifier: Notifier, slots: list[int]) -> int:
     """Tells ``loop``'s readers (the running loop's: passed in, as a producer holds it, since
     ``asyncio.get_running_loop()`` costs a ``getpid`` system call) of ``notifier``'s process
@@ -455,7 +469,7 @@ def poke(loop: asyncio.AbstractEventLoop, notifier: Notifier, slots: list[int]) 
     them again."""
     by_fd = _hubs.get(loop)
     hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
-    return 0 if hub is None else hub._wake(notifier.scan_slots(slots))
+    return 0 if hub is None else hub.poke(slots)
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:

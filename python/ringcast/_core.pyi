@@ -279,9 +279,13 @@ class Writer:
         """Append one SSE event: ``id: <offset just after it>\\n`` then ``event``, the framing
         of ``ringcast.wire.sse.frame_event``, with the offset taken under the append lock.
         Returns and raises as ``write``; ``defer_wake`` as there."""
-    def finalize(self, state: str = "done") -> bool:
+    def finalize(self, state: str = "done", defer_wake: bool = False) -> bool:
         """End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if
-        it had already ended."""
+        it had already ended. ``defer_wake`` as for ``write``."""
+    @staticmethod
+    def cancelled_among(writers: builtins.list[Writer]) -> builtins.list[int]:
+        """The positions in ``writers`` of those whose session was cancelled, replaced or
+        evicted (``cancelled``), in one call."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block (GIL released) until the session is cancelled (True) or the timeout passes
         (False; ``None`` = no limit)."""

@@ -113,8 +113,9 @@ def test_deferred_wakes_flushed_per_batch_lose_no_wake_up(
 ) -> None:
     """A producer in another process appends to many sessions with ``defer_wake=True`` and
     calls ``flush_wakes()`` after each batch (of varying size, at varying moments of this
-    loop's arm and drain): every reader here reads every stream to its end, woken only by
-    datagrams (the rescan is put out of reach, so a lost wake-up hangs the test)."""
+    loop's arm and drain), then finalizes every session with ``defer_wake=True`` and
+    flushes once: every reader here reads every stream to its end, woken only by datagrams
+    (the rescan is put out of reach, so a lost wake-up hangs the test)."""
     from ringcast import _aio
 
     monkeypatch.setattr(_aio, "RESCAN_S", 3600.0)
@@ -143,7 +144,8 @@ while any(o < {per_stream} for o in offs):
         time.sleep(0.0005)
 sys.stdin.readline()  # every byte was read: only datagrams could have told the reader
 for w in ws:
-    w.finalize()
+    assert w.finalize(defer_wake=True)
+seg.flush_wakes()  # the ends too are told only by the flush
 """
     producer = subprocess.Popen(
         [sys.executable, "-c", code, seg.path], stdin=subprocess.PIPE, env=child_env, text=True

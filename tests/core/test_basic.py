@@ -225,6 +225,22 @@ def test_evict_slot_checks_the_generation(seg: ringcast.Segment) -> None:
     assert not seg.evict_slot(w2.slot, w2.generation)
 
 
+def test_cancelled_among_names_the_writers_whose_session_ended_under_them(
+    seg: ringcast.Segment,
+) -> None:
+    ws = [seg.create_or_replace(f"c{i}") for i in range(6)]
+    assert ringcast.Writer.cancelled_among(ws) == []
+    seg.evict_and_cancel("c1")  # cancelled
+    seg.create_or_replace("c3")  # replaced
+    seg.evict("c4")  # evicted
+    assert ws[5].finalize()  # finished by its own producer: not cancelled
+    assert ringcast.Writer.cancelled_among(ws) == [1, 3, 4]
+    assert ringcast.Writer.cancelled_among(ws) == [i for i, w in enumerate(ws) if w.cancelled]
+    assert ringcast.Writer.cancelled_among([]) == []
+    with pytest.raises(TypeError):
+        ringcast.Writer.cancelled_among([ws[0], "not a writer"])  # type: ignore[list-item]
+
+
 def test_adopt_needs_the_right_generation(seg: ringcast.Segment) -> None:
     w = seg.create_or_replace("c", "o")
     with pytest.raises((ringcast.SessionEnded, ringcast.SessionNotFound)):

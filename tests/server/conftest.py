@@ -532,12 +532,15 @@ class _MemWriter:
     def write_event(self, event: bytes, defer_wake: bool = False) -> bool:
         return self.write(frame_event(len(self.s.buf), event), defer_wake=defer_wake)
 
-    def finalize(self, state: str = "done") -> bool:
+    def finalize(self, state: str = "done", defer_wake: bool = False) -> bool:
         if not self._mine():
             return False
         self.s.state = state
         self.s.completed_at = time.time()
-        self.s.wake()
+        if defer_wake:
+            self.deferred.add(self.s)
+        else:
+            self.s.wake()
         return True
 
 
@@ -618,6 +621,9 @@ class MemoryStore:
         self.incarnations = 0
         self.tokens = 0
         self.deferred: set[_MemSession] = set()
+
+    def cancelled_among(self, writers: list[Any]) -> list[int]:
+        return [i for i, w in enumerate(writers) if w.cancelled]
 
     def flush_wakes(self, own: Collection[Any] = (), loop: Any = None) -> int:
         # Its readers all share the one loop: ``own`` changes nothing here.

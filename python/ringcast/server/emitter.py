@@ -34,6 +34,11 @@ def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
     return head, tail
 
 
+TOKENS_FLUSH_S = 0.05
+"""How long the tokens a producer appended may wait before its ``tokens`` counter shows
+them."""
+
+
 class TurnBatch:
     """What the appends of one turn of a producer's event loop leave to the end of the turn.
 
@@ -41,7 +46,7 @@ class TurnBatch:
     a turn schedules one :meth:`StreamStore.flush_wakes` (``call_soon``: after every task the
     turn woke), so an HTTP process is sent one datagram for all the events of a turn instead
     of one per event, and wakes once to write them all. The producer's token counter is added
-    to there too.
+    to at most every TOKENS_FLUSH_S.
 
     ``own_loop`` (an HTTP process that runs its own jobs, ``--workers 0``): the readers of
     this process are told by the flush directly, from the writers the turn appended through,
@@ -54,25 +59,41 @@ class TurnBatch:
         self.counters = counters
         self.tokens = 0
         self.own_loop = own_loop
-        self._written: dict[StreamWriter, None] = {}
-        self._scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self.written: dict[StreamWriter, None] = {}
+        self.scheduled = False
+        self._counting = False
+        self.loop = asyncio.get_running_loop()
 
     def note(self, writer: StreamWriter) -> None:
         """An append was made through ``writer`` with ``defer_wake=True``."""
         if self.own_loop:
-            self._written[writer] = None
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self.written[writer] = None
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def finalize(self, writer: StreamWriter, state: str = "done") -> bool:
+        """Ends ``writer``'s stream as ``state``, its readers told at the end of the turn
+        with the appends (:meth:`StreamWriter.finalize`)."""
+        done = writer.finalize(state, defer_wake=True)
+        self.note(writer)
+        return done
 
     def flush(self) -> None:
-        self._scheduled = False
+        self.scheduled = False
         if self.own_loop:
-            written, self._written = self._written, {}
-            self.store.flush_wakes(written, self._loop)
+            written, self.written = self.written, {}
+            self.store.flush_wakes(written, self.loop)
         else:
             self.store.flush_wakes()
+        if self.tokens and not self._counting:
+            # The shared counter (a struct write) once per TOKENS_FLUSH_S, not once per turn.
+            self._counting = True
+            self.loop.call_later(TOKENS_FLUSH_S, self.flush_tokens)
+
+    def flush_tokens(self) -> None:
+        """Adds the tokens counted since the last call to the shared ``tokens`` counter."""
+        self._counting = False
         if self.tokens:
             self.counters.inc(WorkerCounter.TOKENS, self.tokens)
             self.tokens = 0
@@ -182,6 +203,26 @@ class Emitter:
             data = frame[0] + json_encoder.encode(piece) + frame[1]
         self._append(data)
         self.tokens += 1
+
+    def token(self, piece: str) -> None:
+        """One generated token: :meth:`text` and :meth:`count_token` in one step, the append
+        and the batch's bookkeeping inline (the per-token path of every job)."""
+        batch = self.batch
+        frame = self._text_frame
+        if batch is None or frame is None or not self.started:
+            self.text(piece)
+            self.count_token()
+            return
+        writer = self.writer
+        if not writer.write_event(frame[0] + json_encoder.encode(piece) + frame[1], True):
+            raise Gone
+        self.tokens += 1
+        batch.tokens += 1
+        if batch.own_loop:
+            batch.written[writer] = None
+        if not batch.scheduled:
+            batch.scheduled = True
+            batch.loop.call_soon(batch.flush)
 
     def finish(self, reason: str, prompt_tokens: int) -> None:
         self.start()

@@ -26,10 +26,14 @@ RELAY_READ = 256 * 1024
 SENT_FLUSH_S = 0.05
 """How long the bytes a pump wrote may wait before ``http_bytes_sent_total`` shows them."""
 # Adaptive coalescing (Coalescing.run): sample period and moving-average weight of the
-# event-loop lag; the lag above which a process is behind (the linger may climb to half the
-# cap), far behind (to the whole cap), and below which it keeps up (an idle uvloop shows
-# ~0.2 ms); the first linger when it falls behind and the decay per sample after.
+# event-loop lag, and the longer period while the process keeps up and does not linger (a
+# timer that wakes an idle loop costs tens of microseconds on a VM, so a hundred a second
+# were most of what a thousand silent streams cost); the lag above which a process is behind
+# (the linger may climb to half the cap), far behind (to the whole cap), and below which it
+# keeps up (an idle uvloop shows ~0.2 ms); the first linger when it falls behind and the
+# decay per sample after.
 LAG_PERIOD = 0.010
+LAG_PERIOD_CALM = 0.050
 LAG_SMOOTHING = 0.25
 LAG_SLOW_SMOOTHING = 0.05
 LAG_HIGH = 0.001
@@ -58,7 +62,8 @@ class Coalescing:
         """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
         every wake-up while this process keeps up, and batch more while it falls behind.
 
-        Every 10 ms, how late the loop woke this task (its lag: time spent running other
+        Every 10 ms (50 ms while it keeps up and does not linger), how late the loop woke
+        this task (its lag: time spent running other
         callbacks, or waiting for a CPU) feeds a moving average. Above LAG_HIGH the linger
         doubles (from LINGER_START) up to half the ``--coalesce-ms`` cap (coming down to it
         by LINGER_DECAY per sample from above), and while a slower average (over ~0.2 s,
@@ -74,9 +79,14 @@ class Coalescing:
         cap = self.cap
         avg = slow = 0.0
         while True:
+            # Calm (not lingering, no lag): one sample per LAG_PERIOD_CALM; a lag it finds is
+            # then followed at LAG_PERIOD. (One late sample lifts the average above LAG_HIGH
+            # by itself only if it is 4 ms late: a process falling behind slowly is seen
+            # within a few calm periods.)
+            period = LAG_PERIOD if self.linger or avg >= LAG_LOW else LAG_PERIOD_CALM
             t0 = time.monotonic()
-            await asyncio.sleep(LAG_PERIOD)
-            lag = max(0.0, time.monotonic() - t0 - LAG_PERIOD)
+            await asyncio.sleep(period)
+            lag = max(0.0, time.monotonic() - t0 - period)
             avg += (lag - avg) * LAG_SMOOTHING
             slow += (lag - slow) * LAG_SLOW_SMOOTHING
             linger = self.linger
@@ -195,11 +205,15 @@ class Pump:
 
     def _fan(self, data: bytes) -> None:
         """One pass: ``data`` to every joined connection, counted, and the stream's event
-        spacing updated. (The per-event path of every stream: kept to few steps.)"""
+        spacing updated. (The per-event path of every stream: kept to few steps, with
+        :meth:`FanOut.count_sent` inline.)"""
         self.offset += len(data)
         sent = self.deliver(data)
         if sent:
-            self.fanout.count_sent(sent)
+            fanout = self.fanout
+            if not fanout.unsent:
+                self.loop.call_later(SENT_FLUSH_S, fanout.flush_sent)
+            fanout.unsent += sent
         now = self.loop.time()
         last = self.last_write
         if last:
@@ -250,6 +264,8 @@ class Pump:
 
     def _pass(self) -> None:
         read = self.read_now
+        reader = self.reader
+        assert isinstance(reader, Reader)
         try:
             while True:
                 data = read()
@@ -259,9 +275,14 @@ class Pump:
                     self.finished()
                     self._stop(("done", None))
                     return
-                # Read again even after a short read: a change drained already (the end,
-                # say) must not wait for a next one that may never come.
                 self._fan(data)
+                # Read again after a capped read (more is there) or at the end of a finished
+                # stream (its end is read as b""): neither will be signalled again. After a
+                # short read of a running stream, a later append signals anew.
+                if self.stopped or (
+                    len(data) < self.read_cap and not self.carry and not reader.at_end
+                ):
+                    return
         except OffsetLost:
             self._stop(("solo", self.offset))  # each connection finds out for itself
         except SessionEnded as e:
@@ -344,6 +365,9 @@ class Pump:
         """The next bytes at the live edge (``b""``: the stream finished)."""
         return await self.reader.aread(RELAY_READ)
 
+    read_cap = RELAY_READ
+    """A read of this many bytes or more may have left more in the ring (:meth:`_pass`)."""
+
     per_conn: Callable[[Connection, bytes], tuple[bytes, bytes]] | None = None
     """What a connection gets of a pass's bytes, (chunk-framed, unframed), if it is not the
     same for all (:class:`EventPump`); None: the bytes, framed once for all."""
@@ -353,8 +377,8 @@ class Pump:
         full. The body bytes sent."""
         per_conn = self.per_conn
         # Framed once for every chunked connection of this pass (per connection instead with
-        # ``per_conn``).
-        framed = frame_chunk(data) if per_conn is None else b""
+        # ``per_conn``): frame_chunk's format, inline.
+        framed = b"%x\r\n%s\r\n" % (len(data), data) if per_conn is None else b""
         raw = data
         sent = 0
         # A copy: a write may close a connection, whose relay then leaves the pump.
@@ -363,8 +387,13 @@ class Pump:
                 continue
             if per_conn is not None:
                 framed, raw = per_conn(conn, data)
-            sent += conn.write_framed(framed, raw)
-            if conn.write_paused or conn.closed:
+            # Connection.write_framed, inline.
+            transport = conn.transport
+            if transport is not None and not conn.closed:
+                transport.write(framed if conn.chunked else raw)
+                sent += len(raw)
+            flow = conn.flow
+            if (flow is not None and flow.paused) or conn.closed:
                 fut.set_result(("solo", self.offset))
                 self.fanout.counters.inc(HttpCounter.DETACHED)
         return sent
@@ -402,6 +431,7 @@ class EventPump(Pump):
         """The pass just read reached the end of the finished stream."""
         self.rendered: dict[str, tuple[bytes, bytes]] = {}
         self.per_conn = self.frame
+        self.read_cap = 0  # read again after every pass (a pass may end at the limit)
         super().__init__(fanout, registry, key, reader, owner)
 
     def join_tagged(self, conn: Connection, tag: str) -> asyncio.Future[Outcome]:

@@ -9,7 +9,9 @@ reads cost nothing extra).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+import builtins
+import operator
+from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 from ringcast import _aio
@@ -25,6 +27,9 @@ from ringcast._core import (
 from ringcast.server.config import ServeConfig
 from ringcast.server.gc import evict_lru, fail_dead_producer
 from ringcast.server.store import Quota, StreamStore, StreamWriter
+
+_SLOT = operator.attrgetter("slot")
+"""A writer's slot (this store's writers are the segment's: ``create``, ``adopt``)."""
 
 
 class SegmentStore:
@@ -42,6 +47,8 @@ class SegmentStore:
         """Called with the number of sessions a full create evicted (``/metrics`` counts
         them)."""
         self._notifier: Notifier | None = None
+        self._poke: tuple[asyncio.AbstractEventLoop, Callable[[list[int]], int]] | None = None
+        """``_aio.poker`` of the loop of the last own-loop flush, and that loop."""
 
     @property
     def epoch(self) -> int:
@@ -93,6 +100,10 @@ class SegmentStore:
     def stats(self) -> SegmentStats:
         return self.segment.stats()
 
+    def cancelled_among(self, writers: Sequence[StreamWriter]) -> Sequence[int]:
+        # This store's writers are the segment's (``create``, ``adopt``).
+        return Writer.cancelled_among(cast("builtins.list[Writer]", writers))
+
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
     ) -> int:
@@ -101,10 +112,15 @@ class SegmentStore:
         # This process's readers are told here, by a direct call into its loop's hub; the
         # datagram the flush would send this process's own notifier is left out.
         sent = self.segment.flush_wakes(skip_own=True)
-        if self._notifier is None:
-            self._notifier = self.segment.notifier()
-        # This store's writers are the segment's (``create``, ``adopt``): each has its slot.
-        _aio.poke(loop, self._notifier, [cast(Writer, w).slot for w in own])
+        held = self._poke
+        if held is None or held[0] is not loop:
+            if self._notifier is None:
+                self._notifier = self.segment.notifier()
+            poke = _aio.poker(loop, self._notifier)
+            if poke is None:
+                return sent  # no reader of this process has waited on this loop yet
+            held = self._poke = (loop, poke)
+        held[1](list(map(_SLOT, own)))
         return sent
 
     def end_dead_producer(self, conversation_id: str, owner: str) -> bool:

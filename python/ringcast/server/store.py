@@ -132,9 +132,9 @@ class StreamWriter(Protocol):
         returns as :meth:`write`."""
         ...
 
-    def finalize(self, state: str = "done") -> bool:
+    def finalize(self, state: str = "done", defer_wake: bool = False) -> bool:
         """End the stream ``"done"`` or ``"failed"``; False if it was no longer this
-        writer's."""
+        writer's. ``defer_wake`` as for :meth:`write`."""
         ...
 
 
@@ -268,6 +268,12 @@ class StreamStore(Protocol):
         ...
 
     def stats(self) -> StoreStats: ...
+
+    def cancelled_among(self, writers: Sequence[StreamWriter]) -> Sequence[int]:
+        """The positions in ``writers`` (this store's) of those whose stream was cancelled,
+        replaced or evicted: what ``cancelled`` says of each, in one call for a process's
+        whole set of producers."""
+        ...
 
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None

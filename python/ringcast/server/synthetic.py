@@ -144,8 +144,7 @@ class Ticker:
         it has ended (its future then says how)."""
         try:
             for _ in range(BURST):
-                st.emitter.text(next(st.tokens))
-                st.emitter.count_token()
+                st.emitter.token(next(st.tokens))
                 st.i += 1
                 if st.i == st.n:
                     st.done.set_result(None)

@@ -317,6 +317,12 @@ impl Writer {
 
     /// Ends the stream with `end` (done, failed or cancelled). False if it had already ended.
     pub fn finalize(&self, end: SessionState) -> Result<bool> {
+        self.finalize_waking(end, Wake::Now)
+    }
+
+    /// [`finalize`](Self::finalize), telling the event loops of other processes as `wake` says
+    /// (`Deferred`: at the next `Segment::flush_wakes`, like a deferred append).
+    pub fn finalize_waking(&self, end: SessionState, wake: Wake) -> Result<bool> {
         if end == SessionState::Running {
             return Err(Error::InvalidArgument(
                 "finalize takes \"done\", \"failed\" or \"cancelled\", not \"running\"".into(),
@@ -338,7 +344,10 @@ impl Writer {
         }
         drop(reg);
         if done.is_some() {
-            notify::publish(self.reg.view(), self.reg.wakers(), m);
+            match wake {
+                Wake::Now => notify::publish(self.reg.view(), self.reg.wakers(), m),
+                Wake::Deferred => notify::publish_deferred(self.reg.wakers(), m),
+            }
         }
         Ok(done.is_some())
     }

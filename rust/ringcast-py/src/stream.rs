@@ -179,9 +179,9 @@ impl Writer {
     }
 
     /// End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if it
-    /// had already ended.
-    #[pyo3(signature = (state="done"))]
-    fn finalize(&self, py: Python<'_>, state: &str) -> PyResult<bool> {
+    /// had already ended. ``defer_wake`` as for ``write``.
+    #[pyo3(signature = (state="done", defer_wake=false))]
+    fn finalize(&self, py: Python<'_>, state: &str, defer_wake: bool) -> PyResult<bool> {
         let s = match state {
             "done" => core::SessionState::Done,
             "failed" => core::SessionState::Failed,
@@ -192,7 +192,25 @@ impl Writer {
                 )))
             }
         };
-        self.w.finalize(s).py_err(py)
+        let wake = if defer_wake {
+            core::Wake::Deferred
+        } else {
+            core::Wake::Now
+        };
+        self.w.finalize_waking(s, wake).py_err(py)
+    }
+
+    /// The positions in ``writers`` of those whose session was cancelled, replaced or evicted
+    /// (``cancelled``): one call for a process's whole set of producers, where a loop over
+    /// the property costs a Python step per writer.
+    #[staticmethod]
+    fn cancelled_among(writers: Vec<PyRef<'_, Writer>>) -> Vec<usize> {
+        writers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.w.cancelled())
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Block (GIL released) until the session is cancelled (True) or the timeout passes

@@ -135,6 +135,9 @@ class ClusterStore:
     def stats(self) -> SegmentStats:
         return self.local.stats()
 
+    def cancelled_among(self, writers: Sequence[StreamWriter]) -> Sequence[int]:
+        return self.local.cancelled_among(writers)
+
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
     ) -> int:
