@@ -206,6 +206,11 @@ class Segment:
         """Every live session, or only ``owner``'s; with ``shard=(index, count)`` (and no
         ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
         ``count`` processes that split the sessions (a session keeps its slot for life)."""
+    def sweep_candidates(self, anon_owner: str, skip_prefix: str) -> builtins.list[SessionInfo]:
+        """What the manager's dead-producer sweep looks at: the running sessions whose
+        producer is dead, and every session of ``anon_owner``; none whose owner starts with
+        ``skip_prefix`` (an empty prefix skips none). As ``list`` gives them, oldest first,
+        but only these are made into Python objects."""
     def lookup_prefix(self, conversation_id: str, owner: str = "") -> builtins.list[SessionInfo]:
         """The session with exactly this id plus every session whose id starts with
         ``conversation_id + "::"`` (llama-server's lookup rule)."""

@@ -271,3 +271,42 @@ def test_concurrent_take_over_has_exactly_one_winner(seg_path: str, run_python) 
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * n
         seg.evict(conv, "crash")
+
+
+def test_sweep_candidates_are_the_dead_producers_and_the_anonymous(
+    seg_path: str, run_python
+) -> None:
+    """``Segment.sweep_candidates``: of every live session, the running ones whose producer
+    died and every one of the anonymous owner, none of the skipped prefix; the sessions of a
+    live producer and the finished ones are left out."""
+    seg = ringcast.Segment.create(seg_path, max_sessions=16, session_bytes=64 * KiB)
+    proc = run_python(
+        "import sys, ringcast\n"
+        "seg = ringcast.Segment.open(sys.argv[1])\n"
+        "seg.create_or_replace('dead', 'o')\n"
+        "seg.create_or_replace('dead-ds', 'ds:x')\n"
+        "print('made')\n",
+        60,
+        seg.path,
+    )
+    assert proc.returncode == 0 and proc.stdout == "made\n", proc.stderr
+    alive = seg.create_or_replace("alive", "o")
+    assert seg.create_or_replace("done", "o").finalize()
+    anon = seg.create_or_replace("anon", "~anon")
+    assert anon.finalize()
+
+    def names(skip: str) -> set[str]:
+        return {i.conversation_id for i in seg.sweep_candidates("~anon", skip)}
+
+    assert names("ds:") == {"dead", "anon"}
+    assert names("") == {"dead", "dead-ds", "anon"}
+    listed = {i.conversation_id: i for i in seg.list()}
+    for info in seg.sweep_candidates("~anon", ""):
+        twin = listed[info.conversation_id]
+        assert (info.slot, info.generation, info.state, info.producer_alive) == (
+            twin.slot,
+            twin.generation,
+            twin.state,
+            twin.producer_alive,
+        )
+    assert alive.write(b"x")

@@ -12,7 +12,7 @@ import time
 from ringcast._core import Segment, SessionInfo
 from ringcast.server.config import ANON_OWNER, ServeConfig
 from ringcast.server.counters import ManagerCounter, SharedCounters
-from ringcast.server.durable_meta import DurableMeta, is_durable_owner
+from ringcast.server.durable_meta import DURABLE_OWNER_PREFIX, DurableMeta, is_durable_owner
 from ringcast.server.store import fail_stream
 
 log = logging.getLogger("ringcast.gc")
@@ -66,10 +66,11 @@ def fail_dead_producer(seg: Segment, conversation_id: str, owner: str) -> bool:
 
 def sweep_dead_producers(seg: Segment, now: float) -> int:
     n = 0
-    for info in seg.list():
-        if is_durable_owner(info.owner):
-            # A Durable Stream has no producer process: any HTTP process appends to it.
-            continue
+    # Only the candidates, chosen in Rust (five sweeps a second over every session as Python
+    # objects cost the manager ~1.6 ms each at 4,000 sessions, ~40 ms at 100,000): running
+    # with a dead producer, or anonymous. A Durable Stream has no producer process (any HTTP
+    # process appends to it): never one.
+    for info in seg.sweep_candidates(ANON_OWNER, DURABLE_OWNER_PREFIX):
         if info.is_done:
             if info.owner == ANON_OWNER and info.readers == 0 and now - info.completed_at > 2.0:
                 # An anonymous stream its HTTP process did not remove once answered: it died

@@ -341,6 +341,32 @@ impl Segment {
         Ok(found.into_iter().map(Into::into).collect())
     }
 
+    /// What the manager's dead-producer sweep looks at, out of every live session: the
+    /// running ones whose producer is dead, and all of ``anon_owner``'s; none of an owner
+    /// that starts with ``skip_prefix`` (those have no producer process). The same
+    /// ``SessionInfo`` as ``list`` gives, but only these are made into Python objects: a
+    /// sweep several times a second costs a scan in Rust, not a Python object per session.
+    fn sweep_candidates(
+        &self,
+        py: Python<'_>,
+        anon_owner: &str,
+        skip_prefix: &str,
+    ) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        let found = py.detach(|| {
+            self.seg
+                .list(None)
+                .into_iter()
+                .filter(|i| {
+                    !(i.owner.starts_with(skip_prefix) && !skip_prefix.is_empty())
+                        && (i.owner == anon_owner
+                            || (i.state == core::SessionState::Running && !i.producer_alive))
+                })
+                .collect::<Vec<_>>()
+        });
+        Ok(found.into_iter().map(Into::into).collect())
+    }
+
     /// The session with exactly this id plus every session whose id starts with
     /// ``conversation_id + "::"`` (llama-server's lookup rule).
     #[pyo3(signature = (conversation_id, owner=""))]
