@@ -360,6 +360,36 @@ class Reader:
         """Detach (the reader no longer counts in ``SessionInfo.readers``)."""
 
 @final
+class SocketFanOut:
+    """The clients at the live edge of one session and the reader that feeds them: each
+    ``pass_`` reads what is new and ``send``s it to every client's socket (the server's
+    fan-out pump; see ``rust/ringcast-py/src/fanout.rs``). While a client is in the set,
+    nothing else may write to its connection, and its transport's write buffer must have
+    been empty when it was added."""
+
+    def __new__(cls, reader: Reader) -> SocketFanOut: ...
+    def add(self, id: int, fd: int, chunked: bool) -> None:
+        """Adds a client known by ``id`` whose socket is ``fd`` (duplicated: the set holds its
+        own descriptor until ``remove``); ``chunked``: a pass goes to it as one chunk.
+        ``ValueError`` if ``id`` is in the set, ``OSError`` if ``fd`` is not a stream
+        socket."""
+    def remove(self, id: int) -> bool:
+        """Removes a client (closing the set's descriptor); False if it was not there."""
+    def clear(self) -> None:
+        """Removes every client."""
+    def __len__(self) -> int: ...
+    def pass_(
+        self, max_bytes: int, want_data: bool = False
+    ) -> tuple[int, int, bool, builtins.list[tuple[int, bytes | None]], bytes | None] | None:
+        """One pass: what the session has now (at most ``max_bytes``; a capped read ends at an
+        event's end), sent to every client. ``None``: nothing new. Else ``(n, events, again,
+        trouble, data)``: ``n`` bytes passed (``0``: the stream finished, every byte passed
+        before), with ``events`` event ends; ``again``: call again now; ``trouble``: ``(id,
+        rest)`` of each client not wholly sent to, removed from the set: ``rest`` is what its
+        socket did not take, ``None`` if it failed; ``data``: the bytes passed with
+        ``want_data``, else ``None``. Raises as ``Reader.read_nowait``."""
+
+@final
 class Notifier:
     """One per process: turns session wake-ups into one readable file descriptor.
 

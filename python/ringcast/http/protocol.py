@@ -120,6 +120,9 @@ class Connection(asyncio.Protocol):
         """The remote address, as counted in ``app.connections_per_client``."""
         self.discarding = False
         """A refused body (413) is still arriving: it is dropped until the connection closes."""
+        self.fd = -1
+        """The socket's descriptor (-1: none known), for writes that bypass the transport
+        while its write buffer is empty (``ringcast.server.fanout.Pump``)."""
 
     @property
     def write_paused(self) -> bool:
@@ -138,6 +141,8 @@ class Connection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError, AttributeError):
+                self.fd = sock.fileno()
         self.app.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""

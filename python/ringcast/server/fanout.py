@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from ringcast import _aio
-from ringcast._core import OffsetLost, Reader, SessionEnded, SessionNotFound
+from ringcast._core import OffsetLost, Reader, SessionEnded, SessionNotFound, SocketFanOut
 from ringcast.http.protocol import Connection, frame_chunk
 from ringcast.server.counters import HttpCounter, SharedCounters
 from ringcast.server.store import EndsDeadProducers, StreamReader, StreamStore, StreamView
@@ -41,6 +41,10 @@ LAG_SEVERE = 0.004
 LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
+SOCKET_FANOUT = True
+"""Pumps over the local segment write to their clients' sockets from Rust
+(``ringcast._core.SocketFanOut``, see :class:`Pump`); False: through the transports, as
+every other pump does (for tests that compare the two)."""
 MAX_TAKEOVERS = 3
 """How many times one relay or pump ends its stream in-band after finding its producer dead
 (each time, the process that took it over may itself have died before finishing: then the
@@ -136,6 +140,15 @@ class Pump:
     costs a method call, one read and the writes: no future, task switch or awaitable. A
     pump over another store's reader (one without a notifier, e.g. Redis) runs :meth:`run`,
     a task that awaits :meth:`next_bytes`.
+
+    Such a pump also writes from Rust (:attr:`sockets`, a ``SocketFanOut``): a joined
+    connection whose transport has nothing buffered is added to the set with its socket, and
+    each pass is one call that reads the ring, frames the chunk once and ``send``s it to
+    every socket in the set, with no Python step per client. A socket that takes only part
+    of a pass (or none) leaves the set, the rest goes through its transport and the
+    connection is detached, as one whose buffer filled; one that fails is detached too (its
+    relay then finds it closed). The others (a transport with bytes buffered when it
+    joined) get the pass through their transports.
     """
 
     def __init__(
@@ -167,6 +180,13 @@ class Pump:
         self.watch: _aio.Watch | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.sockets: SocketFanOut | None = None
+        """The joined connections written to from Rust (see the class docstring); None for a
+        pump whose connections do not all get the same bytes, or over a remote reader."""
+        self.fast: dict[int, Connection] = {}
+        """The connections in :attr:`sockets`, by the id they are known there by."""
+        if isinstance(reader, Reader) and self.per_conn is None and SOCKET_FANOUT:
+            self.sockets = SocketFanOut(reader)
         if isinstance(reader, Reader):
             # Started once the relay that made it has joined (as a task would start).
             self.loop.call_soon(self._start)
@@ -174,12 +194,31 @@ class Pump:
             self.task = self.loop.create_task(self.run())
 
     def join(self, conn: Connection) -> asyncio.Future[Outcome]:
+        """Adds ``conn`` (at the pump's offset, written to by nobody else until the returned
+        future is done) to the clients of every pass from now on."""
         fut: asyncio.Future[Outcome] = self.loop.create_future()
         self.subs[conn] = fut
         fut.add_done_callback(functools.partial(self._left, conn))
+        sockets = self.sockets
+        transport = conn.transport
+        if (
+            sockets is not None
+            and conn.fd >= 0
+            and transport is not None
+            and not conn.closed
+            and transport.get_write_buffer_size() == 0
+        ):
+            try:
+                sockets.add(id(conn), conn.fd, conn.chunked)
+            except OSError:
+                pass  # not a socket of ours to write to: its transport gets the passes
+            else:
+                self.fast[id(conn)] = conn
         return fut
 
     def _left(self, conn: Connection, fut: asyncio.Future[Outcome]) -> None:
+        if self.fast.pop(id(conn), None) is conn and self.sockets is not None:
+            self.sockets.remove(id(conn))
         if self.subs.get(conn) is fut:
             del self.subs[conn]
         if not self.subs:
@@ -208,7 +247,11 @@ class Pump:
         spacing updated. (The per-event path of every stream: kept to few steps, with
         :meth:`FanOut.count_sent` inline.)"""
         self.offset += len(data)
-        sent = self.deliver(data)
+        self._passed(self.deliver(data), data.count(b"\n\n"))
+
+    def _passed(self, sent: int, events: int) -> None:
+        """A pass wrote ``sent`` body bytes in all, ``events`` events: counted (as
+        :meth:`FanOut.count_sent` does, inline), and the stream's event spacing updated."""
         if sent:
             fanout = self.fanout
             if not fanout.unsent:
@@ -217,7 +260,7 @@ class Pump:
         now = self.loop.time()
         last = self.last_write
         if last:
-            self.spacing += ((now - last) / (data.count(b"\n\n") or 1) - self.spacing) / 4
+            self.spacing += ((now - last) / (events or 1) - self.spacing) / 4
         self.last_write = now
 
     # -- a pump over the local segment: a standing watch
@@ -263,6 +306,9 @@ class Pump:
             self._pass()
 
     def _pass(self) -> None:
+        if self.sockets is not None:
+            self._pass_sockets(self.sockets)
+            return
         read = self.read_now
         reader = self.reader
         assert isinstance(reader, Reader)
@@ -283,16 +329,63 @@ class Pump:
                     len(data) < self.read_cap and not self.carry and not reader.at_end
                 ):
                     return
-        except OffsetLost:
-            self._stop(("solo", self.offset))  # each connection finds out for itself
-        except SessionEnded as e:
-            if self._end_dead(e.reason):
-                self._pass()
-            else:
-                self._stop(("ended", e.reason))
+        except (OffsetLost, SessionEnded) as e:
+            self._read_failed(e)
         except BaseException:
             self._stop(("solo", self.offset))
             raise
+
+    def _read_failed(self, e: OffsetLost | SessionEnded) -> None:
+        if isinstance(e, OffsetLost):
+            self._stop(("solo", self.offset))  # each connection finds out for itself
+        elif self._end_dead(e.reason):
+            self._pass()
+        else:
+            self._stop(("ended", e.reason))
+
+    def _pass_sockets(self, sockets: SocketFanOut) -> None:
+        """:meth:`_pass` with :attr:`sockets`: Rust reads and writes to the connections in
+        it; the others, if any, get the bytes through :meth:`deliver`."""
+        fast = self.fast
+        try:
+            while True:
+                slow = len(self.subs) > len(fast)
+                got = sockets.pass_(RELAY_READ, slow)
+                if got is None:
+                    return
+                n, events, again, trouble, data = got
+                if not n:
+                    self.finished()
+                    self._stop(("done", None))
+                    return
+                self.offset += n
+                sent = n * len(fast)
+                if trouble:
+                    self._trouble(trouble)
+                if data is not None:
+                    sent += self.deliver(data)
+                self._passed(sent, events)
+                if not again or self.stopped:
+                    return
+        except (OffsetLost, SessionEnded) as e:
+            self._read_failed(e)
+        except BaseException:
+            self._stop(("solo", self.offset))
+            raise
+
+    def _trouble(self, trouble: list[tuple[int, bytes | None]]) -> None:
+        """The connections a pass could not wholly send to (out of :attr:`sockets` now): the
+        rest of the pass through the transport, then detached at the pump's offset."""
+        for key, rest in trouble:
+            conn = self.fast.pop(key, None)
+            if conn is None:
+                continue
+            if rest is not None and conn.transport is not None and not conn.closed:
+                conn.transport.write(rest)
+            fut = self.subs.get(conn)
+            if fut is not None and not fut.done():
+                fut.set_result(("solo", self.offset))
+                self.fanout.counters.inc(HttpCounter.DETACHED)
 
     def read_now(self) -> bytes | None:
         """The bytes at the live edge now (``b""``: the stream finished; None: none yet),
@@ -329,6 +422,10 @@ class Pump:
         pumps = self.registry
         if pumps.get(self.key) is self:
             del pumps[self.key]
+        if self.sockets is not None:
+            # Before any connection is let go: from then on its relay writes to it.
+            self.sockets.clear()
+            self.fast.clear()
         self.reader.close()
         for fut in list(self.subs.values()):
             if not fut.done():
@@ -381,10 +478,11 @@ class Pump:
         framed = b"%x\r\n%s\r\n" % (len(data), data) if per_conn is None else b""
         raw = data
         sent = 0
+        fast = self.fast
         # A copy: a write may close a connection, whose relay then leaves the pump.
         for conn, fut in tuple(self.subs.items()):
-            if fut.done():
-                continue
+            if fut.done() or (fast and id(conn) in fast):
+                continue  # let go, or written to from Rust
             if per_conn is not None:
                 framed, raw = per_conn(conn, data)
             # Connection.write_framed, inline.

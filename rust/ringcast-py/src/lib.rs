@@ -5,6 +5,7 @@
 //! in Python (`ringcast._aio`) on top of `Reader.notifier()`.
 
 mod errors;
+mod fanout;
 mod notifier;
 mod segment;
 mod stream;
@@ -22,6 +23,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<segment::Segment>()?;
     m.add_class::<stream::Writer>()?;
     m.add_class::<stream::Reader>()?;
+    m.add_class::<fanout::SocketFanOut>()?;
     m.add_class::<notifier::Notifier>()?;
     m.add_class::<segment::SessionInfo>()?;
     m.add_class::<segment::SegmentStats>()?;

@@ -358,7 +358,7 @@ impl Segment {
                 .list(None)
                 .into_iter()
                 .filter(|i| {
-                    !(i.owner.starts_with(skip_prefix) && !skip_prefix.is_empty())
+                    (skip_prefix.is_empty() || !i.owner.starts_with(skip_prefix))
                         && (i.owner == anon_owner
                             || (i.state == core::SessionState::Running && !i.producer_alive))
                 })

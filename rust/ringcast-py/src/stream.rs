@@ -248,6 +248,10 @@ impl Reader {
     fn get(&mut self, py: Python<'_>) -> PyResult<&mut core::Reader> {
         self.r.as_mut().ok_or_else(|| reader_closed(py))
     }
+    /// The open core reader (`fanout`'s passes read through it).
+    pub(crate) fn core(&mut self, py: Python<'_>) -> PyResult<&mut core::Reader> {
+        self.get(py)
+    }
     fn get_ref(&self, py: Python<'_>) -> PyResult<&core::Reader> {
         self.r.as_ref().ok_or_else(|| reader_closed(py))
     }

@@ -1,0 +1,273 @@
+//! `ringcast.SocketFanOut`: the live edge of one session written straight into its clients'
+//! sockets, one call per pass.
+//!
+//! An HTTP process's fan-out pump (`ringcast.server.fanout.Pump`) reads the new bytes of a
+//! session and writes them to every client at the live edge. Done in Python, a pass costs a
+//! read into a bytes object, its chunk framing, and a transport write per client (each a few
+//! Python steps); here it is one call that reads the ring into a reused buffer, frames it once
+//! and `send`s it to each client's socket. What it cannot do (a socket that takes only part of
+//! a pass, or none, or fails) it hands back, and the pump lets that client go on through its
+//! transport, as one whose write buffer filled.
+//!
+//! The one rule that makes writing behind the event loop's transport correct: while a client
+//! is in the set, nothing else writes to its connection, and its transport's write buffer was
+//! empty when it joined (the pump checks both), so the bytes leave in order. Each client's
+//! socket is held by a descriptor of our own (`dup`), closed when it leaves: a connection the
+//! loop closes meanwhile cannot have its descriptor number reused under us for another one.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use ringcast_core as core;
+
+use crate::errors::IntoPyResult;
+use crate::stream::Reader;
+
+/// The largest pass, as `ringcast.server.fanout.RELAY_READ` caps the Python pump's reads.
+const MAX_PASS: u64 = 16 << 20;
+
+struct Client {
+    id: u64,
+    fd: OwnedFd,
+    chunked: bool,
+}
+
+/// The clients at the live edge of one session and the reader that feeds them (see the
+/// module docs): ``pass_`` reads what is new and sends it to every client's socket.
+#[pyclass(module = "ringcast")]
+pub(crate) struct SocketFanOut {
+    reader: Py<Reader>,
+    clients: Vec<Client>,
+    /// The start of an event a capped read cut, sent with its rest at the next pass.
+    carry: Vec<u8>,
+    buf: Vec<u8>,
+    framed: Vec<u8>,
+}
+
+/// What `pass_` returns for a pass that found something (see there).
+type PassOutcome = (
+    u64,
+    u64,
+    bool,
+    Vec<(u64, Option<Py<PyBytes>>)>,
+    Option<Py<PyBytes>>,
+);
+
+/// How a `send` of `data` to one client went.
+enum Sent {
+    All,
+    /// This many bytes went; the rest did not (the socket's buffer is full).
+    Part(usize),
+    Failed,
+}
+
+fn send_all(fd: RawFd, data: &[u8]) -> Sent {
+    let mut done = 0;
+    while done < data.len() {
+        let rest = &data[done..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes for the whole call, and `fd` is
+        // a descriptor this set owns (a duplicate of the client's socket, open until the
+        // client is removed). MSG_NOSIGNAL: a closed peer gives EPIPE, not SIGPIPE;
+        // MSG_DONTWAIT: never blocks the event loop, whatever the descriptor's flags.
+        let n = unsafe {
+            libc::send(
+                fd,
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            done += n as usize;
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Sent::Part(done),
+            _ => return Sent::Failed,
+        }
+    }
+    Sent::All
+}
+
+/// Non-overlapping `\n\n` in `data` (as `bytes.count` counts them).
+fn count_event_ends(data: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut i = 0;
+    while i + 1 < data.len() {
+        if data[i] == b'\n' && data[i + 1] == b'\n' {
+            n += 1;
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    n
+}
+
+/// Whether `fd` is a connected stream socket (what a client's transport has).
+fn is_stream_socket(fd: &OwnedFd) -> bool {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `kind` and `len` are live locals of the sizes getsockopt is told; the
+    // descriptor is owned here and open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && kind == libc::SOCK_STREAM
+}
+
+#[pymethods]
+impl SocketFanOut {
+    #[new]
+    fn new(reader: Py<Reader>) -> Self {
+        SocketFanOut {
+            reader,
+            clients: Vec::new(),
+            carry: Vec::new(),
+            buf: Vec::new(),
+            framed: Vec::new(),
+        }
+    }
+
+    /// Adds a client, known by ``id``, whose connection's socket is ``fd`` (duplicated: the
+    /// set holds its own descriptor until ``remove``); ``chunked``: its body is chunked, so a
+    /// pass is sent to it as one chunk. Raises ``ValueError`` if ``id`` is in the set already
+    /// and ``OSError`` if ``fd`` is not an open stream socket.
+    fn add(&mut self, id: u64, fd: RawFd, chunked: bool) -> PyResult<()> {
+        if self.clients.iter().any(|c| c.id == id) {
+            return Err(PyValueError::new_err(format!(
+                "client {id} is in the set already"
+            )));
+        }
+        if fd < 0 {
+            return Err(PyOSError::new_err(format!("not a descriptor: {fd}")));
+        }
+        // SAFETY: the borrow lives only for the duplication below; the caller's transport
+        // keeps `fd` open meanwhile (and a closed or foreign number fails the checks).
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let own = borrowed.try_clone_to_owned()?;
+        if !is_stream_socket(&own) {
+            return Err(PyOSError::new_err(format!(
+                "descriptor {fd} is not a stream socket"
+            )));
+        }
+        self.clients.push(Client {
+            id,
+            fd: own,
+            chunked,
+        });
+        Ok(())
+    }
+
+    /// Removes a client (closing the set's descriptor of its socket); False if it was not in
+    /// the set.
+    fn remove(&mut self, id: u64) -> bool {
+        let before = self.clients.len();
+        self.clients.retain(|c| c.id != id);
+        self.clients.len() != before
+    }
+
+    /// Removes every client.
+    fn clear(&mut self) {
+        self.clients.clear();
+    }
+
+    fn __len__(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// One pass: reads what the session has now (at most ``max_bytes``; a read capped there
+    /// ends at an event's end, the start of the last event kept for the next pass) and sends
+    /// it to every client. ``None``: nothing new yet. Else ``(n, events, again, trouble,
+    /// data)``:
+    /// ``n`` bytes of the stream were passed (``0``: it finished and every byte was passed
+    /// before), holding ``events`` event ends (``\n\n``); ``again``: call again now (more is
+    /// in the ring, or its end); ``trouble``: ``(id, rest)`` of each client the pass could not
+    /// wholly send to, already removed from the set: ``rest`` is what its socket did not take
+    /// (to write through its transport), ``None`` if the socket failed; ``data``: the bytes
+    /// passed, with ``want_data`` (for clients served otherwise), else ``None``. Raises as
+    /// ``Reader.read_nowait`` does (``OffsetLost``, ``SessionEnded``).
+    #[pyo3(signature = (max_bytes, want_data=false))]
+    fn pass_(
+        &mut self,
+        py: Python<'_>,
+        max_bytes: u64,
+        want_data: bool,
+    ) -> PyResult<Option<PassOutcome>> {
+        if max_bytes == 0 || max_bytes > MAX_PASS {
+            return Err(PyValueError::new_err(format!(
+                "max_bytes must be between 1 and {MAX_PASS}, got {max_bytes}"
+            )));
+        }
+        let bound = self.reader.bind(py);
+        let mut reader = bound.try_borrow_mut()?;
+        let r = reader.core(py)?;
+        let avail = r.available().min(max_bytes) as usize;
+        let carried = self.carry.len();
+        self.buf.clear();
+        self.buf.append(&mut self.carry);
+        self.buf.resize(carried + avail.max(1), 0);
+        let got = match r.poll_into(&mut self.buf[carried..]).py_err(py) {
+            Ok(p) => p,
+            Err(e) => {
+                self.buf.truncate(carried);
+                std::mem::swap(&mut self.carry, &mut self.buf);
+                return Err(e);
+            }
+        };
+        let read = match got {
+            core::Poll::Data(n) => n,
+            core::Poll::End | core::Poll::Pending if carried > 0 => 0,
+            core::Poll::End => return Ok(Some((0, 0, false, Vec::new(), None))),
+            core::Poll::Pending => return Ok(None),
+        };
+        let at_end = r.at_end();
+        drop(reader);
+        self.buf.truncate(carried + read);
+        let capped = read as u64 >= max_bytes;
+        if capped && !self.buf.ends_with(b"\n\n") {
+            if let Some(i) = self.buf.windows(2).rposition(|w| w == b"\n\n") {
+                self.carry.extend_from_slice(&self.buf[i + 2..]);
+                self.buf.truncate(i + 2);
+            }
+        }
+        let data = &self.buf[..];
+        let events = count_event_ends(data);
+        if self.clients.iter().any(|c| c.chunked) {
+            self.framed.clear();
+            self.framed
+                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            self.framed.extend_from_slice(data);
+            self.framed.extend_from_slice(b"\r\n");
+        }
+        let mut trouble = Vec::new();
+        let framed = &self.framed[..];
+        self.clients.retain(|c| {
+            let out = if c.chunked { framed } else { data };
+            match send_all(c.fd.as_raw_fd(), out) {
+                Sent::All => true,
+                Sent::Part(n) => {
+                    trouble.push((c.id, Some(PyBytes::new(py, &out[n..]).unbind())));
+                    false
+                }
+                Sent::Failed => {
+                    trouble.push((c.id, None));
+                    false
+                }
+            }
+        });
+        let again = capped || !self.carry.is_empty() || at_end;
+        let data = want_data.then(|| PyBytes::new(py, data).unbind());
+        Ok(Some((self.buf.len() as u64, events, again, trouble, data)))
+    }
+}

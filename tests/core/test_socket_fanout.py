@@ -1,0 +1,156 @@
+"""``SocketFanOut``: a session's live edge sent from Rust to its clients' sockets (the server's
+fan-out pump writes through it). Real sockets (socket pairs), a real segment."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import ringcast
+from ringcast._core import SocketFanOut
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+@pytest.fixture
+def pairs():
+    made: list[socket.socket] = []
+
+    def make() -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        made.extend((a, b))
+        return a, b
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_a_pass_goes_to_every_client_chunked_or_not_and_the_end_is_told(
+    seg: ringcast.Segment, pairs
+) -> None:
+    w = seg.create_or_replace("c")
+    fan = SocketFanOut(seg.reader("c", 0, counted=False))
+    assert fan.pass_(1 << 16) is None  # nothing yet
+    (a1, b1), (a2, b2) = pairs(), pairs()
+    fan.add(1, a1.fileno(), True)
+    fan.add(2, a2.fileno(), False)
+    assert len(fan) == 2
+    assert w.write(b"data: one\n\n") and w.write(b"data: two\n\n")
+    got = fan.pass_(1 << 16)
+    assert got == (22, 2, False, [], None)
+    assert _drain(b1) == b"16\r\ndata: one\n\ndata: two\n\n\r\n"
+    assert _drain(b2) == b"data: one\n\ndata: two\n\n"
+    assert fan.pass_(1 << 16) is None
+    assert w.write(b"data: three\n\n") and w.finalize()
+    n, events, again, trouble, data = fan.pass_(1 << 16, True)  # type: ignore[misc]
+    assert (n, events, again, trouble, data) == (13, 1, True, [], b"data: three\n\n")
+    assert fan.pass_(1 << 16) == (0, 0, False, [], None)  # the end: every byte was passed
+
+
+def test_a_capped_pass_ends_at_an_event_end_and_carries_the_rest(
+    seg: ringcast.Segment, pairs
+) -> None:
+    w = seg.create_or_replace("c")
+    fan = SocketFanOut(seg.reader("c", 0, counted=False))
+    a, b = pairs()
+    fan.add(7, a.fileno(), False)
+    events = [b"data: %d\n\n" % i for i in range(10)]  # 9 or 10 bytes each
+    for e in events:
+        assert w.write(e)
+    got = fan.pass_(25)
+    assert got is not None and got[0] == len(events[0] + events[1]) and got[2]  # again
+    seen = _drain(b)
+    assert seen == events[0] + events[1]
+    while (got := fan.pass_(25)) is not None:
+        seen += _drain(b)
+    assert seen == b"".join(events)
+
+
+def test_a_full_socket_hands_back_the_rest_and_a_closed_one_fails(
+    seg: ringcast.Segment, pairs
+) -> None:
+    w = seg.create_or_replace("c")
+    fan = SocketFanOut(seg.reader("c", 0, counted=False))
+    (a1, b1), (a2, b2), (a3, b3) = pairs(), pairs(), pairs()
+    a1.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    fan.add(1, a1.fileno(), False)  # its reader reads nothing: it fills
+    fan.add(2, a2.fileno(), False)
+    fan.add(3, a3.fileno(), False)
+    b3.close()  # its peer is gone
+    big = b"data: " + b"x" * 40_000 + b"\n\n"
+    assert w.write(big)
+    n, _, _, trouble, _ = fan.pass_(1 << 20)  # type: ignore[misc]
+    assert n == len(big)
+    assert {k for k, _ in trouble} == {1, 3}
+    rest = dict(trouble)
+    assert rest[3] is None
+    partial = rest[1]
+    assert partial is not None and 0 < len(partial) < len(big)
+    assert big.endswith(partial)
+    assert len(fan) == 1  # both left the set
+    assert _drain(b2) == big
+    # What client 1's socket took, then the rest: the whole pass, in order.
+    took = bytearray()
+    while len(took) < len(big) - len(partial):
+        took += b1.recv(1 << 20)
+    assert bytes(took) + partial == big
+
+
+def test_clients_are_checked_and_held_by_a_descriptor_of_the_sets_own(
+    seg: ringcast.Segment, pairs, tmp_path
+) -> None:
+    w = seg.create_or_replace("c")
+    fan = SocketFanOut(seg.reader("c", 0, counted=False))
+    a, b = pairs()
+    fan.add(1, a.fileno(), False)
+    with pytest.raises(ValueError, match="already"):
+        fan.add(1, a.fileno(), False)
+    with open(tmp_path / "f", "w") as f, pytest.raises(OSError, match="not a stream socket"):
+        fan.add(2, f.fileno(), False)
+    with pytest.raises(OSError):
+        fan.add(3, -1, False)
+    dgram_a, dgram_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with dgram_a, dgram_b, pytest.raises(OSError, match="not a stream socket"):
+        fan.add(4, dgram_a.fileno(), False)
+    # The caller's descriptor closed (as a transport closes its socket) and its number taken
+    # by another socket: the set keeps writing to the socket it was given, never to that one.
+    number = a.fileno()
+    a.close()
+    c, d = pairs()
+    reused = c if c.fileno() == number else d if d.fileno() == number else None
+    assert w.write(b"data: x\n\n")
+    assert fan.pass_(1 << 16) == (9, 1, False, [], None)
+    assert _drain(b) == b"data: x\n\n"
+    assert _drain(c) == b"" and _drain(d) == b""
+    assert reused is not None  # (the kernel gives the lowest free number: the check above bit)
+    assert fan.remove(1) and not fan.remove(1)
+    assert len(fan) == 0
+    b.setblocking(True)
+    b.settimeout(5)
+    assert b.recv(16) == b""  # the set's descriptor was the last: the socket is closed now
+    with pytest.raises(ValueError, match="max_bytes"):
+        fan.pass_(0)
+
+
+def test_a_closed_reader_and_a_replaced_session_raise_as_reads_do(seg: ringcast.Segment) -> None:
+    seg.create_or_replace("c")
+    r = seg.reader("c", 0, counted=False)
+    fan = SocketFanOut(r)
+    seg.create_or_replace("c")  # replaced
+    with pytest.raises(ringcast.SessionEnded):
+        fan.pass_(1 << 16)
+    r.close()
+    with pytest.raises(ringcast.RingcastError, match="closed"):
+        fan.pass_(1 << 16)
