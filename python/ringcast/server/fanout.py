@@ -282,7 +282,11 @@ class Pump:
         if self.fanout.coalescing.linger and (wait := self._linger()):
             self.timer = self.loop.call_later(wait, self._after_linger)
             return
-        self._pass()
+        sockets = self.sockets
+        if sockets is not None:
+            self._pass_sockets(sockets)
+        else:
+            self._pass()
 
     def on_error(self, exc: BaseException) -> None:
         """The hub found the producer dead (``SessionEnded("producer_died")``)."""

@@ -44,7 +44,6 @@ pub(crate) struct SocketFanOut {
     /// The start of an event a capped read cut, sent with its rest at the next pass.
     carry: Vec<u8>,
     buf: Vec<u8>,
-    framed: Vec<u8>,
 }
 
 /// What `pass_` returns for a pass that found something (see there).
@@ -64,22 +63,44 @@ enum Sent {
     Failed,
 }
 
-fn send_all(fd: RawFd, data: &[u8]) -> Sent {
+/// Sends `parts`, in order, as one byte string: one `sendmsg` while the socket takes all.
+fn send_all(fd: RawFd, parts: &[&[u8]]) -> Sent {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
-    while done < data.len() {
-        let rest = &data[done..];
-        // SAFETY: `rest` is a live slice of `rest.len()` bytes for the whole call, and `fd` is
-        // a descriptor this set owns (a duplicate of the client's socket, open until the
-        // client is removed). MSG_NOSIGNAL: a closed peer gives EPIPE, not SIGPIPE;
-        // MSG_DONTWAIT: never blocks the event loop, whatever the descriptor's flags.
-        let n = unsafe {
-            libc::send(
-                fd,
-                rest.as_ptr().cast(),
-                rest.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
+    while done < total {
+        // The parts from `done` on.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 3];
+        let mut count = 0;
+        let mut skip = done;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            let rest = &p[skip..];
+            skip = 0;
+            if count < iov.len() {
+                iov[count] = libc::iovec {
+                    iov_base: rest.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.len(),
+                };
+                count += 1;
+            }
+        }
+        // SAFETY: an all-zero msghdr is valid (no name, no control data); then it names the
+        // `count` iovecs above, each a live slice of `parts` (which outlive this call), read
+        // and never written by sendmsg.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = count as _;
+        // SAFETY: `msg` and the iovecs it points to are live for the whole call, and `fd` is a
+        // descriptor this set owns (a duplicate of the client's socket, open until the client
+        // is removed). MSG_NOSIGNAL: a closed peer gives EPIPE, not SIGPIPE; MSG_DONTWAIT:
+        // never blocks the event loop, whatever the descriptor's flags.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n >= 0 {
             done += n as usize;
             continue;
@@ -91,6 +112,26 @@ fn send_all(fd: RawFd, data: &[u8]) -> Sent {
         }
     }
     Sent::All
+}
+
+/// `parts` from byte `from` on, as one byte string.
+fn rest_of(parts: &[&[u8]], from: usize) -> Vec<u8> {
+    parts.concat()[from..].to_vec()
+}
+
+/// The head of one chunk of `len` bytes: its size in hex and CRLF, written into `out`.
+fn chunk_head(len: usize, out: &mut [u8; 18]) -> &[u8] {
+    let digits = if len == 0 {
+        1
+    } else {
+        (usize::BITS - len.leading_zeros()).div_ceil(4) as usize
+    };
+    for (i, digit) in out.iter_mut().take(digits).enumerate() {
+        *digit = b"0123456789abcdef"[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    &out[..digits + 2]
 }
 
 /// Non-overlapping `\n\n` in `data` (as `bytes.count` counts them).
@@ -135,7 +176,6 @@ impl SocketFanOut {
             clients: Vec::new(),
             carry: Vec::new(),
             buf: Vec::new(),
-            framed: Vec::new(),
         }
     }
 
@@ -243,21 +283,18 @@ impl SocketFanOut {
         }
         let data = &self.buf[..];
         let events = count_event_ends(data);
-        if self.clients.iter().any(|c| c.chunked) {
-            self.framed.clear();
-            self.framed
-                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            self.framed.extend_from_slice(data);
-            self.framed.extend_from_slice(b"\r\n");
-        }
+        let mut head_buf = [0u8; 18];
+        let head = chunk_head(data.len(), &mut head_buf);
+        let framed: [&[u8]; 3] = [head, data, b"\r\n"];
+        let raw: [&[u8]; 1] = [data];
         let mut trouble = Vec::new();
-        let framed = &self.framed[..];
         self.clients.retain(|c| {
-            let out = if c.chunked { framed } else { data };
+            let out: &[&[u8]] = if c.chunked { &framed } else { &raw };
             match send_all(c.fd.as_raw_fd(), out) {
                 Sent::All => true,
                 Sent::Part(n) => {
-                    trouble.push((c.id, Some(PyBytes::new(py, &out[n..]).unbind())));
+                    let rest = rest_of(out, n);
+                    trouble.push((c.id, Some(PyBytes::new(py, &rest).unbind())));
                     false
                 }
                 Sent::Failed => {
@@ -269,5 +306,47 @@ impl SocketFanOut {
         let again = capped || !self.carry.is_empty() || at_end;
         let data = want_data.then(|| PyBytes::new(py, data).unbind());
         Ok(Some((self.buf.len() as u64, events, again, trouble, data)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_head_is_the_size_in_lowercase_hex_then_crlf() {
+        let mut buf = [0u8; 18];
+        for len in [
+            0usize,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            256,
+            4095,
+            65536,
+            16 << 20,
+            usize::MAX,
+        ] {
+            assert_eq!(chunk_head(len, &mut buf), format!("{len:x}\r\n").as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_rest_of_a_partial_send_is_the_parts_from_that_byte() {
+        let parts: [&[u8]; 3] = [b"5\r\n", b"hello", b"\r\n"];
+        assert_eq!(rest_of(&parts, 0), b"5\r\nhello\r\n");
+        assert_eq!(rest_of(&parts, 4), b"ello\r\n");
+        assert_eq!(rest_of(&parts, 9), b"\n");
+    }
+
+    #[test]
+    fn event_ends_are_counted_as_bytes_count_counts_them() {
+        assert_eq!(count_event_ends(b""), 0);
+        assert_eq!(count_event_ends(b"a\n\nb\n\n"), 2);
+        assert_eq!(count_event_ends(b"\n\n\n"), 1);
+        assert_eq!(count_event_ends(b"\n\n\n\n"), 2);
     }
 }
