@@ -41,10 +41,6 @@ LAG_SEVERE = 0.004
 LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
-SOCKET_FANOUT = True
-"""Pumps over the local segment write to their clients' sockets from Rust
-(``ringcast._core.SocketFanOut``, see :class:`Pump`); False: through the transports, as
-every other pump does (for tests that compare the two)."""
 MAX_TAKEOVERS = 3
 """How many times one relay or pump ends its stream in-band after finding its producer dead
 (each time, the process that took it over may itself have died before finishing: then the
@@ -185,7 +181,7 @@ class Pump:
         pump whose connections do not all get the same bytes, or over a remote reader."""
         self.fast: dict[int, Connection] = {}
         """The connections in :attr:`sockets`, by the id they are known there by."""
-        if isinstance(reader, Reader) and self.per_conn is None and SOCKET_FANOUT:
+        if isinstance(reader, Reader) and self.per_conn is None:
             self.sockets = SocketFanOut(reader)
         if isinstance(reader, Reader):
             # Started once the relay that made it has joined (as a task would start).
