@@ -278,11 +278,7 @@ class Pump:
         if self.fanout.coalescing.linger and (wait := self._linger()):
             self.timer = self.loop.call_later(wait, self._after_linger)
             return
-        sockets = self.sockets
-        if sockets is not None:
-            self._pass_sockets(sockets)
-        else:
-            self._pass()
+        self._pass()
 
     def on_error(self, exc: BaseException) -> None:
         """The hub found the producer dead (``SessionEnded("producer_died")``)."""
@@ -306,72 +302,65 @@ class Pump:
             self._pass()
 
     def _pass(self) -> None:
-        if self.sockets is not None:
-            self._pass_sockets(self.sockets)
-            return
+        """Passes what the session has now to the joined connections (through
+        :attr:`sockets` if there is one); a read that fails ends or detaches them all."""
+        try:
+            if self.sockets is not None:
+                self._pass_sockets(self.sockets)
+            else:
+                self._pass_reads()
+        except (OffsetLost, SessionEnded) as e:
+            if isinstance(e, OffsetLost):
+                self._stop(("solo", self.offset))  # each connection finds out for itself
+            elif self._end_dead(e.reason):
+                self._pass()
+            else:
+                self._stop(("ended", e.reason))
+        except BaseException:
+            self._stop(("solo", self.offset))
+            raise
+
+    def _pass_reads(self) -> None:
         read = self.read_now
         reader = self.reader
         assert isinstance(reader, Reader)
-        try:
-            while True:
-                data = read()
-                if data is None:
-                    return
-                if not data:
-                    self.finished()
-                    self._stop(("done", None))
-                    return
-                self._fan(data)
-                # Read again after a capped read (more is there) or at the end of a finished
-                # stream (its end is read as b""): neither will be signalled again. After a
-                # short read of a running stream, a later append signals anew.
-                if self.stopped or (
-                    len(data) < self.read_cap and not self.carry and not reader.at_end
-                ):
-                    return
-        except (OffsetLost, SessionEnded) as e:
-            self._read_failed(e)
-        except BaseException:
-            self._stop(("solo", self.offset))
-            raise
-
-    def _read_failed(self, e: OffsetLost | SessionEnded) -> None:
-        if isinstance(e, OffsetLost):
-            self._stop(("solo", self.offset))  # each connection finds out for itself
-        elif self._end_dead(e.reason):
-            self._pass()
-        else:
-            self._stop(("ended", e.reason))
+        while True:
+            data = read()
+            if data is None:
+                return
+            if not data:
+                self.finished()
+                self._stop(("done", None))
+                return
+            self._fan(data)
+            # Read again after a capped read (more is there) or at the end of a finished
+            # stream (its end is read as b""): neither will be signalled again. After a
+            # short read of a running stream, a later append signals anew.
+            if self.stopped or (len(data) < self.read_cap and not self.carry and not reader.at_end):
+                return
 
     def _pass_sockets(self, sockets: SocketFanOut) -> None:
-        """:meth:`_pass` with :attr:`sockets`: Rust reads and writes to the connections in
-        it; the others, if any, get the bytes through :meth:`deliver`."""
+        """:meth:`_pass_reads` with :attr:`sockets`: Rust reads and writes to the connections
+        in it; the others, if any, get the bytes through :meth:`deliver`."""
         fast = self.fast
-        try:
-            while True:
-                slow = len(self.subs) > len(fast)
-                got = sockets.pass_(RELAY_READ, slow)
-                if got is None:
-                    return
-                n, events, again, trouble, data = got
-                if not n:
-                    self.finished()
-                    self._stop(("done", None))
-                    return
-                self.offset += n
-                sent = n * len(fast)
-                if trouble:
-                    self._trouble(trouble)
-                if data is not None:
-                    sent += self.deliver(data)
-                self._passed(sent, events)
-                if not again or self.stopped:
-                    return
-        except (OffsetLost, SessionEnded) as e:
-            self._read_failed(e)
-        except BaseException:
-            self._stop(("solo", self.offset))
-            raise
+        while True:
+            got = sockets.pass_(RELAY_READ, len(self.subs) > len(fast))
+            if got is None:
+                return
+            n, events, again, trouble, data = got
+            if not n:
+                self.finished()
+                self._stop(("done", None))
+                return
+            self.offset += n
+            sent = n * len(fast)
+            if trouble:
+                self._trouble(trouble)
+            if data is not None:
+                sent += self.deliver(data)
+            self._passed(sent, events)
+            if not again or self.stopped:
+                return
 
     def _trouble(self, trouble: list[tuple[int, bytes | None]]) -> None:
         """The connections a pass could not wholly send to (out of :attr:`sockets` now): the
