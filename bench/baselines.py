@@ -414,7 +414,7 @@ async def _handle(
                 req.path == "/v1/stream" or req.path.startswith("/v1/stream/")
             ):
                 conv = _stream_id(req)
-                offset = parse_offset(req.query_params().get("from", ""), "'from'")
+                offset = parse_offset(req.query_params().get("from"), "'from'")
             else:
                 writer.write(_simple(404, "Not Found", "no such route", "not_found_error"))
                 return

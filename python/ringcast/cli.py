@@ -33,7 +33,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser for ``argv``: the subcommand it names (its first word) is registered by its
-    module, the others only by name and help."""
+    module, the others only by name and help. The subcommand's parser is its ``chosen``
+    attribute (None without one)."""
     parser = argparse.ArgumentParser(
         prog="ringcast",
         description="Resumable, fan-out token streaming for LLM serving.",
@@ -43,17 +44,25 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ringcast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser.set_defaults(chosen=None)
     for name, (module, help_) in SUBCOMMANDS.items():
         p = subparsers.add_parser(name, help=help_, formatter_class=HelpFormatter)
         if name == chosen:
             importlib.import_module(module).register(p)
+            parser.chosen = p  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_in)
-    args = parser.parse_args(args_in)
+    args, extra = parser.parse_known_args(args_in)
+    if extra:
+        # Said by the subcommand's parser (its usage, "ringcast serve: error: ..."), not the
+        # top level's.
+        (getattr(parser, "chosen", None) or parser).error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -86,6 +86,24 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--session-bytes", "10", cwd=tmp_path)
     assert out.returncode == 2  # every stream's reader got 410 at once
     assert "--session-bytes 10 is too small: a stream's ring must hold at least 4096" in out.stderr
+    for bad in ("99999", "-5", "x"):
+        out = ringcast("serve", "--port", bad, cwd=tmp_path)
+        assert out.returncode == 2, bad
+        assert "ringcast serve: error: argument --port:" in out.stderr, out.stderr
+        assert "give a whole number from 0 to 65535" in out.stderr
+        assert "Traceback" not in out.stderr
+    out = ringcast("serve", "--port", "0", "--max-id-len", "10", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "argument --max-id-len: '10' is not a conversation id length" in out.stderr
+    out = ringcast("serve", "--port", "0", "--bogus", cwd=tmp_path)
+    assert out.returncode == 2
+    # The subcommand's usage and name, not the top level's.
+    assert "usage: ringcast serve" in out.stderr
+    assert "ringcast serve: error: unrecognized arguments: --bogus" in out.stderr
+    out = ringcast("serve", "--port", "0", "--host", "nosuchhost.invalid", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "cannot listen on --host nosuchhost.invalid" in out.stderr
+    assert "--port" not in out.stderr  # the host is the problem, not the port
     for bad in ("0", "-1", "nan", "inf"):
         out = ringcast("serve", "--port", "0", "--write-timeout", bad, cwd=tmp_path)
         assert out.returncode == 2, bad

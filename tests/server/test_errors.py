@@ -199,8 +199,28 @@ def test_bad_routes_and_methods(srv: Any) -> None:
     status, _, body = srv.request("GET", "/v1/chat/completions")
     assert status == 405
     error(405, body)
-    status, _, body = srv.request("PUT", "/v1/stream?conv_id=known")
+    status, headers, body = srv.request("PUT", "/v1/stream?conv_id=known")
     assert status == 405
+    assert headers.get("allow") == "GET, DELETE"  # RFC 9110: a 405 lists what is allowed
+    assert "use GET or DELETE" in error(405, body)["message"]
+    status, headers, _ = srv.request("GET", "/v1/chat/completions")
+    assert headers.get("allow") == "POST"
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("conv_id=known&from=-1", "expected a non-negative decimal byte offset"),
+        ("conv_id=known&from=1e3", "expected a non-negative decimal byte offset"),
+        ("conv_id=known&from=18446744073709551616", "larger than any stream can be"),
+        ("conv_id=known&from=10&from=70000", "'from' given more than once"),
+        ("conv_id=known&conv_id=other", "'conv_id' given more than once"),
+    ],
+)
+def test_a_bad_or_ambiguous_offset_or_id_is_400(srv: Any, query: str, says: str) -> None:
+    status, _, body = srv.request("GET", f"/v1/stream?{query}")
+    assert status == 400, query
+    assert says in error(400, body)["message"], query
 
 
 def test_lookup_inputs(srv: Any) -> None:

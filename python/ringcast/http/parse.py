@@ -17,7 +17,7 @@ connection must close after it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -86,6 +86,7 @@ class HttpError(Exception):
         type_: str | None = None,
         close: bool = False,
         first_available: int | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -93,6 +94,8 @@ class HttpError(Exception):
         self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error")
         self.close = close
         self.first_available = first_available
+        self.headers = headers
+        """Header fields the answer carries besides the usual ones (a 405's ``Allow``)."""
 
 
 class Request:
@@ -138,8 +141,10 @@ class Request:
         else:
             self.keep_alive = "keep-alive" in conn
 
-    def query_params(self) -> dict[str, str]:
-        """First value of each parameter, percent- and plus-decoded; 400 on bad UTF-8."""
+    def query_params(self, once: Collection[str] = ()) -> dict[str, str]:
+        """First value of each parameter, percent- and plus-decoded; 400 on bad UTF-8, and
+        if a parameter named in ``once`` is given more than once (which of two offsets or
+        ids was meant cannot be told)."""
         out: dict[str, str] = {}
         if not self.query:
             return out
@@ -152,6 +157,8 @@ class Request:
                 value = unquote_plus(value, errors="strict")
             except UnicodeDecodeError:
                 raise HttpError(400, "query string is not valid UTF-8") from None
+            if name in out and name in once:
+                raise HttpError(400, f"query parameter {name!r} given more than once")
             out.setdefault(name, value)
         return out
 
@@ -610,11 +617,19 @@ class RequestBody:
         return held[0] if len(held) == 1 else b"".join(held)
 
 
-def parse_offset(value: str, what: str) -> int:
-    """A byte offset from a query parameter or header (``""`` is 0); 400 if malformed."""
-    if value == "":
+def parse_offset(value: str | None, what: str) -> int:
+    """A byte offset from a query parameter or header (``None`` or ``""``: not given, 0, as
+    llama-server reads an absent or empty ``from``); 400 if malformed or too large for any
+    stream."""
+    if not value:
         return 0
     if not _DECIMAL.fullmatch(value):
+        if value.isdigit() and value.isascii():
+            raise HttpError(
+                400,
+                f"invalid {what} {value[:32]!r}: larger than any stream can be (at most 19 "
+                "decimal digits)",
+            )
         raise HttpError(
             400, f"invalid {what} {value[:32]!r}: expected a non-negative decimal byte offset"
         )

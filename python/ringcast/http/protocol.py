@@ -311,12 +311,12 @@ class Connection(asyncio.Protocol):
             # unread bytes makes the kernel answer with a reset, which can reach the client
             # before it reads the 413 (it then sees "connection reset"); so answer, discard
             # what still arrives for a moment, then close (a lingering close).
-            self.send(e.status, error_json(e.status, e.message, e.type))
+            self.send(e.status, error_json(e.status, e.message, e.type), headers=e.headers)
             self.discarding = True
             self.buf.clear()
             asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
             return
-        self.send(e.status, error_json(e.status, e.message, e.type), close=True)
+        self.send(e.status, error_json(e.status, e.message, e.type), headers=e.headers, close=True)
 
     async def _run(self, req: Request) -> None:
         self.keep_alive = req.keep_alive
@@ -332,7 +332,11 @@ class Connection(asyncio.Protocol):
             if e.close or (self.body_stream is not None and not self.body_stream.complete):
                 # (A streamed body left unread would be parsed as the next request.)
                 self.keep_alive = False
-            self.send(e.status, error_json(e.status, e.message, e.type, e.first_available))
+            self.send(
+                e.status,
+                error_json(e.status, e.message, e.type, e.first_available),
+                headers=e.headers,
+            )
         except asyncio.CancelledError:
             return
         except ConnectionError:

@@ -151,6 +151,33 @@ def http_procs_arg(text: str) -> int:
     return n
 
 
+def port_arg(text: str) -> int:
+    """argparse ``type`` of ``--port``: a TCP port, 0 to 65535 (0: pick a free one)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port: give a whole number from 0 to 65535 (0 = pick a free one)"
+        )
+    return n
+
+
+def id_len_arg(text: str) -> int:
+    """argparse ``type`` of ``--max-id-len``: bytes, 256 to 65536 (the segment's limits)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 256 <= n <= 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a conversation id length: give a whole number of bytes from 256 "
+            "to 65536"
+        )
+    return n
+
+
 def default_max_sessions(session_bytes: int) -> int:
     """The table size when ``--max-sessions`` is not given: ``DEFAULT_MAX_SESSIONS``, fewer
     for rings so large that the segment file would pass ``DEFAULT_SEGMENT_LIMIT``."""
@@ -328,7 +355,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default=_D.host, help="address to listen on (%(default)s)")
     net.add_argument(
         "--port",
-        type=int,
+        type=port_arg,
         default=_D.port,
         help="TCP port, shared by all HTTP processes, llama-server's default; 0 = pick a "
         "free one (%(default)s)",
@@ -530,9 +557,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     store.add_argument(
         "--max-id-len",
         metavar="BYTES",
-        type=int,
+        type=id_len_arg,
         default=_D.max_id_len,
-        help="longest conversation id in bytes (%(default)s)",
+        help="longest conversation id in bytes, 256 to 65536 (%(default)s)",
     )
     store.add_argument(
         "--ttl",

@@ -104,10 +104,14 @@ T = TypeVar("T")
 Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
+STREAM_PARAMS = ("conv_id", "from")
+"""The query parameters of the stream routes that may be given once only."""
+
+
 @dataclass(frozen=True)
 class Route:
     methods: dict[str, Handler]
-    """Handler per method; the first is named in a 405."""
+    """Handler per method; a 405 names them all (and its ``Allow`` header lists them)."""
     keyed: bool = True
     """Callers must authenticate (when keys are configured)."""
     passed_through: bool = False
@@ -206,8 +210,12 @@ class App:
             owner = self.owner(req)
         handler = route.methods.get(req.method)
         if handler is None:
-            expected = next(iter(route.methods))
-            raise HttpError(405, f"method {req.method} not allowed here; use {expected}")
+            allowed = ", ".join(route.methods)
+            raise HttpError(
+                405,
+                f"method {req.method} not allowed here; use {' or '.join(route.methods)}",
+                headers=[("Allow", allowed)],
+            )
         req.admitted = (handler, owner)
 
     async def handle(self, req: Request, conn: Connection) -> None:
@@ -327,7 +335,7 @@ class App:
             except UnicodeDecodeError:
                 raise HttpError(400, "conversation id is not valid UTF-8") from None
         else:
-            raw = req.query_params().get("conv_id", "")
+            raw = req.query_params(once=STREAM_PARAMS).get("conv_id", "")
         if not raw:
             raise HttpError(400, "missing conversation id: use ?conv_id=ID or /v1/stream/ID")
         return self.check_conv_id(raw)
@@ -567,7 +575,7 @@ class App:
             offset = parse_offset(last_id, what)
         else:
             what = "'from'"
-            offset = parse_offset(req.query_params().get("from", ""), what)
+            offset = parse_offset(req.query_params(once=STREAM_PARAMS).get("from"), what)
         try:
             reader = await self.store.open_reader(conv, offset, owner)
         except SessionNotFound:

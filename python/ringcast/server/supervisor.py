@@ -29,6 +29,7 @@ threads is a trap. They read their configuration from a 0600 JSON file in the ru
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -337,9 +338,21 @@ def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(message)s")
     try:
         reservation = _reserve_port(cfg.host, cfg.port)
-    except OSError as e:
+    except socket.gaierror as e:
         print(
-            f"ringcast serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}; pick another --port",
+            f"ringcast serve: cannot listen on --host {cfg.host}: {e.strerror}; give an address "
+            "of this machine (e.g. 127.0.0.1, 0.0.0.0, ::) or a name that resolves to one",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as e:
+        hint = (
+            "give an address of this machine as --host"
+            if e.errno == errno.EADDRNOTAVAIL
+            else "pick another --port"
+        )
+        print(
+            f"ringcast serve: cannot bind {cfg.host}:{cfg.port}: {e.strerror}; {hint}",
             file=sys.stderr,
         )
         return 2
