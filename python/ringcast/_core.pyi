@@ -368,11 +368,12 @@ class SocketFanOut:
     been empty when it was added."""
 
     def __new__(cls, reader: Reader) -> SocketFanOut: ...
-    def add(self, id: int, fd: int, chunked: bool) -> None:
+    def add(self, id: int, fd: int, chunked: bool, inode: int) -> None:
         """Adds a client known by ``id`` whose socket is ``fd`` (duplicated: the set holds its
-        own descriptor until ``remove``); ``chunked``: a pass goes to it as one chunk.
-        ``ValueError`` if ``id`` is in the set, ``OSError`` if ``fd`` is not a stream
-        socket."""
+        own descriptor until ``remove``) with inode ``inode`` (``os.fstat(fd).st_ino`` when
+        the connection was made: a number reused for another socket since is refused);
+        ``chunked``: a pass goes to it as one chunk. ``ValueError`` if ``id`` is in the set,
+        ``OSError`` if ``fd`` is not that open stream socket."""
     def remove(self, id: int) -> bool:
         """Removes a client (closing the set's descriptor); False if it was not there."""
     def clear(self) -> None:

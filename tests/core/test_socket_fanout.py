@@ -3,11 +3,16 @@ fan-out pump writes through it). Real sockets (socket pairs), a real segment."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 import ringcast
 from ringcast._core import SocketFanOut
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
 
 
 def _drain(sock: socket.socket) -> bytes:
@@ -44,8 +49,8 @@ def test_a_pass_goes_to_every_client_chunked_or_not_and_the_end_is_told(
     fan = SocketFanOut(seg.reader("c", 0, counted=False))
     assert fan.pass_(1 << 16) is None  # nothing yet
     (a1, b1), (a2, b2) = pairs(), pairs()
-    fan.add(1, a1.fileno(), True)
-    fan.add(2, a2.fileno(), False)
+    fan.add(1, a1.fileno(), True, _inode(a1))
+    fan.add(2, a2.fileno(), False, _inode(a2))
     assert len(fan) == 2
     assert w.write(b"data: one\n\n") and w.write(b"data: two\n\n")
     got = fan.pass_(1 << 16)
@@ -65,7 +70,7 @@ def test_a_capped_pass_ends_at_an_event_end_and_carries_the_rest(
     w = seg.create_or_replace("c")
     fan = SocketFanOut(seg.reader("c", 0, counted=False))
     a, b = pairs()
-    fan.add(7, a.fileno(), False)
+    fan.add(7, a.fileno(), False, _inode(a))
     events = [b"data: %d\n\n" % i for i in range(10)]  # 9 or 10 bytes each
     for e in events:
         assert w.write(e)
@@ -85,9 +90,9 @@ def test_a_full_socket_hands_back_the_rest_and_a_closed_one_fails(
     fan = SocketFanOut(seg.reader("c", 0, counted=False))
     (a1, b1), (a2, b2), (a3, b3) = pairs(), pairs(), pairs()
     a1.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    fan.add(1, a1.fileno(), False)  # its reader reads nothing: it fills
-    fan.add(2, a2.fileno(), False)
-    fan.add(3, a3.fileno(), False)
+    fan.add(1, a1.fileno(), False, _inode(a1))  # its reader reads nothing: it fills
+    fan.add(2, a2.fileno(), False, _inode(a2))
+    fan.add(3, a3.fileno(), False, _inode(a3))
     b3.close()  # its peer is gone
     big = b"data: " + b"x" * 40_000 + b"\n\n"
     assert w.write(big)
@@ -114,26 +119,29 @@ def test_clients_are_checked_and_held_by_a_descriptor_of_the_sets_own(
     w = seg.create_or_replace("c")
     fan = SocketFanOut(seg.reader("c", 0, counted=False))
     a, b = pairs()
-    fan.add(1, a.fileno(), False)
+    fan.add(1, a.fileno(), False, _inode(a))
+    c, d = pairs()
+    with pytest.raises(OSError, match="is another socket now"):
+        fan.add(5, c.fileno(), False, _inode(d))  # the number's socket is not the one meant
     with pytest.raises(ValueError, match="already"):
-        fan.add(1, a.fileno(), False)
+        fan.add(1, a.fileno(), False, _inode(a))
     with open(tmp_path / "f", "w") as f, pytest.raises(OSError, match="not a stream socket"):
-        fan.add(2, f.fileno(), False)
+        fan.add(2, f.fileno(), False, _inode(f))
     with pytest.raises(OSError):
-        fan.add(3, -1, False)
+        fan.add(3, -1, False, 0)
     dgram_a, dgram_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with dgram_a, dgram_b, pytest.raises(OSError, match="not a stream socket"):
-        fan.add(4, dgram_a.fileno(), False)
+        fan.add(4, dgram_a.fileno(), False, _inode(dgram_a))
     # The caller's descriptor closed (as a transport closes its socket) and its number taken
     # by another socket: the set keeps writing to the socket it was given, never to that one.
     number = a.fileno()
     a.close()
-    c, d = pairs()
-    reused = c if c.fileno() == number else d if d.fileno() == number else None
+    e, f2 = pairs()
+    reused = e if e.fileno() == number else f2 if f2.fileno() == number else None
     assert w.write(b"data: x\n\n")
     assert fan.pass_(1 << 16) == (9, 1, False, [], None)
     assert _drain(b) == b"data: x\n\n"
-    assert _drain(c) == b"" and _drain(d) == b""
+    assert _drain(e) == b"" and _drain(f2) == b""
     assert reused is not None  # (the kernel gives the lowest free number: the check above bit)
     assert fan.remove(1) and not fan.remove(1)
     assert len(fan) == 0

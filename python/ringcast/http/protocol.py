@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -123,6 +124,9 @@ class Connection(asyncio.Protocol):
         self.fd = -1
         """The socket's descriptor (-1: none known), for writes that bypass the transport
         while its write buffer is empty (``ringcast.server.fanout.Pump``)."""
+        self.fd_inode = 0
+        """The socket's inode, taken with :attr:`fd`: that number may be another socket's
+        once the transport has closed it."""
 
     @property
     def write_paused(self) -> bool:
@@ -142,7 +146,9 @@ class Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with contextlib.suppress(OSError, AttributeError):
-                self.fd = sock.fileno()
+                fd = sock.fileno()
+                self.fd_inode = os.fstat(fd).st_ino
+                self.fd = fd
         self.app.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""

@@ -202,10 +202,13 @@ class Pump:
             and conn.fd >= 0
             and transport is not None
             and not conn.closed
+            # Closing (a reset read or written: uvloop has closed the descriptor already, and
+            # reports the buffer empty), the number may be another connection's by now.
+            and not transport.is_closing()
             and transport.get_write_buffer_size() == 0
         ):
             try:
-                sockets.add(id(conn), conn.fd, conn.chunked)
+                sockets.add(id(conn), conn.fd, conn.chunked, conn.fd_inode)
             except OSError:
                 pass  # not a socket of ours to write to: its transport gets the passes
             else:
@@ -353,28 +356,33 @@ class Pump:
                 self._stop(("done", None))
                 return
             self.offset += n
-            sent = n * len(fast)
-            if trouble:
-                self._trouble(trouble)
+            # The sockets that took the pass, and those whose rest their transport took (a
+            # failed one got nothing).
+            taken = self._trouble(trouble) if trouble else 0
+            sent = n * (len(fast) + taken)
             if data is not None:
                 sent += self.deliver(data)
             self._passed(sent, events)
             if not again or self.stopped:
                 return
 
-    def _trouble(self, trouble: list[tuple[int, bytes | None]]) -> None:
+    def _trouble(self, trouble: list[tuple[int, bytes | None]]) -> int:
         """The connections a pass could not wholly send to (out of :attr:`sockets` now): the
-        rest of the pass through the transport, then detached at the pump's offset."""
+        rest of the pass through the transport, then detached at the pump's offset. How many
+        took their rest."""
+        taken = 0
         for key, rest in trouble:
             conn = self.fast.pop(key, None)
             if conn is None:
                 continue
             if rest is not None and conn.transport is not None and not conn.closed:
                 conn.transport.write(rest)
+                taken += 1
             fut = self.subs.get(conn)
             if fut is not None and not fut.done():
                 fut.set_result(("solo", self.offset))
                 self.fanout.counters.inc(HttpCounter.DETACHED)
+        return taken
 
     def read_now(self) -> bytes | None:
         """The bytes at the live edge now (``b""``: the stream finished; None: none yet),

@@ -16,6 +16,7 @@
 //! loop closes meanwhile cannot have its descriptor number reused under us for another one.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -180,10 +181,12 @@ impl SocketFanOut {
     }
 
     /// Adds a client, known by ``id``, whose connection's socket is ``fd`` (duplicated: the
-    /// set holds its own descriptor until ``remove``); ``chunked``: its body is chunked, so a
-    /// pass is sent to it as one chunk. Raises ``ValueError`` if ``id`` is in the set already
-    /// and ``OSError`` if ``fd`` is not an open stream socket.
-    fn add(&mut self, id: u64, fd: RawFd, chunked: bool) -> PyResult<()> {
+    /// set holds its own descriptor until ``remove``) and has inode ``inode`` (``os.fstat``,
+    /// taken when the connection was made: a descriptor the event loop closed and the
+    /// kernel gave to another socket since is refused, never written to); ``chunked``: its
+    /// body is chunked, so a pass is sent to it as one chunk. Raises ``ValueError`` if ``id``
+    /// is in the set already and ``OSError`` if ``fd`` is not that open stream socket.
+    fn add(&mut self, id: u64, fd: RawFd, chunked: bool, inode: u64) -> PyResult<()> {
         if self.clients.iter().any(|c| c.id == id) {
             return Err(PyValueError::new_err(format!(
                 "client {id} is in the set already"
@@ -199,6 +202,12 @@ impl SocketFanOut {
         if !is_stream_socket(&own) {
             return Err(PyOSError::new_err(format!(
                 "descriptor {fd} is not a stream socket"
+            )));
+        }
+        let found = std::fs::File::from(own.try_clone()?).metadata()?.ino();
+        if found != inode {
+            return Err(PyOSError::new_err(format!(
+                "descriptor {fd} is another socket now (inode {found}, not {inode})"
             )));
         }
         self.clients.push(Client {
@@ -265,12 +274,31 @@ impl SocketFanOut {
                 return Err(e);
             }
         };
-        let read = match got {
+        let mut read = match got {
             core::Poll::Data(n) => n,
             core::Poll::End | core::Poll::Pending if carried > 0 => 0,
             core::Poll::End => return Ok(Some((0, 0, false, Vec::new(), None))),
             core::Poll::Pending => return Ok(None),
         };
+        // An append may have landed between `available` and the read: a pass sized for
+        // nothing then read one byte of it. Top the pass up to what is there now, so that it
+        // ends where an append ended (never inside an event: a client detached after this
+        // pass may be sent an end event of its relay's own). An error now is left to the
+        // next pass: these bytes are read already.
+        if read > 0 {
+            loop {
+                let more = r.available().min(max_bytes - read as u64) as usize;
+                if more == 0 {
+                    break;
+                }
+                let at = carried + read;
+                self.buf.resize(at + more, 0);
+                match r.poll_into(&mut self.buf[at..]) {
+                    Ok(core::Poll::Data(n)) if n > 0 => read += n,
+                    _ => break,
+                }
+            }
+        }
         let at_end = r.at_end();
         drop(reader);
         self.buf.truncate(carried + read);
