@@ -752,10 +752,12 @@ class DurableStreams:
         try:
             while True:
                 data, up_to_date, closed = await self.available(reader, known, acked)
-                if data:
-                    conn.write_body(self.sse_data(t, data, binary))
                 if data or closed or not sent_control:
-                    conn.write_body(self.sse_control(reader.offset, cursor, up_to_date, closed))
+                    # A data event and its control event in one write, as the pump writes
+                    # them: a client that reads until the control event gets both at once.
+                    events = self.sse_data(t, data, binary) if data else b""
+                    control = self.sse_control(reader.offset, cursor, up_to_date, closed)
+                    conn.write_body(events + control)
                     sent_control = True
                 if closed:
                     break
@@ -791,8 +793,10 @@ class DurableStreams:
                     break
                 if more:
                     rest, up_to_date, closed = await self.available(reader, known, acked)
-                    conn.write_body(self.sse_data(t, more + rest, binary))
-                    conn.write_body(self.sse_control(reader.offset, cursor, up_to_date, closed))
+                    conn.write_body(
+                        self.sse_data(t, more + rest, binary)
+                        + self.sse_control(reader.offset, cursor, up_to_date, closed)
+                    )
                     if closed:
                         break
                 else:
@@ -814,8 +818,10 @@ class DurableStreams:
     ) -> None:
         """A conversation that was cancelled, replaced or evicted: its terminal event."""
         code, message = END_EVENTS.get(reason, (410, f"stream ended: {reason}"))
-        conn.write_body(self.sse_data(t, error_event(code, message, reason), False))
-        conn.write_body(self.sse_control(offset, cursor, True, True))
+        conn.write_body(
+            self.sse_data(t, error_event(code, message, reason), False)
+            + self.sse_control(offset, cursor, True, True)
+        )
 
     def sse_data(self, t: Target, data: bytes, binary: bool) -> bytes:
         if binary:
