@@ -116,14 +116,16 @@ def test_flame_summary_puts_each_stack_in_its_step(bench_module: Any, tmp_path: 
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="needs py-spy (pip install py-spy)")
 def test_profile_writes_a_flame_graph_of_each_http_process(tmp_path: Path) -> None:
     out = fanout(
-        "--grid", "--points", "4x1", "--rates", "50", "--duration", "1", "--prefill", "0.3",
+        # Enough events (20,000) that the 250 Hz sampler surely sees the jobs' frames: a
+        # handful of events cost the process a few ms, which it may sample only idle.
+        "--grid", "--points", "50x1", "--rates", "200", "--duration", "2", "--prefill", "0.3",
         "--client", "python", "--systems", "ringcast-1p", "--profile", str(tmp_path / "flame"),
         "--profiler", "py-spy",
         cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     names = sorted(p.name for p in (tmp_path / "flame").glob("*.folded"))
-    assert names == ["4x1-50tps-ringcast-1p-http0.pyspy.folded"]
+    assert names == ["50x1-200tps-ringcast-1p-http0.pyspy.folded"]
     http = (tmp_path / "flame" / names[0]).read_text()
     # It runs the jobs (--workers 0, the default): their frames are among its samples.
     assert any(f in http for f in ("run_job", "run_generator", "TurnBatch.flush", "Emitter.")), http
