@@ -135,47 +135,43 @@ def auto_http_procs(cores: int, workers: int) -> int:
     return max(1, min(AUTO_HTTP_PROCS_MAX, cores - max(workers, 1)))
 
 
+def _whole_number(text: str, low: int, high: int | None, refusal: str) -> int:
+    """``text`` as a whole number from ``low`` to ``high`` (None: no upper bound); else the
+    argparse error ``'<text>' is not <refusal>``."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {refusal}")
+    return n
+
+
 def http_procs_arg(text: str) -> int:
     """argparse ``type`` of ``--http-procs``: ``auto`` (0, resolved by
     :func:`config_from_args`) or a number of processes >= 1."""
     if text.strip().lower() == "auto":
         return 0
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of HTTP processes: give auto or a whole number >= 1"
-        )
-    return n
+    return _whole_number(
+        text, 1, None, "a number of HTTP processes: give auto or a whole number >= 1"
+    )
 
 
 def port_arg(text: str) -> int:
     """argparse ``type`` of ``--port``: a TCP port, 0 to 65535 (0: pick a free one)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a TCP port: give a whole number from 0 to 65535 (0 = pick a free one)"
-        )
-    return n
+    return _whole_number(
+        text, 0, 65535, "a TCP port: give a whole number from 0 to 65535 (0 = pick a free one)"
+    )
 
 
 def id_len_arg(text: str) -> int:
     """argparse ``type`` of ``--max-id-len``: bytes, 256 to 65536 (the segment's limits)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 256 <= n <= 65536:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a conversation id length: give a whole number of bytes from 256 "
-            "to 65536"
-        )
-    return n
+    return _whole_number(
+        text,
+        256,
+        65536,
+        "a conversation id length: give a whole number of bytes from 256 to 65536",
+    )
 
 
 def default_max_sessions(session_bytes: int) -> int:
