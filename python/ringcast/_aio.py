@@ -467,9 +467,8 @@ def poke(loop: asyncio.AbstractEventLoop, notifier: Notifier, slots: list[int]) 
     the slots the notifier is subscribed to and that moved since its last look count
     (``Notifier.scan_slots``), and that look is updated, so the next scan does not report
     them again."""
-    by_fd = _hubs.get(loop)
-    hub = by_fd.get(notifier.fileno()) if by_fd is not None else None
-    return 0 if hub is None else hub.poke(slots)
+    bound = poker(loop, notifier)
+    return 0 if bound is None else bound(slots)
 
 
 async def aread(reader: Reader, notifier: Notifier, max_bytes: int) -> bytes:

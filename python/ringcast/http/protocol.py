@@ -12,8 +12,8 @@ request bodies, and response framing.
 - responses: sized (:meth:`Connection.send`) or streamed (:meth:`Connection.start_stream`,
   :meth:`Connection.start_response`; chunked on HTTP/1.1, delimited by closing on HTTP/1.0).
   A fan-out writes one pre-framed chunk to many connections
-  (:meth:`Connection.write_framed`): framing once per pass is what keeps a thousand readers
-  cheap.
+  (``ringcast.server.fanout.Pump.deliver``, through each transport or from Rust): framing
+  once per pass is what keeps a thousand readers cheap.
 
 The class holds connection state only. What a request means is the application's business:
 an :class:`HttpApp` gets each parsed :class:`~ringcast.http.parse.Request` with this
@@ -452,15 +452,6 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.write(data)
         self.app.count_bytes_sent(len(data))
-
-    def write_framed(self, framed: bytes, data: bytes) -> int:
-        """Like :meth:`write_body` for a fan-out pass: ``framed`` is ``data`` already in its
-        chunk framing (:func:`frame_chunk`), shared by every connection. Returns the body
-        bytes sent (0 if closed); the caller counts them once for the pass."""
-        if self.transport is None or self.closed:
-            return 0
-        self.transport.write(framed if self.chunked else data)
-        return len(data)
 
     def end_stream(self) -> None:
         if self.chunked:

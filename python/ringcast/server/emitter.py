@@ -206,7 +206,7 @@ class Emitter:
 
     def token(self, piece: str) -> None:
         """One generated token: :meth:`text` and :meth:`count_token` in one step, the append
-        and the batch's bookkeeping inline (the per-token path of every job)."""
+        inline (the per-token path of every job)."""
         batch = self.batch
         frame = self._text_frame
         if batch is None or frame is None or not self.started:
@@ -218,11 +218,7 @@ class Emitter:
             raise Gone
         self.tokens += 1
         batch.tokens += 1
-        if batch.own_loop:
-            batch.written[writer] = None
-        if not batch.scheduled:
-            batch.scheduled = True
-            batch.loop.call_soon(batch.flush)
+        batch.note(writer)
 
     def finish(self, reason: str, prompt_tokens: int) -> None:
         self.start()

@@ -181,9 +181,9 @@ class Pump:
         pump whose connections do not all get the same bytes, or over a remote reader."""
         self.fast: dict[int, Connection] = {}
         """The connections in :attr:`sockets`, by the id they are known there by."""
-        if isinstance(reader, Reader) and self.per_conn is None:
-            self.sockets = SocketFanOut(reader)
         if isinstance(reader, Reader):
+            if self.per_conn is None:
+                self.sockets = SocketFanOut(reader)
             # Started once the relay that made it has joined (as a task would start).
             self.loop.call_soon(self._start)
         else:
@@ -243,14 +243,15 @@ class Pump:
 
     def _fan(self, data: bytes) -> None:
         """One pass: ``data`` to every joined connection, counted, and the stream's event
-        spacing updated. (The per-event path of every stream: kept to few steps, with
-        :meth:`FanOut.count_sent` inline.)"""
+        spacing updated. (The per-event path of every stream: kept to few steps.)"""
         self.offset += len(data)
         self._passed(self.deliver(data), data.count(b"\n\n"))
 
     def _passed(self, sent: int, events: int) -> None:
-        """A pass wrote ``sent`` body bytes in all, ``events`` events: counted (as
-        :meth:`FanOut.count_sent` does, inline), and the stream's event spacing updated."""
+        """A pass wrote ``sent`` body bytes in all, ``events`` events: counted, and the
+        stream's event spacing updated. The shared bytes-sent counter (a ``struct`` write into
+        the counters file, most of a microsecond) is stored once per ``SENT_FLUSH_S``
+        (:meth:`FanOut.flush_sent`), not once per event."""
         if sent:
             fanout = self.fanout
             if not fanout.unsent:
@@ -482,7 +483,7 @@ class Pump:
                 continue  # let go, or written to from Rust
             if per_conn is not None:
                 framed, raw = per_conn(conn, data)
-            # Connection.write_framed, inline.
+            # The chunk, or the bare bytes to an HTTP/1.0 client (a body ended by closing).
             transport = conn.transport
             if transport is not None and not conn.closed:
                 transport.write(framed if conn.chunked else raw)
@@ -595,15 +596,8 @@ class FanOut:
         self.pumps: dict[tuple[int, int], Pump] = {}
         self.event_pumps: dict[tuple[int, int], Pump] = {}
         self.unsent = 0
-        """Bytes the pumps wrote that the shared counter does not show yet."""
-
-    def count_sent(self, n: int) -> None:
-        """Counts ``n`` bytes a pump wrote. The shared counter (a ``struct`` write into the
-        counters file, most of a microsecond) is updated once per ``SENT_FLUSH_S``, not once
-        per event."""
-        if not self.unsent:
-            asyncio.get_running_loop().call_later(SENT_FLUSH_S, self.flush_sent)
-        self.unsent += n
+        """Bytes the pumps wrote that the shared counter does not show yet (added by
+        :meth:`Pump._passed`, stored by :meth:`flush_sent`)."""
 
     def flush_sent(self) -> None:
         if self.unsent:
