@@ -441,3 +441,12 @@ class Notifier:
         """Whether this process still holds the process-table row its notifier started on;
         False if another process claimed it as if this one had died (producers then signal
         that process, and only ``arm()`` + ``drain()`` rescans see this one's sessions)."""
+
+def steer_accepts(fd: int, among: int) -> None:
+    """Steers the new connections of the port that the listening socket ``fd`` shares with
+    ``SO_REUSEPORT`` (a classic BPF program on its group, ``SO_ATTACH_REUSEPORT_CBPF``):
+    ``among`` = 0 spreads them over every listening socket of the port (the kernel's hash),
+    1 gives them all to the first socket that listened, n to one of the first n at random.
+    It applies to the whole group, whichever of its sockets sets it; a later call replaces
+    it. Connections already accepted or queued are not moved. ``OSError`` if the kernel
+    refuses (not a listening ``SO_REUSEPORT`` socket; a kernel before 4.5)."""

@@ -256,8 +256,8 @@ def test_http_procs_auto_is_one_per_core_left_by_the_workers() -> None:
     from ringcast.server.config import AUTO_HTTP_PROCS_MAX, auto_http_procs
 
     cases = {
-        (1, 1): 1, (2, 1): 1, (2, 2): 1, (4, 1): 3, (8, 2): 6, (16, 1): 15,
-        (1, 0): 1, (2, 0): 1, (8, 0): 7,  # no workers: a core is left all the same
+        (1, 1): 1, (2, 1): 1, (2, 2): 1, (4, 1): 3, (8, 2): 6, (16, 1): 15, (2, 3): 1,
+        (1, 0): 1, (2, 0): 2, (8, 0): 8,  # no workers: every core (--spread adaptive)
     }  # fmt: skip
     for (cores, workers), want in cases.items():
         assert auto_http_procs(cores, workers) == want, (cores, workers)

@@ -118,21 +118,17 @@ def usable_cores() -> int:
 
 
 def auto_http_procs(cores: int, workers: int) -> int:
-    """``--http-procs auto``: one HTTP process per core the workers leave, and with no
-    workers one per core but one, at least one and at most ``AUTO_HTTP_PROCS_MAX``.
+    """``--http-procs auto``: one HTTP process per core the workers leave (every core with
+    ``--workers 0``), at least one and at most ``AUTO_HTTP_PROCS_MAX``.
 
     Every process of ``ringcast serve`` is busy in proportion to the events it moves (the
     workers to every event produced, the HTTP processes to every event produced there and
-    delivered), so one process per core is the most that can run at once. More HTTP
-    processes than that compete for the cores the workers need, and each costs per-event
-    work of its own (a wake and a pump per session it has readers of): on 2 cores with one
-    worker, the second HTTP process raised CPU per event and p99 at every point of
-    ``bench/http_fanout.py --grid``. With the jobs in the HTTP processes (``--workers 0``)
-    the core a worker took is left to the kernel's network stack, the manager and the
-    clients' side of loopback: on 2 cores, two HTTP processes cost ~1.5x the CPU per event
-    of one (``bench/RESULTS.md``). On a large machine this is one per core less one per
-    worker (or one)."""
-    return max(1, min(AUTO_HTTP_PROCS_MAX, cores - max(workers, 1)))
+    delivered), so one process per core is the most that can run at once. With ``auto``,
+    new connections go to as few of them as keep up (``--spread adaptive``,
+    :mod:`ringcast.server.steering`): one while it does, so a small load costs what one
+    process costs, and more once the manager measures them saturated, so a large one gets
+    every core. On a large machine this is one per core less one per worker."""
+    return max(1, min(AUTO_HTTP_PROCS_MAX, cores - workers))
 
 
 def _whole_number(text: str, low: int, high: int | None, refusal: str) -> int:
@@ -201,6 +197,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     http_procs: int = 0  # 0: auto (auto_http_procs), resolved by config_from_args
+    spread: str = "all"  # or "adaptive" (ringcast.server.steering); see config_from_args
     workers: int = 0  # 0: each HTTP process runs the jobs it takes (job_rows)
     segment: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS  # from the command line: default_max_sessions()
@@ -363,11 +360,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.http_procs,
         metavar="N|auto",
         help="HTTP processes sharing the port via SO_REUSEPORT. auto: one per CPU core "
-        "left after the --workers, or after one core with --workers 0 (cores this process "
-        "may use, by its affinity mask and cgroup quota), at least 1, at most "
+        "left after the --workers (cores this process may use, by its affinity mask and "
+        "cgroup quota), at least 1, at most "
         f"{AUTO_HTTP_PROCS_MAX}; here "
         f"{cores} cores, so auto is {auto_http_procs(cores, _D.workers)} with "
         f"--workers {_D.workers} (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
+    )
+    net.add_argument(
+        "--spread",
+        choices=("adaptive", "all"),
+        default=None,
+        help="how new connections are spread over the HTTP processes. adaptive: to as few "
+        "as keep up, one while it does, more while the manager measures them busy (their "
+        "CPU), back to fewer after 5 s of less load, so a light load costs what one process "
+        "costs; all: over every process, as the kernel hashes them (docs/SERVER.md, 'How "
+        "many HTTP processes') (default: adaptive with --http-procs auto, all with a number)",
     )
     net.add_argument(
         "--max-body",
@@ -730,6 +737,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         **{name: getattr(args, name) for name in _SAME_NAME},
         http_procs=args.http_procs or auto_http_procs(usable_cores(), args.workers),
+        spread=args.spread or ("all" if args.http_procs else "adaptive"),
         max_sessions=args.max_sessions or default_max_sessions(args.session_bytes),
         mirror_procs=args.mirror_procs or default_mirror_procs(usable_cores()),
         segment=args.segment or "",

@@ -54,6 +54,9 @@ class ManagerCounter(enum.IntEnum):
     RESTARTS_HTTP = 4
     RESTARTS_WORKER = 5
     RESTARTS_MIRROR = 6
+    SPREAD_AMONG = 7
+    """How many HTTP processes new connections go to (0: all; ``--spread``,
+    :mod:`ringcast.server.steering`), set by the manager, applied by the HTTP processes."""
 
 
 class MirrorCounter(enum.IntEnum):

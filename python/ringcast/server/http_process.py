@@ -6,6 +6,7 @@ serves :class:`~ringcast.server.routes.App` through :class:`~ringcast.http.proto
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -17,10 +18,11 @@ from ringcast.server import rundir
 from ringcast.server.child import child_main
 from ringcast.server.cluster.store import open_cluster_store
 from ringcast.server.config import ServeConfig
-from ringcast.server.counters import HttpCounter, open_child_counters
+from ringcast.server.counters import HttpCounter, SharedCounters, open_child_counters
 from ringcast.server.jobs import Jobs, load_source
 from ringcast.server.routes import App
 from ringcast.server.segment_store import open_store
+from ringcast.server.steering import apply_spread
 from ringcast.server.store import StreamStore
 
 log = logging.getLogger("ringcast.server")
@@ -41,6 +43,20 @@ def _bound_socket(cfg: ServeConfig) -> socket.socket:
     sock.bind((cfg.host, cfg.port))
     sock.setblocking(False)
     return sock
+
+
+def _steer(fd: int, counters: SharedCounters) -> None:
+    """``--spread adaptive``: this port's new connections to as many processes as the
+    manager says (:mod:`ringcast.server.steering`); a kernel that refuses is reported, and
+    then the kernel spreads them over all (as ``--spread all``)."""
+    try:
+        apply_spread(fd, counters)
+    except OSError as e:
+        log.warning(
+            "HTTP processes: cannot steer new connections (%s); the kernel spreads them over "
+            "all (as --spread all)",
+            e,
+        )
 
 
 async def serve_http(cfg: ServeConfig, index: int) -> None:
@@ -71,6 +87,10 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if cfg.spread == "adaptive" and cfg.http_procs > 1:
+        steer = functools.partial(_steer, server.sockets[0].fileno(), counters)
+        steer()
+        loop.add_signal_handler(signal.SIGUSR1, steer)  # before the manager may send it
     Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
     log.debug("HTTP process %d listening", index)
     await stop.wait()

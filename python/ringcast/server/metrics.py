@@ -155,6 +155,14 @@ class SharedCountersCollector(Collector):
             ],
         )
         yield _family(
+            "gauge",
+            "http_processes_accepting",
+            "HTTP processes that new connections go to (--spread adaptive: as many as keep "
+            "up; --spread all: every one).",
+            [],
+            [([], mgr[ManagerCounter.SPREAD_AMONG] or cfg.http_procs)],
+        )
+        yield _family(
             "counter",
             "http_requests",
             "Requests per HTTP process.",

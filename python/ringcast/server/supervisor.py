@@ -55,6 +55,7 @@ from ringcast.server.counters import (
     loop_of,
 )
 from ringcast.server.durable_meta import DurableMeta, is_durable_owner, meta_path
+from ringcast.server.steering import Steering
 
 log = logging.getLogger("ringcast.manager")
 
@@ -99,6 +100,11 @@ class Manager:
         self.children += [Child("worker", i) for i in range(cfg.workers)]
         if cfg.clustered:
             self.children += [Child("mirror", i) for i in range(cfg.mirror_procs)]
+        self.steering = (
+            Steering(cfg.http_procs, counters)
+            if cfg.spread == "adaptive" and cfg.http_procs > 1
+            else None
+        )
         self.stopping = False
         self.refused = False
         """A child refused to start and said why (:data:`STARTUP_REFUSED`)."""
@@ -179,6 +185,14 @@ class Manager:
                 # them at once, not at the next sweep.
                 self.sweep()
 
+    def http_listening(self) -> dict[int, bool]:
+        """The pids of the running HTTP processes, each with whether it listens yet."""
+        return {
+            c.proc.pid: os.path.exists(rundir.ready_file(self.cfg.run_dir, c.role, c.index))
+            for c in self.children
+            if c.role == "http" and c.proc is not None and c.proc.poll() is None
+        }
+
     # -- collection
 
     def sweep(self) -> None:
@@ -200,6 +214,8 @@ class Manager:
             if now - last_gc >= 1.0:
                 last_gc = now
                 self.collect()
+            if self.steering is not None:
+                self.steering.tick(now, self.http_listening)
             time.sleep(0.05)
 
     def shutdown(self) -> None:
@@ -420,7 +436,8 @@ def serve(cfg: ServeConfig) -> int:
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
                 f"({_count(cfg.http_procs, 'HTTP process')}, "
-                f"{_count(cfg.workers, 'worker') if cfg.workers else 'jobs run in them'}, "
+                + ("new connections to as few as keep up, " if mgr.steering is not None else "")
+                + f"{_count(cfg.workers, 'worker') if cfg.workers else 'jobs run in them'}, "
                 f"{mgr.event_loops()} event loop, "
                 f"segment {cfg.segment}, {'re-attached' if existed else 'created'}"
                 + (

@@ -1,13 +1,15 @@
 //! PyO3 bindings for ringcast-core (`ringcast._core`): type and error translation only, one
 //! file per concept: `errors` (the exception tree and the one conversion of core errors),
-//! `segment` (`Segment`, `SessionInfo`, `SegmentStats`), `stream` (`Writer`, `Reader`) and
-//! `notifier` (`Notifier`). Nothing here imports a Python module: `Reader.aread` is written
-//! in Python (`ringcast._aio`) on top of `Reader.notifier()`.
+//! `segment` (`Segment`, `SessionInfo`, `SegmentStats`), `stream` (`Writer`, `Reader`),
+//! `notifier` (`Notifier`), `fanout` (`SocketFanOut`) and `steer` (`steer_accepts`). Nothing
+//! here imports a Python module: `Reader.aread` is written in Python (`ringcast._aio`) on top
+//! of `Reader.notifier()`.
 
 mod errors;
 mod fanout;
 mod notifier;
 mod segment;
+mod steer;
 mod stream;
 
 use pyo3::prelude::*;
@@ -27,5 +29,6 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<notifier::Notifier>()?;
     m.add_class::<segment::SessionInfo>()?;
     m.add_class::<segment::SegmentStats>()?;
+    m.add_function(wrap_pyfunction!(steer::steer_accepts, m)?)?;
     Ok(())
 }
