@@ -449,4 +449,5 @@ def steer_accepts(fd: int, among: int) -> None:
     1 gives them all to the first socket that listened, n to one of the first n at random.
     It applies to the whole group, whichever of its sockets sets it; a later call replaces
     it. Connections already accepted or queued are not moved. ``OSError`` if the kernel
-    refuses (not a listening ``SO_REUSEPORT`` socket; a kernel before 4.5)."""
+    refuses (not a socket, no ``SO_REUSEPORT``, a kernel before 4.5). A bound socket that
+    does not listen yet gets a group of its own, which the port's listeners do not share."""

@@ -90,6 +90,7 @@ def test_the_policy_doubles_when_busy_and_steps_down_after_a_calm_hold() -> None
     assert p.feed(1.7, 0.75) == 4
     assert p.feed(5.0, 1.0) == 8
     assert p.feed(50.0, 1.25) == 8  # never more than there are
+    assert p.feed(0.1, 1.3, behind=True) == 8
     # Under 0.5 a process for those that would be left, held DOWN_HOLD_S: one fewer.
     assert p.feed(3.0, 2.0) == 8
     assert p.feed(3.0, 2.0 + DOWN_HOLD_S) == 7
@@ -99,6 +100,13 @@ def test_the_policy_doubles_when_busy_and_steps_down_after_a_calm_hold() -> None
     assert p.feed(2.0, 4.0 + DOWN_HOLD_S) == 7
     assert p.feed(2.0, 4.0 + 2 * DOWN_HOLD_S - 0.1) == 7
     assert p.feed(2.0, 4.0 + 2 * DOWN_HOLD_S) == 6
+    # A process behind (its loop late, whatever its CPU) widens, and holds off narrowing.
+    q = SpreadPolicy(4)
+    assert q.feed(0.1, 0.0, behind=True) == 2
+    assert q.feed(0.1, 1.0) == 2
+    assert q.feed(0.1, 1.0 + DOWN_HOLD_S - 0.1, behind=True) == 4
+    assert q.feed(0.1, 10.0) == 4
+    assert q.feed(0.1, 10.0 + DOWN_HOLD_S) == 3
     one = SpreadPolicy(1)
     assert one.feed(10.0, 0.0) == 1
 
@@ -175,7 +183,7 @@ def test_adaptive_spread_widens_when_a_process_is_busy_and_narrows_after(
 ) -> None:
     (tmp_path / "burner.py").write_text(BURN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    with serve("--generator", "burner:burn", http_procs=None) as s:
+    with serve("--generator", "burner:burn", "--spread", "adaptive", http_procs=2) as s:
         assert s.metric("http_processes_accepting") == 1
         # 60 tokens of 50 ms: 3 s of one core in the process that takes the request.
         busy = s.post_chat("burn-1", max_tokens=60)
@@ -228,3 +236,67 @@ def test_a_bad_spread_is_refused_with_the_choices() -> None:
     )
     assert out.returncode == 2
     assert "invalid choice: 'some' (choose from 'adaptive', 'all')" in out.stderr, out.stderr
+
+
+def test_the_manager_widens_at_once_for_a_process_behind_and_tells_the_listening_ones(
+    tmp_path: Path,
+) -> None:
+    from ringcast.server.counters import HttpCounter, ManagerCounter, SharedCounters, http_row
+    from ringcast.server.steering import SAMPLE_S, Steering
+
+    counters = SharedCounters(str(tmp_path / "counters"), 1 + 4, create=True)
+    counters.bind_row(0)
+    http1 = SharedCounters(str(tmp_path / "counters"), 1 + 4)
+    http1.bind_row(http_row(1))
+    # A process that counts its SIGUSR1s and says so when asked.
+    listener = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_COUNTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        out = listener.stdout
+        assert out is not None and out.readline() == b"ready\n"
+        steering = Steering(4, counters, lag_signal=True)
+        assert counters.read(0, ManagerCounter.SPREAD_AMONG) == 1
+        pids = {listener.pid: True}
+        steering.tick(1.0, lambda: pids)  # the first sample: a new listener is told
+        assert steering.policy.among == 1
+        assert out.readline() == b"usr1\n"
+        http1.set(HttpCounter.COALESCE_US, 2000)  # process 1 lingers: behind
+        steering.tick(1.05, lambda: pids)  # not a sample tick: widened all the same
+        assert steering.policy.among == 2
+        assert counters.read(0, ManagerCounter.SPREAD_AMONG) == 2
+        assert out.readline() == b"usr1\n"
+        steering.tick(1.1, lambda: pids)  # not again within SAMPLE_S
+        assert steering.policy.among == 2
+        steering.tick(1.05 + SAMPLE_S, lambda: pids)
+        assert steering.policy.among == 4
+        assert counters.read(0, ManagerCounter.SPREAD_AMONG) == 0  # all: the kernel's hash
+        assert out.readline() == b"usr1\n"
+        steering.tick(1.05 + 2 * SAMPLE_S, lambda: pids)  # nothing changed: nobody told
+    finally:
+        rest, _ = listener.communicate(b"\n", timeout=30)
+    assert rest == b""  # no signal but those three
+
+
+def test_a_light_load_without_lag_stays_on_one_process(tmp_path: Path) -> None:
+    from ringcast.server.counters import SharedCounters
+    from ringcast.server.steering import SAMPLE_S, Steering
+
+    counters = SharedCounters(str(tmp_path / "counters"), 1 + 2, create=True)
+    counters.bind_row(0)
+    steering = Steering(2, counters, lag_signal=False)
+    idle = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        for i in range(4):  # an idle process: no load
+            steering.tick(1.0 + i * SAMPLE_S, lambda: {idle.pid: False})
+        assert steering.policy.among == 1
+    finally:
+        idle.communicate(b"\n", timeout=30)
+
+
+SIGNAL_COUNTER = """
+import os, signal, sys
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, b"usr1\\n"))
+print("ready", flush=True)
+sys.stdin.readline()
+"""

@@ -372,9 +372,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how new connections are spread over the HTTP processes. adaptive: to as few "
         "as keep up, one while it does, more while the manager measures them busy (their "
-        "CPU), back to fewer after 5 s of less load, so a light load costs what one process "
-        "costs; all: over every process, as the kernel hashes them (docs/SERVER.md, 'How "
-        "many HTTP processes') (default: adaptive with --http-procs auto, all with a number)",
+        "CPU, a loop running late), back to fewer after 5 s of less load, so a light load "
+        "costs what one process costs; all: over every process, as the kernel hashes them "
+        "(docs/SERVER.md, 'Which of them take new connections') (default: adaptive with "
+        "--http-procs auto, all with a number)",
     )
     net.add_argument(
         "--max-body",

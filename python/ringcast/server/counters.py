@@ -24,8 +24,9 @@ class HttpCounter(enum.IntEnum):
     STREAMS_STARTED = 3
     RESUMES = 4
     OFFSETS_LOST = 5
-    # 6 is free: it counted readers ended for falling behind, which OFFSETS_LOST counts too,
-    # and was never exposed.
+    STEER_REFUSED = 6
+    """1 if the kernel refused this process's ``--spread adaptive`` program (a gauge, set at
+    start; until 2026-12 this word counted readers ended for falling behind, never shown)."""
     BYTES_SENT = 7
     READERS_ACTIVE = 8
     EVICTIONS_LRU = 9
@@ -126,6 +127,10 @@ class SharedCounters:
     def set(self, idx: int, v: int) -> None:
         self._vals[idx] = v
         struct.pack_into("<Q", self._mm, (self._row * ROW_WORDS + idx) * 8, v)
+
+    def own(self, idx: int) -> int:
+        """One counter of this process's row, as it last stored it."""
+        return self._vals[idx]
 
     def read_row(self, row: int) -> tuple[int, ...]:
         return struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, row * ROW_WORDS * 8)

@@ -47,21 +47,24 @@ def _bound_socket(cfg: ServeConfig) -> socket.socket:
 
 def _steer(fd: int, counters: SharedCounters) -> None:
     """``--spread adaptive``: this port's new connections to as many processes as the
-    manager says (:mod:`ringcast.server.steering`); a kernel that refuses is reported, and
-    then the kernel spreads them over all (as ``--spread all``)."""
+    manager says (:mod:`ringcast.server.steering`). A kernel that refuses is reported once,
+    and shown in ``/metrics`` (the kernel then spreads them over all, as ``--spread all``)."""
     try:
         apply_spread(fd, counters)
     except OSError as e:
-        log.warning(
-            "HTTP processes: cannot steer new connections (%s); the kernel spreads them over "
-            "all (as --spread all)",
-            e,
-        )
+        if not counters.own(HttpCounter.STEER_REFUSED):
+            counters.set(HttpCounter.STEER_REFUSED, 1)
+            log.warning(
+                "HTTP process: the kernel refused to steer new connections (%s); it spreads "
+                "them over every HTTP process (as --spread all)",
+                e,
+            )
 
 
 async def serve_http(cfg: ServeConfig, index: int) -> None:
     counters = open_child_counters(cfg, "http", index)
     counters.set(HttpCounter.READERS_ACTIVE, 0)
+    counters.set(HttpCounter.STEER_REFUSED, 0)
     on_evicted = lambda n: counters.inc(HttpCounter.EVICTIONS_LRU, n)  # noqa: E731
     store: StreamStore = (
         open_cluster_store(cfg, on_evicted, lambda: counters.inc(HttpCounter.REDIS_ERRORS))
@@ -94,6 +97,13 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
     log.debug("HTTP process %d listening", index)
     await stop.wait()
+    if cfg.spread == "adaptive" and cfg.http_procs > 1:
+        # A steering signal from now on must not end the process: removing the handler
+        # restores the default action (terminate), so the signal is blocked meanwhile.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        loop.remove_signal_handler(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     # Stop accepting, close idle keep-alive connections, end the streams no worker took yet
     # (or, running jobs here, end them all with server_shutdown), let the others end as
     # workers finalize their sessions, then close whatever is left.

@@ -160,7 +160,14 @@ class SharedCountersCollector(Collector):
             "HTTP processes that new connections go to (--spread adaptive: as many as keep "
             "up; --spread all: every one).",
             [],
-            [([], mgr[ManagerCounter.SPREAD_AMONG] or cfg.http_procs)],
+            [
+                (
+                    [],
+                    cfg.http_procs
+                    if any(r[HttpCounter.STEER_REFUSED] for r in http)
+                    else mgr[ManagerCounter.SPREAD_AMONG] or cfg.http_procs,
+                )
+            ],
         )
         yield _family(
             "counter",

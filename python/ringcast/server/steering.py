@@ -6,27 +6,34 @@ events even when one could serve them all; on 2 cores, two processes serving 1,0
 cost ~1.4x the CPU per event of one (``bench/RESULTS.md``). One process alone, though,
 saturates under a load two would carry, and its tail latency grows without bound.
 
-So the manager measures the HTTP processes' load (their CPU time, in cores, summed, every
-``SAMPLE_S``) and decides how many of them take new connections (``among``): one while
-the load stays under ``UP_LOAD`` cores per accepting process, twice as many each time it
-reaches it, and one fewer after ``DOWN_HOLD_S`` seconds under ``DOWN_LOAD`` cores per
-process that would be left. It stores the number in the shared counters
-(``ManagerCounter.SPREAD_AMONG``) and sends every HTTP process ``SIGUSR1``; each applies
-it to the port's ``SO_REUSEPORT`` group (``ringcast._core.steer_accepts``, a classic BPF
-program the kernel runs per new connection; the group's sockets are ordered by when they
-started listening, so "the first n" is whichever processes listened first). Connections
-already accepted stay where they are, so a process that takes new ones no longer still
-serves its old ones to their end.
+So the manager measures the HTTP processes' load and decides how many of them take new
+connections (``among``): their CPU time together, in cores, every ``SAMPLE_S``, and
+whether any of them is behind (its adaptive coalescing lingers: its loop ran late, whether
+from work or from waiting for a CPU that others hold; checked every turn of the manager's
+loop, so a burst of connections widens the spread within ~0.1 s). One process takes new
+connections while the load stays under ``UP_LOAD`` cores per accepting process and none is
+behind; twice as many (at most every ``SAMPLE_S``) when it reaches that or one falls
+behind; one fewer after ``DOWN_HOLD_S`` seconds under ``DOWN_LOAD`` cores per process that
+would be left. It stores the number in the shared counters
+(``ManagerCounter.SPREAD_AMONG``) and sends every listening HTTP process ``SIGUSR1``; each
+applies it (and the number there when it starts) to the port's ``SO_REUSEPORT`` group
+(``ringcast._core.steer_accepts``, a classic BPF program the kernel runs per new
+connection; the group's sockets are ordered by when they started listening, so "the first
+n" is whichever processes listened first). Connections already accepted stay where they
+are: a process that no longer takes new ones serves its old ones to their end, and the
+connections of a burst that arrived before the spread widened stay on the process that
+took them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable
 
 from ringcast._core import steer_accepts
-from ringcast.server.counters import ManagerCounter, SharedCounters
+from ringcast.server.counters import HttpCounter, ManagerCounter, SharedCounters, http_row
 
 SAMPLE_S = 0.25
 UP_LOAD = 0.8
@@ -36,6 +43,7 @@ DOWN_LOAD = 0.5
 new connections, once the load has stayed under it for ``DOWN_HOLD_S``."""
 DOWN_HOLD_S = 5.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+log = logging.getLogger("ringcast.server")
 
 
 class SpreadPolicy:
@@ -46,14 +54,14 @@ class SpreadPolicy:
         self.among = 1
         self.calm_since: float | None = None
 
-    def feed(self, load: float, now: float) -> int:
+    def feed(self, load: float, now: float, behind: bool = False) -> int:
         """The number of processes for the load (cores of CPU) measured until ``now``
-        (seconds, monotonic)."""
+        (seconds, monotonic); ``behind``: a process is falling behind."""
         among = self.among
-        if among < self.procs and load >= UP_LOAD * among:
+        if among < self.procs and (behind or load >= UP_LOAD * among):
             self.among = min(self.procs, among * 2)
             self.calm_since = None
-        elif among > 1 and load < DOWN_LOAD * (among - 1):
+        elif among > 1 and not behind and load < DOWN_LOAD * (among - 1):
             if self.calm_since is None:
                 self.calm_since = now
             elif now - self.calm_since >= DOWN_HOLD_S:
@@ -77,49 +85,81 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 class Steering:
-    """The manager's side: samples the HTTP processes' CPU and publishes ``among``."""
+    """The manager's side: samples the HTTP processes' load and publishes ``among``."""
 
-    def __init__(self, procs: int, counters: SharedCounters) -> None:
+    def __init__(self, procs: int, counters: SharedCounters, lag_signal: bool) -> None:
         self.policy = SpreadPolicy(procs)
         self.counters = counters
+        self.lag_signal = lag_signal
+        """The HTTP processes coalesce adaptively: a lingering one is behind."""
         self.last_sample = 0.0
+        self.last_widened = 0.0
         self.cpu: dict[int, float] = {}
         """CPU seconds of each HTTP process (by pid) at the last sample."""
         self.told: set[int] = set()
-        """The pids that were ready when ``among`` was last sent to them."""
+        """The pids that were listening when ``among`` was last sent to them."""
+        self.blind = False
+        """No process's CPU could be read (``/proc`` hidden): every process takes new
+        connections from then on."""
         counters.set(ManagerCounter.SPREAD_AMONG, self.published(self.policy.among))
 
     def published(self, among: int) -> int:
         """The counter's value for ``among``: 0 (the kernel's own spread) for all of them."""
         return 0 if among >= self.policy.procs else among
 
+    def behind(self) -> bool:
+        """Whether an HTTP process's adaptive coalescing lingers now (its loop runs late);
+        never without adaptive coalescing (``lag_signal`` False)."""
+        return self.lag_signal and any(
+            self.counters.read(http_row(i), HttpCounter.COALESCE_US)
+            for i in range(self.policy.procs)
+        )
+
     def tick(self, now: float, processes: Callable[[], dict[int, bool]]) -> None:
         """Called by the manager's loop; ``processes()`` gives the HTTP processes' pids, each
-        with whether it has started listening. Samples their CPU every ``SAMPLE_S``; if
-        ``among`` changed, or a process started listening since, tells the listening
-        processes to apply it."""
-        if now - self.last_sample < SAMPLE_S:
+        with whether it listens yet. Widens at once for a process that is behind (at most
+        every ``SAMPLE_S``); samples CPU every ``SAMPLE_S``. If ``among`` changed, or a
+        process started listening since, tells the listening processes to apply it."""
+        if self.blind:
+            return
+        policy = self.policy
+        before = policy.among
+        may_widen = policy.among < policy.procs and now - self.last_widened >= SAMPLE_S
+        behind = may_widen and self.behind()
+        sample = now - self.last_sample >= SAMPLE_S
+        if not sample and not behind:
             return
         ready = processes()
-        elapsed = now - self.last_sample if self.last_sample else 0.0
-        self.last_sample = now
-        used = 0.0
-        cpu: dict[int, float] = {}
-        for pid in ready:
-            t = cpu_seconds(pid)
-            if t is None:
-                continue
-            cpu[pid] = t
-            before = self.cpu.get(pid)
-            if before is not None:
-                used += t - before
-        self.cpu = cpu
-        before_among = self.policy.among
-        if elapsed:
-            self.policy.feed(used / elapsed, now)
+        if sample:
+            elapsed = now - self.last_sample if self.last_sample else 0.0
+            self.last_sample = now
+            used, cpu = 0.0, {}
+            for pid in ready:
+                t = cpu_seconds(pid)
+                if t is not None:
+                    cpu[pid] = t
+                    used += t - self.cpu.get(pid, t)
+            self.cpu = cpu
+            if ready and not cpu and cpu_seconds(os.getpid()) is None:
+                log.warning(
+                    "cannot read the HTTP processes' CPU time in /proc: new connections go "
+                    "to every HTTP process from now on (as --spread all)"
+                )
+                self.blind = True
+                policy.among = policy.procs
+            elif elapsed:
+                lagging = behind or (not may_widen and self.behind())
+                if not lagging or may_widen:  # lagging but widened just now: wait
+                    policy.feed(used / elapsed, now, lagging)
+            elif behind:
+                policy.feed(0.0, now, True)
+        else:
+            policy.feed(0.0, now, True)
+        if policy.among > before:
+            self.last_widened = now
         listening = {pid for pid, up in ready.items() if up}
-        if self.policy.among != before_among or not listening <= self.told:
-            self.counters.set(ManagerCounter.SPREAD_AMONG, self.published(self.policy.among))
+        if policy.among != before or not listening <= self.told:
+            self.counters.set(ManagerCounter.SPREAD_AMONG, self.published(policy.among))
             for pid in listening:
                 try:
                     os.kill(pid, signal.SIGUSR1)

@@ -5,7 +5,7 @@
 //! closes is replaced by the last); an index past the end makes the kernel fall back to its
 //! own hash over all of them.
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the architectures that number socket
@@ -55,8 +55,9 @@ fn program(among: u32) -> Vec<libc::sock_filter> {
 /// kernel's hash of each connection's addresses), 1 gives them all to the first socket that
 /// listened, n to one of the first n at random. It applies to the whole group, whichever of
 /// its sockets sets it; a later call replaces it. Connections already accepted or queued
-/// are not moved. Raises OSError if the kernel refuses (not a listening socket with
-/// ``SO_REUSEPORT``; a kernel before 4.5).
+/// are not moved. Raises OSError if the kernel refuses (not a socket, no ``SO_REUSEPORT``,
+/// a kernel before 4.5). A bound socket that does not listen yet gets a group of its own,
+/// which the port's listeners do not share.
 #[pyfunction]
 pub(crate) fn steer_accepts(fd: i32, among: u32) -> PyResult<()> {
     if fd < 0 {
@@ -66,13 +67,13 @@ pub(crate) fn steer_accepts(fd: i32, among: u32) -> PyResult<()> {
     }
     let mut filter = program(among);
     let prog = libc::sock_fprog {
-        len: filter.len() as u16,
+        len: u16::try_from(filter.len()).expect("a program of at most 3 instructions"),
         filter: filter.as_mut_ptr(),
     };
     // SAFETY: `prog` points at `filter`, a live Vec of `prog.len` instructions, for the
-    // duration of the call; the kernel copies the program before returning and keeps no
-    // pointer to either. `fd` is only a number to the kernel: a descriptor that is not a
-    // socket (or not ours) makes the call fail with an errno, not touch memory.
+    // duration of the call, and `optlen` is the size of `prog`; the kernel copies the program
+    // before returning and keeps no pointer to either. `fd` is only a number to the kernel: a
+    // descriptor that is closed or not a socket makes the call fail with an errno.
     let rc = unsafe {
         libc::setsockopt(
             fd,
@@ -83,9 +84,8 @@ pub(crate) fn steer_accepts(fd: i32, among: u32) -> PyResult<()> {
         )
     };
     if rc != 0 {
-        return Err(PyOSError::new_err(
-            std::io::Error::last_os_error().to_string(),
-        ));
+        // Through io::Error, so the OSError carries its errno.
+        return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
 }
