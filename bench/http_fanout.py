@@ -2,8 +2,9 @@
 
 - ``ringcast``: ``ringcast serve`` at its defaults (what a user who sets nothing gets), or
   with the ``--http-procs``, ``--workers``, ``--coalesce`` and ``--coalesce-ms`` given here;
-  ``ringcast-<N>p``: ``ringcast serve --http-procs N``, the rest at its defaults. The events
-  are produced by a plug-in generator (``--generator baselines:timestamped``) in the worker;
+  ``ringcast-<N>p``: ``ringcast serve --http-procs N`` (so ``--spread all``: every process
+  takes new connections), the rest at its defaults. The events are produced by a plug-in
+  generator (``--generator baselines:timestamped``) in the process that runs the jobs;
 - the baselines, all in ``bench/baselines.py`` (the event source too):
 - ``memory``: a single-process asyncio server on uvloop written by hand: sessions are
   ``bytearray``s, readers wait on futures woken by the producer (a task per reader, what one

@@ -44,8 +44,9 @@ def open_on_other_process(srv: Any, index: str, path: str, wait_for: Any) -> Any
 
 def test_the_default_runs_jobs_in_the_http_processes(serve: Any, wait_for: Any) -> None:
     """No worker process; a stream produced in one HTTP process reaches a live reader in the
-    other byte for byte, and the POST's own client (in the producing process) the same."""
-    with serve("--tokens-per-s", "40", http_procs=2, workers=None) as s:
+    other byte for byte, and the POST's own client (in the producing process) the same.
+    (Readers stay where they land: passed to the producer, there would be no other.)"""
+    with serve("--tokens-per-s", "40", "--no-pass-readers", http_procs=2, workers=None) as s:
         assert "(2 HTTP processes, jobs run in them, " in s.banner
         assert s.children("worker") == []
         r = s.post_chat("shared", max_tokens=60)
@@ -87,8 +88,9 @@ def test_kill_9_of_the_producing_http_process_ends_its_streams_in_band(
 ) -> None:
     """With the jobs in the HTTP processes, a dead HTTP process is a dead producer: a reader
     in the other process gets every byte that was written, then the in-band
-    ``producer_died`` event; the manager restarts the process and new requests work."""
-    with serve("--tokens-per-s", "20", http_procs=2, workers=None) as s:
+    ``producer_died`` event; the manager restarts the process and new requests work.
+    (Readers stay where they land: passed to the producer, it would take them along.)"""
+    with serve("--tokens-per-s", "20", "--no-pass-readers", http_procs=2, workers=None) as s:
         r = s.post_chat("orphaned", max_tokens=1000)
         producer = r.headers["x-ringcast-process"]
         r.read_at_least(300)

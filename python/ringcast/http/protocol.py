@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, cast
@@ -66,11 +67,12 @@ class HttpApp(Protocol):
     connections_per_client: dict[str, int]
     """Open connections per remote address (a connection counts itself in and out)."""
 
-    def admit(self, req: Request) -> None:
+    def admit(self, req: Request, counted: bool = True) -> None:
         """Decide from the head alone whether ``req`` will be served (route, method, key),
         before its body is read: raise :class:`HttpError` to refuse it. What it resolved may
         be left in ``req.admitted`` for :meth:`handle`. A request announcing
-        ``Expect: 100-continue`` gets its ``100 Continue`` only once admitted."""
+        ``Expect: 100-continue`` gets its ``100 Continue`` only once admitted. ``counted``
+        False: the request was counted by the process that passed its connection here."""
 
     async def handle(self, req: Request, conn: Connection) -> None:
         """Answer an admitted ``req`` through ``conn``; raise :class:`HttpError` to answer an
@@ -94,11 +96,27 @@ class HttpApp(Protocol):
         """A connection was reset by the write watchdog."""
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: parser state, response writing and flow control."""
+class HandedOff(Exception):
+    """Raised by a handler that passed its connection to another process
+    (:meth:`Connection.pass_to`): the connection is let go here without a byte written."""
 
-    def __init__(self, app: HttpApp) -> None:
+
+class Connection(asyncio.Protocol):
+    """One client connection: parser state, response writing and flow control.
+
+    ``passed_in``: the connection was passed here by another process, which read these
+    bytes of it (its first request; see ``ringcast.server.passing``); they are parsed as if
+    read here."""
+
+    def __init__(self, app: HttpApp, passed_in: bytes | None = None) -> None:
         self.app = app
+        self.passed_in = passed_in
+        """The bytes another process read before it passed the connection here (its first
+        request, counted there); such a connection is never passed on again."""
+        self.uncounted = passed_in is not None
+        """The next request was counted by the process that passed the connection here."""
+        self.head_raw = b""
+        """The bytes of the head of the request being handled (a pass sends them on)."""
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
         self.buf = bytearray()
@@ -169,6 +187,8 @@ class Connection(asyncio.Protocol):
             )
             return
         self._arm_idle()
+        if self.passed_in:
+            self.data_received(self.passed_in)
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
@@ -195,6 +215,37 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         assert self.flow is not None
         self.flow.resume_writing()
+
+    def pass_to(self, req: Request, give: Callable[[int, bytes], bool]) -> bool:
+        """Passes this connection, while its handler has written nothing of its answer to
+        ``req`` (a request without a body), to another process: ``give(fd, data)`` sends
+        the socket with the bytes read of it from ``req``'s head on (``data``). True if it
+        went: the handler then raises :class:`HandedOff`. False (it stays here, reading
+        again): passed here already, bytes still buffered for the client, a body, or
+        ``give`` failed."""
+        transport = self.transport
+        if (
+            transport is None
+            or self.closed
+            or self.passed_in is not None
+            or self.fd < 0
+            or req.content_length
+            or req.chunked
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        try:
+            if os.fstat(self.fd).st_ino != self.fd_inode:
+                return False  # the number names another socket by now
+        except OSError:
+            return False
+        transport.pause_reading()  # what arrives from now on stays in the socket for them
+        if not give(self.fd, self.head_raw + bytes(self.buf)):
+            transport.resume_reading()
+            return False
+        self.buf.clear()
+        return True
 
     # -- internals
 
@@ -244,6 +295,7 @@ class Connection(asyncio.Protocol):
                     return
                 if not used:
                     return
+                self.head_raw = bytes(self.buf[:used])
                 del self.buf[:used]
                 req = self.head.request
                 assert req is not None
@@ -282,7 +334,8 @@ class Connection(asyncio.Protocol):
         has_body = req.chunked or req.content_length > 0
         expects = has_body and req.headers.get("expect", "").lower() == "100-continue"
         try:
-            self.app.admit(req)
+            counted, self.uncounted = not self.uncounted, False
+            self.app.admit(req, counted=counted)
         except HttpError as e:
             if expects:
                 # The client waits for our word before sending the body: it gets the
@@ -333,6 +386,13 @@ class Connection(asyncio.Protocol):
             if refusal is not None:
                 raise refusal
             await self.app.handle(req, self)
+        except HandedOff:
+            # Our descriptor only: the connection lives on in the process it went to.
+            self.keep_alive = False
+            if self.transport is not None:
+                self.transport.close()
+            self._lost()
+            return
         except HttpError as e:
             self.app.count_status(e.status)
             if e.close or (self.body_stream is not None and not self.body_stream.complete):

@@ -198,6 +198,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     port: int = 8080
     http_procs: int = 0  # 0: auto (auto_http_procs), resolved by config_from_args
     spread: str = "all"  # or "adaptive" (ringcast.server.steering); see config_from_args
+    pass_readers: bool = True  # ringcast.server.passing (with --workers 0 only)
     workers: int = 0  # 0: each HTTP process runs the jobs it takes (job_rows)
     segment: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS  # from the command line: default_max_sessions()
@@ -376,6 +377,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "costs what one process costs; all: over every process, as the kernel hashes them "
         "(docs/SERVER.md, 'Which of them take new connections') (default: adaptive with "
         "--http-procs auto, all with a number)",
+    )
+    net.add_argument(
+        "--pass-readers",
+        action=argparse.BooleanOptionalAction,
+        default=_D.pass_readers,
+        help="with the jobs in the HTTP processes (--workers 0) and more than one of them: "
+        "a GET /v1/stream of a running stream that another HTTP process produces is passed "
+        "to that process (its socket, before anything is written), so each event is written "
+        "to its readers in the turn that produced it instead of crossing processes "
+        "(docs/SERVER.md, 'Readers go to their producer') (default: on)",
     )
     net.add_argument(
         "--max-body",
@@ -705,6 +716,7 @@ _SAME_NAME = (
     "host",
     "port",
     "workers",
+    "pass_readers",
     "max_sessions_per_key",
     "session_bytes",
     "max_id_len",

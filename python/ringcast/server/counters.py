@@ -36,6 +36,9 @@ class HttpCounter(enum.IntEnum):
     WRITE_TIMEOUTS = 13
     REDIS_ERRORS = 14
     """Lookups, reads and cancels through Redis that failed (``--redis``)."""
+    PASSED = 15
+    """``GET /v1/stream`` connections passed to the HTTP process producing their stream
+    (:mod:`ringcast.server.passing`)."""
 
 
 class WorkerCounter(enum.IntEnum):
@@ -77,7 +80,7 @@ class MirrorCounter(enum.IntEnum):
     SESSIONS = 11
 
 
-ROW_WORDS = 16  # 128 bytes: one row never shares a cache line pair with another process's
+ROW_WORDS = 32  # 256 bytes: one row never shares a cache line pair with another process's
 ROW_LOOP = ROW_WORDS - 1
 """The last word of every child's row: the event loop it runs, an index into LOOP_NAMES,
 written once by :func:`open_child_counters` from inside the running loop."""

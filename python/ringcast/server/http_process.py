@@ -20,6 +20,7 @@ from ringcast.server.cluster.store import open_cluster_store
 from ringcast.server.config import ServeConfig
 from ringcast.server.counters import HttpCounter, SharedCounters, open_child_counters
 from ringcast.server.jobs import Jobs, load_source
+from ringcast.server.passing import Passing
 from ringcast.server.routes import App
 from ringcast.server.segment_store import open_store
 from ringcast.server.steering import apply_spread
@@ -61,6 +62,22 @@ def _steer(fd: int, counters: SharedCounters) -> None:
             )
 
 
+def _adopt(app: App, sock: socket.socket, data: bytes) -> None:
+    """A connection a sibling passed here, with the bytes it read of it: served as if this
+    process had accepted it."""
+    app.track(asyncio.get_running_loop().create_task(_adopted(app, sock, data)))
+
+
+async def _adopted(app: App, sock: socket.socket, data: bytes) -> None:
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: Connection(app, passed_in=data), sock
+        )
+    except OSError as e:  # closed by its client meanwhile
+        sock.close()
+        log.debug("a passed connection could not be adopted: %s", e)
+
+
 async def serve_http(cfg: ServeConfig, index: int) -> None:
     counters = open_child_counters(cfg, "http", index)
     counters.set(HttpCounter.READERS_ACTIVE, 0)
@@ -79,6 +96,9 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
         counters_of_jobs = open_child_counters(cfg, "worker", index)
         jobs = app.jobs = Jobs(cfg, store, counters_of_jobs, *load_source(cfg), own_loop=True)
         app.track(loop.create_task(jobs.watch_cancel()))
+    if cfg.workers == 0 and cfg.http_procs > 1 and cfg.pass_readers:
+        # The GETs of streams a sibling produces go there (ringcast.server.passing).
+        app.passing = Passing(cfg.run_dir, functools.partial(_adopt, app))
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
         app.track(loop.create_task(app.coalescing.run()))
     if app.durable.peers is not None and index == 0:
@@ -108,6 +128,8 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     # (or, running jobs here, end them all with server_shutdown), let the others end as
     # workers finalize their sessions, then close whatever is left.
     server.close()
+    if app.passing is not None:
+        app.passing.close()
     app.dispatcher.stop()
     if app.jobs is not None:
         await app.jobs.shutdown()

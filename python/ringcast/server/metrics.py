@@ -178,6 +178,14 @@ class SharedCountersCollector(Collector):
         )
         yield _family(
             "counter",
+            "http_connections_passed",
+            "GET /v1/stream connections this process passed to the HTTP process producing "
+            "their stream.",
+            ["process"],
+            per_http(HttpCounter.PASSED),
+        )
+        yield _family(
+            "counter",
             "http_errors",
             "Error responses per HTTP process and class.",
             ["process", "class"],

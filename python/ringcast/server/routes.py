@@ -39,7 +39,7 @@ from ringcast._core import (
 )
 from ringcast.http.logs import log_failure
 from ringcast.http.parse import HttpError, Request, parse_offset
-from ringcast.http.protocol import Connection, HttpSettings
+from ringcast.http.protocol import Connection, HandedOff, HttpSettings
 from ringcast.server import resume_token
 from ringcast.server.cluster.ds import stream_peers
 from ringcast.server.config import ANON_OWNER, KEEPALIVE_TIMEOUT, ServeConfig
@@ -52,6 +52,7 @@ from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, f
 from ringcast.server.handoff import Dispatcher
 from ringcast.server.jobs import Jobs
 from ringcast.server.metrics import Metrics
+from ringcast.server.passing import Passing
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
     Quota,
@@ -149,6 +150,9 @@ class App:
         self.jobs: Jobs | None = None
         """With ``--workers 0``: this process runs the jobs it takes (set by the HTTP
         process's main before it listens); else they go to the workers."""
+        self.passing: Passing | None = None
+        """With the jobs here and sibling HTTP processes: where a ``GET /v1/stream`` of a
+        stream another of them produces is passed (set by the HTTP process's main)."""
         self.prometheus = Metrics(cfg, store, counters)
         self.key_owners = {d: d[:16] for d in cfg.key_digests}
         self.created = int(time.time())
@@ -185,11 +189,13 @@ class App:
     def count_write_timeout(self) -> None:
         self.counters.inc(HttpCounter.WRITE_TIMEOUTS)
 
-    def admit(self, req: Request) -> None:
+    def admit(self, req: Request, counted: bool = True) -> None:
         """The pre-routing step, on the head alone: CORS preflight, then the key (before the
         route, so a caller without a key learns nothing of which paths exist), then route
-        and method (404, 405). Leaves ``(handler, owner)`` in ``req.admitted``."""
-        self.counters.inc(HttpCounter.REQUESTS)
+        and method (404, 405). Leaves ``(handler, owner)`` in ``req.admitted``. ``counted``
+        False: a request another process counted and passed here."""
+        if counted:
+            self.counters.inc(HttpCounter.REQUESTS)
         if req.method == "OPTIONS" and self.cfg.cors_origins:
             req.admitted = (App.preflight, "")
             return
@@ -576,6 +582,8 @@ class App:
         else:
             what = "'from'"
             offset = parse_offset(req.query_params(once=STREAM_PARAMS).get("from"), what)
+        if self.passing is not None:
+            await self.pass_to_producer(req, conn, conv, owner)
         try:
             reader = await self.store.open_reader(conv, offset, owner)
         except SessionNotFound:
@@ -620,6 +628,23 @@ class App:
             self.counters.inc(HttpCounter.RESUMES)
         conn.start_stream(self.resume_headers(reader, info, offset), req.version)
         await self.fanout.relay(conn, reader, owner)
+
+    async def pass_to_producer(self, req: Request, conn: Connection, conv: str, owner: str) -> None:
+        """Raises :class:`HandedOff` once ``conn`` went to the HTTP process producing the
+        running stream ``conv`` (``ringcast.server.passing``); returns if it stays here."""
+        passing = self.passing
+        assert passing is not None
+        info = await self.store.get(conv, owner)
+        pid = getattr(info, "producer_pid", 0) if info is not None else 0
+        if (
+            info is not None
+            and not info.is_done
+            and pid
+            and pid != passing.own_pid
+            and conn.pass_to(req, lambda fd, data: passing.give(fd, data, pid))
+        ):
+            self.counters.inc(HttpCounter.PASSED)
+            raise HandedOff
 
     async def delete_stream(self, req: Request, conn: Connection, owner: str) -> None:
         conv = self.stream_id(req, "/v1/stream")

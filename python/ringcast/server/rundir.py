@@ -43,16 +43,27 @@ _run_dir_fds: dict[str, int] = {}
 """This process's ``O_PATH`` descriptor of each run directory it names a socket in."""
 
 
-def worker_socket(run_dir: str, index: int) -> str:
-    """The Unix socket worker ``index`` takes jobs on, named through this process's descriptor
-    of the run directory (``/proc/self/fd/<fd>/worker-<i>.sock``, opened once): a socket
-    address holds at most 107 bytes, and ``TMPDIR`` may be longer. The kernel checks search
-    permission on the (0700) directory as for its plain path."""
+def _socket_in(run_dir: str, name: str) -> str:
+    """The path of socket ``name`` in the run directory, through this process's descriptor
+    of the directory (``/proc/self/fd/<fd>/<name>``, opened once): a socket address holds at
+    most 107 bytes, and ``TMPDIR`` may be longer. The kernel checks search permission on the
+    (0700) directory as for its plain path."""
     fd = _run_dir_fds.get(run_dir)
     if fd is None:
         fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         _run_dir_fds[run_dir] = fd
-    return f"/proc/self/fd/{fd}/worker-{index}.sock"
+    return f"/proc/self/fd/{fd}/{name}"
+
+
+def worker_socket(run_dir: str, index: int) -> str:
+    """The Unix socket worker ``index`` takes jobs on."""
+    return _socket_in(run_dir, f"worker-{index}.sock")
+
+
+def connection_socket(run_dir: str, pid: int) -> str:
+    """The Unix datagram socket HTTP process ``pid`` takes passed connections on
+    (:mod:`ringcast.server.passing`)."""
+    return _socket_in(run_dir, f"conns-{pid}.sock")
 
 
 def ready_file(run_dir: str, role: str, index: int) -> str:
