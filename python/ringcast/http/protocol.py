@@ -216,7 +216,7 @@ class Connection(asyncio.Protocol):
         assert self.flow is not None
         self.flow.resume_writing()
 
-    def pass_to(self, req: Request, give: Callable[[int, bytes], bool]) -> bool:
+    def pass_to(self, req: Request, give: Callable[[int, bytes], bool], max_bytes: int) -> bool:
         """Passes this connection, while its handler has written nothing of its answer to
         ``req`` (a request without a body), to another process: ``give(fd, data)`` sends
         the socket with the bytes read of it from ``req``'s head on (``data``). True if it
@@ -233,6 +233,7 @@ class Connection(asyncio.Protocol):
             or req.chunked
             or transport.is_closing()
             or transport.get_write_buffer_size()
+            or len(self.head_raw) + len(self.buf) > max_bytes
         ):
             return False
         try:
@@ -240,9 +241,12 @@ class Connection(asyncio.Protocol):
                 return False  # the number names another socket by now
         except OSError:
             return False
-        transport.pause_reading()  # what arrives from now on stays in the socket for them
+        was_paused = self.reading_paused
+        if not was_paused:
+            transport.pause_reading()  # what arrives from now on stays in the socket for them
         if not give(self.fd, self.head_raw + bytes(self.buf)):
-            transport.resume_reading()
+            if not was_paused:
+                transport.resume_reading()
             return False
         self.buf.clear()
         return True

@@ -1,5 +1,5 @@
 """Counters shared across the processes of one ``ringcast serve``: a small memory-mapped file
-in the run directory, one 128-byte row of 16 little-endian ``u64`` per process (row 0 the
+in the run directory, one 256-byte row of 32 little-endian ``u64`` per process (row 0 the
 supervisor, then the HTTP processes, then the workers, then the mirror processes of a node
 with ``--redis``), each row written by its process only
 and summed by whichever HTTP process serves ``/metrics``.
@@ -39,6 +39,8 @@ class HttpCounter(enum.IntEnum):
     PASSED = 15
     """``GET /v1/stream`` connections passed to the HTTP process producing their stream
     (:mod:`ringcast.server.passing`)."""
+    PASS_FAILED = 16
+    """Passes that could not be sent (the producer gone, its queue full): served here."""
 
 
 class WorkerCounter(enum.IntEnum):

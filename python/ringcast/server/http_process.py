@@ -96,7 +96,7 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
         counters_of_jobs = open_child_counters(cfg, "worker", index)
         jobs = app.jobs = Jobs(cfg, store, counters_of_jobs, *load_source(cfg), own_loop=True)
         app.track(loop.create_task(jobs.watch_cancel()))
-    if cfg.workers == 0 and cfg.http_procs > 1 and cfg.pass_readers:
+    if cfg.workers == 0 and cfg.http_procs > 1 and cfg.pass_readers and not cfg.clustered:
         # The GETs of streams a sibling produces go there (ringcast.server.passing).
         app.passing = Passing(cfg.run_dir, functools.partial(_adopt, app))
     if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:

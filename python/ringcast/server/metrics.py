@@ -3,7 +3,7 @@ store's figures (see docs/SERVER.md, "Metrics").
 
 ``prometheus-client`` renders it, through a custom collector that reads the shared counters
 (``ringcast.server.counters``) at scrape time: not its multiprocess mode, which keeps a file
-per process and metric and sums them itself, where ringcast already has one 128-byte row per
+per process and metric and sums them itself, where ringcast already has one 256-byte row per
 process that its owner writes with plain stores.
 """
 
@@ -183,6 +183,14 @@ class SharedCountersCollector(Collector):
             "their stream.",
             ["process"],
             per_http(HttpCounter.PASSED),
+        )
+        yield _family(
+            "counter",
+            "http_connection_passes_failed",
+            "GET /v1/stream connections this process could not pass to their producer (gone, "
+            "or its queue full) and served itself.",
+            ["process"],
+            per_http(HttpCounter.PASS_FAILED),
         )
         yield _family(
             "counter",

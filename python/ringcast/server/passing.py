@@ -31,8 +31,13 @@ from ringcast.server import rundir
 log = logging.getLogger("ringcast.server")
 
 MAX_PASSED = 64 * 1024
-"""The most request bytes passed with a connection (a head is at most 16 KiB, a GET has no
-body; more would be pipelined requests, which stay here)."""
+"""The most bytes passed with a connection (a head is at most 16 KiB, a GET has no body;
+a connection with more read of it, pipelined requests, stays where it is)."""
+MAX_READERS = 8
+"""A stream is passed its readers while it has fewer than this many: a stream's first
+readers cost the most where they cross processes (a wake-up and a pump pass in a second
+process for one or two clients), while the readers of a stream with many can share the
+writing between processes, and all of them in the producer's would pin them to one core."""
 
 
 class Passing:
@@ -74,7 +79,9 @@ class Passing:
         while True:
             try:
                 data, ancdata, flags, _ = self.inbox.recvmsg(
-                    MAX_PASSED, socket.CMSG_SPACE(4 * array.array("i").itemsize)
+                    MAX_PASSED,
+                    socket.CMSG_SPACE(4 * array.array("i").itemsize),
+                    socket.MSG_CMSG_CLOEXEC,
                 )
             except (BlockingIOError, InterruptedError):
                 return
@@ -104,6 +111,9 @@ class Passing:
             self.adopt(sock, data)
 
     def close(self) -> None:
+        """Stops taking connections; those passed already are adopted first (served as this
+        process's own until it stops), not dropped with the socket."""
+        self._receive()
         self.loop.remove_reader(self.inbox.fileno())
         self.inbox.close()
         self.outbox.close()

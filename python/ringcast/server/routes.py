@@ -52,7 +52,7 @@ from ringcast.server.fanout import END_EVENTS, RELAY_READ, Coalescing, FanOut, f
 from ringcast.server.handoff import Dispatcher
 from ringcast.server.jobs import Jobs
 from ringcast.server.metrics import Metrics
-from ringcast.server.passing import Passing
+from ringcast.server.passing import MAX_PASSED, MAX_READERS, Passing
 from ringcast.server.passthrough import passthrough
 from ringcast.server.store import (
     Quota,
@@ -634,17 +634,22 @@ class App:
         running stream ``conv`` (``ringcast.server.passing``); returns if it stays here."""
         passing = self.passing
         assert passing is not None
+        if conn.passed_in is not None:
+            return  # passed here already: never on again
         info = await self.store.get(conv, owner)
         pid = getattr(info, "producer_pid", 0) if info is not None else 0
         if (
-            info is not None
-            and not info.is_done
-            and pid
-            and pid != passing.own_pid
-            and conn.pass_to(req, lambda fd, data: passing.give(fd, data, pid))
+            info is None
+            or info.is_done
+            or not pid
+            or pid == passing.own_pid
+            or info.readers >= MAX_READERS
         ):
+            return
+        if conn.pass_to(req, lambda fd, data: passing.give(fd, data, pid), MAX_PASSED):
             self.counters.inc(HttpCounter.PASSED)
             raise HandedOff
+        self.counters.inc(HttpCounter.PASS_FAILED)
 
     async def delete_stream(self, req: Request, conn: Connection, owner: str) -> None:
         conv = self.stream_id(req, "/v1/stream")

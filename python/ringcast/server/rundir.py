@@ -3,8 +3,9 @@ the clean-up of directories left by a supervisor that was killed.
 
 ``<tmp>/ringcast-run-<supervisor pid>-<random>/`` holds ``config.json`` (0600: key digests,
 upstream key), ``counters`` (:mod:`ringcast.server.counters`), ``worker-<i>.sock`` (each
-worker's job socket), ``ready-<role>-<i>`` (a child is up), ``refused`` (a child that
-refused to start has said why) and ``manager.lock``.
+worker's job socket), ``conns-<pid>.sock`` (each HTTP process's inbox of passed
+connections, :mod:`ringcast.server.passing`), ``ready-<role>-<i>`` (a child is up),
+``refused`` (a child that refused to start has said why) and ``manager.lock``.
 """
 
 from __future__ import annotations

@@ -175,6 +175,9 @@ class Manager:
                 "%s process %d (pid %d) exited with %s; restarting", c.role, c.index, c.proc.pid, rc
             )
             self.counters.inc(RESTARTS[c.role])
+            if c.role == "http":  # its inbox of passed connections, if it had one
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(rundir.connection_socket(self.cfg.run_dir, c.proc.pid))
             lived = now - c.started
             c.backoff = 0.1 if lived > 5.0 else min(c.backoff * 2, 5.0)
             c.proc = None
