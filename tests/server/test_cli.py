@@ -215,6 +215,12 @@ def test_segment_in_use_by_a_live_server_is_refused(tmp_path: Path, serve) -> No
         s.stop()
 
 
+def test_a_bad_spread_is_refused_with_the_choices() -> None:
+    out = ringcast("serve", "--spread", "some")
+    assert out.returncode == 2
+    assert "invalid choice: 'some' (choose from 'adaptive', 'all')" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

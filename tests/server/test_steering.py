@@ -227,17 +227,6 @@ def test_spread_is_adaptive_with_auto_and_all_with_a_number(args: list[str], spr
     assert config_from_args(parser.parse_args(args)).spread == spread
 
 
-def test_a_bad_spread_is_refused_with_the_choices() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "ringcast.cli", "serve", "--spread", "some"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2
-    assert "invalid choice: 'some' (choose from 'adaptive', 'all')" in out.stderr, out.stderr
-
-
 def test_the_manager_widens_at_once_for_a_process_behind_and_tells_the_listening_ones(
     tmp_path: Path,
 ) -> None:
