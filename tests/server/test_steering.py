@@ -198,7 +198,7 @@ def test_adaptive_spread_widens_when_a_process_is_busy_and_narrows_after(
         wait_for(
             lambda: s.metric("http_processes_accepting") == 1,
             "narrowed",
-            DOWN_HOLD_S + 10,
+            DOWN_HOLD_S + 25,  # a machine busy with other work may keep it wide longer
         )
         before = _requests_by_process(s)
         for _ in range(40):
