@@ -42,6 +42,10 @@ DOWN_LOAD = 0.5
 """Cores per process, for the processes that would be left, under which one fewer takes
 new connections, once the load has stayed under it for ``DOWN_HOLD_S``."""
 DOWN_HOLD_S = 5.0
+BUSY_BEHIND = 0.25
+"""A process behind (its loop late) counts only while it also used this much of a core in
+the last sample: an idle process on a machine busy with other work runs late too, and
+more processes taking connections would not help it."""
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 log = logging.getLogger("ringcast.server")
 
@@ -96,6 +100,9 @@ class Steering:
         self.last_widened = 0.0
         self.cpu: dict[int, float] = {}
         """CPU seconds of each HTTP process (by pid) at the last sample."""
+        self.busy: list[int] = []
+        """The HTTP processes (by index) that used ``BUSY_BEHIND`` of a core or more in the
+        last sample."""
         self.told: set[int] = set()
         """The pids that were listening when ``among`` was last sent to them."""
         self.blind = False
@@ -108,38 +115,42 @@ class Steering:
         return 0 if among >= self.policy.procs else among
 
     def behind(self) -> bool:
-        """Whether an HTTP process's adaptive coalescing lingers now (its loop runs late);
-        never without adaptive coalescing (``lag_signal`` False)."""
+        """Whether a busy HTTP process's adaptive coalescing lingers now (its loop runs
+        late); never without adaptive coalescing (``lag_signal`` False)."""
         return self.lag_signal and any(
-            self.counters.read(http_row(i), HttpCounter.COALESCE_US)
-            for i in range(self.policy.procs)
+            self.counters.read(http_row(i), HttpCounter.COALESCE_US) for i in self.busy
         )
 
-    def tick(self, now: float, processes: Callable[[], dict[int, bool]]) -> None:
+    def tick(self, now: float, processes: Callable[[], dict[int, tuple[int, bool]]]) -> None:
         """Called by the manager's loop; ``processes()`` gives the HTTP processes' pids, each
-        with whether it listens yet. Widens at once for a process that is behind (at most
-        every ``SAMPLE_S``); samples CPU every ``SAMPLE_S``. If ``among`` changed, or a
-        process started listening since, tells the listening processes to apply it."""
+        with its index and whether it listens yet. Widens at once for a busy process that is
+        behind (at most every ``SAMPLE_S``); samples CPU every ``SAMPLE_S``. If ``among``
+        changed, or a process started listening since, tells the listening ones to apply it."""
         if self.blind:
             return
         policy = self.policy
         before = policy.among
         may_widen = policy.among < policy.procs and now - self.last_widened >= SAMPLE_S
-        behind = may_widen and self.behind()
-        sample = now - self.last_sample >= SAMPLE_S
-        if not sample and not behind:
-            return
-        ready = processes()
-        if sample:
+        if now - self.last_sample < SAMPLE_S:
+            if not (may_widen and self.behind()):
+                return
+            ready = processes()
+            policy.feed(0.0, now, True)
+        else:
+            ready = processes()
             elapsed = now - self.last_sample if self.last_sample else 0.0
             self.last_sample = now
-            used, cpu = 0.0, {}
-            for pid in ready:
+            used, cpu, busy = 0.0, {}, []
+            for pid, (index, _) in ready.items():
                 t = cpu_seconds(pid)
                 if t is not None:
                     cpu[pid] = t
-                    used += t - self.cpu.get(pid, t)
-            self.cpu = cpu
+                    own = t - self.cpu.get(pid, t)
+                    used += own
+                    if elapsed and own >= BUSY_BEHIND * elapsed:
+                        busy.append(index)
+            self.cpu, self.busy = cpu, busy
+            lagging = self.behind()
             if ready and not cpu and cpu_seconds(os.getpid()) is None:
                 log.warning(
                     "cannot read the HTTP processes' CPU time in /proc: new connections go "
@@ -147,17 +158,11 @@ class Steering:
                 )
                 self.blind = True
                 policy.among = policy.procs
-            elif elapsed:
-                lagging = behind or (not may_widen and self.behind())
-                if not lagging or may_widen:  # lagging but widened just now: wait
-                    policy.feed(used / elapsed, now, lagging)
-            elif behind:
-                policy.feed(0.0, now, True)
-        else:
-            policy.feed(0.0, now, True)
+            elif not lagging or may_widen:  # lagging but widened just now: wait
+                policy.feed(used / elapsed if elapsed else 0.0, now, lagging)
         if policy.among > before:
             self.last_widened = now
-        listening = {pid for pid, up in ready.items() if up}
+        listening = {pid for pid, (_, up) in ready.items() if up}
         if policy.among != before or not listening <= self.told:
             self.counters.set(ManagerCounter.SPREAD_AMONG, self.published(policy.among))
             for pid in listening:

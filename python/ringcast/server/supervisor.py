@@ -188,10 +188,14 @@ class Manager:
                 # them at once, not at the next sweep.
                 self.sweep()
 
-    def http_listening(self) -> dict[int, bool]:
-        """The pids of the running HTTP processes, each with whether it listens yet."""
+    def http_listening(self) -> dict[int, tuple[int, bool]]:
+        """The pids of the running HTTP processes, each with its index and whether it
+        listens yet."""
         return {
-            c.proc.pid: os.path.exists(rundir.ready_file(self.cfg.run_dir, c.role, c.index))
+            c.proc.pid: (
+                c.index,
+                os.path.exists(rundir.ready_file(self.cfg.run_dir, c.role, c.index)),
+            )
             for c in self.children
             if c.role == "http" and c.proc is not None and c.proc.poll() is None
         }
@@ -436,11 +440,13 @@ def serve(cfg: ServeConfig) -> int:
             mgr.stopping = True
             failed = True
         else:
+            jobs_where = "jobs run in " + ("them" if cfg.http_procs > 1 else "it")
             print(
                 f"ringcast serve: listening on http://{cfg.host}:{cfg.port} "
                 f"({_count(cfg.http_procs, 'HTTP process')}, "
                 + ("new connections to as few as keep up, " if mgr.steering is not None else "")
-                + f"{_count(cfg.workers, 'worker') if cfg.workers else 'jobs run in them'}, "
+                + (_count(cfg.workers, "worker") if cfg.workers else jobs_where)
+                + ", "
                 f"{mgr.event_loops()} event loop, "
                 f"segment {cfg.segment}, {'re-attached' if existed else 'created'}"
                 + (

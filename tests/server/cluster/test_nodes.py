@@ -306,7 +306,7 @@ def test_cluster_options_are_checked_before_anything_starts(tmp_path: Path) -> N
 
 def test_without_redis_there_is_no_mirror(serve: Any) -> None:
     with serve(http_procs=1) as s:
-        assert "(1 HTTP process, jobs run in them, " in s.banner and "mirror" not in s.banner
+        assert "(1 HTTP process, jobs run in it, " in s.banner and "mirror" not in s.banner
         _, _, health = s.request("GET", "/health")
         assert "mirror" not in json.loads(health)
         _, _, metrics = s.request("GET", "/metrics")
