@@ -219,10 +219,10 @@ class Connection(asyncio.Protocol):
     def pass_to(self, req: Request, give: Callable[[int, bytes], bool], max_bytes: int) -> bool:
         """Passes this connection, while its handler has written nothing of its answer to
         ``req`` (a request without a body), to another process: ``give(fd, data)`` sends
-        the socket with the bytes read of it from ``req``'s head on (``data``). True if it
-        went: the handler then raises :class:`HandedOff`. False (it stays here, reading
-        again): passed here already, bytes still buffered for the client, a body, or
-        ``give`` failed."""
+        the socket with the bytes read of it from ``req``'s head on (``data``, at most
+        ``max_bytes``). True if it went: the handler then raises :class:`HandedOff`. False
+        (it stays here, reading as before): passed here already, bytes still buffered for
+        the client, a body, more than ``max_bytes`` read, or ``give`` failed."""
         transport = self.transport
         if (
             transport is None

@@ -1008,9 +1008,8 @@ def configure(ap: argparse.ArgumentParser) -> None:
         "--http-procs",
         type=http_procs_value,
         default="auto",
-        help="HTTP processes of ringcast serve: auto (its default: one per CPU core left "
-        "after the workers, or after one core when the HTTP processes run the jobs; see "
-        "ringcast serve --help) or N (%(default)s)",
+        help="HTTP processes of ringcast serve: auto (its default: one per CPU core the "
+        "workers leave; see ringcast serve --help) or N (%(default)s)",
     )
     ap.add_argument(
         "--resume-share",

@@ -267,6 +267,26 @@ class ServeConfig(msgspec.Struct, kw_only=True):
         """Streams are mirrored to Redis and served from it on other nodes."""
         return bool(self.redis_url or self.redis_cluster)
 
+    @property
+    def steered(self) -> bool:
+        """New connections go to as few HTTP processes as keep up (``--spread adaptive``
+        with more than one: :mod:`ringcast.server.steering`)."""
+        return self.spread == "adaptive" and self.http_procs > 1
+
+    @property
+    def adaptive_coalescing(self) -> bool:
+        """The HTTP processes coalesce while they fall behind (``Coalescing.run``)."""
+        return self.coalesce == "adaptive" and self.coalesce_ms > 0
+
+    @property
+    def passes_readers(self) -> bool:
+        """A GET of a stream a sibling HTTP process produces is passed there
+        (``--pass-readers`` with the jobs in several HTTP processes, one node's streams
+        only: :mod:`ringcast.server.passing`)."""
+        return (
+            self.pass_readers and self.workers == 0 and self.http_procs > 1 and not self.clustered
+        )
+
     def session_quota(self) -> int:
         """Running sessions one key may hold at once, 0 for no limit but the table's
         (``--max-sessions-per-key``; by default, with two keys or more, half the table, so

@@ -96,10 +96,10 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
         counters_of_jobs = open_child_counters(cfg, "worker", index)
         jobs = app.jobs = Jobs(cfg, store, counters_of_jobs, *load_source(cfg), own_loop=True)
         app.track(loop.create_task(jobs.watch_cancel()))
-    if cfg.workers == 0 and cfg.http_procs > 1 and cfg.pass_readers and not cfg.clustered:
+    if cfg.passes_readers:
         # The GETs of streams a sibling produces go there (ringcast.server.passing).
         app.passing = Passing(cfg.run_dir, functools.partial(_adopt, app))
-    if cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0:
+    if cfg.adaptive_coalescing:
         app.track(loop.create_task(app.coalescing.run()))
     if app.durable.peers is not None and index == 0:
         app.track(loop.create_task(app.durable.keep_tombstones()))
@@ -110,14 +110,14 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    if cfg.spread == "adaptive" and cfg.http_procs > 1:
+    if cfg.steered:
         steer = functools.partial(_steer, server.sockets[0].fileno(), counters)
         steer()
         loop.add_signal_handler(signal.SIGUSR1, steer)  # before the manager may send it
     Path(rundir.ready_file(cfg.run_dir, "http", index)).write_text(str(os.getpid()))
     log.debug("HTTP process %d listening", index)
     await stop.wait()
-    if cfg.spread == "adaptive" and cfg.http_procs > 1:
+    if cfg.steered:
         # A steering signal from now on must not end the process: removing the handler
         # restores the default action (terminate), so the signal is blocked meanwhile.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})

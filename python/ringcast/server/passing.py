@@ -61,9 +61,9 @@ class Passing:
 
     def give(self, fd: int, data: bytes, pid: int) -> bool:
         """Passes the connection whose socket is ``fd``, with the bytes read from it so far
-        (``data``), to HTTP process ``pid``; False if it could not (then nothing was sent)."""
-        if len(data) > MAX_PASSED:
-            return False
+        (``data``, at most ``MAX_PASSED``: ``Connection.pass_to`` keeps larger ones before
+        it pauses them), to HTTP process ``pid``; False if it could not (then nothing was
+        sent)."""
         try:
             self.outbox.sendmsg(
                 [data],

@@ -101,9 +101,7 @@ class Manager:
         if cfg.clustered:
             self.children += [Child("mirror", i) for i in range(cfg.mirror_procs)]
         self.steering = (
-            Steering(cfg.http_procs, counters, cfg.coalesce == "adaptive" and cfg.coalesce_ms > 0)
-            if cfg.spread == "adaptive" and cfg.http_procs > 1
-            else None
+            Steering(cfg.http_procs, counters, cfg.adaptive_coalescing) if cfg.steered else None
         )
         self.stopping = False
         self.refused = False
