@@ -79,10 +79,12 @@ async def timestamps(n: int) -> AsyncIterator[str]:
         yield str(time.time_ns())
 
 
-async def timestamped(ctx: Any) -> AsyncIterator[str]:
-    """``ringcast serve --generator baselines:timestamped`` plug-in."""
-    async for piece in timestamps(ctx.max_tokens or 16):
-        yield piece
+def timestamped(ctx: Any) -> AsyncIterator[str]:
+    """``ringcast serve --generator baselines:timestamped`` plug-in: :func:`timestamps` itself
+    (a function returning the async generator, not one more generator around it: each token
+    then resumes the job and this generator, as each resumes the baselines' producer and
+    theirs)."""
+    return timestamps(ctx.max_tokens or 16)
 
 
 def chunk_event(content: str) -> bytes:

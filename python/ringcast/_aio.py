@@ -75,7 +75,10 @@ def _release(notifier: Notifier, subscribed: dict[int, int]) -> None:
 
 
 class Consumer(Protocol):
-    """What a standing watch (:func:`watch`) calls, from the event loop's thread."""
+    """What a standing watch (:func:`watch`) calls, from the event loop's thread. A consumer
+    may also define ``on_company(shared: bool)``: called whenever whether anything else in
+    the loop waits on the session (another watch, or a reader's wait) may have changed, and
+    once when the watch is made."""
 
     def on_ready(self) -> None:
         """The session may have advanced (or ended): read what is there with
@@ -233,6 +236,7 @@ class _LoopHub:
         futures = by_gen.pop(generation, []) if by_gen is not None else []
         if by_gen is not None and not by_gen:
             del self._waiters[slot]
+            self._company(slot)
         for fut in futures:
             if not fut.done():
                 fut.set_exception(_producer_died(pid))
@@ -290,6 +294,8 @@ class _LoopHub:
             if by_gen is not None:
                 for gen in by_gen:
                     self._watched.pop((slot, gen), None)
+                if standing is not None:
+                    self._company(slot)
             if by_gen is None:
                 # Advanced with nobody waiting: stop listening to it.
                 generation = self._subscribed.pop(slot, None)
@@ -303,6 +309,20 @@ class _LoopHub:
                         fut.set_result(None)
                         woken += 1
         return woken
+
+    def _company(self, slot: int) -> None:
+        """Tells the standing watches of ``slot`` whose consumer has ``on_company`` whether
+        anything else in this loop waits on the session now (another watch, or a future):
+        a consumer that is alone may let the session's producer in this process write
+        through to its clients without waking anybody (the server's fan-out pump)."""
+        standing = self._watches.get(slot)
+        if standing is None:
+            return
+        shared = len(standing) > 1 or slot in self._waiters
+        for w in standing:
+            hook = getattr(w.consumer, "on_company", None)
+            if hook is not None:
+                hook(shared)
 
     def poke(self, slots: list[int]) -> int:
         """See :func:`poke`."""
@@ -340,6 +360,7 @@ class _LoopHub:
         w = Watch(self, reader, consumer)
         self._subscribe(w.slot, w.generation)
         self._watches[w.slot] = (*self._watches.get(w.slot, ()), w)
+        self._company(w.slot)
         self._arm_check()
         # As for a future (see `wait`): subscribed and armed before the readiness check.
         self._rearm(yield_first=False)
@@ -364,6 +385,7 @@ class _LoopHub:
         left = tuple(x for x in self._watches.get(w.slot, ()) if x is not w)
         if left:
             self._watches[w.slot] = left
+            self._company(w.slot)
         else:
             self._watches.pop(w.slot, None)
         key = (w.slot, w.generation)
@@ -374,7 +396,12 @@ class _LoopHub:
         slot, generation = reader.slot, reader.generation
         self._subscribe(slot, generation)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(slot, {}).setdefault(generation, []).append(fut)
+        by_gen = self._waiters.get(slot)
+        if by_gen is None:
+            by_gen = self._waiters[slot] = {}
+            if slot in self._watches:
+                self._company(slot)
+        by_gen.setdefault(generation, []).append(fut)
         self._watched.setdefault((slot, generation), reader)
         self._arm_check()
         # About to wait: if a producer disarmed this process, yield the CPU once first (what
@@ -409,6 +436,7 @@ class _LoopHub:
             self._watched.pop((slot, generation), None)
             if not by_gen:
                 del self._waiters[slot]
+                self._company(slot)
 
     def close(self) -> None:
         self._rescan_handle.cancel()

@@ -284,6 +284,14 @@ class Writer:
         """Append one SSE event: ``id: <offset just after it>\\n`` then ``event``, the framing
         of ``ringcast.wire.sse.frame_event``, with the offset taken under the append lock.
         Returns and raises as ``write``; ``defer_wake`` as there."""
+    def write_event_through(self, event: bytes, fanout: SocketFanOut) -> int:
+        """``write_event(event, defer_wake=True)``, then, if ``fanout`` lets writes through
+        (``SocketFanOut.through``), one pass of ``fanout`` in the same call: the event goes to
+        its clients' sockets at once, with no wake-up and no step of the pump's. 0: the append
+        was refused (``write_event``'s False); 1: made, and the session's readers are to be
+        told as after a deferred ``write_event`` (nothing was passed, or the pump must see
+        the pass); 2: made, passed to every client of ``fanout``, and no other process awaits
+        a wake-up from this segment handle: nobody needs telling. Raises as ``write``."""
     def finalize(self, state: str = "done", defer_wake: bool = False) -> bool:
         """End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if
         it had already ended. ``defer_wake`` as for ``write``."""
@@ -367,7 +375,19 @@ class SocketFanOut:
     nothing else may write to its connection, and its transport's write buffer must have
     been empty when it was added."""
 
-    def __new__(cls, reader: Reader) -> SocketFanOut: ...
+    def __new__(cls, reader: Reader, sent: SentCounter | None = None) -> SocketFanOut:
+        """``sent``: where passes written through count the body bytes they send."""
+    @property
+    def passed(self) -> int:
+        """Bytes of the stream passed so far, by ``pass_`` and by writes through."""
+    @property
+    def through(self) -> int:
+        """The largest pass a ``Writer.write_event_through`` naming this set makes; 0 (the
+        start): writes through pass nothing. Set it (at most 16 MiB) only while nothing else
+        in this process waits to be told of the session's appends: a write through that
+        delivers tells nobody."""
+    @through.setter
+    def through(self, max_bytes: int) -> None: ...
     def add(self, id: int, fd: int, chunked: bool, inode: int) -> None:
         """Adds a client known by ``id`` whose socket is ``fd`` (duplicated: the set holds its
         own descriptor until ``remove``) with inode ``inode`` (``os.fstat(fd).st_ino`` when
@@ -388,7 +408,18 @@ class SocketFanOut:
         before), with ``events`` event ends; ``again``: call again now; ``trouble``: ``(id,
         rest)`` of each client not wholly sent to, removed from the set: ``rest`` is what its
         socket did not take, ``None`` if it failed; ``data``: the bytes passed with
-        ``want_data``, else ``None``. Raises as ``Reader.read_nowait``."""
+        ``want_data``, else ``None``. A pass a write through made and left to the pump
+        (``Writer.write_event_through`` returned 1 after it) is returned first, without
+        ``data``. Raises as ``Reader.read_nowait``."""
+
+@final
+class SentCounter:
+    """Body bytes that writes through (``Writer.write_event_through``) sent, summed over every
+    ``SocketFanOut`` made with this counter."""
+
+    def __new__(cls) -> SentCounter: ...
+    def take(self) -> int:
+        """The bytes counted since the last call (then 0 again)."""
 
 @final
 class Notifier:

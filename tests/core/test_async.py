@@ -962,3 +962,54 @@ def test_a_datagram_drained_right_after_an_arm_leaves_a_watching_process_armed(
         hub.close()
 
     run_async(loop_kind, main)
+
+
+def test_a_watch_is_told_whether_anything_else_in_its_loop_waits_on_the_session(
+    seg: ringcast.Segment, loop_kind: str, run_async
+) -> None:
+    """``on_company``: what lets the server's pump have its producer write through to the
+    clients without waking anybody. It must say "shared" for as long as a reader's wait or
+    another watch is on the session, and "alone" again once they are gone."""
+    from ringcast import _aio
+
+    w = seg.create_or_replace("company")
+    other = seg.create_or_replace("elsewhere")
+
+    class _Told(_Collector):
+        def __init__(self, r: ringcast.Reader) -> None:
+            super().__init__(r)
+            self.told: list[bool] = []
+
+        def on_company(self, shared: bool) -> None:
+            self.told.append(shared)
+
+    async def main() -> None:
+        c = _Told(seg.reader("company"))
+        c.watch = _aio.watch(c.r, c)
+        assert c.told == [False]
+        waiting = asyncio.create_task(seg.reader("company").aread())
+        elsewhere = asyncio.create_task(seg.reader("elsewhere").aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert c.told == [False, True]  # a reader of another session is no company
+        w.write(b"x")
+        assert await asyncio.wait_for(waiting, 30) == b"x"
+        assert c.told[-1] is False
+        second = _Told(seg.reader("company"))
+        second.watch = _aio.watch(second.r, second)
+        assert c.told[-1] is True and second.told == [True]
+        second.watch.cancel()
+        assert c.told[-1] is False
+        cancelled = asyncio.create_task(seg.reader("company", 1).aread())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert c.told[-1] is True
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert c.told[-1] is False  # a wait given up leaves no company behind
+        other.write(b"y")
+        assert await asyncio.wait_for(elsewhere, 30) == b"y"
+        c.watch.cancel()
+
+    run_async(loop_kind, main)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import ringcast
-from ringcast._core import SocketFanOut
+from ringcast._core import SentCounter, SocketFanOut
 
 
 def _inode(sock: socket.socket) -> int:
@@ -162,3 +164,112 @@ def test_a_closed_reader_and_a_replaced_session_raise_as_reads_do(seg: ringcast.
     r.close()
     with pytest.raises(ringcast.RingcastError, match="closed"):
         fan.pass_(1 << 16)
+
+
+# -- writes through (Writer.write_event_through): the producer's append makes the pass
+
+
+def _framed(offset_after: int, event: bytes) -> bytes:
+    """The chunk a chunked client gets for one event appended with ``write_event``."""
+    body = b"id: %d\n%s" % (offset_after, event)
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+def test_a_write_through_passes_the_event_at_once_and_tells_nobody(
+    seg: ringcast.Segment, pairs
+) -> None:
+    w = seg.create_or_replace("c")
+    sent = SentCounter()
+    fan = SocketFanOut(seg.reader("c", 0, counted=False), sent)
+    a, b = pairs()
+    c, d = pairs()
+    fan.add(1, a.fileno(), True, _inode(a))
+    fan.add(2, c.fileno(), False, _inode(c))
+    # Not allowed yet: appended, the readers to be told, nothing passed.
+    assert fan.through == 0
+    assert w.write_event_through(b"data: 1\n\n", fan) == 1
+    assert fan.passed == 0 and _drain(b) == b""
+    first = fan.pass_(1 << 16)
+    assert first is not None and first[0] == 16 and fan.passed == 16
+    assert _drain(b) == _framed(16, b"data: 1\n\n")
+    assert _drain(d) == b"id: 16\ndata: 1\n\n"
+    fan.through = 1 << 16
+    assert w.write_event_through(b"data: 2\n\n", fan) == 2
+    assert fan.passed == 32
+    assert _drain(b) == _framed(32, b"data: 2\n\n")
+    assert _drain(d) == b"id: 32\ndata: 2\n\n"
+    assert sent.take() == 2 * 16 and sent.take() == 0  # every client's body bytes, once
+    assert fan.pass_(1 << 16) is None  # the pump finds nothing left to pass
+    with pytest.raises(ValueError, match="through"):
+        fan.through = (16 << 20) + 1
+    assert w.finalize()
+    assert w.write_event_through(b"data: 3\n\n", fan) == 0  # refused, as write_event's False
+    assert fan.pass_(1 << 16) == (0, 0, False, [], None)
+
+
+def test_a_write_through_that_goes_wrong_is_left_to_the_pump(seg: ringcast.Segment, pairs) -> None:
+    w = seg.create_or_replace("c")
+    fan = SocketFanOut(seg.reader("c", 0, counted=False))
+    fan.through = 1 << 16
+    a, b = pairs()
+    full, _peer = pairs()
+    fan.add(1, a.fileno(), False, _inode(a))
+    fan.add(2, full.fileno(), False, _inode(full))
+    full.setblocking(False)
+    try:
+        while True:
+            full.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    assert w.write_event_through(b"data: 1\n\n", fan) == 1  # client 2 took nothing
+    assert _drain(b) == b"id: 16\ndata: 1\n\n"
+    # While the pump has not seen that pass, no write goes through (the outcomes stay in
+    # order), and the pump's next pass is that one, whatever it asks for.
+    assert w.write_event_through(b"data: 2\n\n", fan) == 1
+    assert _drain(b) == b""
+    assert fan.pass_(1 << 16, True) == (16, 1, False, [(2, b"id: 16\ndata: 1\n\n")], None)
+    assert len(fan) == 1 and fan.passed == 16
+    assert fan.pass_(1 << 16) == (16, 1, False, [], None)
+    assert _drain(b) == b"id: 32\ndata: 2\n\n"
+    assert w.write_event_through(b"data: 3\n\n", fan) == 2
+    assert _drain(b) == b"id: 48\ndata: 3\n\n"
+
+
+_SUBSCRIBER = """
+import sys
+import ringcast
+seg = ringcast.Segment.open(sys.argv[1])
+notifier = seg.notifier()
+notifier.subscribe(int(sys.argv[2]), int(sys.argv[3]))
+notifier.arm()
+print("subscribed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_write_through_asks_for_the_flush_while_another_process_waits(
+    seg: ringcast.Segment, pairs
+) -> None:
+    w = seg.create_or_replace("c")
+    r = seg.reader("c", 0, counted=False)
+    seg.notifier()  # this process's row: its own pending wake-up needs no flush
+    fan = SocketFanOut(r)
+    fan.through = 1 << 16
+    a, b = pairs()
+    fan.add(1, a.fileno(), False, _inode(a))
+    assert w.write_event_through(b"data: 1\n\n", fan) == 2
+    other = subprocess.Popen(
+        [sys.executable, "-c", _SUBSCRIBER, seg.path, str(w.slot), str(w.generation)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "subscribed\n"
+        # Passed here, but the other process is to be told by the flush.
+        assert w.write_event_through(b"data: 2\n\n", fan) == 1
+        assert _drain(b) == b"id: 16\ndata: 1\n\nid: 32\ndata: 2\n\n"
+        assert seg.flush_wakes(skip_own=True) == 1
+        assert w.write_event_through(b"data: 3\n\n", fan) == 1  # it stays subscribed
+    finally:
+        other.communicate("", timeout=30)

@@ -9,6 +9,7 @@ counts the server's writes to that client.
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,12 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
     counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
     counters.bind_row(1)
 
+    flips: list[float] = []
+
     async def main() -> tuple[list[float], list[float], list[float]]:
         app = Coalescing(cfg.coalesce_ms, cfg.coalesce == "always", counters)
+        # What the fan-out hears (its pumps stop or start letting producers write through).
+        app.on_change = lambda: flips.append(app.linger)
         task = asyncio.create_task(app.run())
         # While the loop keeps up: no linger, for 20 samples in a row. A machine busy with
         # other work makes this loop late now and then (and the controller rightly lingers):
@@ -171,6 +176,9 @@ def test_adaptive_coalescing_follows_the_loop_lag(tmp_path: Path) -> None:
     assert after[-1] == 0.0, after
     assert after[5] > 0.0, "a loaded process keeps batching for a while after the load"
     assert counters._vals[HttpCounter.COALESCE_US] == 0
+    # Told of every start and stop, and only of those: lingering and not, in turn.
+    assert flips and flips[0] > 0.0 and flips[-1] == 0.0, flips
+    assert all((a > 0.0) != (b > 0.0) for a, b in itertools.pairwise(flips)), flips
 
 
 def test_adaptive_coalescing_takes_half_the_cap_while_merely_busy(tmp_path: Path) -> None:

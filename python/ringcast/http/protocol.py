@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -159,10 +158,10 @@ class Connection(asyncio.Protocol):
         self.flow = FlowControl(
             self.transport, self.app.http.write_timeout, self.app.count_write_timeout
         )
+        # (TCP_NODELAY: set by the event loop on every TCP connection it makes, uvloop's and
+        # asyncio's alike; a passed-in socket keeps it.)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with contextlib.suppress(OSError, AttributeError):
                 fd = sock.fileno()
                 self.fd_inode = os.fstat(fd).st_ino

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
+import random
 import time
 
+from ringcast._core import SocketFanOut
 from ringcast.server.counters import SharedCounters, WorkerCounter
 from ringcast.server.store import StreamStore, StreamWriter
 from ringcast.wire.openai import (
@@ -34,6 +35,10 @@ def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
     return head, tail
 
 
+THROUGH_DELIVERED = 2
+"""``Writer.write_event_through``: the event went to every client of the tap, nobody needs
+telling."""
+
 TOKENS_FLUSH_S = 0.05
 """How long the tokens a producer appended may wait before its ``tokens`` counter shows
 them."""
@@ -61,7 +66,7 @@ class TurnBatch:
         self.own_loop = own_loop
         self.written: dict[StreamWriter, None] = {}
         self.scheduled = False
-        self._counting = False
+        self.counting = False
         self.loop = asyncio.get_running_loop()
 
     def note(self, writer: StreamWriter) -> None:
@@ -86,14 +91,18 @@ class TurnBatch:
             self.store.flush_wakes(written, self.loop)
         else:
             self.store.flush_wakes()
-        if self.tokens and not self._counting:
-            # The shared counter (a struct write) once per TOKENS_FLUSH_S, not once per turn.
-            self._counting = True
-            self.loop.call_later(TOKENS_FLUSH_S, self.flush_tokens)
+        if self.tokens and not self.counting:
+            self.count_later()
+
+    def count_later(self) -> None:
+        """The shared counter (a struct write) is added to once per TOKENS_FLUSH_S, not once
+        per turn."""
+        self.counting = True
+        self.loop.call_later(TOKENS_FLUSH_S, self.flush_tokens)
 
     def flush_tokens(self) -> None:
         """Adds the tokens counted since the last call to the shared ``tokens`` counter."""
-        self._counting = False
+        self.counting = False
         if self.tokens:
             self.counters.inc(WorkerCounter.TOKENS, self.tokens)
             self.tokens = 0
@@ -107,7 +116,14 @@ class Emitter:
     """Frames and appends events for one session; raises ``Gone`` once writes are refused.
 
     With a ``batch``, appends defer their wake-ups to the end of the loop's turn (see
-    :class:`TurnBatch`); without, each append wakes the readers' processes itself."""
+    :class:`TurnBatch`); without, each append wakes the readers' processes itself.
+
+    With a :attr:`tap` (set by the session's pump in this process), an append is written
+    through (``Writer.write_event_through``): when the pump allows it, the append's call also
+    sends the event to the pump's clients, and nobody then needs waking."""
+
+    tap: SocketFanOut | None = None
+    """The socket fan-out of this session's pump in this process (see the class docs)."""
 
     def __init__(
         self,
@@ -123,9 +139,10 @@ class Emitter:
         self.route = route
         self.model = model
         self.counters = counters
-        self.id = chunk_id or (
-            ("chatcmpl-" if route == "chat" else "cmpl-") + secrets.token_hex(12)
-        )
+        # Unique, not secret (the stream's id is the conversation id): from the process's
+        # random generator (reseeded after a fork), not the system call token_hex makes.
+        prefix = "chatcmpl-" if route == "chat" else "cmpl-"
+        self.id = chunk_id or f"{prefix}{random.getrandbits(96):024x}"
         self.created = int(time.time())
         self.tokens = 0
         self.started = False
@@ -153,9 +170,20 @@ class Emitter:
             if not self.writer.write_event(event):
                 raise Gone
             return
-        if not self.writer.write_event(event, defer_wake=True):
-            raise Gone
-        batch.note(self.writer)
+        tap = self.tap
+        if tap is None:
+            if not self.writer.write_event(event, defer_wake=True):
+                raise Gone
+            batch.note(self.writer)
+            return
+        # (A tap is set only on the emitter of a ringcast.Writer: Jobs.run_job links no other.)
+        done = self.writer.write_event_through(event, tap)  # type: ignore[attr-defined]
+        if done != THROUGH_DELIVERED:
+            if not done:
+                raise Gone
+            batch.note(self.writer)
+        elif not batch.counting:
+            batch.count_later()  # no flush is coming to count the tokens
 
     def _chunk(
         self,
@@ -214,11 +242,23 @@ class Emitter:
             self.count_token()
             return
         writer = self.writer
-        if not writer.write_event(frame[0] + json_encoder.encode(piece) + frame[1], True):
-            raise Gone
+        tap = self.tap
+        if tap is None:
+            if not writer.write_event(frame[0] + json_encoder.encode(piece) + frame[1], True):
+                raise Gone
+            batch.note(writer)
+        else:
+            done = writer.write_event_through(  # type: ignore[attr-defined]
+                frame[0] + json_encoder.encode(piece) + frame[1], tap
+            )
+            if done != THROUGH_DELIVERED:
+                if not done:
+                    raise Gone
+                batch.note(writer)
+            elif not batch.counting:
+                batch.count_later()  # no flush is coming to count the tokens
         self.tokens += 1
         batch.tokens += 1
-        batch.note(writer)
 
     def finish(self, reason: str, prompt_tokens: int) -> None:
         self.start()

@@ -16,9 +16,17 @@ import time
 from collections.abc import Callable
 
 from ringcast import _aio
-from ringcast._core import OffsetLost, Reader, SessionEnded, SessionNotFound, SocketFanOut
+from ringcast._core import (
+    OffsetLost,
+    Reader,
+    SentCounter,
+    SessionEnded,
+    SessionNotFound,
+    SocketFanOut,
+)
 from ringcast.http.protocol import Connection, frame_chunk
 from ringcast.server.counters import HttpCounter, SharedCounters
+from ringcast.server.emitter import Emitter
 from ringcast.server.store import EndsDeadProducers, StreamReader, StreamStore, StreamView
 from ringcast.wire.sse import error_event
 
@@ -57,6 +65,8 @@ class Coalescing:
         self.counters = counters
         self.linger = self.cap if always else 0.0
         self.counters.set(HttpCounter.COALESCE_US, int(self.linger * 1e6))
+        self.on_change: Callable[[], None] | None = None
+        """Called when :attr:`linger` goes from 0 to more, or back."""
 
     async def run(self) -> None:
         """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
@@ -99,8 +109,11 @@ class Coalescing:
             elif avg < LAG_LOW:
                 linger = linger * LINGER_DECAY if linger > LINGER_START / 4 else 0.0
             if linger != self.linger:
+                flips = not linger or not self.linger
                 self.linger = linger
                 self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
+                if flips and self.on_change is not None:
+                    self.on_change()
 
 
 # Terminal events for readers whose session ended without finishing: (code, message).
@@ -145,6 +158,14 @@ class Pump:
     connection is detached, as one whose buffer filled; one that fails is detached too (its
     relay then finds it closed). The others (a transport with bytes buffered when it
     joined) get the pass through their transports.
+
+    When the session's producer runs in this process (a job of its own, ``--workers 0``), its
+    :class:`~ringcast.server.emitter.Emitter` is linked to the pump (:meth:`link`) and writes
+    through: each append's call also makes the pass (``Writer.write_event_through``), and
+    nobody is woken. The pump allows that (``SocketFanOut.through``) only while all its
+    connections are in :attr:`sockets`, nothing else in the process waits on the session
+    (:meth:`on_company`), and the process is not coalescing (a lingering pass is the pump's
+    to time); otherwise the producer's appends wake it as they would without the link.
     """
 
     def __init__(
@@ -162,7 +183,10 @@ class Pump:
         self.reader = reader
         self.owner = owner
         self.takeovers = 0
-        self.offset = reader.offset
+        self.base = reader.offset
+        """Where the pump started; :attr:`offset` counts on from there."""
+        self.fanned = 0
+        """Bytes passed by :meth:`_fan` (a pump without :attr:`sockets`)."""
         self.subs: dict[Connection, asyncio.Future[Outcome]] = {}
         self.carry = b""
         """The start of an event a capped read cut (:meth:`read_now`), sent with its rest."""
@@ -181,13 +205,72 @@ class Pump:
         pump whose connections do not all get the same bytes, or over a remote reader."""
         self.fast: dict[int, Connection] = {}
         """The connections in :attr:`sockets`, by the id they are known there by."""
+        self.producer: Emitter | None = None
+        """The session's producer in this process, writing through :attr:`sockets`."""
+        self.company = False
+        """Whether anything else in this process waits on the session (:meth:`on_company`)."""
         if isinstance(reader, Reader):
             if self.per_conn is None:
-                self.sockets = SocketFanOut(reader)
+                self.sockets = SocketFanOut(reader, fanout.sent_through)
             # Started once the relay that made it has joined (as a task would start).
             self.loop.call_soon(self._start)
         else:
             self.task = self.loop.create_task(self.run())
+
+    @property
+    def offset(self) -> int:
+        """The offset up to which the pump has passed the stream (where a connection joins
+        or is let go)."""
+        sockets = self.sockets
+        return self.base + self.fanned + (0 if sockets is None else sockets.passed)
+
+    def link(self, producer: Emitter) -> None:
+        """The session's producer runs in this process: it writes through :attr:`sockets`
+        while :meth:`_update_through` allows."""
+        sockets = self.sockets
+        if sockets is None or self.stopped or self.producer is not None:
+            return
+        self.producer = producer
+        producer.tap = sockets
+        self.fanout.linked(1)
+        self._update_through()
+
+    def unlink(self) -> None:
+        """The producer stops writing through (its job ended, or this pump stops)."""
+        producer = self.producer
+        if producer is None:
+            return
+        self.producer = None
+        if producer.tap is self.sockets:
+            producer.tap = None
+        self.fanout.linked(-1)
+        self._update_through()
+
+    def on_company(self, shared: bool) -> None:
+        """The hub's call: whether anything else in this process now waits on the session
+        (a reader catching up, another watch). A write through wakes nobody, so it is
+        allowed only while nothing does."""
+        self.company = shared
+        self._update_through()
+
+    def _update_through(self) -> None:
+        """Lets the linked producer write through :attr:`sockets`, or stops it (see the class
+        docs)."""
+        sockets = self.sockets
+        if sockets is None:
+            return
+        fast = self.fast
+        on = (
+            self.producer is not None
+            and not self.company
+            and not self.stopped
+            and bool(fast)
+            and len(fast) == len(self.subs)
+            and not self.fanout.coalescing.linger
+        )
+        through = RELAY_READ if on else 0
+        if sockets.through != through:
+            sockets.through = through
 
     def join(self, conn: Connection) -> asyncio.Future[Outcome]:
         """Adds ``conn`` (at the pump's offset, written to by nobody else until the returned
@@ -213,6 +296,7 @@ class Pump:
                 pass  # not a socket of ours to write to: its transport gets the passes
             else:
                 self.fast[id(conn)] = conn
+        self._update_through()
         return fut
 
     def _left(self, conn: Connection, fut: asyncio.Future[Outcome]) -> None:
@@ -220,6 +304,7 @@ class Pump:
             self.sockets.remove(id(conn))
         if self.subs.get(conn) is fut:
             del self.subs[conn]
+        self._update_through()
         if not self.subs:
             if self.task is not None:
                 if not self.task.done():
@@ -244,7 +329,7 @@ class Pump:
     def _fan(self, data: bytes) -> None:
         """One pass: ``data`` to every joined connection, counted, and the stream's event
         spacing updated. (The per-event path of every stream: kept to few steps.)"""
-        self.offset += len(data)
+        self.fanned += len(data)
         self._passed(self.deliver(data), data.count(b"\n\n"))
 
     def _passed(self, sent: int, events: int) -> None:
@@ -255,7 +340,7 @@ class Pump:
         if sent:
             fanout = self.fanout
             if not fanout.unsent:
-                self.loop.call_later(SENT_FLUSH_S, fanout.flush_sent)
+                fanout.flush_sent_later()
             fanout.unsent += sent
         now = self.loop.time()
         last = self.last_write
@@ -272,8 +357,11 @@ class Pump:
         watch = _aio.watch(self.reader, self)
         if self.stopped:
             watch.cancel()  # its first pass, made at once, ended the stream
-        else:
-            self.watch = watch
+            return
+        self.watch = watch
+        producer = self.fanout.producers.get(self.key)
+        if producer is not None:
+            self.link(producer)
 
     def on_ready(self) -> None:
         """The notifier hub's call: the session may have advanced."""
@@ -356,9 +444,8 @@ class Pump:
                 self.finished()
                 self._stop(("done", None))
                 return
-            self.offset += n
-            # The sockets that took the pass, and those whose rest their transport took (a
-            # failed one got nothing).
+            # (The offset moved: ``sockets.passed`` counts it.) The sockets that took the
+            # pass, and those whose rest their transport took (a failed one got nothing).
             taken = self._trouble(trouble) if trouble else 0
             sent = n * (len(fast) + taken)
             if data is not None:
@@ -383,6 +470,7 @@ class Pump:
             if fut is not None and not fut.done():
                 fut.set_result(("solo", self.offset))
                 self.fanout.counters.inc(HttpCounter.DETACHED)
+        self._update_through()
         return taken
 
     def read_now(self) -> bytes | None:
@@ -420,6 +508,7 @@ class Pump:
         pumps = self.registry
         if pumps.get(self.key) is self:
             del pumps[self.key]
+        self.unlink()
         if self.sockets is not None:
             # Before any connection is let go: from then on its relay writes to it.
             self.sockets.clear()
@@ -595,14 +684,61 @@ class FanOut:
         self.counters = counters
         self.pumps: dict[tuple[int, int], Pump] = {}
         self.event_pumps: dict[tuple[int, int], Pump] = {}
+        self.producers: dict[tuple[int, int], Emitter] = {}
+        """The producers of this process's jobs, by session (slot, generation): a pump of
+        one of these sessions links to its producer (:meth:`Pump.link`)."""
         self.unsent = 0
         """Bytes the pumps wrote that the shared counter does not show yet (added by
         :meth:`Pump._passed`, stored by :meth:`flush_sent`)."""
+        self.sent_through = SentCounter()
+        """Bytes that producers writing through the pumps' sockets sent."""
+        self._linked = 0
+        self._sent_timer: asyncio.TimerHandle | None = None
+        coalescing.on_change = self._linger_changed
 
     def flush_sent(self) -> None:
-        if self.unsent:
-            self.counters.inc(HttpCounter.BYTES_SENT, self.unsent)
-            self.unsent = 0
+        """Stores the bytes sent since the last call in the shared counter; while producers
+        write through, again in SENT_FLUSH_S."""
+        self._sent_timer = None
+        sent = self.unsent + self.sent_through.take()
+        self.unsent = 0
+        if sent:
+            self.counters.inc(HttpCounter.BYTES_SENT, sent)
+        if self._linked:
+            self.flush_sent_later()
+
+    def flush_sent_later(self) -> None:
+        """:meth:`flush_sent` in SENT_FLUSH_S, unless it is due already."""
+        if self._sent_timer is None:
+            loop = asyncio.get_running_loop()
+            self._sent_timer = loop.call_later(SENT_FLUSH_S, self.flush_sent)
+
+    def linked(self, change: int) -> None:
+        """A pump linked to its producer (``+1``) or unlinked (``-1``)."""
+        self._linked += change
+        self.flush_sent_later()
+
+    def producer_started(self, key: tuple[int, int], producer: Emitter) -> None:
+        """A job of this process produces the session ``key``: its pump, if there is one
+        now or later, links to it."""
+        self.producers[key] = producer
+        pump = self.pumps.get(key)
+        if pump is not None and pump.watch is not None:
+            pump.link(producer)
+
+    def producer_ended(self, key: tuple[int, int], producer: Emitter) -> None:
+        if self.producers.get(key) is producer:
+            del self.producers[key]
+        pump = self.pumps.get(key)
+        if pump is not None and pump.producer is producer:
+            pump.unlink()
+        producer.tap = None
+
+    def _linger_changed(self) -> None:
+        """Coalescing started or stopped: a pump lingers or writes through, not both."""
+        for pump in self.pumps.values():
+            if pump.producer is not None:
+                pump._update_through()
 
     def end_dead(self, conversation_id: str, owner: str) -> bool:
         """A reader found the stream's producer dead (``SessionEnded("producer_died")``):

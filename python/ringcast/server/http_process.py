@@ -95,6 +95,7 @@ async def serve_http(cfg: ServeConfig, index: int) -> None:
         # counters of a worker of the same index.
         counters_of_jobs = open_child_counters(cfg, "worker", index)
         jobs = app.jobs = Jobs(cfg, store, counters_of_jobs, *load_source(cfg), own_loop=True)
+        jobs.links = app.fanout  # its pumps take the producers' appends through (Pump.link)
         app.track(loop.create_task(jobs.watch_cancel()))
     if cfg.passes_readers:
         # The GETs of streams a sibling produces go there (ringcast.server.passing).

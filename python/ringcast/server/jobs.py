@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Protocol
 
-from ringcast._core import SegmentError
+from ringcast._core import SegmentError, Writer
 from ringcast.http.logs import log_failure
 from ringcast.server import rundir
 from ringcast.server.child import STARTUP_REFUSED
@@ -68,6 +69,13 @@ def _ping(writer: StreamWriter) -> bool:
         return False
 
 
+class ProducerLinks(Protocol):
+    """What learns of the producers of a process's jobs (``ringcast.server.fanout.FanOut``)."""
+
+    def producer_started(self, key: tuple[int, int], producer: Emitter) -> None: ...
+    def producer_ended(self, key: tuple[int, int], producer: Emitter) -> None: ...
+
+
 class Jobs:
     """The jobs of one process, each a task of its loop: an HTTP process's with ``--workers
     0``, or a worker's (:class:`ringcast.server.worker.WorkerApp`, which adds the socket
@@ -92,6 +100,9 @@ class Jobs:
         self.generate = generate
         self.upstream_read_timeout = upstream_read_timeout
         self.active: dict[asyncio.Task[None], StreamWriter] = {}
+        self.links: ProducerLinks | None = None
+        """Where the jobs' producers are announced to the pumps of this process (an HTTP
+        process that runs its own jobs: its ``FanOut``), so they can write through."""
         self.shutting_down = False
         self._batch: TurnBatch | None = None
         self._ticker: Ticker | None = None
@@ -134,13 +145,50 @@ class Jobs:
                 self.counters.inc(WorkerCounter.JOBS_CANCELLED)
 
     async def run_job(self, job: Job, writer: StreamWriter) -> None:
+        """Runs one job to its end (every way it can end is handled here). A generator's
+        loop is inline: each token resumes this coroutine and the generator's, no other."""
         self.counters.inc(WorkerCounter.JOBS_STARTED)
         emitter = Emitter(writer, job.route, self.cfg.model_name, self.counters, batch=self.batch)
+        links = self.links
+        key = None
+        if links is not None and isinstance(writer, Writer):
+            # The session's pump in this process takes the appends through (Pump.link).
+            key = (writer.slot, writer.generation)
+            links.producer_started(key, emitter)
         try:
             if self.generate is None and self.cfg.upstream:
                 await proxy_upstream(self.cfg, job, emitter, self.upstream_read_timeout)
             else:
-                await self.run_generator(job, writer, emitter)
+                ctx = self._context(job, writer)
+                if self.generate is None and self.cfg.tokens_per_s > 0:
+                    # The paced synthetic model: every stream of this worker on one Ticker.
+                    if self._ticker is None:
+                        self._ticker = Ticker(self.cfg.tokens_per_s, self.cfg.prefill_s)
+                    mt = ctx.max_tokens
+                    await self._ticker.run(
+                        ctx, emitter, self.cfg.default_max_tokens if mt is None else mt
+                    )
+                    emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+                else:
+                    gen_fn = self.generate or synthetic_model(self.cfg)
+                    # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE
+                    # events (e.g. a recorded one, ringcast.replay): no role chunk, final
+                    # chunk or [DONE] of ours.
+                    raw = getattr(gen_fn, "ringcast_raw_stream", False)
+                    gen = gen_fn(ctx)
+                    try:
+                        async for piece in gen:
+                            if isinstance(piece, str):
+                                emitter.token(piece)
+                            else:
+                                if not raw:
+                                    emitter.start()
+                                emitter.raw(piece)
+                                emitter.count_token()
+                    finally:
+                        await gen.aclose()  # type: ignore[attr-defined]
+                    if not raw:
+                        emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
             self.batch.finalize(writer)
             self.counters.inc(WorkerCounter.JOBS_DONE)
         except (Gone, asyncio.CancelledError):
@@ -157,44 +205,23 @@ class Jobs:
         except Exception as e:
             log_failure(log, "a generation failed", e)
             self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+        finally:
+            if key is not None:
+                links.producer_ended(key, emitter)  # type: ignore[union-attr]
 
     def _fail(self, writer: StreamWriter, code: int, message: str, type_: str) -> None:
         self.counters.inc(WorkerCounter.JOBS_FAILED)
         fail_stream(writer, code, message, type_)
 
-    async def run_generator(self, job: Job, writer: StreamWriter, emitter: Emitter) -> None:
+    @staticmethod
+    def _context(job: Job, writer: StreamWriter) -> JobContext:
+        """What a generator is given of the job: its request, decoded."""
         request: ChatCompletionRequest | CompletionRequest
         if job.route == "chat":
             request = chat_request_decoder.decode(job.body)
         else:
             request = completion_request_decoder.decode(job.body)
-        ctx = JobContext(job.route, job.body, request, writer)
-        if self.generate is None and self.cfg.tokens_per_s > 0:
-            # The paced synthetic model: every stream of this worker on one Ticker.
-            if self._ticker is None:
-                self._ticker = Ticker(self.cfg.tokens_per_s, self.cfg.prefill_s)
-            mt = ctx.max_tokens
-            await self._ticker.run(ctx, emitter, self.cfg.default_max_tokens if mt is None else mt)
-            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
-            return
-        gen_fn = self.generate or synthetic_model(self.cfg)
-        # A generator marked ``ringcast_raw_stream`` yields a whole stream's SSE events (e.g. a
-        # recorded one, ringcast.replay): no role chunk, final chunk or [DONE] of ours.
-        raw = getattr(gen_fn, "ringcast_raw_stream", False)
-        gen = gen_fn(ctx)
-        try:
-            async for piece in gen:
-                if isinstance(piece, str):
-                    emitter.token(piece)
-                else:
-                    if not raw:
-                        emitter.start()
-                    emitter.raw(piece)
-                    emitter.count_token()
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
-        if not raw:
-            emitter.finish(ctx.finish_reason, len(ctx.prompt_text().split()))
+        return JobContext(job.route, job.body, request, writer)
 
     async def watch_cancel(self) -> None:
         """Cancel jobs whose session was cancelled (every ``CANCEL_POLL``); ping streams that

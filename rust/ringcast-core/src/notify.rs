@@ -106,6 +106,11 @@ impl Wakers {
     fn send(&self, row: usize) -> Sent {
         self.senders.send(row, &self.dir.dir)
     }
+
+    /// The rows deferred publishes left pending (bit `i` = row `i`), a snapshot.
+    pub(crate) fn pending(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
+    }
 }
 
 /// Sleeps until `m` is published again (its `seq` moves from `seen`, read before the caller

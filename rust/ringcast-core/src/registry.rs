@@ -217,12 +217,21 @@ impl Registry {
 
     /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`);
     /// with `skip_own`, none to this process's own row (its caller wakes its own readers).
+    /// This process's bit in the masks of subscribed processes (bit `i` = row `i` of the
+    /// process table), or 0 while this handle has claimed no row.
+    pub(crate) fn own_row_mask(&self) -> u64 {
+        self.local().proc_index.map_or(0, |i| 1u64 << i)
+    }
+
+    /// Whether deferred publishes through this handle left a wake-up pending for a process
+    /// outside `except` (bit `i` = row `i`) that the next [`Registry::flush_wakes`] would
+    /// signal.
+    pub(crate) fn wakes_pending(&self, except: u64) -> bool {
+        self.wake.pending() & !except != 0
+    }
+
     pub(crate) fn flush_wakes(&self, skip_own: bool) -> usize {
-        let skip = if skip_own {
-            self.local().proc_index.map_or(0, |i| 1u64 << i)
-        } else {
-            0
-        };
+        let skip = if skip_own { self.own_row_mask() } else { 0 };
         notify::flush(&self.view, &self.wake, skip)
     }
 

@@ -315,6 +315,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether appends with [`Wake::Deferred`] through this segment handle (this writer's or
+    /// another's) left a wake-up pending for a process outside `except` (bit `i` = row `i` of
+    /// the process table; see [`Reader::own_row_mask`]): the next `Segment::flush_wakes` would
+    /// signal it.
+    pub fn wakes_pending(&self, except: u64) -> bool {
+        self.reg.wakes_pending(except)
+    }
+
     /// Ends the stream with `end` (done, failed or cancelled). False if it had already ended.
     pub fn finalize(&self, end: SessionState) -> Result<bool> {
         self.finalize_waking(end, Wake::Now)
@@ -434,6 +442,13 @@ impl Reader {
     }
     pub fn epoch(&self) -> u64 {
         self.reg.view().epoch()
+    }
+
+    /// This process's bit in the masks of the process table (bit `i` = row `i`): the row its
+    /// notifier is signalled through; 0 while this segment handle has claimed no row. For
+    /// [`Writer::wakes_pending`].
+    pub fn own_row_mask(&self) -> u64 {
+        self.reg.own_row_mask()
     }
 
     fn meta(&self) -> &SlotMeta {

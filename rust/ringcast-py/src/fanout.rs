@@ -9,6 +9,13 @@
 //! a pass, or none, or fails) it hands back, and the pump lets that client go on through its
 //! transport, as one whose write buffer filled.
 //!
+//! A producer in the same process can write through (`Writer.write_event_through`): its
+//! append is followed at once by a pass of the set it names, in the same call, so an event of
+//! a stream whose clients all sit in the set costs no step of the pump's at all (no wake-up,
+//! no Python). The pump allows it (`through`) only while nothing else in its process waits
+//! on the session and every client is in the set; a pass that goes wrong is kept (`stash`)
+//! for the pump's next `pass_`, which the writer's caller then wakes as usual.
+//!
 //! The one rule that makes writing behind the event loop's transport correct: while a client
 //! is in the set, nothing else writes to its connection, and its transport's write buffer was
 //! empty when it joined (the pump checks both), so the bytes leave in order. Each client's
@@ -16,7 +23,7 @@
 //! loop closes meanwhile cannot have its descriptor number reused under us for another one.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -36,6 +43,29 @@ struct Client {
     chunked: bool,
 }
 
+/// Body bytes that passes written through (`Writer.write_event_through`) sent, summed over
+/// every `SocketFanOut` given it, for the process's bytes-sent counter (no Python step runs
+/// per such pass to count them).
+#[pyclass(module = "ringcast", frozen)]
+pub(crate) struct SentCounter {
+    n: AtomicU64,
+}
+
+#[pymethods]
+impl SentCounter {
+    #[new]
+    fn new() -> Self {
+        SentCounter {
+            n: AtomicU64::new(0),
+        }
+    }
+
+    /// The bytes counted since the last call (then 0 again).
+    fn take(&self) -> u64 {
+        self.n.swap(0, Ordering::Relaxed)
+    }
+}
+
 /// The clients at the live edge of one session and the reader that feeds them (see the
 /// module docs): ``pass_`` reads what is new and sends it to every client's socket.
 #[pyclass(module = "ringcast")]
@@ -45,6 +75,24 @@ pub(crate) struct SocketFanOut {
     /// The start of an event a capped read cut, sent with its rest at the next pass.
     carry: Vec<u8>,
     buf: Vec<u8>,
+    /// Bytes of the stream passed so far (by `pass_` and by passes written through).
+    passed: u64,
+    /// The largest pass a write through makes; 0: writes through make none.
+    through: u64,
+    /// This process's row bit (`Reader::own_row_mask`), taken when `through` was set.
+    own_row: u64,
+    /// A pass written through that the pump must see (trouble, more to read, or the end):
+    /// the next `pass_` returns it before reading anything.
+    stash: Option<Pass>,
+    sent: Option<Py<SentCounter>>,
+}
+
+/// One pass's outcome, as `pass_` returns it but for `data` (see there).
+struct Pass {
+    n: u64,
+    events: u64,
+    again: bool,
+    trouble: Vec<(u64, Option<Py<PyBytes>>)>,
 }
 
 /// What `pass_` returns for a pass that found something (see there).
@@ -55,6 +103,16 @@ type PassOutcome = (
     Vec<(u64, Option<Py<PyBytes>>)>,
     Option<Py<PyBytes>>,
 );
+
+/// What `Writer.write_event_through` returns: the append was refused (as `write_event`'s
+/// False), ...
+pub(crate) const THROUGH_REFUSED: u8 = 0;
+/// ... it was made and the readers of the session must be told as after a deferred
+/// `write_event` (no pass was written through, or it left the pump work), ...
+pub(crate) const THROUGH_APPENDED: u8 = 1;
+/// ... or it was made and passed to every client of the set, and no other process waits
+/// for a wake-up: nobody needs telling.
+pub(crate) const THROUGH_DELIVERED: u8 = 2;
 
 /// How a `send` of `data` to one client went.
 enum Sent {
@@ -170,14 +228,55 @@ fn is_stream_socket(fd: &OwnedFd) -> bool {
 
 #[pymethods]
 impl SocketFanOut {
+    /// ``sent``: where passes written through count the body bytes they send.
     #[new]
-    fn new(reader: Py<Reader>) -> Self {
+    #[pyo3(signature = (reader, sent=None))]
+    fn new(reader: Py<Reader>, sent: Option<Py<SentCounter>>) -> Self {
         SocketFanOut {
             reader,
             clients: Vec::new(),
             carry: Vec::new(),
             buf: Vec::new(),
+            passed: 0,
+            through: 0,
+            own_row: 0,
+            stash: None,
+            sent,
         }
+    }
+
+    /// Bytes of the stream passed so far, by ``pass_`` and by writes through.
+    #[getter]
+    fn passed(&self) -> u64 {
+        self.passed
+    }
+
+    /// The largest pass a ``Writer.write_event_through`` naming this set makes (0: none).
+    #[getter]
+    fn get_through(&self) -> u64 {
+        self.through
+    }
+
+    /// Let writes through pass up to ``max_bytes`` at once (between 1 and 16 MiB), or none
+    /// (``0``). The caller allows it only while nothing else in this process waits to be told
+    /// of the session's appends (a write through that delivers tells nobody).
+    #[setter]
+    fn set_through(&mut self, py: Python<'_>, max_bytes: u64) -> PyResult<()> {
+        if max_bytes > MAX_PASS {
+            return Err(PyValueError::new_err(format!(
+                "through must be between 0 and {MAX_PASS}, got {max_bytes}"
+            )));
+        }
+        if max_bytes > 0 && self.through == 0 {
+            self.own_row = self
+                .reader
+                .bind(py)
+                .try_borrow_mut()?
+                .core(py)?
+                .own_row_mask();
+        }
+        self.through = max_bytes;
+        Ok(())
     }
 
     /// Adds a client, known by ``id``, whose connection's socket is ``fd`` (duplicated: the
@@ -204,7 +303,15 @@ impl SocketFanOut {
                 "descriptor {fd} is not a stream socket"
             )));
         }
-        let found = std::fs::File::from(own.try_clone()?).metadata()?.ino();
+        // The very socket the connection was made with: its inode, by one fstat of our own
+        // descriptor (a client joins once per session: each system call counts).
+        // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a live, writable stat; the descriptor is owned here and open.
+        if unsafe { libc::fstat(own.as_raw_fd(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let found = st.st_ino;
         if found != inode {
             return Err(PyOSError::new_err(format!(
                 "descriptor {fd} is another socket now (inode {found}, not {inode})"
@@ -258,6 +365,21 @@ impl SocketFanOut {
                 "max_bytes must be between 1 and {MAX_PASS}, got {max_bytes}"
             )));
         }
+        if let Some(p) = self.stash.take() {
+            // Passed already; a client joined since came in after it and needs none of it.
+            return Ok(Some((p.n, p.events, p.again, p.trouble, None)));
+        }
+        let Some(p) = self.pass_once(py, max_bytes)? else {
+            return Ok(None);
+        };
+        let data = (want_data && p.n > 0).then(|| PyBytes::new(py, &self.buf).unbind());
+        Ok(Some((p.n, p.events, p.again, p.trouble, data)))
+    }
+}
+
+impl SocketFanOut {
+    /// One pass (see `pass_`), its bytes left in `buf`.
+    fn pass_once(&mut self, py: Python<'_>, max_bytes: u64) -> PyResult<Option<Pass>> {
         let bound = self.reader.bind(py);
         let mut reader = bound.try_borrow_mut()?;
         let r = reader.core(py)?;
@@ -277,7 +399,15 @@ impl SocketFanOut {
         let mut read = match got {
             core::Poll::Data(n) => n,
             core::Poll::End | core::Poll::Pending if carried > 0 => 0,
-            core::Poll::End => return Ok(Some((0, 0, false, Vec::new(), None))),
+            core::Poll::End => {
+                self.buf.clear();
+                return Ok(Some(Pass {
+                    n: 0,
+                    events: 0,
+                    again: false,
+                    trouble: Vec::new(),
+                }));
+            }
             core::Poll::Pending => return Ok(None),
         };
         // An append may have landed between `available` and the read: a pass sized for
@@ -331,9 +461,47 @@ impl SocketFanOut {
                 }
             }
         });
-        let again = capped || !self.carry.is_empty() || at_end;
-        let data = want_data.then(|| PyBytes::new(py, data).unbind());
-        Ok(Some((self.buf.len() as u64, events, again, trouble, data)))
+        let n = self.buf.len() as u64;
+        self.passed += n;
+        Ok(Some(Pass {
+            n,
+            events,
+            again: capped || !self.carry.is_empty() || at_end,
+            trouble,
+        }))
+    }
+
+    /// The pass of a write through (`Writer.write_event_through`), made after its append:
+    /// `THROUGH_DELIVERED` if it went to every client and no process but this one has a
+    /// wake-up pending through `writer`'s segment handle, else `THROUGH_APPENDED` (no pass
+    /// was allowed, or the pump is to see it: kept in `stash`).
+    pub(crate) fn pass_through(&mut self, py: Python<'_>, writer: &core::Writer) -> u8 {
+        if self.through == 0
+            || self.clients.is_empty()
+            || !self.carry.is_empty()
+            || self.stash.is_some()
+        {
+            return THROUGH_APPENDED;
+        }
+        let pass = match self.pass_once(py, self.through) {
+            Ok(Some(p)) => p,
+            // Nothing (cannot be, after an append) or an error: the pump's pass finds it.
+            Ok(None) | Err(_) => return THROUGH_APPENDED,
+        };
+        if pass.n == 0 || pass.again || !pass.trouble.is_empty() {
+            self.stash = Some(pass);
+            return THROUGH_APPENDED;
+        }
+        if let Some(sent) = &self.sent {
+            sent.get()
+                .n
+                .fetch_add(pass.n * self.clients.len() as u64, Ordering::Relaxed);
+        }
+        if writer.wakes_pending(self.own_row) {
+            THROUGH_APPENDED
+        } else {
+            THROUGH_DELIVERED
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! PyO3 bindings for ringcast-core (`ringcast._core`): type and error translation only, one
 //! file per concept: `errors` (the exception tree and the one conversion of core errors),
 //! `segment` (`Segment`, `SessionInfo`, `SegmentStats`), `stream` (`Writer`, `Reader`),
-//! `notifier` (`Notifier`), `fanout` (`SocketFanOut`) and `steer` (`steer_accepts`). Nothing
-//! here imports a Python module: `Reader.aread` is written in Python (`ringcast._aio`) on top
-//! of `Reader.notifier()`.
+//! `notifier` (`Notifier`), `fanout` (`SocketFanOut`, `SentCounter`) and `steer`
+//! (`steer_accepts`). Nothing here imports a Python module: `Reader.aread` is written in Python
+//! (`ringcast._aio`) on top of `Reader.notifier()`.
 
 mod errors;
 mod fanout;
@@ -26,6 +26,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::Writer>()?;
     m.add_class::<stream::Reader>()?;
     m.add_class::<fanout::SocketFanOut>()?;
+    m.add_class::<fanout::SentCounter>()?;
     m.add_class::<notifier::Notifier>()?;
     m.add_class::<segment::SessionInfo>()?;
     m.add_class::<segment::SegmentStats>()?;

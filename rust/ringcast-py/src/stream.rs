@@ -13,6 +13,7 @@ use pyo3::types::{PyBytes, PyMemoryView};
 use ringcast_core as core;
 
 use crate::errors::{producer_died, reader_closed, to_py, IntoPyResult};
+use crate::fanout::{SocketFanOut, THROUGH_APPENDED, THROUGH_REFUSED};
 use crate::notifier::Notifier;
 
 /// Copies above this size release the GIL.
@@ -176,6 +177,32 @@ impl Writer {
         }
         py.detach(|| self.w.append_headed(bytes, header, true, wake))
             .py_err(py)
+    }
+
+    /// ``write_event(event, defer_wake=True)``, then, if ``fanout`` lets writes through
+    /// (``SocketFanOut.through``, which its pump sets only while it is all this process waits
+    /// on the session with), one pass of ``fanout`` in the same call: the event goes to its
+    /// clients' sockets at once, with no wake-up and no pump step. Returns 0 if the append
+    /// was refused (``write_event``'s False); 1 if it was made and the session's readers are
+    /// to be told as after a deferred ``write_event`` (nothing was passed, or the pump has to
+    /// see the pass: it went wrong for a client, or left more to read); 2 if it was made,
+    /// passed to every client of ``fanout``, and no other process awaits a wake-up from this
+    /// segment handle: nobody needs telling. Raises as ``write``.
+    fn write_event_through(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyBytes>,
+        fanout: &Bound<'_, SocketFanOut>,
+    ) -> PyResult<u8> {
+        if !self.write_event(py, event, true)? {
+            return Ok(THROUGH_REFUSED);
+        }
+        // Borrowed elsewhere: only by a pass of its own on this thread (cannot be), or by
+        // another thread's call (its caller's business): the pump's pass finds the event.
+        let Ok(mut fan) = fanout.try_borrow_mut() else {
+            return Ok(THROUGH_APPENDED);
+        };
+        Ok(fan.pass_through(py, &self.w))
     }
 
     /// End the stream as ``"done"``, ``"failed"`` or ``"cancelled"``; idempotent. False if it
