@@ -79,12 +79,10 @@ async def timestamps(n: int) -> AsyncIterator[str]:
         yield str(time.time_ns())
 
 
-def timestamped(ctx: Any) -> AsyncIterator[str]:
-    """``ringcast serve --generator baselines:timestamped`` plug-in: :func:`timestamps` itself
-    (a function returning the async generator, not one more generator around it: each token
-    then resumes the job and this generator, as each resumes the baselines' producer and
-    theirs)."""
-    return timestamps(ctx.max_tokens or 16)
+async def timestamped(ctx: Any) -> AsyncIterator[str]:
+    """``ringcast serve --generator baselines:timestamped`` plug-in."""
+    async for piece in timestamps(ctx.max_tokens or 16):
+        yield piece
 
 
 def chunk_event(content: str) -> bytes:
