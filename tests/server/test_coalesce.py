@@ -283,3 +283,38 @@ def test_a_background_task_that_fails_is_logged(
     assert "busy_at" not in error.getMessage() and error.exc_info is None
     (debug,) = [r for r in failures if r.levelname == "DEBUG"]
     assert debug.exc_info is not None and "busy_at" in str(debug.exc_info[1])
+
+
+def test_an_idle_process_samples_nothing_until_a_pump_starts(tmp_path: Path) -> None:
+    """With nothing to coalesce the controller waits (no timer a few dozen times a second
+    in an idle process) and samples again as soon as it is woken."""
+    import asyncio
+
+    from ringcast.server.counters import SharedCounters
+    from ringcast.server.fanout import Coalescing
+
+    counters = SharedCounters(str(tmp_path / "counters"), 3, create=True)
+    counters.bind_row(1)
+
+    async def main() -> None:
+        c = Coalescing(20.0, False, counters)
+        pumps = 0
+        c.busy = lambda: pumps > 0
+        task = asyncio.create_task(c.run())
+        await asyncio.sleep(0.05)
+        assert c._idle is not None and not c._idle.done(), "an idle controller waits"
+        pumps = 1
+        c.wake()
+        await asyncio.sleep(0)
+        assert c._idle is None, "woken, it samples again"
+        await asyncio.sleep(0.1)
+        assert c._idle is None, "and keeps sampling while there is a pump"
+        pumps = 0
+        for _ in range(300):  # back to waiting at the end of its next sample
+            await asyncio.sleep(0.01)
+            if c._idle is not None:
+                break
+        assert c._idle is not None and not c._idle.done()
+        task.cancel()
+
+    asyncio.run(main())

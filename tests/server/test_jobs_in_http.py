@@ -202,3 +202,21 @@ def test_anonymous_streams_of_a_killed_http_process_are_removed(
 
         wait_for(lambda: sessions_left() == 0, "the orphans' removal", timeout=15)
         assert s.metric("dead_producers_total") == 5
+
+
+def test_a_job_cancelled_before_its_first_token_stops_in_an_idle_process(
+    serve: Any, wait_for: Any
+) -> None:
+    """Cancellation of a job that appends nothing (a long prefill) is seen only by the
+    process's poll, which sleeps while no job runs: the first job must wake it."""
+    with serve("--tokens-per-s", "20", "--prefill-s", "600", http_procs=1, workers=None) as s:
+        r = s.post_chat("thinking", max_tokens=10)
+        assert r.status == 200
+        status, _, _ = s.request("DELETE", "/v1/stream?conv_id=thinking")
+        assert status == 204
+        wait_for(
+            lambda: s.metric('worker_jobs_total{outcome="cancelled"}') == 1,
+            "the job to stop without appending",
+        )
+        assert s.metric('worker_jobs_active{worker="0"}') == 0
+        assert b"cancelled" in r.read_all_and_close()

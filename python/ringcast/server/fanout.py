@@ -49,6 +49,9 @@ LAG_SEVERE = 0.004
 LAG_LOW = 0.0005
 LINGER_START = 0.002
 LINGER_DECAY = 0.85
+LAG_IDLE_WAIT = 1.0
+"""While the process has no pump (nothing to coalesce) and does not linger, the controller
+samples nothing: it waits for the first pump (:meth:`Coalescing.wake`), at most this long."""
 MAX_TAKEOVERS = 3
 """How many times one relay or pump ends its stream in-band after finding its producer dead
 (each time, the process that took it over may itself have died before finishing: then the
@@ -67,6 +70,16 @@ class Coalescing:
         self.counters.set(HttpCounter.COALESCE_US, int(self.linger * 1e6))
         self.on_change: Callable[[], None] | None = None
         """Called when :attr:`linger` goes from 0 to more, or back."""
+        self.busy: Callable[[], bool] = lambda: True
+        """Whether the process has anything to coalesce (a pump); while it has not and does
+        not linger, :meth:`run` waits for :meth:`wake` instead of sampling."""
+        self._idle: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Something to coalesce may have started (a pump): :meth:`run` samples again."""
+        idle = self._idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     async def run(self) -> None:
         """Adaptive coalescing, like a NIC's adaptive interrupt moderation: pumps write on
@@ -88,7 +101,18 @@ class Coalescing:
         or its backlog, not the linger, sets the latency."""
         cap = self.cap
         avg = slow = 0.0
+        loop = asyncio.get_running_loop()
         while True:
+            if not self.linger and avg < LAG_LOW and not self.busy():
+                # Idle: a timer a few dozen times a second was most of what an idle process
+                # cost. (A lag measured across this wait would mean nothing: none is taken.)
+                idle = self._idle = loop.create_future()
+                timer = loop.call_later(LAG_IDLE_WAIT, _resolve, idle)
+                await idle
+                timer.cancel()
+                self._idle = None
+                avg = slow = 0.0
+                continue
             # Calm (not lingering, no lag): one sample per LAG_PERIOD_CALM; a lag it finds is
             # then followed at LAG_PERIOD. (One late sample lifts the average above LAG_HIGH
             # by itself only if it is 4 ms late: a process falling behind slowly is seen
@@ -114,6 +138,11 @@ class Coalescing:
                 self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
                 if flips and self.on_change is not None:
                     self.on_change()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 # Terminal events for readers whose session ended without finishing: (code, message).
@@ -209,6 +238,7 @@ class Pump:
         """The session's producer in this process, writing through :attr:`sockets`."""
         self.company = False
         """Whether anything else in this process waits on the session (:meth:`on_company`)."""
+        fanout.coalescing.wake()
         if isinstance(reader, Reader):
             if self.per_conn is None:
                 self.sockets = SocketFanOut(reader, fanout.sent_through)
@@ -695,6 +725,7 @@ class FanOut:
         self._linked = 0
         self._sent_timer: asyncio.TimerHandle | None = None
         coalescing.on_change = self._linger_changed
+        coalescing.busy = lambda: bool(self.pumps or self.event_pumps)
 
     def flush_sent(self) -> None:
         """Stores the bytes sent since the last call in the shared counter; while producers

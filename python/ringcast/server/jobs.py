@@ -106,6 +106,8 @@ class Jobs:
         self.shutting_down = False
         self._batch: TurnBatch | None = None
         self._ticker: Ticker | None = None
+        self._job_started: asyncio.Future[None] | None = None
+        """What :meth:`watch_cancel` awaits while no job runs."""
 
     @property
     def batch(self) -> TurnBatch:
@@ -128,6 +130,9 @@ class Jobs:
         """Run an adopted job in a task of its own, counted in :attr:`active`."""
         task = asyncio.get_running_loop().create_task(self.run_job(job, writer))
         self.active[task] = writer
+        waiting = self._job_started
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)  # watch_cancel polls again
         self.counters.inc(WorkerCounter.ACTIVE)
         task.add_done_callback(self._job_done)
         return task
@@ -234,6 +239,13 @@ class Jobs:
         next_check = 0.0
         progress: dict[asyncio.Task[None], tuple[int, float]] = {}
         while True:
+            if not self.active:
+                # Nothing to poll: sleep until a job starts (an idle process's timer wakes
+                # were most of what it cost).
+                self._job_started = loop.create_future()
+                await self._job_started
+                self._job_started = None
+                progress.clear()
             await asyncio.sleep(CANCEL_POLL)
             # One call into the store for every job (a thousand property reads in Python
             # were most of this poll's cost).
