@@ -220,3 +220,52 @@ def test_a_job_cancelled_before_its_first_token_stops_in_an_idle_process(
         )
         assert s.metric('worker_jobs_active{worker="0"}') == 0
         assert b"cancelled" in r.read_all_and_close()
+
+
+def _body_chunks(raw: bytes) -> list[bytes]:
+    """The HTTP chunks of a chunked response, in order (the head skipped)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    chunks = []
+    while True:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+def test_the_role_chunk_leaves_with_the_first_token_and_the_final_chunk_with_done(
+    serve: Any,
+) -> None:
+    """Events that always come in pairs go out in one write: the role chunk with the first
+    token, the final chunk with ``[DONE]`` (each write is one HTTP chunk on the wire)."""
+    import socket
+
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 3,
+        }
+    ).encode()
+    with serve("--tokens-per-s", "10", "--prefill-s", "0.3", http_procs=1) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=60) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"X-Conversation-Id: pairs\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            raw = bytearray()
+            while data := sock.recv(65536):
+                raw += data
+    chunks = _body_chunks(bytes(raw))
+    # Tokens 0.1 s apart are written one by one (a process that lingers, on a loaded
+    # machine, may merge more: never fewer per write).
+    first, last = chunks[0], chunks[-1]
+    assert first.count(b"\n\n") >= 2 and b'"role":"assistant"' in first, chunks
+    assert b'"content":"' in first.split(b"\n\n")[1], chunks
+    assert last.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in last, chunks
+    assert b"".join(chunks).count(b"\n\n") == 6  # role, 3 tokens, final chunk, [DONE]

@@ -162,16 +162,19 @@ class Emitter:
         else:
             self.batch.tokens += 1
 
-    def _append(self, event: bytes) -> None:
+    def _append(self, event: bytes, through: bool = True) -> None:
         """Appends ``event`` framed with its ``id:`` line (``Writer.write_event``: the offset
-        is taken under the append lock, no ``total_bytes`` round trip and no copy here)."""
+        is taken under the append lock, no ``total_bytes`` round trip and no copy here).
+        ``through=False``: not written through the tap even if there is one, for an event
+        that another follows at once (the role chunk, the final chunk): the next append's
+        pass then sends both in one write."""
         batch = self.batch
         if batch is None:
             if not self.writer.write_event(event):
                 raise Gone
             return
         tap = self.tap
-        if tap is None:
+        if tap is None or not through:
             if not self.writer.write_event(event, defer_wake=True):
                 raise Gone
             batch.note(self.writer)
@@ -219,7 +222,7 @@ class Emitter:
         if not self.started:
             self.started = True
             if self.route == "chat":
-                self.raw(self._chunk("", role="assistant"))
+                self._append(self._chunk("", role="assistant"), through=False)
 
     def text(self, piece: str) -> None:
         if not self.started:
@@ -263,5 +266,5 @@ class Emitter:
     def finish(self, reason: str, prompt_tokens: int) -> None:
         self.start()
         usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
-        self.raw(self._chunk(None, finish=reason, usage=usage))
+        self._append(self._chunk(None, finish=reason, usage=usage), through=False)
         self.raw(DONE_EVENT)
