@@ -376,10 +376,15 @@ class SocketFanOut:
     been empty when it was added."""
 
     def __new__(cls, reader: Reader, sent: SentCounter | None = None) -> SocketFanOut:
-        """``sent``: where passes written through count the body bytes they send."""
+        """``sent``: where every pass counts the body bytes it sends whole to clients'
+        sockets."""
     @property
     def passed(self) -> int:
         """Bytes of the stream passed so far, by ``pass_`` and by writes through."""
+    def take_trouble(self) -> builtins.list[tuple[int, bytes | None]]:
+        """The trouble of a pass written through that no ``pass_`` has returned yet, handed
+        over now (for a pump that stops): ``(id, rest)`` as ``pass_`` gives it; empty if
+        there is none."""
     @property
     def through(self) -> int:
         """The largest pass a ``Writer.write_event_through`` naming this set makes; 0 (the
@@ -410,12 +415,13 @@ class SocketFanOut:
         socket did not take, ``None`` if it failed; ``data``: the bytes passed with
         ``want_data``, else ``None``. A pass a write through made and left to the pump
         (``Writer.write_event_through`` returned 1 after it) is returned first, without
-        ``data``. Raises as ``Reader.read_nowait``."""
+        ``data`` and with ``again`` (appends made meanwhile were not passed). Raises as
+        ``Reader.read_nowait``."""
 
 @final
 class SentCounter:
-    """Body bytes that writes through (``Writer.write_event_through``) sent, summed over every
-    ``SocketFanOut`` made with this counter."""
+    """Body bytes the passes of every ``SocketFanOut`` made with this counter sent whole to
+    their clients' sockets (by ``pass_`` or written through)."""
 
     def __new__(cls) -> SentCounter: ...
     def take(self) -> int:

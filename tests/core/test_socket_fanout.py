@@ -193,12 +193,13 @@ def test_a_write_through_passes_the_event_at_once_and_tells_nobody(
     assert first is not None and first[0] == 16 and fan.passed == 16
     assert _drain(b) == _framed(16, b"data: 1\n\n")
     assert _drain(d) == b"id: 16\ndata: 1\n\n"
+    assert sent.take() == 2 * 16 and sent.take() == 0  # every client's body bytes, once
     fan.through = 1 << 16
     assert w.write_event_through(b"data: 2\n\n", fan) == 2
     assert fan.passed == 32
     assert _drain(b) == _framed(32, b"data: 2\n\n")
     assert _drain(d) == b"id: 32\ndata: 2\n\n"
-    assert sent.take() == 2 * 16 and sent.take() == 0  # every client's body bytes, once
+    assert sent.take() == 2 * 16
     assert fan.pass_(1 << 16) is None  # the pump finds nothing left to pass
     with pytest.raises(ValueError, match="through"):
         fan.through = (16 << 20) + 1
@@ -224,15 +225,24 @@ def test_a_write_through_that_goes_wrong_is_left_to_the_pump(seg: ringcast.Segme
     assert w.write_event_through(b"data: 1\n\n", fan) == 1  # client 2 took nothing
     assert _drain(b) == b"id: 16\ndata: 1\n\n"
     # While the pump has not seen that pass, no write goes through (the outcomes stay in
-    # order), and the pump's next pass is that one, whatever it asks for.
+    # order), and the pump's next pass is that one, whatever it asks for, and says to read
+    # again: the append made meanwhile was not passed, and may not be signalled again.
     assert w.write_event_through(b"data: 2\n\n", fan) == 1
     assert _drain(b) == b""
-    assert fan.pass_(1 << 16, True) == (16, 1, False, [(2, b"id: 16\ndata: 1\n\n")], None)
+    assert fan.pass_(1 << 16, True) == (16, 1, True, [(2, b"id: 16\ndata: 1\n\n")], None)
     assert len(fan) == 1 and fan.passed == 16
     assert fan.pass_(1 << 16) == (16, 1, False, [], None)
     assert _drain(b) == b"id: 32\ndata: 2\n\n"
     assert w.write_event_through(b"data: 3\n\n", fan) == 2
     assert _drain(b) == b"id: 48\ndata: 3\n\n"
+    # A pump that stops with such a pass kept takes its trouble over.
+    c, d = pairs()
+    fan.add(3, c.fileno(), False, _inode(c))
+    fan.remove(1)
+    d.close()  # the client is gone: a send to it fails
+    assert w.write_event_through(b"data: 4\n\n", fan) == 1
+    assert fan.take_trouble() == [(3, None)]
+    assert fan.take_trouble() == [] and len(fan) == 0
 
 
 _SUBSCRIBER = """

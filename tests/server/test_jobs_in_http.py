@@ -269,3 +269,111 @@ def test_the_role_chunk_leaves_with_the_first_token_and_the_final_chunk_with_don
     assert b'"content":"' in first.split(b"\n\n")[1], chunks
     assert last.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in last, chunks
     assert b"".join(chunks).count(b"\n\n") == 6  # role, 3 tokens, final chunk, [DONE]
+
+
+BURST_PLUGIN = """
+async def burst(ctx):
+    import asyncio
+    await asyncio.sleep(1.0)  # the readers attach meanwhile
+    for i in range(40000):  # then every token in one turn of the loop
+        yield "token %d " % i
+"""
+
+
+def test_a_reader_that_stops_reading_holds_up_nobody_in_a_burst(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer writing through its pump, a burst of appends in one turn, and a client
+    whose socket fills in the middle of it: the pass that could not go to that client is
+    left to the pump, and so are the appends after it in that turn. Every other reader must
+    still get the whole stream (it once got no further: the pump handled the kept pass and
+    stopped, and no wake-up came for the rest)."""
+    import socket
+    import threading
+
+    (tmp_path / "burst_plugin.py").write_text(BURST_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with serve(
+        "--generator",
+        "burst_plugin:burst",
+        "--session-bytes",
+        "32M",
+        "--max-sessions",
+        "64",
+        http_procs=1,
+    ) as s:
+        post = s.post_chat("burst", max_tokens=40000)
+        assert post.status == 200
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            stuck.connect(("127.0.0.1", s.port))
+            stuck.sendall(b"GET /v1/stream?conv_id=burst&from=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            got: dict[str, bytes] = {}
+
+            def read_get(name: str) -> None:
+                status, _, body = s.request("GET", "/v1/stream?conv_id=burst&from=0")
+                got[name] = body if status == 200 else b""
+
+            readers = [threading.Thread(target=read_get, args=(f"get{i}",)) for i in range(2)]
+            for t in readers:
+                t.start()
+            whole_post = post.read_all_and_close()
+            for t in readers:
+                t.join(60)
+        assert whole_post.endswith(b"data: [DONE]\n\n"), whole_post[-200:]
+        status, _, replay = s.request("GET", "/v1/stream?conv_id=burst&from=0")
+        assert status == 200 and replay.endswith(b"data: [DONE]\n\n")
+        assert got == {"get0": replay, "get1": replay}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_connections_on_the_port_get_tcp_nodelay_on_either_event_loop(loop_kind: str) -> None:
+    """The HTTP processes leave TCP_NODELAY to the event loop: uvloop sets it on every TCP
+    connection, asyncio only on those whose socket says it is TCP, which the listening
+    socket (and so every accepted one) must then say."""
+    import socket
+
+    import uvloop
+    from ringcast.server.config import ServeConfig
+    from ringcast.server.http_process import _bound_socket
+
+    cfg = ServeConfig(host="127.0.0.1", port=0)
+    seen: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Probe, sock=_bound_socket(cfg))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    (uvloop.run if loop_kind == "uvloop" else asyncio.run)(main())
+    assert seen and seen[0] != 0
+
+
+def test_bytes_sent_are_counted_exactly_when_the_producer_writes_through(
+    serve: Any, wait_for: Any
+) -> None:
+    """Passes written through are counted in Rust (no Python step per event): the metric
+    still equals the body bytes the clients got, no more."""
+    import time
+
+    with serve("--tokens-per-s", "40", "--prefill-s", "0.5", http_procs=1) as s:
+        post = s.post_chat("counted", max_tokens=30)
+        live = s.open_request("GET", "/v1/stream?conv_id=counted&from=0")
+        whole = post.read_all_and_close()
+        assert whole.endswith(b"data: [DONE]\n\n")
+        assert live.read_all_and_close() == whole
+        wait_for(lambda: s.metric("http_bytes_sent_total") == 2 * len(whole), "the count")
+        time.sleep(0.3)  # a few of the counter's flushes: nothing more comes
+        assert s.metric("http_bytes_sent_total") == 2 * len(whole)

@@ -241,7 +241,7 @@ class Pump:
         fanout.coalescing.wake()
         if isinstance(reader, Reader):
             if self.per_conn is None:
-                self.sockets = SocketFanOut(reader, fanout.sent_through)
+                self.sockets = SocketFanOut(reader, fanout.socket_sent)
             # Started once the relay that made it has joined (as a task would start).
             self.loop.call_soon(self._start)
         else:
@@ -474,12 +474,14 @@ class Pump:
                 self.finished()
                 self._stop(("done", None))
                 return
-            # (The offset moved: ``sockets.passed`` counts it.) The sockets that took the
-            # pass, and those whose rest their transport took (a failed one got nothing).
+            # (The offset moved: ``sockets.passed`` counts it, and the bytes the sockets took
+            # whole are counted in Rust.) Those whose rest their transport took, and the
+            # connections served through their transports.
             taken = self._trouble(trouble) if trouble else 0
-            sent = n * (len(fast) + taken)
+            sent = n * taken
             if data is not None:
                 sent += self.deliver(data)
+            self.fanout.flush_sent_later()
             self._passed(sent, events)
             if not again or self.stopped:
                 return
@@ -540,6 +542,11 @@ class Pump:
             del pumps[self.key]
         self.unlink()
         if self.sockets is not None:
+            # A pass written through whose trouble the pump has not seen: those clients get
+            # the rest of it through their transports first.
+            trouble = self.sockets.take_trouble()
+            if trouble:
+                self._trouble(trouble)
             # Before any connection is let go: from then on its relay writes to it.
             self.sockets.clear()
             self.fast.clear()
@@ -720,8 +727,8 @@ class FanOut:
         self.unsent = 0
         """Bytes the pumps wrote that the shared counter does not show yet (added by
         :meth:`Pump._passed`, stored by :meth:`flush_sent`)."""
-        self.sent_through = SentCounter()
-        """Bytes that producers writing through the pumps' sockets sent."""
+        self.socket_sent = SentCounter()
+        """Body bytes the pumps' socket sets sent (counted in Rust, per pass)."""
         self._linked = 0
         self._sent_timer: asyncio.TimerHandle | None = None
         coalescing.on_change = self._linger_changed
@@ -731,7 +738,7 @@ class FanOut:
         """Stores the bytes sent since the last call in the shared counter; while producers
         write through, again in SENT_FLUSH_S."""
         self._sent_timer = None
-        sent = self.unsent + self.sent_through.take()
+        sent = self.unsent + self.socket_sent.take()
         self.unsent = 0
         if sent:
             self.counters.inc(HttpCounter.BYTES_SENT, sent)

@@ -38,7 +38,9 @@ LISTEN_BACKLOG = 4096
 def _bound_socket(cfg: ServeConfig) -> socket.socket:
     """The port, shared with the other HTTP processes; ``create_server`` listens on it."""
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named (not 0): the accepted sockets inherit it, and asyncio's loop sets
+    # TCP_NODELAY only on a socket whose protocol says TCP (uvloop on every TCP socket).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((cfg.host, cfg.port))

@@ -43,9 +43,9 @@ struct Client {
     chunked: bool,
 }
 
-/// Body bytes that passes written through (`Writer.write_event_through`) sent, summed over
-/// every `SocketFanOut` given it, for the process's bytes-sent counter (no Python step runs
-/// per such pass to count them).
+/// Body bytes the passes of every `SocketFanOut` given it sent whole to the sockets of their
+/// clients (by `pass_` or written through: no Python step runs per write through to count
+/// them), for the process's bytes-sent counter.
 #[pyclass(module = "ringcast", frozen)]
 pub(crate) struct SentCounter {
     n: AtomicU64,
@@ -228,7 +228,7 @@ fn is_stream_socket(fd: &OwnedFd) -> bool {
 
 #[pymethods]
 impl SocketFanOut {
-    /// ``sent``: where passes written through count the body bytes they send.
+    /// ``sent``: where every pass counts the body bytes it sends whole to clients' sockets.
     #[new]
     #[pyo3(signature = (reader, sent=None))]
     fn new(reader: Py<Reader>, sent: Option<Py<SentCounter>>) -> Self {
@@ -249,6 +249,13 @@ impl SocketFanOut {
     #[getter]
     fn passed(&self) -> u64 {
         self.passed
+    }
+
+    /// The trouble of a pass written through that no ``pass_`` has returned yet (see
+    /// ``pass_``), handed over now (for a pump that stops): ``(id, rest)`` of each client it
+    /// could not wholly send to; empty if there is none.
+    fn take_trouble(&mut self) -> Vec<(u64, Option<Py<PyBytes>>)> {
+        self.stash.take().map(|p| p.trouble).unwrap_or_default()
     }
 
     /// The largest pass a ``Writer.write_event_through`` naming this set makes (0: none).
@@ -367,7 +374,9 @@ impl SocketFanOut {
         }
         if let Some(p) = self.stash.take() {
             // Passed already; a client joined since came in after it and needs none of it.
-            return Ok(Some((p.n, p.events, p.again, p.trouble, None)));
+            // Appends made while it was kept were not passed, and their wake-up may be the
+            // one that brought the caller here: it must read again.
+            return Ok(Some((p.n, p.events, true, p.trouble, None)));
         }
         let Some(p) = self.pass_once(py, max_bytes)? else {
             return Ok(None);
@@ -463,6 +472,12 @@ impl SocketFanOut {
         });
         let n = self.buf.len() as u64;
         self.passed += n;
+        if let Some(sent) = &self.sent {
+            // The clients left in the set took all of it.
+            sent.get()
+                .n
+                .fetch_add(n * self.clients.len() as u64, Ordering::Relaxed);
+        }
         Ok(Some(Pass {
             n,
             events,
@@ -491,11 +506,6 @@ impl SocketFanOut {
         if pass.n == 0 || pass.again || !pass.trouble.is_empty() {
             self.stash = Some(pass);
             return THROUGH_APPENDED;
-        }
-        if let Some(sent) = &self.sent {
-            sent.get()
-                .n
-                .fetch_add(pass.n * self.clients.len() as u64, Ordering::Relaxed);
         }
         if writer.wakes_pending(self.own_row) {
             THROUGH_APPENDED
