@@ -1,5 +1,6 @@
 """Small threaded web servers for the browser and passthrough tests (imported by them; not a
-test module): reading one request, and a page server that serves a page and takes its report.
+test module): reading one request, and a page server that serves a page and takes its report;
+and the chunks of a chunked response, for the tests that count the server's writes.
 """
 
 from __future__ import annotations
@@ -85,3 +86,19 @@ def serving(server: socketserver.BaseServer) -> Iterator[None]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def http_chunks(raw: bytes) -> list[bytes]:
+    """The body chunks of a whole chunked ``HTTP/1.1 200`` response (its head included), in
+    order: each write of the server's is one chunk on the wire."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    chunks = []
+    while True:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]

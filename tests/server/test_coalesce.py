@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pages import http_chunks
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,17 +30,7 @@ def chunks_of_live_reader(srv: Any, conv: str) -> list[bytes]:
         raw = bytearray()
         while data := sock.recv(65536):
             raw += data
-    head, _, rest = bytes(raw).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    chunks = []
-    while True:
-        line, _, rest = rest.partition(b"\r\n")
-        size = int(line, 16)
-        if size == 0:
-            return chunks
-        chunks.append(rest[:size])
-        assert rest[size : size + 2] == b"\r\n"
-        rest = rest[size + 2 :]
+    return http_chunks(bytes(raw))
 
 
 def live_read(srv: Any, conv: str, tokens: int) -> tuple[list[bytes], bytes]:

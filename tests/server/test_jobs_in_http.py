@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import ringcast
+from pages import http_chunks
 from ringcast import _aio
 from ringcast.server.counters import SharedCounters
 from ringcast.server.emitter import Emitter, TurnBatch
@@ -222,20 +223,6 @@ def test_a_job_cancelled_before_its_first_token_stops_in_an_idle_process(
         assert b"cancelled" in r.read_all_and_close()
 
 
-def _body_chunks(raw: bytes) -> list[bytes]:
-    """The HTTP chunks of a chunked response, in order (the head skipped)."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    chunks = []
-    while True:
-        line, _, rest = rest.partition(b"\r\n")
-        size = int(line, 16)
-        if size == 0:
-            return chunks
-        chunks.append(rest[:size])
-        rest = rest[size + 2 :]
-
-
 def test_the_role_chunk_leaves_with_the_first_token_and_the_final_chunk_with_done(
     serve: Any,
 ) -> None:
@@ -261,7 +248,7 @@ def test_the_role_chunk_leaves_with_the_first_token_and_the_final_chunk_with_don
             raw = bytearray()
             while data := sock.recv(65536):
                 raw += data
-    chunks = _body_chunks(bytes(raw))
+    chunks = http_chunks(bytes(raw))
     # Tokens 0.1 s apart are written one by one (a process that lingers, on a loaded
     # machine, may merge more: never fewer per write).
     first, last = chunks[0], chunks[-1]
