@@ -215,8 +215,6 @@ impl Registry {
         &self.wake
     }
 
-    /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`);
-    /// with `skip_own`, none to this process's own row (its caller wakes its own readers).
     /// This process's bit in the masks of subscribed processes (bit `i` = row `i` of the
     /// process table), or 0 while this handle has claimed no row.
     pub(crate) fn own_row_mask(&self) -> u64 {
@@ -230,6 +228,8 @@ impl Registry {
         self.wake.pending() & !except != 0
     }
 
+    /// Sends the wake-ups that deferred appends through this handle left (`notify::flush`);
+    /// with `skip_own`, none to this process's own row (its caller wakes its own readers).
     pub(crate) fn flush_wakes(&self, skip_own: bool) -> usize {
         let skip = if skip_own { self.own_row_mask() } else { 0 };
         notify::flush(&self.view, &self.wake, skip)
