@@ -201,16 +201,29 @@ class Segment:
         """The session's snapshot, or ``None`` if no live session has this id (for this
         owner)."""
     def list(
-        self, owner: str | None = None, *, shard: tuple[int, int] | None = None
+        self,
+        owner: str | None = None,
+        *,
+        shard: tuple[int, int] | None = None,
+        owner_prefix: str | None = None,
     ) -> builtins.list[SessionInfo]:
-        """Every live session, or only ``owner``'s; with ``shard=(index, count)`` (and no
-        ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
-        ``count`` processes that split the sessions (a session keeps its slot for life)."""
+        """Every live session, oldest first, or only ``owner``'s; with ``shard=(index,
+        count)`` (and no ``owner``) only the sessions whose slot is ``index`` modulo
+        ``count``: one of ``count`` processes that split the sessions (a session keeps its
+        slot for life); with ``owner_prefix`` (alone) only those whose owner starts with it.
+        ``ValueError`` for a bad shard or ``owner_prefix`` with another filter."""
     def sweep_candidates(self, anon_owner: str, skip_prefix: str) -> builtins.list[SessionInfo]:
         """What the manager's dead-producer sweep looks at: the running sessions whose
         producer is dead, and every session of ``anon_owner``; none whose owner starts with
         ``skip_prefix`` (an empty prefix skips none). As ``list`` gives them, oldest first,
-        but only these are made into Python objects."""
+        but only these are made into objects (one scan of the slots, a few loads each)."""
+    def expiry_candidates(
+        self, ttl: float, idle_timeout: float, skip_prefix: str = ""
+    ) -> builtins.list[SessionInfo]:
+        """What the manager's expiry looks at: the finished sessions that completed ``ttl``
+        seconds ago or longer, and (``idle_timeout`` above 0) the running ones with no write
+        for ``idle_timeout`` seconds; none whose owner starts with ``skip_prefix``. Oldest
+        first; ``ValueError`` for a negative or non-finite number of seconds."""
     def lookup_prefix(self, conversation_id: str, owner: str = "") -> builtins.list[SessionInfo]:
         """The session with exactly this id plus every session whose id starts with
         ``conversation_id + "::"`` (llama-server's lookup rule)."""

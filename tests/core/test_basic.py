@@ -587,6 +587,86 @@ def test_list_by_shard_splits_the_sessions_by_slot(seg: ringcast.Segment) -> Non
         seg.list("o", shard=(0, 2))
 
 
+def test_list_by_owner_prefix_scans_for_those_owners_only(seg: ringcast.Segment) -> None:
+    for i, owner in enumerate(["ds:alice", "ds:bob", "alice", "d", "ds:"]):
+        seg.create_or_replace(f"c{i}", owner)
+    got = seg.list(owner_prefix="ds:")
+    assert [(i.conversation_id, i.owner) for i in got] == [
+        ("c0", "ds:alice"),
+        ("c1", "ds:bob"),
+        ("c4", "ds:"),
+    ]  # oldest first, as list
+    assert {i.owner for i in seg.list(owner_prefix="")} == {
+        "ds:alice",
+        "ds:bob",
+        "alice",
+        "d",
+        "ds:",
+    }
+    assert seg.list(owner_prefix="nobody") == []
+    with pytest.raises(ValueError, match="owner_prefix alone"):
+        seg.list("alice", owner_prefix="ds:")
+    with pytest.raises(ValueError, match="owner_prefix alone"):
+        seg.list(shard=(0, 2), owner_prefix="ds:")
+
+
+def test_expiry_candidates_are_the_finished_past_ttl_and_the_idle_running(
+    seg: ringcast.Segment,
+) -> None:
+    done = seg.create_or_replace("done", "o")
+    assert done.write(b"x") and done.finalize()
+    skipped = seg.create_or_replace("durable", "ds:o")
+    assert skipped.finalize()
+    running = seg.create_or_replace("running", "o")
+    assert running.write(b"y")
+    # Finished at least 0 s ago: every finished one, but not the skipped owner's.
+    assert [i.conversation_id for i in seg.expiry_candidates(0, 0, "ds:")] == ["done"]
+    assert {i.conversation_id for i in seg.expiry_candidates(0, 0)} == {"done", "durable"}
+    assert seg.expiry_candidates(3600, 0, "ds:") == []  # not an hour old yet
+    time.sleep(0.05)
+    # Idle for 10 ms: the running one too; an idle timeout of 0 never picks one.
+    idle = seg.expiry_candidates(3600, 0.01, "ds:")
+    assert [(i.conversation_id, i.state) for i in idle] == [("running", "running")]
+    assert running.write(b"z")
+    assert seg.expiry_candidates(3600, 1.0, "ds:") == []
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            seg.expiry_candidates(bad, 0)
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            seg.expiry_candidates(0, bad)
+
+
+def test_sweep_candidates_are_the_anonymous_and_the_dead_producers(
+    seg: ringcast.Segment, seg_path: str
+) -> None:
+    seg.create_or_replace("alive", "o")  # produced by this process, which runs
+    seg.create_or_replace("anon-1", "anon").finalize()
+    seg.create_or_replace("ds-1", "ds:o")
+    # A producer that dies without finishing: a child process that creates and exits.
+    code = (
+        "import sys, os, ringcast\n"
+        "seg = ringcast.Segment.open(sys.argv[1])\n"
+        "w = seg.create_or_replace('orphan', 'o')\n"
+        "w.write(b'x')\n"
+        "os._exit(0)\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code, seg_path], check=True, timeout=60)
+    got = seg.sweep_candidates("anon", "ds:")
+    assert sorted((i.conversation_id, i.producer_alive) for i in got) == [
+        ("anon-1", True),
+        ("orphan", False),
+    ]
+    # With no prefix to skip, the durable one is looked at too, but it runs with a live
+    # producer (this process) and is not anonymous: still not a candidate.
+    assert sorted(i.conversation_id for i in seg.sweep_candidates("anon", "")) == [
+        "anon-1",
+        "orphan",
+    ]
+
+
 def test_lookup_prefix_follows_the_llama_server_rule(seg: ringcast.Segment) -> None:
     for conv in [
         "conv-1",

@@ -131,25 +131,17 @@ def collect(
     now = time.time()
     if meta is not None:
         with meta.transaction():
-            infos = seg.list()
+            infos = seg.list(owner_prefix=DURABLE_OWNER_PREFIX)
             n = expire_durable(seg, meta, infos, now)
         if n:
             counters.inc(ManagerCounter.EVICTIONS_TTL, n)
-    else:
-        infos = seg.list()
-    for info in infos:
-        if is_durable_owner(info.owner):
-            continue
+    # Only the sessions due, chosen in Rust (a listing of every session as Python objects
+    # once a second cost the manager ~0.2 s a second at 100,000 finished sessions).
+    for info in seg.expiry_candidates(cfg.ttl, max(cfg.idle_timeout, 0.0), DURABLE_OWNER_PREFIX):
         if info.is_done:
-            if now - info.completed_at >= cfg.ttl and seg.evict_slot(
-                info.slot, info.generation, "evicted"
-            ):
+            if seg.evict_slot(info.slot, info.generation, "evicted"):
                 counters.inc(ManagerCounter.EVICTIONS_TTL)
-        elif (
-            cfg.idle_timeout > 0
-            and now - info.last_write_at >= cfg.idle_timeout
-            and seg.evict_slot(info.slot, info.generation, "evicted")
-        ):
+        elif seg.evict_slot(info.slot, info.generation, "evicted"):
             log.info("evicted a running session idle for %.0f s", cfg.idle_timeout)
             counters.inc(ManagerCounter.EVICTIONS_IDLE)
     stats = seg.stats()

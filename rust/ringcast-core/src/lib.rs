@@ -74,4 +74,4 @@ pub use segment::{Segment, SegmentConfig, SegmentStats};
 #[cfg(not(loom))]
 pub use stream::{Poll, ProducerCheck, Reader, Wake, Writer};
 #[cfg(not(loom))]
-pub use sys::process::ProcessId;
+pub use sys::process::{unix_nanos, ProcessId};

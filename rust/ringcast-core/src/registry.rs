@@ -17,7 +17,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::error::{EndReason, Error, Result, SegmentError};
@@ -88,6 +88,17 @@ pub struct SessionInfo {
     pub readers: u32,
     pub generation: u64,
     pub slot: u32,
+}
+
+/// What `Registry::scan` shows its filter of one live session. Read without the registry
+/// lock: a session may change or leave its slot meanwhile, which the snapshot taken of a
+/// chosen one catches (by its generation).
+pub struct Glance<'a> {
+    pub state: SessionState,
+    pub owner: &'a [u8],
+    pub producer: ProcessId,
+    pub completed_at_ns: u64,
+    pub last_write_ns: u64,
 }
 
 /// The right to append to one session, handed out under the registry lock: a `Writer` wraps
@@ -176,7 +187,12 @@ pub(crate) struct Registry {
     /// Set by `close`: every handle of this mapping refuses further use.
     closed: AtomicBool,
     local: Mutex<Local>,
+    /// What `alive_procs` last found of each process-table row, and when.
+    rows_seen: Mutex<[Option<(ProcessId, bool, Instant)>; MAX_PROCESSES]>,
 }
+
+/// How long `alive_procs` keeps a row's liveness.
+const ROW_SEEN_FOR: Duration = Duration::from_millis(100);
 
 /// This process's private bookkeeping for the segment.
 #[derive(Default)]
@@ -199,6 +215,7 @@ impl Registry {
             wake: Wakers::of_segment(path),
             closed: AtomicBool::new(false),
             local: Mutex::new(Local::default()),
+            rows_seen: Mutex::new([None; MAX_PROCESSES]),
         }
     }
 
@@ -449,11 +466,48 @@ impl Registry {
             .is_alive()
     }
 
-    /// Entries of the process table whose owners run, as a bit mask.
+    /// Entries of the process table whose owners run, as a bit mask, for the reader counts of
+    /// snapshots. A row found alive is asked `/proc` again only after `ROW_SEEN_FOR` (a `GET`
+    /// asked `/proc` of every registered process twice); meanwhile one `kill(pid, 0)` tells
+    /// whether its pid still names a process, so a process that exited and was reaped stops
+    /// counting at once. A zombie's readers (or a reused pid's row) count until the next
+    /// `/proc` read: the direction `ProcessId::is_alive` errs in too.
     fn alive_procs(&self) -> u64 {
-        (0..MAX_PROCESSES)
-            .filter(|&i| self.row_alive(i))
-            .fold(0, |mask, i| mask | 1 << i)
+        let now = Instant::now();
+        let mut seen = self.rows_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mask = 0u64;
+        for (i, kept) in seen.iter_mut().enumerate() {
+            let e = self.view.proc_entry(i);
+            let pid = e.pid.load(Ordering::Acquire);
+            if pid == 0 {
+                continue;
+            }
+            let who = ProcessId {
+                pid,
+                start_time: e.start_time.load(Ordering::Acquire),
+            };
+            let alive = match *kept {
+                // Still there (a pid that no longer names any process is seen at once: the
+                // kept answer holds back only a zombie's, or a reused pid's, for a moment).
+                Some((w, true, at)) if w == who && now.duration_since(at) < ROW_SEEN_FOR => {
+                    let still = process::pid_exists(pid);
+                    if !still {
+                        *kept = Some((who, false, now));
+                    }
+                    still
+                }
+                Some((w, false, _)) if w == who => false, // that process never comes back
+                _ => {
+                    let alive = who.is_alive();
+                    *kept = Some((who, alive, now));
+                    alive
+                }
+            };
+            if alive {
+                mask |= 1 << i;
+            }
+        }
+        mask
     }
 
     fn snapshot(
@@ -539,6 +593,48 @@ impl Registry {
             .collect();
         out.sort_by_key(|i| (i.started_at_ns, i.slot));
         out
+    }
+
+    /// The live sessions that `choose` picks from a glance at each (its state, owner,
+    /// producer and times, read with atomic loads and one copy of the owner into a buffer:
+    /// nothing allocated per session), each snapshotted as `list` does. A scan of every slot
+    /// costs a few loads per session, so the manager's sweeps of a segment holding a hundred
+    /// thousand finished sessions make objects only of the few they act on.
+    pub(crate) fn scan(&self, mut choose: impl FnMut(&Glance<'_>) -> bool) -> Vec<SessionInfo> {
+        let mut owner = [0u8; MAX_OWNER_LEN];
+        let mut chosen = Vec::new();
+        for slot in 0..self.used_slots() {
+            let m = self.view.slot(slot);
+            let Some(state) = SessionState::from_raw(m.state.load(Ordering::Acquire)) else {
+                continue;
+            };
+            let gen = m.generation.load(Ordering::Acquire);
+            let Some(n) = self.view.copy_owner(slot, &mut owner) else {
+                continue;
+            };
+            let glance = Glance {
+                state,
+                owner: &owner[..n],
+                producer: ProcessId {
+                    pid: m.producer_pid.load(Ordering::Acquire),
+                    start_time: m.producer_start.load(Ordering::Acquire),
+                },
+                completed_at_ns: m.completed_at_ns.load(Ordering::Relaxed),
+                last_write_ns: m.last_write_ns.load(Ordering::Relaxed),
+            };
+            if choose(&glance) {
+                chosen.push((slot, gen));
+            }
+        }
+        if chosen.is_empty() {
+            return Vec::new();
+        }
+        let alive = self.alive_procs();
+        let mut cache = HashMap::new();
+        chosen
+            .into_iter()
+            .filter_map(|(slot, gen)| self.snapshot(slot, gen, alive, &mut cache))
+            .collect()
     }
 
     /// The live sessions of `owner`, from its list; `Err` if the list is damaged (the next

@@ -3,13 +3,14 @@
 //! registry. Nothing here touches the mapping directly: the view, the registry and the
 //! stream handles do.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{EndReason, Error, Result, SegmentError};
 use crate::layout::{Geometry, MAGIC, MAX_ID_LEN, MAX_PROCESSES, MAX_SESSIONS, MIN_ID_LEN};
 use crate::notify::Notifier;
-use crate::registry::{Quota, Registry, SessionInfo};
+use crate::registry::{Quota, Registry, SessionInfo, SessionState};
 use crate::stream::{Reader, Writer};
 use crate::sync::Ordering;
 use crate::sys::dgram::random_u64;
@@ -437,6 +438,54 @@ impl Segment {
             return Vec::new();
         }
         self.reg.list(None, Some((index, count)))
+    }
+
+    /// Every live session whose owner starts with `prefix`.
+    pub fn list_owner_prefix(&self, prefix: &str) -> Vec<SessionInfo> {
+        let prefix = prefix.as_bytes();
+        self.reg.scan(|g| g.owner.starts_with(prefix))
+    }
+
+    /// What the manager's dead-producer sweep acts on: the running sessions whose producer
+    /// is dead, and every session of `anon_owner`; none of an owner that starts with
+    /// `skip_prefix` (unless it is empty). One scan of the slots; each distinct producer's
+    /// liveness is read once.
+    pub fn sweep_candidates(&self, anon_owner: &str, skip_prefix: &str) -> Vec<SessionInfo> {
+        let (anon, skip) = (anon_owner.as_bytes(), skip_prefix.as_bytes());
+        let mut alive: HashMap<(u32, u64), bool> = HashMap::new();
+        self.reg.scan(|g| {
+            if !skip.is_empty() && g.owner.starts_with(skip) {
+                return false;
+            }
+            g.owner == anon
+                || (g.state == SessionState::Running
+                    && !*alive
+                        .entry((g.producer.pid, g.producer.start_time))
+                        .or_insert_with(|| g.producer.is_alive()))
+        })
+    }
+
+    /// What the manager's expiry acts on: the finished sessions that completed at least
+    /// `ttl_ns` before `now_ns`, and (with `idle_ns` above 0) the running ones with no write
+    /// for `idle_ns`; none of an owner that starts with `skip_prefix` (unless it is empty).
+    pub fn expiry_candidates(
+        &self,
+        now_ns: u64,
+        ttl_ns: u64,
+        idle_ns: u64,
+        skip_prefix: &str,
+    ) -> Vec<SessionInfo> {
+        let skip = skip_prefix.as_bytes();
+        self.reg.scan(|g| {
+            if !skip.is_empty() && g.owner.starts_with(skip) {
+                return false;
+            }
+            if g.state == SessionState::Running {
+                idle_ns > 0 && now_ns.saturating_sub(g.last_write_ns) >= idle_ns
+            } else {
+                now_ns.saturating_sub(g.completed_at_ns) >= ttl_ns
+            }
+        })
     }
 
     /// The session with exactly `id` plus every one whose id starts with `id + "::"`.

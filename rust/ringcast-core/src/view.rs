@@ -275,6 +275,23 @@ impl SegmentView {
         Some((id, owner))
     }
 
+    /// Copies the owner of `slot` into `buf` (at most MAX_OWNER_LEN bytes) and returns its
+    /// length; `None` if the stored length is out of bounds (scribbled). Like `read_key`, a
+    /// copy torn by a concurrent install is for the caller to recheck; nothing is allocated.
+    pub(crate) fn copy_owner(&self, slot: u32, buf: &mut [u8; MAX_OWNER_LEN]) -> Option<usize> {
+        let owner_len = self.slot(slot).owner_len.load(Ordering::Acquire) as usize;
+        if owner_len > MAX_OWNER_LEN {
+            return None;
+        }
+        // SAFETY: the owner area (MAX_OWNER_LEN bytes) follows the id area inside the slot's
+        // stride, as in `read_key`; `owner_len` was checked against both it and `buf`.
+        unsafe {
+            let owner_at = self.key_at(slot).add(self.geo.max_id_len as usize);
+            std::ptr::copy_nonoverlapping(owner_at, buf.as_mut_ptr(), owner_len);
+        }
+        Some(owner_len)
+    }
+
     /// Writes the key bytes of `slot` (the caller then stores the lengths). Panics on lengths
     /// past the geometry's bounds (callers validate keys first).
     pub(crate) fn write_key(&self, slot: u32, id: &[u8], owner: &[u8]) {

@@ -315,17 +315,30 @@ impl Segment {
             .map(Into::into))
     }
 
-    /// Every live session, or only ``owner``'s; with ``shard=(index, count)`` (and no
-    /// ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
-    /// ``count`` processes that split the sessions (a session keeps its slot for life).
-    #[pyo3(signature = (owner=None, *, shard=None))]
+    /// Every live session, oldest first, or only ``owner``'s; with ``shard=(index, count)``
+    /// (and no ``owner``) only the sessions whose slot is ``index`` modulo ``count``: one of
+    /// ``count`` processes that split the sessions (a session keeps its slot for life); with
+    /// ``owner_prefix`` (alone) only those whose owner starts with it (one scan of the slots,
+    /// objects made only of those).
+    #[pyo3(signature = (owner=None, *, shard=None, owner_prefix=None))]
     fn list(
         &self,
         py: Python<'_>,
         owner: Option<&str>,
         shard: Option<(u32, u32)>,
+        owner_prefix: Option<&str>,
     ) -> PyResult<Vec<SessionInfo>> {
         self.seg.check_open().py_err(py)?;
+        if let Some(prefix) = owner_prefix {
+            if owner.is_some() || shard.is_some() {
+                return Err(PyValueError::new_err(
+                    "list: give owner_prefix alone, without owner or shard",
+                ));
+            }
+            let mut found = py.detach(|| self.seg.list_owner_prefix(prefix));
+            found.sort_by_key(|i| (i.started_at_ns, i.slot));
+            return Ok(found.into_iter().map(Into::into).collect());
+        }
         let found = match shard {
             None => py.detach(|| self.seg.list(owner)),
             Some(_) if owner.is_some() => {
@@ -345,7 +358,8 @@ impl Segment {
     /// running ones whose producer is dead, and all of ``anon_owner``'s; none of an owner
     /// that starts with ``skip_prefix`` (those have no producer process). The same
     /// ``SessionInfo`` as ``list`` gives, but only these are made into Python objects: a
-    /// sweep several times a second costs a scan in Rust, not a Python object per session.
+    /// sweep several times a second costs a scan of the slots in Rust (a few loads each),
+    /// not a snapshot, let alone a Python object, per session.
     fn sweep_candidates(
         &self,
         py: Python<'_>,
@@ -353,17 +367,40 @@ impl Segment {
         skip_prefix: &str,
     ) -> PyResult<Vec<SessionInfo>> {
         self.seg.check_open().py_err(py)?;
-        let found = py.detach(|| {
+        let mut found = py.detach(|| self.seg.sweep_candidates(anon_owner, skip_prefix));
+        found.sort_by_key(|i| (i.started_at_ns, i.slot));
+        Ok(found.into_iter().map(Into::into).collect())
+    }
+
+    /// What the manager's expiry looks at: the finished sessions that completed ``ttl``
+    /// seconds ago or longer, and (with ``idle_timeout`` above 0) the running ones with no
+    /// write for ``idle_timeout`` seconds; none of an owner that starts with ``skip_prefix``.
+    /// Oldest first. One scan of the slots in Rust: objects are made of these only.
+    #[pyo3(signature = (ttl, idle_timeout, skip_prefix=""))]
+    fn expiry_candidates(
+        &self,
+        py: Python<'_>,
+        ttl: f64,
+        idle_timeout: f64,
+        skip_prefix: &str,
+    ) -> PyResult<Vec<SessionInfo>> {
+        self.seg.check_open().py_err(py)?;
+        let ns = |what: &str, s: f64| -> PyResult<u64> {
+            if s.is_finite() && s >= 0.0 {
+                Ok((s * 1e9).min(u64::MAX as f64) as u64)
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "expiry_candidates: {what} must be a finite number of seconds, 0 or more, got {s}"
+                )))
+            }
+        };
+        let (ttl_ns, idle_ns) = (ns("ttl", ttl)?, ns("idle_timeout", idle_timeout)?);
+        let now = core::unix_nanos();
+        let mut found = py.detach(|| {
             self.seg
-                .list(None)
-                .into_iter()
-                .filter(|i| {
-                    (skip_prefix.is_empty() || !i.owner.starts_with(skip_prefix))
-                        && (i.owner == anon_owner
-                            || (i.state == core::SessionState::Running && !i.producer_alive))
-                })
-                .collect::<Vec<_>>()
+                .expiry_candidates(now, ttl_ns, idle_ns, skip_prefix)
         });
+        found.sort_by_key(|i| (i.started_at_ns, i.slot));
         Ok(found.into_iter().map(Into::into).collect())
     }
 
