@@ -100,6 +100,7 @@ class HttpError(Exception):
 
 class Request:
     __slots__ = (
+        "_params",
         "admitted",
         "body",
         "body_stream",
@@ -132,6 +133,8 @@ class Request:
         self.body_stream: Any = None
         """With an application that streams this request's body: its
         :class:`~ringcast.http.protocol.BodyStream` (``body`` stays empty)."""
+        self._params: list[tuple[str, str]] | None = None
+        """The query's parameters, decoded by the first :meth:`query_params`."""
         self.admitted: object = None
         """What the application's admission step (``HttpApp.admit``) made of the head: its
         route and caller, handed back to it with the whole request."""
@@ -148,15 +151,22 @@ class Request:
         out: dict[str, str] = {}
         if not self.query:
             return out
-        for part in self.query.split("&"):
-            if not part:
-                continue
-            name, _, value = part.partition("=")
-            try:
-                name = unquote_plus(name, errors="strict")
-                value = unquote_plus(value, errors="strict")
-            except UnicodeDecodeError:
-                raise HttpError(400, "query string is not valid UTF-8") from None
+        pairs = self._params
+        if pairs is None:
+            # Decoded once per request (a GET's route asks for its id and its offset).
+            pairs = []
+            for part in self.query.split("&"):
+                if not part:
+                    continue
+                name, _, value = part.partition("=")
+                try:
+                    pairs.append(
+                        (unquote_plus(name, errors="strict"), unquote_plus(value, errors="strict"))
+                    )
+                except UnicodeDecodeError:
+                    raise HttpError(400, "query string is not valid UTF-8") from None
+            self._params = pairs
+        for name, value in pairs:
             if name in out and name in once:
                 raise HttpError(400, f"query parameter {name!r} given more than once")
             out.setdefault(name, value)

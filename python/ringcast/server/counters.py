@@ -12,6 +12,7 @@ import enum
 import mmap
 import os
 import struct
+import sys
 
 from ringcast.server import rundir
 from ringcast.server.config import ServeConfig
@@ -115,23 +116,31 @@ class SharedCounters:
             os.close(fd)
         self.rows = rows
         self._row = -1
+        self._base = 0
         self._vals: list[int] = []
+        # The words as native unsigned 64-bit integers: a store through it is one aligned
+        # 8-byte store, with none of ``struct.pack_into``'s format parsing (a few are made per
+        # request). The file is little-endian, as every platform ringcast runs on (the
+        # segment's layout assumes it too).
+        if sys.byteorder != "little":
+            raise RuntimeError("ringcast's shared counters need a little-endian machine")
+        self._words = memoryview(self._mm).cast("Q")
 
     def bind_row(self, row: int) -> None:
         self._row = row
-        base = row * ROW_WORDS * 8
-        self._vals = list(struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, base))
+        self._base = row * ROW_WORDS
+        self._vals = list(struct.unpack_from(f"<{ROW_WORDS}Q", self._mm, self._base * 8))
 
     def inc(self, idx: int, n: int = 1) -> None:
         v = self._vals[idx] + n
         if v < 0:
             v = 0
         self._vals[idx] = v
-        struct.pack_into("<Q", self._mm, (self._row * ROW_WORDS + idx) * 8, v)
+        self._words[self._base + idx] = v
 
     def set(self, idx: int, v: int) -> None:
         self._vals[idx] = v
-        struct.pack_into("<Q", self._mm, (self._row * ROW_WORDS + idx) * 8, v)
+        self._words[self._base + idx] = v
 
     def own(self, idx: int) -> int:
         """One counter of this process's row, as it last stored it."""

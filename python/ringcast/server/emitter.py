@@ -24,6 +24,52 @@ _SENTINEL = "\x00ringcast:content\x00"
 _SENTINEL_JSON = json_encoder.encode(_SENTINEL)
 
 
+_ID_SENTINEL = "\x00ringcast:id\x00"
+_ID_SENTINEL_JSON = json_encoder.encode(_ID_SENTINEL)
+_CREATED_SENTINEL = 7312605948213406271
+_CREATED_SENTINEL_JSON = b"%d" % _CREATED_SENTINEL
+
+
+class _Frames:
+    """The text chunk (around its content) and the role chunk of one route and model, encoded
+    once with sentinels for the stream's id and creation time, which a stream's
+    :meth:`fill` puts in: a stream then costs two replacements per chunk instead of
+    building and encoding Structs. ``None`` where a sentinel's encoding is not there exactly
+    once (a model name holding one): that chunk is then built for each stream."""
+
+    __slots__ = ("role", "text")
+
+    def __init__(self, emitter: Emitter) -> None:
+        self.text = _split_around_content(emitter._chunk(_SENTINEL))
+        self.role: bytes | None = emitter._chunk("", role="assistant")
+        if self.text is not None and not _sentinels_once(self.text[0], self.text[1]):
+            self.text = None
+        if not _sentinels_once(self.role, b""):
+            self.role = None
+
+    @staticmethod
+    def fill(chunk: bytes, id_json: bytes, created: bytes) -> bytes:
+        return chunk.replace(_ID_SENTINEL_JSON, id_json, 1).replace(
+            _CREATED_SENTINEL_JSON, created, 1
+        )
+
+
+def _sentinels_once(head: bytes, tail: bytes) -> bool:
+    """Whether the id's and the creation time's sentinels are each in ``head`` exactly once
+    and nowhere in ``tail``."""
+    return (
+        head.count(_ID_SENTINEL_JSON) == 1
+        and head.count(_CREATED_SENTINEL_JSON) == 1
+        and _ID_SENTINEL_JSON not in tail
+        and _CREATED_SENTINEL_JSON not in tail
+    )
+
+
+_FRAMES: dict[tuple[str, str], _Frames] = {}
+""":class:`_Frames` by (route, model); the model is the server's, so this holds a few."""
+_FRAMES_MAX = 64
+
+
 def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
     """The bytes of a text chunk before and after its content's JSON string, given the chunk
     encoded with :data:`_SENTINEL` as its content; None if the sentinel's
@@ -148,8 +194,36 @@ class Emitter:
         self.started = False
         # A text chunk is the same bytes every time but for its content: encoded once around
         # a sentinel, each token then costs one string encode (msgspec escapes a string the
-        # same wherever it stands) instead of building and encoding four Structs.
-        self._text_frame = _split_around_content(self._chunk(_SENTINEL))
+        # same wherever it stands) instead of building and encoding four Structs. The frames
+        # of a route and model are encoded once per process, with sentinels for the id and
+        # the creation time that each stream puts in (_Frames).
+        frames = _FRAMES.get((route, model))
+        if frames is None:
+            frames = _Frames(self._sentinel_emitter(route, model))
+            if len(_FRAMES) < _FRAMES_MAX:
+                _FRAMES[(route, model)] = frames
+        id_json, created = json_encoder.encode(self.id), b"%d" % self.created
+        text = frames.text
+        self._text_frame = (
+            (_Frames.fill(text[0], id_json, created), text[1])
+            if text is not None
+            else _split_around_content(self._chunk(_SENTINEL))
+        )
+        role = frames.role
+        self._role_chunk = (
+            _Frames.fill(role, id_json, created)
+            if role is not None
+            else self._chunk("", role="assistant")
+        )
+
+    @staticmethod
+    def _sentinel_emitter(route: str, model: str) -> Emitter:
+        """An emitter (never written through) whose id and creation time are the sentinels
+        of :class:`_Frames`, to encode its chunks with."""
+        e = Emitter.__new__(Emitter)
+        e.route, e.model = route, model
+        e.id, e.created = _ID_SENTINEL, _CREATED_SENTINEL
+        return e
 
     def raw(self, event: bytes) -> None:
         self._append(event)
@@ -222,7 +296,7 @@ class Emitter:
         if not self.started:
             self.started = True
             if self.route == "chat":
-                self._append(self._chunk("", role="assistant"), through=False)
+                self._append(self._role_chunk, through=False)
 
     def text(self, piece: str) -> None:
         if not self.started:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -106,6 +107,9 @@ Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
 STREAM_PARAMS = ("conv_id", "from")
+_ID_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""What a conversation id may not hold: C0 and C1 control characters, DEL, and lone
+surrogates (from ``surrogateescape``-decoded bytes)."""
 """The query parameters of the stream routes that may be given once only."""
 
 
@@ -317,10 +321,10 @@ class App:
         printable (``/``, ``:``, spaces, non-ASCII) is accepted."""
         if len(raw.encode("utf-8", "surrogatepass")) > self.cfg.max_id_len:
             raise HttpError(400, f"conversation id is longer than {self.cfg.max_id_len} bytes")
-        for c in raw:
-            o = ord(c)
-            if o < 0x20 or 0x7F <= o < 0xA0 or 0xD800 <= o < 0xE000:
-                raise HttpError(400, f"conversation id contains a control character (U+{o:04X})")
+        bad = _ID_REFUSED.search(raw)
+        if bad is not None:
+            o = ord(bad[0])
+            raise HttpError(400, f"conversation id contains a control character (U+{o:04X})")
         return raw
 
     def header_conv_id(self, req: Request) -> str | None:
