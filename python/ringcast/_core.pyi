@@ -312,6 +312,12 @@ class Writer:
     def cancelled_among(writers: builtins.list[Writer]) -> builtins.list[int]:
         """The positions in ``writers`` of those whose session was cancelled, replaced or
         evicted (``cancelled``), in one call."""
+    @staticmethod
+    def silent_among(writers: builtins.list[Writer], seconds: float) -> builtins.list[int]:
+        """The positions in ``writers`` of those whose session runs, is still theirs, and had
+        no write that counts as progress (keep-alives do not) for ``seconds`` or longer: one
+        call for a process's whole set of producers, as ``cancelled_among``. ``ValueError``
+        for a negative or non-finite number of seconds."""
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block (GIL released) until the session is cancelled (True) or the timeout passes
         (False; ``None`` = no limit)."""

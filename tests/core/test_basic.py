@@ -225,6 +225,25 @@ def test_evict_slot_checks_the_generation(seg: ringcast.Segment) -> None:
     assert not seg.evict_slot(w2.slot, w2.generation)
 
 
+def test_silent_among_names_the_running_writers_without_progress_for_that_long(
+    seg: ringcast.Segment,
+) -> None:
+    ws = [seg.create_or_replace(f"c{i}") for i in range(4)]
+    time.sleep(0.06)
+    assert ws[0].write(b"data: progress\n\n")
+    assert ws[1].write(b": ping\n\n", progress=False)  # not progress: still silent
+    assert ws[2].finalize()  # finished: nothing to keep alive
+    assert ringcast.Writer.silent_among(ws, 0.05) == [1, 3]
+    assert ringcast.Writer.silent_among(ws, 0) == [0, 1, 3]
+    assert ringcast.Writer.silent_among(ws, 3600) == []
+    seg.evict_and_cancel("c3")
+    assert ringcast.Writer.silent_among(ws, 0.05) == [1]
+    assert ringcast.Writer.silent_among([], 1.0) == []
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number"):
+            ringcast.Writer.silent_among(ws, bad)
+
+
 def test_cancelled_among_names_the_writers_whose_session_ended_under_them(
     seg: ringcast.Segment,
 ) -> None:

@@ -475,6 +475,7 @@ class _MemSession:
         self.producer = 0  # token of the writer handle that may write
         self.started_at = time.time()
         self.completed_at = 0.0
+        self.last_write_at = self.started_at
         self.readers = 0
         self.waiters: list[asyncio.Future[None]] = []
 
@@ -522,6 +523,8 @@ class _MemWriter:
         if not self._mine():
             return False
         self.s.buf += data
+        if progress:
+            self.s.last_write_at = time.time()
         if defer_wake:
             # As the segment does: waiting readers hear of it at the store's flush_wakes().
             self.deferred.add(self.s)
@@ -624,6 +627,12 @@ class MemoryStore:
 
     def cancelled_among(self, writers: list[Any]) -> list[int]:
         return [i for i, w in enumerate(writers) if w.cancelled]
+
+    def silent_among(self, writers: list[Any], seconds: float) -> list[int]:
+        now = time.time()
+        return [
+            i for i, w in enumerate(writers) if w._mine() and now - w.s.last_write_at >= seconds
+        ]
 
     def flush_wakes(self, own: Collection[Any] = (), loop: Any = None) -> int:
         # Its readers all share the one loop: ``own`` changes nothing here.

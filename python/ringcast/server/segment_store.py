@@ -104,6 +104,9 @@ class SegmentStore:
         # This store's writers are the segment's (``create``, ``adopt``).
         return Writer.cancelled_among(cast("builtins.list[Writer]", writers))
 
+    def silent_among(self, writers: Sequence[StreamWriter], seconds: float) -> Sequence[int]:
+        return Writer.silent_among(cast("builtins.list[Writer]", writers), seconds)
+
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
     ) -> int:

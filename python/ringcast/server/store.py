@@ -275,6 +275,12 @@ class StreamStore(Protocol):
         whole set of producers."""
         ...
 
+    def silent_among(self, writers: Sequence[StreamWriter], seconds: float) -> Sequence[int]:
+        """The positions in ``writers`` (this store's) of those whose stream runs, is still
+        theirs, and had no write that counts as progress for ``seconds`` or longer (a
+        keep-alive is not progress): the streams due a keep-alive, in one call."""
+        ...
+
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
     ) -> int:

@@ -108,6 +108,15 @@ impl Writer {
         self.meta().cursor.load(Ordering::Acquire)
     }
 
+    /// Whether the session runs, is still this writer's, and had no write that counts as
+    /// progress (keep-alives do not) in the `ns` nanoseconds before `now_ns` (Unix time).
+    pub fn silent_for(&self, now_ns: u64, ns: u64) -> bool {
+        let m = self.meta();
+        !self.cancelled()
+            && m.state.load(Ordering::Acquire) == state::RUNNING
+            && now_ns.saturating_sub(m.last_write_ns.load(Ordering::Relaxed)) >= ns
+    }
+
     /// True once the session was cancelled, replaced or evicted.
     pub fn cancelled(&self) -> bool {
         let m = self.meta();

@@ -240,6 +240,27 @@ impl Writer {
             .collect()
     }
 
+    /// The positions in ``writers`` of those whose session runs, is still theirs, and had no
+    /// write that counts as progress (keep-alives do not) for ``seconds`` or longer: one call
+    /// for a process's whole set of producers (its keep-alive check), as ``cancelled_among``.
+    /// ``ValueError`` for a negative or non-finite number of seconds.
+    #[staticmethod]
+    fn silent_among(writers: Vec<PyRef<'_, Writer>>, seconds: f64) -> PyResult<Vec<usize>> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "silent_among: seconds must be a finite number, 0 or more, got {seconds}"
+            )));
+        }
+        let ns = (seconds * 1e9).min(u64::MAX as f64) as u64;
+        let now = core::unix_nanos();
+        Ok(writers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.w.silent_for(now, ns))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
     /// Block (GIL released) until the session is cancelled (True) or the timeout passes
     /// (False; ``None`` = no limit).
     #[pyo3(signature = (timeout=None))]

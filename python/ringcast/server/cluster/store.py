@@ -138,6 +138,9 @@ class ClusterStore:
     def cancelled_among(self, writers: Sequence[StreamWriter]) -> Sequence[int]:
         return self.local.cancelled_among(writers)
 
+    def silent_among(self, writers: Sequence[StreamWriter], seconds: float) -> Sequence[int]:
+        return self.local.silent_among(writers, seconds)
+
     def flush_wakes(
         self, own: Collection[StreamWriter] = (), loop: asyncio.AbstractEventLoop | None = None
     ) -> int:
