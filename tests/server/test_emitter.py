@@ -114,3 +114,24 @@ def test_finish_follows_the_text(segment: Segment, counters: SharedCounters) -> 
     body += frame_event(len(body), e._chunk(None, finish="stop", usage=Usage(3, 2, 5)))
     body += frame_event(len(body), DONE_EVENT)
     assert got == body
+
+
+@pytest.mark.parametrize("route", ["chat", "completion"])
+@pytest.mark.parametrize(
+    "model",
+    # The last three hold the sentinels of the templates: those chunks are built whole.
+    ["ringcast", 'odd "model" \\ é', "", _SENTINEL, "7312605948213406271", "7312605948213406273"],
+)
+@pytest.mark.parametrize("reason", ["stop", "length", 'we"ird \\ é 7312605948213406272'])
+def test_templated_role_and_final_chunks_are_the_struct_bytes(
+    segment: Segment, counters: SharedCounters, route: str, model: str, reason: str
+) -> None:
+    """The role and final chunks come from per-process templates filled with each stream's
+    id, creation time and usage: the same bytes as the Structs encoded whole."""
+    for n in range(2):  # the first stream makes the templates, the second uses them
+        e = Emitter(segment.create_or_replace(f"t{n}", ""), route, model, counters)
+        e.tokens = 17 + n
+        assert e._role_chunk == e._chunk("", role="assistant")
+        assert e._final_chunk(reason, 5) == e._chunk(
+            None, finish=reason, usage=Usage(5, 17 + n, 22 + n)
+        )

@@ -23,13 +23,12 @@ connection as its response channel, and says which headers every response carrie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol, cast
+from typing import Protocol
 
 from ringcast.http.flow import FlowControl
 from ringcast.http.logs import log_failure
@@ -154,18 +153,19 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.flow = FlowControl(
-            self.transport, self.app.http.write_timeout, self.app.count_write_timeout
-        )
+        t: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = t
+        self.flow = FlowControl(t, self.app.http.write_timeout, self.app.count_write_timeout)
         # (TCP_NODELAY: set by the event loop on every TCP connection it makes, uvloop's and
         # asyncio's alike; a passed-in socket keeps it.)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError, AttributeError):
+            try:
                 fd = sock.fileno()
                 self.fd_inode = os.fstat(fd).st_ino
                 self.fd = fd
+            except (OSError, AttributeError):
+                pass
         self.app.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""

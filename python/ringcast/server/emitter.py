@@ -54,6 +54,10 @@ class _Frames:
         )
 
 
+def usage_numbers(usage: Usage) -> tuple[int, int, int]:
+    return (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
 def _sentinels_once(head: bytes, tail: bytes) -> bool:
     """Whether the id's and the creation time's sentinels are each in ``head`` exactly once
     and nowhere in ``tail``."""
@@ -68,6 +72,13 @@ def _sentinels_once(head: bytes, tail: bytes) -> bool:
 _FRAMES: dict[tuple[str, str], _Frames] = {}
 """:class:`_Frames` by (route, model); the model is the server's, so this holds a few."""
 _FRAMES_MAX = 64
+
+_USAGE_SENTINELS = (7312605948213406272, 7312605948213406273, 7312605948213406274)
+_USAGE_SENTINELS_JSON = tuple(b"%d" % n for n in _USAGE_SENTINELS)
+_FINALS: dict[tuple[str, str, str], bytes | None] = {}
+"""The final chunk of a route, model and finish reason, encoded once with the sentinels of
+:class:`_Frames` and :data:`_USAGE_SENTINELS` for its usage (None: a sentinel is not there
+exactly once; built for each stream then)."""
 
 
 def _split_around_content(chunk: bytes) -> tuple[bytes, bytes] | None:
@@ -339,6 +350,29 @@ class Emitter:
 
     def finish(self, reason: str, prompt_tokens: int) -> None:
         self.start()
-        usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
-        self._append(self._chunk(None, finish=reason, usage=usage), through=False)
+        self._append(self._final_chunk(reason, prompt_tokens), through=False)
         self.raw(DONE_EVENT)
+
+    def _final_chunk(self, reason: str, prompt_tokens: int) -> bytes:
+        """The chunk with the finish reason and the usage, from a template of the route,
+        model and reason (:data:`_FINALS`) where there is one."""
+        usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
+        key = (self.route, self.model, reason)
+        template = _FINALS.get(key, b"")
+        if template == b"":
+            template = self._sentinel_emitter(self.route, self.model)._chunk(
+                None, finish=reason, usage=Usage(*_USAGE_SENTINELS)
+            )
+            if not (
+                _sentinels_once(template, b"")
+                and all(template.count(u) == 1 for u in _USAGE_SENTINELS_JSON)
+            ):
+                template = None
+            if len(_FINALS) < _FRAMES_MAX:
+                _FINALS[key] = template
+        if template is None:
+            return self._chunk(None, finish=reason, usage=usage)
+        out = _Frames.fill(template, json_encoder.encode(self.id), b"%d" % self.created)
+        for sentinel, n in zip(_USAGE_SENTINELS_JSON, usage_numbers(usage), strict=True):
+            out = out.replace(sentinel, b"%d" % n, 1)
+        return out
