@@ -646,6 +646,8 @@ def test_expiry_candidates_are_the_finished_past_ttl_and_the_idle_running(
     # Idle for 10 ms: the running one too; an idle timeout of 0 never picks one.
     idle = seg.expiry_candidates(3600, 0.01, "ds:")
     assert [(i.conversation_id, i.state) for i in idle] == [("running", "running")]
+    # Any idle timeout above 0 is one, however small; 0 alone is none.
+    assert [i.conversation_id for i in seg.expiry_candidates(3600, 1e-12, "ds:")] == ["running"]
     assert running.write(b"z")
     assert seg.expiry_candidates(3600, 1.0, "ds:") == []
     for bad in (-1.0, float("nan"), float("inf")):

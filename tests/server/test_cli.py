@@ -79,10 +79,11 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "--speed only applies with --replay" in out.stderr
     for opt, bad in [("--ttl", "-1"), ("--tokens-per-s", "-5"), ("--idle-timeout", "nan"),
-                     ("--prefill-s", "-0.5"), ("--sse-ping-interval", "-1")]:  # fmt: skip
+                     ("--prefill-s", "-0.5"), ("--sse-ping-interval", "-1"), ("--ttl", "inf"),
+                     ("--idle-timeout", "inf"), ("--sse-ping-interval", "inf")]:  # fmt: skip
         out = ringcast("serve", "--port", "0", opt, bad, cwd=tmp_path)
         assert out.returncode == 2, (opt, bad)
-        assert f"{opt} must be a number >= 0 (got {float(bad)})" in out.stderr
+        assert f"{opt} must be a finite number >= 0 (got {float(bad)})" in out.stderr
     out = ringcast("serve", "--port", "0", "--session-bytes", "10", cwd=tmp_path)
     assert out.returncode == 2  # every stream's reader got 410 at once
     assert "--session-bytes 10 is too small: a stream's ring must hold at least 4096" in out.stderr
@@ -282,14 +283,15 @@ def test_usable_cores_follow_the_affinity_mask_and_help_says_what_auto_is() -> N
     cores = usable_cores()
     assert 1 <= cores <= len(os.sched_getaffinity(0))
     out = " ".join(ringcast("serve", "--help").stdout.split())
-    assert f"here {cores} cores, so auto is {auto_http_procs(cores, 0)} with --workers 0" in out
-    assert f"here {cores} cores, so 0 runs {default_mirror_procs(cores)}" in out
+    word = "core" if cores == 1 else "cores"
+    assert f"here {cores} {word}, so auto is {auto_http_procs(cores, 0)} with --workers 0" in out
+    assert f"here {cores} {word}, so 0 runs {default_mirror_procs(cores)}" in out
     pinned_help = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-m", "ringcast.cli", "serve", "--help"],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
-    assert "here 1 cores, so auto is 1 with --workers 0" in " ".join(pinned_help.stdout.split())
-    assert "here 1 cores, so 0 runs 1" in " ".join(pinned_help.stdout.split())
+    assert "here 1 core, so auto is 1 with --workers 0" in " ".join(pinned_help.stdout.split())
+    assert "here 1 core, so 0 runs 1" in " ".join(pinned_help.stdout.split())
 
 
 @pytest.mark.parametrize("given", [None, "auto", "AUTO"])
@@ -410,6 +412,6 @@ def test_a_process_in_a_half_cpu_cgroup_counts_one_core() -> None:
              sys.executable, "-m", "ringcast.cli", "serve", "--help"],
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
-        assert "here 1 cores, so auto is 1 with --workers 0" in " ".join(out.stdout.split())
+        assert "here 1 core, so auto is 1 with --workers 0" in " ".join(out.stdout.split())
     finally:
         group.rmdir()

@@ -128,8 +128,13 @@ def test_templated_role_and_final_chunks_are_the_struct_bytes(
 ) -> None:
     """The role and final chunks come from per-process templates filled with each stream's
     id, creation time and usage: the same bytes as the Structs encoded whole."""
-    for n in range(2):  # the first stream makes the templates, the second uses them
-        e = Emitter(segment.create_or_replace(f"t{n}", ""), route, model, counters)
+    # The second and third streams use the templates the first made; the third's id holds
+    # the sentinels' digits (a caller's chunk id may hold anything).
+    ids = [None, None, "chatcmpl-7312605948213406271-7312605948213406273"]
+    for n, chunk_id in enumerate(ids):
+        e = Emitter(
+            segment.create_or_replace(f"t{n}", ""), route, model, counters, chunk_id=chunk_id
+        )
         e.tokens = 17 + n
         assert e._role_chunk == e._chunk("", role="assistant")
         assert e._final_chunk(reason, 5) == e._chunk(

@@ -70,3 +70,36 @@ def test_ttl_and_durable_expiry_without_a_listing_of_every_session(tmp_path: Pat
     finally:
         meta.close()
         seg.unlink()
+
+
+class StaleScan:
+    """The segment, with an expiry scan that answers what a scan racing a change of the
+    slots could: every session, whatever its state and age."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+
+    def expiry_candidates(self, *args: Any) -> Any:
+        return self.seg.list()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.seg, name)
+
+
+def test_expiry_checks_each_candidate_again(tmp_path: Path) -> None:
+    """A scan reads the slots without the registry lock: what it hands back is checked again
+    on its snapshot, so a running session, a fresh finished one and a Durable Stream that a
+    stale read let through are all left alone."""
+    cfg = ServeConfig(segment=str(tmp_path / "seg"), run_dir=str(tmp_path), ttl=3600)
+    seg = Segment.create(cfg.segment, max_sessions=16, session_bytes=4096)
+    counters = SharedCounters(str(tmp_path / "counters"), counter_rows(cfg), create=True)
+    counters.bind_row(0)
+    try:
+        seg.create_or_replace("running", "k").write(b"data: x\n\n")
+        seg.create_or_replace("fresh", "k").finalize("done")
+        seg.create_or_replace("stream", durable_owner("k"))
+        gc.collect(StaleScan(seg), cfg, counters)  # type: ignore[arg-type]
+        left = sorted(i.conversation_id for i in seg.list())
+        assert left == ["fresh", "running", "stream"]
+    finally:
+        seg.unlink()

@@ -49,8 +49,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         )
     for name in ("ttl", "idle_timeout", "tokens_per_s", "prefill_s", "sse_ping_interval"):
         value = getattr(args, name)
-        if not value >= 0:  # also NaN
-            return f"--{name.replace('_', '-')} must be a number >= 0 (got {value})"
+        if not 0 <= value < math.inf:  # also NaN; infinity does not survive the children's
+            # JSON configuration (0 is the way to say "never" where there is one)
+            return f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
     if not 0 < args.write_timeout < math.inf:
         return f"--write-timeout must be a number of seconds > 0 (got {args.write_timeout})"
     if not 0 <= args.coalesce_ms <= 1000:

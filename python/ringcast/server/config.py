@@ -384,7 +384,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "left after the --workers (cores this process may use, by its affinity mask and "
         "cgroup quota), at least 1, at most "
         f"{AUTO_HTTP_PROCS_MAX}; here "
-        f"{cores} cores, so auto is {auto_http_procs(cores, _D.workers)} with "
+        f"{cores} {'core' if cores == 1 else 'cores'}, so auto is "
+        f"{auto_http_procs(cores, _D.workers)} with "
         f"--workers {_D.workers} (docs/SERVER.md, 'How many HTTP processes') (default: auto)",
     )
     net.add_argument(
@@ -670,8 +671,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="mirror processes; each copies the streams of its share of the segment's slots "
         "(one core: ~1,400 streams at 50 tokens/s at --mirror-ms 25; docs/CLUSTER.md, "
-        f"Sizing); 0: a quarter of the usable cores, 1 to 8; here {cores} cores, so 0 "
-        f"runs {default_mirror_procs(cores)}",
+        f"Sizing); 0: a quarter of the usable cores, 1 to 8; here {cores} "
+        f"{'core' if cores == 1 else 'cores'}, so 0 runs {default_mirror_procs(cores)}",
     )
     cluster.add_argument(
         "--node-lease-ms",

@@ -49,8 +49,10 @@ class _Frames:
 
     @staticmethod
     def fill(chunk: bytes, id_json: bytes, created: bytes) -> bytes:
-        return chunk.replace(_ID_SENTINEL_JSON, id_json, 1).replace(
-            _CREATED_SENTINEL_JSON, created, 1
+        """``chunk`` with the stream's creation time, then its id (last: an id may hold any
+        text, a sentinel's digits too, and nothing is replaced after it)."""
+        return chunk.replace(_CREATED_SENTINEL_JSON, created, 1).replace(
+            _ID_SENTINEL_JSON, id_json, 1
         )
 
 
@@ -372,7 +374,7 @@ class Emitter:
                 _FINALS[key] = template
         if template is None:
             return self._chunk(None, finish=reason, usage=usage)
-        out = _Frames.fill(template, json_encoder.encode(self.id), b"%d" % self.created)
+        # The usage first, then the creation time and the id (see _Frames.fill).
         for sentinel, n in zip(_USAGE_SENTINELS_JSON, usage_numbers(usage), strict=True):
-            out = out.replace(sentinel, b"%d" % n, 1)
-        return out
+            template = template.replace(sentinel, b"%d" % n, 1)
+        return _Frames.fill(template, json_encoder.encode(self.id), b"%d" % self.created)

@@ -107,10 +107,10 @@ Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
 STREAM_PARAMS = ("conv_id", "from")
+"""The query parameters of the stream routes that may be given once only."""
 _ID_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 """What a conversation id may not hold: C0 and C1 control characters, DEL, and lone
 surrogates (from ``surrogateescape``-decoded bytes)."""
-"""The query parameters of the stream routes that may be given once only."""
 
 
 @dataclass(frozen=True)
@@ -456,8 +456,8 @@ class App:
         finished = False
         try:
             if stream:
-                # Made just now: nothing of it dropped yet (no lookup, which reads the
-                # producer's /proc entry to tell whether it runs).
+                # Made just now: nothing of it dropped yet (no lookup, which may read
+                # another producer's /proc entry to tell whether it runs).
                 headers = self.resume_headers(reader, None, 0)
                 digest = None if anonymous else self.caller_digest(req)
                 if digest is not None:
@@ -609,8 +609,8 @@ class App:
             raise HttpError(400, str(e)) from None
         except StoreUnavailable as e:
             raise HttpError(503, str(e), "unavailable_error") from None
-        # One lookup serves both the end check and the response headers (a lookup reads the
-        # process table and the producer's /proc entry).
+        # One lookup serves both the end check and the response headers (a lookup may read
+        # the /proc entries of a producer in another process and of the process table's rows).
         info = await self.store.get(conv, owner)
         total = final_total(reader, info)
         if total is not None and offset >= total and what == "Last-Event-ID":

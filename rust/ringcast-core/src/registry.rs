@@ -605,10 +605,13 @@ impl Registry {
         let mut chosen = Vec::new();
         for slot in 0..self.used_slots() {
             let m = self.view.slot(slot);
+            // The generation before and after the glance: a slot that changed hands meanwhile
+            // (freed and made anew, as a create on a full table does in one step) is skipped,
+            // so the glance never mixes two sessions' fields.
+            let gen = m.generation.load(Ordering::Acquire);
             let Some(state) = SessionState::from_raw(m.state.load(Ordering::Acquire)) else {
                 continue;
             };
-            let gen = m.generation.load(Ordering::Acquire);
             let Some(n) = self.view.copy_owner(slot, &mut owner) else {
                 continue;
             };
@@ -622,6 +625,11 @@ impl Registry {
                 completed_at_ns: m.completed_at_ns.load(Ordering::Relaxed),
                 last_write_ns: m.last_write_ns.load(Ordering::Relaxed),
             };
+            // Orders the reads above before the re-check below.
+            fence(Ordering::Acquire);
+            if m.generation.load(Ordering::Acquire) != gen {
+                continue;
+            }
             if choose(&glance) {
                 chosen.push((slot, gen));
             }

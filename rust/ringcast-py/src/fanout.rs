@@ -126,6 +126,9 @@ enum Sent {
     Failed,
 }
 
+/// The most capacity `SocketFanOut::framed` keeps between passes.
+const FRAMED_KEPT: usize = 64 << 10;
+
 /// Sends `bytes` with `send` until the socket has taken them all or refuses more.
 fn send_all(fd: RawFd, bytes: &[u8]) -> Sent {
     let mut done = 0;
@@ -453,6 +456,10 @@ impl SocketFanOut {
                 }
             }
         });
+        if self.framed.capacity() > FRAMED_KEPT {
+            // A backlog's pass: not kept for the next, which is one event as a rule.
+            self.framed = Vec::new();
+        }
         let n = self.buf.len() as u64;
         self.passed += n;
         if let Some(sent) = &self.sent {

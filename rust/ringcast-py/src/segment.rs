@@ -394,7 +394,12 @@ impl Segment {
                 )))
             }
         };
-        let (ttl_ns, idle_ns) = (ns("ttl", ttl)?, ns("idle_timeout", idle_timeout)?);
+        let ttl_ns = ns("ttl", ttl)?;
+        // Any idle timeout above 0 is one (of at least a nanosecond): 0 alone means none.
+        let idle_ns = match ns("idle_timeout", idle_timeout)? {
+            0 if idle_timeout > 0.0 => 1,
+            n => n,
+        };
         let now = core::unix_nanos();
         let mut found = py.detach(|| {
             self.seg
