@@ -56,10 +56,6 @@ class _Frames:
         )
 
 
-def usage_numbers(usage: Usage) -> tuple[int, int, int]:
-    return (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-
-
 def _sentinels_once(head: bytes, tail: bytes) -> bool:
     """Whether the id's and the creation time's sentinels are each in ``head`` exactly once
     and nowhere in ``tail``."""
@@ -358,10 +354,11 @@ class Emitter:
     def _final_chunk(self, reason: str, prompt_tokens: int) -> bytes:
         """The chunk with the finish reason and the usage, from a template of the route,
         model and reason (:data:`_FINALS`) where there is one."""
-        usage = Usage(prompt_tokens, self.tokens, prompt_tokens + self.tokens)
+        counts = (prompt_tokens, self.tokens, prompt_tokens + self.tokens)
         key = (self.route, self.model, reason)
-        template = _FINALS.get(key, b"")
-        if template == b"":
+        if key in _FINALS:
+            template = _FINALS[key]
+        else:
             template = self._sentinel_emitter(self.route, self.model)._chunk(
                 None, finish=reason, usage=Usage(*_USAGE_SENTINELS)
             )
@@ -373,8 +370,8 @@ class Emitter:
             if len(_FINALS) < _FRAMES_MAX:
                 _FINALS[key] = template
         if template is None:
-            return self._chunk(None, finish=reason, usage=usage)
+            return self._chunk(None, finish=reason, usage=Usage(*counts))
         # The usage first, then the creation time and the id (see _Frames.fill).
-        for sentinel, n in zip(_USAGE_SENTINELS_JSON, usage_numbers(usage), strict=True):
+        for sentinel, n in zip(_USAGE_SENTINELS_JSON, counts, strict=True):
             template = template.replace(sentinel, b"%d" % n, 1)
         return _Frames.fill(template, json_encoder.encode(self.id), b"%d" % self.created)

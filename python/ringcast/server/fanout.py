@@ -107,7 +107,7 @@ class Coalescing:
                 # Idle: a timer a few dozen times a second was most of what an idle process
                 # cost. (A lag measured across this wait would mean nothing: none is taken.)
                 idle = self._idle = loop.create_future()
-                timer = loop.call_later(LAG_IDLE_WAIT, _resolve, idle)
+                timer = loop.call_later(LAG_IDLE_WAIT, self.wake)
                 await idle
                 timer.cancel()
                 self._idle = None
@@ -138,11 +138,6 @@ class Coalescing:
                 self.counters.set(HttpCounter.COALESCE_US, int(linger * 1e6))
                 if flips and self.on_change is not None:
                     self.on_change()
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 # Terminal events for readers whose session ended without finishing: (code, message).

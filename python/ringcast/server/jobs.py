@@ -250,19 +250,20 @@ class Jobs:
             # One call into the store for every job (a thousand property reads in Python
             # were most of this poll's cost).
             active = self.active
-            if active:
-                tasks = list(active)
-                for i in self.store.cancelled_among(list(active.values())):
-                    if not tasks[i].done():
-                        tasks[i].cancel()
+            if not active:
+                continue
+            tasks, writers = list(active), list(active.values())
+            for i in self.store.cancelled_among(writers):
+                if not tasks[i].done():
+                    tasks[i].cancel()
             now = loop.time()
-            if interval <= 0 or now < next_check or not active:
+            if interval <= 0 or now < next_check:
                 continue
             next_check = now + check_every
             # The silent streams, chosen in one call (a loop over a thousand jobs' writers
             # twice a second cost this process ~2 ms a second): those with no progress for
-            # the interval, each pinged at most once per interval.
-            tasks, writers = list(active), list(active.values())
+            # the interval, each pinged at most once per interval. (A job just cancelled is
+            # still running: its writer, cancelled, is not silent.)
             for i in self.store.silent_among(writers, interval):
                 task = tasks[i]
                 last = pinged.get(task)

@@ -101,6 +101,13 @@ pub struct Glance<'a> {
     pub last_write_ns: u64,
 }
 
+impl Glance<'_> {
+    /// Whether the owner starts with `prefix`, a non-empty one (an empty prefix names none).
+    pub fn owner_under(&self, prefix: &[u8]) -> bool {
+        !prefix.is_empty() && self.owner.starts_with(prefix)
+    }
+}
+
 /// The right to append to one session, handed out under the registry lock: a `Writer` wraps
 /// one. Only the claim whose `token` is in the slot's `producer_token` may append.
 pub(crate) struct ProducerClaim {
@@ -454,16 +461,19 @@ impl Registry {
         }
     }
 
-    /// Whether the process-table row `i` names a process that runs.
-    fn row_alive(&self, i: usize) -> bool {
+    /// The process the process-table row `i` names, if any.
+    fn row_process(&self, i: usize) -> Option<ProcessId> {
         let e = self.view.proc_entry(i);
         let pid = e.pid.load(Ordering::Acquire);
-        pid != 0
-            && (ProcessId {
-                pid,
-                start_time: e.start_time.load(Ordering::Acquire),
-            })
-            .is_alive()
+        (pid != 0).then(|| ProcessId {
+            pid,
+            start_time: e.start_time.load(Ordering::Acquire),
+        })
+    }
+
+    /// Whether the process-table row `i` names a process that runs.
+    fn row_alive(&self, i: usize) -> bool {
+        self.row_process(i).is_some_and(|p| p.is_alive())
     }
 
     /// Entries of the process table whose owners run, as a bit mask, for the reader counts of
@@ -477,20 +487,14 @@ impl Registry {
         let mut seen = self.rows_seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut mask = 0u64;
         for (i, kept) in seen.iter_mut().enumerate() {
-            let e = self.view.proc_entry(i);
-            let pid = e.pid.load(Ordering::Acquire);
-            if pid == 0 {
+            let Some(who) = self.row_process(i) else {
                 continue;
-            }
-            let who = ProcessId {
-                pid,
-                start_time: e.start_time.load(Ordering::Acquire),
             };
             let alive = match *kept {
                 // Still there (a pid that no longer names any process is seen at once: the
                 // kept answer holds back only a zombie's, or a reused pid's, for a moment).
                 Some((w, true, at)) if w == who && now.duration_since(at) < ROW_SEEN_FOR => {
-                    let still = process::pid_exists(pid);
+                    let still = process::pid_exists(who.pid);
                     if !still {
                         *kept = Some((who, false, now));
                     }
@@ -597,7 +601,7 @@ impl Registry {
 
     /// The live sessions that `choose` picks from a glance at each (its state, owner,
     /// producer and times, read with atomic loads and one copy of the owner into a buffer:
-    /// nothing allocated per session), each snapshotted as `list` does. A scan of every slot
+    /// nothing allocated per session), each snapshotted as `list` does, oldest first. A scan of every slot
     /// costs a few loads per session, so the manager's sweeps of a segment holding a hundred
     /// thousand finished sessions make objects only of the few they act on.
     pub(crate) fn scan(&self, mut choose: impl FnMut(&Glance<'_>) -> bool) -> Vec<SessionInfo> {
@@ -639,10 +643,12 @@ impl Registry {
         }
         let alive = self.alive_procs();
         let mut cache = HashMap::new();
-        chosen
+        let mut out: Vec<SessionInfo> = chosen
             .into_iter()
             .filter_map(|(slot, gen)| self.snapshot(slot, gen, alive, &mut cache))
-            .collect()
+            .collect();
+        out.sort_by_key(|i| (i.started_at_ns, i.slot));
+        out
     }
 
     /// The live sessions of `owner`, from its list; `Err` if the list is damaged (the next

@@ -440,7 +440,7 @@ impl Segment {
         self.reg.list(None, Some((index, count)))
     }
 
-    /// Every live session whose owner starts with `prefix`.
+    /// Every live session whose owner starts with `prefix`, oldest first.
     pub fn list_owner_prefix(&self, prefix: &str) -> Vec<SessionInfo> {
         let prefix = prefix.as_bytes();
         self.reg.scan(|g| g.owner.starts_with(prefix))
@@ -454,7 +454,7 @@ impl Segment {
         let (anon, skip) = (anon_owner.as_bytes(), skip_prefix.as_bytes());
         let mut alive: HashMap<(u32, u64), bool> = HashMap::new();
         self.reg.scan(|g| {
-            if !skip.is_empty() && g.owner.starts_with(skip) {
+            if g.owner_under(skip) {
                 return false;
             }
             g.owner == anon
@@ -477,7 +477,7 @@ impl Segment {
     ) -> Vec<SessionInfo> {
         let skip = skip_prefix.as_bytes();
         self.reg.scan(|g| {
-            if !skip.is_empty() && g.owner.starts_with(skip) {
+            if g.owner_under(skip) {
                 return false;
             }
             if g.state == SessionState::Running {

@@ -7,7 +7,7 @@ use ringcast_core as core;
 
 use crate::errors::IntoPyResult;
 use crate::notifier::Notifier;
-use crate::stream::{Reader, Writer};
+use crate::stream::{nanos_of, Reader, Writer};
 
 /// A consistent snapshot of one session's registry entry.
 #[pyclass(module = "ringcast", frozen, get_all)]
@@ -335,8 +335,7 @@ impl Segment {
                     "list: give owner_prefix alone, without owner or shard",
                 ));
             }
-            let mut found = py.detach(|| self.seg.list_owner_prefix(prefix));
-            found.sort_by_key(|i| (i.started_at_ns, i.slot));
+            let found = py.detach(|| self.seg.list_owner_prefix(prefix));
             return Ok(found.into_iter().map(Into::into).collect());
         }
         let found = match shard {
@@ -367,8 +366,7 @@ impl Segment {
         skip_prefix: &str,
     ) -> PyResult<Vec<SessionInfo>> {
         self.seg.check_open().py_err(py)?;
-        let mut found = py.detach(|| self.seg.sweep_candidates(anon_owner, skip_prefix));
-        found.sort_by_key(|i| (i.started_at_ns, i.slot));
+        let found = py.detach(|| self.seg.sweep_candidates(anon_owner, skip_prefix));
         Ok(found.into_iter().map(Into::into).collect())
     }
 
@@ -385,27 +383,17 @@ impl Segment {
         skip_prefix: &str,
     ) -> PyResult<Vec<SessionInfo>> {
         self.seg.check_open().py_err(py)?;
-        let ns = |what: &str, s: f64| -> PyResult<u64> {
-            if s.is_finite() && s >= 0.0 {
-                Ok((s * 1e9).min(u64::MAX as f64) as u64)
-            } else {
-                Err(PyValueError::new_err(format!(
-                    "expiry_candidates: {what} must be a finite number of seconds, 0 or more, got {s}"
-                )))
-            }
-        };
-        let ttl_ns = ns("ttl", ttl)?;
+        let ttl_ns = nanos_of("expiry_candidates: ttl", ttl)?;
         // Any idle timeout above 0 is one (of at least a nanosecond): 0 alone means none.
-        let idle_ns = match ns("idle_timeout", idle_timeout)? {
+        let idle_ns = match nanos_of("expiry_candidates: idle_timeout", idle_timeout)? {
             0 if idle_timeout > 0.0 => 1,
             n => n,
         };
         let now = core::unix_nanos();
-        let mut found = py.detach(|| {
+        let found = py.detach(|| {
             self.seg
                 .expiry_candidates(now, ttl_ns, idle_ns, skip_prefix)
         });
-        found.sort_by_key(|i| (i.started_at_ns, i.slot));
         Ok(found.into_iter().map(Into::into).collect())
     }
 

@@ -29,6 +29,18 @@ fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+/// `seconds` as nanoseconds (saturating); `ValueError` naming `what` for a negative or
+/// non-finite number.
+pub(crate) fn nanos_of(what: &str, seconds: f64) -> PyResult<u64> {
+    if seconds.is_finite() && seconds >= 0.0 {
+        Ok((seconds * 1e9).min(u64::MAX as f64) as u64)
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{what} must be a finite number of seconds, 0 or more, got {seconds}"
+        )))
+    }
+}
+
 /// A byte view of any buffer object: typed buffers (`array('i')`, numpy) are viewed as their
 /// raw bytes, as `os.write` would.
 fn byte_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
@@ -246,12 +258,7 @@ impl Writer {
     /// ``ValueError`` for a negative or non-finite number of seconds.
     #[staticmethod]
     fn silent_among(writers: Vec<PyRef<'_, Writer>>, seconds: f64) -> PyResult<Vec<usize>> {
-        if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "silent_among: seconds must be a finite number, 0 or more, got {seconds}"
-            )));
-        }
-        let ns = (seconds * 1e9).min(u64::MAX as f64) as u64;
+        let ns = nanos_of("silent_among: seconds", seconds)?;
         let now = core::unix_nanos();
         Ok(writers
             .iter()
