@@ -317,14 +317,20 @@ class Server(Client):
         return out
 
 
-def _wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+def _wait_for(
+    cond: Callable[[], Any],
+    what: str,
+    timeout: float = 30.0,
+    explain: Callable[[], str] | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
         if v:
             return v
         time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    # ``explain``: what the test can still see of the state it waited on, for the report.
+    raise AssertionError(f"timed out waiting for {what}" + (f"; {explain()}" if explain else ""))
 
 
 def _chat_body(max_tokens: int = 16, stream: bool = True, prompt: str = "hello") -> bytes:
@@ -412,7 +418,8 @@ def raw_client() -> Callable[[int], Client]:
 
 @pytest.fixture(scope="session")
 def wait_for() -> Callable[..., Any]:
-    """``wait_for(cond, what, timeout=30)``: poll ``cond`` until it is true (its value)."""
+    """``wait_for(cond, what, timeout=30, explain=None)``: poll ``cond`` until it is true (its
+    value); on a timeout, the error carries ``explain()``."""
     return _wait_for
 
 

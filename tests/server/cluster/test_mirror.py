@@ -742,3 +742,49 @@ def test_readers_opening_at_once_share_their_redis_reads(tmp_path: Path, redis_s
 
 async def _tailing(store: RemoteStore) -> bool:
     return len(store.tails) == 1
+
+
+def test_a_lookup_racing_a_claim_never_drops_it_from_the_owner_index(
+    tmp_path: Path, target: Target
+) -> None:
+    """A lookup elsewhere drops the owner-index entries whose session it cannot find. One that
+    runs while a new session's claim is on its way (here: right after each of the mirror's
+    pipelines, with the claim's first call refused NOSCRIPT and sent again) must not drop the
+    new session: it names the session only once Redis holds it. (Dropped, a lookup missed
+    it until the entry's refresh, 30 s later.)"""
+
+    async def body(h: Harness) -> None:
+        node_id = "node-" + uid()
+        seg = Segment.create(str(tmp_path / node_id), max_sessions=16, session_bytes=1 << 16)
+        client = h.target.client()
+        store = h.reader()
+        conv, owner = "conv-" + uid(), "key-" + uid()  # an index of its own
+        try:
+            mirror = Mirror(MirrorConfig(segment=seg.path, node_id=node_id, ttl=60), seg, client)
+            assert seg.create_or_replace(conv, owner).write(event(0))
+            await client.script_flush()  # the claim's EVALSHA is answered NOSCRIPT
+            seen: list[list[str]] = []
+            make_pipeline = client.pipeline
+
+            def pipeline(*args: Any, **kw: Any) -> Any:
+                pipe = make_pipeline(*args, **kw)
+                execute = pipe.execute
+
+                async def execute_then_look(*args: Any, **kw: Any) -> Any:
+                    res = await execute(*args, **kw)
+                    seen.append([i.conversation_id for i in await store.sessions(owner)])
+                    return res
+
+                pipe.execute = execute_then_look
+                return pipe
+
+            client.pipeline = pipeline  # type: ignore[method-assign]
+            assert await mirror.flush(0)
+            client.pipeline = make_pipeline  # type: ignore[method-assign]
+            assert seen and all(s in ([], [conv]) for s in seen), seen
+            assert [i.conversation_id for i in await store.sessions(owner)] == [conv]
+        finally:
+            await client.aclose()
+            seg.unlink()
+
+    run(tmp_path, target, body)

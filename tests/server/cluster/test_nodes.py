@@ -95,6 +95,32 @@ def lookup(node: Any, conv: str, headers: dict[str, str] | None = None) -> list[
     return found
 
 
+def mirror_report(node: Any, conv: str) -> str:
+    """What ``node`` shows of its mirror and of ``conv`` (for a report when a stream did not
+    reach another node): its local lookup and its ``ringcast_mirror_*`` samples."""
+    try:
+        _, _, body = node.request("GET", "/metrics")
+        found = lookup(node, conv)
+    except (OSError, AssertionError) as e:
+        return f"node {node.port}: {e!r}"
+    samples = [
+        ln
+        for ln in body.decode().splitlines()
+        if ln.startswith(("ringcast_mirror_", "ringcast_redis_"))
+    ]
+    return f"node {node.port} has {found}, its Redis figures: {'; '.join(samples)}"
+
+
+def wait_in_redis(wait_for: Any, source: Any, conv: str, *others: Any) -> None:
+    """Wait until every one of ``others`` finds ``conv`` (produced on ``source``) by a
+    lookup; a timeout reports what each of them and ``source`` (and its mirror) show."""
+    wait_for(
+        lambda: all(lookup(o, conv) for o in others),
+        "the stream to reach Redis",
+        explain=lambda: " | ".join(mirror_report(n, conv) for n in (source, *others)),
+    )
+
+
 def first_id(body: bytes) -> int:
     m = re.search(rb"^id: (\d+)$", body, re.M)
     assert m is not None
@@ -114,7 +140,7 @@ def test_a_stream_is_byte_identical_on_every_node(
     conv = "conv-" + uid()
     post = a.post_chat(conv, max_tokens=60)
     first = post.read_at_least(600)
-    wait_for(lambda: lookup(b, conv) and lookup(c, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, b, c)
     mid, event_end = len(first) // 2, first_id(first)
     readers = [
         b.open_request("GET", f"/v1/stream?conv_id={conv}&from=0"),
@@ -148,7 +174,7 @@ def test_delete_on_another_node_stops_the_producer(
     conv = "conv-" + uid()
     post = a.post_chat(conv, max_tokens=5000)
     post.read_at_least(300)
-    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, b)
     assert b.request("DELETE", f"/v1/stream?conv_id={conv}")[0] == 204
     body = post.read_all_and_close()
     assert error_of(sse_events(body)[-1])["type"] == "cancelled"
@@ -169,7 +195,7 @@ def test_replace_across_nodes_has_one_winner(
     conv = "conv-" + uid()
     first = a.post_chat(conv, max_tokens=5000, prompt="first")
     first.read_at_least(300)
-    wait_for(lambda: lookup(c, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, c)
     second = b.post_chat(conv, max_tokens=10, prompt="second")
     assert error_of(sse_events(first.read_all_and_close())[-1])["type"] == "replaced"
     won = second.read_all_and_close()
@@ -246,7 +272,7 @@ def test_a_killed_mirror_process_is_restarted_and_its_streams_go_on(
     posts = [a.post_chat(conv, max_tokens=150) for conv in convs]
     firsts = [p.read_at_least(500) for p in posts]
     for conv in convs:
-        wait_for(lambda c=conv: lookup(b, c), "the stream to reach Redis")
+        wait_in_redis(wait_for, a, conv, b)
     followers = [b.open_request("GET", f"/v1/stream?conv_id={conv}") for conv in convs]
     wait_for(lambda: metric_sample(a, "mirror_sessions") == 4, "both mirrors to report")
     victim = mirror_pids(a)[1]
@@ -323,7 +349,7 @@ def test_redis_killed_or_paused_never_stops_local_serving(
     conv = "conv-" + uid()
     post = a.post_chat(conv, max_tokens=300)
     first = post.read_at_least(1000)
-    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, b)
     follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
     redis_server.kill()
     during = post.read_at_least(5000)  # the local client goes on
@@ -339,7 +365,7 @@ def test_redis_killed_or_paused_never_stops_local_serving(
     conv = "conv-" + uid()
     post = a.post_chat(conv, max_tokens=200)
     first = post.read_at_least(1000)
-    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, b)
     follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
     redis_server.cli("CLIENT", "PAUSE", "1000")
     body = first + post.read_all_and_close()
@@ -405,7 +431,7 @@ def test_kill_9_of_a_node_loses_only_what_it_had_not_mirrored(
             try:
                 post = a.post_chat(conv, max_tokens=100_000)
                 post.read_at_least(2000)
-                wait_for(lambda c=conv: lookup(b, c), "the stream to reach Redis")
+                wait_in_redis(wait_for, a, conv, b)
                 follower = b.open_request("GET", f"/v1/stream?conv_id={conv}")
                 seen = follower.read_at_least(1000 + 97 * round_)  # another moment each round
             finally:
@@ -444,7 +470,7 @@ def test_a_conversation_reads_as_a_durable_stream_on_another_node(
     conv = "conv-" + uid()
     post = a.post_chat(conv, max_tokens=40)
     first = post.read_at_least(300)
-    wait_for(lambda: lookup(b, conv), "the stream to reach Redis")
+    wait_in_redis(wait_for, a, conv, b)
     status, _, tail = b.request("GET", f"/ds/v1/conversations/{conv}?offset=-1&live=sse")
     body = first + post.read_all_and_close()
     assert body.endswith(b"data: [DONE]\n\n")

@@ -73,6 +73,9 @@ _COUNTS = [str(n).encode() for n in range(64)]
 CONTROL_BLOCK_MS = 1000
 CONTROL_MAXLEN = 10_000
 
+_HELD = (scripts.SYNC_OK, scripts.SYNC_RESYNC)
+"""SYNC's answers for a session that Redis holds as this node's (claimed, running or ended
+by this node): it belongs in its owner's index."""
 SYNC = Script(scripts.SYNC)
 END = Script(scripts.END)
 FORGET = Script(scripts.FORGET)
@@ -187,6 +190,9 @@ class Mirror:
         self.phases = phases(cfg.mirror_ms)
         self.by_phase: list[list[Tracked]] = [[] for _ in range(self.phases)]
         """The running sessions of each phase, as the last full pass found them."""
+        self.unindexed: dict[tuple[str, str], Tracked] = {}
+        """Sessions Redis holds that their owner's index does not name yet (:meth:`_index`),
+        by owner and conversation id."""
 
     # -- flush loop
 
@@ -376,8 +382,8 @@ class Mirror:
             if not chunks and state == "running" and t.epoch and t.gap_from is None and not due:
                 continue
             claim = t.epoch == 0
-            # The owner's index is another key (another slot): re-added with every expiry
-            # refresh, in case a lookup dropped it in the instant before the claim landed.
+            # The owner's index is another key (another slot): added once the claim is in
+            # (:meth:`_index`), and again with every expiry refresh.
             t.reindex = claim or due
             start = t.next if t.gap_from is None else t.gap_from
             t.sent = sum(map(len, chunks))
@@ -391,17 +397,48 @@ class Mirror:
             else:
                 args = [header, "", "", *chunks]
             calls.append((t, args))
-        if not calls:
+        ok = True
+        if calls:
+            results = await self._execute(calls)
+            for (t, args), res in zip(calls, results, strict=True):
+                await self._apply(t, args, res, now)
+                if t.reindex and not isinstance(res, BaseException) and int(res[0]) in _HELD:
+                    self.unindexed[(t.info.owner, t.info.conversation_id)] = t
+            self.stats.windows += 1
+            ok = not any(isinstance(r, BaseException) for r in results)
+        return await self._index() and ok
+
+    async def _index(self) -> bool:
+        """Adds the sessions claimed in Redis (or due for a refresh) to their owners' indexes,
+        which listings and lookups elsewhere read, once their SYNC has been answered: an entry
+        never names a session that Redis does not hold yet. A lookup drops the entries whose
+        session it cannot find, and one sent with the claim could land first (in a Redis
+        Cluster the index is on another shard; a claim answered NOSCRIPT is sent again after
+        its pipeline), so a lookup in that instant dropped it until its refresh 30 s later.
+        Kept for the next pass if Redis fails; False then."""
+        if not self.unindexed:
             return True
-        results = await self._execute(calls)
-        for (t, args), res in zip(calls, results, strict=True):
-            await self._apply(t, args, res, now)
-        self.stats.windows += 1
-        return not any(isinstance(r, BaseException) for r in results)
+        sent = list(self.unindexed.items())
+        by_index: dict[str, list[str]] = {}
+        for _, t in sent:
+            by_index.setdefault(t.keys.owner_index, []).append(t.info.conversation_id)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for index, convs in by_index.items():
+                pipe.zadd(index, dict.fromkeys(convs, 0))
+                pipe.pexpire(index, self.cfg.keep_ms)
+            await pipe.execute()
+        except redis_errors() as e:
+            self._failed(e)
+            return False
+        for k, t in sent:
+            if self.unindexed.get(k) is t:
+                del self.unindexed[k]
+        return True
 
     async def _execute(self, calls: list[tuple[Tracked, list[Any]]]) -> list[Any]:
-        """One pipeline: a SYNC call per batch of sessions (plus, for a claim, the owner
-        index). Per session: its reply, or the exception its batch failed with."""
+        """One pipeline: a SYNC call per batch of sessions. Per session: its reply, or the
+        exception its batch failed with."""
         batches = [calls[i : i + self.batch] for i in range(0, len(calls), self.batch)]
 
         def sync_args(batch: list[tuple[Tracked, list[Any]]]) -> tuple[list[str], list[Any]]:
@@ -417,16 +454,12 @@ class Mirror:
             pipe = self.client.pipeline(transaction=False)
             for batch in batches:
                 SYNC.queue(pipe, *sync_args(batch))
-            for t, _ in calls:
-                if t.reindex:
-                    pipe.zadd(t.keys.owner_index, {t.info.conversation_id: 0})
-                    pipe.pexpire(t.keys.owner_index, self.cfg.keep_ms)
             raw = await pipe.execute(raise_on_error=False)
         except redis_errors() as e:
             self._failed(e)
             return [e] * len(calls)
         results: list[Any] = []
-        for batch, res in zip(batches, raw, strict=False):
+        for batch, res in zip(batches, raw, strict=True):
             if is_noscript(res):
                 try:
                     res = await SYNC(self.client, *sync_args(batch))
