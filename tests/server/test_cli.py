@@ -111,6 +111,30 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
         assert f"--write-timeout must be a number of seconds > 0 (got {float(bad)})" in out.stderr
 
 
+def test_times_out_of_range_and_bytes_that_are_not_utf8_are_refused(tmp_path: Path) -> None:
+    """A ``--ttl`` whose Redis expiry cannot be set (1e16 failed every sync of the mirror), a
+    long-poll wait that is not a number of seconds in range, and an argument with bytes that
+    are not UTF-8 (a traceback before) are refused before anything starts."""
+    out = ringcast("serve", "--port", "0", "--ttl", "1e16", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--ttl must be at most 315360000 seconds (10 years; got 1e+16)" in out.stderr
+    for bad in ("inf", "nan", "-5", "0", "3601"):
+        out = ringcast("serve", "--port", "0", "--ds-long-poll-timeout", bad, cwd=tmp_path)
+        assert out.returncode == 2, bad
+        assert "--ds-long-poll-timeout must be a number of seconds > 0 and at most 3600" in (
+            out.stderr
+        ), out.stderr
+    for opt in ("--model-name", "--node-id", "--api-key"):
+        argv = [sys.executable, "-m", "ringcast.cli", "serve", "--port", "0", opt]
+        out = subprocess.run(
+            [*map(os.fsencode, argv), b"model-\xff"], capture_output=True, timeout=50, cwd=tmp_path
+        )
+        err = out.stderr.decode()
+        assert out.returncode == 2, err
+        assert f"{opt}: the value has bytes that are not UTF-8; give it in UTF-8" in err, err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [

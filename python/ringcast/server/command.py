@@ -25,9 +25,28 @@ MIN_SESSION_BYTES = 4096
 """The smallest ``--session-bytes`` the server takes: room for some events of a stream."""
 
 
+MAX_TTL_S = 10 * 365 * 86400
+"""The longest ``--ttl`` (10 years): with ``--redis`` a stream's keys expire ``--ttl`` + 60 s
+after a sync, and Redis refuses an expiry whose milliseconds pass 2^63 from now (a ``--ttl``
+of 1e16 failed every sync and flooded the log)."""
+MAX_LONG_POLL_S = 3600.0
+"""The longest ``--ds-long-poll-timeout``: a long-poll held longer than an hour is a stalled
+client to every proxy on the way."""
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with parsed ``ringcast serve`` arguments (a message naming the option),
     or None. Checked before anything starts."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _utf8(text):
+                # Bytes the locale could not decode (kept as surrogates): the children's
+                # JSON configuration cannot carry them, and they started nothing but a
+                # traceback.
+                return (
+                    f"--{name.replace('_', '-')}: the value has bytes that are not UTF-8; "
+                    "give it in UTF-8"
+                )
     for name in (
         "workers",
         "max_sessions",
@@ -52,6 +71,13 @@ def check_args(args: argparse.Namespace) -> str | None:
         if not 0 <= value < math.inf:  # also NaN; infinity does not survive the children's
             # JSON configuration (0 is the way to say "never" where there is one)
             return f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
+    if args.ttl > MAX_TTL_S:
+        return f"--ttl must be at most {MAX_TTL_S} seconds (10 years; got {args.ttl:g})"
+    if not 0 < args.ds_long_poll_timeout <= MAX_LONG_POLL_S:
+        return (
+            f"--ds-long-poll-timeout must be a number of seconds > 0 and at most "
+            f"{MAX_LONG_POLL_S:g} (got {args.ds_long_poll_timeout})"
+        )
     if not 0 < args.write_timeout < math.inf:
         return f"--write-timeout must be a number of seconds > 0 (got {args.write_timeout})"
     if not 0 <= args.coalesce_ms <= 1000:
@@ -151,3 +177,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.epilog = SERVE_EPILOG
     configure(p)
     p.set_defaults(func=run)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -438,7 +438,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.ds_long_poll_timeout,
         metavar="S",
         help="how long a Durable Streams long-poll read (/ds, live=long-poll) waits for data "
-        "before it answers 204 (%(default)s)",
+        "before it answers 204, more than 0 and at most 3600 (%(default)s)",
     )
     net.add_argument(
         "--coalesce-ms",
@@ -602,7 +602,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         type=float,
         default=_D.ttl,
-        help="seconds a completed session is kept (%(default)s)",
+        help="seconds a completed session is kept, at most 10 years (%(default)s)",
     )
     store.add_argument(
         "--idle-timeout",

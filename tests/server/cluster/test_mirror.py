@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 from ringcast import OffsetLost, Segment, SessionEnded, Writer
+from ringcast.server.cluster import keys
 from ringcast.server.cluster.client import Client, connect
 from ringcast.server.cluster.ds import ClusterPeers
 from ringcast.server.cluster.mirror import Mirror, MirrorConfig, MirrorStats, Tracked
@@ -784,6 +785,98 @@ def test_a_lookup_racing_a_claim_never_drops_it_from_the_owner_index(
             assert seen and all(s in ([], [conv]) for s in seen), seen
             assert [i.conversation_id for i in await store.sessions(owner)] == [conv]
         finally:
+            await client.aclose()
+            seg.unlink()
+
+    run(tmp_path, target, body)
+
+
+def test_a_lookup_that_drops_a_claim_in_flight_puts_it_back(tmp_path: Path, target: Target) -> None:
+    """A lookup elsewhere reads a session's metadata before its claim, and the mirror's whole
+    pass (claim and index entry) lands before the lookup drops the ids it did not find: the
+    drop must not lose the new session. And a restarted mirror, whose claim of a session that
+    ended meanwhile is answered "ended", makes its index entry again."""
+
+    async def body(h: Harness) -> None:
+        node_id = "node-" + uid()
+        seg = Segment.create(str(tmp_path / node_id), max_sessions=16, session_bytes=1 << 16)
+        client = h.target.client()
+        store = h.reader()
+        owner, conv = "key-" + uid(), "parent-" + uid() + "::child"
+        cfg = MirrorConfig(segment=seg.path, node_id=node_id, ttl=60)
+        try:
+            mirror = Mirror(cfg, seg, client)
+            w = seg.create_or_replace(conv, owner)
+            assert w.write(event(0))
+            w.finalize()  # claimed and ended by one sync: never refreshed again
+            make_pipeline = store.client.pipeline
+            passes = []
+
+            def pipeline(*args: Any, **kw: Any) -> Any:
+                pipe = make_pipeline(*args, **kw)
+                execute = pipe.execute
+
+                async def execute_then_mirror(*args: Any, **kw: Any) -> Any:
+                    res = await execute(*args, **kw)
+                    if not passes:  # the lookup's metadata read: the mirror's pass lands now
+                        passes.append(await mirror.flush(0))
+                    return res
+
+                pipe.execute = execute_then_mirror
+                return pipe
+
+            store.client.pipeline = pipeline  # type: ignore[method-assign]
+            found = await store.lookup_prefix(conv, owner)
+            store.client.pipeline = make_pipeline  # type: ignore[method-assign]
+            assert passes == [True]
+            assert found == []  # it read before the claim
+            listed = await store.sessions(owner)
+            assert [(i.conversation_id, i.state) for i in listed] == [(conv, "done")]
+            parent = await store.lookup_prefix(conv.split("::")[0], owner)
+            assert [i.conversation_id for i in parent] == [conv]
+            # The entry lost anyway (as by an older server's lookup): a restarted mirror
+            # claims the ended session again and makes it anew.
+            await client.zrem(keys.owner_index(owner), conv)
+            assert await store.sessions(owner) == []
+            assert await Mirror(cfg, seg, client).flush(0)
+            assert [i.conversation_id for i in await store.sessions(owner)] == [conv]
+        finally:
+            await client.aclose()
+            seg.unlink()
+
+    run(tmp_path, target, body)
+
+
+def test_an_index_update_that_redis_refuses_is_said_once_not_retried(
+    tmp_path: Path, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An owner index that Redis refuses to update (here: its key holds a string, so ZADD is
+    answered WRONGTYPE) is reported once; the mirror stays connected and goes on syncing
+    instead of sending the refused update, and flipping to "unavailable", every pass."""
+
+    async def body(h: Harness) -> None:
+        node_id = "node-" + uid()
+        seg = Segment.create(str(tmp_path / node_id), max_sessions=16, session_bytes=1 << 16)
+        client = h.target.client()
+        store = h.reader()
+        owner, conv = "key-" + uid(), "conv-" + uid()
+        try:
+            await client.set(keys.owner_index(owner), "not a sorted set")
+            mirror = Mirror(MirrorConfig(segment=seg.path, node_id=node_id, ttl=60), seg, client)
+            w = seg.create_or_replace(conv, owner)
+            with caplog.at_level("WARNING", logger="ringcast.server.cluster"):
+                for i in range(5):
+                    assert w.write(event(i))
+                    assert await mirror.flush(0)
+            refused = [r for r in caplog.records if "refused an owner index update" in r.message]
+            assert len(refused) == 1, caplog.text
+            assert "WRONGTYPE" in refused[0].message
+            assert mirror.stats.connected and mirror.stats.redis_errors == 0
+            assert not mirror.unindexed
+            info = await store.info(conv, owner)  # the stream itself is in Redis
+            assert info is not None and info.total_bytes == sum(len(event(i)) for i in range(5))
+        finally:
+            await client.delete(keys.owner_index(owner))
             await client.aclose()
             seg.unlink()
 

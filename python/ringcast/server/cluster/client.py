@@ -172,3 +172,13 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import RedisError
 
     return (RedisError, OSError, TimeoutError)
+
+
+def is_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is Redis answering that the command itself is wrong (a plain error reply,
+    such as an argument out of range), which sending it again would only repeat; not one of
+    the replies that pass (out of memory, cluster down or moved, loading, a read-only
+    replica), which have classes of their own."""
+    from redis.exceptions import ResponseError
+
+    return type(e) is ResponseError

@@ -45,6 +45,7 @@ from ringcast.server.cluster.client import (
     connect,
     is_cluster,
     is_noscript,
+    is_refusal,
     redis_errors,
 )
 from ringcast.server.config import ANON_OWNER, ServeConfig
@@ -73,9 +74,11 @@ _COUNTS = [str(n).encode() for n in range(64)]
 CONTROL_BLOCK_MS = 1000
 CONTROL_MAXLEN = 10_000
 
-_HELD = (scripts.SYNC_OK, scripts.SYNC_RESYNC)
-"""SYNC's answers for a session that Redis holds as this node's (claimed, running or ended
-by this node): it belongs in its owner's index."""
+_HELD = (scripts.SYNC_OK, scripts.SYNC_RESYNC, scripts.SYNC_ENDED)
+"""SYNC's answers for a session that Redis holds as this node's claim (running, or ended:
+done, failed, or cancelled elsewhere): it belongs in its owner's index. (A restarted mirror's
+claim of a session that ended meanwhile is answered SYNC_ENDED: its entry is made again
+there, in case a lookup dropped it.)"""
 SYNC = Script(scripts.SYNC)
 END = Script(scripts.END)
 FORGET = Script(scripts.FORGET)
@@ -415,7 +418,9 @@ class Mirror:
         session it cannot find, and one sent with the claim could land first (in a Redis
         Cluster the index is on another shard; a claim answered NOSCRIPT is sent again after
         its pipeline), so a lookup in that instant dropped it until its refresh 30 s later.
-        Kept for the next pass if Redis fails; False then."""
+        (A lookup that drops an id puts it back if it then finds the session in Redis:
+        ``RemoteStore._drop_stale``.) Kept for the next pass while Redis is unavailable (False
+        then); dropped, and said, if Redis refuses the update itself."""
         if not self.unindexed:
             return True
         sent = list(self.unindexed.items())
@@ -429,8 +434,12 @@ class Mirror:
                 pipe.pexpire(index, self.cfg.keep_ms)
             await pipe.execute()
         except redis_errors() as e:
-            self._failed(e)
-            return False
+            if not is_refusal(e):
+                self._failed(e)
+                return False
+            # Redis answered and refused (it is not unavailable): sent again it would refuse
+            # again, every pass. Said once for these sessions, which stay out of their index.
+            log.warning("mirror: Redis refused an owner index update: %s", e)
         for k, t in sent:
             if self.unindexed.get(k) is t:
                 del self.unindexed[k]

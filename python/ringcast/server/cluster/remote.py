@@ -224,9 +224,23 @@ class RemoteStore:
             if info.state in VISIBLE:
                 out.append(info)
         if stale:
-            # Expired sessions leave their id in the owner's index; drop them lazily.
-            await self.client.zrem(keys.owner_index(owner), *stale)
+            await self._drop_stale(owner, stale)
         return out
+
+    async def _drop_stale(self, owner: str, stale: list[str]) -> None:
+        """Drops from the owner's index the ids whose session this lookup did not find
+        (expired ones leave their id there). A mirror may have claimed one of them since
+        (a new session of that id: its id enters the index once Redis holds it, which may
+        be just before this removal), so each one found in Redis after the removal is put
+        back: whichever way the two interleave, the index names every session Redis holds."""
+        index = keys.owner_index(owner)
+        await self.client.zrem(index, *stale)
+        pipe = self.client.pipeline(transaction=False)
+        for conv in stale:
+            pipe.exists(keys.SessionKeys(conv, owner).meta)
+        back = [c for c, n in zip(stale, await pipe.execute(), strict=True) if n]
+        if back:
+            await self.client.zadd(index, dict.fromkeys(back, 0))
 
     async def sessions(self, owner: str) -> list[RemoteInfo]:
         convs = [_s(c) for c in await self.client.zrange(keys.owner_index(owner), 0, -1)]
