@@ -11,6 +11,7 @@ import asyncio
 import logging
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -377,7 +378,9 @@ def test_aread_on_two_segments_in_one_loop(seg_path: str, loop_kind: str, run_as
 
         run_async(loop_kind, main)
     finally:
+        b.close()
         os.unlink(b_path)
+        shutil.rmtree(b_path + ".wake", ignore_errors=True)  # as seg_path does for `a`
 
 
 def test_aread_after_closing_a_segment_in_the_same_loop(

@@ -48,7 +48,7 @@ def test_help_explains_itself() -> None:
         "Last-Event-ID",
     ):
         assert flag in out.stdout, flag
-    assert "(8080)" in out.stdout  # llama-server's default port
+    assert "(default: 8080)" in out.stdout  # llama-server's default port
 
 
 def test_no_command_prints_help() -> None:

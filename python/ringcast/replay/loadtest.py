@@ -1009,14 +1009,14 @@ def configure(ap: argparse.ArgumentParser) -> None:
         type=http_procs_value,
         default="auto",
         help="HTTP processes of ringcast serve: auto (its default: one per CPU core the "
-        "workers leave; see ringcast serve --help) or N (%(default)s)",
+        "workers leave; see ringcast serve --help) or N (default: %(default)s)",
     )
     ap.add_argument(
         "--resume-share",
         type=float,
         default=0.0,
         metavar="P",
-        help="share of GET readers that disconnect part-way and resume with from=<bytes> (0-1)",
+        help="chance (0-1) that each GET reader disconnects part-way and resumes with from=<bytes>",
     )
     ap.add_argument("--url", help="replay against this running server instead of starting one")
     ap.add_argument("--json", dest="json_out", help="write the full report as JSON here")

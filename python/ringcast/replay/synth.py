@@ -253,22 +253,31 @@ def configure_trace(ap: argparse.ArgumentParser) -> None:
     sp.add_argument("--streams", type=int, required=True, help="number of streams")
     sp.add_argument("--out", required=True, help="trace file to write")
     sp.add_argument(
-        "--ttft-ms", type=float, default=d.ttft_ms, help="median TTFT, ms (%(default)s)"
+        "--ttft-ms", type=float, default=d.ttft_ms, help="median TTFT, ms (default: %(default)s)"
     )
     sp.add_argument(
-        "--ttft-sigma", type=float, default=d.ttft_sigma, help="log-sd of TTFT (%(default)s)"
+        "--ttft-sigma",
+        type=float,
+        default=d.ttft_sigma,
+        help="log-sd of TTFT (default: %(default)s)",
     )
     sp.add_argument(
-        "--itl-ms", type=float, default=d.itl_ms, help="median inter-token gap, ms (%(default)s)"
+        "--itl-ms",
+        type=float,
+        default=d.itl_ms,
+        help="median inter-token gap, ms (default: %(default)s)",
     )
     sp.add_argument(
-        "--itl-sigma", type=float, default=d.itl_sigma, help="log-sd of the gap (%(default)s)"
+        "--itl-sigma",
+        type=float,
+        default=d.itl_sigma,
+        help="log-sd of the gap (default: %(default)s)",
     )
     sp.add_argument("--tokens-min", type=int, default=d.tokens_min, help="fewest tokens")
     sp.add_argument("--tokens-max", type=int, default=d.tokens_max, help="most tokens")
     sp.add_argument("--model", default=d.model, help="model name in the chunks")
     sp.add_argument("--usage", action="store_true", help="add a usage chunk before [DONE]")
-    sp.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+    sp.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     sp.set_defaults(func=run_trace_synth)
     ip = sub.add_parser(
         "info",

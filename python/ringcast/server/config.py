@@ -366,13 +366,13 @@ to the API key that created them.
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ringcast serve``."""
     net = parser.add_argument_group("network")
-    net.add_argument("--host", default=_D.host, help="address to listen on (%(default)s)")
+    net.add_argument("--host", default=_D.host, help="address to listen on (default: %(default)s)")
     net.add_argument(
         "--port",
         type=port_arg,
         default=_D.port,
         help="TCP port, shared by all HTTP processes, llama-server's default; 0 = pick a "
-        "free one (%(default)s)",
+        "free one (default: %(default)s)",
     )
     cores = usable_cores()
     net.add_argument(
@@ -430,7 +430,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.write_timeout,
         metavar="S",
         help="close a connection whose client has read nothing for this long while its "
-        "write buffer is full, releasing its reader (%(default)s)",
+        "write buffer is full, releasing its reader (default: %(default)s)",
     )
     net.add_argument(
         "--ds-long-poll-timeout",
@@ -438,7 +438,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.ds_long_poll_timeout,
         metavar="S",
         help="how long a Durable Streams long-poll read (/ds, live=long-poll) waits for data "
-        "before it answers 204, more than 0 and at most 3600 (%(default)s)",
+        "before it answers 204, more than 0 and at most 3600 (default: %(default)s)",
     )
     net.add_argument(
         "--coalesce-ms",
@@ -449,14 +449,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "along (one send per client per write is the cost of fan-out); only streams whose "
         "events come faster than half the wait are held; adaptive waits up to half of it "
         "while a process is behind and all of it while far behind; 0 = never wait "
-        "(%(default)s)",
+        "(default: %(default)s)",
     )
     net.add_argument(
         "--coalesce",
         choices=["adaptive", "always"],
         default=_D.coalesce,
         help="adaptive: wait only while this HTTP process falls behind (event-loop lag), "
-        "from 0 when it keeps up to --coalesce-ms; always: wait --coalesce-ms (%(default)s)",
+        "from 0 when it keeps up to --coalesce-ms; always: wait --coalesce-ms "
+        "(default: %(default)s)",
     )
     net.add_argument(
         "--cors-origin",
@@ -485,7 +486,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="inference worker processes that run the jobs apart from the HTTP processes, "
         "so a generation outlives a crashed HTTP process and a CPU-heavy --generator does not "
         "hold up serving; 0: none, each HTTP process runs the jobs it takes, which costs the "
-        "least CPU per event (docs/SERVER.md, 'Where jobs run') (%(default)s)",
+        "least CPU per event (docs/SERVER.md, 'Where jobs run') (default: %(default)s)",
     )
     model.add_argument(
         "--upstream",
@@ -521,20 +522,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=speed_arg,
         default=_D.replay_speed,
         metavar="X|max",
-        help="with --replay: X times the recorded pace, or max (%(default)s)",
+        help="with --replay: X times the recorded pace, or max (default: %(default)s)",
     )
     model.add_argument(
         "--model-name",
         metavar="NAME",
         default=_D.model_name,
-        help="model id reported by /v1/models (%(default)s)",
+        help="model id reported by /v1/models (default: %(default)s)",
     )
     model.add_argument(
         "--tokens-per-s",
         metavar="N",
         type=float,
         default=_D.tokens_per_s,
-        help="synthetic model speed; 0 = as fast as possible (%(default)s)",
+        help="synthetic model speed; 0 = as fast as possible (default: %(default)s)",
     )
     model.add_argument(
         "--prefill-s",
@@ -549,7 +550,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.sse_ping_interval,
         metavar="S",
         help="append ': ping' to a running stream silent for this long, so slow "
-        "prefills do not look dead; 0 = never (%(default)s)",
+        "prefills do not look dead; 0 = never (default: %(default)s)",
     )
     model.add_argument(
         "--default-max-tokens",
@@ -595,21 +596,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         type=id_len_arg,
         default=_D.max_id_len,
-        help="longest conversation id in bytes, 256 to 65536 (%(default)s)",
+        help="longest conversation id in bytes, 256 to 65536 (default: %(default)s)",
     )
     store.add_argument(
         "--ttl",
         metavar="S",
         type=float,
         default=_D.ttl,
-        help="seconds a completed session is kept, at most 10 years (%(default)s)",
+        help="seconds a completed session is kept, at most 10 years (default: %(default)s)",
     )
     store.add_argument(
         "--idle-timeout",
         metavar="S",
         type=float,
         default=_D.idle_timeout,
-        help="evict a running session without progress for this long; 0 = never (%(default)s)",
+        help="evict a running session without progress for this long; 0 = never "
+        "(default: %(default)s)",
     )
     store.add_argument(
         "--max-memory",
@@ -662,7 +664,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         type=float,
         default=_D.mirror_ms,
-        help="flush window of the mirror: what a node's loss can cost (%(default)s)",
+        help="flush window of the mirror: what a node's loss can cost (default: %(default)s)",
     )
     cluster.add_argument(
         "--mirror-procs",
@@ -680,13 +682,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_D.node_lease_ms,
         help="a node that has not renewed its lease for this long is lost: its running "
-        "streams end node_lost on the other nodes (%(default)s)",
+        "streams end node_lost on the other nodes (default: %(default)s)",
     )
     parser.add_argument(
         "--event-loop",
         default=_D.event_loop,
         choices=["uvloop", "asyncio"],
-        help="event loop of the HTTP processes and workers (%(default)s)",
+        help="event loop of the HTTP processes and workers (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",

@@ -167,6 +167,24 @@ def test_a_stream_is_byte_identical_on_every_node(
         assert node.request("GET", f"/v1/stream?conv_id=nope-{uid()}")[0] == 404
 
 
+def test_a_reader_on_another_node_right_after_the_post_gets_the_stream(
+    redis_args: list[str], nodes: Nodes
+) -> None:
+    """A GET on node B sent as soon as node A answered the POST's head (before A's mirror
+    has claimed the stream in Redis) waits for the claim instead of answering 404, and
+    gets the same bytes as the POST (docs/CLUSTER.md's two-node example)."""
+    a, b = nodes(2, "--tokens-per-s", "100", redis=redis_args)
+    for _ in range(3):
+        conv = "conv-" + uid()
+        post = a.post_chat(conv, max_tokens=30)  # returns once the head is in
+        status, _, got = b.request("GET", f"/v1/stream?conv_id={conv}&from=0")
+        body = post.read_all_and_close()
+        assert status == 200, got
+        assert got == body and body.endswith(b"data: [DONE]\n\n")
+    # A stream that is nowhere is still a 404, once the wait is over.
+    assert b.request("GET", f"/v1/stream?conv_id=nowhere-{uid()}&from=0")[0] == 404
+
+
 def test_delete_on_another_node_stops_the_producer(
     redis_args: list[str], nodes: Nodes, wait_for: Any, error_of: Any, sse_events: Any
 ) -> None:

@@ -41,14 +41,30 @@ has (a DELETE has cancelled the local stream by then)."""
 OPENED_KEEP = 4096
 T = TypeVar("T")
 
+CLAIM_POLL_S = 0.02
+
+
+def claim_wait(mirror_ms: float) -> float:
+    """How long a read of a conversation that neither this node nor Redis has waits for it
+    to appear before the 404: a stream started on another node a moment ago is in Redis once
+    that node's mirror has claimed it, within a flush window of its start (two windows and
+    0.1 s of slack: 0.15 s at the default ``--mirror-ms`` 25)."""
+    return 2 * mirror_ms / 1000 + 0.1
+
 
 class ClusterStore:
     def __init__(
-        self, local: SegmentStore, remote: RemoteStore, on_error: Callable[[], None]
+        self,
+        local: SegmentStore,
+        remote: RemoteStore,
+        on_error: Callable[[], None],
+        claim_wait: float = 0.0,
     ) -> None:
         self.local = local
         self.remote = remote
         self.on_error = on_error
+        self.claim_wait = claim_wait
+        """How long a read waits for a conversation that is nowhere yet (:func:`claim_wait`)."""
         self.opened: dict[tuple[str, str], RemoteInfo] = {}
         """The incarnation last opened from Redis, per stream (oldest first, bounded)."""
 
@@ -87,7 +103,7 @@ class ClusterStore:
             # process just opened: the same one, and no round trip.
             return await self.remote.open(conversation_id, owner, offset, known)
         try:
-            reader = await self.remote.open(conversation_id, owner, offset)
+            reader = await self._open_remote(conversation_id, owner, offset)
         except redis_errors() as e:
             self.on_error()
             if known is not None:
@@ -99,6 +115,20 @@ class ClusterStore:
         if len(self.opened) > OPENED_KEEP:
             del self.opened[next(iter(self.opened))]
         return reader
+
+    async def _open_remote(self, conversation_id: str, owner: str, offset: int) -> RemoteReader:
+        """``RemoteStore.open``, which a conversation that Redis does not have yet (started
+        on another node a moment ago: its mirror has not claimed it) is given
+        :attr:`claim_wait` to appear in before ``SessionNotFound``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.claim_wait
+        while True:
+            try:
+                return await self.remote.open(conversation_id, owner, offset)
+            except SessionNotFound:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(CLAIM_POLL_S)
 
     async def get(self, conversation_id: str, owner: str) -> StreamView | RemoteInfo | None:
         info = await self.local.get(conversation_id, owner)
@@ -157,4 +187,9 @@ def open_cluster_store(
     """The store of an HTTP process of a node with ``--redis`` / ``--redis-cluster``."""
     local = SegmentStore(Segment.open(cfg.segment), cfg.evict_running, on_evicted)
     client = connect(cfg.redis_url, cfg.redis_cluster)
-    return ClusterStore(local, RemoteStore(client, cfg.node_id, int(cfg.ttl * 1000)), on_error)
+    return ClusterStore(
+        local,
+        RemoteStore(client, cfg.node_id, int(cfg.ttl * 1000)),
+        on_error,
+        claim_wait(cfg.mirror_ms),
+    )
