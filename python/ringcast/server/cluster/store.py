@@ -42,14 +42,17 @@ OPENED_KEEP = 4096
 T = TypeVar("T")
 
 CLAIM_POLL_S = 0.02
+CLAIM_WAIT_S = 0.5
+"""The least :func:`claim_wait` gives (as a Durable Stream's read waits for its claim,
+``ringcast.server.cluster.ds``): a mirror on a busy machine runs late."""
 
 
 def claim_wait(mirror_ms: float) -> float:
     """How long a read of a conversation that neither this node nor Redis has waits for it
     to appear before the 404: a stream started on another node a moment ago is in Redis once
-    that node's mirror has claimed it, within a flush window of its start (two windows and
-    0.1 s of slack: 0.15 s at the default ``--mirror-ms`` 25)."""
-    return 2 * mirror_ms / 1000 + 0.1
+    that node's mirror has claimed it, within a flush window of its start. Two windows and
+    0.1 s of slack, at least :data:`CLAIM_WAIT_S` (0.5 s at the default ``--mirror-ms``)."""
+    return max(CLAIM_WAIT_S, 2 * mirror_ms / 1000 + 0.1)
 
 
 class ClusterStore:
