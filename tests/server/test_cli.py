@@ -115,9 +115,13 @@ def test_times_out_of_range_and_bytes_that_are_not_utf8_are_refused(tmp_path: Pa
     """A ``--ttl`` whose Redis expiry cannot be set (1e16 failed every sync of the mirror), a
     long-poll wait that is not a number of seconds in range, and an argument with bytes that
     are not UTF-8 (a traceback before) are refused before anything starts."""
-    out = ringcast("serve", "--port", "0", "--ttl", "1e16", cwd=tmp_path)
-    assert out.returncode == 2
-    assert "--ttl must be at most 315360000 seconds (10 years; got 1e+16)" in out.stderr
+    for opt, bad, most in [("--ttl", "1e16", "315360000 seconds (10 years"),
+                           ("--idle-timeout", "1e300", "315360000 seconds (10 years"),
+                           ("--prefill-s", "1e300", "3600 seconds (an hour"),
+                           ("--sse-ping-interval", "3601", "3600 seconds (an hour")]:  # fmt: skip
+        out = ringcast("serve", "--port", "0", opt, bad, cwd=tmp_path)
+        assert out.returncode == 2, (opt, bad)
+        assert f"{opt} must be at most {most}; got {float(bad):g})" in out.stderr, out.stderr
     for bad in ("inf", "nan", "-5", "0", "3601"):
         out = ringcast("serve", "--port", "0", "--ds-long-poll-timeout", bad, cwd=tmp_path)
         assert out.returncode == 2, bad

@@ -29,9 +29,10 @@ MAX_TTL_S = 10 * 365 * 86400
 """The longest ``--ttl`` (10 years): with ``--redis`` a stream's keys expire ``--ttl`` + 60 s
 after a sync, and Redis refuses an expiry whose milliseconds pass 2^63 from now (a ``--ttl``
 of 1e16 failed every sync and flooded the log)."""
-MAX_LONG_POLL_S = 3600.0
-"""The longest ``--ds-long-poll-timeout``: a long-poll held longer than an hour is a stalled
-client to every proxy on the way."""
+MAX_WAIT_S = 3600.0
+"""The longest ``--ds-long-poll-timeout``, ``--prefill-s`` and ``--sse-ping-interval``: a
+long-poll held, a first token awaited, or a stream silent for longer than an hour is a
+stalled client to every proxy on the way."""
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -71,12 +72,23 @@ def check_args(args: argparse.Namespace) -> str | None:
         if not 0 <= value < math.inf:  # also NaN; infinity does not survive the children's
             # JSON configuration (0 is the way to say "never" where there is one)
             return f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
-    if args.ttl > MAX_TTL_S:
-        return f"--ttl must be at most {MAX_TTL_S} seconds (10 years; got {args.ttl:g})"
-    if not 0 < args.ds_long_poll_timeout <= MAX_LONG_POLL_S:
+    for name, most, said in (
+        ("ttl", MAX_TTL_S, "10 years"),
+        ("idle_timeout", MAX_TTL_S, "10 years"),
+        ("prefill_s", MAX_WAIT_S, "an hour"),
+        ("sse_ping_interval", MAX_WAIT_S, "an hour"),
+    ):
+        # Beyond sense, and beyond what some of their uses can hold (a --prefill-s of 1e300
+        # started a server whose streams never began).
+        if getattr(args, name) > most:
+            return (
+                f"--{name.replace('_', '-')} must be at most {most:.0f} seconds ({said}; got "
+                f"{getattr(args, name):g})"
+            )
+    if not 0 < args.ds_long_poll_timeout <= MAX_WAIT_S:
         return (
             f"--ds-long-poll-timeout must be a number of seconds > 0 and at most "
-            f"{MAX_LONG_POLL_S:g} (got {args.ds_long_poll_timeout})"
+            f"{MAX_WAIT_S:g} (got {args.ds_long_poll_timeout})"
         )
     if not 0 < args.write_timeout < math.inf:
         return f"--write-timeout must be a number of seconds > 0 (got {args.write_timeout})"

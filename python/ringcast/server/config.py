@@ -542,7 +542,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=_D.prefill_s,
         metavar="S",
-        help="synthetic prompt-processing delay before the first token",
+        help="synthetic prompt-processing delay before the first token, at most 3600",
     )
     model.add_argument(
         "--sse-ping-interval",
@@ -550,7 +550,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.sse_ping_interval,
         metavar="S",
         help="append ': ping' to a running stream silent for this long, so slow "
-        "prefills do not look dead; 0 = never (default: %(default)s)",
+        "prefills do not look dead; 0 = never, at most 3600 (default: %(default)s)",
     )
     model.add_argument(
         "--default-max-tokens",
@@ -610,8 +610,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         type=float,
         default=_D.idle_timeout,
-        help="evict a running session without progress for this long; 0 = never "
-        "(default: %(default)s)",
+        help="evict a running session without progress for this long; 0 = never, at most "
+        "10 years (default: %(default)s)",
     )
     store.add_argument(
         "--max-memory",
