@@ -129,7 +129,7 @@ def test_help_shows_sizes_in_units() -> None:
     text = " ".join(res.stdout.split())
     assert "older bytes are dropped (default: 4MiB)" in text
     assert "(default: 1MiB)" in text  # --max-body
-    assert "first token (default: 0.0)" in text  # --prefill-s, missing before
+    assert "first token, at most 3600 (default: 0.0)" in text  # --prefill-s, missing before
 
 
 def test_version_prints_the_package_version() -> None:
