@@ -67,24 +67,22 @@ def check_args(args: argparse.Namespace) -> str | None:
             f"--session-bytes {args.session_bytes} is too small: a stream's ring must hold "
             f"at least {MIN_SESSION_BYTES} bytes (a chunk's SSE event is ~250; default 4MiB)"
         )
-    for name in ("ttl", "idle_timeout", "tokens_per_s", "prefill_s", "sse_ping_interval"):
-        value = getattr(args, name)
-        if not 0 <= value < math.inf:  # also NaN; infinity does not survive the children's
-            # JSON configuration (0 is the way to say "never" where there is one)
-            return f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
     for name, most, said in (
         ("ttl", MAX_TTL_S, "10 years"),
         ("idle_timeout", MAX_TTL_S, "10 years"),
+        ("tokens_per_s", math.inf, ""),
         ("prefill_s", MAX_WAIT_S, "an hour"),
         ("sse_ping_interval", MAX_WAIT_S, "an hour"),
     ):
-        # Beyond sense, and beyond what some of their uses can hold (a --prefill-s of 1e300
-        # started a server whose streams never began).
-        if getattr(args, name) > most:
-            return (
-                f"--{name.replace('_', '-')} must be at most {most:.0f} seconds ({said}; got "
-                f"{getattr(args, name):g})"
-            )
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if not 0 <= value < math.inf:  # also NaN; infinity does not survive the children's
+            # JSON configuration (0 is the way to say "never" where there is one)
+            return f"{flag} must be a finite number >= 0 (got {value})"
+        if value > most:
+            # Beyond sense, and beyond what some of their uses can hold (a --prefill-s of
+            # 1e300 started a server whose streams never began).
+            return f"{flag} must be at most {most:.0f} seconds ({said}; got {value:g})"
     if not 0 < args.ds_long_poll_timeout <= MAX_WAIT_S:
         return (
             f"--ds-long-poll-timeout must be a number of seconds > 0 and at most "

@@ -601,9 +601,9 @@ impl Registry {
 
     /// The live sessions that `choose` picks from a glance at each (its state, owner,
     /// producer and times, read with atomic loads and one copy of the owner into a buffer:
-    /// nothing allocated per session), each snapshotted as `list` does, oldest first. A scan of every slot
-    /// costs a few loads per session, so the manager's sweeps of a segment holding a hundred
-    /// thousand finished sessions make objects only of the few they act on.
+    /// nothing allocated per session), each snapshotted as `list` does, oldest first. A scan
+    /// of every slot costs a few loads per session, so the manager's sweeps of a segment
+    /// holding a hundred thousand finished sessions make objects only of the few they act on.
     pub(crate) fn scan(&self, mut choose: impl FnMut(&Glance<'_>) -> bool) -> Vec<SessionInfo> {
         let mut owner = [0u8; MAX_OWNER_LEN];
         let mut chosen = Vec::new();

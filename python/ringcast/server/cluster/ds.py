@@ -43,7 +43,7 @@ from ringcast.server.cluster.client import Client, Script, is_noscript, redis_er
 from ringcast.server.cluster.mirror import mirror_config
 from ringcast.server.cluster.remote import RemoteStore
 from ringcast.server.cluster.scripts import ACK as ACK_SOURCE
-from ringcast.server.cluster.store import ClusterStore
+from ringcast.server.cluster.store import CLAIM_POLL_S, CLAIM_WAIT_S, ClusterStore
 from ringcast.server.config import ServeConfig
 from ringcast.server.durable_meta import RemoteStream, StreamMeta, StreamPeers
 from ringcast.server.store import StoreUnavailable, StreamStore
@@ -52,10 +52,6 @@ log = logging.getLogger("ringcast.server.cluster.ds")
 
 ACK = Script(ACK_SOURCE)
 
-CLAIM_WAIT_S = 0.5
-"""How long a lookup waits for the owner's mirror to claim a stream whose metadata is in
-Redis already (a stream created a moment ago; the claim comes within a flush window)."""
-CLAIM_POLL_S = 0.02
 TOMBSTONE_MS = 60_000
 """How long other nodes answer 410 for a deleted stream that forks outlive."""
 PUBLISH_TIMEOUT_S = 1.0

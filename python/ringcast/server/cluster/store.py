@@ -43,8 +43,9 @@ T = TypeVar("T")
 
 CLAIM_POLL_S = 0.02
 CLAIM_WAIT_S = 0.5
-"""The least :func:`claim_wait` gives (as a Durable Stream's read waits for its claim,
-``ringcast.server.cluster.ds``): a mirror on a busy machine runs late."""
+"""How long a read on this node waits at least for another node's mirror to claim a stream
+created there a moment ago (the claim comes within a flush window, later on a busy machine):
+a Durable Stream's lookup (``ringcast.server.cluster.ds``), and :func:`claim_wait`."""
 
 
 def claim_wait(mirror_ms: float) -> float:
