@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import NoReturn
 
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -41,6 +42,16 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are the error and where to look, not its whole usage
+    first (``ringcast serve``'s usage is 25 lines, and the one line that matters was the
+    last): ``ringcast serve: error: ...`` then ``Run 'ringcast serve --help' for its
+    options.``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for its options.\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

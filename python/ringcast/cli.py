@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from ringcast import __version__
-from ringcast._args import HelpFormatter
+from ringcast._args import HelpFormatter, Parser
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ringcast.server.command", "run the resumable streaming server"),
@@ -35,14 +35,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser for ``argv``: the subcommand it names (its first word) is registered by its
     module, the others only by name and help. The subcommand's parser is its ``chosen``
     attribute (None without one)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ringcast",
         description="Resumable, fan-out token streaming for LLM serving.",
         epilog="Run 'ringcast <command> --help' for the options of a command.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ringcast {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser.set_defaults(chosen=None)
     for name, (module, help_) in SUBCOMMANDS.items():
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(args_in)
     args, extra = parser.parse_known_args(args_in)
     if extra:
-        # Said by the subcommand's parser (its usage, "ringcast serve: error: ..."), not the
-        # top level's.
+        # Said by the subcommand's parser ("ringcast serve: error: ..."), not the top level's.
         (getattr(parser, "chosen", None) or parser).error(
             f"unrecognized arguments: {' '.join(extra)}"
         )

@@ -98,9 +98,12 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     assert "argument --max-id-len: '10' is not a conversation id length" in out.stderr
     out = ringcast("serve", "--port", "0", "--bogus", cwd=tmp_path)
     assert out.returncode == 2
-    # The subcommand's usage and name, not the top level's.
-    assert "usage: ringcast serve" in out.stderr
-    assert "ringcast serve: error: unrecognized arguments: --bogus" in out.stderr
+    # Said by the subcommand, in two lines: the error, and where its options are (not the
+    # 25 lines of its usage before them, nor the top level's).
+    assert out.stderr.splitlines() == [
+        "ringcast serve: error: unrecognized arguments: --bogus",
+        "Run 'ringcast serve --help' for its options.",
+    ]
     out = ringcast("serve", "--port", "0", "--host", "nosuchhost.invalid", cwd=tmp_path)
     assert out.returncode == 2
     assert "cannot listen on --host nosuchhost.invalid" in out.stderr
