@@ -82,6 +82,10 @@ def test_record_unreachable_upstream_is_an_error_per_request(tmp_path: Path, rin
     assert res.returncode == 1
     assert "failed" in res.stderr and "request 0" in res.stderr
     assert load_trace(out, require_events=False).streams[0].error
+    # Counted alike by record and by trace info: a failed request's stream is one of them.
+    assert "wrote" in res.stderr and ": 1 streams, 0 events" in res.stderr
+    info = json.loads(ringcast_cli("trace", "info", str(out), check=False).stdout)
+    assert (info["streams"], info["failed"], info["events"]) == (1, 1, 0)
 
 
 def test_record_rejects_a_bad_requests_file_with_its_line(tmp_path: Path, ringcast_cli) -> None:
@@ -98,3 +102,33 @@ def test_record_rejects_a_bad_requests_file_with_its_line(tmp_path: Path, ringca
     )
     assert res.returncode == 2
     assert f"{requests}:2:" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--concurrency", "0"], "--concurrency must be at least 1 (got 0)"),
+        (["--timeout", "0"], "--timeout must be a number of seconds > 0 (got 0.0)"),
+        (["--timeout", "nan"], "--timeout must be a number of seconds > 0 (got nan)"),
+    ],
+)
+def test_record_refuses_what_could_not_work(
+    tmp_path: Path, ringcast_cli, args: list[str], said: str
+) -> None:
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "trace.jsonl"
+    res = ringcast_cli(
+        "record",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--requests",
+        str(requests),
+        "--out",
+        str(out),
+        *args,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"ringcast record: {said}"
+    assert not out.exists()

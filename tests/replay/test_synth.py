@@ -106,3 +106,28 @@ def test_sample_trace_is_small_and_valid(sample_trace) -> None:
     assert sample.stat().st_size < 400_000
     trace = load_trace(sample)
     assert trace.streams and all(s.events for s in trace.streams)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--streams", "0"], "--streams must be at least 1 (got 0)"),
+        (["--tokens-min", "0"], "--tokens-min must be at least 1 (got 0)"),
+        (
+            ["--tokens-min", "10", "--tokens-max", "5"],
+            "--tokens-max (5) must be at least --tokens-min (10)",
+        ),
+        (["--ttft-ms", "0"], "--ttft-ms must be a number of milliseconds > 0 (got 0.0)"),
+        (["--itl-ms", "nan"], "--itl-ms must be a number of milliseconds > 0 (got nan)"),
+        (["--itl-sigma", "-1"], "--itl-sigma must be a number >= 0 (got -1.0)"),
+    ],
+)
+def test_bad_synthesis_parameters_are_named_by_their_option(
+    tmp_path: Path, ringcast_cli, args: list[str], said: str
+) -> None:
+    out = tmp_path / "t.jsonl"
+    argv = ["trace", "synth", "--streams", "3", "--out", str(out), *args]
+    res = ringcast_cli(*argv, check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"ringcast trace synth: {said}"
+    assert not out.exists()

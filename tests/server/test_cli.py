@@ -87,6 +87,10 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     out = ringcast("serve", "--port", "0", "--session-bytes", "10", cwd=tmp_path)
     assert out.returncode == 2  # every stream's reader got 410 at once
     assert "--session-bytes 10 is too small: a stream's ring must hold at least 4096" in out.stderr
+    for bad in ("0", "1023"):
+        out = ringcast("serve", "--port", "0", "--max-body", bad, cwd=tmp_path)
+        assert out.returncode == 2  # every POST was refused with 413
+        assert f"--max-body {bad} is too small: give at least 1024 bytes" in out.stderr
     for bad in ("99999", "-5", "x"):
         out = ringcast("serve", "--port", bad, cwd=tmp_path)
         assert out.returncode == 2, bad

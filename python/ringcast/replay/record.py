@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
 import os
 import sys
 import time
@@ -202,12 +203,18 @@ def configure_record(ap: argparse.ArgumentParser) -> None:
         help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)",
     )
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ap.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per request (default 300)"
+    )
 
 
 def run_record(args: argparse.Namespace) -> int:
     """``ringcast record``: capture streams from an OpenAI-compatible server into a trace."""
     try:
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1 (got {args.concurrency})")
+        if not 0 < args.timeout < math.inf:  # also NaN
+            raise ValueError(f"--timeout must be a number of seconds > 0 (got {args.timeout})")
         headers = _parse_header_arg(args.header)
         if args.api_key:
             headers.setdefault("Authorization", f"Bearer {args.api_key}")

@@ -187,12 +187,29 @@ def synth_stream(index: int, p: SynthParams, rng: random.Random, created: int) -
     )
 
 
+def check_params(p: SynthParams) -> str | None:
+    """What is wrong with ``p``, naming the parameter as its option (``--tokens-min``), or
+    None."""
+    if p.streams < 1:
+        return f"--streams must be at least 1 (got {p.streams})"
+    if p.tokens_min < 1:
+        return f"--tokens-min must be at least 1 (got {p.tokens_min})"
+    if p.tokens_max < p.tokens_min:
+        return f"--tokens-max ({p.tokens_max}) must be at least --tokens-min ({p.tokens_min})"
+    for flag, value in (("--ttft-ms", p.ttft_ms), ("--itl-ms", p.itl_ms)):
+        if not 0 < value < math.inf:  # also NaN
+            return f"{flag} must be a number of milliseconds > 0 (got {value})"
+    for flag, value in (("--ttft-sigma", p.ttft_sigma), ("--itl-sigma", p.itl_sigma)):
+        if not 0 <= value < math.inf:
+            return f"{flag} must be a number >= 0 (got {value})"
+    return None
+
+
 def synthesize(p: SynthParams) -> Trace:
     """A trace of ``p.streams`` chat completion streams with lognormal timing."""
-    if p.streams < 1 or p.tokens_min < 1 or p.tokens_max < p.tokens_min:
-        raise ValueError(f"bad synthesis parameters: {p}")
-    if p.ttft_ms <= 0 or p.itl_ms <= 0 or p.ttft_sigma < 0 or p.itl_sigma < 0:
-        raise ValueError(f"times must be positive and sigmas non-negative: {p}")
+    problem = check_params(p)
+    if problem is not None:
+        raise ValueError(problem)
     rng = random.Random(p.seed)
     created = 1_795_000_000 + p.seed
     streams = [synth_stream(i, p, rng, created + i) for i in range(p.streams)]
@@ -208,8 +225,11 @@ def synthesize(p: SynthParams) -> Trace:
 
 
 def stream_summary(streams: Iterable[Stream]) -> dict[str, float]:
-    """Counts and medians of a trace, for ``ringcast trace info``."""
-    ss = [s for s in streams if s.events]
+    """Counts and medians of a trace, for ``ringcast trace info``: ``streams`` counts every
+    stream of it (a failed request's too, as its header does), the medians those with
+    events."""
+    every = list(streams)
+    ss = [s for s in every if s.events]
     ttft = sorted(s.events[0].t for s in ss)
     gaps = sorted(b.t - a.t for s in ss for a, b in itertools.pairwise(s.events[1:-2]))
     nbytes = sum(len(b) for s in ss for b in s.event_bytes())
@@ -219,7 +239,7 @@ def stream_summary(streams: Iterable[Stream]) -> dict[str, float]:
         return xs[len(xs) // 2] if xs else 0.0
 
     return {
-        "streams": len(ss),
+        "streams": len(every),
         "events": nevents,
         "bytes": nbytes,
         "ttft_median_ms": med(ttft) * 1000,

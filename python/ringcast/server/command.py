@@ -23,6 +23,8 @@ from ringcast.trace import check_trace
 
 MIN_SESSION_BYTES = 4096
 """The smallest ``--session-bytes`` the server takes: room for some events of a stream."""
+MIN_MAX_BODY = 1024
+"""The smallest ``--max-body`` the server takes."""
 
 
 MAX_TTL_S = 10 * 365 * 86400
@@ -60,6 +62,12 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)  # None: not given, a default applies
         if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
+    if args.max_body < MIN_MAX_BODY:
+        # Every request would be refused with 413: a chat request is a few hundred bytes.
+        return (
+            f"--max-body {args.max_body} is too small: give at least {MIN_MAX_BODY} bytes "
+            "(1KiB; a chat request is a few hundred; default 1MiB)"
+        )
     if args.session_bytes is not None and args.session_bytes < MIN_SESSION_BYTES:
         # A ring smaller than a few events drops each one as it is written: every reader
         # got 410 offset_lost at once.

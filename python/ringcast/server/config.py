@@ -414,7 +414,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=size_arg,
         default=_D.max_body,
         metavar="SIZE",
-        help="largest request body accepted; larger gets 413",
+        help="largest request body accepted, at least 1KiB; larger gets 413",
     )
     net.add_argument(
         "--max-conns-per-client",
@@ -422,7 +422,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_D.max_conns_per_client,
         metavar="N",
         help="open connections one client address may hold per HTTP process; more are "
-        "answered 429 and closed (default: a quarter of the open-file limit)",
+        "answered 429 and closed; 0: the default (default: a quarter of the open-file limit)",
     )
     net.add_argument(
         "--write-timeout",
@@ -571,8 +571,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=None,
-        help=f"session table slots (default {DEFAULT_MAX_SESSIONS}, fewer if --session-bytes "
-        f"would make the sparse segment file larger than {DEFAULT_SEGMENT_LIMIT >> 40} TiB)",
+        help=f"session table slots; 0: the default (default: {DEFAULT_MAX_SESSIONS}, fewer if "
+        "--session-bytes would make the sparse segment file larger than "
+        f"{DEFAULT_SEGMENT_LIMIT >> 40} TiB)",
     )
     store.add_argument(
         "--max-sessions-per-key",

@@ -278,9 +278,9 @@ class SharedCountersCollector(Collector):
         yield _family(
             "counter",
             "worker_tokens",
-            "Tokens (events) produced.",
-            [],
-            [([], total(workers, WorkerCounter.TOKENS))],
+            "Tokens (events) produced, per worker (with --workers 0: per HTTP process).",
+            ["worker"],
+            [([str(i)], r[WorkerCounter.TOKENS]) for i, r in enumerate(workers)],
         )
         yield _family(
             "gauge",
