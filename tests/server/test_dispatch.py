@@ -41,6 +41,11 @@ def test_jobs_go_to_the_least_loaded_worker(tmp_path: Path, serve, wait_for) -> 
         for i in range(4):
             short_job(f"idle-{i}", 0)
         assert (started(0), started(1)) == (2, 2)
+        # Tokens are counted per worker too (one token a job, stored within a flush period).
+        wait_for(
+            lambda: [s.metric(f'worker_tokens_total{{worker="{w}"}}') for w in (0, 1)] == [2, 2],
+            "two tokens from each worker",
+        )
 
         long = s.post_chat("long", max_tokens=100_000)
         long.read_at_least(100)
