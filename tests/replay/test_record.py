@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ringcast.trace import FORMAT_NAME, FORMAT_VERSION, load_trace
+
+HI = '{"messages": [{"role": "user", "content": "hi"}]}\n'
+"""A requests file of one chat request."""
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,18 +71,7 @@ def test_record_unreachable_upstream_is_an_error_per_request(tmp_path: Path, rin
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    requests = tmp_path / "prompts.jsonl"
-    requests.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    out = tmp_path / "trace.jsonl"
-    res = ringcast_cli(
-        "record",
-        "--upstream",
-        f"http://127.0.0.1:{port}",
-        "--requests",
-        str(requests),
-        "--out",
-        str(out),
-    )
+    res, out = _record(ringcast_cli, tmp_path, f"http://127.0.0.1:{port}")
     assert res.returncode == 1
     assert "failed" in res.stderr and "request 0" in res.stderr
     assert load_trace(out, require_events=False).streams[0].error
@@ -89,19 +82,11 @@ def test_record_unreachable_upstream_is_an_error_per_request(tmp_path: Path, rin
 
 
 def test_record_rejects_a_bad_requests_file_with_its_line(tmp_path: Path, ringcast_cli) -> None:
-    requests = tmp_path / "prompts.jsonl"
-    requests.write_text('{"messages": []}\n{not json\n')
-    res = ringcast_cli(
-        "record",
-        "--upstream",
-        "http://127.0.0.1:9",
-        "--requests",
-        str(requests),
-        "--out",
-        str(tmp_path / "t.jsonl"),
+    res, _ = _record(
+        ringcast_cli, tmp_path, "http://127.0.0.1:9", lines='{"messages": []}\n{not json\n'
     )
     assert res.returncode == 2
-    assert f"{requests}:2:" in res.stderr
+    assert f"{tmp_path / 'prompts.jsonl'}:2:" in res.stderr
 
 
 @pytest.mark.parametrize(
@@ -115,13 +100,24 @@ def test_record_rejects_a_bad_requests_file_with_its_line(tmp_path: Path, ringca
 def test_record_refuses_what_could_not_work(
     tmp_path: Path, ringcast_cli, args: list[str], said: str
 ) -> None:
+    res, out = _record(ringcast_cli, tmp_path, "http://127.0.0.1:9", *args)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"ringcast record: {said}"
+    assert not out.exists()
+
+
+def _record(
+    ringcast_cli: Any, tmp_path: Path, upstream: str, *args: str, lines: str = HI
+) -> tuple[Any, Path]:
+    """``ringcast record`` of the requests ``lines`` from ``upstream`` into
+    ``tmp_path/trace.jsonl``: its result and that path."""
     requests = tmp_path / "prompts.jsonl"
-    requests.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    requests.write_text(lines)
     out = tmp_path / "trace.jsonl"
     res = ringcast_cli(
         "record",
         "--upstream",
-        "http://127.0.0.1:9",
+        upstream,
         "--requests",
         str(requests),
         "--out",
@@ -129,6 +125,4 @@ def test_record_refuses_what_could_not_work(
         *args,
         check=False,
     )
-    assert res.returncode == 2
-    assert res.stderr.strip() == f"ringcast record: {said}"
-    assert not out.exists()
+    return res, out
