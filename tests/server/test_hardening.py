@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -452,3 +453,68 @@ def test_loop_errors_are_logged_without_their_message(caplog: pytest.LogCaptureF
     assert all("secret-conv-9" not in r.getMessage() and r.exc_info is None for r in errors)
     debug = [r for r in caplog.records if r.levelname == "DEBUG"]
     assert any("secret-conv-9" in r.getMessage() for r in debug)
+
+
+# -- a client that pipelines small requests as fast as it can, reading every answer
+
+
+def test_pipelined_flood_keeps_the_request_buffer_bounded(serve: Any) -> None:
+    """Each request handled from a full buffer used to let one more read into it (reading
+    resumed at every answer), so a client pipelining ``GET /health`` while reading the
+    answers grew the process by ~200 MiB a second: it now stays paused until the buffer
+    is parsed down."""
+    import psutil
+
+    with serve(http_procs=1) as s:
+        proc = psutil.Process(s.children("http")[0])
+        before = proc.memory_info().rss
+        burst = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+        sent = answered = 0
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.setblocking(False)
+            deadline = time.monotonic() + 4
+            left = memoryview(burst)
+            while time.monotonic() < deadline:
+                try:
+                    n = sock.send(left)  # whole requests: a short send goes on where it ended
+                    sent += n
+                    left = left[n:] or memoryview(burst)
+                except BlockingIOError:
+                    pass
+                try:
+                    while chunk := sock.recv(1 << 20):
+                        answered += chunk.count(b"HTTP/1.1 200 OK")
+                except BlockingIOError:
+                    pass
+            grown = proc.memory_info().rss - before
+        assert answered > 1000, answered  # it was served all along
+        assert grown < 64 << 20, (grown >> 20, sent >> 20)
+        assert s.request("GET", "/health")[0] == 200
+
+
+def test_pipelined_requests_wait_while_their_answers_go_unread(serve: Any) -> None:
+    """A client that pipelines requests and reads none of the answers: the next request is
+    parsed only once the answers before it drain, so the process holds a write buffer's
+    worth, not every answer (it grew by ~80 MiB a second with ``/metrics``)."""
+    import psutil
+
+    with serve(http_procs=1) as s:
+        proc = psutil.Process(s.children("http")[0])
+        before = proc.memory_info().rss
+        burst = memoryview(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 500)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.setblocking(False)
+            deadline = time.monotonic() + 4
+            left = burst
+            while time.monotonic() < deadline:
+                try:
+                    left = left[sock.send(left) :] or burst  # whole requests, never read
+                except BlockingIOError:
+                    time.sleep(0.01)
+            grown = proc.memory_info().rss - before
+            assert grown < 64 << 20, grown >> 20
+            # Reading now, the answers come, in order and whole.
+            sock.setblocking(True)
+            got = sock.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 OK"), got[:100]
+        assert s.request("GET", "/health")[0] == 200

@@ -430,14 +430,32 @@ class Connection(asyncio.Protocol):
         if not self.keep_alive:
             self.transport.close()
             return
+        if self.buf and self.write_paused:
+            # Its answers wait unread: the next request waits for them to drain (a client
+            # that pipelines requests and never reads grew the write buffer without bound;
+            # one that reads nothing for --write-timeout is reset by the watchdog).
+            self.task = asyncio.get_running_loop().create_task(self._finish_after_drain())
+            return
         self.busy = False
         self.task = None
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
         self._arm_idle()
         if self.buf:
             self._parse()
+            if self.closed or self.transport is None:
+                return
+        if self.reading_paused and not (self.busy and len(self.buf) > PIPELINE_BUFFER):
+            # Only once what waits is parsed down: resumed at every answer, each request
+            # handled from a full buffer let one more read in, and a client pipelining small
+            # requests while reading the answers grew it by hundreds of MiB a second.
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    async def _finish_after_drain(self) -> None:
+        try:
+            await self.drain()
+        except ConnectionError:
+            return
+        self._finish()
 
     # -- writing
 
