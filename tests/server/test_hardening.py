@@ -232,6 +232,23 @@ def test_deep_json_is_400(srv: Any, path: str) -> None:
     assert "nested" in error(400, resp)["message"]
 
 
+@pytest.mark.parametrize("depth", [1000, 5000])
+def test_deep_json_in_a_durable_stream_write_is_400(srv: Any, depth: int) -> None:
+    """A JSON stream's writes (PUT with a body, POST) are checked JSON: one nested past the
+    decoder's limit is a 400, as on the other routes, not a 500."""
+    hs = auth(KEY_A) | {"Content-Type": "application/json"}
+    deep = b"[" * depth + b"]" * depth
+    assert srv.request("PUT", f"/ds/v1/stream/deep{depth}", b"[1]", hs)[0] == 201
+    for method, path in (
+        ("POST", f"/ds/v1/stream/deep{depth}"),
+        ("PUT", f"/ds/v1/stream/deep-new{depth}"),
+    ):
+        status, _, resp = srv.request(method, path, deep, hs)
+        assert status == 400, (method, resp[:200])
+        assert "nested too deeply" in resp.decode()
+    assert server_errors(srv) == 0
+
+
 # -- 6. creates racing deletes across processes: never a 500, never an id in the log
 
 

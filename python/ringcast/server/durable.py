@@ -191,6 +191,8 @@ def json_messages(body: bytes, allow_empty: bool) -> list[bytes]:
             items = _raw_list_decoder.decode(stripped)
         except msgspec.DecodeError as e:
             raise DsError(400, f"invalid JSON: {e}") from None
+        except RecursionError:
+            raise DsError(400, "JSON nested too deeply") from None
         if not items and not allow_empty:
             raise DsError(400, "an empty JSON array appends nothing")
         return [bytes(i) for i in items]
@@ -198,6 +200,8 @@ def json_messages(body: bytes, allow_empty: bool) -> list[bytes]:
         _any_decoder.decode(stripped)
     except msgspec.DecodeError as e:
         raise DsError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise DsError(400, "JSON nested too deeply") from None
     return [stripped]
 
 
