@@ -118,6 +118,28 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
         assert f"--write-timeout must be a number of seconds > 0 (got {float(bad)})" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # Past what a segment holds: an OverflowError's traceback where it was made.
+        (["--session-bytes", "99999999999999999999"], "--session-bytes must be at most 1TiB"),
+        (["--max-sessions", "1048577"], "--max-sessions must be at most 1048576"),
+        (["--max-sessions-per-key", "10" * 10], "--max-sessions-per-key must be at most"),
+        # NaN in the children's JSON configuration stopped them with a traceback.
+        (["--mirror-ms", "nan"], "--mirror-ms must be between 1 and 1000 (got nan)"),
+        # Acted as 0 without a word.
+        (["--default-max-tokens", "-1"], "--default-max-tokens must be at least 1 (got -1)"),
+    ],
+)
+def test_numbers_past_what_the_server_holds_are_refused_in_one_line(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    out = ringcast("serve", "--port", "0", *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().startswith(f"ringcast serve: {said}"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_times_out_of_range_and_bytes_that_are_not_utf8_are_refused(tmp_path: Path) -> None:
     """A ``--ttl`` whose Redis expiry cannot be set (1e16 failed every sync of the mirror), a
     long-poll wait that is not a number of seconds in range, and an argument with bytes that

@@ -23,6 +23,12 @@ from ringcast.trace import check_trace
 
 MIN_SESSION_BYTES = 4096
 """The smallest ``--session-bytes`` the server takes: room for some events of a stream."""
+MAX_SESSIONS = 1 << 20
+"""The most slots a segment's table holds (the core's ``MAX_SESSIONS``)."""
+MAX_SESSION_BYTES = 1 << 40
+"""The largest ring a segment takes."""
+MAX_TOKENS = 1 << 31
+"""The largest ``--default-max-tokens``."""
 MIN_MAX_BODY = 1024
 """The smallest ``--max-body`` the server takes."""
 
@@ -62,6 +68,18 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)  # None: not given, a default applies
         if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
+    for flag, value, most, said in (
+        ("--max-sessions", args.max_sessions, MAX_SESSIONS, f"{MAX_SESSIONS}"),
+        ("--max-sessions-per-key", args.max_sessions_per_key, MAX_SESSIONS, f"{MAX_SESSIONS}"),
+        ("--session-bytes", args.session_bytes, MAX_SESSION_BYTES, "1TiB"),
+        ("--default-max-tokens", args.default_max_tokens, MAX_TOKENS, f"{MAX_TOKENS}"),
+    ):
+        if value is not None and value > most:
+            # (Past what the segment's table or a ring can hold: an OverflowError's traceback
+            # where the segment is made.)
+            return f"{flag} must be at most {said} (got {value})"
+    if args.default_max_tokens < 1:
+        return f"--default-max-tokens must be at least 1 (got {args.default_max_tokens})"
     if args.max_body < MIN_MAX_BODY:
         # Every request would be refused with 413: a chat request is a few hundred bytes.
         return (

@@ -44,6 +44,10 @@ def check_cluster_args(args: Any) -> str | None:
     url = args.redis or ("" if args.redis_cluster else os.environ.get("RINGCAST_REDIS_URL", ""))
     if args.redis and args.redis_cluster:
         return "--redis and --redis-cluster both name the Redis to use; give one"
+    # Checked with or without Redis: the children's JSON configuration carries it, and a
+    # NaN or an infinity there stopped them at start with a traceback.
+    if not 1 <= args.mirror_ms <= 1000:
+        return f"--mirror-ms must be between 1 and 1000 (got {args.mirror_ms})"
     if not (url or args.redis_cluster):
         for opt in ("node_id", "advertise_url", "mirror_procs"):
             if getattr(args, opt):
@@ -65,8 +69,6 @@ def check_cluster_args(args: Any) -> str | None:
             return str(e)
     if not 0 <= args.mirror_procs <= MAX_MIRROR_PROCS:
         return f"--mirror-procs must be between 1 and {MAX_MIRROR_PROCS} (got {args.mirror_procs})"
-    if not 1 <= args.mirror_ms <= 1000:
-        return f"--mirror-ms must be between 1 and 1000 (got {args.mirror_ms})"
     if args.node_lease_ms < 4 * args.mirror_ms or args.node_lease_ms < 300:
         return (
             f"--node-lease-ms {args.node_lease_ms} is too short: at least 300 and four flush "
