@@ -68,16 +68,16 @@ def check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)  # None: not given, a default applies
         if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0"
-    for flag, value, most, said in (
+    for flag, count, limit, limit_text in (
         ("--max-sessions", args.max_sessions, MAX_SESSIONS, f"{MAX_SESSIONS}"),
         ("--max-sessions-per-key", args.max_sessions_per_key, MAX_SESSIONS, f"{MAX_SESSIONS}"),
         ("--session-bytes", args.session_bytes, MAX_SESSION_BYTES, "1TiB"),
         ("--default-max-tokens", args.default_max_tokens, MAX_TOKENS, f"{MAX_TOKENS}"),
     ):
-        if value is not None and value > most:
+        if count is not None and count > limit:
             # (Past what the segment's table or a ring can hold: an OverflowError's traceback
             # where the segment is made.)
-            return f"{flag} must be at most {said} (got {value})"
+            return f"{flag} must be at most {limit_text} (got {count})"
     if args.default_max_tokens < 1:
         return f"--default-max-tokens must be at least 1 (got {args.default_max_tokens})"
     if args.max_body < MIN_MAX_BODY:
