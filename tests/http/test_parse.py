@@ -99,6 +99,11 @@ def test_parse_head_round_trip(headers: dict[str, str]) -> None:
         b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip",
         b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
         b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked",
+        # A field that names one thing, given twice: its values were joined ("a1, a2").
+        b"POST / HTTP/1.1\r\nX-Conversation-Id: a1\r\nX-Conversation-Id: a2",
+        b"GET / HTTP/1.1\r\nHost: a\r\nhost: b",
+        b"GET / HTTP/1.1\r\nLast-Event-ID: 1\r\nLast-Event-Id: 2",
+        b"GET / HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b",
     ],
 )
 def test_parse_head_rejects(head: bytes) -> None:

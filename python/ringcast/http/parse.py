@@ -188,17 +188,29 @@ def _llhttp_error(e: httptools.HttpParserError, what: str) -> HttpError:
     return HttpError(400, f"malformed {what}: {reason}", close=True)
 
 
+SINGLE_HEADERS = {
+    "host": "Host",
+    "authorization": "Authorization",
+    "x-conversation-id": "X-Conversation-Id",
+    "last-event-id": "Last-Event-ID",
+}
+"""Headers that name one thing (RFC 9112 §3.2: a request with two Host fields is a 400):
+given twice, the request is refused rather than their values joined."""
+
+
 class _Fields:
     """What llhttp reports of a head's fields (its callbacks: an object apart from the
     parser, so that no reference cycle keeps the two alive after the head)."""
 
-    __slots__ = ("complete", "headers")
+    __slots__ = ("complete", "headers", "repeated")
     on_url = on_body = on_message_begin = on_message_complete = None  # (not wanted)
     on_chunk_header = on_chunk_complete = None
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
         self.complete = False
+        self.repeated = ""
+        """The first of :data:`SINGLE_HEADERS` the head gave twice ("": none)."""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp checked the name is a token and the value holds no control character but
@@ -208,6 +220,8 @@ class _Fields:
         headers = self.headers
         if key in headers:
             # (A second Content-Length is refused by llhttp.)
+            if key in SINGLE_HEADERS and not self.repeated:
+                self.repeated = key
             headers[key] = headers[key] + ", " + text
         else:
             headers[key] = text
@@ -250,6 +264,10 @@ class HeadParser:
     def _build(self) -> Request:
         """The :class:`Request` of a head llhttp found whole."""
         target, version, headers = self._target, self._version, self._fields.headers
+        if self._fields.repeated:
+            # Joined as a list would be, two ids made one ("a1, a2") and a session by it.
+            name = SINGLE_HEADERS[self._fields.repeated]
+            raise HttpError(400, f"{name} given more than once; send one", close=True)
         try:
             # Raw non-ASCII bytes in a target are UTF-8 (what curl and browsers send for a
             # path typed as ``/v1/stream/café``), as are its percent-escapes.
