@@ -410,3 +410,42 @@ def test_a_body_of_only_crlf_crlf_is_taken_as_before_in_few_llhttp_calls(chunk: 
         assert taken and used == len(raw) and body.take() == data
         assert peak < 4 * len(data), peak
         assert counted.calls <= 2 * feeds + 2, (counted.calls, feeds)
+
+
+@pytest.mark.parametrize("blank", [b"\r\n", b"\r\n\r\n"])
+def test_empty_lines_before_the_request_line_are_skipped(blank: bytes) -> None:
+    """RFC 9112 §2.2 (a client may send a CRLF after a body); the head's length counts
+    them, so the connection drops them with it."""
+    parser = HeadParser()
+    buf = bytearray(blank + b"GET /health?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parser.feed(buf) == len(buf)
+    assert parser.request is not None
+    assert (parser.request.path, parser.request.query) == ("/health", "x=1")
+
+
+def test_a_head_of_empty_lines_only_is_400() -> None:
+    with pytest.raises(HttpError) as e:
+        HeadParser().feed(bytearray(b"\r\n" * (MAX_HEAD // 2 + 1)))
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        (b"http://127.0.0.1:8080/v1/stream?conv_id=a", "/v1/stream", "conv_id=a"),
+        (b"HTTPS://example.com/health", "/health", ""),
+        (b"http://example.com", "/", ""),
+        (b"http://u@h/v1/stream/a%2Fb", "/v1/stream/a%2Fb", ""),
+    ],
+)
+def test_the_absolute_form_is_its_path_and_query(target: bytes, path: str, query: str) -> None:
+    """RFC 9112 §3.2.2: a server accepts the absolute form; its authority is not checked."""
+    req = parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: x")
+    assert (req.path, req.query) == (path, query)
+    assert req.target == (path + ("?" + query if query else "")).encode()
+
+
+def test_a_target_in_another_scheme_is_400() -> None:
+    with pytest.raises(HttpError) as e:
+        parse_head(b"GET ftp://example.com/x HTTP/1.1")
+    assert e.value.status == 400

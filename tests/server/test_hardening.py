@@ -383,6 +383,25 @@ def test_100_continue_only_after_the_key(srv: Any, response: Any) -> None:
         sock.close()
 
 
+def test_100_continue_is_not_sent_to_an_http_1_0_client(srv: Any, response: Any) -> None:
+    """RFC 9110 §10.1.1: a server ignores ``Expect: 100-continue`` from HTTP/1.0, whose
+    clients cannot read an interim response; it waits for the body."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                "POST /v1/streams/lookup HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n"
+                f"Expect: 100-continue\r\nAuthorization: Bearer {KEY_A}\r\n\r\n"
+            ).encode()
+        )
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # nothing, not "HTTP/1.1 100 Continue"
+        sock.settimeout(10)
+        sock.sendall(b"{}")
+        final = response(sock)
+        assert (final.status, final.read_all()) == (200, b"[]")
+
+
 def test_unknown_path_without_key_is_401(srv: Any) -> None:
     for path in ("/nope", "/v1/nothing", "/admin"):
         status, _, resp = srv.request("GET", path)

@@ -73,7 +73,8 @@ _DECIMAL = re.compile(r"[0-9]{1,19}")
 # method SP target SP version: the method a token, the target from "/" on without spaces or
 # control characters (bytes above 0x7F are the UTF-8 checked below).
 _REQUEST_LINE = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[^\x00-\x20\x7f]*) (HTTP/[0-9]\.[0-9])"
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) "
+    rb"(/[^\x00-\x20\x7f]*|[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]*) (HTTP/[0-9]\.[0-9])"
 )
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
@@ -333,16 +334,23 @@ class HeadParser:
     def _request_line(self, buf: bytearray) -> bytes:
         """Read and check the request line if it is all there: the line llhttp is to see
         (b"" if it is not all there yet)."""
-        nl = buf.find(b"\n", 0, MAX_HEAD + 1)
+        # Empty lines before it are skipped (RFC 9112 §2.2: some clients send a CRLF after a
+        # body), a head's worth at most.
+        skip = 0
+        while buf.startswith(b"\r\n", skip):
+            skip += 2
+            if skip > MAX_HEAD:
+                raise HttpError(400, "only empty lines where a request line was due", close=True)
+        nl = buf.find(b"\n", skip, skip + MAX_HEAD + 1)
         if nl < 0:
-            cr = buf.find(b"\r", 0, MAX_HEAD)
+            cr = buf.find(b"\r", skip, skip + MAX_HEAD)
             if 0 <= cr < len(buf) - 1 and buf[cr + 1] != 0x0A:
                 raise HttpError(400, "request head lines must end in CRLF", close=True)
-            if len(buf) > MAX_HEAD:
+            if len(buf) - skip > MAX_HEAD:
                 raise HttpError(414, f"request line longer than {MAX_HEAD} bytes", close=True)
             return b""
-        line = bytes(buf[: nl - 1]) if nl else b""
-        if not nl or buf[nl - 1] != 0x0D or b"\r" in line:
+        line = bytes(buf[skip : nl - 1]) if nl > skip else b""
+        if nl == skip or buf[nl - 1] != 0x0D or b"\r" in line:
             raise HttpError(400, "request head lines must end in CRLF", close=True)
         m = _REQUEST_LINE.fullmatch(line)
         if m is None:
@@ -353,6 +361,12 @@ class HeadParser:
         method, target, version = m.groups()
         if version != b"HTTP/1.1" and version != b"HTTP/1.0":
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+        if not target.startswith(b"/"):
+            # The absolute form (RFC 9112 §3.2.2, what a client sends to a proxy): its path
+            # and query are the target, its authority is not ours to check.
+            target = target[target.index(b"//") + 2 :]
+            slash = target.find(b"/")
+            target = target[slash:] if slash >= 0 else b"/"
         self._method = method.decode("ascii")
         self._target, self._version = target, version
         escaped = target if target.isascii() else _NON_ASCII.sub(_escape_non_ascii, target)

@@ -335,7 +335,11 @@ class Connection(asyncio.Protocol):
             self._reject(too_large(req.content_length, limit))
             return False
         has_body = req.chunked or req.content_length > 0
-        expects = has_body and req.headers.get("expect", "").lower() == "100-continue"
+        expects = (
+            has_body
+            and req.version == b"HTTP/1.1"  # ignored from an HTTP/1.0 client (RFC 9110 §10.1.1)
+            and req.headers.get("expect", "").lower() == "100-continue"
+        )
         try:
             counted, self.uncounted = not self.uncounted, False
             self.app.admit(req, counted=counted)
