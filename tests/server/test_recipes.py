@@ -8,7 +8,7 @@ import re
 import socket
 import socketserver
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,19 @@ class CuttingProxy(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, backend_port: int, cuts: int, after: int) -> None:
+    def __init__(
+        self,
+        backend_port: int,
+        cuts: int,
+        after: int,
+        before_cut: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(("127.0.0.1", 0), CuttingHandler)
         self.backend_port = backend_port
         self.cuts = cuts
         self.after = after
+        self.before_cut = before_cut
+        """Called at each cut, before the client sees it."""
         self.requests: list[bytes] = []
         self.lock = threading.Lock()
 
@@ -78,6 +86,8 @@ class CuttingHandler(socketserver.BaseRequestHandler):
             while data := back.recv(65536):
                 if cut and sent + len(data) > self.server.after:
                     client.sendall(data[: self.server.after - sent])
+                    if self.server.before_cut is not None:
+                        self.server.before_cut()
                     client.shutdown(socket.SHUT_RDWR)
                     return
                 client.sendall(data)
@@ -139,6 +149,33 @@ def test_openai_sdk_recipe_stops_at_an_error_event(serve: Any) -> None:
         finally:
             delete.join()
     assert ended.value.args[0]["type"] == "cancelled"
+
+
+def test_openai_sdk_recipe_does_not_resume_into_a_newer_stream(srv: Any) -> None:
+    """The POST is cut, and a newer request with the same id replaces its stream before the
+    resume: the recipe's resume names its generation, so it ends with ``replaced`` instead
+    of taking the newer stream's bytes from that offset on."""
+    pytest.importorskip("openai")
+    namespace: dict[str, Any] = {}
+    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+
+    def replace() -> None:
+        srv.post_chat("recipe-replaced", max_tokens=5, prompt="another").read_all_and_close()
+
+    proxy = CuttingProxy(srv.port, cuts=1, after=1500, before_cut=replace)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(namespace["StreamEnded"]) as ended:
+            namespace["chat_with_resume"](
+                f"http://127.0.0.1:{proxy.server_address[1]}",
+                "recipe-replaced",
+                [{"role": "user", "content": "a story"}],
+            )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert ended.value.args[0]["type"] == "replaced"
+    assert re.search(rb"generation=[0-9]+\.[0-9]+\.[0-9]+", proxy.requests[-1])
 
 
 PAGE_HOOK = """<script>

@@ -52,6 +52,36 @@ def test_disconnect_and_resume_is_byte_identical(srv: Any, sse_events, data_of, 
     assert chunks[-1]["usage"]["completion_tokens"] == 120
 
 
+def test_a_resume_that_names_its_generation_is_refused_once_the_id_was_replaced(
+    srv: Any,
+) -> None:
+    """Without ``generation`` a resume after a replace splices the new stream's bytes from
+    that offset onto the old one's (the offsets are per stream); with the value the old
+    stream's responses gave, it is a 409 instead."""
+    r = srv.post_chat("gen-1", max_tokens=200)
+    old = r.headers["x-ringcast-generation"]
+    first = r.read_at_least(700)
+    r.close()
+    # The same generation is given by every read of that stream, on any process.
+    g = srv.open_request("GET", f"/v1/stream?conv_id=gen-1&from={len(first)}&generation={old}")
+    assert (g.status, g.headers["x-ringcast-generation"]) == (200, old)
+    g.close()
+    srv.post_chat("gen-1", max_tokens=5, prompt="another").read_all_and_close()
+    status, _, body = srv.request(
+        "GET", f"/v1/stream?conv_id=gen-1&from={len(first)}&generation={old}"
+    )
+    assert status == 409, body
+    assert json.loads(body)["error"]["type"] == "replaced"
+    # The new stream, read from 0 under its own generation, is whole.
+    new = srv.request("GET", "/v1/stream?conv_id=gen-1&from=0")[1]["x-ringcast-generation"]
+    assert new != old
+    status, _, whole = srv.request("GET", f"/v1/stream?conv_id=gen-1&from=0&generation={new}")
+    assert status == 200 and whole.endswith(b"data: [DONE]\n\n")
+    for bad in ("1", "a.b.c", "1.2.3.4", "-1.2.3", "1.2.3&generation=1.2.3"):
+        status, _, body = srv.request("GET", f"/v1/stream?conv_id=gen-1&generation={bad}")
+        assert status == 400, bad
+
+
 def test_resume_mid_event_joins_exactly(srv: Any) -> None:
     srv.post_chat("resume-2", max_tokens=10).read_all_and_close()
     _, _, whole = srv.request("GET", "/v1/stream?conv_id=resume-2")

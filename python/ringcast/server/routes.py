@@ -106,7 +106,8 @@ T = TypeVar("T")
 Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
-STREAM_PARAMS = ("conv_id", "from")
+STREAM_PARAMS = ("conv_id", "from", "generation")
+GENERATION = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}\.[0-9]{1,20}")
 """The query parameters of the stream routes that may be given once only."""
 _ID_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 """What a conversation id may not hold: C0 and C1 control characters, DEL, and lone
@@ -498,6 +499,7 @@ class App:
         first = info.first_available if info is not None else 0
         return [
             ("X-Ringcast-Epoch", str(reader.epoch)),
+            ("X-Ringcast-Generation", generation_of(reader)),
             ("X-Ringcast-Offset", str(offset)),
             ("X-Ringcast-First-Available", str(first)),
         ]
@@ -586,6 +588,13 @@ class App:
         else:
             what = "'from'"
             offset = parse_offset(req.query_params(once=STREAM_PARAMS).get("from"), what)
+        generation = req.query_params(once=STREAM_PARAMS).get("generation")
+        if generation is not None and not GENERATION.fullmatch(generation):
+            raise HttpError(
+                400,
+                "'generation' must be an X-Ringcast-Generation value as a stream response "
+                "gave it (three numbers joined by dots)",
+            )
         if self.passing is not None:
             await self.pass_to_producer(req, conn, conv, owner)
         try:
@@ -609,6 +618,17 @@ class App:
             raise HttpError(400, str(e)) from None
         except StoreUnavailable as e:
             raise HttpError(503, str(e), "unavailable_error") from None
+        if generation is not None and generation != generation_of(reader):
+            # Another stream under the same id now: its bytes from this offset on would be
+            # spliced onto the other one's in the client's hands.
+            reader.close()
+            raise HttpError(
+                409,
+                "the stream was replaced by a newer request with the same conversation id "
+                "since the generation given; what was read of the other one cannot be resumed "
+                "here (read the new one from offset 0)",
+                "replaced",
+            )
         # One lookup serves both the end check and the response headers (a lookup may read
         # the /proc entries of a producer in another process and of the process table's rows).
         info = await self.store.get(conv, owner)
@@ -727,6 +747,13 @@ class App:
 MAX_LOOKUP_IDS = 10_000
 """Most conversation ids one ``POST /v1/streams/lookup`` may ask for (a WebUI asks for its
 stored conversations; thousands is plenty, and the cap bounds the work of one request)."""
+
+
+def generation_of(reader: StreamReader) -> str:
+    """``X-Ringcast-Generation``: which stream of its conversation id ``reader`` reads (the
+    store's epoch, the session's slot and generation), for a resume to say which one it had
+    (``?generation=``)."""
+    return f"{reader.epoch}.{reader.slot}.{reader.generation}"
 
 
 def lookup_keys(conversation_id: str) -> list[str]:
