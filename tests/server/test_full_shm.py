@@ -29,30 +29,58 @@ def _stream(s: Any, conv: str, max_tokens: int) -> bytes:
 def test_a_full_shared_memory_filesystem_fails_one_stream_not_the_server(
     serve: Any, small_shm: Path, sse_events, error_of, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    args = ("--max-sessions", "8", "--session-bytes", str(MiB), "--tokens-per-s", "0")
+    # 4,000 tokens a second: the three streams below run together for ~1 s, so none of them
+    # is finished (and evictable to make room) while the others write.
+    args = ("--max-sessions", "8", "--session-bytes", str(MiB), "--tokens-per-s", "4000")
     with serve(*args, segment=small_shm / "seg") as s:
         assert "about 1 full rings fit" in capfd.readouterr().err
         children = sorted(s.children("http") + s.children("worker"))
         per_token = len(_stream(s, "probe", 200)) / 200
-        # Two streams of ~0.85 MiB each fit; the third finds the filesystem full.
+        # Three streams of ~0.85 MiB each at once (running streams are never evicted to
+        # make room): two fit, and the filesystem is full for the rest.
         tokens = int(0.85 * MiB / per_token)
-        first = _stream(s, "first", tokens)
-        assert first.endswith(b"data: [DONE]\n\n")
-        _stream(s, "second", tokens)
-        third = _stream(s, "third", tokens)
-        last = sse_events(third)[-1]
-        assert error_of(last)["type"] == "no_memory", last
-        assert len(third) < len(first)
-        # Nobody died, nothing restarted; the earlier stream still reads in full.
+        running = [s.post_chat(conv, max_tokens=tokens) for conv in ("first", "second", "third")]
+        bodies = [bytes(r.read_all()) for r in running]
+        for r in running:
+            r.close()
+        ends = [
+            "done" if b.endswith(b"data: [DONE]\n\n") else error_of(sse_events(b)[-1])["type"]
+            for b in bodies
+        ]
+        assert "no_memory" in ends and set(ends) <= {"done", "no_memory"}, ends
+        # Nobody died, nothing restarted; a finished stream reads in full, or is gone whole
+        # (the least recently used finished ones are evicted to give new ones room).
         assert s.proc.poll() is None
         assert sorted(s.children("http") + s.children("worker")) == children
-        status, _, again = s.request("GET", "/v1/stream?conv_id=first&from=0")
-        assert status == 200 and again == first
+        for conv, body in zip(("first", "second", "third"), bodies, strict=True):
+            status, _, again = s.request("GET", f"/v1/stream?conv_id={conv}&from=0")
+            assert (status == 200 and again == body) or status == 404, (conv, status)
         # Memory given back by a deleted stream serves the next one.
         assert s.request("DELETE", "/v1/stream?conv_id=second")[0] in (200, 204)
-        assert _stream(s, "fourth", tokens).endswith(b"data: [DONE]\n\n")
+        assert _stream(s, "fourth", tokens // 2).endswith(b"data: [DONE]\n\n")
         status, _, _ = s.request("GET", "/health")
         assert status == 200
+
+
+def test_finished_streams_give_their_pages_to_new_ones_when_the_filesystem_is_full(
+    serve: Any, small_shm: Path
+) -> None:
+    """Finished streams keep their bytes for resumes until --ttl; when they fill the
+    filesystem, the least recently used of them nobody reads are evicted as new streams
+    start, so each new one has room (before, every stream after the filesystem filled failed
+    with no_memory, and later creates were refused with 507, until the --ttl)."""
+    args = ("--max-sessions", "64", "--session-bytes", str(MiB), "--tokens-per-s", "0")
+    with serve(*args, segment=small_shm / "seg") as s:
+        per_token = len(_stream(s, "probe", 100)) / 100
+        tokens = int(0.3 * MiB / per_token)
+        # 20 streams of 0.3 MiB one after another on a 2 MiB filesystem: each whole.
+        for i in range(20):
+            assert _stream(s, f"fill-{i}", tokens).endswith(b"data: [DONE]\n\n"), i
+        assert s.metric('evictions_total{reason="lru"}') > 0
+        # The least recently used went first; the newest finished stream is still whole.
+        assert s.request("GET", "/v1/stream?conv_id=probe")[0] == 404
+        status, _, last = s.request("GET", "/v1/stream?conv_id=fill-19")
+        assert status == 200 and last.endswith(b"data: [DONE]\n\n")
 
 
 def _space_warnings(tmp: Path, caplog: pytest.LogCaptureFixture, **sizes: int) -> list[str]:

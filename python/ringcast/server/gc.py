@@ -7,6 +7,7 @@ second; an HTTP process calls :func:`evict_lru` when a create finds the table fu
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ringcast._core import Segment, SessionInfo
@@ -22,6 +23,40 @@ def last_used(info: SessionInfo) -> float:
     """When a completed session was last used: its completion, or a reader attaching after
     it (``last_access_at``; a reader attaches for every GET, resume and replay)."""
     return max(info.completed_at, info.last_access_at)
+
+
+FS_EVICT_BATCH = 16
+"""The most finished streams evicted at once when the segment's filesystem is full
+(:func:`make_room`)."""
+FS_RESERVE = 4 << 20
+"""The free bytes kept for new streams on the segment's filesystem, at most a quarter of
+it (:func:`room_short`)."""
+
+
+def room_short(path: str) -> bool:
+    """Whether the filesystem of the segment at ``path`` has less than its reserve free
+    (``FS_RESERVE``, at most a quarter of its size); False if it cannot be told."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    reserve = min(FS_RESERVE, st.f_blocks * st.f_frsize // 4)
+    return st.f_bavail * st.f_frsize < reserve
+
+
+def make_room(seg: Segment, path: str) -> int:
+    """The filesystem of the segment (at ``path``) is short (:func:`room_short`): evict
+    finished streams that nobody is reading, least recently used first, until it is not or
+    ``FS_EVICT_BATCH`` went. How many were evicted."""
+    done = [i for i in seg.list() if i.is_done and not i.readers]
+    done.sort(key=last_used)
+    evicted = 0
+    for info in done:
+        if evicted >= FS_EVICT_BATCH or not room_short(path):
+            break
+        if seg.evict_slot(info.slot, info.generation, "evicted"):
+            evicted += 1
+    return evicted
 
 
 def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:

@@ -36,7 +36,7 @@ from ringcast.server.config import ServeConfig
 from ringcast.server.counters import SharedCounters, WorkerCounter
 from ringcast.server.emitter import Emitter, Gone, TurnBatch
 from ringcast.server.plugin import GenerateFn, JobContext, load_generator
-from ringcast.server.store import StreamStore, StreamWriter, fail_stream
+from ringcast.server.store import MakesRoom, StreamStore, StreamWriter, fail_stream
 from ringcast.server.synthetic import Ticker, synthetic_model
 from ringcast.server.upstream import proxy_upstream
 from ringcast.server.upstream_link import (
@@ -204,9 +204,13 @@ class Jobs:
         except UpstreamError as e:
             self._fail(writer, e.code, str(e), "upstream_error")
         except SegmentError as e:
-            # The shared-memory filesystem is full: this stream fails, the others run on.
+            # The shared-memory filesystem is full: this stream fails, the others run on, and
+            # finished streams give their pages back so that the next ones have room (else
+            # every stream after it failed the same way until their --ttl).
             log.warning("a stream failed: %s", e)
             self._fail(writer, 507, "the server has no memory left for this stream", "no_memory")
+            if isinstance(self.store, MakesRoom):
+                self.store.make_room()
         except Exception as e:
             log_failure(log, "a generation failed", e)
             self._fail(writer, 500, f"generation failed: {type(e).__name__}: {e}", "server_error")

@@ -20,12 +20,13 @@ from ringcast._core import (
     Reader,
     RegistryFull,
     Segment,
+    SegmentError,
     SegmentStats,
     SessionInfo,
     Writer,
 )
 from ringcast.server.config import ServeConfig
-from ringcast.server.gc import evict_lru, fail_dead_producer
+from ringcast.server.gc import evict_lru, fail_dead_producer, make_room, room_short
 from ringcast.server.store import Quota, StreamStore, StreamWriter
 
 _SLOT = operator.attrgetter("slot")
@@ -55,8 +56,18 @@ class SegmentStore:
         return self.segment.epoch
 
     def create(self, conversation_id: str, owner: str, quota: Quota | None = None) -> Writer:
+        if room_short(self.segment.path):
+            # Finished streams (kept for resumes) fill the filesystem: the least recently
+            # used give their pages back before this one needs them (a statvfs a create).
+            self.make_room()
         try:
             # A full table evicts its least recently used finished session inside this call.
+            return self._create(conversation_id, owner, quota)
+        except SegmentError:
+            # No room on the filesystem for the slot's pages: finished streams (kept for
+            # resumes) give theirs back, least recently used first, and it is tried again.
+            if not self.make_room():
+                raise
             return self._create(conversation_id, owner, quota)
         except RegistryFull:
             # Every slot holds a running stream: only ``--evict-running`` may end one.
@@ -66,6 +77,15 @@ class SegmentStore:
             if self.on_evicted is not None:
                 self.on_evicted(n)
             return self._create(conversation_id, owner, quota)
+
+    def make_room(self) -> int:
+        """Evicts finished streams nobody reads, least recently used first, so that a full
+        filesystem backs new ones (``store.MakesRoom``, :func:`ringcast.server.gc.make_room`);
+        how many."""
+        n = make_room(self.segment, self.segment.path)
+        if n and self.on_evicted is not None:
+            self.on_evicted(n)
+        return n
 
     def _create(self, conversation_id: str, owner: str, quota: Quota | None) -> Writer:
         if quota is None:

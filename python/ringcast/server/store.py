@@ -306,6 +306,16 @@ class EndsDeadProducers(Protocol):
         ...
 
 
+@runtime_checkable
+class MakesRoom(Protocol):
+    """A store whose streams share a filesystem that may fill (the local segment)."""
+
+    def make_room(self) -> int:
+        """Evict finished streams, least recently used first, to give their pages back to
+        a filesystem that is full; how many."""
+        ...
+
+
 class StoreUnavailable(Exception):
     """A store that needs another system (Redis) for this stream cannot reach it: the routes
     answer 503. Never raised for a stream this node holds."""
