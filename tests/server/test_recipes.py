@@ -3,6 +3,7 @@ browser page that survives a reload (in Chromium), the 20-line ``--generator`` p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -98,6 +99,28 @@ class CuttingHandler(socketserver.BaseRequestHandler):
             back.close()
 
 
+@contextlib.contextmanager
+def cutting(
+    port: int, cuts: int, after: int, before_cut: Callable[[], None] | None = None
+) -> Iterator[CuttingProxy]:
+    """A :class:`CuttingProxy` to ringcast on ``port``, serving until the block ends."""
+    proxy = CuttingProxy(port, cuts, after, before_cut)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def recipe_namespace() -> dict[str, Any]:
+    """The openai recipe's definitions (``chat_with_resume``, ``StreamEnded``)."""
+    pytest.importorskip("openai")
+    namespace: dict[str, Any] = {}
+    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+    return namespace
+
+
 @pytest.fixture
 def srv(serve: Any) -> Iterator[Any]:
     with serve("--tokens-per-s", "100", http_procs=1) as s:
@@ -105,20 +128,13 @@ def srv(serve: Any) -> Iterator[Any]:
 
 
 def test_openai_sdk_with_resume(srv: Any) -> None:
-    pytest.importorskip("openai")
-    namespace: dict[str, Any] = {}
-    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
-    proxy = CuttingProxy(srv.port, cuts=2, after=1500)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
+    namespace = recipe_namespace()
+    with cutting(srv.port, cuts=2, after=1500) as proxy:
         text = namespace["chat_with_resume"](
             f"http://127.0.0.1:{proxy.server_address[1]}",
             "recipe-sdk",
             [{"role": "user", "content": "a story"}],
         )
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     _, _, whole = srv.request("GET", "/v1/stream?conv_id=recipe-sdk")
     assert text == content_of(whole) and len(text) > 20
     # The POST was cut, then the first resume; the second resume finished it.
@@ -131,9 +147,7 @@ def test_openai_sdk_with_resume(srv: Any) -> None:
 def test_openai_sdk_recipe_stops_at_an_error_event(serve: Any) -> None:
     """An error event in the stream (here a DELETE's) ends the recipe's loop with
     ``StreamEnded`` and the event's error, not a parse error of the SDK's chunk type."""
-    pytest.importorskip("openai")
-    namespace: dict[str, Any] = {}
-    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+    namespace = recipe_namespace()
     with serve("--tokens-per-s", "10", http_procs=1) as s:  # 64 tokens: 6.4 s
         delete = threading.Timer(
             0.5, lambda: s.request("DELETE", "/v1/stream?conv_id=recipe-deleted")
@@ -155,25 +169,20 @@ def test_openai_sdk_recipe_does_not_resume_into_a_newer_stream(srv: Any) -> None
     """The POST is cut, and a newer request with the same id replaces its stream before the
     resume: the recipe's resume names its generation, so it ends with ``replaced`` instead
     of taking the newer stream's bytes from that offset on."""
-    pytest.importorskip("openai")
-    namespace: dict[str, Any] = {}
-    exec(recipe("Resume with the `openai` SDK", "python"), namespace)
+    namespace = recipe_namespace()
 
     def replace() -> None:
         srv.post_chat("recipe-replaced", max_tokens=5, prompt="another").read_all_and_close()
 
-    proxy = CuttingProxy(srv.port, cuts=1, after=1500, before_cut=replace)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(namespace["StreamEnded"]) as ended:
-            namespace["chat_with_resume"](
-                f"http://127.0.0.1:{proxy.server_address[1]}",
-                "recipe-replaced",
-                [{"role": "user", "content": "a story"}],
-            )
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+    with (
+        cutting(srv.port, cuts=1, after=1500, before_cut=replace) as proxy,
+        pytest.raises(namespace["StreamEnded"]) as ended,
+    ):
+        namespace["chat_with_resume"](
+            f"http://127.0.0.1:{proxy.server_address[1]}",
+            "recipe-replaced",
+            [{"role": "user", "content": "a story"}],
+        )
     assert ended.value.args[0]["type"] == "replaced"
     assert re.search(rb"generation=[0-9]+\.[0-9]+\.[0-9]+", proxy.requests[-1])
 
