@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import operator
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
@@ -33,6 +34,11 @@ _SLOT = operator.attrgetter("slot")
 """A writer's slot (this store's writers are the segment's: ``create``, ``adopt``)."""
 
 
+NO_ROOM_RETRY_S = 1.0
+"""After :meth:`SegmentStore.make_room` found nothing to evict (every stream running or being
+read), how long creates skip it: each look lists every session."""
+
+
 class SegmentStore:
     """:class:`~ringcast.server.store.StreamStore` over a ``ringcast.Segment``."""
 
@@ -47,6 +53,8 @@ class SegmentStore:
         self.on_evicted = on_evicted
         """Called with the number of sessions a full create evicted (``/metrics`` counts
         them)."""
+        self._no_room_until = 0.0
+        """Until when :meth:`make_room` does not look again (it found nothing to evict)."""
         self._notifier: Notifier | None = None
         self._poke: tuple[asyncio.AbstractEventLoop, Callable[[list[int]], int]] | None = None
         """``_aio.poker`` of the loop of the last own-loop flush, and that loop."""
@@ -82,9 +90,14 @@ class SegmentStore:
         """Evicts finished streams nobody reads, least recently used first, so that a full
         filesystem backs new ones (``store.MakesRoom``, :func:`ringcast.server.gc.make_room`);
         how many."""
+        now = time.monotonic()
+        if now < self._no_room_until:
+            return 0  # nothing could go a moment ago: not another listing of every session
         n = make_room(self.segment, self.segment.path)
         if n and self.on_evicted is not None:
             self.on_evicted(n)
+        if not n:
+            self._no_room_until = now + NO_ROOM_RETRY_S
         return n
 
     def _create(self, conversation_id: str, owner: str, quota: Quota | None) -> Writer:
