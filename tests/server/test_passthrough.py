@@ -259,6 +259,43 @@ def test_a_large_body_streams_through_past_max_body(
         assert status == 413  # ringcast's own route keeps its limit
 
 
+def test_a_streamed_body_behind_a_pipelined_request_waits_for_a_stalled_upstream(
+    serve: Any,
+) -> None:
+    """A passed-through body is read as fast as the upstream takes it, also when its request
+    was pipelined behind another: an upstream that reads nothing holds the connection at
+    ~64 KiB of body, not whatever the client sends (resuming reading after the first answer
+    undid the body's own pause: 54 MiB a connection)."""
+    import psutil
+
+    stalled = socket.create_server(("127.0.0.1", 0))  # accepts, never reads
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(stalled.accept()[0]), daemon=True).start()
+    url = f"http://127.0.0.1:{stalled.getsockname()[1]}"
+    with serve("--upstream", url, "--http-procs", "1") as s:
+        proc = psutil.Process(s.children("http")[0])
+        before = proc.memory_info().rss
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 1099511627776\r\n\r\n"
+            )
+            sock.settimeout(0.2)
+            sent, deadline = 0, time.monotonic() + 3
+            chunk = b"x" * 65536
+            while time.monotonic() < deadline:
+                try:
+                    sent += sock.send(chunk)
+                except TimeoutError:
+                    pass  # the server reads no more: the socket buffers are full
+            grown = proc.memory_info().rss - before
+        assert sent < 64 << 20, sent >> 20  # it stopped taking the body
+        assert grown < 16 << 20, (grown >> 20, sent >> 20)
+    for c in held:
+        c.close()
+    stalled.close()
+
+
 def test_head_and_keep_alive(srv: Any) -> None:
     """A HEAD answer has no body, and the connection serves the next request."""
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)

@@ -442,17 +442,16 @@ class Connection(asyncio.Protocol):
             return
         self.busy = False
         self.task = None
+        if self.reading_paused and len(self.buf) <= PIPELINE_BUFFER:
+            # Only once what waits is parsed down: resumed at every answer, each request
+            # handled from a full buffer let one more read in, and a client pipelining small
+            # requests while reading the answers grew it by hundreds of MiB a second. (Before
+            # the next request is parsed: a body it streams may pause reading for itself.)
+            self.reading_paused = False
+            self.transport.resume_reading()
         self._arm_idle()
         if self.buf:
             self._parse()
-            if self.closed or self.transport is None:
-                return
-        if self.reading_paused and not (self.busy and len(self.buf) > PIPELINE_BUFFER):
-            # Only once what waits is parsed down: resumed at every answer, each request
-            # handled from a full buffer let one more read in, and a client pipelining small
-            # requests while reading the answers grew it by hundreds of MiB a second.
-            self.reading_paused = False
-            self.transport.resume_reading()
 
     async def _finish_after_drain(self) -> None:
         try:
