@@ -77,6 +77,8 @@ _REQUEST_LINE = re.compile(
     rb"(/[^\x00-\x20\x7f]*|[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]*) (HTTP/[0-9]\.[0-9])"
 )
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
+_EMPTY_LINES = re.compile(rb"(?:\r\n)*")
+_AUTHORITY_END = re.compile(rb"[/?]")
 
 
 class HttpError(Exception):
@@ -244,6 +246,7 @@ class HeadParser:
         "_fields",
         "_llhttp",
         "_method",
+        "_skip",
         "_start",
         "_target",
         "_version",
@@ -254,6 +257,9 @@ class HeadParser:
         self._fields = _Fields()
         self._llhttp = httptools.HttpRequestParser(self._fields)
         self._start = 0
+        self._skip = 0
+        """Bytes of empty lines before the request line, as far as seen (each read goes on
+        from there)."""
         """Length of the request line (with its CRLF), once read; 0 before."""
         self._fed = 0
         """Bytes after the request line given to llhttp so far."""
@@ -311,7 +317,7 @@ class HeadParser:
         # the first CRLF CRLF after it (llhttp refuses a bare CR or LF in between).
         end = buf.find(b"\r\n\r\n", max(start - 2, start + self._fed - 3))
         stop = len(buf) if end < 0 else end + 4
-        if (end if end >= 0 else stop) > MAX_HEAD:
+        if (end if end >= 0 else stop) - self._skip > MAX_HEAD:
             raise HttpError(431, "request head too large", close=True)
         if stop > start + self._fed or line:
             # (One call for a head that came whole: the line and its fields together.)
@@ -336,11 +342,10 @@ class HeadParser:
         (b"" if it is not all there yet)."""
         # Empty lines before it are skipped (RFC 9112 §2.2: some clients send a CRLF after a
         # body), a head's worth at most.
-        skip = 0
-        while buf.startswith(b"\r\n", skip):
-            skip += 2
-            if skip > MAX_HEAD:
-                raise HttpError(400, "only empty lines where a request line was due", close=True)
+        m = _EMPTY_LINES.match(buf, self._skip)  # (always matches, maybe nothing)
+        skip = self._skip = m.end() if m else self._skip
+        if skip > MAX_HEAD:
+            raise HttpError(400, "only empty lines where a request line was due", close=True)
         nl = buf.find(b"\n", skip, skip + MAX_HEAD + 1)
         if nl < 0:
             cr = buf.find(b"\r", skip, skip + MAX_HEAD)
@@ -363,10 +368,18 @@ class HeadParser:
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
         if not target.startswith(b"/"):
             # The absolute form (RFC 9112 §3.2.2, what a client sends to a proxy): its path
-            # and query are the target, its authority is not ours to check.
-            target = target[target.index(b"//") + 2 :]
-            slash = target.find(b"/")
-            target = target[slash:] if slash >= 0 else b"/"
+            # and query are the target, its authority (up to the first "/", "?" or "#", RFC
+            # 3986 §3.2) is not ours to check.
+            if b"#" in target:
+                raise HttpError(400, "a request target has no fragment ('#')", close=True)
+            rest = target[target.index(b"//") + 2 :]
+            m = _AUTHORITY_END.search(rest)
+            if m is None:
+                target = b"/"
+            elif m.group() == b"/":
+                target = rest[m.start() :]
+            else:  # a query right after the authority: the path is "/"
+                target = b"/" + rest[m.start() :]
         self._method = method.decode("ascii")
         self._target, self._version = target, version
         escaped = target if target.isascii() else _NON_ASCII.sub(_escape_non_ascii, target)
