@@ -490,16 +490,17 @@ class App:
             raise HttpError(400, "only n=1 is supported")
         return stream
 
-    @staticmethod
     def resume_headers(
-        reader: StreamReader, info: StreamView | None, offset: int
+        self, reader: StreamReader, info: StreamView | None, offset: int
     ) -> list[tuple[str, str]]:
-        """Epoch, served-from offset and first available offset of a stream response (``info``:
-        the session as the store's ``get`` gives it)."""
+        """Epoch, generation (of a stream of this node), served-from offset and first
+        available offset of a stream response (``info``: the session as the store's ``get``
+        gives it)."""
         first = info.first_available if info is not None else 0
+        local = reader.epoch == self.store.epoch
         return [
             ("X-Ringcast-Epoch", str(reader.epoch)),
-            ("X-Ringcast-Generation", generation_of(reader)),
+            *([("X-Ringcast-Generation", generation_of(reader))] if local else []),
             ("X-Ringcast-Offset", str(offset)),
             ("X-Ringcast-First-Available", str(first)),
         ]
@@ -618,7 +619,13 @@ class App:
             raise HttpError(400, str(e)) from None
         except StoreUnavailable as e:
             raise HttpError(503, str(e), "unavailable_error") from None
-        if generation is not None and generation != generation_of(reader):
+        epoch = self.store.epoch
+        if (
+            generation is not None
+            and generation.startswith(f"{epoch}.")  # minted here: checked here
+            and reader.epoch == epoch  # a stream of this node's (another node's is not)
+            and generation != generation_of(reader)
+        ):
             # Another stream under the same id now: its bytes from this offset on would be
             # spliced onto the other one's in the client's hands.
             reader.close()
@@ -752,7 +759,9 @@ stored conversations; thousands is plenty, and the cap bounds the work of one re
 def generation_of(reader: StreamReader) -> str:
     """``X-Ringcast-Generation``: which stream of its conversation id ``reader`` reads (the
     store's epoch, the session's slot and generation), for a resume to say which one it had
-    (``?generation=``)."""
+    (``?generation=``). Only a node's own streams have one: with ``--redis`` the node that
+    produces a stream checks it, the others take it as given (a stream read from another
+    node has no slot there)."""
     return f"{reader.epoch}.{reader.slot}.{reader.generation}"
 
 

@@ -154,7 +154,16 @@ def test_a_stream_is_byte_identical_on_every_node(
     for r, start in zip(readers, (0, 7, mid, event_end), strict=True):
         assert r.status == 200
         assert r.headers["x-ringcast-epoch"] == post.headers["x-ringcast-epoch"]
+        # Only the producing node names the generation (it alone can check it).
+        assert "x-ringcast-generation" not in r.headers
         assert r.read_all_and_close() == body[start:]
+    # A resume naming the producer's generation: checked there, taken as given elsewhere,
+    # never refused for the stream it names.
+    generation = post.headers["x-ringcast-generation"]
+    for node in (a, b, c):
+        url = f"/v1/stream?conv_id={conv}&from={mid}&generation={generation}"
+        status, _, got = node.request("GET", url)
+        assert (status, got) == (200, body[mid:])
     for node in (a, b, c):
         status, _, got = node.request("GET", f"/v1/stream?conv_id={conv}&from=100")
         assert (status, got) == (200, body[100:])
