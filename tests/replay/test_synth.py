@@ -111,7 +111,9 @@ def test_sample_trace_is_small_and_valid(sample_trace) -> None:
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["--streams", "0"], "--streams must be at least 1 (got 0)"),
+        (["--streams", "0"], "--streams must be between 1 and 1000000 (got 0)"),
+        (["--streams", "9" * 21], f"--streams must be between 1 and 1000000 (got {'9' * 21})"),
+        (["--tokens-max", "9" * 20], f"--tokens-max must be at most 1000000 (got {'9' * 20})"),
         (["--tokens-min", "0"], "--tokens-min must be at least 1 (got 0)"),
         (
             ["--tokens-min", "10", "--tokens-max", "5"],

@@ -187,13 +187,21 @@ def synth_stream(index: int, p: SynthParams, rng: random.Random, created: int) -
     )
 
 
+MAX_STREAMS = 1_000_000
+"""The most streams a synthetic trace holds (a trace is made in memory first)."""
+MAX_TOKENS = 1_000_000
+"""The most tokens a synthetic stream has."""
+
+
 def check_params(p: SynthParams) -> str | None:
     """What is wrong with ``p``, naming the parameter as its option (``--tokens-min``), or
     None."""
-    if p.streams < 1:
-        return f"--streams must be at least 1 (got {p.streams})"
+    if not 1 <= p.streams <= MAX_STREAMS:
+        return f"--streams must be between 1 and {MAX_STREAMS} (got {p.streams})"
     if p.tokens_min < 1:
         return f"--tokens-min must be at least 1 (got {p.tokens_min})"
+    if p.tokens_max > MAX_TOKENS:
+        return f"--tokens-max must be at most {MAX_TOKENS} (got {p.tokens_max})"
     if p.tokens_max < p.tokens_min:
         return f"--tokens-max ({p.tokens_max}) must be at least --tokens-min ({p.tokens_min})"
     for flag, value in (("--ttft-ms", p.ttft_ms), ("--itl-ms", p.itl_ms)):
