@@ -77,6 +77,10 @@ def test_a_resume_that_names_its_generation_is_refused_once_the_id_was_replaced(
     assert new != old
     status, _, whole = srv.request("GET", f"/v1/stream?conv_id=gen-1&from=0&generation={new}")
     assert status == 200 and whole.endswith(b"data: [DONE]\n\n")
+    # A value of another epoch (a segment made before this one) names another stream too.
+    other = "1" + new
+    status, _, body = srv.request("GET", f"/v1/stream?conv_id=gen-1&generation={other}")
+    assert status == 409, body
     for bad in ("1", "a.b.c", "1.2.3.4", "-1.2.3", "1.2.3&generation=1.2.3"):
         status, _, body = srv.request("GET", f"/v1/stream?conv_id=gen-1&generation={bad}")
         assert status == 400, bad

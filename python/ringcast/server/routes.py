@@ -622,9 +622,14 @@ class App:
         epoch = self.store.epoch
         if (
             generation is not None
-            and generation.startswith(f"{epoch}.")  # minted here: checked here
-            and reader.epoch == epoch  # a stream of this node's (another node's is not)
             and generation != generation_of(reader)
+            # With --redis only what this node minted, for a stream of its own: another
+            # node's stream has no slot here. Alone, a value of another epoch names a stream
+            # of a segment made before this one.
+            and (
+                not self.cfg.clustered
+                or (generation.startswith(f"{epoch}.") and reader.epoch == epoch)
+            )
         ):
             # Another stream under the same id now: its bytes from this offset on would be
             # spliced onto the other one's in the client's hands.
