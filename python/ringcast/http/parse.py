@@ -257,10 +257,11 @@ class HeadParser:
         self._fields = _Fields()
         self._llhttp = httptools.HttpRequestParser(self._fields)
         self._start = 0
+        """Where the request line ends in the buffer (after its CRLF, and after the empty
+        lines before it), once read; 0 before."""
         self._skip = 0
         """Bytes of empty lines before the request line, as far as seen (each read goes on
         from there)."""
-        """Length of the request line (with its CRLF), once read; 0 before."""
         self._fed = 0
         """Bytes after the request line given to llhttp so far."""
         self._method = ""

@@ -107,8 +107,9 @@ Handler = Callable[["App", Request, Connection, str], Awaitable[None]]
 
 
 STREAM_PARAMS = ("conv_id", "from", "generation")
-GENERATION = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}\.[0-9]{1,20}")
 """The query parameters of the stream routes that may be given once only."""
+GENERATION = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}\.[0-9]{1,20}")
+"""What ``generation=`` may be: an ``X-Ringcast-Generation`` value (:func:`generation_of`)."""
 _ID_REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 """What a conversation id may not hold: C0 and C1 control characters, DEL, and lone
 surrogates (from ``surrogateescape``-decoded bytes)."""
