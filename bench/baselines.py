@@ -24,6 +24,12 @@ exactly like ringcast's (``id: <offset>`` lines), so a reader gets the same byte
     python bench/baselines.py redis --redis-url redis://127.0.0.1:6379/0
 
 It prints ``... listening on http://HOST:PORT`` once it serves.
+
+``--procs N`` serves from N processes on one port (``SO_REUSEPORT``; the kernel spreads the
+connections), each with its own sessions: a hand-written server given the cores the way
+ringcast's ``--http-procs N`` gives them, for streams whose only reader is the ``POST``'s
+own response (a ``GET`` lands in whichever process the kernel picks, which may not hold its
+stream).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -445,9 +452,44 @@ async def _handle(
         writer.close()
 
 
+def _die_with_parent() -> None:
+    """A process of ``--procs`` ends with the one that started it, even a ``kill -9``'d one
+    (``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def _start_siblings(argv: list[str], port: int, n: int) -> list[subprocess.Popen[str]]:
+    """The other ``n`` processes of ``--procs`` on ``port``, once each serves."""
+    loop = asyncio.get_running_loop()
+    kids = []
+    for _ in range(n):
+        cmd = [sys.executable, __file__, *argv, "--port", str(port), "--reuse-port"]
+        kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        kids.append(kid)
+        assert kid.stdout is not None
+        line = await loop.run_in_executor(None, kid.stdout.readline)
+        if "listening on" not in line:
+            for k in kids:
+                k.kill()
+            raise SystemExit(f"a sibling process did not start: {line!r}")
+    return kids
+
+
 async def serve(
-    kind: str, host: str, port: int, events: Events, redis_url: str, linger: float
+    kind: str,
+    host: str,
+    port: int,
+    events: Events,
+    redis_url: str,
+    linger: float,
+    reuse_port: bool = False,
+    siblings: tuple[list[str], int] = ([], 0),
 ) -> None:
+    """Serves until SIGTERM or SIGINT. With ``siblings`` (this command's other arguments and
+    a count), that many more processes serve the same port once this one listens
+    (``reuse_port``), and it prints its ``listening`` line when they all do."""
     store: Store
     if kind in ("memory", "asyncio"):
         store = MemoryStore()
@@ -462,15 +504,25 @@ async def serve(
         port,
         backlog=4096,
         limit=1 << 20,
+        reuse_port=reuse_port,
     )
     addr = server.sockets[0].getsockname()
+    kids = await _start_siblings(siblings[0], addr[1], siblings[1])
     print(f"ringcast baseline {kind} listening on http://{addr[0]}:{addr[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    try:
+        async with server:
+            await stop.wait()
+    finally:
+        for kid in kids:
+            kid.terminate()
+        for kid in kids:
+            kid.wait()
+            assert kid.stdout is not None
+            kid.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,7 +544,27 @@ def main(argv: list[str] | None = None) -> int:
         help="each reader waits this long after a write before the next (broadcast: one "
         "flush per this long); default 0: written as a hand-written server does",
     )
+    ap.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="serve from this many processes on one port (SO_REUSEPORT), each with sessions "
+        "of its own: only for streams read by their POST alone (a GET may land in a process "
+        "without its stream); 1 to 64",
+    )
+    ap.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT and end with the process that started this one (how "
+        "--procs starts the others)",
+    )
     args = ap.parse_args(argv)
+    if not 1 <= args.procs <= 64:
+        ap.error("--procs must be between 1 and 64")
+    if args.procs > 1 and args.replay:
+        ap.error("--procs serves the timestamps source only, not --replay")
+    if args.reuse_port:
+        _die_with_parent()
     events: Events
     if args.replay:
         source = ReplaySource(args.replay, parse_speed(args.speed))
@@ -501,8 +573,19 @@ def main(argv: list[str] | None = None) -> int:
         events = timestamp_events
     import uvloop
 
+    same = [args.kind, "--host", args.host, "--coalesce-ms", str(args.coalesce_ms)]
+    same += ["--redis-url", args.redis_url]
     uvloop.run(
-        serve(args.kind, args.host, args.port, events, args.redis_url, args.coalesce_ms / 1000)
+        serve(
+            args.kind,
+            args.host,
+            args.port,
+            events,
+            args.redis_url,
+            args.coalesce_ms / 1000,
+            reuse_port=args.reuse_port or args.procs > 1,
+            siblings=(same, args.procs - 1),
+        )
     )
     return 0
 

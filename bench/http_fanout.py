@@ -18,6 +18,10 @@
   stream into memory for the local readers;
 - ``redis-per-reader`` (not in the default set): every reader tails with its own
   ``XREAD BLOCK`` — the naive design, for reference;
+- ``memory-broadcast-<N>p``: that server in N processes on one port (``SO_REUSEPORT``, each
+  with sessions of its own), for points with one reader per stream only (a ``GET`` could land
+  in a process without its stream): what spreading over N cores costs a hand-written server,
+  next to what it costs ringcast (``ringcast-<N>p``);
 - ``ringcast-redis`` (not in the default set): ``ringcast serve --redis`` on a private
   ``redis-server`` started for each run (its CPU counted with the server's): what mirroring
   every stream to Redis costs the same local fan-out (docs/CLUSTER.md).
@@ -248,8 +252,18 @@ RINGCAST_PROCS = re.compile(r"ringcast-(\d+)p")
 """``ringcast-<N>p``: ``ringcast serve --http-procs N``, everything else at its default."""
 
 
+BASELINE_PROCS = re.compile(r"(memory-broadcast)-(\d+)p")
+"""``memory-broadcast-<N>p``: ``bench/baselines.py memory-broadcast --procs N``."""
+
+
 def is_ringcast(system: str) -> bool:
     return system.startswith("ringcast")
+
+
+def serves_point(system: str, readers: int) -> bool:
+    """Whether ``system`` can serve streams of ``readers`` readers: a baseline in several
+    processes only those read by their POST alone (each process has its own sessions)."""
+    return readers == 1 or not BASELINE_PROCS.fullmatch(system)
 
 
 def ringcast_options(system: str, args: argparse.Namespace) -> list[str]:
@@ -313,11 +327,12 @@ def start(
             p.wait()
             raise SystemExit(f"{system}: ringcast serve did not start: {line!r}")
         return p, int(m.group(1))
+    many = BASELINE_PROCS.fullmatch(system)
     p = subprocess.Popen(
         [
             sys.executable,
             str(HERE / "baselines.py"),
-            system,
+            *([many.group(1), "--procs", many.group(2)] if many else [system]),
             "--port",
             "0",
             "--coalesce-ms",
@@ -366,7 +381,8 @@ CHILD_ROLES = (
 
 def server_processes(pid: int, system: str, extra: tuple[int, ...] = ()) -> dict[int, str]:
     """Every process of the server side of a run, pid -> role: ``manager`` and its children
-    ``http<i>``, ``worker<j>``, ``mirror0`` for ringcast, ``server`` for a baseline, ``redis``
+    ``http<i>``, ``worker<j>``, ``mirror0`` for ringcast, ``server`` for a baseline (and
+    ``server<k>`` for the other processes of ``memory-broadcast-<N>p``), ``redis``
     for every ``redis-server`` of the Redis-backed systems and the ``extra`` processes
     (``ringcast-redis``'s private Redis)."""
     import psutil
@@ -384,6 +400,9 @@ def server_processes(pid: int, system: str, extra: tuple[int, ...] = ()) -> dict
         except psutil.Error:
             continue  # gone meanwhile
         role = c.name()
+        if "--reuse-port" in cmd:  # a baseline's other processes (memory-broadcast-<N>p)
+            siblings = sum(1 for x in roles.values() if x.startswith("server"))
+            role = f"server{siblings}"
         for module, kind in CHILD_ROLES:
             if module in cmd:
                 i = cmd.index(module) + 2
@@ -736,6 +755,7 @@ def run_point(
     """Every system at ``args``' rate, ``--repeat`` times interleaved (so background load hits
     every system); each metric's median over the runs, robust to a run hit by a burst. With
     ``--profile``, each system then runs once more under each profiler (not counted)."""
+    systems = [x for x in systems if serves_point(x, args.readers)]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     for _ in range(args.repeat):
         for system in systems:
@@ -871,7 +891,8 @@ def grid_systems() -> str:
     """ringcast at its defaults, at one HTTP process and at one per core, and the
     single-process servers."""
     fixed = dict.fromkeys(["ringcast-1p", f"ringcast-{cores()}p"])
-    return ",".join(["ringcast", *fixed, "memory-broadcast", "memory"])
+    spread = [f"memory-broadcast-{cores()}p"] if cores() > 1 else []
+    return ",".join(["ringcast", *fixed, "memory-broadcast", *spread, "memory"])
 
 
 def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, float | str]:
@@ -881,7 +902,7 @@ def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, f
     ``ringcast-<N>p`` with the least p99)."""
     out: dict[str, float | str] = {}
     rc = results.get("ringcast")
-    single = [n for n in results if not is_ringcast(n)]
+    single = [n for n in results if not is_ringcast(n) and not BASELINE_PROCS.fullmatch(n)]
     fixed = [n for n in results if RINGCAST_PROCS.fullmatch(n)]
     if rc is None:
         return out
@@ -903,6 +924,12 @@ def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, f
         out["missing"] = rc["missing_events"]
         ok = False
     out["done"] = "yes" if ok else "no"
+    for name in results:
+        many = BASELINE_PROCS.fullmatch(name)
+        if many and many.group(1) in results:
+            one, spread = results[many.group(1)], results[name]
+            out["spread_cpu:" + name] = div(spread["cpu_us_per_event"], one["cpu_us_per_event"])
+            out["spread_p99:" + name] = div(spread["p99_ms"], one["p99_ms"])
     return out
 
 
@@ -920,6 +947,13 @@ def print_verdict(s: int, r: int, v: dict[str, float | str]) -> None:
         )
     if "missing" in v:
         parts.append(f"{v['missing']:.0f} events never arrived")
+    for key in v:
+        if key.startswith("spread_cpu:"):
+            name = key.split(":", 1)[1]
+            parts.append(
+                f"{name}: CPU/event x{v[key]:.2f} and p99 x{v['spread_p99:' + name]:.2f} of "
+                "its one process's"
+            )
     if parts:
         print(f"defaults: {'; '.join(parts)}; done-when met: {v['done']}")
 
@@ -1042,7 +1076,8 @@ def main() -> None:
         "--grid",
         action="store_true",
         help="run the grid: every --points at every --rates (default systems: "
-        f"{grid_systems()}; 'ringcast-<N>p' is ringcast serve --http-procs N)",
+        f"{grid_systems()}; 'ringcast-<N>p' is ringcast serve --http-procs N, "
+        "'memory-broadcast-<N>p' that baseline in N processes, at one reader per stream)",
     )
     ap.add_argument(
         "--points",
@@ -1175,9 +1210,20 @@ def main() -> None:
     systems = (args.systems or default_systems).split(",")
     known = {"ringcast", "memory", "asyncio", "memory-broadcast", "redis", "redis-per-reader"}
     known.add("ringcast-redis")  # ringcast serve --redis (a private redis-server per run)
-    if not systems or not all(x in known or RINGCAST_PROCS.fullmatch(x) for x in systems):
+    patterns = (RINGCAST_PROCS, BASELINE_PROCS)
+    if not systems or not all(x in known or any(p.fullmatch(x) for p in patterns) for x in systems):
         ap.error(
-            f"--systems: a comma-separated subset of {', '.join(sorted(known))}, ringcast-<N>p"
+            f"--systems: a comma-separated subset of {', '.join(sorted(known))}, "
+            "ringcast-<N>p, memory-broadcast-<N>p"
+        )
+    for x in systems:
+        many = BASELINE_PROCS.fullmatch(x)
+        if many and not 1 <= int(many.group(2)) <= 64:
+            ap.error(f"--systems: {x}: from 1 to 64 processes")
+    if not args.grid and args.readers > 1 and any(BASELINE_PROCS.fullmatch(x) for x in systems):
+        ap.error(
+            "memory-broadcast-<N>p serves streams read by their POST alone: --readers 1 "
+            "(a GET could land in a process without its stream)"
         )
     loadgen = build_loadgen() if args.client == "rust" else None
     if args.grid:

@@ -68,6 +68,65 @@ def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: P
     assert "3x1" in summary and "2x3" in summary and "done" in summary
 
 
+def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_its_one(
+    tmp_path: Path,
+) -> None:
+    """``memory-broadcast-2p``: the hand-written server in two processes on one port. It runs
+    at the points with one reader per stream (every stream whole, its CPU the two processes'
+    together) and not at the others, and the verdict puts its CPU and p99 against the one
+    process's; it is not a single-process server to hold ringcast to."""
+    out = fanout(
+        "--grid", "--points", "6x1,2x3", "--rates", "50", "--duration", "0.4",
+        "--prefill", "0.3", "--client", "python", "--json", str(tmp_path / "grid.json"),
+        "--systems", "ringcast,memory-broadcast,memory-broadcast-2p",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    one, three = json.loads((tmp_path / "grid.json").read_text())["points"]
+    res = one["results"]
+    assert set(res) == {"ringcast", "memory-broadcast", "memory-broadcast-2p"}
+    spread = res["memory-broadcast-2p"]
+    assert spread["events"] == 6 * 20
+    assert {k for k in spread if k.startswith("cpu:")} == {"cpu:server", "cpu:server1"}
+    assert spread["server_cpu_s"] == pytest.approx(spread["cpu:server"] + spread["cpu:server1"])
+    v = one["verdict"]
+    assert v["best_single"] == "memory-broadcast"
+    assert v["spread_cpu:memory-broadcast-2p"] == pytest.approx(
+        spread["cpu_us_per_event"] / res["memory-broadcast"]["cpu_us_per_event"]
+    )
+    assert v["spread_p99:memory-broadcast-2p"] == pytest.approx(
+        spread["p99_ms"] / res["memory-broadcast"]["p99_ms"]
+    )
+    assert "memory-broadcast-2p: CPU/event x" in out.stdout
+    assert set(three["results"]) == {"ringcast", "memory-broadcast"}
+
+
+def test_a_baseline_in_two_processes_listens_twice_on_one_port_and_dies_with_its_first(
+    tmp_path: Path,
+) -> None:
+    import psutil
+
+    with subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "2",
+         "--port", "0"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    ) as p:  # fmt: skip
+        try:
+            assert p.stdout is not None
+            port = int(p.stdout.readline().rsplit(":", 1)[1])
+            (kid,) = psutil.Process(p.pid).children()
+            for proc in (psutil.Process(p.pid), kid):
+                # psutil >= 6 names it net_connections; the runtime dependency is >= 5.9
+                conns = getattr(proc, "net_connections", None) or proc.connections
+                listening = [c for c in conns("tcp") if c.status == "LISTEN"]
+                assert [c.laddr.port for c in listening] == [port], proc
+            p.kill()  # kill -9: the other process gets SIGTERM from the kernel and ends
+            p.wait(10)
+            kid.wait(10)
+        finally:
+            p.kill()
+
+
 def test_grid_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     out = fanout("--grid", "--points", "10by2", cwd=tmp_path)
     assert out.returncode == 2 and "'10by2' is not STREAMSxREADERS" in out.stderr
@@ -75,6 +134,10 @@ def test_grid_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--grid and --sweep" in out.stderr
     out = fanout("--systems", "ringcast-xp", cwd=tmp_path)
     assert out.returncode == 2 and "ringcast-<N>p" in out.stderr
+    out = fanout("--systems", "memory-broadcast-2p", "--readers", "2", cwd=tmp_path)
+    assert out.returncode == 2 and "read by their POST alone: --readers 1" in out.stderr
+    out = fanout("--systems", "memory-broadcast-0p", "--readers", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "from 1 to 64 processes" in out.stderr
 
 
 def test_perf_script_is_folded_per_process(bench_module: Any) -> None:
