@@ -243,7 +243,8 @@ class BroadcastStore:
                     asyncio.get_running_loop().call_soon(self.send, s)
         finally:
             self.send(s)
-            s.done.set_result(None)
+            if not s.done.done():  # a reader cancelled at shutdown cancels what it awaits
+                s.done.set_result(None)
             if flusher is not None:
                 await flusher
 
@@ -261,7 +262,7 @@ class BroadcastStore:
         if sent:
             w.write(b"%x\r\n%s\r\n" % (len(sent), sent))
         s.readers.append(w.transport)
-        await s.done
+        await asyncio.shield(s.done)
 
 
 class RedisStore:
@@ -448,33 +449,84 @@ async def _handle(
         await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
+    except RuntimeError:
+        # uvloop's word for a write to a transport the client closed meanwhile
+        if not writer.transport.is_closing():
+            raise
+    except asyncio.CancelledError:
+        # The server stopping (SIGTERM, SIGINT) cancels the requests it serves; asyncio's
+        # stream protocol would print each as an error otherwise.
+        return
     finally:
         writer.close()
 
 
-def _die_with_parent() -> None:
-    """A process of ``--procs`` ends with the one that started it, even a ``kill -9``'d one
-    (``PR_SET_PDEATHSIG``)."""
+SIBLING_START_S = 30.0
+"""How long ``--procs`` waits for each other process to listen."""
+MEMORY_KINDS = ("memory", "asyncio", "memory-broadcast")
+"""The kinds whose sessions live in the process: the ones ``--procs`` spreads."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """A process of ``--procs`` ends with the one that started it (``parent``), even a
+    ``kill -9``'d one: ``PR_SET_PDEATHSIG`` (Linux), and if that one is gone already, now."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit("the process of --procs that started this one is gone")
+
+
+def _port_is_free(host: str, port: int) -> None:
+    """Exits unless a plain bind (no ``SO_REUSEPORT``) of ``port`` works: ``--procs`` joins its
+    processes on the port with ``SO_REUSEPORT``, which would also join someone else's listener
+    of the same user on it."""
+    import socket
+
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            # as asyncio binds: a connection of an earlier server in TIME_WAIT is no listener
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                raise SystemExit(f"--port {port}: {e.strerror}") from None
 
 
 async def _start_siblings(argv: list[str], port: int, n: int) -> list[subprocess.Popen[str]]:
-    """The other ``n`` processes of ``--procs`` on ``port``, once each serves."""
+    """The other ``n`` processes of ``--procs`` on ``port``, each once it listens (at most
+    SIBLING_START_S each)."""
     loop = asyncio.get_running_loop()
-    kids = []
-    for _ in range(n):
-        cmd = [sys.executable, __file__, *argv, "--port", str(port), "--reuse-port"]
-        kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        kids.append(kid)
-        assert kid.stdout is not None
-        line = await loop.run_in_executor(None, kid.stdout.readline)
-        if "listening on" not in line:
-            for k in kids:
-                k.kill()
-            raise SystemExit(f"a sibling process did not start: {line!r}")
+    kids: list[subprocess.Popen[str]] = []
+    try:
+        for k in range(1, n + 1):
+            cmd = [sys.executable, __file__, *argv, "--port", str(port)]
+            cmd += ["--sibling", f"{k}:{os.getpid()}"]
+            kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            kids.append(kid)
+            assert kid.stdout is not None
+            try:
+                line = await asyncio.wait_for(
+                    loop.run_in_executor(None, kid.stdout.readline), SIBLING_START_S
+                )
+            except TimeoutError:
+                line = f"nothing within {SIBLING_START_S:g} s"
+            if "listening on" not in line:
+                raise SystemExit(f"process {k} of --procs did not start: {line!r}")
+    except BaseException:
+        _end(kids, signal.SIGKILL)
+        raise
     return kids
+
+
+def _end(kids: list[subprocess.Popen[str]], sig: int = signal.SIGTERM) -> None:
+    for kid in kids:
+        if kid.poll() is None:
+            kid.send_signal(sig)
+    for kid in kids:
+        kid.wait()
+        if kid.stdout is not None:
+            kid.stdout.close()
 
 
 async def serve(
@@ -486,10 +538,11 @@ async def serve(
     linger: float,
     reuse_port: bool = False,
     siblings: tuple[list[str], int] = ([], 0),
-) -> None:
-    """Serves until SIGTERM or SIGINT. With ``siblings`` (this command's other arguments and
-    a count), that many more processes serve the same port once this one listens
-    (``reuse_port``), and it prints its ``listening`` line when they all do."""
+) -> int:
+    """Serves until SIGTERM or SIGINT (0). With ``siblings`` (this command's other arguments
+    and a count), that many more processes serve the same port once this one listens
+    (``reuse_port``); it prints its ``listening`` line when they all do, and stops (1) if
+    one of them ends before it is told to."""
     store: Store
     if kind in ("memory", "asyncio"):
         store = MemoryStore()
@@ -498,6 +551,8 @@ async def serve(
     else:
         store = RedisStore(redis_url, per_reader=kind == "redis-per-reader")
     reader_linger = 0.0 if kind == "memory-broadcast" else linger
+    if siblings[1] and port:
+        _port_is_free(host, port)
     server = await asyncio.start_server(
         lambda r, w: _handle(store, events, reader_linger, r, w),
         host,
@@ -506,6 +561,11 @@ async def serve(
         limit=1 << 20,
         reuse_port=reuse_port,
     )
+    if siblings[1] and len(server.sockets) != 1:
+        server.close()
+        raise SystemExit(
+            f"--procs: --host {host!r} listens on {len(server.sockets)} addresses; name one"
+        )
     addr = server.sockets[0].getsockname()
     kids = await _start_siblings(siblings[0], addr[1], siblings[1])
     print(f"ringcast baseline {kind} listening on http://{addr[0]}:{addr[1]}", flush=True)
@@ -513,16 +573,26 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    lost: list[int] = []
+
+    async def watch(k: int, kid: subprocess.Popen[str]) -> None:
+        await loop.run_in_executor(None, kid.wait)
+        if not stop.is_set():
+            lost.append(k)
+            stop.set()
+
+    watches = [asyncio.ensure_future(watch(k, kid)) for k, kid in enumerate(kids, 1)]
     try:
         async with server:
             await stop.wait()
     finally:
-        for kid in kids:
-            kid.terminate()
-        for kid in kids:
-            kid.wait()
-            assert kid.stdout is not None
-            kid.stdout.close()
+        _end(kids)
+        for w in watches:
+            w.cancel()
+    if lost:
+        print(f"process {lost[0]} of --procs ended by itself: stopped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,23 +618,22 @@ def main(argv: list[str] | None = None) -> int:
         "--procs",
         type=int,
         default=1,
-        help="serve from this many processes on one port (SO_REUSEPORT), each with sessions "
-        "of its own: only for streams read by their POST alone (a GET may land in a process "
-        "without its stream); 1 to 64",
+        help="serve from this many processes on one port (SO_REUSEPORT: the kernel spreads "
+        "the connections; Linux), each with sessions of its own, so only for streams read by "
+        "their POST alone (a GET may land in a process without its stream); the in-memory "
+        "kinds, 1 to 64",
     )
-    ap.add_argument(
-        "--reuse-port",
-        action="store_true",
-        help="bind with SO_REUSEPORT and end with the process that started this one (how "
-        "--procs starts the others)",
-    )
+    # How --procs starts the others: K:PID, the process's number and its first one's pid.
+    ap.add_argument("--sibling", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not 1 <= args.procs <= 64:
         ap.error("--procs must be between 1 and 64")
+    if args.procs > 1 and args.kind not in MEMORY_KINDS:
+        ap.error(f"--procs spreads the in-memory kinds only ({', '.join(MEMORY_KINDS)})")
     if args.procs > 1 and args.replay:
         ap.error("--procs serves the timestamps source only, not --replay")
-    if args.reuse_port:
-        _die_with_parent()
+    if args.sibling:
+        _die_with_parent(int(args.sibling.split(":")[1]))
     events: Events
     if args.replay:
         source = ReplaySource(args.replay, parse_speed(args.speed))
@@ -574,8 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     same = [args.kind, "--host", args.host, "--coalesce-ms", str(args.coalesce_ms)]
-    same += ["--redis-url", args.redis_url]
-    uvloop.run(
+    return uvloop.run(
         serve(
             args.kind,
             args.host,
@@ -583,11 +651,10 @@ def main(argv: list[str] | None = None) -> int:
             events,
             args.redis_url,
             args.coalesce_ms / 1000,
-            reuse_port=args.reuse_port or args.procs > 1,
+            reuse_port=bool(args.sibling) or args.procs > 1,
             siblings=(same, args.procs - 1),
         )
     )
-    return 0
 
 
 if __name__ == "__main__":

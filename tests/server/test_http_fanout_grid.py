@@ -6,6 +6,7 @@ folded stacks by step). The full grid and the figures are run by hand: ``bench/R
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -91,14 +92,27 @@ def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_i
     assert spread["server_cpu_s"] == pytest.approx(spread["cpu:server"] + spread["cpu:server1"])
     v = one["verdict"]
     assert v["best_single"] == "memory-broadcast"
-    assert v["spread_cpu:memory-broadcast-2p"] == pytest.approx(
-        spread["cpu_us_per_event"] / res["memory-broadcast"]["cpu_us_per_event"]
-    )
-    assert v["spread_p99:memory-broadcast-2p"] == pytest.approx(
-        spread["p99_ms"] / res["memory-broadcast"]["p99_ms"]
-    )
+
+    def ratio(a: float, b: float) -> float:  # CPU time comes in 10 ms ticks: 0 is NaN
+        return a / b if b else math.nan
+
+    base = res["memory-broadcast"]
+    want = ratio(spread["cpu_us_per_event"], base["cpu_us_per_event"])
+    assert v["spread_cpu:memory-broadcast-2p"] == pytest.approx(want, nan_ok=True)
+    want = ratio(spread["p99_ms"], base["p99_ms"])
+    assert v["spread_p99:memory-broadcast-2p"] == pytest.approx(want, nan_ok=True)
     assert "memory-broadcast-2p: CPU/event x" in out.stdout
     assert set(three["results"]) == {"ringcast", "memory-broadcast"}
+    note = "not run at 3 readers per stream (one reader only): memory-broadcast-2p"
+    assert note in out.stdout
+    # A point that no system given can serve is said to be skipped, not run empty.
+    out = fanout(
+        "--grid", "--points", "4x2", "--rates", "50", "--duration", "0.4", "--prefill", "0.3",
+        "--client", "python", "--systems", "memory-broadcast-2p", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "4 streams x 2 readers: none of --systems serves more than one reader" in out.stdout
+    assert "events/s" not in out.stdout
 
 
 def test_a_baseline_in_two_processes_listens_twice_on_one_port_and_dies_with_its_first(
@@ -127,6 +141,49 @@ def test_a_baseline_in_two_processes_listens_twice_on_one_port_and_dies_with_its
             p.kill()
 
 
+def test_a_baseline_process_that_dies_stops_the_others_with_an_error(tmp_path: Path) -> None:
+    """A run must not go on with fewer processes than its name says: when one of them ends
+    by itself, the first stops the rest and exits 1, saying so."""
+    import psutil
+
+    with subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "3",
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    ) as p:  # fmt: skip
+        try:
+            assert p.stdout is not None and p.stderr is not None
+            assert "listening on" in p.stdout.readline()
+            kids = psutil.Process(p.pid).children()
+            assert len(kids) == 2
+            kids[0].kill()
+            assert p.wait(10) == 1
+            assert "ended by itself: stopped" in p.stderr.read()
+            kids[1].wait(10)  # the other one was stopped with it
+        finally:
+            p.kill()
+
+
+def test_a_baseline_in_processes_will_not_share_a_port_with_another_listener(
+    tmp_path: Path,
+) -> None:
+    """SO_REUSEPORT would let the processes join someone else's listener on a fixed port (of
+    the same user): the first refuses a port that a plain bind cannot take."""
+    import socket
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast",
+             "--procs", "2", "--port", str(port)],
+            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        )  # fmt: skip
+    assert out.returncode == 1 and f"--port {port}: Address already in use" in out.stderr
+
+
 def test_grid_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     out = fanout("--grid", "--points", "10by2", cwd=tmp_path)
     assert out.returncode == 2 and "'10by2' is not STREAMSxREADERS" in out.stderr
@@ -136,8 +193,12 @@ def test_grid_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     assert out.returncode == 2 and "ringcast-<N>p" in out.stderr
     out = fanout("--systems", "memory-broadcast-2p", "--readers", "2", cwd=tmp_path)
     assert out.returncode == 2 and "read by their POST alone: --readers 1" in out.stderr
-    out = fanout("--systems", "memory-broadcast-0p", "--readers", "1", cwd=tmp_path)
-    assert out.returncode == 2 and "from 1 to 64 processes" in out.stderr
+    out = fanout("--systems", "memory-broadcast-1p", "--readers", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "memory-broadcast-<N>p (N >= 2)" in out.stderr
+    out = fanout("--systems", "memory-broadcast-65p", "--readers", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "from 2 to 64 processes" in out.stderr
+    out = fanout("--readers", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "--streams and --readers: at least 1" in out.stderr
 
 
 def test_perf_script_is_folded_per_process(bench_module: Any) -> None:
