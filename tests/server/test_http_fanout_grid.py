@@ -32,15 +32,21 @@ def fanout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: Path) -> None:
+def small_grid(
+    tmp_path: Path, points: str, systems: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The grid at a CI size (50 tok/s for 0.4 s: 20 tokens a stream), its output and JSON."""
     out = fanout(
-        "--grid", "--points", "3x1,2x3", "--rates", "50", "--duration", "0.4",
-        "--prefill", "0.3", "--client", "python", "--json", str(tmp_path / "grid.json"),
-        "--systems", "ringcast,ringcast-1p,memory-broadcast",
+        "--grid", "--points", points, "--rates", "50", "--duration", "0.4", "--prefill", "0.3",
+        "--client", "python", "--json", str(tmp_path / "grid.json"), "--systems", systems,
         cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    grid = json.loads((tmp_path / "grid.json").read_text())
+    return out, json.loads((tmp_path / "grid.json").read_text())
+
+
+def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: Path) -> None:
+    out, grid = small_grid(tmp_path, "3x1,2x3", "ringcast,ringcast-1p,memory-broadcast")
     assert [(p["streams"], p["readers"]) for p in grid["points"]] == [(3, 1), (2, 3)]
     for p in grid["points"]:
         assert p["tokens"] == 20  # 50 tok/s x 0.4 s, raised to the least of 20
@@ -76,14 +82,8 @@ def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_i
     at the points with one reader per stream (every stream whole, its CPU the two processes'
     together) and not at the others, and the verdict puts its CPU and p99 against the one
     process's; it is not a single-process server to hold ringcast to."""
-    out = fanout(
-        "--grid", "--points", "6x1,2x3", "--rates", "50", "--duration", "0.4",
-        "--prefill", "0.3", "--client", "python", "--json", str(tmp_path / "grid.json"),
-        "--systems", "ringcast,memory-broadcast,memory-broadcast-2p",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    one, three = json.loads((tmp_path / "grid.json").read_text())["points"]
+    out, grid = small_grid(tmp_path, "6x1,2x3", "ringcast,memory-broadcast,memory-broadcast-2p")
+    one, three = grid["points"]
     res = one["results"]
     assert set(res) == {"ringcast", "memory-broadcast", "memory-broadcast-2p"}
     spread = res["memory-broadcast-2p"]
@@ -106,11 +106,8 @@ def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_i
     note = "not run at 3 readers per stream (one reader only): memory-broadcast-2p"
     assert note in out.stdout
     # A point that no system given can serve is said to be skipped, not run empty.
-    out = fanout(
-        "--grid", "--points", "4x2", "--rates", "50", "--duration", "0.4", "--prefill", "0.3",
-        "--client", "python", "--systems", "memory-broadcast-2p", cwd=tmp_path,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    out, grid = small_grid(tmp_path, "4x2", "memory-broadcast-2p")
+    assert grid["points"] == []
     assert "4 streams x 2 readers: none of --systems serves more than one reader" in out.stdout
     assert "events/s" not in out.stdout
 
