@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -483,7 +484,11 @@ def _port_is_free(host: str, port: int) -> None:
     of the same user on it."""
     import socket
 
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise SystemExit(f"--host {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, addr in addrs:
         with socket.socket(family, kind, proto) as probe:
             # as asyncio binds: a connection of an earlier server in TIME_WAIT is no listener
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -493,40 +498,66 @@ def _port_is_free(host: str, port: int) -> None:
                 raise SystemExit(f"--port {port}: {e.strerror}") from None
 
 
-async def _start_siblings(argv: list[str], port: int, n: int) -> list[subprocess.Popen[str]]:
-    """The other ``n`` processes of ``--procs`` on ``port``, each once it listens (at most
-    SIBLING_START_S each)."""
-    loop = asyncio.get_running_loop()
-    kids: list[subprocess.Popen[str]] = []
-    try:
+class Siblings:
+    """The other processes of ``--procs``: started once the first listens, each watched
+    through a pidfd on the loop (no thread per process), ended with the first. One that ends
+    by itself sets ``stop`` and is named in :attr:`lost`."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.kids: list[subprocess.Popen[str]] = []
+        self.pidfds: list[int] = []
+        self.lost: list[int] = []
+
+    async def start(self, argv: list[str], port: int, n: int) -> None:
+        """``n`` processes of ``argv`` on ``port``, each once it listens (at most
+        SIBLING_START_S each); SystemExit if one does not, or ``stop`` is set meanwhile."""
+        loop = asyncio.get_running_loop()
         for k in range(1, n + 1):
             cmd = [sys.executable, __file__, *argv, "--port", str(port)]
             cmd += ["--sibling", f"{k}:{os.getpid()}"]
             kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            kids.append(kid)
+            self.kids.append(kid)
             assert kid.stdout is not None
+            line = loop.run_in_executor(None, kid.stdout.readline)
+            stopped = asyncio.ensure_future(self.stop.wait())
+            await asyncio.wait(
+                {line, stopped}, timeout=SIBLING_START_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            stopped.cancel()
+            if self.stop.is_set():
+                raise SystemExit("stopped before every process of --procs listened")
+            said = line.result() if line.done() else f"nothing within {SIBLING_START_S:g} s"
+            if "listening on" not in said:
+                raise SystemExit(f"process {k} of --procs did not start: {said!r}")
+            fd = os.pidfd_open(kid.pid)
+            self.pidfds.append(fd)
+            loop.add_reader(fd, self._ended, k)
+
+    def _ended(self, k: int) -> None:
+        asyncio.get_running_loop().remove_reader(self.pidfds[k - 1])
+        if not self.stop.is_set():
+            self.lost.append(k)
+            self.stop.set()
+
+    def end(self, sig: int = signal.SIGTERM) -> None:
+        """Signals every one still running, waits for each (SIGKILL after 5 s)."""
+        loop = asyncio.get_running_loop()
+        for fd in self.pidfds:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self.pidfds = []
+        for kid in self.kids:
+            if kid.poll() is None:
+                kid.send_signal(sig)
+        for kid in self.kids:
             try:
-                line = await asyncio.wait_for(
-                    loop.run_in_executor(None, kid.stdout.readline), SIBLING_START_S
-                )
-            except TimeoutError:
-                line = f"nothing within {SIBLING_START_S:g} s"
-            if "listening on" not in line:
-                raise SystemExit(f"process {k} of --procs did not start: {line!r}")
-    except BaseException:
-        _end(kids, signal.SIGKILL)
-        raise
-    return kids
-
-
-def _end(kids: list[subprocess.Popen[str]], sig: int = signal.SIGTERM) -> None:
-    for kid in kids:
-        if kid.poll() is None:
-            kid.send_signal(sig)
-    for kid in kids:
-        kid.wait()
-        if kid.stdout is not None:
-            kid.stdout.close()
+                kid.wait(5)
+            except subprocess.TimeoutExpired:
+                kid.kill()
+                kid.wait()
+            if kid.stdout is not None:
+                kid.stdout.close()
 
 
 async def serve(
@@ -561,36 +592,27 @@ async def serve(
         limit=1 << 20,
         reuse_port=reuse_port,
     )
-    if siblings[1] and len(server.sockets) != 1:
-        server.close()
-        raise SystemExit(
-            f"--procs: --host {host!r} listens on {len(server.sockets)} addresses; name one"
-        )
-    addr = server.sockets[0].getsockname()
-    kids = await _start_siblings(siblings[0], addr[1], siblings[1])
-    print(f"ringcast baseline {kind} listening on http://{addr[0]}:{addr[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    lost: list[int] = []
-
-    async def watch(k: int, kid: subprocess.Popen[str]) -> None:
-        await loop.run_in_executor(None, kid.wait)
-        if not stop.is_set():
-            lost.append(k)
-            stop.set()
-
-    watches = [asyncio.ensure_future(watch(k, kid)) for k, kid in enumerate(kids, 1)]
-    try:
-        async with server:
+    others = Siblings(stop)
+    async with server:
+        if siblings[1] and len(server.sockets) != 1:
+            raise SystemExit(
+                f"--procs needs a --host of one address; {host!r} gave {len(server.sockets)}"
+            )
+        addr = server.sockets[0].getsockname()
+        started = False
+        try:
+            await others.start(siblings[0], addr[1], siblings[1])
+            started = True
+            print(f"ringcast baseline {kind} listening on http://{addr[0]}:{addr[1]}", flush=True)
             await stop.wait()
-    finally:
-        _end(kids)
-        for w in watches:
-            w.cancel()
-    if lost:
-        print(f"process {lost[0]} of --procs ended by itself: stopped", file=sys.stderr)
+        finally:
+            others.end(signal.SIGTERM if started else signal.SIGKILL)
+    if others.lost:
+        print(f"process {others.lost[0]} of --procs ended by itself: stopped", file=sys.stderr)
         return 1
     return 0
 
@@ -633,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.procs > 1 and args.replay:
         ap.error("--procs serves the timestamps source only, not --replay")
     if args.sibling:
+        if not re.fullmatch(r"\d+:\d+", args.sibling):
+            ap.error("--sibling is K:PID (how --procs starts its other processes)")
         _die_with_parent(int(args.sibling.split(":")[1]))
     events: Events
     if args.replay:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -140,25 +141,83 @@ def test_a_baseline_in_two_processes_listens_twice_on_one_port_and_dies_with_its
 
 def test_a_baseline_process_that_dies_stops_the_others_with_an_error(tmp_path: Path) -> None:
     """A run must not go on with fewer processes than its name says: when one of them ends
-    by itself, the first stops the rest and exits 1, saying so."""
+    by itself, the first stops the rest and exits 1, saying so. Eight processes: more
+    than a thread pool's worth on 2 cores, so each is watched without a thread of its own."""
     import psutil
 
     with subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "3",
+        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "8",
          "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     ) as p:  # fmt: skip
         try:
             assert p.stdout is not None and p.stderr is not None
             assert "listening on" in p.stdout.readline()
-            kids = psutil.Process(p.pid).children()
-            assert len(kids) == 2
-            kids[0].kill()
+            kids = {
+                int(k.cmdline()[k.cmdline().index("--sibling") + 1].split(":")[0]): k
+                for k in psutil.Process(p.pid).children()
+            }
+            assert sorted(kids) == list(range(1, 8))
+            kids[7].kill()  # the last one started
             assert p.wait(10) == 1
-            assert "ended by itself: stopped" in p.stderr.read()
-            kids[1].wait(10)  # the other one was stopped with it
+            assert "process 7 of --procs ended by itself: stopped" in p.stderr.read()
+            for k in range(1, 7):
+                kids[k].wait(10)  # the others were stopped with it
         finally:
             p.kill()
+
+
+def test_a_baseline_stopped_while_its_processes_start_stops_at_once(tmp_path: Path) -> None:
+    """SIGINT while a second process is still starting (here: stopped by SIGSTOP) ends every
+    process within a second, not after the start's 30 s limit."""
+    import time
+
+    import psutil
+
+    with subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "2",
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    ) as p:  # fmt: skip
+        try:
+            assert p.stderr is not None
+            first = psutil.Process(p.pid)
+            deadline = time.monotonic() + 10
+            while not first.children() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            (kid,) = first.children()
+            kid.suspend()
+            time.sleep(0.3)  # the first has installed its handlers and waits for the second
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            assert p.wait(10) == 1
+            assert time.monotonic() - t0 < 2.0
+            assert "stopped before every process of --procs listened" in p.stderr.read()
+            kid.wait(5)  # killed, stopped as it was
+        finally:
+            p.kill()
+
+
+def test_the_verdict_says_no_when_a_bound_it_can_check_fails(bench_module: Any) -> None:
+    """'no' as soon as one bound the run can check fails; '-' (not judged) only when those
+    hold and the run lacks what another is set against; 'yes' when every bound held."""
+    hf = bench_module("http_fanout")
+
+    def run(cpu: float, p99: float) -> dict[str, float]:
+        return {"cpu_us_per_event": cpu, "p99_ms": p99}
+
+    tail_fails = {"ringcast": run(40, 17.0), "ringcast-1p": run(40, 1.3)}
+    assert hf.verdict(1000, 1, tail_fails)["done"] == "no"  # no single-process server
+    cpu_fails = {"ringcast": run(40, 1.0), "memory-broadcast": run(20, 2.0)}
+    assert hf.verdict(1000, 1, cpu_fails)["done"] == "no"  # no ringcast-<N>p
+    both_hold = {"ringcast": run(20, 1.0), "ringcast-1p": run(20, 1.0)}
+    assert hf.verdict(1000, 1, both_hold)["done"] == "-"  # the CPU bound unchecked
+    assert hf.verdict(100, 10, both_hold)["done"] == "yes"  # no CPU bound at this point
+    every = {**both_hold, "memory-broadcast": run(20, 2.0), "memory-broadcast-2p": run(30, 1.0)}
+    v = hf.verdict(1000, 1, every)
+    assert v["done"] == "yes" and v["best_single"] == "memory-broadcast"
+    assert v["spread_cpu:memory-broadcast-2p"] == 1.5
+    assert v["spread_p99:memory-broadcast-2p"] == 0.5
 
 
 def test_a_baseline_in_processes_will_not_share_a_port_with_another_listener(
