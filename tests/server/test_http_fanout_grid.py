@@ -113,16 +113,21 @@ def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_i
     assert "events/s" not in out.stdout
 
 
+def start_baseline(tmp_path: Path, procs: int) -> subprocess.Popen[str]:
+    """``bench/baselines.py memory-broadcast --procs N`` on a free port, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs",
+         str(procs), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+
+
 def test_a_baseline_in_two_processes_listens_twice_on_one_port_and_dies_with_its_first(
     tmp_path: Path,
 ) -> None:
     import psutil
 
-    with subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "2",
-         "--port", "0"],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-    ) as p:  # fmt: skip
+    with start_baseline(tmp_path, 2) as p:
         try:
             assert p.stdout is not None
             port = int(p.stdout.readline().rsplit(":", 1)[1])
@@ -145,11 +150,7 @@ def test_a_baseline_process_that_dies_stops_the_others_with_an_error(tmp_path: P
     than a thread pool's worth on 2 cores, so each is watched without a thread of its own."""
     import psutil
 
-    with subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "8",
-         "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    ) as p:  # fmt: skip
+    with start_baseline(tmp_path, 8) as p:
         try:
             assert p.stdout is not None and p.stderr is not None
             assert "listening on" in p.stdout.readline()
@@ -174,11 +175,7 @@ def test_a_baseline_stopped_while_its_processes_start_stops_at_once(tmp_path: Pa
 
     import psutil
 
-    with subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "baselines.py"), "memory-broadcast", "--procs", "2",
-         "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    ) as p:  # fmt: skip
+    with start_baseline(tmp_path, 2) as p:
         try:
             assert p.stderr is not None
             first = psutil.Process(p.pid)
