@@ -516,7 +516,9 @@ class Siblings:
         for k in range(1, n + 1):
             cmd = [sys.executable, __file__, *argv, "--port", str(port)]
             cmd += ["--sibling", f"{k}:{os.getpid()}"]
-            kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            # A session of its own: a terminal's Ctrl-C reaches the first process only, which
+            # ends the others (they would print tracebacks mid-import otherwise).
+            kid = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
             self.kids.append(kid)
             assert kid.stdout is not None
             line = loop.run_in_executor(None, kid.stdout.readline)
@@ -525,6 +527,8 @@ class Siblings:
                 {line, stopped}, timeout=SIBLING_START_S, return_when=asyncio.FIRST_COMPLETED
             )
             stopped.cancel()
+            if self.lost:
+                raise SystemExit(f"process {self.lost[0]} of --procs ended by itself: stopped")
             if self.stop.is_set():
                 raise SystemExit("stopped before every process of --procs listened")
             said = line.result() if line.done() else f"nothing within {SIBLING_START_S:g} s"
@@ -541,7 +545,8 @@ class Siblings:
             self.stop.set()
 
     def end(self, sig: int = signal.SIGTERM) -> None:
-        """Signals every one still running, waits for each (SIGKILL after 5 s)."""
+        """Signals every one still running and waits for them, 5 s for all together; then
+        SIGKILL for any left."""
         loop = asyncio.get_running_loop()
         for fd in self.pidfds:
             loop.remove_reader(fd)
@@ -550,9 +555,10 @@ class Siblings:
         for kid in self.kids:
             if kid.poll() is None:
                 kid.send_signal(sig)
+        deadline = time.monotonic() + 5.0
         for kid in self.kids:
             try:
-                kid.wait(5)
+                kid.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 kid.kill()
                 kid.wait()
@@ -584,14 +590,17 @@ async def serve(
     reader_linger = 0.0 if kind == "memory-broadcast" else linger
     if siblings[1] and port:
         _port_is_free(host, port)
-    server = await asyncio.start_server(
-        lambda r, w: _handle(store, events, reader_linger, r, w),
-        host,
-        port,
-        backlog=4096,
-        limit=1 << 20,
-        reuse_port=reuse_port,
-    )
+    try:
+        server = await asyncio.start_server(
+            lambda r, w: _handle(store, events, reader_linger, r, w),
+            host,
+            port,
+            backlog=4096,
+            limit=1 << 20,
+            reuse_port=reuse_port,
+        )
+    except OSError as e:  # a host that does not resolve, a port taken
+        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

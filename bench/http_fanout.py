@@ -938,16 +938,20 @@ def verdict(s: int, r: int, results: dict[str, dict[str, float]]) -> dict[str, f
         out["p99_vs_fixed"] = div(rc["p99_ms"], results[best_fixed]["p99_ms"])
     # Each bound the run can check: "no" if one fails; "-" (not judged) if they hold but the
     # run lacks what another is set against; "yes" if every bound was checked and holds.
+    # A NaN ratio (a figure of 0 in a run too short to measure) checks nothing either.
     held: list[bool] = [rc.get("missing_events", 0) == 0]
     if rc.get("missing_events", 0) > 0:
         out["missing"] = rc["missing_events"]
-    judged = bool(fixed)
-    if fixed:
-        held.append(out["p99_vs_fixed"] <= 1.5)  # type: ignore[operator]
-    if (s, r) in GRID_CPU_POINTS:
-        judged = judged and bool(single)
-        if single:
-            held.append(out["cpu_vs_single"] <= 1.0 and out["p99_vs_single"] <= 1.0)  # type: ignore[operator]
+    bounds = [("p99_vs_fixed", 1.5)] if fixed else []
+    if (s, r) in GRID_CPU_POINTS and single:
+        bounds += [("cpu_vs_single", 1.0), ("p99_vs_single", 1.0)]
+    judged = bool(fixed) and (bool(single) or (s, r) not in GRID_CPU_POINTS)
+    for key, bound in bounds:
+        x = float(out[key])
+        if math.isnan(x):
+            judged = False
+        else:
+            held.append(x <= bound)
     out["done"] = "no" if not all(held) else "yes" if judged else "-"
     return out
 

@@ -210,6 +210,8 @@ def test_the_verdict_says_no_when_a_bound_it_can_check_fails(bench_module: Any) 
     both_hold = {"ringcast": run(20, 1.0), "ringcast-1p": run(20, 1.0)}
     assert hf.verdict(1000, 1, both_hold)["done"] == "-"  # the CPU bound unchecked
     assert hf.verdict(100, 10, both_hold)["done"] == "yes"  # no CPU bound at this point
+    unmeasured = {"ringcast": run(20, 1.0), "ringcast-1p": run(20, 0.0)}  # p99 of 0: NaN
+    assert hf.verdict(100, 10, unmeasured)["done"] == "-"
     every = {**both_hold, "memory-broadcast": run(20, 2.0), "memory-broadcast-2p": run(30, 1.0)}
     v = hf.verdict(1000, 1, every)
     assert v["done"] == "yes" and v["best_single"] == "memory-broadcast"
