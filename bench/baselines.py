@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 from ringcast.http.parse import HeadParser, HttpError, Request, parse_offset
+from ringcast.server.child import die_with_parent
 from ringcast.trace import ReplaySource, parse_speed
 from ringcast.wire.openai import error_json
 from ringcast.wire.sse import DONE_EVENT, frame_event
@@ -244,8 +245,7 @@ class BroadcastStore:
                     asyncio.get_running_loop().call_soon(self.send, s)
         finally:
             self.send(s)
-            if not s.done.done():  # a reader cancelled at shutdown cancels what it awaits
-                s.done.set_result(None)
+            s.done.set_result(None)
             if flusher is not None:
                 await flusher
 
@@ -263,6 +263,8 @@ class BroadcastStore:
         if sent:
             w.write(b"%x\r\n%s\r\n" % (len(sent), sent))
         s.readers.append(w.transport)
+        # (Shielded: a reader cancelled at shutdown would cancel what it awaits, and the
+        # producer's set_result after it would raise.)
         await asyncio.shield(s.done)
 
 
@@ -468,16 +470,6 @@ MEMORY_KINDS = ("memory", "asyncio", "memory-broadcast")
 """The kinds whose sessions live in the process: the ones ``--procs`` spreads."""
 
 
-def _die_with_parent(parent: int) -> None:
-    """A process of ``--procs`` ends with the one that started it (``parent``), even a
-    ``kill -9``'d one: ``PR_SET_PDEATHSIG`` (Linux), and if that one is gone already, now."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        sys.exit("the process of --procs that started this one is gone")
-
-
 def _port_is_free(host: str, port: int) -> None:
     """Exits unless a plain bind (no ``SO_REUSEPORT``) of ``port`` works: ``--procs`` joins its
     processes on the port with ``SO_REUSEPORT``, which would also join someone else's listener
@@ -666,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sibling:
         if not re.fullmatch(r"\d+:\d+", args.sibling):
             ap.error("--sibling is K:PID (how --procs starts its other processes)")
-        _die_with_parent(int(args.sibling.split(":")[1]))
+        # Ends with the first process, even a kill -9'd one (PR_SET_PDEATHSIG).
+        die_with_parent(int(args.sibling.split(":")[1]))
     events: Events
     if args.replay:
         source = ReplaySource(args.replay, parse_speed(args.speed))

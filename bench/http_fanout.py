@@ -679,7 +679,7 @@ def measure(
     profiler: Profiler | None = None
     try:
         many = BASELINE_PROCS.fullmatch(system)
-        pids = set(server_processes(proc.pid, system, extra))
+        pids = set(server_processes(proc.pid, system, extra)) if many else set()
         if many and len(pids) != int(many.group(2)):
             raise SystemExit(f"{system}: {len(pids)} processes serve, not {many.group(2)}")
         cpu0, wait0 = server_usage(proc.pid, system, extra)
@@ -901,8 +901,8 @@ def cores() -> int:
 
 
 def grid_systems() -> str:
-    """ringcast at its defaults, at one HTTP process and at one per core, and the
-    single-process servers."""
+    """ringcast at its defaults, at one HTTP process and at one per core, the
+    single-process servers, and memory-broadcast in one process per core."""
     fixed = dict.fromkeys(["ringcast-1p", f"ringcast-{cores()}p"])
     spread = [f"memory-broadcast-{min(cores(), 64)}p"] if cores() > 1 else []
     return ",".join(["ringcast", *fixed, "memory-broadcast", *spread, "memory"])

@@ -6,7 +6,6 @@ folded stacks by step). The full grid and the figures are run by hand: ``bench/R
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -77,7 +76,7 @@ def test_grid_runs_every_system_at_every_point_and_states_the_ratios(tmp_path: P
 
 
 def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_its_one(
-    tmp_path: Path,
+    tmp_path: Path, bench_module: Any
 ) -> None:
     """``memory-broadcast-2p``: the hand-written server in two processes on one port. It runs
     at the points with one reader per stream (every stream whole, its CPU the two processes'
@@ -93,10 +92,7 @@ def test_a_baseline_spread_over_processes_runs_where_it_can_and_is_set_against_i
     assert spread["server_cpu_s"] == pytest.approx(spread["cpu:server"] + spread["cpu:server1"])
     v = one["verdict"]
     assert v["best_single"] == "memory-broadcast"
-
-    def ratio(a: float, b: float) -> float:  # CPU time comes in 10 ms ticks: 0 is NaN
-        return a / b if b else math.nan
-
+    ratio = bench_module("http_fanout").div  # CPU time comes in 10 ms ticks: 0 is NaN
     base = res["memory-broadcast"]
     want = ratio(spread["cpu_us_per_event"], base["cpu_us_per_event"])
     assert v["spread_cpu:memory-broadcast-2p"] == pytest.approx(want, nan_ok=True)

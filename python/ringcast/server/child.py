@@ -35,15 +35,18 @@ STARTUP_REFUSED = 2
 line (a ``--generator`` that cannot be loaded): the manager adds nothing and exits with it."""
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when the manager dies (Linux only)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux only): the
+    manager (``$RINGCAST_MANAGER_PID``), or the process ``parent``."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    manager = os.environ.get("RINGCAST_MANAGER_PID")
-    if manager and os.getppid() != int(manager):
-        # The manager died before prctl took effect.
+    if parent is None:
+        manager = os.environ.get("RINGCAST_MANAGER_PID")
+        parent = int(manager) if manager else None
+    if parent is not None and os.getppid() != parent:
+        # The parent died before prctl took effect.
         os.kill(os.getpid(), signal.SIGTERM)
 
 
