@@ -172,9 +172,17 @@ fn reason_code(r: EndReason) -> u8 {
 /// live session, and returns its result with that generation only if neither the generation
 /// nor the liveness changed meanwhile. The registry writes slots under its lock and bumps the
 /// generation around every install and end, so a read that passes saw one session's data.
+///
+/// Live means a session's state *and* a generation not marked ended: `end` marks the
+/// generation before it frees the slot, so a slot marked but not free is a session being
+/// ended, or one whose `end` was cut short by a lock holder that died (the next locker frees
+/// it). Either way the session is gone, and no lock-free view may show it.
 fn read_stable<T>(m: &SlotMeta, read: impl FnOnce(u64) -> Option<T>) -> Option<(u64, T)> {
     SessionState::from_raw(m.state.load(Ordering::Acquire))?;
     let g1 = m.generation.load(Ordering::Acquire);
+    if g1 & ENDED_BIT != 0 {
+        return None;
+    }
     let out = read(g1)?;
     // Orders the reads above before the re-check below.
     fence(Ordering::Acquire);
@@ -397,12 +405,13 @@ impl Registry {
         if m.id_hash.load(Ordering::Relaxed) != hash {
             return None;
         }
+        // `read_stable` passes no session whose generation is marked ended (an `end` in
+        // progress or cut short).
         let (gen, ()) = read_stable(m, |_| {
             let (kid, kowner) = self.view.read_key(slot)?;
             (kid == id.as_bytes() && kowner == owner.as_bytes()).then_some(())
         })?;
-        // Generation marked ended, slot not freed yet: an `end` in progress.
-        (gen & ENDED_BIT == 0).then_some(gen)
+        Some(gen)
     }
 
     /// Whether a process with a row (dead or not: no liveness check, this is a hint for
@@ -616,6 +625,10 @@ impl Registry {
             let Some(state) = SessionState::from_raw(m.state.load(Ordering::Acquire)) else {
                 continue;
             };
+            if gen & ENDED_BIT != 0 {
+                // Being ended, or an end cut short (see `read_stable`): not live.
+                continue;
+            }
             let Some(n) = self.view.copy_owner(slot, &mut owner) else {
                 continue;
             };
@@ -681,7 +694,10 @@ impl Registry {
         let mut buffered = 0;
         for i in 0..self.used_slots() {
             let m = self.view.slot(i);
-            if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some() {
+            // Live as `read_stable` has it: a session's state, its generation not marked ended.
+            if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some()
+                && m.generation.load(Ordering::Acquire) & ENDED_BIT == 0
+            {
                 used += 1;
                 buffered += m.cursor.load(Ordering::Acquire).min(g.session_bytes);
             }

@@ -556,7 +556,9 @@ mod tests {
     use crate::layout::{state, ENDED_BIT};
 
     /// A holder of the registry lock killed inside `end` (generation marked ended, slot not
-    /// yet free) leaves a session that looks live; the next locker's recovery frees it.
+    /// yet free) leaves a slot in a session's state. No lock-free view shows it (a listing
+    /// that did once named a session that no locked lookup could find), and the next
+    /// locker's recovery frees it.
     #[test]
     fn recovery_finishes_an_end_cut_short() {
         let path = format!(
@@ -570,6 +572,15 @@ mod tests {
         // The state `end` leaves if killed right after its generation store.
         m.generation
             .store(w.generation() | ENDED_BIT, Ordering::SeqCst);
+        assert_eq!(m.state.load(Ordering::Acquire), state::RUNNING);
+        // Before anyone locks: none of the lock-free views (these take no lock, so nothing
+        // is repaired yet) shows the session.
+        assert!(seg.get("torn", "").is_none());
+        assert!(seg.list(None).is_empty());
+        assert!(seg.list_owner_prefix("").is_empty());
+        assert!(seg.sweep_candidates("", "").is_empty());
+        assert!(seg.expiry_candidates(u64::MAX, 0, 1, "").is_empty());
+        assert_eq!(seg.stats().sessions_used, 0);
         assert_eq!(m.state.load(Ordering::Acquire), state::RUNNING);
         // A child takes the registry lock and dies holding it.
         // SAFETY: the child only locks the robust mutex and exits at once, without running
