@@ -4,6 +4,8 @@ to a hundred thousand finished ones: the candidates are chosen in Rust)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,54 @@ def test_expiry_checks_each_candidate_again(tmp_path: Path) -> None:
         assert left == ["fresh", "running", "stream"]
     finally:
         seg.unlink()
+
+
+class ScanThenDelete:
+    """The segment, with a dead-producer scan after which the first candidate is deleted:
+    what a ``DELETE /v1/stream`` landing between the manager's scan (no registry lock) and
+    its take-over does."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+
+    def sweep_candidates(self, *args: Any) -> Any:
+        found = self.seg.sweep_candidates(*args)
+        assert found, "the scan found no candidate"
+        assert self.seg.evict(found[0].conversation_id, found[0].owner)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.seg, name)
+
+
+def test_dead_producer_sweep_passes_over_a_stream_deleted_since_its_scan(tmp_path: Path) -> None:
+    """Before, the take-over of the deleted candidate raised ``SessionNotFound`` out of the
+    sweep, and out of the manager's loop."""
+    path = str(tmp_path / "seg")
+    seg = Segment.create(path, max_sessions=16, session_bytes=4096)
+    try:
+        # Two running streams whose producer exits (a worker killed mid-generation).
+        made = subprocess.run(
+            [sys.executable, "-c", _MAKE_ORPHANS, path], capture_output=True, text=True, timeout=60
+        )
+        assert made.returncode == 0, made.stderr
+        assert [i.producer_alive for i in seg.list()] == [False, False]
+        assert gc.sweep_dead_producers(ScanThenDelete(seg), time.time()) == 1  # type: ignore[arg-type]
+        (left,) = seg.list()
+        assert left.conversation_id == "second" and left.state == "failed"
+        body = seg.reader("second", 0, "k").read_nowait()
+        assert b"producer_died" in body, body
+        # And the plain call for a stream that is gone says so.
+        assert gc.fail_dead_producer(seg, "first", "k") is False
+    finally:
+        seg.unlink()
+
+
+_MAKE_ORPHANS = """
+import sys, time
+from ringcast import Segment
+seg = Segment.open(sys.argv[1])
+for conv in ("first", "second"):
+    seg.create_or_replace(conv, "k").write(b"data: x\\n\\n")
+    time.sleep(0.001)  # distinct start times: the scan lists oldest first
+"""

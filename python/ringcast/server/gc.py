@@ -10,7 +10,7 @@ import logging
 import os
 import time
 
-from ringcast._core import Segment, SessionInfo
+from ringcast._core import Segment, SessionInfo, SessionNotFound
 from ringcast.server.config import ANON_OWNER, ServeConfig
 from ringcast.server.counters import ManagerCounter, SharedCounters
 from ringcast.server.durable_meta import DURABLE_OWNER_PREFIX, DurableMeta, is_durable_owner
@@ -83,8 +83,15 @@ def evict_lru(seg: Segment, count: int, evict_running: bool) -> int:
 def fail_session(seg: Segment, conversation_id: str, owner: str, message: str, type_: str) -> bool:
     """Take over a running session whose producer is dead, append an SSE error event and
     finalize it ``failed``. False if the producer is alive or the session is gone (or
-    finished: someone else ended it first)."""
-    w = seg.take_over_dead(conversation_id, owner)
+    finished: someone else ended it first).
+
+    Gone includes gone since the caller saw it: the manager's sweep picks its candidates
+    from a scan without the registry lock, and a ``DELETE`` (or an eviction) may remove one
+    before this takes it over."""
+    try:
+        w = seg.take_over_dead(conversation_id, owner)
+    except SessionNotFound:
+        return False
     if w is None:
         return False
     fail_stream(w, 500, message, type_)
