@@ -751,11 +751,6 @@ impl Registry {
             reg.end(old, old_gen, end_reason::REPLACED);
         }
         let claim = reg.claim(slot, gen, me);
-        // Release: a lookup that sees RUNNING (Acquire) sees every field written above.
-        self.view
-            .slot(slot)
-            .state
-            .store(state::RUNNING, Ordering::Release);
         reg.index_live(slot, hash);
         Ok(claim)
     }
@@ -1278,12 +1273,20 @@ impl RegistryGuard<'_> {
         }
     }
 
-    /// Enters the running session of `slot` into the index (the last step of a create).
+    /// The last step of a create: enters the session installed in `slot` (still INIT) into
+    /// the index and its owner's list, then makes it RUNNING.
+    ///
+    /// In that order because lock-free lookups and listings both skip an INIT slot: the
+    /// session appears to both at the one RUNNING store. A creator killed in between leaves
+    /// an INIT slot that neither shows and the next locker frees (RUNNING first, it left a
+    /// session that listings showed and lookups could not find until a locker repaired it).
     fn index_live(&self, slot: u32, hash: u64) {
         let head = self.reg.head();
         head.live
             .store(head.live.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let m = self.reg.view.slot(slot);
+        // Release: a lookup that sees RUNNING (Acquire) sees every field the create wrote.
+        let run = || m.state.store(state::RUNNING, Ordering::Release);
         let placed = |pos: usize| m.index_pos.store(pos as u32, Ordering::Relaxed);
         let owner = self.reg.view.read_key(slot).map(|(_, owner)| owner);
         let linked = match (self.reg.index().insert(hash, slot, placed), owner) {
@@ -1291,9 +1294,14 @@ impl RegistryGuard<'_> {
             (Err(index::Corrupt(why)), _) => Err(Damage(why)),
             (_, None) => Err(Damage("a session just installed has no readable key")),
         };
-        if let Err(Damage(why)) = linked {
-            // The rebuild enters every live session, this one included.
-            self.rebuild(false, why);
+        match linked {
+            Ok(()) => run(),
+            Err(Damage(why)) => {
+                // The rebuild enters every live session, this one included once RUNNING (it
+                // leaves an INIT slot to its creator).
+                run();
+                self.rebuild(false, why);
+            }
         }
     }
 

@@ -274,13 +274,23 @@ fn kill_9_at_random_points_of_registry_updates() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Before anyone locks, the lock-free listing shows only sessions that are real: the
-        // repair below frees abandoned creates and ends cut short, never one it listed.
+        // repair below frees abandoned creates and ends cut short, never one it listed. And
+        // a lookup finds each (a lookup that meets a removal cut short takes the lock, and
+        // so repairs, first).
         let before = seg.list(None);
         assert_eq!(
             seg.stats().sessions_used as usize,
             before.len(),
             "round {round}"
         );
+        for info in &before {
+            let found = seg.get(&info.conversation_id, &info.owner);
+            assert_eq!(
+                found.map(|f| (f.slot, f.generation)),
+                Some((info.slot, info.generation)),
+                "round {round}: listed before the repair but not found: {info:?}"
+            );
+        }
         // The next locker repairs whatever the child was in the middle of.
         let live = seg
             .check_registry()
