@@ -3,7 +3,8 @@
 # campaign over everything that reads shared memory (tests/fuzz.rs, ~1,000 cases per property,
 # ~20 s); the integration tests and the fuzz again under valgrind, scaled down (memcheck: no
 # invalid access to the mapping or the heap);
-# then the loom model check of the ring's publish/validate protocol.
+# then the loom model checks of the ring's publish/validate protocol, the index's lock-free
+# lookups and the slot seqlock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== cargo test"; cargo test --workspace --exclude ringcast-py --quiet

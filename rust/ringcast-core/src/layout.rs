@@ -89,8 +89,8 @@ pub const LOCK_OFFSET: usize = 256;
 /// Source of generations (u64, bumped under the registry lock): a generation names one
 /// session in the whole segment, not just within its slot.
 pub const GENERATION_OFFSET: usize = LOCK_OFFSET + MUTEX_BYTES;
-/// Set in a slot's `generation` when its session has left (the slot is free).
-pub const ENDED_BIT: u64 = 1 << 63;
+/// Set in a slot's `generation` once its session began to leave (see `seqlock`).
+pub use crate::seqlock::ENDED_BIT;
 /// Where the [`RegistryHead`] lives in the header page.
 pub const REGISTRY_OFFSET: usize = 512;
 pub const HEADER_BYTES: usize = 4096;

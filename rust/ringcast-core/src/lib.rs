@@ -21,7 +21,7 @@
 //! Lowest first; a module uses only modules before it (`ci/check-core-layers.py` fails CI on
 //! an upward use or a cycle):
 //!
-//! sync → backoff → sys → index → layout → error → view → ring → notify → registry → stream → segment
+//! sync → backoff → sys → index → seqlock → layout → error → view → ring → notify → registry → stream → segment
 //!
 //! - `sync`: the only import of atomics (`std`, or `loom` under `--cfg loom`);
 //!   `backoff`: bounded spin-then-yield waits.
@@ -29,6 +29,8 @@
 //!   only mapping, the robust mutex, datagram sockets, process identity).
 //! - `index`: the session index's algorithm (open addressing, keyed hash), generic over its
 //!   buckets (heap under loom and proptest, the view in production).
+//! - `seqlock`: the lock-free read of one slot's session (generation first), generic over the
+//!   slot's words so that loom checks it.
 //! - `layout`: the `#[repr(C)]` shared structs and the validated `Geometry`; `error`.
 //! - `view`: the typed view of the mapping, the only place that computes an address, with its
 //!   safety argument.
@@ -40,6 +42,8 @@
 
 pub mod index;
 pub mod ring;
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) mod seqlock;
 pub(crate) mod sync;
 
 #[cfg(not(loom))]

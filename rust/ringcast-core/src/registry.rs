@@ -27,6 +27,7 @@ use crate::layout::{
 };
 use crate::notify::{self, Notifier, Wakers};
 use crate::ring::{self, Cursors};
+use crate::seqlock;
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::sys::futex::WaitOutcome;
 use crate::sys::process::{self, ProcessId};
@@ -168,29 +169,18 @@ fn reason_code(r: EndReason) -> u8 {
     }
 }
 
-/// A seqlock read of one slot: runs `read` (given the generation) only while the slot holds a
-/// live session, and returns its result with that generation only if neither the generation
-/// nor the liveness changed meanwhile. The registry writes slots under its lock and bumps the
-/// generation around every install and end, so a read that passes saw one session's data.
+/// A seqlock read of one slot (`seqlock::read_stable`): runs `read` (given the generation)
+/// only while the slot holds a live session, and returns its result with that generation only
+/// if neither the generation nor the liveness changed meanwhile, so a read that passes saw one
+/// session's data.
 ///
 /// Live means a session's state *and* a generation not marked ended: `end` marks the
 /// generation before it frees the slot, so a slot marked but not free is a session being
 /// ended, or one whose `end` was cut short by a lock holder that died (the next locker frees
 /// it). Either way the session is gone, and no lock-free view may show it.
 fn read_stable<T>(m: &SlotMeta, read: impl FnOnce(u64) -> Option<T>) -> Option<(u64, T)> {
-    SessionState::from_raw(m.state.load(Ordering::Acquire))?;
-    let g1 = m.generation.load(Ordering::Acquire);
-    if g1 & ENDED_BIT != 0 {
-        return None;
-    }
-    let out = read(g1)?;
-    // Orders the reads above before the re-check below.
-    fence(Ordering::Acquire);
-    let g2 = m.generation.load(Ordering::Acquire);
-    if g1 != g2 || SessionState::from_raw(m.state.load(Ordering::Acquire)).is_none() {
-        return None;
-    }
-    Some((g1, out))
+    let live = |s| SessionState::from_raw(s).is_some();
+    seqlock::read_stable(&m.state, &m.generation, live, read)
 }
 
 /// The registry as one segment handle sees it (shared by the handle's clones, writers,
@@ -1298,7 +1288,11 @@ impl RegistryGuard<'_> {
             Ok(()) => run(),
             Err(Damage(why)) => {
                 // The rebuild enters every live session, this one included once RUNNING (it
-                // leaves an INIT slot to its creator).
+                // leaves an INIT slot to its creator). Lookups stop trusting a miss first (the
+                // index's version goes odd), so that a crash after the RUNNING store leaves
+                // them asking the lock, whose next holder repairs, rather than missing a
+                // session that listings show.
+                self.reg.index().begin_rebuild();
                 run();
                 self.rebuild(false, why);
             }

@@ -213,7 +213,7 @@ fn registry_child_loop() {
     };
     println!("ready");
     loop {
-        let k = next() % 48;
+        let k = next() % 48; // the keys the parent looks up after each kill
         let id = format!("key-{k}");
         // Two owners, so owner lists gain and lose heads as well as members.
         let owner = ["crash", "crash-b"][(k % 2) as usize];
@@ -290,6 +290,18 @@ fn kill_9_at_random_points_of_registry_updates() {
                 Some((info.slot, info.generation)),
                 "round {round}: listed before the repair but not found: {info:?}"
             );
+        }
+        // And the other way: whatever a lookup finds, of every key the child uses, was listed.
+        for k in 0..48 {
+            let (id, owner) = (format!("key-{k}"), ["crash", "crash-b"][k % 2]);
+            if let Some(found) = seg.get(&id, owner) {
+                assert!(
+                    before
+                        .iter()
+                        .any(|i| (i.slot, i.generation) == (found.slot, found.generation)),
+                    "round {round}: found but not listed before the repair: {found:?}"
+                );
+            }
         }
         // The next locker repairs whatever the child was in the middle of.
         let live = seg

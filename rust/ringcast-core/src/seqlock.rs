@@ -1,0 +1,110 @@
+//! The lock-free read of one slot's session, generic over the slot's two words (its state and
+//! its generation) so that loom checks this very code, as it does the ring and the index.
+//!
+//! The registry writes a slot only under its lock, in this order (see `registry`):
+//! - `end`: the generation is marked ended ([`ENDED_BIT`]), then the state becomes FREE;
+//! - `alloc`: the state becomes INIT;
+//! - `install`: the new generation, a release fence, then the session's fields and key;
+//! - the last step of a create: the state becomes RUNNING (a release store).
+//!
+//! So a slot between two sessions is FREE or INIT, and a session's fields are written after
+//! its generation and before its live state.
+
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
+
+/// Set in a slot's generation once its session began to leave: from then on no lock-free
+/// view shows it, though its state stays a session's until the slot is freed.
+pub const ENDED_BIT: u64 = 1 << 63;
+
+/// Runs `read` (given the generation) only while the slot holds a live session (a `state`
+/// that `live` accepts, a `generation` not marked ended), and returns its result with that
+/// generation only if neither word changed meanwhile: a read that passes saw one session's
+/// fields.
+///
+/// The generation is loaded first. Loaded after the state, a reader could take an old
+/// session's live state together with the generation of a new one installed in the slot
+/// since (the old one ended and the slot was reused in between), copy the old session's key
+/// before the install overwrote it, and pass the re-check once the new session is live: the
+/// old session's key under the new session's generation. Loaded first, a new generation
+/// brings the INIT (or later) state with it, and a live state seen after it is the new
+/// session's, whose fields its release store publishes.
+pub fn read_stable<T>(
+    state: &AtomicU32,
+    generation: &AtomicU64,
+    live: impl Fn(u32) -> bool,
+    read: impl FnOnce(u64) -> Option<T>,
+) -> Option<(u64, T)> {
+    let g1 = generation.load(Ordering::Acquire);
+    if g1 & ENDED_BIT != 0 || !live(state.load(Ordering::Acquire)) {
+        return None;
+    }
+    let out = read(g1)?;
+    // Orders the reads above before the re-check below (a read that saw a later install's
+    // write sees that install's generation, or a later one, here).
+    fence(Ordering::Acquire);
+    let g2 = generation.load(Ordering::Acquire);
+    if g1 != g2 || !live(state.load(Ordering::Acquire)) {
+        return None;
+    }
+    Some((g1, out))
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+
+    const FREE: u32 = 0;
+    const INIT: u32 = 1;
+    const RUNNING: u32 = 2;
+
+    /// One slot: its state, its generation, and its key (one word standing for the id and
+    /// owner bytes, which `install` writes after the generation).
+    struct Slot {
+        state: AtomicU32,
+        generation: AtomicU64,
+        key: AtomicU64,
+    }
+
+    /// A reader of the slot racing the end of session 1 and the install of session 2 in the
+    /// same slot never passes a read of one session's key with the other's generation.
+    #[test]
+    fn a_reused_slot_never_pairs_one_sessions_key_with_anothers_generation() {
+        loom::model(|| {
+            let s = Arc::new(Slot {
+                state: AtomicU32::new(RUNNING),
+                generation: AtomicU64::new(1),
+                key: AtomicU64::new(1),
+            });
+            let w = s.clone();
+            let registry = loom::thread::spawn(move || {
+                // end(1)
+                w.generation.store(1 | ENDED_BIT, Ordering::SeqCst);
+                w.state.store(FREE, Ordering::SeqCst);
+                // alloc, install(2), publish
+                w.state.store(INIT, Ordering::SeqCst);
+                w.generation.store(2, Ordering::SeqCst);
+                fence(Ordering::Release);
+                w.key.store(2, Ordering::Relaxed);
+                w.state.store(RUNNING, Ordering::Release);
+            });
+            let r = s.clone();
+            let reader = loom::thread::spawn(move || {
+                let got = read_stable(
+                    &r.state,
+                    &r.generation,
+                    |st| st == RUNNING,
+                    |_| Some(r.key.load(Ordering::Relaxed)),
+                );
+                if let Some((generation, key)) = got {
+                    assert_eq!(
+                        generation, key,
+                        "one session's key under another's generation"
+                    );
+                }
+            });
+            registry.join().unwrap();
+            reader.join().unwrap();
+        });
+    }
+}
