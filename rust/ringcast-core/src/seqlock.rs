@@ -67,10 +67,15 @@ mod loom_tests {
     }
 
     /// A reader of the slot racing the end of session 1 and the install of session 2 in the
-    /// same slot never passes a read of one session's key with the other's generation.
+    /// same slot never passes a read of one session's key with the other's generation; and
+    /// the check is not vacuous: some interleavings pass a read of each session.
     #[test]
     fn a_reused_slot_never_pairs_one_sessions_key_with_anothers_generation() {
-        loom::model(|| {
+        // Which sessions some interleaving read whole (outside the model: a plain mutex).
+        let passed = std::sync::Arc::new(std::sync::Mutex::new([false; 2]));
+        let seen = passed.clone();
+        loom::model(move || {
+            let seen = seen.clone();
             let s = Arc::new(Slot {
                 state: AtomicU32::new(RUNNING),
                 generation: AtomicU64::new(1),
@@ -101,10 +106,16 @@ mod loom_tests {
                         generation, key,
                         "one session's key under another's generation"
                     );
+                    seen.lock().unwrap()[generation as usize - 1] = true;
                 }
             });
             registry.join().unwrap();
             reader.join().unwrap();
         });
+        assert_eq!(
+            *passed.lock().unwrap(),
+            [true, true],
+            "a session was never read"
+        );
     }
 }

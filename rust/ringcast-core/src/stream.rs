@@ -555,9 +555,17 @@ impl Reader {
     pub fn at_end(&self) -> bool {
         let m = self.meta();
         let st = m.state.load(Ordering::Acquire);
-        m.generation.load(Ordering::Acquire) == self.generation
-            && matches!(st, state::DONE | state::FAILED | state::CANCELLED)
-            && m.cursor.load(Ordering::Acquire) <= self.offset
+        if m.generation.load(Ordering::Acquire) != self.generation
+            || !matches!(st, state::DONE | state::FAILED | state::CANCELLED)
+        {
+            return false;
+        }
+        let cursor = m.cursor.load(Ordering::Acquire);
+        // The generation again: a slot freed and installed anew since the check above has
+        // its cursor reset, which must not pass for this session's end (a reader still behind
+        // would be told it has every byte). Acquire on the cursor pairs with the install's
+        // release store of it, which follows the new generation.
+        cursor <= self.offset && m.generation.load(Ordering::Acquire) == self.generation
     }
 
     /// Waits up to `timeout` (None = forever) until a read would not be `Pending` (data, the

@@ -3,7 +3,8 @@
 //! Process-local flags and counters (`AtomicBool`, a static token counter) come from here too:
 //! no other module names `std::sync::atomic`.
 
-// Under loom only the ring and the index are compiled, which need no AtomicU32 or AtomicBool.
+// Under loom only the ring, the index and the slot seqlock are compiled, which need no
+// AtomicBool.
 #[cfg(loom)]
 #[allow(unused_imports)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
