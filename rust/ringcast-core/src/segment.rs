@@ -566,6 +566,14 @@ mod tests {
             std::process::id(),
             process::unix_nanos()
         );
+        // Removed however the test ends (a failed assertion included).
+        struct Removed<'a>(&'a str);
+        impl Drop for Removed<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let _removed = Removed(&path);
         let seg = Segment::create(&path, SegmentConfig::default()).expect("create");
         let w = seg.create_or_replace("torn", "").expect("session");
         let m = seg.reg.view().slot(w.slot());
@@ -600,6 +608,5 @@ mod tests {
         assert!(seg.get("torn", "").is_none());
         assert!(seg.list(None).is_empty());
         assert_eq!(seg.stats().sessions_used, 0);
-        let _ = std::fs::remove_file(&path);
     }
 }
