@@ -283,14 +283,18 @@ fn kill_9_at_random_points_of_registry_updates() {
             before.len(),
             "round {round}"
         );
-        for info in &before {
-            let found = seg.get(&info.conversation_id, &info.owner);
-            assert_eq!(
-                found.map(|f| (f.slot, f.generation)),
-                Some((info.slot, info.generation)),
-                "round {round}: listed before the repair but not found: {info:?}"
-            );
-        }
+        // Each session listed before the repair is found, as listed.
+        let all_found = |when: &str| {
+            for info in &before {
+                let found = seg.get(&info.conversation_id, &info.owner);
+                assert_eq!(
+                    found.map(|f| (f.slot, f.generation)),
+                    Some((info.slot, info.generation)),
+                    "round {round}: listed before the repair, not found {when}: {info:?}"
+                );
+            }
+        };
+        all_found("before it");
         // And the other way: whatever a lookup finds, of every key the child uses, was listed.
         for k in 0..48 {
             let (id, owner) = (format!("key-{k}"), ["crash", "crash-b"][k % 2]);
@@ -309,14 +313,7 @@ fn kill_9_at_random_points_of_registry_updates() {
             .unwrap_or_else(|why| panic!("round {round}: {why}"));
         let listed = seg.list(None);
         assert_eq!(listed.len() as u32, live, "round {round}");
-        for info in &before {
-            let now = seg.get(&info.conversation_id, &info.owner);
-            assert_eq!(
-                now.map(|n| (n.slot, n.generation)),
-                Some((info.slot, info.generation)),
-                "round {round}: listed before the repair, gone after it: {info:?}"
-            );
-        }
+        all_found("after it");
         for info in &listed {
             let found = seg.get(&info.conversation_id, &info.owner).expect("listed");
             assert_eq!((found.slot, found.generation), (info.slot, info.generation));
