@@ -179,8 +179,14 @@ fn reason_code(r: EndReason) -> u8 {
 /// ended, or one whose `end` was cut short by a lock holder that died (the next locker frees
 /// it). Either way the session is gone, and no lock-free view may show it.
 fn read_stable<T>(m: &SlotMeta, read: impl FnOnce(u64) -> Option<T>) -> Option<(u64, T)> {
-    let live = |s| SessionState::from_raw(s).is_some();
-    seqlock::read_stable(&m.state, &m.generation, live, read)
+    seqlock::read_stable(&m.state, &m.generation, SessionState::from_raw, read)
+}
+
+/// The generation and state of the session in a slot, if one is live there now (live as
+/// `read_stable` has it). Read without the lock: what it picks is read again (`snapshot`)
+/// before anything is made of it, or only counted.
+fn live_now(m: &SlotMeta) -> Option<(u64, SessionState)> {
+    seqlock::live_now(&m.state, &m.generation, SessionState::from_raw)
 }
 
 /// The registry as one segment handle sees it (shared by the handle's clones, writers,
@@ -579,11 +585,7 @@ impl Registry {
             Some(Ok(sessions)) => sessions,
             // A closed segment, or a list found damaged (rebuilt by the next locker): scan.
             None | Some(Err(())) => (0..self.used_slots())
-                .filter_map(|slot| {
-                    let m = self.view.slot(slot);
-                    SessionState::from_raw(m.state.load(Ordering::Acquire))?;
-                    Some((slot, m.generation.load(Ordering::Acquire)))
-                })
+                .filter_map(|slot| live_now(self.view.slot(slot)).map(|(gen, _)| (slot, gen)))
                 .collect(),
         };
         let alive = self.alive_procs();
@@ -608,35 +610,32 @@ impl Registry {
         let mut chosen = Vec::new();
         for slot in 0..self.used_slots() {
             let m = self.view.slot(slot);
-            // The generation before and after the glance: a slot that changed hands meanwhile
-            // (freed and made anew, as a create on a full table does in one step) is skipped,
-            // so the glance never mixes two sessions' fields.
-            let gen = m.generation.load(Ordering::Acquire);
-            let Some(state) = SessionState::from_raw(m.state.load(Ordering::Acquire)) else {
-                continue;
-            };
-            if gen & ENDED_BIT != 0 {
-                // Being ended, or an end cut short (see `read_stable`): not live.
-                continue;
-            }
-            let Some(n) = self.view.copy_owner(slot, &mut owner) else {
+            // One seqlock read: a slot that changed hands meanwhile (freed and made anew, as a
+            // create on a full table does in one step) is skipped, so the glance never mixes
+            // two sessions' fields.
+            let Some((gen, (state, n, producer, completed_at_ns, last_write_ns))) =
+                read_stable(m, |_| {
+                    Some((
+                        SessionState::from_raw(m.state.load(Ordering::Acquire))?,
+                        self.view.copy_owner(slot, &mut owner)?,
+                        ProcessId {
+                            pid: m.producer_pid.load(Ordering::Acquire),
+                            start_time: m.producer_start.load(Ordering::Acquire),
+                        },
+                        m.completed_at_ns.load(Ordering::Relaxed),
+                        m.last_write_ns.load(Ordering::Relaxed),
+                    ))
+                })
+            else {
                 continue;
             };
             let glance = Glance {
                 state,
                 owner: &owner[..n],
-                producer: ProcessId {
-                    pid: m.producer_pid.load(Ordering::Acquire),
-                    start_time: m.producer_start.load(Ordering::Acquire),
-                },
-                completed_at_ns: m.completed_at_ns.load(Ordering::Relaxed),
-                last_write_ns: m.last_write_ns.load(Ordering::Relaxed),
+                producer,
+                completed_at_ns,
+                last_write_ns,
             };
-            // Orders the reads above before the re-check below.
-            fence(Ordering::Acquire);
-            if m.generation.load(Ordering::Acquire) != gen {
-                continue;
-            }
             if choose(&glance) {
                 chosen.push((slot, gen));
             }
@@ -684,10 +683,7 @@ impl Registry {
         let mut buffered = 0;
         for i in 0..self.used_slots() {
             let m = self.view.slot(i);
-            // Live as `read_stable` has it: a session's state, its generation not marked ended.
-            if SessionState::from_raw(m.state.load(Ordering::Acquire)).is_some()
-                && m.generation.load(Ordering::Acquire) & ENDED_BIT == 0
-            {
+            if live_now(m).is_some() {
                 used += 1;
                 buffered += m.cursor.load(Ordering::Acquire).min(g.session_bytes);
             }

@@ -16,10 +16,25 @@ use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 /// view shows it, though its state stays a session's until the slot is freed.
 pub const ENDED_BIT: u64 = 1 << 63;
 
-/// Runs `read` (given the generation) only while the slot holds a live session (a `state`
-/// that `live` accepts, a `generation` not marked ended), and returns its result with that
-/// generation only if neither word changed meanwhile: a read that passes saw one session's
-/// fields.
+/// The slot's generation and its state decoded (by `decode`: `None` for FREE, INIT or a value
+/// no session has), if it holds a live session now: a live state and a generation not marked
+/// ended, loaded in that order (see [`read_stable`]). The first step of `read_stable`, and all
+/// that a count, or a pick that is read again later, needs.
+pub fn live_now<S>(
+    state: &AtomicU32,
+    generation: &AtomicU64,
+    decode: impl Fn(u32) -> Option<S>,
+) -> Option<(u64, S)> {
+    let g = generation.load(Ordering::Acquire);
+    if g & ENDED_BIT != 0 {
+        return None;
+    }
+    decode(state.load(Ordering::Acquire)).map(|s| (g, s))
+}
+
+/// Runs `read` (given the generation) only while the slot holds a live session
+/// ([`live_now`]), and returns its result with that generation only if neither word changed
+/// meanwhile: a read that passes saw one session's fields.
 ///
 /// The generation is loaded first. Loaded after the state, a reader could take an old
 /// session's live state together with the generation of a new one installed in the slot
@@ -28,22 +43,19 @@ pub const ENDED_BIT: u64 = 1 << 63;
 /// old session's key under the new session's generation. Loaded first, a new generation
 /// brings the INIT (or later) state with it, and a live state seen after it is the new
 /// session's, whose fields its release store publishes.
-pub fn read_stable<T>(
+pub fn read_stable<S, T>(
     state: &AtomicU32,
     generation: &AtomicU64,
-    live: impl Fn(u32) -> bool,
+    decode: impl Fn(u32) -> Option<S>,
     read: impl FnOnce(u64) -> Option<T>,
 ) -> Option<(u64, T)> {
-    let g1 = generation.load(Ordering::Acquire);
-    if g1 & ENDED_BIT != 0 || !live(state.load(Ordering::Acquire)) {
-        return None;
-    }
+    let (g1, _) = live_now(state, generation, &decode)?;
     let out = read(g1)?;
     // Orders the reads above before the re-check below (a read that saw a later install's
     // write sees that install's generation, or a later one, here).
     fence(Ordering::Acquire);
     let g2 = generation.load(Ordering::Acquire);
-    if g1 != g2 || !live(state.load(Ordering::Acquire)) {
+    if g1 != g2 || decode(state.load(Ordering::Acquire)).is_none() {
         return None;
     }
     Some((g1, out))
@@ -98,7 +110,7 @@ mod loom_tests {
                 let got = read_stable(
                     &r.state,
                     &r.generation,
-                    |st| st == RUNNING,
+                    |st| (st == RUNNING).then_some(()),
                     |_| Some(r.key.load(Ordering::Relaxed)),
                 );
                 if let Some((generation, key)) = got {
