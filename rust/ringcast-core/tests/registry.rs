@@ -189,6 +189,14 @@ proptest! {
     }
 }
 
+/// How many (id, owner) keys the registry child uses.
+const CHILD_KEYS: u64 = 48;
+
+/// The child's key `k`: two owners, so owner lists gain and lose heads as well as members.
+fn child_key(k: u64) -> (String, &'static str) {
+    (format!("key-{k}"), ["crash", "crash-b"][(k % 2) as usize])
+}
+
 /// Run by `kill_9_at_random_points_of_registry_updates` in a child process (the test binary
 /// re-executed): loops every kind of registry update on a small table over many keys, so
 /// creates evict, replace, and entries shift in the index, until it is killed.
@@ -213,10 +221,7 @@ fn registry_child_loop() {
     };
     println!("ready");
     loop {
-        let k = next() % 48; // the keys the parent looks up after each kill
-        let id = format!("key-{k}");
-        // Two owners, so owner lists gain and lose heads as well as members.
-        let owner = ["crash", "crash-b"][(k % 2) as usize];
+        let (id, owner) = child_key(next() % CHILD_KEYS);
         match next() % 6 {
             0..=2 => {
                 if let Ok(w) = seg.create_or_replace(&id, owner) {
@@ -296,8 +301,7 @@ fn kill_9_at_random_points_of_registry_updates() {
         };
         all_found("before it");
         // And the other way: whatever a lookup finds, of every key the child uses, was listed.
-        for k in 0..48 {
-            let (id, owner) = (format!("key-{k}"), ["crash", "crash-b"][k % 2]);
+        for (id, owner) in (0..CHILD_KEYS).map(child_key) {
             if let Some(found) = seg.get(&id, owner) {
                 assert!(
                     before
