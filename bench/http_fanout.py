@@ -1256,7 +1256,7 @@ def main() -> None:
         many = BASELINE_PROCS.fullmatch(x)
         if many and int(many.group(2)) > 64:
             ap.error(f"--systems: {x}: from 2 to 64 processes")
-    if not args.grid and args.readers > 1 and any(BASELINE_PROCS.fullmatch(x) for x in systems):
+    if not args.grid and not all(serves_point(x, args.readers) for x in systems):
         ap.error(
             "memory-broadcast-<N>p serves streams read by their POST alone: --readers 1 "
             "(a GET could land in a process without its stream)"
